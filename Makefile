@@ -1,0 +1,39 @@
+# dit-blockskip: two commands on a fresh machine.
+#   make demo   export the built-in tiny model and train a LoRA on device (offline)
+#   make test   run the test suite
+# Both create .venv and install what is missing (torch 2.13.0 CPU wheel from this disk).
+
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+DEMO    ?= out/demo
+
+.PHONY: demo test lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY) (Python 3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: a bare 'torch' requirement would pull a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[torch,test,dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: venv
+	$(BIN)/python -m bench.make_demo_images $(DEMO)/photos
+	$(BIN)/blockskip-export --model tiny --profile desktop-cpu --prompt "a photo of sks cat" \
+		-n 1 -m 2 --samples 16 --steps 40 --lr 1e-3 -o $(DEMO)/bundle --force
+	$(BIN)/device-train run $(DEMO)/bundle --images $(DEMO)/photos -o $(DEMO)/run
+	@echo "LoRA: $(DEMO)/run/lora.safetensors  (log: $(DEMO)/run/train_log.json)"
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

@@ -1,0 +1,62 @@
+"""``device-train``: precompute the frozen segments for your photos, then train the LoRA on device."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from blockskip.runtime.cli_util import run_cli
+
+EPILOG = """examples:
+  device-train run bundle --images photos/ -o out          # precompute + train, resumable
+  device-train precompute bundle --images photos/ --cache out/cache
+  device-train train bundle --cache out/cache -o out
+Your photos never leave the device: only the bundle comes from the desktop."""
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="device-train", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp, images=False, out=False, cache=False):
+        sp.add_argument("bundle", help="bundle folder written by blockskip-export")
+        if images:
+            sp.add_argument("--images", required=True, help="folder of subject photos (png/jpg/webp)")
+        if out:
+            sp.add_argument("-o", "--output", required=True, help="output folder (LoRA, log, checkpoint)")
+        sp.add_argument("--cache", default=None if not cache else None,
+                        help="residual cache folder (default: OUTPUT/cache)")
+        sp.add_argument("--backend", default="torch", help="runtime backend (torch)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    common(sub.add_parser("run", help="precompute then train (resumes where it stopped)", epilog=EPILOG,
+                          formatter_class=argparse.RawDescriptionHelpFormatter), images=True, out=True)
+    common(sub.add_parser("precompute", help="encode photos and precompute the frozen segments"), images=True)
+    common(sub.add_parser("train", help="train the LoRA from a finished cache"), out=True)
+    a = p.parse_args(argv)
+
+    def go():
+        from blockskip.device_train.app import default_cache, run_precompute, run_train
+        from blockskip.runtime.errors import BlockSkipError
+
+        cache = a.cache
+        if cache is None:
+            if a.cmd == "precompute":
+                raise BlockSkipError("precompute needs --cache FOLDER")
+            cache = default_cache(a.output)
+        if a.cmd in ("run", "precompute"):
+            run_precompute(a.bundle, a.images, cache, a.backend, a.quiet)
+        if a.cmd in ("run", "train"):
+            log = run_train(a.bundle, cache, a.output, a.backend, a.quiet)
+            print(f"LoRA written to {log['lora']}  (final loss {log['losses'][-1]:.4f}, "
+                  f"peak RSS {log['peak_rss_mib']:.0f} MiB; log {a.output}/train_log.json)")
+        else:
+            print(f"cache ready in {cache}")
+
+    return run_cli(go, a.debug, "device-train")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""``blockskip-export``: model + profile + prompt -> device bundle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from blockskip.runtime.cli_util import run_cli
+from blockskip.runtime.plan import Plan
+
+EPILOG = """examples:
+  blockskip-export --model tiny --profile desktop-cpu --prompt "a photo of sks cat" -o bundle
+  blockskip-export --model ./FLUX.1-dev --profile snapdragon8 --front-skip 7 --back-skip 10 \\
+      --s-min 256 --s-max 512 --dtype bfloat16 --prompt "a photo of sks dog" -o flux-bundle
+"""
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    d = Plan()
+    g = p.add_argument_group("plan")
+    g.add_argument("--front-skip", "-n", type=int, default=d.front_skip, help="frozen blocks in front (precomputed exactly)")
+    g.add_argument("--back-skip", "-m", type=int, default=d.back_skip, help="frozen blocks at the back (replaced by a residual)")
+    g.add_argument("--trained", type=str, default=None, help="explicit trained block indices, e.g. 2,3,7 (overrides -n/-m)")
+    g.add_argument("--rank", type=int, default=d.lora_rank, help="LoRA rank")
+    g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
+    g.add_argument("--targets", type=str, default=None, help="comma-separated LoRA target modules inside a block")
+    g.add_argument("--s-min", type=int, default=d.s_min, help="training resolution in px")
+    g.add_argument("--s-max", type=int, default=d.s_max, help="photo resolution in px")
+    g.add_argument("--no-patch-sampling", action="store_true", help="always resize the whole photo to s_min")
+    g.add_argument("--positions", choices=["crop", "native"], default=d.positions)
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights/activations dtype (default: the profile's, float32 on CPU)")
+    g.add_argument("--samples", "-K", type=int, default=d.num_samples, help="precomputed samples K")
+    g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--shift", type=float, default=d.timestep_shift, help="timestep shift (SD3-style)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    g.add_argument("--precompute-chunk", type=int, default=d.precompute_chunk)
+
+
+def _indices(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        from blockskip.runtime.errors import PlanError
+
+        raise PlanError(f"--trained must be comma-separated block indices, e.g. 2,3,7 (got {text!r})") from None
+
+
+def plan_from_args(a, profile_dtype: str) -> Plan:
+    dtype = a.dtype or ("float32" if profile_dtype not in ("float32", "bfloat16", "float16") else profile_dtype)
+    return Plan(
+        front_skip=a.front_skip, back_skip=a.back_skip,
+        trained=_indices(a.trained),
+        lora_rank=a.rank, lora_alpha=a.alpha,
+        lora_targets=[t.strip() for t in a.targets.split(",")] if a.targets else None,
+        s_min=a.s_min, s_max=a.s_max, patch_sampling=not a.no_patch_sampling, positions=a.positions,
+        dtype=dtype, num_samples=a.samples, steps=a.steps, grad_accum=a.grad_accum, lr=a.lr,
+        timestep_shift=a.shift, seed=a.seed, checkpoint_every=a.checkpoint_every,
+        precompute_chunk=a.precompute_chunk,
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="blockskip-export", description="Split a DiT into a device bundle for BlockSkip LoRA training.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="'tiny' (built in) or a local diffusers folder")
+    p.add_argument("--profile", default="snapdragon8", help="device profile name or .toml path")
+    p.add_argument("--prompt", required=True, help="training prompt, e.g. 'a photo of sks cat'")
+    p.add_argument("-o", "--output", required=True, help="bundle folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_plan_args(p)
+    a = p.parse_args(argv)
+
+    def go():
+        from blockskip.runtime.profiles import load_profile
+
+        profile = load_profile(a.profile)
+        plan = plan_from_args(a, "float32" if a.model == "tiny" else profile.dtype)
+        import torch
+
+        from blockskip.export.bundle_writer import DTYPES, export_bundle
+        from blockskip.export.families import load_model
+
+        lm = load_model(a.model, DTYPES[plan.dtype], seed=plan.seed)
+        out = export_bundle(lm, plan, profile, a.prompt, a.output, force=a.force)
+        n = len(lm.family.block_paths())
+        trained = plan.trained_indices(n)
+        print(f"bundle written to {out}  (family {lm.family.name}, {n} blocks, training {trained[0]}..{trained[-1]}"
+              f" [{len(trained)}], torch {torch.__version__})")
+
+    return run_cli(go, a.debug, "blockskip-export")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Loading a model (``tiny`` or a local diffusers folder) into what the export needs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from blockskip.runtime.backends.torch_families import family_of_class, get_family
+from blockskip.runtime.backends.torch_families.base import TorchFamily
+from blockskip.runtime.errors import ModelError, PlanError
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    family: TorchFamily
+    transformer: torch.nn.Module
+    encoder: torch.nn.Module
+    encoder_spec: dict  # class, config, scaling/shift factors
+    vae_factor: int
+    encode_prompt: Callable[[str], dict]
+
+    @property
+    def granularity(self) -> int:
+        return self.vae_factor * self.family.patch_size
+
+
+def lora_target_names(family: TorchFamily, trained: list[int], targets: list[str] | None = None) -> list[str]:
+    """Full module names to put LoRA on. The last trained block's text-only modules are left out:
+    its text output only feeds skipped blocks, so they would get no gradient."""
+    names = []
+    paths = family.block_paths()
+    for i in trained:
+        allowed = family.lora_targets(i)
+        chosen = [t for t in (targets or allowed) if t in allowed]
+        if i == trained[-1]:
+            chosen = [t for t in chosen if t not in family.text_output_only(i)]
+        names += [f"{paths[i]}.{t}" for t in chosen]
+    if not names:
+        raise PlanError(f"no LoRA targets left in trained blocks {trained}; valid: {sorted(family.valid_targets())}")
+    return names
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
+    if spec == "tiny":
+        from blockskip.export.tiny import TinyTextEncoder, build_tiny_encoder, build_tiny_transformer
+
+        tr = build_tiny_transformer(seed, dtype)
+        enc = build_tiny_encoder(seed)
+        return LoadedModel("tiny", get_family("flux", dict(tr.config)), tr, enc,
+                           {"class": "TinyAutoencoder", "config": enc.config}, enc.factor, TinyTextEncoder())
+    return _load_folder(Path(spec), dtype)
+
+
+def wrap_model(transformer: torch.nn.Module, name: str = "in-memory", seed: int = 0) -> LoadedModel:
+    """A LoadedModel for an in-memory diffusers transformer, with the tiny latent mapping and text encoder
+    sized to it (tests and benchmarks)."""
+    from blockskip.export.tiny import TinyTextEncoder
+    from blockskip.runtime.backends.torch_families.latent import TinyAutoencoder
+
+    family = get_family(family_of_class(type(transformer).__name__), dict(transformer.config))
+    cfg = transformer.config
+    channels = cfg.in_channels // 4 if family.name == "flux" else cfg.in_channels
+    factor = 4 if channels <= 48 else 8
+    enc = TinyAutoencoder(factor=factor, latent_channels=channels, seed=seed).eval()
+    text_dim = cfg.get("joint_attention_dim") or cfg.get("caption_channels")
+    text = TinyTextEncoder(dim=text_dim, pooled_dim=cfg.get("pooled_projection_dim") or 1)
+    if family.name == "sana":
+        base = text
+
+        def text(prompt):  # SANA has no pooled embedding
+            return {"prompt_embeds": base(prompt)["prompt_embeds"]}
+
+    return LoadedModel(name, family, transformer.eval(), enc, {"class": "TinyAutoencoder", "config": enc.config},
+                       factor, text)
+
+
+def _load_folder(root: Path, dtype) -> LoadedModel:
+    import diffusers
+
+    cfg_path = root / "transformer" / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(
+            f"{str(root)!r} is not a diffusers model folder (no transformer/config.json); "
+            "use --model tiny or a local folder saved with save_pretrained"
+        )
+    cls_name = json.loads(cfg_path.read_text()).get("_class_name", "")
+    fam_name = family_of_class(cls_name)
+    tr = getattr(diffusers, cls_name).from_pretrained(root / "transformer", torch_dtype=dtype).eval()
+    family = get_family(fam_name, dict(tr.config))
+    vae_dir = root / "vae"
+    if not (vae_dir / "config.json").is_file():
+        raise ModelError(f"{str(root)!r} has no vae/ folder: the device needs the VAE encoder")
+    vae_cls = json.loads((vae_dir / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    if vae_cls not in ("AutoencoderKL", "AutoencoderDC"):
+        raise ModelError(f"unsupported VAE class {vae_cls!r} (AutoencoderKL or AutoencoderDC)")
+    vae = getattr(diffusers, vae_cls).from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
+    vc = dict(vae.config)
+    factor = 2 ** (len(vc["block_out_channels"]) - 1)
+    spec = {"class": vae_cls, "config": {k: v for k, v in vc.items() if not k.startswith("_")},
+            "scaling_factor": vc.get("scaling_factor", 1.0), "shift_factor": vc.get("shift_factor")}
+    return LoadedModel(root.name, family, tr, vae, spec, factor, _folder_prompt_encoder(root, fam_name, dtype))
+
+
+def _folder_prompt_encoder(root: Path, fam: str, dtype):
+    """Prompt embeddings from the folder's own text encoders, or a prompt_embeds.safetensors file."""
+
+    def encode(prompt: str) -> dict:
+        pre = root / "prompt_embeds.safetensors"
+        if pre.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(pre)
+        if not (root / "text_encoder").is_dir():
+            raise ModelError(f"{str(root)!r} has no text_encoder/ and no prompt_embeds.safetensors to embed the prompt")
+        import diffusers
+
+        pipe_cls = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "sana": "SanaPipeline"}[fam]
+        pipe = getattr(diffusers, pipe_cls).from_pretrained(root, transformer=None, vae=None, torch_dtype=dtype)
+        with torch.no_grad():
+            if fam == "flux":
+                pe, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None)
+                return {"prompt_embeds": pe, "pooled": pooled}
+            if fam == "sd3":
+                pe, _, pooled, _ = pipe.encode_prompt(prompt, None, None, do_classifier_free_guidance=False)
+                return {"prompt_embeds": pe, "pooled": pooled}
+            pe, _, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
+            return {"prompt_embeds": pe}
+
+    return encode

@@ -1,0 +1,1 @@
+"""Device profiles shipped as TOML data files (read by ``blockskip.runtime.profiles``)."""

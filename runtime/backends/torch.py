@@ -1,0 +1,239 @@
+"""Torch backend: precompute the frozen segments and train the LoRA span.
+
+Precompute streams every block once per chunk of samples (block-major), so at most one block's
+weights are resident. Train loads only the trained blocks and the head; skipped blocks stay on the
+meta device and their files are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from blockskip.runtime.backends.torch_io import DTYPES, BlockStore, load_encoder, load_prompt
+from blockskip.runtime.backends.torch_lora import (
+    inject_lora,
+    load_checkpoint,
+    lora_parameters,
+    save_checkpoint,
+    save_lora,
+)
+from blockskip.runtime.backends.torch_sample import make_sample
+from blockskip.runtime.backends.torch_families.latent import encode_images
+from blockskip.runtime.bundle import Bundle
+from blockskip.runtime.cache import ResidualCache
+from blockskip.runtime.errors import CacheError
+from blockskip.runtime.files import atomic_write, ensure_writable_dir
+from blockskip.runtime.memory import peak_rss_mib
+from blockskip.runtime.progress import Progress
+from blockskip.runtime.schedule import PatchSchedule
+
+torch_dtype = DTYPES.__getitem__
+
+
+def gaps(trained: list[int], num_blocks: int) -> list[tuple[int, int]]:
+    """Skipped spans [a, b) after the first trained block (the front span is stored exactly)."""
+    out = [(a + 1, b) for a, b in zip(trained, trained[1:]) if b - a > 1]
+    if trained[-1] < num_blocks - 1:
+        out.append((trained[-1] + 1, num_blocks))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# precompute
+
+
+def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None):
+    plan = bundle.plan
+    dtype = torch_dtype(plan.dtype)
+    meta = bundle.manifest["schedule"]
+    schedule = PatchSchedule.build(num_images=len(images), **meta)
+    cache = ResidualCache.create(cache_dir, source=source, schedule=schedule)
+    todo = [k for k in range(len(schedule)) if not _valid_shard(cache, k)]
+    progress = progress or Progress(quiet=True)
+    if not todo:
+        progress.log(f"cache complete: {len(schedule)} entries in {cache.root}")
+        return cache
+
+    # 1. Photos -> latents (encoder resident only here).
+    enc, spec = load_encoder(bundle)
+    with torch.no_grad():
+        latents = torch.cat([encode_images(enc, spec, torch.from_numpy(im[None]).float()) for im in images])
+    del enc
+    latents = latents.to(dtype)
+
+    store = BlockStore(bundle)
+    fam, model = store.family, store.model
+    trained, L = bundle.trained, fam.num_blocks
+    gap_list = gaps(trained, L)
+    chunk = plan.precompute_chunk or len(todo)
+    steps_total = len(todo) + ((len(todo) + chunk - 1) // chunk) * L
+    bar = progress.bar(steps_total, "precompute")
+    prompt = load_prompt(bundle, dtype)
+    names = store.load_part("embed")
+    with torch.no_grad():
+        text = fam.prepare_text(model, prompt)
+    store.free(names)
+    with torch.no_grad():
+        for c0 in range(0, len(todo), chunk):
+            ks = todo[c0 : c0 + chunk]
+            names = store.load_part("embed")
+            states, consts, targets = [], [], []
+            for k in ks:
+                e = schedule[k]
+                x_t, target, sigma, geom = make_sample(latents[e.image], e, plan.s_min, plan.s_max,
+                                                       bundle.manifest["vae_factor"])
+                st, cs = fam.embed(model, x_t, sigma, text, geom, plan.positions, plan.guidance)
+                states.append(st), consts.append(cs), targets.append(fam.to_tokens(target))
+            store.free(names)
+            saved: list[dict] = [{} for _ in ks]
+            for i in range(L):
+                names = store.load_block(i)
+                for j in range(len(ks)):
+                    _record_boundary(saved[j], states[j], i, trained, gap_list, L, before=True)
+                    states[j] = fam.run_block(model, i, states[j], consts[j])
+                    _record_boundary(saved[j], states[j], i, trained, gap_list, L, before=False)
+                store.free(names)
+                del names
+                bar.update(1, block=i)
+            for j, k in enumerate(ks):
+                tensors = dict(saved[j])
+                tensors.update({f"c.{n}": v for n, v in consts[j].items()})
+                tensors["target"] = targets[j]
+                tensors = {n: v.contiguous() for n, v in tensors.items()}
+                atomic_write(cache.root / cache.shard_name(k), lambda tmp, t=tensors: save_file(t, tmp))
+                cache.record(k)
+                cache.flush()
+                bar.update(1, entry=k)
+            states = consts = targets = saved = None
+    bar.close()
+    cache.index["max_resident_blocks"] = store.max_resident
+    cache.flush()
+    return cache
+
+
+def _valid_shard(cache: ResidualCache, k: int) -> bool:
+    if not cache.has(k):
+        return False
+    try:
+        cache.path(k)
+        return True
+    except CacheError:
+        return False  # corrupt: recompute it
+
+
+def _record_boundary(saved, state, i, trained, gap_list, L, before):
+    """Keep the exact input of the first trained block and the residual of every skipped span."""
+    if before and i == trained[0]:
+        saved.update({f"in.{n}": v.clone() for n, v in state.items() if v is not None})
+    for a, b in gap_list:
+        if before and i == a:
+            saved.update({f"tmp.{a}.{n}": v.clone() for n, v in state.items() if v is not None})
+        if not before and i == b - 1:
+            # only the hidden residual of the back span reaches the head
+            keys = ["hidden"] if b == L else [n for n, v in state.items() if v is not None]
+            for n in keys:
+                if f"tmp.{a}.{n}" in saved:
+                    saved[f"delta.{a}.{n}"] = state[n] - saved[f"tmp.{a}.{n}"]
+            for n in [x for x in saved if x.startswith(f"tmp.{a}.")]:
+                del saved[n]
+
+
+# --------------------------------------------------------------------------------------------
+# train
+
+
+class TrainedSpan:
+    """The trained blocks (LoRA on frozen base) + the residual adds + the head."""
+
+    def __init__(self, store: BlockStore, trained: list[int], lora: dict, seed: int):
+        self.store, self.fam, self.model = store, store.family, store.model
+        self.trained = trained
+        for i in trained:
+            store.load_block(i)
+        store.load_part("head")
+        self.gaps = gaps(trained, self.fam.num_blocks)
+        torch.manual_seed(seed)
+        inject_lora(self.model, lora)
+        self.params = lora_parameters(self.model)
+
+    def forward(self, entry: dict) -> torch.Tensor:
+        state = {n[3:]: v for n, v in entry.items() if n.startswith("in.")}
+        consts = {n[2:]: v for n, v in entry.items() if n.startswith("c.")}
+        starts = {a: b for a, b in self.gaps}
+        for i in self.trained:
+            state = self.fam.run_block(self.model, i, state, consts)
+            if i + 1 in starts:
+                a = i + 1
+                for n in list(state):
+                    d = entry.get(f"delta.{a}.{n}")
+                    if d is not None:
+                        state[n] = state[n] + d
+        return self.fam.head(self.model, state, consts)
+
+    def loss(self, entry: dict) -> torch.Tensor:
+        pred = self.forward(entry)
+        return torch.nn.functional.mse_loss(pred.float(), entry["target"].float())
+
+
+def _load_entry(cache: ResidualCache, k: int) -> dict:
+    return load_file(cache.path(k))
+
+
+def train(bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = None, stop_after: int | None = None):
+    """Train the LoRA; resume from ``out_dir/checkpoint`` if present. Returns the log dict."""
+    plan = bundle.plan
+    progress = progress or Progress(quiet=True)
+    out = ensure_writable_dir(out_dir)
+    cache = ResidualCache(cache_dir)
+    cache.check_complete({"bundle": bundle.manifest_sha256})
+    K = len(cache.schedule)
+    store = BlockStore(bundle)
+    span = TrainedSpan(store, bundle.trained, bundle.manifest["lora"], plan.seed)
+    opt = torch.optim.AdamW(span.params, lr=plan.lr, weight_decay=plan.weight_decay)
+    ckpt_dir = out / "checkpoint"
+    log = {"plan": plan.to_dict(), "losses": [], "step_seconds": [], "resumed_from": 0}
+    start = load_checkpoint(ckpt_dir, span.model, opt, log)
+    log["resumed_from"] = start
+    if start:
+        progress.log(f"resuming from step {start} ({ckpt_dir})")
+    pool = ThreadPoolExecutor(1)
+    order = [(s * plan.grad_accum + j) % K for s in range(plan.steps) for j in range(plan.grad_accum)]
+    pos = start * plan.grad_accum
+    nxt = pool.submit(_load_entry, cache, order[pos]) if pos < len(order) else None
+    bar = progress.bar(plan.steps, "train", initial=start)
+    end = plan.steps if stop_after is None else min(plan.steps, stop_after)
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        total = 0.0
+        for _ in range(plan.grad_accum):
+            entry = nxt.result()
+            pos += 1
+            nxt = pool.submit(_load_entry, cache, order[pos]) if pos < len(order) else None  # prefetch
+            loss = span.loss(entry)
+            (loss / plan.grad_accum).backward()
+            total += loss.item() / plan.grad_accum
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        log["losses"].append(total)
+        log["step_seconds"].append(dt)
+        bar.update(1, loss=f"{total:.4f}", peak=f"{peak_rss_mib():.0f}MiB")
+        if (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.steps:
+            save_checkpoint(ckpt_dir, span.model, opt, step + 1, log)
+    bar.close()
+    pool.shutdown()
+    log["peak_rss_mib"] = peak_rss_mib()
+    log["blocks_loaded"] = [r for r in store.loaded if r.startswith("model/blocks/")]
+    if end == plan.steps:
+        save_lora(out / "lora.safetensors", span.model, bundle.manifest["lora"])
+        log["lora"] = str(out / "lora.safetensors")
+    atomic_write(out / "train_log.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
+    return log
+

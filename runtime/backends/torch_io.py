@@ -1,0 +1,70 @@
+"""Loading bundle parts for the torch backend: skeletons, tensors by name, encoder, prompt."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from safetensors.torch import load_file
+
+from blockskip.runtime.backends.torch_families import get_family
+from blockskip.runtime.backends.torch_families.base import TorchFamily, materialize, release
+from blockskip.runtime.backends.torch_families.latent import build_encoder_skeleton
+from blockskip.runtime.bundle import Bundle
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BlockStore:
+    """Loads block / embed / head tensors from a bundle into a meta skeleton and frees them again.
+
+    It keeps weak references to what it loaded, so tests (and the progress line) can see how many
+    blocks are really resident: ``max_resident`` is the most blocks alive at any load.
+    """
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        model = bundle.manifest["model"]
+        self.family: TorchFamily = get_family(bundle.family, model["config"])
+        self.model = self.family.skeleton()
+        self.loaded: list[str] = []  # artifact names in load order
+        self._alive: dict[str, list[weakref.ref]] = {}
+        self.max_resident = 0
+
+    def _load(self, rel: str) -> list[str]:
+        tensors = load_file(self.bundle.path(rel))
+        materialize(self.model, tensors)
+        self.loaded.append(rel)
+        self._alive[rel] = [weakref.ref(t) for t in tensors.values()]
+        return list(tensors)
+
+    def resident_blocks(self) -> int:
+        return sum(
+            1 for rel, refs in self._alive.items()
+            if rel.startswith("model/blocks/") and any(r() is not None for r in refs)
+        )
+
+    def block_file(self, i: int) -> str:
+        return self.bundle.manifest["model"]["blocks"][i]
+
+    def load_block(self, i: int) -> list[str]:
+        names = self._load(self.block_file(i))
+        self.max_resident = max(self.max_resident, self.resident_blocks())
+        return names
+
+    def load_part(self, part: str) -> list[str]:
+        return self._load(self.bundle.manifest["model"][part])
+
+    def free(self, names: list[str]) -> None:
+        release(self.model, names)
+
+
+def load_encoder(bundle: Bundle):
+    spec = bundle.manifest["encoder"]
+    enc = build_encoder_skeleton(spec)
+    materialize(enc, load_file(bundle.path(spec["file"])))
+    return enc.eval(), spec
+
+
+def load_prompt(bundle: Bundle, dtype) -> dict:
+    return {k: v.to(dtype) for k, v in load_file(bundle.path(bundle.manifest["prompt"])).items()}

@@ -1,0 +1,101 @@
+"""LoRA on the skeleton with peft; diffusers-named output; atomic checkpoints with optimizer state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from blockskip.runtime.errors import BlockSkipError
+from blockskip.runtime.files import atomic_write
+
+ADAPTER = "default"
+
+
+def lora_config(lora: dict):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], target_modules=list(lora["targets"]),
+                      init_lora_weights=True)
+
+
+def inject_lora(model: torch.nn.Module, lora: dict) -> None:
+    """Add LoRA (A: kaiming, B: zero, from the current torch seed) to the full module names listed."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(lora_config(lora), model, adapter_name=ADAPTER)
+    for n, p in model.named_parameters():
+        p.requires_grad_(".lora_" in n)
+
+
+def lora_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if ".lora_" in n]
+
+
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
+    """peft names -> diffusers names: ``transformer.<module>.lora_A.weight``."""
+    out = {}
+    for n, p in model.named_parameters():
+        if ".lora_" in n:
+            out["transformer." + n.replace(f".{ADAPTER}.", ".")] = p.detach().contiguous().clone()
+    return out
+
+
+def save_lora(path, model, lora: dict) -> None:
+    cfg = lora_config(lora).to_dict()
+    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+    meta = {"format": "pt", "lora_adapter_metadata": json.dumps(
+        {f"transformer.{k}": v for k, v in cfg.items()}, sort_keys=True, default=str)}
+    sd = lora_state_dict(model)
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+
+
+def save_checkpoint(ckpt_dir: Path, model, opt: torch.optim.Optimizer, step: int, log: dict) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p, st in opt.state.items():
+        n = names[id(p)]
+        for k, v in st.items():
+            tensors[f"opt.{k}.{n}"] = torch.as_tensor(v).detach().clone().reshape(-1) if k == "step" else v.detach().clone()
+    for n, p in model.named_parameters():
+        if ".lora_" in n:
+            tensors[f"param.{n}"] = p.detach().clone()
+    meta = {"step": str(step), "log": json.dumps(log)}
+    atomic_write(ckpt_dir / "checkpoint.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_checkpoint(ckpt_dir: Path, model, opt: torch.optim.Optimizer, log: dict) -> int:
+    """Restore LoRA weights, AdamW state and the log; return the step to continue from (0: none)."""
+    path = ckpt_dir / "checkpoint.safetensors"
+    if not path.is_file():
+        return 0
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        tensors = load_file(path)
+    except Exception as e:  # safetensors raises several types on a torn/corrupt file
+        raise BlockSkipError(f"checkpoint {path} is unreadable ({e}); delete it to start over") from e
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if k.startswith("param."):
+                if k[6:] not in params:
+                    raise BlockSkipError(f"checkpoint {path} does not belong to this bundle's plan; use another -o")
+                params[k[6:]].copy_(v)
+    for n, p in params.items():
+        if ".lora_" not in n:
+            continue
+        st = {}
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            t = tensors.get(f"opt.{k}.{n}")
+            if t is not None:
+                st[k] = t.reshape(()) if k == "step" else t.clone()
+        if st:
+            opt.state[p] = st
+    log.update(json.loads(meta["log"]))
+    return int(meta["step"])

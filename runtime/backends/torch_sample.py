@@ -1,0 +1,23 @@
+"""Build one training sample from a schedule entry: crop, resize to s_min, noise, flow-matching target."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from blockskip.runtime.backends.torch_families.base import CropGeometry
+from blockskip.runtime.schedule import ScheduleEntry
+
+
+def make_sample(latent: torch.Tensor, e: ScheduleEntry, s_min: int, s_max: int, vae_factor: int):
+    """latent [C, L, L] of the s_max photo -> (x_t [1,C,l,l], target [1,C,l,l], sigma [1], geometry)."""
+    f = vae_factor
+    full, side, top, left, low = s_max // f, e.side // f, e.top // f, e.left // f, s_min // f
+    crop = latent[None, :, top : top + side, left : left + side].float()
+    x0 = crop if side == low else F.interpolate(crop, size=(low, low), mode="area")
+    g = torch.Generator().manual_seed(e.noise_seed)
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float32)
+    sigma = torch.tensor([e.sigma], dtype=torch.float32)
+    x_t = (1 - sigma) * x0 + sigma * eps
+    geom = CropGeometry(full=full, side=side, top=top, left=left, low=low)
+    return x_t.to(latent.dtype), (eps - x0).to(latent.dtype), sigma, geom
