@@ -35,8 +35,12 @@ class BlockStore:
         tensors = load_file(self.bundle.path(rel))
         materialize(self.model, tensors)
         self.loaded.append(rel)
-        self._alive[rel] = [weakref.ref(t) for t in tensors.values()]
-        return list(tensors)
+        names = list(tensors)
+        del tensors
+        # watch the tensors the model now holds: they die only when nothing references them any more
+        own = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        self._alive[rel] = [weakref.ref(own[n]) for n in names]
+        return names
 
     def resident_blocks(self) -> int:
         return sum(

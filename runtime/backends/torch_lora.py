@@ -44,11 +44,14 @@ def lora_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def save_lora(path, model, lora: dict) -> None:
-    cfg = lora_config(lora).to_dict()
+    """Write the LoRA in diffusers naming. The alpha/rank scale is folded into lora_B (and alpha
+    written as the rank), so every loader applies the same scale, with or without our metadata."""
+    scale = lora["alpha"] / lora["rank"]
+    cfg = lora_config({**lora, "alpha": lora["rank"]}).to_dict()
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
     meta = {"format": "pt", "lora_adapter_metadata": json.dumps(
         {f"transformer.{k}": v for k, v in cfg.items()}, sort_keys=True, default=str)}
-    sd = lora_state_dict(model)
+    sd = {k: (v * scale if ".lora_B." in k else v) for k, v in lora_state_dict(model).items()}
     atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
 
 

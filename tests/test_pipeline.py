@@ -1,0 +1,142 @@
+"""End-to-end on the built-in tiny model: streaming, never-loaded blocks, resume, LoRA output."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from blockskip.device_train.app import run_precompute, run_train
+from blockskip.export.bundle_writer import export_bundle
+from blockskip.export.families import load_model
+from blockskip.runtime.backends.torch import TrainedSpan
+from blockskip.runtime.backends.torch_io import BlockStore
+from blockskip.runtime.bundle import Bundle
+from blockskip.runtime.cache import ResidualCache
+from blockskip.runtime.plan import Plan
+from blockskip.runtime.profiles import load_profile
+
+PLAN = dict(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=6, steps=6, lr=1e-2,
+            lora_rank=4, lora_alpha=8.0, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, photos):
+    root = tmp_path_factory.mktemp("tiny")
+    export_bundle(load_model("tiny"), Plan(**PLAN), load_profile("desktop-cpu"), "a photo of sks cat",
+                  root / "bundle")
+    run_precompute(root / "bundle", photos, root / "cache", quiet=True)
+    log = run_train(root / "bundle", root / "cache", root / "out", quiet=True)
+    return root, log
+
+
+def test_precompute_keeps_one_block_resident(tiny_run):
+    root, _ = tiny_run
+    cache = ResidualCache(root / "cache")
+    assert cache.index["max_resident_blocks"] == 1
+    assert len(cache.schedule) == PLAN["num_samples"] and not cache.missing()
+
+
+def test_chunked_precompute_gives_the_same_cache(tiny_run, photos, tmp_path):
+    root, _ = tiny_run
+    m = Bundle(root / "bundle").manifest
+    # same bundle, fresh cache, two samples per pass over the blocks
+    m["plan"]["precompute_chunk"] = 2
+    b2 = tmp_path / "bundle"
+    shutil.copytree(root / "bundle", b2)
+    import json
+
+    (b2 / "manifest.json").write_text(json.dumps(m))
+    run_precompute(b2, photos, tmp_path / "cache", quiet=True)
+    for k in range(PLAN["num_samples"]):
+        a = load_file(root / "cache" / f"entry_{k:05d}.safetensors")
+        b = load_file(tmp_path / "cache" / f"entry_{k:05d}.safetensors")
+        assert a.keys() == b.keys()
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-6)
+
+
+def test_training_never_loads_skipped_blocks(tiny_run, tmp_path):
+    root, log = tiny_run
+    bundle = Bundle(root / "bundle")
+    trained = bundle.trained
+    assert trained == [1, 2, 3]
+    assert log["blocks_loaded"] == [bundle.manifest["model"]["blocks"][i] for i in trained]
+    # stronger: delete every skipped block, the embedders and the encoder; training still runs
+    b2 = tmp_path / "bundle"
+    shutil.copytree(root / "bundle", b2)
+    for i, rel in enumerate(bundle.manifest["model"]["blocks"]):
+        if i not in trained:
+            (b2 / rel).unlink()
+    (b2 / bundle.manifest["model"]["embed"]).unlink()
+    (b2 / bundle.manifest["encoder"]["file"]).unlink()
+    log2 = run_train(b2, root / "cache", tmp_path / "out", quiet=True)
+    assert log2["losses"] == pytest.approx(log["losses"], rel=1e-6)
+
+
+def test_resume_equals_uninterrupted(tiny_run, tmp_path):
+    root, log = tiny_run
+    part = run_train(root / "bundle", root / "cache", tmp_path / "out", quiet=True, stop_after=3)
+    assert len(part["losses"]) == 3 and "lora" not in part
+    assert not (tmp_path / "out" / "lora.safetensors").exists()
+    full = run_train(root / "bundle", root / "cache", tmp_path / "out", quiet=True)
+    assert full["resumed_from"] == 2  # last checkpoint at step 2 (checkpoint_every=2)
+    assert full["losses"] == pytest.approx(log["losses"], rel=1e-5)
+    a = load_file(tmp_path / "out" / "lora.safetensors")
+    b = load_file(root / "out" / "lora.safetensors")
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-7)
+
+
+def test_training_is_deterministic_and_learns(tiny_run, tmp_path):
+    root, log = tiny_run
+    again = run_train(root / "bundle", root / "cache", tmp_path / "out", quiet=True)
+    assert again["losses"] == log["losses"]
+    lora = load_file(root / "out" / "lora.safetensors")
+    assert any(v.abs().max() > 0 for n, v in lora.items() if "lora_B" in n)  # B moved off zero
+
+
+def test_lora_loads_into_diffusers_and_reproduces_training(tiny_run):
+    root, _ = tiny_run
+    bundle = Bundle(root / "bundle")
+    path = root / "out" / "lora.safetensors"
+    sd = load_file(path)
+    full = load_model("tiny").transformer
+    full.load_lora_adapter(str(path), adapter_name="subject", prefix="transformer")
+    loaded = {n.replace(".subject.", ".") for n, _ in full.named_parameters() if ".lora_" in n}
+    assert loaded == {k.removeprefix("transformer.") for k in sd}  # no missing, no unexpected keys
+    # the trained span as training saw it, with the saved LoRA
+    store = BlockStore(bundle)
+    span = TrainedSpan(store, bundle.trained, bundle.manifest["lora"], seed=0)
+    params = dict(span.model.named_parameters())
+    scale = PLAN["lora_alpha"] / PLAN["lora_rank"]  # folded into lora_B on save
+    with torch.no_grad():
+        for k, v in sd.items():
+            v = v / scale if ".lora_B." in k else v
+            name = k.removeprefix("transformer.").replace(".lora_A.", ".lora_A.default.").replace(
+                ".lora_B.", ".lora_B.default.")
+            params[name].copy_(v)
+    entry = load_file(root / "cache" / "entry_00000.safetensors")
+    fam = store.family
+    consts = {n[2:]: v for n, v in entry.items() if n.startswith("c.")}
+    s_span = {n[3:]: v for n, v in entry.items() if n.startswith("in.")}
+    s_full = dict(s_span)
+    with torch.no_grad():
+        for i in bundle.trained:
+            s_span = fam.run_block(span.model, i, s_span, consts)
+            s_full = fam.run_block(full, i, s_full, consts)
+            torch.testing.assert_close(s_full["hidden"], s_span["hidden"], rtol=1e-5, atol=1e-5)
+        # and the LoRA matters: without it the block outputs differ
+        full.disable_lora() if hasattr(full, "disable_lora") else None
+        s_off = {n[3:]: v for n, v in entry.items() if n.startswith("in.")}
+        for i in bundle.trained:
+            s_off = fam.run_block(full, i, s_off, consts)
+    assert (s_off["hidden"] - s_span["hidden"]).abs().max() > 1e-4
+
+
+def test_grad_accumulation_counts_micro_steps(photos, tmp_path):
+    plan = Plan(**{**PLAN, "steps": 2, "grad_accum": 3, "num_samples": 4})
+    export_bundle(load_model("tiny"), plan, load_profile("desktop-cpu"), "a photo", tmp_path / "b")
+    run_precompute(tmp_path / "b", photos, tmp_path / "c", quiet=True)
+    log = run_train(tmp_path / "b", tmp_path / "c", tmp_path / "o", quiet=True)
+    assert len(log["losses"]) == 2
