@@ -117,18 +117,13 @@ def _folder_prompt_encoder(root: Path, fam: str, dtype):
             return load_file(pre)
         if not (root / "text_encoder").is_dir():
             raise ModelError(f"{str(root)!r} has no text_encoder/ and no prompt_embeds.safetensors to embed the prompt")
+        import importlib
+
         import diffusers
 
-        pipe_cls = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "sana": "SanaPipeline"}[fam]
-        pipe = getattr(diffusers, pipe_cls).from_pretrained(root, transformer=None, vae=None, torch_dtype=dtype)
+        adapter = importlib.import_module(f"blockskip.export.families.{fam}")
+        pipe = getattr(diffusers, adapter.PIPELINE).from_pretrained(root, transformer=None, vae=None, torch_dtype=dtype)
         with torch.no_grad():
-            if fam == "flux":
-                pe, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None)
-                return {"prompt_embeds": pe, "pooled": pooled}
-            if fam == "sd3":
-                pe, _, pooled, _ = pipe.encode_prompt(prompt, None, None, do_classifier_free_guidance=False)
-                return {"prompt_embeds": pe, "pooled": pooled}
-            pe, _, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
-            return {"prompt_embeds": pe}
+            return adapter.encode_prompt(pipe, prompt)
 
     return encode
