@@ -140,3 +140,15 @@ def test_grad_accumulation_counts_micro_steps(photos, tmp_path):
     run_precompute(tmp_path / "b", photos, tmp_path / "c", quiet=True)
     log = run_train(tmp_path / "b", tmp_path / "c", tmp_path / "o", quiet=True)
     assert len(log["losses"]) == 2
+
+
+def test_tiny_latent_mapping_is_a_projection():
+    from blockskip.export.tiny import build_tiny_encoder
+
+    enc = build_tiny_encoder()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = enc.encode(x)
+    assert z.shape == (2, 8, 8, 8)
+    # orthonormal rows: decode(encode(.)) is idempotent and encode(decode(z)) == z
+    torch.testing.assert_close(enc.encode(enc.decode(z)), z, rtol=1e-5, atol=1e-5)
+    assert 0.1 < z.std() < 2.0

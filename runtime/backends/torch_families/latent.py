@@ -22,7 +22,7 @@ class TinyAutoencoder(nn.Module):
             raise ValueError("latent_channels must be <= 3 * factor^2")
         g = torch.Generator().manual_seed(seed)
         q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-        w = q[:, :latent_channels].T.reshape(latent_channels, 3, factor, factor) * factor  # unit-ish scale
+        w = q[:, :latent_channels].T.reshape(latent_channels, 3, factor, factor)  # orthonormal rows
         self.enc = nn.Conv2d(3, latent_channels, factor, stride=factor, bias=False)
         self.enc.weight.data.copy_(w.float())
 
@@ -34,8 +34,7 @@ class TinyAutoencoder(nn.Module):
         return self.enc(images)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        w = self.enc.weight / (self.factor**2)
-        return nn.functional.conv_transpose2d(latents, w, stride=self.factor)
+        return nn.functional.conv_transpose2d(latents, self.enc.weight, stride=self.factor)
 
 
 ENCODER_CLASSES = ("TinyAutoencoder", "AutoencoderKL", "AutoencoderDC")
