@@ -30,7 +30,14 @@ def build_tiny_transformer(seed: int = 0, dtype=torch.float32):
         for p in model.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0, 0.02)
-    return model if dtype == torch.float32 else model.to(dtype)
+    if dtype != torch.float32:
+        from diffusers.utils import logging as dlogging
+
+        level = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()  # .to() warns about fp32-kept modules; the tiny model has none
+        model = model.to(dtype)
+        dlogging.set_verbosity(level)
+    return model
 
 
 def build_tiny_encoder(seed: int = 0) -> TinyAutoencoder:
