@@ -16,10 +16,36 @@ def image_source(bundle: Bundle, images_dir) -> dict:
     return {"bundle": bundle.manifest_sha256, "images": {p.name: sha256_file(p) for p in files}}
 
 
-def run_precompute(bundle_dir, images_dir, cache_dir, backend="torch", quiet=False):
+def check_checkpoint_matches(out_dir, source: dict) -> None:
+    """Refuse before any work when OUT holds a checkpoint of a run on other photos or another bundle."""
+    import json
+
+    from safetensors import safe_open
+
+    from blockskip.runtime.cache import source_digest
+    from blockskip.runtime.errors import BlockSkipError
+
+    ckpt = Path(out_dir) / "checkpoint" / "checkpoint.safetensors"
+    if not ckpt.is_file():
+        return
+    try:
+        with safe_open(ckpt, "numpy") as f:
+            saved = json.loads(f.metadata()["log"]).get("cache_source")
+    except Exception:
+        return  # unreadable: train reports it
+    if saved != source_digest(source):
+        raise BlockSkipError(
+            f"{ckpt} belongs to a training run on other photos or another bundle; use a new output "
+            f"folder (-o), or delete {ckpt.parent} to start over"
+        )
+
+
+def run_precompute(bundle_dir, images_dir, cache_dir, backend="torch", quiet=False, out_dir=None):
     bundle = Bundle(bundle_dir)
     source = image_source(bundle, images_dir)
     _, images = load_images(images_dir, bundle.plan.s_max)
+    if out_dir is not None:
+        check_checkpoint_matches(out_dir, source)
     be = get_backend(backend)
     return be.precompute(bundle, images, cache_dir, source=source, progress=Progress(quiet))
 

@@ -47,7 +47,8 @@ def main(argv=None) -> int:
                 raise BlockSkipError("precompute needs --cache FOLDER")
             cache = default_cache(a.output)
         if a.cmd in ("run", "precompute"):
-            run_precompute(a.bundle, a.images, cache, a.backend, a.quiet)
+            run_precompute(a.bundle, a.images, cache, a.backend, a.quiet,
+                           out_dir=a.output if a.cmd == "run" else None)
         if a.cmd in ("run", "train"):
             log = run_train(a.bundle, cache, a.output, a.backend, a.quiet)
             print(f"LoRA written to {log['lora']}  (final loss {log['losses'][-1]:.4f}, "

@@ -42,6 +42,8 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
     trained = plan.validate(fam.num_blocks, lm.granularity, fam.valid_targets())
     lora = {"rank": plan.lora_rank, "alpha": plan.alpha,
             "targets": lora_target_names(fam, trained, plan.lora_targets)}
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{str(out)!r} exists and is a file; choose a new folder with -o")
     if out.exists() and any(out.iterdir()):
         if not (out / "manifest.json").is_file():
             raise OutputError(f"{str(out)!r} exists and is not a bundle; choose an empty or new folder with -o")

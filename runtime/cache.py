@@ -6,12 +6,18 @@ a cache made for other photos or another bundle is refused instead of silently r
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from blockskip.runtime.errors import CacheError
 from blockskip.runtime.files import atomic_write_json, ensure_writable_dir, sha256_file
 from blockskip.runtime.schedule import PatchSchedule
+
+
+def source_digest(source: dict | None) -> str:
+    """Identity of what a cache is computed from (bundle + photos)."""
+    return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
 
 
 class ResidualCache:
@@ -39,6 +45,9 @@ class ResidualCache:
         if "schedule" not in self.index:
             raise CacheError(f"no cache index in {str(self.root)!r}: run `device-train precompute` first")
         return PatchSchedule.from_json(self.index["schedule"])
+
+    def source_sha256(self) -> str:
+        return source_digest(self.index.get("source"))
 
     def shard_name(self, k: int) -> str:
         return f"entry_{k:05d}.safetensors"

@@ -34,7 +34,8 @@ def crop_side(t: int, T: int, s_min: int, s_max: int, granularity: int) -> int:
 
 
 def shift_sigma(u: float, shift: float) -> float:
-    return shift * u / (1.0 + (shift - 1.0) * u)
+    # clamp: 1 + (shift - 1) can round below shift, giving 1.0000000000000002 at u = 1
+    return min(1.0, shift * u / (1.0 + (shift - 1.0) * u))
 
 
 class PatchSchedule:

@@ -1,6 +1,7 @@
 """Property tests for the patch schedule (numpy only) and for Plan validation."""
 
 import json
+from itertools import pairwise
 
 import pytest
 from hypothesis import example, given, settings
@@ -166,7 +167,7 @@ def test_sigma_is_in_unit_interval_and_increasing_in_t(kw):
         by_t.setdefault(e.t, set()).add(e.sigma)
     assert all(len(v) == 1 for v in by_t.values())  # sigma is a function of t
     sig = [by_t[t].pop() for t in sorted(by_t)]
-    assert all(x < y for x, y in zip(sig, sig[1:]))
+    assert all(x < y for x, y in pairwise(sig))
 
 
 @FAST
@@ -179,7 +180,7 @@ def test_sigma_over_all_timesteps(shift, T):
 
     sig = [shift_sigma(t / T, shift) for t in range(1, T + 1)]
     assert sched[0].sigma == sig[sched[0].t - 1]
-    assert all(x < y for x, y in zip(sig, sig[1:]))
+    assert all(x < y for x, y in pairwise(sig))
     assert sig[0] > 0.0
     assert sig[-1] == pytest.approx(1.0, abs=1e-12)
 

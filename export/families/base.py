@@ -88,22 +88,49 @@ def _load_folder(root: Path, dtype) -> LoadedModel:
             f"{str(root)!r} is not a diffusers model folder (no transformer/config.json); "
             "use --model tiny or a local folder saved with save_pretrained"
         )
-    cls_name = json.loads(cfg_path.read_text()).get("_class_name", "")
+    cls_name = _read_config(cfg_path).get("_class_name", "")
     fam_name = family_of_class(cls_name)
-    tr = getattr(diffusers, cls_name).from_pretrained(root / "transformer", torch_dtype=dtype).eval()
+    tr = _from_pretrained(getattr(diffusers, cls_name), root / "transformer", dtype)
     family = get_family(fam_name, dict(tr.config))
     vae_dir = root / "vae"
     if not (vae_dir / "config.json").is_file():
         raise ModelError(f"{str(root)!r} has no vae/ folder: the device needs the VAE encoder")
-    vae_cls = json.loads((vae_dir / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    vae_cls = _read_config(vae_dir / "config.json").get("_class_name", "AutoencoderKL")
     if vae_cls not in ("AutoencoderKL", "AutoencoderDC"):
         raise ModelError(f"unsupported VAE class {vae_cls!r} (AutoencoderKL or AutoencoderDC)")
-    vae = getattr(diffusers, vae_cls).from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
+    vae = _from_pretrained(getattr(diffusers, vae_cls), vae_dir, torch.float32)
     vc = dict(vae.config)
     factor = 2 ** (len(vc["block_out_channels"]) - 1)
     spec = {"class": vae_cls, "config": {k: v for k, v in vc.items() if not k.startswith("_")},
             "scaling_factor": vc.get("scaling_factor", 1.0), "shift_factor": vc.get("shift_factor")}
     return LoadedModel(root.name, family, tr, vae, spec, factor, _folder_prompt_encoder(root, fam_name, dtype))
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"cannot read {path}: {e}; the model folder is damaged") from e
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path} is not a JSON object; the model folder is damaged")
+    return cfg
+
+
+def _from_pretrained(cls, folder: Path, dtype):
+    from diffusers.utils import logging as dlogging
+
+    if not any(folder.glob("*.safetensors")):
+        raise ModelError(f"no weights (*.safetensors) in {folder}; save the model with save_pretrained "
+                         "(safe_serialization) first")
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity(dlogging.CRITICAL)  # our one-line error replaces diffusers' log lines
+    try:
+        return cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).eval()
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"cannot load {cls.__name__} from {folder}: {msg}") from e
+    finally:
+        dlogging.set_verbosity(level)
 
 
 def _folder_prompt_encoder(root: Path, fam: str, dtype):

@@ -190,15 +190,16 @@ def train(bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = Non
     """Train the LoRA; resume from ``out_dir/checkpoint`` if present. Returns the log dict."""
     plan = bundle.plan
     progress = progress or Progress(quiet=True)
-    out = ensure_writable_dir(out_dir)
     cache = ResidualCache(cache_dir)
     cache.check_complete({"bundle": bundle.manifest_sha256})
+    out = ensure_writable_dir(out_dir)
     K = len(cache.schedule)
     store = BlockStore(bundle)
     span = TrainedSpan(store, bundle.trained, bundle.manifest["lora"], plan.seed)
     opt = torch.optim.AdamW(span.params, lr=plan.lr, weight_decay=plan.weight_decay)
     ckpt_dir = out / "checkpoint"
-    log = {"plan": plan.to_dict(), "losses": [], "step_seconds": [], "resumed_from": 0}
+    log = {"plan": plan.to_dict(), "losses": [], "step_seconds": [], "resumed_from": 0,
+           "cache_source": cache.source_sha256()}
     start = load_checkpoint(ckpt_dir, span.model, opt, log)
     log["resumed_from"] = start
     if start:

@@ -83,6 +83,12 @@ def load_checkpoint(ckpt_dir: Path, model, opt: torch.optim.Optimizer, log: dict
         tensors = load_file(path)
     except Exception as e:  # safetensors raises several types on a torn/corrupt file
         raise BlockSkipError(f"checkpoint {path} is unreadable ({e}); delete it to start over") from e
+    saved = json.loads(meta["log"])
+    if saved.get("cache_source") != log.get("cache_source"):
+        raise BlockSkipError(
+            f"{path} belongs to a training run on other photos or another bundle; use a new output "
+            f"folder (-o), or delete {ckpt_dir} to start over"
+        )
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k, v in tensors.items():
@@ -100,5 +106,5 @@ def load_checkpoint(ckpt_dir: Path, model, opt: torch.optim.Optimizer, log: dict
                 st[k] = t.reshape(()) if k == "step" else t.clone()
         if st:
             opt.state[p] = st
-    log.update(json.loads(meta["log"]))
+    log.update(saved)
     return int(meta["step"])
