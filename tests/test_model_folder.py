@@ -2,6 +2,7 @@
 
 import torch
 from safetensors.torch import save_file
+from tiny_models import build
 
 from blockskip.device_train.app import run_precompute, run_train
 from blockskip.export.bundle_writer import export_bundle
@@ -9,7 +10,6 @@ from blockskip.export.families import load_model
 from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.plan import Plan
 from blockskip.runtime.profiles import load_profile
-from tiny_models import build
 
 
 def test_flux_folder_with_autoencoder_kl(tmp_path, photos):

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import FAMILY, build
 
 from blockskip.runtime.backends.torch_families import get_family
 from blockskip.runtime.backends.torch_families.base import CropGeometry, crop_coords
-from tiny_models import FAMILY, build
 
 
 def _embed(name, geom, positions):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from blockskip.runtime.backends.torch_families.latent import encode_images
 from blockskip.runtime.backends.torch_io import DTYPES, BlockStore, load_encoder, load_prompt
 from blockskip.runtime.backends.torch_lora import (
     inject_lora,
@@ -25,7 +26,6 @@ from blockskip.runtime.backends.torch_lora import (
     save_lora,
 )
 from blockskip.runtime.backends.torch_sample import make_sample
-from blockskip.runtime.backends.torch_families.latent import encode_images
 from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.cache import ResidualCache
 from blockskip.runtime.errors import CacheError
