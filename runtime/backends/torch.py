@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from blockskip.runtime.backends.torch_families.latent import encode_images
-from blockskip.runtime.backends.torch_io import DTYPES, BlockStore, load_encoder, load_prompt
+from blockskip.runtime.backends.torch_io import DTYPES, BlockStore
 from blockskip.runtime.backends.torch_lora import (
     inject_lora,
     load_checkpoint,
@@ -51,7 +51,6 @@ def gaps(trained: list[int], num_blocks: int) -> list[tuple[int, int]]:
 
 def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None):
     plan = bundle.plan
-    dtype = torch_dtype(plan.dtype)
     meta = bundle.manifest["schedule"]
     schedule = PatchSchedule.build(num_images=len(images), **meta)
     cache = ResidualCache.create(cache_dir, source=source, schedule=schedule)
@@ -61,61 +60,78 @@ def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, p
         progress.log(f"cache complete: {len(schedule)} entries in {cache.root}")
         return cache
 
-    # 1. Photos -> latents (encoder resident only here).
-    enc, spec = load_encoder(bundle)
-    with torch.no_grad():
-        latents = torch.cat([encode_images(enc, spec, torch.from_numpy(im[None]).float()) for im in images])
-    del enc
-    latents = latents.to(dtype)
-
     store = BlockStore(bundle)
-    fam, model = store.family, store.model
-    trained, L = bundle.trained, fam.num_blocks
-    gap_list = gaps(trained, L)
+    latents = encode_latents(store, images, torch_dtype(plan.dtype))
+    text = prompt_text(store, torch_dtype(plan.dtype))
     chunk = plan.precompute_chunk or len(todo)
-    steps_total = len(todo) + ((len(todo) + chunk - 1) // chunk) * L
-    bar = progress.bar(steps_total, "precompute")
-    prompt = load_prompt(bundle, dtype)
-    names = store.load_part("embed")
-    with torch.no_grad():
-        text = fam.prepare_text(model, prompt)
-    store.free(names)
-    with torch.no_grad():
-        for c0 in range(0, len(todo), chunk):
-            ks = todo[c0 : c0 + chunk]
-            names = store.load_part("embed")
-            states, consts, targets = [], [], []
-            for k in ks:
-                e = schedule[k]
-                x_t, target, sigma, geom = make_sample(latents[e.image], e, plan.s_min, plan.s_max,
-                                                       bundle.manifest["vae_factor"])
-                st, cs = fam.embed(model, x_t, sigma, text, geom, plan.positions, plan.guidance)
-                states.append(st), consts.append(cs), targets.append(fam.to_tokens(target))
-            store.free(names)
-            saved: list[dict] = [{} for _ in ks]
-            for i in range(L):
-                names = store.load_block(i)
-                for j in range(len(ks)):
-                    _record_boundary(saved[j], states[j], i, trained, gap_list, L, before=True)
-                    states[j] = fam.run_block(model, i, states[j], consts[j])
-                    _record_boundary(saved[j], states[j], i, trained, gap_list, L, before=False)
-                store.free(names)
-                del names
-                bar.update(1, block=i)
-            for j, k in enumerate(ks):
-                tensors = dict(saved[j])
-                tensors.update({f"c.{n}": v for n, v in consts[j].items()})
-                tensors["target"] = targets[j]
-                tensors = {n: v.contiguous() for n, v in tensors.items()}
-                atomic_write(cache.root / cache.shard_name(k), lambda tmp, t=tensors: save_file(t, tmp))
-                cache.record(k)
-                cache.flush()
-                bar.update(1, entry=k)
-            states = consts = targets = saved = None
+    bar = progress.bar(len(todo) + ((len(todo) + chunk - 1) // chunk) * store.family.num_blocks, "precompute")
+    for c0 in range(0, len(todo), chunk):
+        ks = todo[c0 : c0 + chunk]
+        entries = compute_entries(store, latents, text, [schedule[k] for k in ks], plan,
+                                  bundle.manifest["vae_factor"], bundle.trained, bar)
+        for k, tensors in zip(ks, entries):
+            atomic_write(cache.root / cache.shard_name(k), lambda tmp, t=tensors: save_file(t, tmp))
+            cache.record(k)
+            cache.flush()
+            bar.update(1, entry=k)
+        del entries
     bar.close()
     cache.index["max_resident_blocks"] = store.max_resident
     cache.flush()
     return cache
+
+
+def encode_latents(store: BlockStore, images, dtype) -> torch.Tensor:
+    """Photos [N,3,S,S] in [-1,1] -> latents; the encoder is resident only here."""
+    enc, spec = store.load_encoder()
+    with torch.no_grad():
+        latents = torch.cat([encode_images(enc, spec, torch.as_tensor(im[None]).float()) for im in images])
+    del enc
+    return latents.to(dtype)
+
+
+def prompt_text(store: BlockStore, dtype) -> dict:
+    """Prompt embeddings -> the family's per-run text inputs (e.g. context_embedder output)."""
+    prompt = store.load_prompt(dtype)
+    names = store.load_part("embed")
+    with torch.no_grad():
+        text = store.family.prepare_text(store.model, prompt)
+    store.free(names)
+    return text
+
+
+def compute_entries(store: BlockStore, latents, text, entries, plan, vae_factor: int, trained: list[int],
+                    bar=None) -> list[dict]:
+    """Cache tensors for a chunk of schedule entries, streaming every block once (block-major)."""
+    fam, model = store.family, store.model
+    L = fam.num_blocks
+    gap_list = gaps(trained, L)
+    states, consts, targets = [], [], []
+    with torch.no_grad():
+        names = store.load_part("embed")
+        for e in entries:
+            x_t, target, sigma, geom = make_sample(latents[e.image], e, plan.s_min, plan.s_max, vae_factor)
+            st, cs = fam.embed(model, x_t, sigma, text, geom, plan.positions, plan.guidance)
+            states.append(st), consts.append(cs), targets.append(fam.to_tokens(target))
+        store.free(names)
+        saved: list[dict] = [{} for _ in entries]
+        for i in range(L):
+            names = store.load_block(i)
+            for j in range(len(entries)):
+                _record_boundary(saved[j], states[j], i, trained, gap_list, L, before=True)
+                states[j] = fam.run_block(model, i, states[j], consts[j])
+                _record_boundary(saved[j], states[j], i, trained, gap_list, L, before=False)
+            store.free(names)
+            del names
+            if bar is not None:
+                bar.update(1, block=i)
+    out = []
+    for j in range(len(entries)):
+        tensors = dict(saved[j])
+        tensors.update({f"c.{n}": v for n, v in consts[j].items()})
+        tensors["target"] = targets[j]
+        out.append({n: v.contiguous() for n, v in tensors.items()})
+    return out
 
 
 def _valid_shard(cache: ResidualCache, k: int) -> bool:

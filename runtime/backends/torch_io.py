@@ -31,8 +31,11 @@ class BlockStore:
         self._alive: dict[str, list[weakref.ref]] = {}
         self.max_resident = 0
 
+    def _read(self, rel: str) -> dict[str, torch.Tensor]:
+        return load_file(self.bundle.path(rel))
+
     def _load(self, rel: str) -> list[str]:
-        tensors = load_file(self.bundle.path(rel))
+        tensors = self._read(rel)
         materialize(self.model, tensors)
         self.loaded.append(rel)
         names = list(tensors)
@@ -62,13 +65,20 @@ class BlockStore:
     def free(self, names: list[str]) -> None:
         release(self.model, names)
 
+    def load_encoder(self):
+        """The photo encoder, materialised (caller drops it when done)."""
+        spec = self.bundle.manifest["encoder"]
+        enc = build_encoder_skeleton(spec)
+        materialize(enc, self._read(spec["file"]))
+        return enc.eval(), spec
+
+    def load_prompt(self, dtype) -> dict:
+        return {k: v.to(dtype) for k, v in self._read(self.bundle.manifest["prompt"]).items()}
+
 
 def load_encoder(bundle: Bundle):
-    spec = bundle.manifest["encoder"]
-    enc = build_encoder_skeleton(spec)
-    materialize(enc, load_file(bundle.path(spec["file"])))
-    return enc.eval(), spec
+    return BlockStore(bundle).load_encoder()
 
 
 def load_prompt(bundle: Bundle, dtype) -> dict:
-    return {k: v.to(dtype) for k, v in load_file(bundle.path(bundle.manifest["prompt"])).items()}
+    return BlockStore(bundle).load_prompt(dtype)
