@@ -54,9 +54,9 @@ class Bundle:
     def plan(self) -> Plan:
         return Plan.from_dict(self.manifest["plan"])
 
-    @property
-    def schedule(self) -> PatchSchedule:
-        return PatchSchedule.from_json(self.manifest["schedule"])
+    def schedule(self, num_images: int) -> PatchSchedule:
+        """The seeded schedule for this many photos (the number is only known on the device)."""
+        return PatchSchedule.build(num_images=num_images, **self.manifest["schedule"])
 
     @property
     def trained(self) -> list[int]:

@@ -32,7 +32,6 @@ from blockskip.runtime.errors import CacheError
 from blockskip.runtime.files import atomic_write, ensure_writable_dir
 from blockskip.runtime.memory import peak_rss_mib
 from blockskip.runtime.progress import Progress
-from blockskip.runtime.schedule import PatchSchedule
 
 torch_dtype = DTYPES.__getitem__
 
@@ -51,8 +50,7 @@ def gaps(trained: list[int], num_blocks: int) -> list[tuple[int, int]]:
 
 def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None):
     plan = bundle.plan
-    meta = bundle.manifest["schedule"]
-    schedule = PatchSchedule.build(num_images=len(images), **meta)
+    schedule = bundle.schedule(len(images))
     cache = ResidualCache.create(cache_dir, source=source, schedule=schedule)
     todo = [k for k in range(len(schedule)) if not _valid_shard(cache, k)]
     progress = progress or Progress(quiet=True)

@@ -55,8 +55,8 @@ def save_lora(path, model, lora: dict) -> None:
     atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
 
 
-def save_checkpoint(ckpt_dir: Path, model, opt: torch.optim.Optimizer, step: int, log: dict) -> None:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+def checkpoint_tensors(model, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Copies of the LoRA weights and AdamW state (what a checkpoint holds)."""
     tensors = {}
     names = {id(p): n for n, p in model.named_parameters()}
     for p, st in opt.state.items():
@@ -66,6 +66,12 @@ def save_checkpoint(ckpt_dir: Path, model, opt: torch.optim.Optimizer, step: int
     for n, p in model.named_parameters():
         if ".lora_" in n:
             tensors[f"param.{n}"] = p.detach().clone()
+    return tensors
+
+
+def save_checkpoint(ckpt_dir: Path, model, opt: torch.optim.Optimizer, step: int, log: dict) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tensors = checkpoint_tensors(model, opt)
     meta = {"step": str(step), "log": json.dumps(log)}
     atomic_write(ckpt_dir / "checkpoint.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
 
