@@ -152,3 +152,23 @@ def test_tiny_latent_mapping_is_a_projection():
     # orthonormal rows: decode(encode(.)) is idempotent and encode(decode(z)) == z
     torch.testing.assert_close(enc.encode(enc.decode(z)), z, rtol=1e-5, atol=1e-5)
     assert 0.1 < z.std() < 2.0
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "sd35", "sana"])
+def test_streaming_and_never_loaded_per_family(name, photos, tmp_path):
+    from blockskip.export.families import wrap_model
+    from tiny_models import build
+
+    lm = wrap_model(build(name))
+    g = lm.granularity
+    plan = Plan(front_skip=1, back_skip=1, s_min=4 * g, s_max=8 * g, num_samples=3, steps=2)
+    export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo", tmp_path / "b")
+    run_precompute(tmp_path / "b", photos, tmp_path / "c", quiet=True)
+    assert ResidualCache(tmp_path / "c").index["max_resident_blocks"] == 1
+    bundle = Bundle(tmp_path / "b")
+    for i, rel in enumerate(bundle.manifest["model"]["blocks"]):
+        if i not in bundle.trained:
+            (tmp_path / "b" / rel).unlink()  # skipped blocks are gone: training must not need them
+    log = run_train(tmp_path / "b", tmp_path / "c", tmp_path / "o", quiet=True)
+    assert log["blocks_loaded"] == [bundle.manifest["model"]["blocks"][i] for i in bundle.trained]
+    assert len(log["losses"]) == 2
