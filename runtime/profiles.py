@@ -218,12 +218,15 @@ def line_of(lines: dict[tuple[str, ...], int], path: tuple[str, ...]) -> int:
 
 
 def validate(raw: dict, text: str) -> list[tuple[int, str]]:
-    """All schema problems of a parsed profile as (line, message), sorted by line."""
+    """All schema problems of a parsed profile as (line, message): wrong fields first, then missing
+    ones, each in file order."""
     lines = key_lines(text)
-    problems: list[tuple[int, str]] = []
+    problems: list[tuple[int, int, str]] = []  # (rank, line, message)
 
-    def add(path: tuple[str, ...], msg: str) -> None:
-        problems.append((line_of(lines, path), msg))
+    def add(path: tuple[str, ...], msg: str, rank: int = 0) -> None:
+        # rank 0: a field that is there but wrong; 1: something missing (a typo'd key shows up as
+        # both: the unknown key is the more useful message, so it sorts first)
+        problems.append((rank, line_of(lines, path), msg))
 
     def get(path: tuple[str, ...]) -> tuple[bool, Any]:
         node: Any = raw
@@ -245,15 +248,10 @@ def validate(raw: dict, text: str) -> list[tuple[int, str]]:
                 if isinstance(v, dict):
                     walk(v, path)
             elif dotted not in FIELDS:
-                where = f"[{'.'.join(prefix)}]" if prefix else "the top level"
-                allowed = sorted({f.split(".")[-1] if prefix else f.split(".")[0]
-                                  for f in (*FIELDS, *TABLES)
-                                  if f.startswith(".".join(prefix) + ".") or not prefix}
-                                 if prefix else {f.split(".")[0] for f in (*FIELDS, *TABLES)})
-                if prefix:
-                    allowed = sorted(f[len(".".join(prefix)) + 1:] for f in (*FIELDS, *TABLES)
-                                     if f.startswith(".".join(prefix) + ".") and
-                                     "." not in f[len(".".join(prefix)) + 1:])
+                scope = ".".join(prefix)
+                where = f"[{scope}]" if scope else "the top level"
+                allowed = sorted({f[len(scope) + 1:].split(".")[0] if scope else f.split(".")[0]
+                                  for f in (*FIELDS, *TABLES) if not scope or f.startswith(scope + ".")})
                 add(path, f"unknown field {dotted} (allowed in {where}: {', '.join(allowed)})")
 
     walk(raw, ())
@@ -265,6 +263,7 @@ def validate(raw: dict, text: str) -> list[tuple[int, str]]:
             add(tuple(t.split(".")), f"{t} must be a table (got {_type_name(v)} {v!r})")
 
     # required fields: presence, type, value
+    missing_tables: set[tuple[str, ...]] = set()
     for dotted, (kind, check) in FIELDS.items():
         path = tuple(dotted.split("."))
         found, v = get(path)
@@ -272,8 +271,13 @@ def validate(raw: dict, text: str) -> list[tuple[int, str]]:
             parent_found, parent = get(path[:-1])
             if parent_found and not isinstance(parent, dict):
                 continue  # reported above
+            if not parent_found:
+                if path[:-1] not in missing_tables:
+                    missing_tables.add(path[:-1])
+                    add(path[:-1], f"missing table [{'.'.join(path[:-1])}]", 1)
+                continue
             table = f"[{'.'.join(path[:-1])}]" if len(path) > 1 else "the top level"
-            add(path, f"missing field {dotted} ({_KIND_WORDS[kind]} in {table})")
+            add(path, f"missing field {dotted} ({_KIND_WORDS[kind]} in {table})", 1)
             continue
         if not _kind_ok(kind, v):
             add(path, f"{dotted} must be {_KIND_WORDS[kind]} (got {_type_name(v)} {v!r})")
@@ -288,7 +292,7 @@ def validate(raw: dict, text: str) -> list[tuple[int, str]]:
     found, engines = get(("compute", "dtypes"))
     if not found:
         if isinstance(raw.get("compute"), dict):
-            add(("compute",), "missing table [compute.dtypes] (engine -> list of dtypes)")
+            add(("compute",), "missing table [compute.dtypes] (engine -> list of dtypes)", 1)
     elif isinstance(engines, dict):
         if not any(e in ENGINES for e in engines):
             add(("compute", "dtypes"), f"compute.dtypes must list at least one engine ({', '.join(ENGINES)})")
@@ -315,7 +319,7 @@ def validate(raw: dict, text: str) -> list[tuple[int, str]]:
         if not any(default in v for v in raw["compute"]["dtypes"].values()):
             add(("compute", "default_dtype"), f"compute.default_dtype {default!r} must be listed by "
                 "at least one engine in [compute.dtypes]")
-    return sorted(problems, key=lambda p: p[0])
+    return [(line, msg) for _, line, msg in sorted(problems, key=lambda p: p[:2])]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -156,8 +156,9 @@ def test_tiny_latent_mapping_is_a_projection():
 
 @pytest.mark.parametrize("name", ["flux", "sd3", "sd35", "sana"])
 def test_streaming_and_never_loaded_per_family(name, photos, tmp_path):
-    from blockskip.export.families import wrap_model
     from tiny_models import build
+
+    from blockskip.export.families import wrap_model
 
     lm = wrap_model(build(name))
     g = lm.granularity

@@ -1,0 +1,173 @@
+"""Trace every device phase on fake tensors: precompute, training steps, saving.
+
+The phases call the torch backend's own functions (``encode_latents``, ``prompt_text``,
+``compute_entries``, ``TrainedSpan``, AdamW, ``checkpoint_tensors``) over a ``FakeStore``, so the
+prediction follows the code that runs on the device.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from blockskip.export.memory.fake_store import FakeStore
+from blockskip.export.memory.tracer import CATEGORIES, MemoryTracer
+from blockskip.runtime.backends.torch import TrainedSpan, compute_entries, encode_latents, prompt_text
+from blockskip.runtime.backends.torch_io import DTYPES
+from blockskip.runtime.backends.torch_lora import checkpoint_tensors, lora_state_dict
+from blockskip.runtime.plan import Plan
+from blockskip.runtime.schedule import PatchSchedule
+
+GIB = 1024**3
+
+
+@dataclass
+class PhaseReport:
+    phase: str
+    tensors: dict[str, int]  # bytes per category at the phase's peak
+    tensor_peak: int  # bytes of live tensors at the peak
+    overhead: int  # fixed runtime overhead + allocator slack
+    peak: int  # tensor_peak + overhead
+    budget: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def headroom(self) -> int:
+        return self.budget - self.peak
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.budget
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["headroom"] = self.headroom
+        d["fits"] = self.fits
+        return d
+
+
+@dataclass
+class ModelSpec:
+    """What the dry run needs to know of a model: no weights."""
+
+    family: object  # TorchFamily
+    encoder_spec: dict
+    prompt_shapes: dict  # name -> shape (batch 1)
+    vae_factor: int
+    name: str = ""
+
+    @property
+    def granularity(self) -> int:
+        return self.vae_factor * self.family.patch_size
+
+
+@contextmanager
+def _rebinding_apply():
+    """``Module.to()`` cannot swap fake parameters in place; rebind them instead (fresh modules only)."""
+    orig = nn.Module._apply
+
+    def _apply(self, fn, recurse=True):
+        if recurse:
+            for m in self.children():
+                m._apply(fn)
+        for k, p in self._parameters.items():
+            if p is not None:
+                with torch.no_grad():
+                    self._parameters[k] = nn.Parameter(fn(p), requires_grad=p.requires_grad)
+        for k, b in self._buffers.items():
+            if b is not None:
+                self._buffers[k] = fn(b)
+        return self
+
+    nn.Module._apply = _apply
+    try:
+        yield
+    finally:
+        nn.Module._apply = orig
+
+
+def _overheads(profile, tensor_peak: int) -> int:
+    if profile is None:
+        return 0
+    return int(getattr(profile, "fixed_overhead_bytes", 0) + getattr(profile, "allocator_slack", 0.0) * tensor_peak)
+
+
+def _report(name, tracer: MemoryTracer, profile, extra=None) -> PhaseReport:
+    cats = {c: int(tracer.peak_by_cat.get(c, 0)) for c in CATEGORIES}
+    ov = _overheads(profile, tracer.peak)
+    budget = int(profile.budget_gib * GIB) if profile is not None else 0
+    return PhaseReport(name, cats, int(tracer.peak), ov, int(tracer.peak) + ov, budget, extra or {})
+
+
+def _round_to(profile) -> int:
+    return int(getattr(profile, "alloc_round_bytes", 1) or 1) if profile is not None else 1
+
+
+def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: int = 4,
+            train_steps: int = 2) -> list[PhaseReport]:
+    """Predict the peak memory of precompute, a training step and saving for ``plan``."""
+    fam = spec.family
+    trained = plan.validate(fam.num_blocks, spec.granularity, fam.valid_targets())
+    dtype = DTYPES[plan.dtype]
+    schedule = PatchSchedule.build(num_images=num_images, num_samples=plan.num_samples, s_min=plan.s_min,
+                                   s_max=plan.s_max, granularity=spec.granularity, seed=plan.seed,
+                                   patch_sampling=plan.patch_sampling, shift=plan.timestep_shift)
+    chunk = plan.precompute_chunk or plan.num_samples
+    reports = []
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        # 1. precompute: photos in memory, encoder, then one block at a time for a chunk of samples
+        tr = MemoryTracer(_round_to(profile))
+        with tr:
+            store = FakeStore(fam, spec.encoder_spec, spec.prompt_shapes, dtype, tr)
+            with tr.category("cache"):
+                images = torch.empty(num_images, 3, plan.s_max, plan.s_max)
+            latents = encode_latents(store, images, dtype)
+            text = prompt_text(store, dtype)
+            entries = compute_entries(store, latents, text, schedule.entries[:chunk], plan, spec.vae_factor, trained)
+            entry_shapes = {k: (v.shape, v.dtype) for k, v in entries[0].items()}
+            entry_bytes = sum(v.numel() * v.element_size() for v in entries[0].values())
+            del entries, latents, text, images
+        reports.append(_report("precompute", tr, profile, {"chunk": chunk, "cache_entry_bytes": entry_bytes,
+                                                           "cache_storage_bytes": entry_bytes * plan.num_samples}))
+        del tr, store
+        # 2. training: trained span + head + LoRA + AdamW; step 2 has optimizer state
+        tr = MemoryTracer(_round_to(profile))
+        with tr:
+            store = FakeStore(fam, spec.encoder_spec, spec.prompt_shapes, dtype, tr)
+            store.category = "trained_base"
+            with _rebinding_apply():
+                span = TrainedSpan(store, trained, lora, plan.seed)
+            for p in span.params:
+                tr.retag(p, "lora")
+                p.register_post_accumulate_grad_hook(lambda q: tr.retag(q.grad, "gradients"))
+            opt = torch.optim.AdamW(span.params, lr=plan.lr, weight_decay=plan.weight_decay, foreach=False)
+
+            def fake_entry():
+                with tr.category("cache"):
+                    return {k: torch.empty(s, dtype=d) for k, (s, d) in entry_shapes.items()}
+
+            current, prefetched = fake_entry(), fake_entry()  # the step's entry + the one being prefetched
+            step_peaks = []
+            for _ in range(train_steps):
+                for _ in range(plan.grad_accum):
+                    loss = span.loss(current)
+                    (loss / plan.grad_accum).backward()
+                    current, prefetched = prefetched, fake_entry()
+                with tr.category("optimizer"):
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                step_peaks.append(tr.peak)
+            reports.append(_report("train", tr, profile, {"step_peaks": step_peaks,
+                                                          "trained_blocks": len(trained)}))
+            # 3. saving: LoRA copy + checkpoint copies while the model and optimizer stay resident
+            tr.reset_peak()
+            with torch.no_grad():
+                ck = checkpoint_tensors(span.model, opt)
+                sd = lora_state_dict(span.model)
+            reports.append(_report("save", tr, profile))
+            del ck, sd, span, opt, current, prefetched
+    return reports

@@ -1,0 +1,81 @@
+"""Measure a real training step's memory on CPU, to check the dry run against.
+
+Two independent readings of step 2 (AdamW state exists): the CPU allocator's own events from
+``torch.profiler`` (peak of the running sum of allocations, on top of the tensors already live), and
+the process RSS high-water mark (``VmHWM``), reset with ``/proc/self/clear_refs`` before the step.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from blockskip.runtime.backends.torch import TrainedSpan
+from blockskip.runtime.backends.torch_io import BlockStore
+from blockskip.runtime.bundle import Bundle
+from blockskip.runtime.cache import ResidualCache
+
+
+def _storage_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        st = t.untyped_storage()
+        if st._cdata not in seen:
+            seen.add(st._cdata)
+            total += st.nbytes()
+    return total
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def measure_train_step(bundle_dir, cache_dir, rss: bool = False) -> dict:
+    """Run two training steps for real; return live bytes before step 2 and the step's extra peak."""
+    from safetensors.torch import load_file
+
+    bundle = Bundle(bundle_dir)
+    plan = bundle.plan
+    cache = ResidualCache(cache_dir)
+    store = BlockStore(bundle)
+    span = TrainedSpan(store, bundle.trained, bundle.manifest["lora"], plan.seed)
+    opt = torch.optim.AdamW(span.params, lr=plan.lr, weight_decay=plan.weight_decay, foreach=False)
+    entries = [load_file(cache.path(k % len(cache.schedule))) for k in range(2)]  # current + prefetched
+
+    def step():
+        for _ in range(plan.grad_accum):
+            (span.loss(entries[0]) / plan.grad_accum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    gc.collect()
+    state = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+    live0 = _storage_bytes([p for p in span.model.parameters() if p.device.type != "meta"]
+                           + [b for b in span.model.buffers() if b.device.type != "meta"]
+                           + state + [t for e in entries for t in e.values()])
+    out = {"live0": live0}
+    if rss:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss_kib("VmRSS")
+        step()
+        out["rss_delta"] = (_rss_kib("VmHWM") - base) * 1024
+        return out
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.events() if e.name == "[memory]"]
+    events.sort(key=lambda e: e.time_range.start)
+    cur = peak = 0
+    for e in events:
+        cur += e.cpu_memory_usage
+        peak = max(peak, cur)
+    out["alloc_delta"] = peak
+    return out

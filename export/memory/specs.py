@@ -1,0 +1,66 @@
+"""Model specs for the dry run: structure and shapes only, from shipped configs or a folder's configs."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from blockskip.export.memory.dryrun import ModelSpec
+from blockskip.runtime.backends.torch_families import family_of_class, get_family
+from blockskip.runtime.errors import ModelError
+
+KNOWN = ("flux-dev", "sd3-medium", "sd35-medium", "sana-1.6b")
+DEFAULT_PROMPTS = {"flux": {"prompt_embeds": [1, 512, 4096], "pooled": [1, 768]},
+                   "sd3": {"prompt_embeds": [1, 333, 4096], "pooled": [1, 2048]},
+                   "sana": {"prompt_embeds": [1, 300, 2304]}}
+
+
+def _vae_spec(vae: dict) -> tuple[dict, int]:
+    cls = vae.get("_class_name", "AutoencoderKL")
+    import diffusers
+
+    if cls not in ("AutoencoderKL", "AutoencoderDC"):
+        raise ModelError(f"unsupported VAE class {cls!r}")
+    cfg = {k: v for k, v in vae.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        full = dict(getattr(diffusers, cls).from_config(cfg).config)
+    key = "block_out_channels" if cls == "AutoencoderKL" else "encoder_block_out_channels"
+    factor = 2 ** (len(full[key]) - 1)
+    spec = {"class": cls, "config": {k: v for k, v in full.items() if not k.startswith("_")},
+            "scaling_factor": full.get("scaling_factor", 1.0), "shift_factor": full.get("shift_factor")}
+    return spec, factor
+
+
+def load_spec(model: str) -> tuple[ModelSpec, dict]:
+    """``tiny``, a known name, or a local diffusers folder -> (ModelSpec, default plan settings)."""
+    if model == "tiny":
+        from blockskip.export.tiny import TEXT_TOKENS, TINY_FLUX, TINY_LATENT
+
+        fam = get_family("flux", dict(TINY_FLUX))
+        enc = {"class": "TinyAutoencoder", "config": dict(TINY_LATENT)}
+        prompt = {"prompt_embeds": (1, TEXT_TOKENS, TINY_FLUX["joint_attention_dim"]),
+                  "pooled": (1, TINY_FLUX["pooled_projection_dim"])}
+        return ModelSpec(fam, enc, prompt, TINY_LATENT["factor"], "tiny"), {"s_min": 64, "s_max": 128,
+                                                                            "dtype": "float32"}
+    if model in KNOWN:
+        d = json.loads((resources.files("blockskip.export") / "configs" / f"{model}.json").read_text())
+        tr, vae, prompt, defaults = d["transformer"], d["vae"], d["prompt"], d.get("defaults", {})
+    else:
+        root = Path(model)
+        try:
+            tr = json.loads((root / "transformer" / "config.json").read_text())
+            vae = json.loads((root / "vae" / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelError(
+                f"--model {model!r} is neither a known config ({', '.join(('tiny',) + KNOWN)}) nor a diffusers "
+                f"folder with readable transformer/config.json and vae/config.json ({e})"
+            ) from e
+        prompt, defaults = None, {}
+    fam_name = family_of_class(tr.get("_class_name", ""))
+    fam = get_family(fam_name, {k: v for k, v in tr.items() if not k.startswith("_")})
+    enc, factor = _vae_spec(vae)
+    prompt = {k: tuple(v) for k, v in (prompt or DEFAULT_PROMPTS[fam_name]).items()}
+    return ModelSpec(fam, enc, prompt, factor, model), defaults
