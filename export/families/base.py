@@ -56,7 +56,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> 
     return _load_folder(Path(spec), dtype)
 
 
-def wrap_model(transformer: torch.nn.Module, name: str = "in-memory", seed: int = 0) -> LoadedModel:
+def wrap_model(transformer: torch.nn.Module, name: str = "in-memory", seed: int = 0, vae_factor: int | None = None,
+               text_tokens: int | None = None) -> LoadedModel:
     """A LoadedModel for an in-memory diffusers transformer, with the tiny latent mapping and text encoder
     sized to it (tests and benchmarks)."""
     from blockskip.export.tiny import TinyTextEncoder
@@ -65,10 +66,11 @@ def wrap_model(transformer: torch.nn.Module, name: str = "in-memory", seed: int 
     family = get_family(family_of_class(type(transformer).__name__), dict(transformer.config))
     cfg = transformer.config
     channels = cfg.in_channels // 4 if family.name == "flux" else cfg.in_channels
-    factor = 4 if channels <= 48 else 8
+    factor = vae_factor or (4 if channels <= 48 else 8)
     enc = TinyAutoencoder(factor=factor, latent_channels=channels, seed=seed).eval()
     text_dim = cfg.get("joint_attention_dim") or cfg.get("caption_channels")
-    text = TinyTextEncoder(dim=text_dim, pooled_dim=cfg.get("pooled_projection_dim") or 1)
+    text = TinyTextEncoder(dim=text_dim, pooled_dim=cfg.get("pooled_projection_dim") or 1,
+                           **({"tokens": text_tokens} if text_tokens else {}))
     if family.name == "sana":
         base = text
 

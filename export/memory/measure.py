@@ -71,11 +71,11 @@ def measure_train_step(bundle_dir, cache_dir, rss: bool = False) -> dict:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = [e for e in prof.events() if e.name == "[memory]"]
-    events.sort(key=lambda e: e.time_range.start)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
     cur = peak = 0
     for e in events:
-        cur += e.cpu_memory_usage
+        cur += e.nbytes()
         peak = max(peak, cur)
     out["alloc_delta"] = peak
     return out

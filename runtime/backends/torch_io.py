@@ -15,6 +15,12 @@ from blockskip.runtime.bundle import Bundle
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _get(root: torch.nn.Module, name: str) -> torch.Tensor:
+    mod_path, _, leaf = name.rpartition(".")
+    mod = root.get_submodule(mod_path) if mod_path else root
+    return mod._parameters[leaf] if leaf in mod._parameters else mod._buffers[leaf]
+
+
 class BlockStore:
     """Loads block / embed / head tensors from a bundle into a meta skeleton and frees them again.
 
@@ -41,8 +47,7 @@ class BlockStore:
         names = list(tensors)
         del tensors
         # watch the tensors the model now holds: they die only when nothing references them any more
-        own = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
-        self._alive[rel] = [weakref.ref(own[n]) for n in names]
+        self._alive[rel] = [weakref.ref(_get(self.model, n)) for n in names]
         return names
 
     def resident_blocks(self) -> int:

@@ -1,0 +1,117 @@
+"""Dry-run accuracy: predicted vs measured training-step peak on a mid-size FLUX-like model.
+
+Runs each plan for real on this CPU (export, precompute, two training steps) and prints the dry run's
+prediction next to two measurements of step 2: the CPU allocator's events (torch.profiler) and the
+RSS high-water mark (VmHWM after clear_refs, with malloc forced to return memory). Both are on top of
+the bytes already live before the step (weights, LoRA, AdamW state, the cache entries).
+
+    python -m bench.memory_accuracy            # ~320M parameters, 512 px; ~20 min on 2 cores
+    python -m bench.memory_accuracy --small    # a quick run on a ~20M-parameter model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PLANS = {
+    "LoRA full-res": dict(front_skip=0, back_skip=0, patch_sampling=False, half=False),
+    "LoRA + checkpointing": dict(front_skip=0, back_skip=0, patch_sampling=False, half=False, checkpointing=True),
+    "BlockSkip 30% @ s_max/2": dict(ratio=0.3, half=True),
+    "BlockSkip 50% @ s_max/2": dict(ratio=0.5, half=True),
+    "BlockSkip 50% @ s_max/2, int4 base": dict(ratio=0.5, half=True, base_quant="nf4"),
+}
+
+
+def model_config(small: bool) -> dict:
+    if small:
+        return dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
+                    num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=128,
+                    guidance_embeds=False, axes_dims_rope=(16, 24, 24))
+    return dict(patch_size=1, in_channels=64, num_layers=8, num_single_layers=16, attention_head_dim=64,
+                num_attention_heads=12, joint_attention_dim=768, pooled_projection_dim=256,
+                guidance_embeds=False, axes_dims_rope=(16, 24, 24))
+
+
+def run_one(name: str, spec: dict, small: bool, work: Path, photos: Path) -> dict:
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from blockskip.device_train.app import run_precompute
+    from blockskip.export.bundle_writer import export_bundle
+    from blockskip.export.families import wrap_model
+    from blockskip.export.memory.search import evaluate, split_for
+    from blockskip.export.memory.specs import ModelSpec
+    from blockskip.runtime.plan import Plan
+    from blockskip.runtime.profiles import load_profile
+
+    torch.manual_seed(0)
+    # 8x latent mapping like a real VAE; 512 text tokens like FLUX's T5 at full size
+    lm = wrap_model(FluxTransformer2DModel(**model_config(small)), vae_factor=8, text_tokens=64 if small else 512)
+    s_max = 256 if small else 512
+    spec = dict(spec)
+    if "ratio" in spec:
+        spec["front_skip"], spec["back_skip"] = split_for(lm.family.num_blocks, spec.pop("ratio"))
+    half = spec.pop("half")
+    plan = Plan(s_min=s_max // 2 if half else s_max, s_max=s_max, num_samples=2, lora_rank=16, **spec)
+    prompt = lm.encode_prompt("a photo of sks")
+    mspec = ModelSpec(lm.family, lm.encoder_spec, {k: tuple(v.shape) for k, v in prompt.items()}, lm.vae_factor)
+    pred = evaluate(mspec, plan, None).reports[1].tensor_peak
+    b, c = work / "bundle", work / "cache"
+    shutil.rmtree(work, ignore_errors=True)
+    export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo of sks", b)
+    del lm
+    run_precompute(b, photos, c, quiet=True)
+    out = {"plan": name, "predicted": pred}
+    for mode in ("alloc", "rss"):
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        code = ("import json,sys; from blockskip.export.memory.measure import measure_train_step as m; "
+                f"print(json.dumps(m(sys.argv[1], sys.argv[2], rss={mode == 'rss'})))")
+        r = subprocess.run([sys.executable, "-c", code, str(b), str(c)], capture_output=True, text=True, env=env,
+                           check=True)
+        out[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--plans", nargs="*", default=list(PLANS))
+    ap.add_argument("--json", metavar="FILE")
+    a = ap.parse_args(argv)
+    from bench.make_demo_images import main as make_photos
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = Path(tmp) / "photos"
+        make_photos([str(photos)])
+        for name in a.plans:
+            r = run_one(name, PLANS[name], a.small, Path(tmp) / "work", photos)
+            rows.append(r)
+            _print_row(r, header=len(rows) == 1)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def _print_row(r: dict, header: bool) -> None:
+    if header:
+        print(f"| plan | predicted (MiB) | allocator (MiB) | error | RSS (MiB) | error |")
+        print("|---|---|---|---|---|---|")
+    mib = 2**20
+    alloc = r["alloc"]["live0"] + r["alloc"]["alloc_delta"]
+    rss = r["rss"]["live0"] + r["rss"]["rss_delta"]
+    p = r["predicted"]
+    print(f"| {r['plan']} | {p / mib:.1f} | {alloc / mib:.1f} | {(p / alloc - 1) * 100:+.2f}% | "
+          f"{rss / mib:.1f} | {(p / rss - 1) * 100:+.2f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Plan search: the plan with the most trained capacity whose every phase fits the profile budget.
+
+Capacity order (most first): fewer skipped blocks, larger s_min, larger rank, a more precise frozen
+base (none > int8 > nf4), no activation checkpointing (it only costs time). Memory falls monotonically
+along each axis, so for every (skip, s_min) the cheapest variant is traced first and the pair is
+dropped if even that does not fit; otherwise variants are traced in preference order until one fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from blockskip.export.families import lora_target_names
+from blockskip.export.memory.dryrun import ModelSpec, PhaseReport, dry_run
+from blockskip.runtime.errors import PlanError
+from blockskip.runtime.plan import Plan
+
+# The paper's FLUX splits (19 double + 38 single blocks), skip ratio -> (n, m).
+FLUX_SPLITS = {0.3: (7, 10), 0.4: (13, 10), 0.5: (19, 10)}
+RATIOS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+QUANTS = ("none", "int8", "nf4")
+
+
+def split_for(num_blocks: int, ratio: float, table: dict | None = None) -> tuple[int, int]:
+    """(n, m) for a skip ratio: a selection table's entry, the paper's FLUX split, or the paper's shape
+    (back skip ~18% of the blocks, the rest in front) scaled to this model."""
+    if table and str(ratio) in table:
+        n, m = table[str(ratio)]
+        return int(n), int(m)
+    if num_blocks == 57 and ratio in FLUX_SPLITS:
+        return FLUX_SPLITS[ratio]
+    k = round(ratio * num_blocks)
+    m = min(k, round(num_blocks * 10 / 57))
+    return k - m, m
+
+
+@dataclass
+class Candidate:
+    plan: Plan
+    reports: list[PhaseReport]
+
+    @property
+    def peak(self) -> int:
+        return max(r.peak for r in self.reports)
+
+    @property
+    def fits(self) -> bool:
+        return all(r.fits for r in self.reports)
+
+    def worst(self) -> PhaseReport:
+        return max(self.reports, key=lambda r: r.peak - r.budget)
+
+    def describe(self) -> str:
+        p = self.plan
+        return (f"skip n={p.front_skip} m={p.back_skip}, s_min={p.s_min}, rank={p.lora_rank}, "
+                f"base={p.base_quant}, checkpointing={'on' if p.checkpointing else 'off'}")
+
+
+@dataclass
+class SearchResult:
+    best: Candidate | None
+    next_bigger: Candidate | None  # the closest more capable plan that did not fit
+    smallest: Candidate | None  # the cheapest plan traced (what the minimum is when nothing fits)
+    traced: list[Candidate] = field(default_factory=list)
+
+
+def evaluate(spec: ModelSpec, plan: Plan, profile, num_images: int = 4) -> Candidate:
+    fam = spec.family
+    trained = plan.validate(fam.num_blocks, spec.granularity, fam.valid_targets())
+    lora = {"rank": plan.lora_rank, "alpha": plan.alpha,
+            "targets": lora_target_names(fam, trained, plan.lora_targets)}
+    return Candidate(plan, dry_run(spec, plan, lora, profile, num_images=num_images))
+
+
+def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, ranks=(16, 4), quants=QUANTS,
+           checkpointing=(False, True), split_table: dict | None = None, log=lambda msg: None) -> SearchResult:
+    L = spec.family.num_blocks
+    s_mins = sorted(set(s_mins or [base.s_min]), reverse=True)
+    pairs = []
+    for r in sorted(set(ratios)):
+        n, m = split_for(L, r, split_table)
+        if n + m < L and (n, m) not in [p[0] for p in pairs]:
+            pairs.append(((n, m), r))
+    result = SearchResult(None, None, None)
+
+    def trace(**kw) -> Candidate:
+        plan = dataclasses.replace(base, trained=None, **kw)
+        c = evaluate(spec, plan, profile)
+        result.traced.append(c)
+        log(f"  {'fits ' if c.fits else 'over '} {c.peak / 2**30:7.2f} GiB  {c.describe()}")
+        return c
+
+    variants = [(rk, q, ck) for q in quants for rk in sorted(ranks, reverse=True) for ck in checkpointing]
+    for (n, m), _ratio in pairs:
+        for s_min in s_mins:
+            cheapest = trace(front_skip=n, back_skip=m, s_min=s_min, lora_rank=min(ranks), base_quant=quants[-1],
+                             checkpointing=checkpointing[-1])
+            if result.smallest is None or cheapest.peak < result.smallest.peak:
+                result.smallest = cheapest
+            if not cheapest.fits:
+                result.next_bigger = cheapest
+                continue
+            for rk, q, ck in variants:
+                if (rk, q, ck) == (min(ranks), quants[-1], checkpointing[-1]):
+                    result.best = cheapest
+                    return result
+                c = trace(front_skip=n, back_skip=m, s_min=s_min, lora_rank=rk, base_quant=q, checkpointing=ck)
+                if c.fits:
+                    result.best = c
+                    return result
+                result.next_bigger = c
+    return result
+
+
+def require_fit(result: SearchResult, profile) -> Candidate:
+    if result.best is not None:
+        return result.best
+    s = result.smallest
+    raise PlanError(
+        f"no plan fits the {profile.name} budget of {profile.budget_gib:.2f} GiB: the smallest traced plan "
+        f"({s.describe()}) needs {s.peak / 2**30:.2f} GiB in its {s.worst().phase} phase; raise the budget, "
+        "use a smaller s_min, or skip more blocks"
+    )

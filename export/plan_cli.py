@@ -1,0 +1,130 @@
+"""``blockskip-plan``: predict every device phase's peak memory and pick a plan that fits a profile."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from blockskip.runtime.cli_util import run_cli
+
+EPILOG = """examples:
+  blockskip-plan --model flux-dev --profile snapdragon8            # search the best fitting plan
+  blockskip-plan --model flux-dev --profile jetson-orin-nx-16gb -n 19 -m 10 --rank 16 --json
+  blockskip-plan --model sana-1.6b --profile snapdragon8 --plot sana.png
+  blockskip-plan --model ./my-diffusers-folder --profile desktop-cpu --no-search -n 2 -m 2
+Any plan option you give is fixed; the search chooses the others."""
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="blockskip-plan", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="flux-dev",
+                   help="tiny | flux-dev | sd3-medium | sd35-medium | sana-1.6b | a local diffusers folder")
+    p.add_argument("--profile", default="snapdragon8", help="device profile name or .toml path")
+    g = p.add_argument_group("plan (fixed when given, searched otherwise)")
+    g.add_argument("-n", "--front-skip", type=int)
+    g.add_argument("-m", "--back-skip", type=int)
+    g.add_argument("--rank", type=int)
+    g.add_argument("--s-min", type=int)
+    g.add_argument("--s-max", type=int)
+    g.add_argument("--base-quant", choices=["none", "int8", "nf4"])
+    g.add_argument("--checkpointing", choices=["on", "off"])
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--samples", "-K", type=int, default=2000, help="wanted cache samples K (capped by storage)")
+    g.add_argument("--precompute-chunk", type=int, default=1, help="samples per pass over the frozen blocks")
+    p.add_argument("--no-search", action="store_true", help="evaluate exactly the given plan")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plot", metavar="FILE.png", help="bar chart of the breakdown against the budget")
+    p.add_argument("--debug", action="store_true")
+    a = p.parse_args(argv)
+    return run_cli(lambda: _run(a), a.debug, "blockskip-plan")
+
+
+def _run(a) -> int:
+    t0 = time.time()
+    from blockskip.export.memory.report import plot, table
+    from blockskip.export.memory.search import evaluate, require_fit, search
+    from blockskip.export.memory.specs import load_spec
+    from blockskip.runtime.plan import Plan
+    from blockskip.runtime.profiles import load_profile
+
+    profile = load_profile(a.profile)
+    spec, defaults = load_spec(a.model)
+    s_max = a.s_max or defaults.get("s_max", 512)
+    dtype = a.dtype or defaults.get("dtype") or profile.dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+        dtype = "float32"
+    base = Plan(front_skip=a.front_skip or 0, back_skip=a.back_skip or 0, s_min=a.s_min or defaults.get("s_min", s_max // 2),
+                s_max=s_max, dtype=dtype, num_samples=a.samples, precompute_chunk=a.precompute_chunk,
+                lora_rank=a.rank or 16, base_quant=a.base_quant or "none",
+                checkpointing=a.checkpointing == "on")
+    say = (lambda m: None) if a.json else (lambda m: print(m, file=sys.stderr))
+    if a.no_search:
+        best, nxt, result = evaluate(spec, base, profile), None, None
+    else:
+        split_given = a.front_skip is not None or a.back_skip is not None
+        ratios = None if split_given else None
+        say(f"searching plans for {a.model} on {profile.name} (budget {profile.budget_gib:.2f} GiB) ...")
+        kw = {}
+        if split_given:
+            L = spec.family.num_blocks
+            kw["ratios"] = [((a.front_skip or 0) + (a.back_skip or 0)) / L]
+            kw["split_table"] = {str(kw["ratios"][0]): (a.front_skip or 0, a.back_skip or 0)}
+        if a.s_min:
+            kw["s_mins"] = [a.s_min]
+        else:
+            kw["s_mins"] = [base.s_min, max(spec.granularity, base.s_min // 2)]
+        if a.rank:
+            kw["ranks"] = (a.rank,)
+        if a.base_quant:
+            kw["quants"] = (a.base_quant,)
+        if a.checkpointing:
+            kw["checkpointing"] = (a.checkpointing == "on",)
+        del ratios
+        result = search(spec, base, profile, log=say, **kw)
+        best, nxt = require_fit(result, profile), result.next_bigger
+    # K: as many samples as the storage budget holds (up to the wanted number)
+    entry = best.reports[0].extra["cache_entry_bytes"]
+    k_fit = max(1, int(profile.cache_budget_bytes // max(entry, 1)))
+    K = min(a.samples, k_fit)
+    best.plan.num_samples = K
+    out = {
+        "model": a.model, "profile": profile.name, "budget_bytes": profile.budget_bytes,
+        "plan": best.plan.to_dict(), "fits": best.fits,
+        "phases": [r.to_dict() for r in best.reports],
+        "cache": {"entry_bytes": entry, "samples": K, "storage_bytes": entry * K,
+                  "storage_budget_bytes": profile.cache_budget_bytes},
+        "next_bigger": None if nxt is None else {"plan": nxt.plan.to_dict(), "phase": nxt.worst().phase,
+                                                 "peak_bytes": nxt.peak},
+        "traced_plans": 0 if result is None else len(result.traced),
+        "seconds": round(time.time() - t0, 1),
+    }
+    if a.plot:
+        plot(best.reports, a.plot, f"{a.model} on {profile.name}: {best.describe()}")
+    if a.json:
+        print(json.dumps(out, indent=1))
+        return 0 if best.fits else 3
+    L = spec.family.num_blocks
+    n, m = best.plan.front_skip, best.plan.back_skip
+    print(f"\n{a.model} on {profile.name}: {'fits' if best.fits else 'DOES NOT FIT'} "
+          f"({L} blocks, {dtype}, s_max {s_max})")
+    print(f"plan: skip n={n} m={m} ({(n + m) / L:.0%}: training {L - n - m} blocks), s_min {best.plan.s_min}, "
+          f"LoRA rank {best.plan.lora_rank}, frozen base {best.plan.base_quant}, "
+          f"checkpointing {'on' if best.plan.checkpointing else 'off'}")
+    print(table(best.reports))
+    print(f"cache: {K} samples x {entry / 2**20:.1f} MiB = {entry * K / 2**30:.2f} GiB "
+          f"(storage budget {profile.cache_budget_gib:.1f} GiB{', caps K' if k_fit < a.samples else ''})")
+    if nxt is not None:
+        w = nxt.worst()
+        print(f"next bigger plan ({nxt.describe()}) does not fit: its {w.phase} phase needs "
+              f"{w.peak / 2**30:.2f} GiB > {w.budget / 2**30:.2f} GiB")
+    if a.plot:
+        print(f"chart: {a.plot}")
+    print(f"({out['traced_plans']} plans traced in {out['seconds']} s, no memory allocated)")
+    return 0 if best.fits else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
