@@ -103,7 +103,7 @@ def main(argv=None) -> int:
 
 def _print_row(r: dict, header: bool) -> None:
     if header:
-        print(f"| plan | predicted (MiB) | allocator (MiB) | error | RSS (MiB) | error |")
+        print("| plan | predicted (MiB) | allocator (MiB) | error | RSS (MiB) | error |")
         print("|---|---|---|---|---|---|")
     mib = 2**20
     alloc = r["alloc"]["live0"] + r["alloc"]["alloc_delta"]

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from blockskip.runtime.cli_util import run_cli
-from blockskip.runtime.plan import Plan
+from blockskip.runtime.plan import BASE_QUANT, Plan
 
 EPILOG = """examples:
   blockskip-export --model tiny --profile desktop-cpu --prompt "a photo of sks cat" -o bundle
@@ -30,6 +30,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--positions", choices=["crop", "native"], default=d.positions)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights/activations dtype (default: the profile's, float32 on CPU)")
+    g.add_argument("--base-quant", choices=list(BASE_QUANT), default=d.base_quant,
+                   help="frozen base weights of the trained blocks: int8 (~1/4 of fp32) or 4-bit (~1/7); "
+                        "LoRA trains on top")
     g.add_argument("--samples", "-K", type=int, default=d.num_samples, help="precomputed samples K")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum)
@@ -59,7 +62,7 @@ def plan_from_args(a, profile_dtype: str) -> Plan:
         lora_rank=a.rank, lora_alpha=a.alpha,
         lora_targets=[t.strip() for t in a.targets.split(",")] if a.targets else None,
         s_min=a.s_min, s_max=a.s_max, patch_sampling=not a.no_patch_sampling, positions=a.positions,
-        dtype=dtype, num_samples=a.samples, steps=a.steps, grad_accum=a.grad_accum, lr=a.lr,
+        dtype=dtype, base_quant=a.base_quant, num_samples=a.samples, steps=a.steps, grad_accum=a.grad_accum, lr=a.lr,
         timestep_shift=a.shift, seed=a.seed, checkpoint_every=a.checkpoint_every,
         precompute_chunk=a.precompute_chunk,
     )

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from blockskip.runtime.errors import PlanError
 
+BASE_QUANT = ("none", "int8", "nf4")
+
 
 @dataclass
 class Plan:
@@ -21,6 +23,11 @@ class Plan:
     patch_sampling: bool = True  # False: always the whole photo resized to s_min
     positions: str = "crop"  # "crop": positions of the crop in the s_max frame; "native": s_min grid
     dtype: str = "float32"  # base weights, activations and cache dtype
+    # frozen base weights of the trained blocks: "none" (plan dtype), "int8" (~1/4 of fp32, ~1/2 of
+    # bf16) or "nf4" (4-bit, ~1/7 of fp32); saves trained-span weight memory, costs quantisation error
+    # in the frozen base (LoRA still trains in the plan dtype) and dequantise work in every step
+    base_quant: str = "none"
+    checkpointing: bool = False  # recompute trained-block activations in backward: less memory, ~1/3 more time
     num_samples: int = 16  # K: precomputed (image, t, crop, noise) draws; cache storage grows in K
     steps: int = 20  # optimizer steps
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -77,6 +84,8 @@ class Plan:
             raise PlanError(f"positions must be 'crop' or 'native' (got {self.positions!r})")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise PlanError(f"dtype must be float32, bfloat16 or float16 (got {self.dtype!r})")
+        if self.base_quant not in BASE_QUANT:
+            raise PlanError(f"base_quant must be one of {', '.join(BASE_QUANT)} (got {self.base_quant!r})")
         if self.timestep_shift <= 0:
             raise PlanError("timestep_shift must be > 0")
         if self.lora_targets is not None and valid_targets is not None:

@@ -107,6 +107,25 @@ def _round_to(profile) -> int:
     return int(getattr(profile, "alloc_round_bytes", 1) or 1) if profile is not None else 1
 
 
+def _count_subclass_parts(tr: MemoryTracer) -> MemoryTracer:
+    """Quantised weights (optimum-quanto) are wrapper tensor subclasses: their own storage is a
+    placeholder of the logical (float) size that holds no memory. Count the tensors inside them (int8 /
+    packed uint8 data, scales, shifts) instead."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    track = tr.track
+
+    def track_parts(t, cat=None):
+        if is_traceable_wrapper_subclass(t):
+            for name in t.__tensor_flatten__()[0]:
+                track_parts(getattr(t, name), cat)
+        else:
+            track(t, cat)
+
+    tr.track = track_parts
+    return tr
+
+
 def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: int = 4,
             train_steps: int = 2) -> list[PhaseReport]:
     """Predict the peak memory of precompute, a training step and saving for ``plan``."""
@@ -135,12 +154,14 @@ def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: i
                                                            "cache_storage_bytes": entry_bytes * plan.num_samples}))
         del tr, store
         # 2. training: trained span + head + LoRA + AdamW; step 2 has optimizer state
-        tr = MemoryTracer(_round_to(profile))
+        tr = _count_subclass_parts(MemoryTracer(_round_to(profile)))
         with tr:
             store = FakeStore(fam, spec.encoder_spec, spec.prompt_shapes, dtype, tr)
             store.category = "trained_base"
-            with _rebinding_apply():
-                span = TrainedSpan(store, trained, lora, plan.seed)
+            # quantised base weights (base_quant) are made by ops, not loads: count them as trained_base
+            with _rebinding_apply(), tr.category("trained_base"):
+                span = TrainedSpan(store, trained, lora, plan.seed, base_quant=plan.base_quant,
+                                   checkpointing=plan.checkpointing)
             for p in span.params:
                 tr.retag(p, "lora")
                 p.register_post_accumulate_grad_hook(lambda q: tr.retag(q.grad, "gradients"))

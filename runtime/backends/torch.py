@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 
 from blockskip.runtime.backends.torch_families.latent import encode_images
 from blockskip.runtime.backends.torch_io import DTYPES, BlockStore
@@ -25,6 +26,7 @@ from blockskip.runtime.backends.torch_lora import (
     save_checkpoint,
     save_lora,
 )
+from blockskip.runtime.backends.torch_quant import quantize_frozen
 from blockskip.runtime.backends.torch_sample import make_sample
 from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.cache import ResidualCache
@@ -166,11 +168,22 @@ def _record_boundary(saved, state, i, trained, gap_list, L, before):
 class TrainedSpan:
     """The trained blocks (LoRA on frozen base) + the residual adds + the head."""
 
-    def __init__(self, store: BlockStore, trained: list[int], lora: dict, seed: int):
+    def __init__(self, store: BlockStore, trained: list[int], lora: dict, seed: int, base_quant: str | None = None,
+                 checkpointing: bool | None = None):
+        """``base_quant`` ("none", "int8", "nf4") and ``checkpointing`` (recompute each trained block's
+        activations in backward): None means the bundle plan's (off without a bundle)."""
         self.store, self.fam, self.model = store, store.family, store.model
         self.trained = trained
+        plan = store.bundle.plan if store.bundle is not None else None
+        if base_quant is None:
+            base_quant = plan.base_quant if plan is not None else "none"
+        self.checkpointing = checkpointing if checkpointing is not None else bool(plan and plan.checkpointing)
+        self.base_quant = base_quant
+        paths = self.fam.block_paths()
         for i in trained:
             store.load_block(i)
+            if base_quant != "none":  # block by block: at most one block is resident in full precision
+                quantize_frozen(self.model, [paths[i]], base_quant, lora["targets"])
         store.load_part("head")
         self.gaps = gaps(trained, self.fam.num_blocks)
         torch.manual_seed(seed)
@@ -182,7 +195,10 @@ class TrainedSpan:
         consts = {n[2:]: v for n, v in entry.items() if n.startswith("c.")}
         starts = {a: b for a, b in self.gaps}
         for i in self.trained:
-            state = self.fam.run_block(self.model, i, state, consts)
+            if self.checkpointing and torch.is_grad_enabled():
+                state = checkpoint(self.fam.run_block, self.model, i, state, consts, use_reentrant=False)
+            else:
+                state = self.fam.run_block(self.model, i, state, consts)
             if i + 1 in starts:
                 a = i + 1
                 for n in list(state):
@@ -209,7 +225,7 @@ def train(bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = Non
     out = ensure_writable_dir(out_dir)
     K = len(cache.schedule)
     store = BlockStore(bundle)
-    span = TrainedSpan(store, bundle.trained, bundle.manifest["lora"], plan.seed)
+    span = TrainedSpan(store, bundle.trained, bundle.manifest["lora"], plan.seed, base_quant=plan.base_quant)
     opt = torch.optim.AdamW(span.params, lr=plan.lr, weight_decay=plan.weight_decay)
     ckpt_dir = out / "checkpoint"
     log = {"plan": plan.to_dict(), "losses": [], "step_seconds": [], "resumed_from": 0,

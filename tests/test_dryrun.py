@@ -1,0 +1,145 @@
+"""Memory dry run: prediction vs the real CPU allocator, phases, budget, plan search, CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from blockskip.device_train.app import run_precompute
+from blockskip.export.bundle_writer import export_bundle
+from blockskip.export.families import load_model
+from blockskip.export.memory.dryrun import dry_run
+from blockskip.export.memory.measure import measure_train_step
+from blockskip.export.memory.search import evaluate, require_fit, search, split_for
+from blockskip.export.memory.specs import load_spec
+from blockskip.runtime.bundle import Bundle
+from blockskip.runtime.errors import PlanError
+from blockskip.runtime.plan import Plan
+from blockskip.runtime.profiles import load_profile, parse_profile
+
+
+@pytest.mark.parametrize("kw", [dict(front_skip=1, back_skip=2, s_min=64), dict(s_min=128, patch_sampling=False),
+                                dict(front_skip=1, back_skip=1, s_min=64, checkpointing=True)])
+def test_prediction_matches_the_cpu_allocator(kw, photos, tmp_path):
+    plan = Plan(s_max=128, num_samples=2, **kw)
+    export_bundle(load_model("tiny"), plan, load_profile("desktop-cpu"), "a photo", tmp_path / "b")
+    run_precompute(tmp_path / "b", photos, tmp_path / "c", quiet=True)
+    spec, _ = load_spec("tiny")
+    pred = dry_run(spec, plan, Bundle(tmp_path / "b").manifest["lora"])[1].tensor_peak
+    m = measure_train_step(tmp_path / "b", tmp_path / "c")
+    measured = m["live0"] + m["alloc_delta"]
+    assert m["alloc_delta"] > 0
+    assert abs(pred / measured - 1) < 0.02, (pred, measured)
+
+
+def _lora(spec, plan):
+    from blockskip.export.families import lora_target_names
+
+    trained = plan.trained_indices(spec.family.num_blocks)
+    return {"rank": plan.lora_rank, "alpha": plan.alpha, "targets": lora_target_names(spec.family, trained)}
+
+
+def test_phases_and_categories_make_sense():
+    spec, _ = load_spec("tiny")
+    full = Plan(s_min=128, s_max=128, patch_sampling=False, num_samples=2)
+    skip = Plan(front_skip=2, back_skip=2, s_min=64, s_max=128, num_samples=2)
+    pf, tf, sf = dry_run(spec, full, _lora(spec, full))
+    ps, ts, ss = dry_run(spec, skip, _lora(spec, skip))
+    assert [p.phase for p in (pf, tf, sf)] == ["precompute", "train", "save"]
+    # fewer trained blocks: less span base and LoRA; lower resolution: fewer activations
+    assert ts.tensors["trained_base"] < tf.tensors["trained_base"]
+    assert ts.tensors["lora"] < tf.tensors["lora"]
+    assert ts.tensors["activations"] < tf.tensors["activations"]
+    # step 2 holds AdamW state: two moments per LoRA parameter
+    assert tf.tensors["optimizer"] == pytest.approx(2 * tf.tensors["lora"], rel=0.05)
+    # precompute streams one block: its frozen weights are at most the largest block plus the embedders
+    assert 0 < pf.tensors["frozen_weights"] < tf.tensors["trained_base"]
+    assert pf.extra["cache_entry_bytes"] > 0 and ps.extra["cache_entry_bytes"] < pf.extra["cache_entry_bytes"]
+
+
+def test_profile_overheads_and_budget_are_applied():
+    spec, _ = load_spec("tiny")
+    prof = load_profile("snapdragon8")
+    plan = Plan(front_skip=1, back_skip=1, s_min=64, s_max=128, num_samples=2)
+    bare = dry_run(spec, plan, _lora(spec, plan))[1]
+    dev = dry_run(spec, plan, _lora(spec, plan), prof)[1]
+    assert dev.budget == prof.budget_bytes
+    assert dev.overhead == pytest.approx(prof.fixed_overhead_bytes + prof.allocator_slack * dev.tensor_peak, abs=1)
+    assert dev.peak == dev.tensor_peak + dev.overhead and dev.fits
+    assert dev.tensor_peak >= bare.tensor_peak  # 64-byte rounding only adds
+
+
+def _profile(budget_mib: float):
+    return parse_profile(_profile_text(budget_mib / 1024), "tight.toml")
+
+
+def test_search_picks_the_most_capable_fitting_plan_and_explains_the_next():
+    spec, _ = load_spec("tiny")
+    base = Plan(s_min=64, s_max=128, num_samples=2)
+    roomy = search(spec, base, _profile(1000), ratios=(0.0, 0.5), quants=("none",), checkpointing=(False,))
+    assert roomy.best is not None and roomy.best.plan.front_skip == 0 and roomy.best.plan.back_skip == 0
+    full = roomy.best.peak
+    # a budget just below the no-skip plan forces skipping; the no-skip plan is reported as the next bigger
+    tight = search(spec, base, _profile((full - 1) / 2**20), ratios=(0.0, 0.5), ranks=(16,), quants=("none",),
+                   checkpointing=(False,))
+    assert tight.best is not None and tight.best.plan.front_skip + tight.best.plan.back_skip > 0
+    assert tight.best.fits and tight.next_bigger is not None and not tight.next_bigger.fits
+    assert tight.best.peak < full <= tight.next_bigger.peak
+
+
+def test_budget_below_the_minimum_says_what_the_minimum_is():
+    spec, _ = load_spec("tiny")
+    prof = _profile(0.5)
+    res = search(spec, Plan(s_min=64, s_max=128, num_samples=2), prof, ratios=(0.5,), ranks=(4,),
+                 quants=("none",), checkpointing=(True,))
+    assert res.best is None
+    with pytest.raises(PlanError, match=r"smallest traced plan .* needs \d+\.\d+ GiB"):
+        require_fit(res, prof)
+
+
+def test_split_for_uses_the_paper_splits_for_flux():
+    assert [split_for(57, r) for r in (0.3, 0.4, 0.5)] == [(7, 10), (13, 10), (19, 10)]
+    n, m = split_for(24, 0.5)
+    assert n + m == 12 and 0 < m < n
+
+
+def test_known_full_size_specs_build_without_weights():
+    for name, blocks in [("flux-dev", 57), ("sd3-medium", 24), ("sd35-medium", 24), ("sana-1.6b", 20)]:
+        spec, d = load_spec(name)
+        assert spec.family.num_blocks == blocks and d["s_max"] >= 512
+
+
+def test_plan_cli_json_and_plot(tmp_path):
+    png = tmp_path / "chart.png"
+    r = subprocess.run([sys.executable, "-m", "blockskip.export.plan_cli", "--model", "tiny", "--profile",
+                        "desktop-cpu", "--json", "--plot", str(png), "--s-min", "64", "--s-max", "128"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["fits"] and [p["phase"] for p in out["phases"]] == ["precompute", "train", "save"]
+    assert out["plan"]["front_skip"] == 0 and out["plan"]["back_skip"] == 0  # 16 GiB: nothing to skip
+    assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plan_cli_refuses_an_impossible_budget(tmp_path):
+    prof = tmp_path / "tiny-budget.toml"
+    prof.write_text(_profile_text(0.001))
+    r = subprocess.run([sys.executable, "-m", "blockskip.export.plan_cli", "--model", "tiny", "--profile",
+                        str(prof), "--s-min", "64", "--s-max", "128"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "no plan fits" in r.stderr and "smallest traced plan" in r.stderr
+
+
+def _profile_text(budget_gib: float) -> str:
+    return (f"name = 'tight'\ndescription = 'x'\n[memory]\nram_gib = 24.0\nbudget_gib = {budget_gib!r}\n"
+             "runtime_overhead_mib = 0.0\ncuda_context_mib = 0.0\nallocator_slack = 0.0\nsafety_margin_mib = 0.0\n"
+             "alloc_round_bytes = 64\nbandwidth_gbs = 50.0\n[storage]\ncache_budget_gib = 1.0\nread_mbs = 100.0\n"
+             "[compute]\ndefault_dtype = 'float32'\n[compute.dtypes]\ncpu = ['float32']\n"
+             "[backends]\navailable = ['torch-cpu']\n")
+
+
+def test_evaluate_flags_over_budget_phases():
+    spec, _ = load_spec("tiny")
+    c = evaluate(spec, Plan(s_min=64, s_max=128, num_samples=2), _profile(1))
+    assert not c.fits and c.worst().phase in ("train", "precompute")
