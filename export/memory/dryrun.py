@@ -97,37 +97,22 @@ def _overheads(profile, tensor_peak: int) -> int:
 
 
 def _report(name, tracer: MemoryTracer, profile, extra=None) -> PhaseReport:
-    cats = {c: int(tracer.peak_by_cat.get(c, 0)) for c in CATEGORIES}
-    ov = _overheads(profile, tracer.peak)
+    return _report_from(name, int(tracer.peak), tracer.peak_by_cat, profile, extra)
+
+
+def _report_from(name, peak: int, by_cat: dict, profile, extra=None) -> PhaseReport:
+    cats = {c: int(by_cat.get(c, 0)) for c in CATEGORIES}
+    ov = _overheads(profile, peak)
     budget = int(profile.budget_gib * GIB) if profile is not None else 0
-    return PhaseReport(name, cats, int(tracer.peak), ov, int(tracer.peak) + ov, budget, extra or {})
+    return PhaseReport(name, cats, peak, ov, peak + ov, budget, extra or {})
 
 
 def _round_to(profile) -> int:
     return int(getattr(profile, "alloc_round_bytes", 1) or 1) if profile is not None else 1
 
 
-def _count_subclass_parts(tr: MemoryTracer) -> MemoryTracer:
-    """Quantised weights (optimum-quanto) are wrapper tensor subclasses: their own storage is a
-    placeholder of the logical (float) size that holds no memory. Count the tensors inside them (int8 /
-    packed uint8 data, scales, shifts) instead."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    track = tr.track
-
-    def track_parts(t, cat=None):
-        if is_traceable_wrapper_subclass(t):
-            for name in t.__tensor_flatten__()[0]:
-                track_parts(getattr(t, name), cat)
-        else:
-            track(t, cat)
-
-    tr.track = track_parts
-    return tr
-
-
 def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: int = 4,
-            train_steps: int = 2) -> list[PhaseReport]:
+            train_steps: int = 1, precompute_memo: dict | None = None) -> list[PhaseReport]:
     """Predict the peak memory of precompute, a training step and saving for ``plan``."""
     fam = spec.family
     trained = plan.validate(fam.num_blocks, spec.granularity, fam.valid_targets())
@@ -138,23 +123,34 @@ def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: i
     chunk = plan.precompute_chunk or plan.num_samples
     reports = []
     with FakeTensorMode(allow_non_fake_inputs=True):
-        # 1. precompute: photos in memory, encoder, then one block at a time for a chunk of samples
-        tr = MemoryTracer(_round_to(profile))
-        with tr:
-            store = FakeStore(fam, spec.encoder_spec, spec.prompt_shapes, dtype, tr)
-            with tr.category("cache"):
-                images = torch.empty(num_images, 3, plan.s_max, plan.s_max)
-            latents = encode_latents(store, images, dtype)
-            text = prompt_text(store, dtype)
-            entries = compute_entries(store, latents, text, schedule.entries[:chunk], plan, spec.vae_factor, trained)
-            entry_shapes = {k: (v.shape, v.dtype) for k, v in entries[0].items()}
-            entry_bytes = sum(v.numel() * v.element_size() for v in entries[0].values())
-            del entries, latents, text, images
-        reports.append(_report("precompute", tr, profile, {"chunk": chunk, "cache_entry_bytes": entry_bytes,
-                                                           "cache_storage_bytes": entry_bytes * plan.num_samples}))
-        del tr, store
+        # 1. precompute: photos in memory, encoder, then one block at a time for a chunk of samples.
+        #    It does not depend on LoRA, quantisation or checkpointing: a search traces it once per split.
+        key = (tuple(trained), plan.s_min, plan.s_max, chunk, plan.dtype, num_images, plan.positions,
+               _round_to(profile))
+        memo = precompute_memo.get(key) if precompute_memo is not None else None
+        if memo is None:
+            tr = MemoryTracer(_round_to(profile))
+            with tr:
+                store = FakeStore(fam, spec.encoder_spec, spec.prompt_shapes, dtype, tr)
+                with tr.category("cache"):
+                    images = torch.empty(num_images, 3, plan.s_max, plan.s_max)
+                latents = encode_latents(store, images, dtype)
+                text = prompt_text(store, dtype)
+                entries = compute_entries(store, latents, text, schedule.entries[:chunk], plan, spec.vae_factor,
+                                          trained)
+                entry_shapes = {k: (v.shape, v.dtype) for k, v in entries[0].items()}
+                entry_bytes = sum(v.numel() * v.element_size() for v in entries[0].values())
+                del entries, latents, text, images
+            memo = (int(tr.peak), dict(tr.peak_by_cat), entry_shapes, entry_bytes)
+            if precompute_memo is not None:
+                precompute_memo[key] = memo
+            del tr, store
+        peak, by_cat, entry_shapes, entry_bytes = memo
+        reports.append(_report_from("precompute", peak, by_cat, profile,
+                                    {"chunk": chunk, "cache_entry_bytes": entry_bytes,
+                                     "cache_storage_bytes": entry_bytes * plan.num_samples}))
         # 2. training: trained span + head + LoRA + AdamW; step 2 has optimizer state
-        tr = _count_subclass_parts(MemoryTracer(_round_to(profile)))
+        tr = MemoryTracer(_round_to(profile))
         with tr:
             store = FakeStore(fam, spec.encoder_spec, spec.prompt_shapes, dtype, tr)
             store.category = "trained_base"
@@ -171,6 +167,12 @@ def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: i
                 with tr.category("cache"):
                     return {k: torch.empty(s, dtype=d) for k, (s, d) in entry_shapes.items()}
 
+            # AdamW state exists from step 2 on: create it first, then trace steady-state steps
+            for p in span.params:
+                p.grad = torch.zeros_like(p)
+            with tr.category("optimizer"):
+                opt.step()
+            opt.zero_grad(set_to_none=True)
             current, prefetched = fake_entry(), fake_entry()  # the step's entry + the one being prefetched
             step_peaks = []
             for _ in range(train_steps):

@@ -65,12 +65,39 @@ class SearchResult:
     traced: list[Candidate] = field(default_factory=list)
 
 
-def evaluate(spec: ModelSpec, plan: Plan, profile, num_images: int = 4) -> Candidate:
+def evaluate(spec: ModelSpec, plan: Plan, profile, num_images: int = 4, memo: dict | None = None) -> Candidate:
     fam = spec.family
     trained = plan.validate(fam.num_blocks, spec.granularity, fam.valid_targets())
     lora = {"rank": plan.lora_rank, "alpha": plan.alpha,
             "targets": lora_target_names(fam, trained, plan.lora_targets)}
-    return Candidate(plan, dry_run(spec, plan, lora, profile, num_images=num_images))
+    return Candidate(plan, dry_run(spec, plan, lora, profile, num_images=num_images, precompute_memo=memo))
+
+
+QUANT_BYTES = {"int8": 1.0, "nf4": 0.5}  # bytes per Linear weight element, scales left out (a lower bound)
+
+
+def weights_lower_bound(spec: ModelSpec, plan: Plan, skeleton=None) -> int:
+    """Bytes of the trained blocks' and head's weights alone: no plan can need less than this."""
+    import torch
+    from torch import nn
+
+    model = skeleton if skeleton is not None else spec.family.skeleton()
+    esize = torch.empty((), dtype=getattr(torch, plan.dtype)).element_size()
+    paths = spec.family.block_paths()
+    total = 0.0
+    prefixes = [paths[i] for i in plan.trained_indices(len(paths))] + spec.family.head_prefixes
+    for prefix in prefixes:
+        try:
+            mod = model.get_submodule(prefix)
+        except AttributeError:  # a bare parameter (e.g. SANA's scale_shift_table)
+            total += model.get_parameter(prefix).numel() * esize
+            continue
+        for sub in mod.modules():
+            for name, p in sub.named_parameters(recurse=False):
+                q = QUANT_BYTES.get(plan.base_quant) if isinstance(sub, nn.Linear) and name == "weight" else None
+                total += p.numel() * (q if q is not None and not prefix.startswith(("norm_out", "proj_out"))
+                                      else esize)
+    return int(total)
 
 
 def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, ranks=(16, 4), quants=QUANTS,
@@ -83,10 +110,20 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
         if n + m < L and (n, m) not in [p[0] for p in pairs]:
             pairs.append(((n, m), r))
     result = SearchResult(None, None, None)
+    memo: dict = {}
+    skeleton = spec.family.skeleton()
+    fixed = getattr(profile, "fixed_overhead_bytes", 0)
 
     def trace(**kw) -> Candidate:
         plan = dataclasses.replace(base, trained=None, **kw)
-        c = evaluate(spec, plan, profile)
+        lb = weights_lower_bound(spec, plan, skeleton)
+        if lb + fixed > profile.budget_bytes:  # the weights alone do not fit: no need to trace
+            rep = PhaseReport("train", {"trained_base": lb}, lb, fixed, lb + fixed, profile.budget_bytes,
+                              {"lower_bound": True})
+            c = Candidate(plan, [rep])
+            log(f"  over  >{c.peak / 2**30:7.2f} GiB  {c.describe()}  (weights alone)")
+            return c
+        c = evaluate(spec, plan, profile, memo=memo)
         result.traced.append(c)
         log(f"  {'fits ' if c.fits else 'over '} {c.peak / 2**30:7.2f} GiB  {c.describe()}")
         return c

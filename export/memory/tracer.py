@@ -13,7 +13,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 CATEGORIES = ("frozen_weights", "trained_base", "lora", "gradients", "optimizer", "activations", "cache")
@@ -38,6 +38,12 @@ class MemoryTracer(TorchDispatchMode):
 
     def track(self, t: torch.Tensor, cat: str | None = None) -> None:
         if t.device.type == "meta":  # skeleton structure, never allocated
+            return
+        if is_traceable_wrapper_subclass(t):
+            # e.g. quanto's quantised weights: the wrapper's own storage is a placeholder of the logical
+            # (float) size; the memory is in the tensors inside it (int8 / packed data, scales, shifts)
+            for name in t.__tensor_flatten__()[0]:
+                self.track(getattr(t, name), cat)
             return
         st = t.untyped_storage()
         key = st._cdata
