@@ -35,13 +35,9 @@ def _save(root: Path, rel: str, tensors: dict[str, torch.Tensor], files: list[st
     return rel
 
 
-def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, out: str | os.PathLike,
-                  force: bool = False) -> Path:
+def check_output(out: Path, force: bool) -> None:
+    """Refuse an output that would lose data or cannot be written, before any work is done."""
     out = Path(out)
-    fam = lm.family
-    trained = plan.validate(fam.num_blocks, lm.granularity, fam.valid_targets())
-    lora = {"rank": plan.lora_rank, "alpha": plan.alpha,
-            "targets": lora_target_names(fam, trained, plan.lora_targets)}
     if out.exists() and not out.is_dir():
         raise OutputError(f"{str(out)!r} exists and is a file; choose a new folder with -o")
     if out.exists() and any(out.iterdir()):
@@ -50,6 +46,16 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
         if not force:
             raise OutputError(f"bundle {str(out)!r} already exists; pass --force to replace it")
     ensure_writable_dir(out.parent if str(out.parent) else Path("."), "output parent folder")
+
+
+def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, out: str | os.PathLike,
+                  force: bool = False) -> Path:
+    out = Path(out)
+    fam = lm.family
+    trained = plan.validate(fam.num_blocks, lm.granularity, fam.valid_targets())
+    lora = {"rank": plan.lora_rank, "alpha": plan.alpha,
+            "targets": lora_target_names(fam, trained, plan.lora_targets)}
+    check_output(out, force)
     dtype = DTYPES[plan.dtype]
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from blockskip.runtime.cli_util import run_cli
 from blockskip.runtime.plan import BASE_QUANT, Plan
@@ -18,10 +19,12 @@ EPILOG = """examples:
 def add_plan_args(p: argparse.ArgumentParser) -> None:
     d = Plan()
     g = p.add_argument_group("plan")
-    g.add_argument("--front-skip", "-n", type=int, default=d.front_skip, help="frozen blocks in front (precomputed exactly)")
-    g.add_argument("--back-skip", "-m", type=int, default=d.back_skip, help="frozen blocks at the back (replaced by a residual)")
+    g.add_argument("--front-skip", "-n", type=int, default=None,
+                   help="frozen blocks in front (precomputed exactly); searched for the profile if not given")
+    g.add_argument("--back-skip", "-m", type=int, default=None,
+                   help="frozen blocks at the back (replaced by a residual); searched if not given")
     g.add_argument("--trained", type=str, default=None, help="explicit trained block indices, e.g. 2,3,7 (overrides -n/-m)")
-    g.add_argument("--rank", type=int, default=d.lora_rank, help="LoRA rank")
+    g.add_argument("--rank", type=int, default=None, help=f"LoRA rank (default {d.lora_rank}, or searched)")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
     g.add_argument("--targets", type=str, default=None, help="comma-separated LoRA target modules inside a block")
     g.add_argument("--s-min", type=int, default=d.s_min, help="training resolution in px")
@@ -30,7 +33,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--positions", choices=["crop", "native"], default=d.positions)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights/activations dtype (default: the profile's, float32 on CPU)")
-    g.add_argument("--base-quant", choices=list(BASE_QUANT), default=d.base_quant,
+    g.add_argument("--checkpointing", choices=["on", "off"], default=None,
+                   help="recompute trained-block activations in backward (less memory, ~1/3 more time)")
+    g.add_argument("--base-quant", choices=list(BASE_QUANT), default=None,
                    help="frozen base weights of the trained blocks: int8 (~1/4 of fp32) or 4-bit (~1/7); "
                         "LoRA trains on top")
     g.add_argument("--samples", "-K", type=int, default=d.num_samples, help="precomputed samples K")
@@ -57,15 +62,58 @@ def _indices(text: str | None) -> list[int] | None:
 def plan_from_args(a, profile_dtype: str) -> Plan:
     dtype = a.dtype or ("float32" if profile_dtype not in ("float32", "bfloat16", "float16") else profile_dtype)
     return Plan(
-        front_skip=a.front_skip, back_skip=a.back_skip,
+        front_skip=a.front_skip or 0, back_skip=a.back_skip or 0,
+        checkpointing=a.checkpointing == "on",
         trained=_indices(a.trained),
-        lora_rank=a.rank, lora_alpha=a.alpha,
+        lora_rank=a.rank if a.rank is not None else Plan().lora_rank, lora_alpha=a.alpha,
         lora_targets=[t.strip() for t in a.targets.split(",")] if a.targets else None,
         s_min=a.s_min, s_max=a.s_max, patch_sampling=not a.no_patch_sampling, positions=a.positions,
-        dtype=dtype, base_quant=a.base_quant, num_samples=a.samples, steps=a.steps, grad_accum=a.grad_accum, lr=a.lr,
+        dtype=dtype, base_quant=a.base_quant or "none", num_samples=a.samples, steps=a.steps, grad_accum=a.grad_accum, lr=a.lr,
         timestep_shift=a.shift, seed=a.seed, checkpoint_every=a.checkpoint_every,
         precompute_chunk=a.precompute_chunk,
     )
+
+
+def fit_plan(lm, plan: Plan, profile, a) -> Plan:
+    """The profile's plan search over whatever the user did not fix (split, rank, base, checkpointing)."""
+    import dataclasses
+    import sys
+
+    from blockskip.export.memory.dryrun import ModelSpec
+    from blockskip.export.memory.search import require_fit, search
+
+    plan.validate(lm.family.num_blocks, lm.granularity, lm.family.valid_targets())  # refuse bad input first
+    fixed_split = a.front_skip is not None or a.back_skip is not None or a.trained is not None
+    if fixed_split and a.rank is not None and a.base_quant is not None and a.checkpointing is not None:
+        return plan  # fully specified: nothing to search
+    prompt = lm.encode_prompt("shape probe")
+    spec = ModelSpec(lm.family, lm.encoder_spec, {k: tuple(v.shape) for k, v in prompt.items()}, lm.vae_factor,
+                     lm.name)
+    kw = {"s_mins": [plan.s_min]}
+    if fixed_split:
+        if plan.trained is not None:
+            from blockskip.export.memory.search import evaluate
+
+            best = evaluate(spec, plan, profile)
+            if not best.fits:
+                w = best.worst()
+                print(f"warning: --trained plan needs {w.peak / 2**30:.2f} GiB in {w.phase} "
+                      f"(budget {w.budget / 2**30:.2f} GiB)", file=sys.stderr)
+            return plan
+        ratio = (plan.front_skip + plan.back_skip) / lm.family.num_blocks
+        kw["ratios"], kw["split_table"] = [ratio], {str(ratio): (plan.front_skip, plan.back_skip)}
+    if a.rank is not None:
+        kw["ranks"] = (a.rank,)
+    if a.base_quant is not None:
+        kw["quants"] = (a.base_quant,)
+    if a.checkpointing is not None:
+        kw["checkpointing"] = (a.checkpointing == "on",)
+    print(f"fitting the plan to {profile.name} (budget {profile.budget_gib:.2f} GiB) ...", file=sys.stderr)
+    best = require_fit(search(spec, plan, profile, **kw), profile)
+    print(f"plan: {best.describe()}; predicted peak {best.peak / 2**30:.2f} GiB", file=sys.stderr)
+    p = best.plan
+    return dataclasses.replace(plan, front_skip=p.front_skip, back_skip=p.back_skip, lora_rank=p.lora_rank,
+                               base_quant=p.base_quant, checkpointing=p.checkpointing)
 
 
 def main(argv=None) -> int:
@@ -88,10 +136,12 @@ def main(argv=None) -> int:
         plan = plan_from_args(a, "float32" if a.model == "tiny" else profile.dtype)
         import torch
 
-        from blockskip.export.bundle_writer import DTYPES, export_bundle
+        from blockskip.export.bundle_writer import DTYPES, check_output, export_bundle
         from blockskip.export.families import load_model
 
+        check_output(Path(a.output), a.force)
         lm = load_model(a.model, DTYPES[plan.dtype], seed=plan.seed)
+        plan = fit_plan(lm, plan, profile, a)
         out = export_bundle(lm, plan, profile, a.prompt, a.output, force=a.force)
         n = len(lm.family.block_paths())
         trained = plan.trained_indices(n)

@@ -154,6 +154,8 @@ def require_fit(result: SearchResult, profile) -> Candidate:
     if result.best is not None:
         return result.best
     s = result.smallest
+    if s is None:
+        raise PlanError("no candidate plan is valid for this model; give the split explicitly with -n/-m")
     raise PlanError(
         f"no plan fits the {profile.name} budget of {profile.budget_gib:.2f} GiB: the smallest traced plan "
         f"({s.describe()}) needs {s.peak / 2**30:.2f} GiB in its {s.worst().phase} phase; raise the budget, "

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 from blockskip.runtime.errors import BlockSkipError
+
+# bitsandbytes (imported by peft when installed) warns on every import that an optional CPU kernel
+# package is missing; it falls back by itself, so the line only confuses users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 BACKENDS = ("torch",)
 
