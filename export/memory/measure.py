@@ -17,9 +17,20 @@ from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.cache import ResidualCache
 
 
+def _leaves(t):
+    """Real memory of a tensor: a wrapper subclass (quanto's quantised weights) holds it in inner tensors."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        for name in t.__tensor_flatten__()[0]:
+            yield from _leaves(getattr(t, name))
+    else:
+        yield t
+
+
 def _storage_bytes(tensors) -> int:
     seen, total = set(), 0
-    for t in tensors:
+    for t in (leaf for x in tensors for leaf in _leaves(x)):
         st = t.untyped_storage()
         if st._cdata not in seen:
             seen.add(st._cdata)
