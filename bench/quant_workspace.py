@@ -43,7 +43,7 @@ def main() -> int:
                 inject_adapter_in_model(LoraConfig(r=4, target_modules=["blk.0"]), root)
                 x = torch.randn(1, 64, i, dtype=dtype, requires_grad=True)
 
-                def run():
+                def run(root=root, x=x):
                     root.blk(x).float().sum().backward()
 
                 run()
