@@ -173,3 +173,33 @@ def test_streaming_and_never_loaded_per_family(name, photos, tmp_path):
     log = run_train(tmp_path / "b", tmp_path / "c", tmp_path / "o", quiet=True)
     assert log["blocks_loaded"] == [bundle.manifest["model"]["blocks"][i] for i in bundle.trained]
     assert len(log["losses"]) == 2
+
+
+def test_precompute_runs_only_the_blocks_it_needs():
+    from blockskip.runtime.backends.torch import blocks_to_run
+
+    assert blocks_to_run([0, 1, 2, 3, 4, 5], 6) == 0  # nothing skipped: embeddings only
+    assert blocks_to_run([2, 3, 4, 5], 6) == 2  # front skip only: up to the span
+    assert blocks_to_run([1, 2, 3], 6) == 6  # back skip: the residual needs every block
+    assert blocks_to_run([0, 3, 4, 5], 6) == 3  # a middle gap, no back skip: up to the gap end
+
+
+def test_front_skip_without_back_skip_stores_the_exact_span_input(photos, tmp_path):
+    """n > 0, m = 0: the span input must be the state after the front blocks, not the embeddings."""
+    from blockskip.runtime.backends.torch_families.base import run_span
+
+    lm = load_model("tiny")
+    plan = Plan(front_skip=2, back_skip=0, s_min=32, s_max=64, num_samples=2, steps=1)
+    export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo", tmp_path / "b")
+    run_precompute(tmp_path / "b", photos, tmp_path / "c", quiet=True)
+    full = load_file(tmp_path / "c" / "entry_00000.safetensors")
+    plan0 = Plan(front_skip=0, back_skip=0, s_min=32, s_max=64, num_samples=2, steps=1)
+    export_bundle(lm, plan0, load_profile("desktop-cpu"), "a photo", tmp_path / "b0")
+    run_precompute(tmp_path / "b0", photos, tmp_path / "c0", quiet=True)
+    emb = load_file(tmp_path / "c0" / "entry_00000.safetensors")
+    state = {n[3:]: v for n, v in emb.items() if n.startswith("in.")}
+    consts = {n[2:]: v for n, v in emb.items() if n.startswith("c.")}
+    with torch.no_grad():
+        ref = run_span(lm.family, lm.transformer, 0, 2, state, consts)
+    torch.testing.assert_close(full["in.hidden"], ref["hidden"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(full["in.hidden"], emb["in.hidden"])

@@ -46,6 +46,13 @@ def gaps(trained: list[int], num_blocks: int) -> list[tuple[int, int]]:
     return out
 
 
+def blocks_to_run(trained: list[int], num_blocks: int) -> int:
+    """Precompute runs blocks [0, this): up to the first trained block, and on to the end of the last
+    skipped span (nothing after the last trained block is needed when there is no back skip)."""
+    g = gaps(trained, num_blocks)
+    return max(trained[0], g[-1][1] if g else 0)
+
+
 # --------------------------------------------------------------------------------------------
 # precompute
 
@@ -64,7 +71,8 @@ def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, p
     latents = encode_latents(store, images, torch_dtype(plan.dtype))
     text = prompt_text(store, torch_dtype(plan.dtype))
     chunk = plan.precompute_chunk or len(todo)
-    bar = progress.bar(len(todo) + ((len(todo) + chunk - 1) // chunk) * store.family.num_blocks, "precompute")
+    passes = (len(todo) + chunk - 1) // chunk
+    bar = progress.bar(len(todo) + passes * blocks_to_run(bundle.trained, store.family.num_blocks), "precompute")
     for c0 in range(0, len(todo), chunk):
         ks = todo[c0 : c0 + chunk]
         entries = compute_entries(store, latents, text, [schedule[k] for k in ks], plan,
@@ -115,7 +123,8 @@ def compute_entries(store: BlockStore, latents, text, entries, plan, vae_factor:
             states.append(st), consts.append(cs), targets.append(fam.to_tokens(target))
         store.free(names)
         saved: list[dict] = [{} for _ in entries]
-        for i in range(L):
+        stop = blocks_to_run(trained, L)
+        for i in range(stop):
             names = store.load_block(i)
             for j in range(len(entries)):
                 _record_boundary(saved[j], states[j], i, trained, gap_list, L, before=True)
@@ -125,6 +134,9 @@ def compute_entries(store: BlockStore, latents, text, entries, plan, vae_factor:
             del names
             if bar is not None:
                 bar.update(1, block=i)
+        if stop == trained[0]:  # nothing is skipped after the span: its exact input is all we need
+            for j in range(len(entries)):
+                _record_boundary(saved[j], states[j], stop, trained, gap_list, L, before=True)
     out = []
     for j in range(len(entries)):
         tensors = dict(saved[j])
