@@ -41,6 +41,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--samples", "-K", type=int, default=d.num_samples, help="precomputed samples K")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    g.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default=d.optimizer,
+                   help="adamw8bit (bitsandbytes) keeps 1/4 of AdamW's state; slower on CPU")
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--shift", type=float, default=d.timestep_shift, help="timestep shift (SD3-style)")
     g.add_argument("--seed", type=int, default=d.seed)
@@ -68,7 +70,7 @@ def plan_from_args(a, profile_dtype: str) -> Plan:
         lora_rank=a.rank if a.rank is not None else Plan().lora_rank, lora_alpha=a.alpha,
         lora_targets=[t.strip() for t in a.targets.split(",")] if a.targets else None,
         s_min=a.s_min, s_max=a.s_max, patch_sampling=not a.no_patch_sampling, positions=a.positions,
-        dtype=dtype, base_quant=a.base_quant or "none", num_samples=a.samples, steps=a.steps, grad_accum=a.grad_accum, lr=a.lr,
+        dtype=dtype, base_quant=a.base_quant or "none", num_samples=a.samples, steps=a.steps, grad_accum=a.grad_accum, lr=a.lr, optimizer=a.optimizer,
         timestep_shift=a.shift, seed=a.seed, checkpoint_every=a.checkpoint_every,
         precompute_chunk=a.precompute_chunk,
     )

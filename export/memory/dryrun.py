@@ -12,11 +12,17 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from blockskip.export.memory.fake_store import FakeStore
 from blockskip.export.memory.tracer import CATEGORIES, MemoryTracer
-from blockskip.runtime.backends.torch import TrainedSpan, compute_entries, encode_latents, prompt_text
+from blockskip.runtime.backends.torch import (
+    TrainedSpan,
+    compute_entries,
+    encode_latents,
+    make_optimizer,
+    prompt_text,
+)
 from blockskip.runtime.backends.torch_io import DTYPES
 from blockskip.runtime.backends.torch_lora import checkpoint_tensors, lora_state_dict
 from blockskip.runtime.plan import Plan
@@ -181,7 +187,8 @@ def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: i
             for p in span.params:
                 tr.retag(p, "lora")
                 p.register_post_accumulate_grad_hook(lambda q: tr.retag(q.grad, "gradients"))
-            opt = torch.optim.AdamW(span.params, lr=plan.lr, weight_decay=plan.weight_decay, foreach=False)
+            with unset_fake_temporarily():  # bitsandbytes builds real lookup tables in its constructor
+                opt = make_optimizer(span.params, plan)
 
             def fake_entry():
                 with tr.category("cache"):

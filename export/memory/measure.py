@@ -11,7 +11,7 @@ import gc
 
 import torch
 
-from blockskip.runtime.backends.torch import TrainedSpan
+from blockskip.runtime.backends.torch import TrainedSpan, make_optimizer
 from blockskip.runtime.backends.torch_io import BlockStore
 from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.cache import ResidualCache
@@ -55,7 +55,7 @@ def measure_train_step(bundle_dir, cache_dir, rss: bool = False) -> dict:
     cache = ResidualCache(cache_dir)
     store = BlockStore(bundle)
     span = TrainedSpan(store, bundle.trained, bundle.manifest["lora"], plan.seed)
-    opt = torch.optim.AdamW(span.params, lr=plan.lr, weight_decay=plan.weight_decay, foreach=False)
+    opt = make_optimizer(span.params, plan)
     entries = [load_file(cache.path(k % len(cache.schedule))) for k in range(2)]  # current + prefetched
 
     def step():

@@ -30,7 +30,7 @@ from blockskip.runtime.backends.torch_quant import quantize_frozen
 from blockskip.runtime.backends.torch_sample import make_sample
 from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.cache import ResidualCache
-from blockskip.runtime.errors import CacheError
+from blockskip.runtime.errors import BlockSkipError, CacheError
 from blockskip.runtime.files import atomic_write, ensure_writable_dir
 from blockskip.runtime.memory import peak_rss_mib
 from blockskip.runtime.progress import Progress
@@ -177,6 +177,17 @@ def _record_boundary(saved, state, i, trained, gap_list, L, before):
 # train
 
 
+def make_optimizer(params, plan) -> torch.optim.Optimizer:
+    """AdamW (the paper's optimizer), or bitsandbytes' 8-bit AdamW (block-quantised moments)."""
+    if plan.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise BlockSkipError("optimizer adamw8bit needs bitsandbytes: pip install 'dit-blockskip[quant]'") from e
+        return bnb.optim.AdamW8bit(params, lr=plan.lr, weight_decay=plan.weight_decay)
+    return torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay, foreach=False)
+
+
 class TrainedSpan:
     """The trained blocks (LoRA on frozen base) + the residual adds + the head."""
 
@@ -238,7 +249,7 @@ def train(bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = Non
     K = len(cache.schedule)
     store = BlockStore(bundle)
     span = TrainedSpan(store, bundle.trained, bundle.manifest["lora"], plan.seed, base_quant=plan.base_quant)
-    opt = torch.optim.AdamW(span.params, lr=plan.lr, weight_decay=plan.weight_decay)
+    opt = make_optimizer(span.params, plan)
     ckpt_dir = out / "checkpoint"
     log = {"plan": plan.to_dict(), "losses": [], "step_seconds": [], "resumed_from": 0,
            "cache_source": cache.source_sha256()}

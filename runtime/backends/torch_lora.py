@@ -56,13 +56,14 @@ def save_lora(path, model, lora: dict) -> None:
 
 
 def checkpoint_tensors(model, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Copies of the LoRA weights and AdamW state (what a checkpoint holds)."""
+    """Copies of the LoRA weights and optimizer state (what a checkpoint holds)."""
     tensors = {}
     names = {id(p): n for n, p in model.named_parameters()}
     for p, st in opt.state.items():
         n = names[id(p)]
         for k, v in st.items():
-            tensors[f"opt.{k}.{n}"] = torch.as_tensor(v).detach().clone().reshape(-1) if k == "step" else v.detach().clone()
+            t = torch.as_tensor(v).detach().clone()
+            tensors[f"opt.{k}.{n}"] = t.reshape(-1) if t.dim() == 0 else t
     for n, p in model.named_parameters():
         if ".lora_" in n:
             tensors[f"param.{n}"] = p.detach().clone()
@@ -106,10 +107,13 @@ def load_checkpoint(ckpt_dir: Path, model, opt: torch.optim.Optimizer, log: dict
         if ".lora_" not in n:
             continue
         st = {}
-        for k in ("step", "exp_avg", "exp_avg_sq"):
-            t = tensors.get(f"opt.{k}.{n}")
-            if t is not None:
-                st[k] = t.reshape(()) if k == "step" else t.clone()
+        for key, t in tensors.items():
+            if key.startswith("opt.") and key.endswith("." + n) and key[4 : -len(n) - 1].isidentifier():
+                k = key[4 : -len(n) - 1]
+                if k == "step":  # torch's AdamW keeps a 0-d tensor, bitsandbytes a Python int
+                    st[k] = t.reshape(()).clone() if isinstance(opt, torch.optim.AdamW) else int(t.reshape(-1)[0])
+                else:
+                    st[k] = t.clone()
         if st:
             opt.state[p] = st
     log.update(saved)
