@@ -25,6 +25,7 @@ PLANS = {
     "LoRA + checkpointing": dict(front_skip=0, back_skip=0, patch_sampling=False, half=False, checkpointing=True),
     "BlockSkip 30% @ s_max/2": dict(ratio=0.3, half=True),
     "BlockSkip 50% @ s_max/2": dict(ratio=0.5, half=True),
+    "BlockSkip 50% @ s_max/2, int8 base": dict(ratio=0.5, half=True, base_quant="int8"),
     "BlockSkip 50% @ s_max/2, int4 base": dict(ratio=0.5, half=True, base_quant="nf4"),
 }
 
@@ -110,7 +111,7 @@ def _print_row(r: dict, header: bool) -> None:
     rss = r["rss"]["live0"] + r["rss"]["rss_delta"]
     p = r["predicted"]
     print(f"| {r['plan']} | {p / mib:.1f} | {alloc / mib:.1f} | {(p / alloc - 1) * 100:+.2f}% | "
-          f"{rss / mib:.1f} | {(p / rss - 1) * 100:+.2f}% |", flush=True)
+          f"{rss / mib:.1f} | {(p / rss - 1) * 100:+.2f}% | {r['rss']['step_seconds']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

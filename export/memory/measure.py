@@ -8,6 +8,7 @@ the process RSS high-water mark (``VmHWM``), reset with ``/proc/self/clear_refs`
 from __future__ import annotations
 
 import gc
+import time
 
 import torch
 
@@ -75,7 +76,9 @@ def measure_train_step(bundle_dir, cache_dir, rss: bool = False) -> dict:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = _rss_kib("VmRSS")
+        t0 = time.perf_counter()
         step()
+        out["step_seconds"] = time.perf_counter() - t0
         out["rss_delta"] = (_rss_kib("VmHWM") - base) * 1024
         return out
     from torch.profiler import ProfilerActivity, profile
