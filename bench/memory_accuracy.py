@@ -104,8 +104,8 @@ def main(argv=None) -> int:
 
 def _print_row(r: dict, header: bool) -> None:
     if header:
-        print("| plan | predicted (MiB) | allocator (MiB) | error | RSS (MiB) | error |")
-        print("|---|---|---|---|---|---|")
+        print("| plan | predicted (MiB) | allocator (MiB) | error | RSS (MiB) | error | step 2 (s) |")
+        print("|---|---|---|---|---|---|---|")
     mib = 2**20
     alloc = r["alloc"]["live0"] + r["alloc"]["alloc_delta"]
     rss = r["rss"]["live0"] + r["rss"]["rss_delta"]

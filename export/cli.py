@@ -41,6 +41,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--samples", "-K", type=int, default=d.num_samples, help="precomputed samples K")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    g.add_argument("--vae-tiling", action="store_true",
+                   help="encode photos in 256 px tiles on the device (less precompute memory)")
     g.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default=d.optimizer,
                    help="adamw8bit (bitsandbytes) keeps 1/4 of AdamW's state; slower on CPU")
     g.add_argument("--lr", type=float, default=d.lr)
@@ -70,7 +72,7 @@ def plan_from_args(a, profile_dtype: str) -> Plan:
         lora_rank=a.rank if a.rank is not None else Plan().lora_rank, lora_alpha=a.alpha,
         lora_targets=[t.strip() for t in a.targets.split(",")] if a.targets else None,
         s_min=a.s_min, s_max=a.s_max, patch_sampling=not a.no_patch_sampling, positions=a.positions,
-        dtype=dtype, base_quant=a.base_quant or "none", num_samples=a.samples, steps=a.steps, grad_accum=a.grad_accum, lr=a.lr, optimizer=a.optimizer,
+        dtype=dtype, base_quant=a.base_quant or "none", num_samples=a.samples, steps=a.steps, grad_accum=a.grad_accum, lr=a.lr, optimizer=a.optimizer, vae_tiling=a.vae_tiling,
         timestep_shift=a.shift, seed=a.seed, checkpoint_every=a.checkpoint_every,
         precompute_chunk=a.precompute_chunk,
     )
@@ -115,7 +117,7 @@ def fit_plan(lm, plan: Plan, profile, a) -> Plan:
     print(f"plan: {best.describe()}; predicted peak {best.peak / 2**30:.2f} GiB", file=sys.stderr)
     p = best.plan
     return dataclasses.replace(plan, front_skip=p.front_skip, back_skip=p.back_skip, lora_rank=p.lora_rank,
-                               base_quant=p.base_quant, checkpointing=p.checkpointing)
+                               base_quant=p.base_quant, checkpointing=p.checkpointing, vae_tiling=p.vae_tiling)
 
 
 def main(argv=None) -> int:

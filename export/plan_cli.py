@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     g.add_argument("--base-quant", choices=["none", "int8", "nf4"])
     g.add_argument("--checkpointing", choices=["on", "off"])
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--vae-tiling", action="store_true", help="encode photos in tiles (otherwise only when needed)")
+    g.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     g.add_argument("--samples", "-K", type=int, default=2000, help="wanted cache samples K (capped by storage)")
     g.add_argument("--precompute-chunk", type=int, default=1, help="samples per pass over the frozen blocks")
     p.add_argument("--no-search", action="store_true", help="evaluate exactly the given plan")
@@ -59,7 +61,7 @@ def _run(a) -> int:
     base = Plan(front_skip=a.front_skip or 0, back_skip=a.back_skip or 0, s_min=a.s_min or defaults.get("s_min", s_max // 2),
                 s_max=s_max, dtype=dtype, num_samples=a.samples, precompute_chunk=a.precompute_chunk,
                 lora_rank=a.rank or 16, base_quant=a.base_quant or "none",
-                checkpointing=a.checkpointing == "on")
+                checkpointing=a.checkpointing == "on", vae_tiling=a.vae_tiling, optimizer=a.optimizer)
     say = (lambda m: None) if a.json else (lambda m: print(m, file=sys.stderr))
     if a.no_search:
         best, nxt, result = evaluate(spec, base, profile), None, None
@@ -112,7 +114,8 @@ def _run(a) -> int:
           f"({L} blocks, {dtype}, s_max {s_max})")
     print(f"plan: skip n={n} m={m} ({(n + m) / L:.0%}: training {L - n - m} blocks), s_min {best.plan.s_min}, "
           f"LoRA rank {best.plan.lora_rank}, frozen base {best.plan.base_quant}, "
-          f"checkpointing {'on' if best.plan.checkpointing else 'off'}")
+          f"checkpointing {'on' if best.plan.checkpointing else 'off'}"
+          + (", VAE tiling on" if best.plan.vae_tiling else ""))
     print(table(best.reports))
     print(f"cache: {K} samples x {entry / 2**20:.1f} MiB = {entry * K / 2**30:.2f} GiB "
           f"(storage budget {profile.cache_budget_gib:.1f} GiB{', caps K' if k_fit < a.samples else ''})")

@@ -32,6 +32,7 @@ class Plan:
     num_samples: int = 16  # K: precomputed (image, t, crop, noise) draws; cache storage grows in K
     steps: int = 20  # optimizer steps
     grad_accum: int = 1  # micro-steps per optimizer step
+    vae_tiling: bool = False  # encode photos in 256 px tiles (real VAEs): precompute memory ~ a tile, not a photo
     optimizer: str = "adamw"  # "adamw8bit" (bitsandbytes): 1/4 of AdamW's state memory, slower on CPU
     lr: float = 1e-4
     weight_decay: float = 1e-4

@@ -43,3 +43,29 @@ def test_flux_folder_with_autoencoder_kl(tmp_path, photos):
     with torch.no_grad():
         ref = (vae.encode(x).latent_dist.mode() - 0.1) * 0.5
         torch.testing.assert_close(encode_images(enc, spec, x), ref)
+
+
+def test_tiled_vae_encoding_bounds_precompute_memory():
+    """Tiled encoding (diffusers' own) keeps the encoder's activations to about one tile."""
+    from diffusers import AutoencoderKL
+
+    from blockskip.export.memory.tracer import MemoryTracer
+    from blockskip.runtime.backends.torch_families.latent import enable_tiling, encode_images
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                        latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=512).eval()
+    spec = {"class": "AutoencoderKL", "scaling_factor": 1.0, "shift_factor": None}
+    x = torch.rand(1, 3, 512, 512) * 2 - 1
+    peaks, outs = {}, {}
+    for tiled in (False, True):
+        if tiled:
+            enable_tiling(vae, spec)
+        tr = MemoryTracer()
+        with torch.no_grad(), tr:
+            outs[tiled] = encode_images(vae, spec, x)
+        peaks[tiled] = tr.peak
+    assert outs[True].shape == outs[False].shape
+    assert peaks[True] < 0.6 * peaks[False]
+    assert (outs[True] - outs[False]).abs().mean() < 0.1 * outs[False].abs().mean()

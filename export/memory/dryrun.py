@@ -152,7 +152,7 @@ def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: i
         # 1. precompute: photos in memory, encoder, then one block at a time for a chunk of samples.
         #    It does not depend on LoRA, quantisation or checkpointing: a search traces it once per split.
         key = (tuple(trained), plan.s_min, plan.s_max, chunk, plan.dtype, num_images, plan.positions,
-               _round_to(profile))
+               plan.vae_tiling, _round_to(profile))
         memo = precompute_memo.get(key) if precompute_memo is not None else None
         if memo is None:
             tr = MemoryTracer(_round_to(profile))
@@ -160,7 +160,7 @@ def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: i
                 store = FakeStore(fam, spec.encoder_spec, spec.prompt_shapes, dtype, tr)
                 with tr.category("cache"):
                     images = torch.empty(num_images, 3, plan.s_max, plan.s_max)
-                latents = encode_latents(store, images, dtype)
+                latents = encode_latents(store, images, dtype, plan.vae_tiling)
                 text = prompt_text(store, dtype)
                 entries = compute_entries(store, latents, text, schedule.entries[:chunk], plan, spec.vae_factor,
                                           trained)

@@ -50,7 +50,9 @@ def plot(reports: list[PhaseReport], path, title: str) -> None:
         ax.axhline(budget, color="red", linestyle="--", label=f"budget {budget:.2f} {unit}")
     ax.set_xticks(list(x), [r.phase for r in reports])
     ax.set_ylabel(unit)
-    ax.set_title(title, fontsize=9)
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

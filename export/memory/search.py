@@ -54,7 +54,8 @@ class Candidate:
     def describe(self) -> str:
         p = self.plan
         return (f"skip n={p.front_skip} m={p.back_skip}, s_min={p.s_min}, rank={p.lora_rank}, "
-                f"base={p.base_quant}, checkpointing={'on' if p.checkpointing else 'off'}")
+                f"base={p.base_quant}, checkpointing={'on' if p.checkpointing else 'off'}"
+                + (", VAE tiling" if p.vae_tiling else ""))
 
 
 @dataclass
@@ -124,6 +125,11 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
             log(f"  over  >{c.peak / 2**30:7.2f} GiB  {c.describe()}  (weights alone)")
             return c
         c = evaluate(spec, plan, profile, memo=memo)
+        if (not c.fits and c.worst().phase == "precompute" and not plan.vae_tiling
+                and spec.encoder_spec["class"] != "TinyAutoencoder"):
+            # the photo encoder binds: encode in tiles instead (precompute only; training is unchanged)
+            plan = dataclasses.replace(plan, vae_tiling=True)
+            c = evaluate(spec, plan, profile, memo=memo)
         result.traced.append(c)
         log(f"  {'fits ' if c.fits else 'over '} {c.peak / 2**30:7.2f} GiB  {c.describe()}")
         return c
@@ -156,8 +162,10 @@ def require_fit(result: SearchResult, profile) -> Candidate:
     s = result.smallest
     if s is None:
         raise PlanError("no candidate plan is valid for this model; give the split explicitly with -n/-m")
+    hint = ("a smaller s_max (the photos are encoded at s_max)" if s.worst().phase == "precompute"
+            else "a smaller s_min, or skip more blocks")
     raise PlanError(
         f"no plan fits the {profile.name} budget of {profile.budget_gib:.2f} GiB: the smallest traced plan "
-        f"({s.describe()}) needs {s.peak / 2**30:.2f} GiB in its {s.worst().phase} phase; raise the budget, "
-        "use a smaller s_min, or skip more blocks"
+        f"({s.describe()}) needs {s.peak / 2**30:.2f} GiB in its {s.worst().phase} phase; raise the budget or "
+        f"use {hint}"
     )

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-from blockskip.runtime.backends.torch_families.latent import encode_images
+from blockskip.runtime.backends.torch_families.latent import enable_tiling, encode_images
 from blockskip.runtime.backends.torch_io import DTYPES, BlockStore
 from blockskip.runtime.backends.torch_lora import (
     inject_lora,
@@ -68,7 +68,7 @@ def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, p
         return cache
 
     store = BlockStore(bundle)
-    latents = encode_latents(store, images, torch_dtype(plan.dtype))
+    latents = encode_latents(store, images, torch_dtype(plan.dtype), plan.vae_tiling)
     text = prompt_text(store, torch_dtype(plan.dtype))
     chunk = plan.precompute_chunk or len(todo)
     passes = (len(todo) + chunk - 1) // chunk
@@ -89,9 +89,11 @@ def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, p
     return cache
 
 
-def encode_latents(store: BlockStore, images, dtype) -> torch.Tensor:
+def encode_latents(store: BlockStore, images, dtype, tiling: bool = False) -> torch.Tensor:
     """Photos [N,3,S,S] in [-1,1] -> latents; the encoder is resident only here."""
     enc, spec = store.load_encoder()
+    if tiling:
+        enable_tiling(enc, spec)
     with torch.no_grad():
         latents = torch.cat([encode_images(enc, spec, torch.as_tensor(im[None]).float()) for im in images])
     del enc

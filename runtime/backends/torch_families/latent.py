@@ -54,6 +54,21 @@ def build_encoder_skeleton(spec: dict) -> nn.Module:
         return getattr(diffusers, cls).from_config(spec["config"]).eval()
 
 
+TILE = 256  # px: tiled encoding keeps the encoder's activations to about one tile
+
+
+def enable_tiling(encoder: nn.Module, spec: dict) -> None:
+    """Encode in overlapping tiles (diffusers' own tiled encode); the tiny mapping needs none."""
+    cls = spec["class"]
+    if cls == "AutoencoderKL":
+        encoder.enable_tiling()
+        encoder.tile_sample_min_size = TILE
+        encoder.tile_latent_min_size = TILE // 2 ** (len(encoder.config.block_out_channels) - 1)
+    elif cls == "AutoencoderDC":
+        encoder.enable_tiling(tile_sample_min_height=TILE, tile_sample_min_width=TILE,
+                              tile_sample_stride_height=TILE * 7 // 8, tile_sample_stride_width=TILE * 7 // 8)
+
+
 def encode_images(encoder: nn.Module, spec: dict, images: torch.Tensor) -> torch.Tensor:
     """[B,3,H,W] in [-1,1] -> scaled latents [B,C,H/f,W/f]."""
     cls = spec["class"]
