@@ -112,6 +112,7 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
             pairs.append(((n, m), r))
     result = SearchResult(None, None, None)
     memo: dict = {}
+    pruned: set = set()
     skeleton = spec.family.skeleton()
     fixed = getattr(profile, "fixed_overhead_bytes", 0)
 
@@ -122,7 +123,11 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
             rep = PhaseReport("train", {"trained_base": lb}, lb, fixed, lb + fixed, profile.budget_bytes,
                               {"lower_bound": True})
             c = Candidate(plan, [rep])
-            log(f"  over  >{c.peak / 2**30:7.2f} GiB  {c.describe()}  (weights alone)")
+            key = (plan.front_skip, plan.back_skip, plan.s_min, plan.base_quant)
+            if key not in pruned:  # one line per split and base: rank and checkpointing do not change it
+                pruned.add(key)
+                log(f"  over  >{c.peak / 2**30:7.2f} GiB  skip n={plan.front_skip} m={plan.back_skip}, "
+                    f"s_min={plan.s_min}, base={plan.base_quant}: the weights alone do not fit")
             return c
         c = evaluate(spec, plan, profile, memo=memo)
         if (not c.fits and c.worst().phase == "precompute" and not plan.vae_tiling
@@ -134,7 +139,10 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
         log(f"  {'fits ' if c.fits else 'over '} {c.peak / 2**30:7.2f} GiB  {c.describe()}")
         return c
 
-    variants = [(rk, q, ck) for q in quants for rk in sorted(ranks, reverse=True) for ck in checkpointing]
+    # Preference order within a (split, s_min): base precision, then rank, then no checkpointing. The
+    # checkpointed variant is traced first: if even it does not fit, its un-checkpointed twin cannot.
+    combos = [(rk, q) for q in quants for rk in sorted(ranks, reverse=True)]
+    cheapest_key = (min(ranks), quants[-1], checkpointing[-1])
     for (n, m), _ratio in pairs:
         for s_min in s_mins:
             cheapest = trace(front_skip=n, back_skip=m, s_min=s_min, lora_rank=min(ranks), base_quant=quants[-1],
@@ -144,15 +152,19 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
             if not cheapest.fits:
                 result.next_bigger = cheapest
                 continue
-            for rk, q, ck in variants:
-                if (rk, q, ck) == (min(ranks), quants[-1], checkpointing[-1]):
-                    result.best = cheapest
+            for rk, q in combos:
+                fitted = None
+                for ck in reversed(checkpointing):  # most memory-saving first
+                    key = (rk, q, ck)
+                    c = cheapest if key == cheapest_key else trace(front_skip=n, back_skip=m, s_min=s_min,
+                                                                   lora_rank=rk, base_quant=q, checkpointing=ck)
+                    if not c.fits:
+                        result.next_bigger = c
+                        break
+                    fitted = c
+                if fitted is not None:
+                    result.best = fitted
                     return result
-                c = trace(front_skip=n, back_skip=m, s_min=s_min, lora_rank=rk, base_quant=q, checkpointing=ck)
-                if c.fits:
-                    result.best = c
-                    return result
-                result.next_bigger = c
     return result
 
 
