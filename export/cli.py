@@ -84,7 +84,7 @@ def fit_plan(lm, plan: Plan, profile, a) -> Plan:
     import sys
 
     from blockskip.export.memory.dryrun import ModelSpec
-    from blockskip.export.memory.search import require_fit, search
+    from blockskip.export.memory.search import fixed_axes, require_fit, search
 
     plan.validate(lm.family.num_blocks, lm.granularity, lm.family.valid_targets())  # refuse bad input first
     fixed_split = a.front_skip is not None or a.back_skip is not None or a.trained is not None
@@ -93,25 +93,17 @@ def fit_plan(lm, plan: Plan, profile, a) -> Plan:
     prompt = lm.encode_prompt("shape probe")
     spec = ModelSpec(lm.family, lm.encoder_spec, {k: tuple(v.shape) for k, v in prompt.items()}, lm.vae_factor,
                      lm.name)
-    kw = {"s_mins": [plan.s_min]}
-    if fixed_split:
-        if plan.trained is not None:
-            from blockskip.export.memory.search import evaluate
+    if plan.trained is not None:  # explicit indices: check them, the search has nothing to choose
+        from blockskip.export.memory.search import evaluate
 
-            best = evaluate(spec, plan, profile)
-            if not best.fits:
-                w = best.worst()
-                print(f"warning: --trained plan needs {w.peak / 2**30:.2f} GiB in {w.phase} "
-                      f"(budget {w.budget / 2**30:.2f} GiB)", file=sys.stderr)
-            return plan
-        ratio = (plan.front_skip + plan.back_skip) / lm.family.num_blocks
-        kw["ratios"], kw["split_table"] = [ratio], {str(ratio): (plan.front_skip, plan.back_skip)}
-    if a.rank is not None:
-        kw["ranks"] = (a.rank,)
-    if a.base_quant is not None:
-        kw["quants"] = (a.base_quant,)
-    if a.checkpointing is not None:
-        kw["checkpointing"] = (a.checkpointing == "on",)
+        best = evaluate(spec, plan, profile)
+        if not best.fits:
+            w = best.worst()
+            print(f"warning: --trained plan needs {w.peak / 2**30:.2f} GiB in {w.phase} "
+                  f"(budget {w.budget / 2**30:.2f} GiB)", file=sys.stderr)
+        return plan
+    kw = fixed_axes(lm.family.num_blocks, split=(plan.front_skip, plan.back_skip) if fixed_split else None,
+                    s_mins=[plan.s_min], rank=a.rank, base_quant=a.base_quant, checkpointing=a.checkpointing)
     print(f"fitting the plan to {profile.name} (budget {profile.budget_gib:.2f} GiB) ...", file=sys.stderr)
     best = require_fit(search(spec, plan, profile, **kw), profile)
     print(f"plan: {best.describe()}; predicted peak {best.peak / 2**30:.2f} GiB", file=sys.stderr)

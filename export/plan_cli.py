@@ -47,7 +47,7 @@ def main(argv=None) -> int:
 def _run(a) -> int:
     t0 = time.time()
     from blockskip.export.memory.report import plot, table
-    from blockskip.export.memory.search import evaluate, require_fit, search
+    from blockskip.export.memory.search import evaluate, fixed_axes, require_fit, search
     from blockskip.export.memory.specs import load_spec
     from blockskip.runtime.plan import Plan
     from blockskip.runtime.profiles import load_profile
@@ -67,24 +67,11 @@ def _run(a) -> int:
         best, nxt, result = evaluate(spec, base, profile), None, None
     else:
         split_given = a.front_skip is not None or a.back_skip is not None
-        ratios = None if split_given else None
         say(f"searching plans for {a.model} on {profile.name} (budget {profile.budget_gib:.2f} GiB) ...")
-        kw = {}
-        if split_given:
-            L = spec.family.num_blocks
-            kw["ratios"] = [((a.front_skip or 0) + (a.back_skip or 0)) / L]
-            kw["split_table"] = {str(kw["ratios"][0]): (a.front_skip or 0, a.back_skip or 0)}
-        if a.s_min:
-            kw["s_mins"] = [a.s_min]
-        else:
-            kw["s_mins"] = [base.s_min, max(spec.granularity, base.s_min // 2)]
-        if a.rank:
-            kw["ranks"] = (a.rank,)
-        if a.base_quant:
-            kw["quants"] = (a.base_quant,)
-        if a.checkpointing:
-            kw["checkpointing"] = (a.checkpointing == "on",)
-        del ratios
+        kw = fixed_axes(spec.family.num_blocks,
+                        split=(a.front_skip or 0, a.back_skip or 0) if split_given else None,
+                        s_mins=[a.s_min] if a.s_min else [base.s_min, max(spec.granularity, base.s_min // 2)],
+                        rank=a.rank, base_quant=a.base_quant, checkpointing=a.checkpointing)
         result = search(spec, base, profile, log=say, **kw)
         best, nxt = require_fit(result, profile), result.next_bigger
     # K: as many samples as the storage budget holds (up to the wanted number)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from blockskip.runtime.backends.torch_families.base import TorchFamily, tensor_names
+from blockskip.runtime.backends.torch_families.base import TorchFamily, materialize, tensor_names
 from blockskip.runtime.backends.torch_families.latent import ENCODER_PREFIXES, build_encoder_skeleton
 from blockskip.runtime.backends.torch_io import BlockStore
 
@@ -17,8 +17,6 @@ class FakeStore(BlockStore):
     """
 
     def __init__(self, family: TorchFamily, encoder_spec: dict, prompt_shapes: dict, dtype, tracer=None):
-        import weakref  # noqa: F401  (BlockStore bookkeeping)
-
         self.bundle = None
         self.family = family
         self.model = family.skeleton()
@@ -53,8 +51,6 @@ class FakeStore(BlockStore):
         enc = build_encoder_skeleton(self.encoder_spec)
         names = tensor_names(enc, ENCODER_PREFIXES[self.encoder_spec["class"]])
         shapes = dict(list(enc.named_parameters()) + list(enc.named_buffers()))
-        from blockskip.runtime.backends.torch_families.base import materialize
-
         old, self.dtype = self.dtype, torch.float32
         materialize(enc, {n: self._empty(shapes[n].shape, shapes[n].dtype) for n in names})
         self.dtype = old

@@ -168,6 +168,24 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
     return result
 
 
+def fixed_axes(num_blocks: int, *, split: tuple[int, int] | None = None, s_mins=None, rank=None,
+               base_quant=None, checkpointing=None) -> dict:
+    """search() keyword arguments that pin what the user gave (None: leave that axis to the search)."""
+    kw: dict = {}
+    if split is not None:
+        ratio = (split[0] + split[1]) / num_blocks
+        kw["ratios"], kw["split_table"] = [ratio], {str(ratio): split}
+    if s_mins is not None:
+        kw["s_mins"] = list(s_mins)
+    if rank is not None:
+        kw["ranks"] = (rank,)
+    if base_quant is not None:
+        kw["quants"] = (base_quant,)
+    if checkpointing is not None:
+        kw["checkpointing"] = (checkpointing == "on",)
+    return kw
+
+
 def require_fit(result: SearchResult, profile) -> Candidate:
     if result.best is not None:
         return result.best
