@@ -87,7 +87,7 @@ def _run(a) -> int:
                   "storage_budget_bytes": profile.cache_budget_bytes},
         "next_bigger": None if nxt is None else {"plan": nxt.plan.to_dict(), "phase": nxt.worst().phase,
                                                  "peak_bytes": nxt.peak},
-        "traced_plans": 0 if result is None else len(result.traced),
+        "traced_plans": 1 if result is None else len(result.traced),
         "seconds": round(time.time() - t0, 1),
     }
     if a.plot:
