@@ -15,7 +15,7 @@ Your photos never leave the device: only the bundle comes from the desktop."""
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="device-train", description=__doc__, epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="device-train", description='Precompute the frozen segments for your photos, then train the LoRA on the device.', epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 

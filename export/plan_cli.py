@@ -18,7 +18,7 @@ Any plan option you give is fixed; the search chooses the others."""
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="blockskip-plan", description=__doc__, epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="blockskip-plan", description="Predict every device phase's peak memory (no weights, nothing allocated) and pick a plan that fits a profile.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="flux-dev",
                    help="tiny | flux-dev | sd3-medium | sd35-medium | sana-1.6b | a local diffusers folder")
