@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import export_and_precompute
 from safetensors.torch import load_file
 
 from blockskip.device_train.app import run_precompute, run_train
@@ -22,10 +23,7 @@ PLAN = dict(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=6, steps=
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, photos):
-    root = tmp_path_factory.mktemp("tiny")
-    export_bundle(load_model("tiny"), Plan(**PLAN), load_profile("desktop-cpu"), "a photo of sks cat",
-                  root / "bundle")
-    run_precompute(root / "bundle", photos, root / "cache", quiet=True)
+    root = export_and_precompute(tmp_path_factory.mktemp("tiny"), Plan(**PLAN), photos)
     log = run_train(root / "bundle", root / "cache", root / "out", quiet=True)
     return root, log
 

@@ -17,10 +17,9 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 pytest.importorskip("optimum.quanto")
 
+from conftest import export_and_precompute  # noqa: E402
 from optimum.quanto import QLinear  # noqa: E402
 
-from blockskip.device_train.app import run_precompute  # noqa: E402
-from blockskip.export.bundle_writer import export_bundle  # noqa: E402
 from blockskip.export.families import load_model, lora_target_names  # noqa: E402
 from blockskip.runtime.backends import torch as torch_backend  # noqa: E402
 from blockskip.runtime.backends.torch_io import BlockStore  # noqa: E402
@@ -29,7 +28,6 @@ from blockskip.runtime.backends.torch_quant import quantize_frozen  # noqa: E402
 from blockskip.runtime.bundle import Bundle  # noqa: E402
 from blockskip.runtime.errors import BlockSkipError, PlanError  # noqa: E402
 from blockskip.runtime.plan import Plan  # noqa: E402
-from blockskip.runtime.profiles import load_profile  # noqa: E402
 
 PLAN = dict(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=6, steps=8, lr=1e-2,
             lora_rank=4, lora_alpha=8.0, checkpoint_every=4)
@@ -70,10 +68,7 @@ def linear_weight_bytes(model: nn.Module, prefixes: list[str]) -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, photos):
-    root = tmp_path_factory.mktemp("quant")
-    export_bundle(load_model("tiny"), Plan(**PLAN), load_profile("desktop-cpu"), "a photo of sks cat",
-                  root / "bundle")
-    run_precompute(root / "bundle", photos, root / "cache", quiet=True)
+    root = export_and_precompute(tmp_path_factory.mktemp("quant"), Plan(**PLAN), photos)
     logs = {q: torch_backend.train(bundle_with(root, q), root / "cache", root / f"out_{q}") for q in MODES}
     return root, logs
 
