@@ -16,23 +16,37 @@ def image_source(bundle: Bundle, images_dir) -> dict:
     return {"bundle": bundle.manifest_sha256, "images": {p.name: sha256_file(p) for p in files}}
 
 
-def check_checkpoint_matches(out_dir, source: dict) -> None:
-    """Refuse before any work when OUT holds a checkpoint of a run on other photos or another bundle."""
-    import json
+CHECKPOINT_FILES = {"torch": "checkpoint.safetensors", "ort": "ort_checkpoint"}
 
-    from safetensors import safe_open
+
+def check_checkpoint_matches(out_dir, source: dict, backend: str = "torch") -> None:
+    """Refuse before any work when OUT holds a checkpoint of a run on other photos or another bundle,
+    or one written by another backend."""
+    import json
 
     from blockskip.runtime.cache import source_digest
     from blockskip.runtime.errors import BlockSkipError
 
-    ckpt = Path(out_dir) / "checkpoint" / "checkpoint.safetensors"
-    if not ckpt.is_file():
+    ckpt_dir = Path(out_dir) / "checkpoint"
+    check_checkpoint_backend(out_dir, backend)
+    if backend == "torch":
+        from safetensors import safe_open
+
+        ckpt = ckpt_dir / CHECKPOINT_FILES["torch"]
+        if not ckpt.is_file():
+            return
+        try:
+            with safe_open(ckpt, "numpy") as f:
+                saved = json.loads(f.metadata()["log"]).get("cache_source")
+        except Exception:
+            return  # unreadable: train reports it
+    elif backend == "ort":
+        ckpt = ckpt_dir / CHECKPOINT_FILES["ort"]
+        if not ckpt.is_file():
+            return
+        saved = get_backend("ort").checkpoint_source(out_dir)
+    else:
         return
-    try:
-        with safe_open(ckpt, "numpy") as f:
-            saved = json.loads(f.metadata()["log"]).get("cache_source")
-    except Exception:
-        return  # unreadable: train reports it
     if saved != source_digest(source):
         raise BlockSkipError(
             f"{ckpt} belongs to a training run on other photos or another bundle; use a new output "
@@ -44,16 +58,29 @@ def run_precompute(bundle_dir, images_dir, cache_dir, backend="torch", quiet=Fal
     bundle = Bundle(bundle_dir)
     source = image_source(bundle, images_dir)
     _, images = load_images(images_dir, bundle.plan.s_max)
-    if out_dir is not None:
-        check_checkpoint_matches(out_dir, source)
     be = get_backend(backend)
+    if out_dir is not None:
+        check_checkpoint_matches(out_dir, source, backend)
     return be.precompute(bundle, images, cache_dir, source=source, progress=Progress(quiet))
 
 
 def run_train(bundle_dir, cache_dir, out_dir, backend="torch", quiet=False, stop_after=None):
     bundle = Bundle(bundle_dir)
     be = get_backend(backend)
+    check_checkpoint_backend(out_dir, backend)
     return be.train(bundle, cache_dir, out_dir, progress=Progress(quiet), stop_after=stop_after)
+
+
+def check_checkpoint_backend(out_dir, backend: str) -> None:
+    from blockskip.runtime.errors import BlockSkipError
+
+    ckpt_dir = Path(out_dir) / "checkpoint"
+    for other, name in CHECKPOINT_FILES.items():
+        if other != backend and (ckpt_dir / name).is_file():
+            raise BlockSkipError(
+                f"{ckpt_dir / name} was written by the {other} backend; resume with --backend {other}, "
+                f"or use a new output folder (-o)"
+            )
 
 
 def default_cache(out_dir) -> Path:

@@ -19,7 +19,7 @@ from blockskip.export.families import LoadedModel, lora_target_names
 from blockskip.runtime.backends.torch_families.base import tensor_names
 from blockskip.runtime.backends.torch_families.latent import ENCODER_PREFIXES
 from blockskip.runtime.bundle import SCHEMA_VERSION, file_record
-from blockskip.runtime.errors import OutputError
+from blockskip.runtime.errors import OutputError, PlanError
 from blockskip.runtime.files import ensure_writable_dir
 from blockskip.runtime.plan import Plan
 from blockskip.runtime.profiles import Profile
@@ -48,14 +48,33 @@ def check_output(out: Path, force: bool) -> None:
     ensure_writable_dir(out.parent if str(out.parent) else Path("."), "output parent folder")
 
 
+FORMATS = ("torch", "onnx")
+
+
+def check_formats(formats) -> list[str]:
+    formats = list(dict.fromkeys(formats))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise PlanError(f"unknown --format {','.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
+    return formats
+
+
 def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, out: str | os.PathLike,
-                  force: bool = False) -> Path:
+                  force: bool = False, formats=("torch",), log=None) -> Path:
+    """Write the bundle. ``formats``: "torch" (safetensors blocks for the torch backend) and/or "onnx"
+    (ONNX Runtime training artifacts + per-block inference models for the ort backend)."""
     out = Path(out)
+    formats = check_formats(formats)
+    log = log or (lambda msg: None)
     fam = lm.family
     trained = plan.validate(fam.num_blocks, lm.granularity, fam.valid_targets())
     lora = {"rank": plan.lora_rank, "alpha": plan.alpha,
             "targets": lora_target_names(fam, trained, plan.lora_targets)}
     check_output(out, force)
+    if "onnx" in formats:
+        from blockskip.export.onnx_export import check_plan
+
+        check_plan(plan)
     dtype = DTYPES[plan.dtype]
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -66,14 +85,22 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
         def part(prefixes):
             return {n: _cast(state[n], dtype) for n in tensor_names(model, prefixes)}
 
+        # the torch backend reads every block it runs from safetensors; the onnx format carries its
+        # own copies of the blocks, so an onnx-only bundle keeps only the small embed/head parts
         blocks = [_save(tmp, f"model/blocks/block_{i:03d}.safetensors", part([p]), files)
-                  for i, p in enumerate(fam.block_paths())]
+                  for i, p in enumerate(fam.block_paths())] if "torch" in formats else []
         embed = _save(tmp, "model/embed.safetensors", part(fam.embed_prefixes), files)
         head = _save(tmp, "model/head.safetensors", part(fam.head_prefixes), files)
         enc_state = {n: t for n, t in list(lm.encoder.named_parameters()) + list(lm.encoder.named_buffers())}
         enc_names = tensor_names(lm.encoder, ENCODER_PREFIXES[lm.encoder_spec["class"]])
         enc_file = _save(tmp, "encoder/encoder.safetensors", {n: enc_state[n].float() for n in enc_names}, files)
         text = lm.encode_prompt(prompt)
+        onnx_section = None
+        if "onnx" in formats:
+            from blockskip.export.onnx_export import write_onnx
+
+            onnx_section = write_onnx(tmp, lm, plan, trained, lora, {k: _cast(v, dtype) for k, v in text.items()},
+                                      files, log)
         prompt_file = _save(tmp, "text/prompt.safetensors", {k: _cast(v, dtype) for k, v in text.items()}, files)
         schedule = dict(num_samples=plan.num_samples, s_min=plan.s_min, s_max=plan.s_max,
                         granularity=lm.granularity, seed=plan.seed, patch_sampling=plan.patch_sampling,
@@ -93,6 +120,8 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
                       "block_kinds": [fam.block_kind(i) for i in range(fam.num_blocks)]},
             "encoder": {**lm.encoder_spec, "file": enc_file},
             "lora": lora,
+            "formats": formats,
+            **({"onnx": onnx_section} if onnx_section else {}),
             "files": {rel: file_record(tmp, rel) for rel in files},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_jsonable))

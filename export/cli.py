@@ -11,6 +11,7 @@ from blockskip.runtime.plan import BASE_QUANT, Plan
 
 EPILOG = """examples:
   blockskip-export --model tiny --profile desktop-cpu --prompt "a photo of sks cat" -o bundle
+  blockskip-export --model tiny --profile desktop-cpu --prompt "a photo of sks cat" --format onnx -o ort-bundle
   blockskip-export --model ./FLUX.1-dev --profile snapdragon8 --front-skip 7 --back-skip 10 \\
       --s-min 256 --s-max 512 --dtype bfloat16 --prompt "a photo of sks dog" -o flux-bundle
 """
@@ -121,6 +122,10 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", required=True, help="training prompt, e.g. 'a photo of sks cat'")
     p.add_argument("-o", "--output", required=True, help="bundle folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--format", default="torch",
+                   help="what to write, comma-separated: torch (safetensors blocks for --backend torch), "
+                        "onnx (ONNX Runtime training artifacts and per-block ONNX models for --backend ort); "
+                        "default torch")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     add_plan_args(p)
     a = p.parse_args(argv)
@@ -135,14 +140,22 @@ def main(argv=None) -> int:
         from blockskip.export.bundle_writer import DTYPES, check_output, export_bundle
         from blockskip.export.families import load_model
 
+        from blockskip.export.bundle_writer import check_formats
+
+        formats = check_formats([f.strip() for f in a.format.split(",") if f.strip()])
         check_output(Path(a.output), a.force)
         lm = load_model(a.model, DTYPES[plan.dtype], seed=plan.seed)
         plan = fit_plan(lm, plan, profile, a)
-        out = export_bundle(lm, plan, profile, a.prompt, a.output, force=a.force)
+        if "onnx" in formats:
+            from blockskip.export.onnx_export import check_plan
+
+            check_plan(plan)
+        out = export_bundle(lm, plan, profile, a.prompt, a.output, force=a.force, formats=formats,
+                            log=lambda msg: print(msg, file=sys.stderr))
         n = len(lm.family.block_paths())
         trained = plan.trained_indices(n)
         print(f"bundle written to {out}  (family {lm.family.name}, {n} blocks, training {trained[0]}..{trained[-1]}"
-              f" [{len(trained)}], torch {torch.__version__})")
+              f" [{len(trained)}], formats {','.join(formats)}, torch {torch.__version__})")
 
     return run_cli(go, a.debug, "blockskip-export")
 

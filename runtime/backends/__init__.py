@@ -10,10 +10,19 @@ from blockskip.runtime.errors import BlockSkipError
 # package is missing; it falls back by itself, so the line only confuses users.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "ort")
 
 
 def get_backend(name: str):
+    if name == "ort":
+        try:
+            from blockskip.runtime.backends import ort as backend
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise BlockSkipError(
+                f"the ort backend needs onnxruntime-training-cpu==1.19.2, torch and diffusers ({e}); "
+                "pip install 'dit-blockskip[torch,ort]'"
+            ) from e
+        return backend
     if name == "torch":
         try:
             from blockskip.runtime.backends import torch as backend

@@ -57,7 +57,17 @@ def blocks_to_run(trained: list[int], num_blocks: int) -> int:
 # precompute
 
 
+def require_torch_format(bundle: Bundle) -> None:
+    formats = bundle.manifest.get("formats", ["torch"])
+    if "torch" not in formats:
+        raise BlockSkipError(
+            f"bundle {bundle.root} was exported for {', '.join(formats)} only; use --backend ort, or export "
+            "it again with --format torch (or --format torch,onnx) for the torch backend"
+        )
+
+
 def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None):
+    require_torch_format(bundle)
     plan = bundle.plan
     schedule = bundle.schedule(len(images))
     cache = ResidualCache.create(cache_dir, source=source, schedule=schedule)
@@ -130,7 +140,7 @@ def compute_entries(store: BlockStore, latents, text, entries, plan, vae_factor:
             names = store.load_block(i)
             for j in range(len(entries)):
                 _record_boundary(saved[j], states[j], i, trained, gap_list, L, before=True)
-                states[j] = fam.run_block(model, i, states[j], consts[j])
+                states[j] = store.run_block(i, states[j], consts[j])
                 _record_boundary(saved[j], states[j], i, trained, gap_list, L, before=False)
             store.free(names)
             del names
@@ -216,25 +226,34 @@ class TrainedSpan:
         self.params = lora_parameters(self.model)
 
     def forward(self, entry: dict) -> torch.Tensor:
-        state = {n[3:]: v for n, v in entry.items() if n.startswith("in.")}
-        consts = {n[2:]: v for n, v in entry.items() if n.startswith("c.")}
-        starts = {a: b for a, b in self.gaps}
-        for i in self.trained:
-            if self.checkpointing and torch.is_grad_enabled():
-                state = checkpoint(self.fam.run_block, self.model, i, state, consts, use_reentrant=False)
-            else:
-                state = self.fam.run_block(self.model, i, state, consts)
-            if i + 1 in starts:
-                a = i + 1
-                for n in list(state):
-                    d = entry.get(f"delta.{a}.{n}")
-                    if d is not None:
-                        state[n] = state[n] + d
-        return self.fam.head(self.model, state, consts)
+        return span_forward(self.fam, self.model, self.trained, self.gaps, entry, self.checkpointing)
 
     def loss(self, entry: dict) -> torch.Tensor:
-        pred = self.forward(entry)
-        return torch.nn.functional.mse_loss(pred.float(), entry["target"].float())
+        return span_loss(self.forward(entry), entry)
+
+
+def span_forward(fam, model, trained: list[int], gap_list, entry: dict, checkpointing: bool = False) -> torch.Tensor:
+    """Cache entry -> head output: the trained blocks, each skipped span's residual added after it."""
+    state = {n[3:]: v for n, v in entry.items() if n.startswith("in.")}
+    consts = {n[2:]: v for n, v in entry.items() if n.startswith("c.")}
+    starts = {a: b for a, b in gap_list}
+    for i in trained:
+        if checkpointing and torch.is_grad_enabled():
+            state = checkpoint(fam.run_block, model, i, state, consts, use_reentrant=False)
+        else:
+            state = fam.run_block(model, i, state, consts)
+        if i + 1 in starts:
+            a = i + 1
+            for n in list(state):
+                d = entry.get(f"delta.{a}.{n}")
+                if d is not None:
+                    state[n] = state[n] + d
+    return fam.head(model, state, consts)
+
+
+def span_loss(pred: torch.Tensor, entry: dict) -> torch.Tensor:
+    """The flow-matching loss: MSE against ``eps - x0`` (computed in float32)."""
+    return torch.nn.functional.mse_loss(pred.float(), entry["target"].float())
 
 
 def _load_entry(cache: ResidualCache, k: int) -> dict:
@@ -243,6 +262,7 @@ def _load_entry(cache: ResidualCache, k: int) -> dict:
 
 def train(bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = None, stop_after: int | None = None):
     """Train the LoRA; resume from ``out_dir/checkpoint`` if present. Returns the log dict."""
+    require_torch_format(bundle)
     plan = bundle.plan
     progress = progress or Progress(quiet=True)
     cache = ResidualCache(cache_dir)
@@ -253,7 +273,7 @@ def train(bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = Non
     span = TrainedSpan(store, bundle.trained, bundle.manifest["lora"], plan.seed, base_quant=plan.base_quant)
     opt = make_optimizer(span.params, plan)
     ckpt_dir = out / "checkpoint"
-    log = {"plan": plan.to_dict(), "losses": [], "step_seconds": [], "resumed_from": 0,
+    log = {"plan": plan.to_dict(), "backend": "torch", "losses": [], "step_seconds": [], "resumed_from": 0,
            "cache_source": cache.source_sha256()}
     start = load_checkpoint(ckpt_dir, span.model, opt, log)
     log["resumed_from"] = start

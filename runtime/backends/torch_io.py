@@ -70,6 +70,10 @@ class BlockStore:
     def free(self, names: list[str]) -> None:
         release(self.model, names)
 
+    def run_block(self, i: int, state: dict, consts: dict) -> dict:
+        """Run block i (loaded with :meth:`load_block`) on one sample's state."""
+        return self.family.run_block(self.model, i, state, consts)
+
     def load_encoder(self):
         """The photo encoder, materialised (caller drops it when done)."""
         spec = self.bundle.manifest["encoder"]

@@ -36,22 +36,28 @@ def lora_parameters(model) -> list[torch.nn.Parameter]:
 
 def lora_state_dict(model) -> dict[str, torch.Tensor]:
     """peft names -> diffusers names: ``transformer.<module>.lora_A.weight``."""
-    out = {}
-    for n, p in model.named_parameters():
-        if ".lora_" in n:
-            out["transformer." + n.replace(f".{ADAPTER}.", ".")] = p.detach().contiguous().clone()
-    return out
+    return diffusers_names({n: p for n, p in model.named_parameters() if ".lora_" in n})
+
+
+def diffusers_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"transformer." + n.replace(f".{ADAPTER}.", "."): t.detach().contiguous().clone()
+            for n, t in tensors.items()}
 
 
 def save_lora(path, model, lora: dict) -> None:
     """Write the LoRA in diffusers naming. The alpha/rank scale is folded into lora_B (and alpha
     written as the rank), so every loader applies the same scale, with or without our metadata."""
+    save_lora_tensors(path, {n: p for n, p in model.named_parameters() if ".lora_" in n}, lora)
+
+
+def save_lora_tensors(path, tensors: dict[str, torch.Tensor], lora: dict) -> None:
+    """:func:`save_lora` for LoRA tensors given by their peft names (any backend's)."""
     scale = lora["alpha"] / lora["rank"]
     cfg = lora_config({**lora, "alpha": lora["rank"]}).to_dict()
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
     meta = {"format": "pt", "lora_adapter_metadata": json.dumps(
         {f"transformer.{k}": v for k, v in cfg.items()}, sort_keys=True, default=str)}
-    sd = {k: (v * scale if ".lora_B." in k else v) for k, v in lora_state_dict(model).items()}
+    sd = {k: (v * scale if ".lora_B." in k else v) for k, v in diffusers_names(tensors).items()}
     atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
 
 
