@@ -1,0 +1,225 @@
+"""Training-step time on CPU: the ``ort`` backend (ONNX Runtime training) vs the ``torch`` backend (eager).
+
+Builds a mid-size FLUX-like transformer in-process (random weights, seeded; ~50M parameters), exports
+one bundle with both formats (torch + onnx) for a plan that trains 2 of its 4 blocks (front skip 1,
+back skip 1) with LoRA in float32, precomputes a small cache of random photos with the torch backend,
+and then times optimizer steps (grad_accum 1) on the same cache entries, loaded before timing:
+
+* torch: ``TrainedSpan`` + ``torch.optim.AdamW`` -- loss, backward, step, zero_grad, as the torch
+  backend's ``train()`` does per step;
+* ort: ``OrtTrainer.loss_and_grad`` + ``update``, as the ort backend's ``train()`` does per step.
+
+Both run with the same number of intra-op threads. Prints the setup, the losses of both (they start
+from the same LoRA and see the same entries, so they should agree) and a markdown table.
+
+    python -m bench.ort_step                       # ~2 min on 2 cores
+    python -m bench.ort_step --steps 50 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODEL = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=64,
+             num_attention_heads=12, joint_attention_dim=256, pooled_projection_dim=128,
+             guidance_embeds=False, axes_dims_rope=(16, 24, 24))
+PROMPT = "a photo of sks"
+
+
+def write_photos(folder: Path, n: int, size: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(folder / f"photo_{i}.png")
+    return folder
+
+
+def build(work: Path, a) -> tuple[Path, Path, int]:
+    """Export the bundle (torch + onnx) and precompute its cache; returns (bundle, cache, model params)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from blockskip.device_train.app import run_precompute
+    from blockskip.export.bundle_writer import export_bundle
+    from blockskip.export.families import wrap_model
+    from blockskip.runtime.plan import Plan
+    from blockskip.runtime.profiles import load_profile
+
+    torch.manual_seed(0)
+    lm = wrap_model(FluxTransformer2DModel(**MODEL), name="bench-flux", vae_factor=4)
+    n_params = sum(p.numel() for p in lm.transformer.parameters())
+    plan = Plan(front_skip=1, back_skip=1, s_min=a.s_min, s_max=a.s_max, num_samples=a.samples,
+                lora_rank=a.rank, dtype="float32", steps=a.warmup + a.steps, grad_accum=1)
+    bundle, cache = work / "bundle", work / "cache"
+    t0 = time.perf_counter()
+    export_bundle(lm, plan, load_profile("desktop-cpu"), PROMPT, bundle, formats=["torch", "onnx"])
+    print(f"export (torch + onnx): {time.perf_counter() - t0:.1f} s", flush=True)
+    del lm
+    t0 = time.perf_counter()
+    run_precompute(bundle, write_photos(work / "photos", 3, a.s_max), cache, backend="torch", quiet=True)
+    print(f"precompute ({a.samples} entries, torch backend): {time.perf_counter() - t0:.1f} s", flush=True)
+    return bundle, cache, n_params
+
+
+@contextlib.contextmanager
+def ort_threads(threads: int):
+    """OrtTrainer builds its training session with default options; give it ``threads`` intra-op threads."""
+    import onnxruntime
+    from onnxruntime.training import api
+
+    orig = api.Module
+
+    def module(*args, **kw):
+        so = onnxruntime.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        return orig(*args, session_options=so, **kw)
+
+    api.Module = module
+    try:
+        yield
+    finally:
+        api.Module = orig
+
+
+def time_steps(step, entries: list, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """Run ``warmup + steps`` steps over ``entries`` in cache order; returns (losses, timed seconds)."""
+    losses, secs = [], []
+    for s in range(warmup + steps):
+        t0 = time.perf_counter()
+        losses.append(step(entries[s % len(entries)]))
+        dt = time.perf_counter() - t0
+        if s >= warmup:
+            secs.append(dt)
+    return losses, secs
+
+
+def bench_torch(bundle_dir: Path, cache_dir: Path, a) -> dict:
+    from safetensors.torch import load_file
+
+    from blockskip.runtime.backends.torch import TrainedSpan, make_optimizer
+    from blockskip.runtime.backends.torch_io import BlockStore
+    from blockskip.runtime.bundle import Bundle
+    from blockskip.runtime.cache import ResidualCache
+
+    bundle = Bundle(bundle_dir)
+    plan = bundle.plan
+    cache = ResidualCache(cache_dir)
+    entries = [load_file(cache.path(k)) for k in range(len(cache.schedule))]
+    span = TrainedSpan(BlockStore(bundle), bundle.trained, bundle.manifest["lora"], plan.seed,
+                       base_quant=plan.base_quant)
+    opt = make_optimizer(span.params, plan)
+    lora_ids = {id(p) for p in span.params}
+    base = sum(p.numel() for p in span.model.parameters() if p.device.type != "meta" and id(p) not in lora_ids)
+
+    def step(entry):
+        loss = span.loss(entry)
+        loss.backward()
+        total = loss.item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return total
+
+    losses, secs = time_steps(step, entries, a.warmup, a.steps)
+    e = entries[0]
+    return {"losses": losses, "secs": secs, "base": base, "lora": sum(p.numel() for p in span.params),
+            "img_tokens": e["in.hidden_states"].shape[1] if "in.hidden_states" in e else None,
+            "txt_tokens": e["in.encoder_hidden_states"].shape[1] if "in.encoder_hidden_states" in e else None,
+            "trained": bundle.trained}
+
+
+def bench_ort(bundle_dir: Path, cache_dir: Path, a) -> dict:
+    from safetensors.numpy import load_file
+
+    from blockskip.runtime.backends.ort import OrtTrainer
+    from blockskip.runtime.bundle import Bundle
+    from blockskip.runtime.cache import ResidualCache
+
+    cache = ResidualCache(cache_dir)
+    entries = [load_file(cache.path(k)) for k in range(len(cache.schedule))]
+    with ort_threads(a.threads):
+        trainer = OrtTrainer(Bundle(bundle_dir))
+
+    def step(entry):
+        loss = trainer.loss_and_grad(entry, 1.0)
+        trainer.update()
+        return loss
+
+    losses, secs = time_steps(step, entries, a.warmup, a.steps)
+    return {"losses": losses, "secs": secs, "lora": sum(v.size for v in trainer.lora().values())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per backend (default 20)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="intra-op threads for both backends (default: torch.get_num_threads())")
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    ap.add_argument("--s-min", type=int, default=128, help="training crop side in px (default 128: 256 image tokens)")
+    ap.add_argument("--s-max", type=int, default=256, help="photo side in px (default 256)")
+    ap.add_argument("--samples", type=int, default=4, help="cache entries (default 4)")
+    ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep the bundle and cache there")
+    a = ap.parse_args(argv)
+    if a.steps < 1 or a.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+
+    import torch
+
+    t_start = time.perf_counter()
+    a.threads = a.threads or torch.get_num_threads()
+    torch.set_num_threads(a.threads)
+    tmp = None
+    if a.keep:
+        work = Path(a.keep)
+        if work.exists() and any(work.iterdir()):
+            ap.error(f"--keep {work} exists and is not empty")
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.mkdtemp(prefix="ort_step.")
+        work = Path(tmp)
+    try:
+        bundle, cache, n_params = build(work, a)
+        t = bench_torch(bundle, cache, a)
+        o = bench_ort(bundle, cache, a)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    print()
+    print(f"threads: {a.threads} (torch intra-op = ORT intra-op)")
+    print(f"model: FLUX-like, {n_params / 1e6:.1f}M parameters, 4 blocks; trained blocks {t['trained']}")
+    print(f"trained span: {t['base'] / 1e6:.1f}M frozen base parameters (trained blocks + head), "
+          f"{t['lora'] / 1e6:.2f}M LoRA parameters (rank {a.rank}; ORT: {o['lora'] / 1e6:.2f}M)")
+    print(f"tokens per step: {t['img_tokens']} image + {t['txt_tokens']} text ({a.s_min} px crops), float32, "
+          "grad_accum 1")
+    print(f"loss step 1: torch {t['losses'][0]:.6f}  ort {o['losses'][0]:.6f}  "
+          f"(rel diff {abs(o['losses'][0] / t['losses'][0] - 1):.1e})")
+    print(f"loss step {len(t['losses'])}: torch {t['losses'][-1]:.6f}  ort {o['losses'][-1]:.6f}  "
+          f"(rel diff {abs(o['losses'][-1] / t['losses'][-1] - 1):.1e})")
+    print(f"\n{a.steps} timed steps after {a.warmup} warm-up steps:\n")
+    print("| backend | median ms/step | mean ms/step | speed vs torch |")
+    print("|---|---|---|---|")
+    ref = statistics.median(t["secs"])
+    for name, r in (("torch (eager, AdamW)", t), ("ort (ORT training 1.19.2, AdamW)", o)):
+        med, mean = statistics.median(r["secs"]), statistics.fmean(r["secs"])
+        print(f"| {name} | {med * 1e3:.1f} | {mean * 1e3:.1f} | {ref / med:.2f}x |")
+    if a.keep:
+        print(f"\nbundle and cache kept in {work}")
+    print(f"\n({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
