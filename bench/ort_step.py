@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import statistics
 import sys
@@ -62,13 +63,36 @@ def build(work: Path, a) -> tuple[Path, Path, int]:
                 lora_rank=a.rank, dtype="float32", steps=a.warmup + a.steps, grad_accum=1)
     bundle, cache = work / "bundle", work / "cache"
     t0 = time.perf_counter()
-    export_bundle(lm, plan, load_profile("desktop-cpu"), PROMPT, bundle, formats=["torch", "onnx"])
+    with native_stderr_captured():
+        export_bundle(lm, plan, load_profile("desktop-cpu"), PROMPT, bundle, formats=["torch", "onnx"])
     print(f"export (torch + onnx): {time.perf_counter() - t0:.1f} s", flush=True)
     del lm
     t0 = time.perf_counter()
     run_precompute(bundle, write_photos(work / "photos", 3, a.s_max), cache, backend="torch", quiet=True)
     print(f"precompute ({a.samples} entries, torch backend): {time.perf_counter() - t0:.1f} s", flush=True)
     return bundle, cache, n_params
+
+
+@contextlib.contextmanager
+def native_stderr_captured():
+    """ORT's gradient-graph builder logs every graph transformer at info level straight to fd 2 whatever
+    the Python-side severity; keep that out of the bench's output (shown again if the block fails)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            buf.seek(0)
+            sys.stderr.write(buf.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 @contextlib.contextmanager
@@ -134,8 +158,7 @@ def bench_torch(bundle_dir: Path, cache_dir: Path, a) -> dict:
     losses, secs = time_steps(step, entries, a.warmup, a.steps)
     e = entries[0]
     return {"losses": losses, "secs": secs, "base": base, "lora": sum(p.numel() for p in span.params),
-            "img_tokens": e["in.hidden_states"].shape[1] if "in.hidden_states" in e else None,
-            "txt_tokens": e["in.encoder_hidden_states"].shape[1] if "in.encoder_hidden_states" in e else None,
+            "img_tokens": e["in.hidden"].shape[1], "txt_tokens": e["in.encoder"].shape[1],
             "trained": bundle.trained}
 
 

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
             sp.add_argument("-o", "--output", required=True, help="output folder (LoRA, log, checkpoint)")
         sp.add_argument("--cache", default=None if not cache else None,
                         help="residual cache folder (default: OUTPUT/cache)")
-        sp.add_argument("--backend", default="torch", choices=["torch", "ort"],
+        sp.add_argument("--backend", default="torch",
                         help="runtime backend: torch, or ort (ONNX Runtime training; needs a bundle "
                              "exported with --format onnx)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
