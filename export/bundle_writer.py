@@ -48,7 +48,7 @@ def check_output(out: Path, force: bool) -> None:
     ensure_writable_dir(out.parent if str(out.parent) else Path("."), "output parent folder")
 
 
-FORMATS = ("torch", "onnx")
+FORMATS = ("torch", "onnx", "pte")
 
 
 def check_formats(formats) -> list[str]:
@@ -60,9 +60,11 @@ def check_formats(formats) -> list[str]:
 
 
 def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, out: str | os.PathLike,
-                  force: bool = False, formats=("torch",), log=None) -> Path:
-    """Write the bundle. ``formats``: "torch" (safetensors blocks for the torch backend) and/or "onnx"
-    (ONNX Runtime training artifacts + per-block inference models for the ort backend)."""
+                  force: bool = False, formats=("torch",), log=None, delegate: str = "none") -> Path:
+    """Write the bundle. ``formats``: any of "torch" (safetensors blocks for the torch backend), "onnx"
+    (ONNX Runtime training artifacts + per-block inference models for the ort backend) and "pte"
+    (ExecuTorch training program + per-block programs for the executorch backend and the native
+    runner; ``delegate`` "xnnpack" lowers them to XNNPACK)."""
     out = Path(out)
     formats = check_formats(formats)
     log = log or (lambda msg: None)
@@ -75,6 +77,10 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
         from blockskip.export.onnx_export import check_plan
 
         check_plan(plan)
+    if "pte" in formats:
+        from blockskip.export.pte_export import check_plan as check_pte
+
+        check_pte(plan, delegate)
     dtype = DTYPES[plan.dtype]
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -101,6 +107,12 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
 
             onnx_section = write_onnx(tmp, lm, plan, trained, lora, {k: _cast(v, dtype) for k, v in text.items()},
                                       files, log)
+        pte_section = None
+        if "pte" in formats:
+            from blockskip.export.pte_export import write_pte
+
+            pte_section = write_pte(tmp, lm, plan, trained, lora, {k: _cast(v, dtype) for k, v in text.items()},
+                                    files, delegate, log)
         prompt_file = _save(tmp, "text/prompt.safetensors", {k: _cast(v, dtype) for k, v in text.items()}, files)
         schedule = dict(num_samples=plan.num_samples, s_min=plan.s_min, s_max=plan.s_max,
                         granularity=lm.granularity, seed=plan.seed, patch_sampling=plan.patch_sampling,
@@ -122,6 +134,7 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
             "lora": lora,
             "formats": formats,
             **({"onnx": onnx_section} if onnx_section else {}),
+            **({"pte": pte_section} if pte_section else {}),
             "files": {rel: file_record(tmp, rel) for rel in files},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_jsonable))

@@ -125,7 +125,10 @@ def main(argv=None) -> int:
     p.add_argument("--format", default="torch",
                    help="what to write, comma-separated: torch (safetensors blocks for --backend torch), "
                         "onnx (ONNX Runtime training artifacts and per-block ONNX models for --backend ort); "
-                        "default torch")
+                        "pte (ExecuTorch training program and per-block programs for --backend executorch and "
+                        "the native runner); default torch")
+    p.add_argument("--delegate", choices=["none", "xnnpack"], default="none",
+                   help="lower the pte programs to XNNPACK (faster on ARM/x86 CPUs)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     add_plan_args(p)
     a = p.parse_args(argv)
@@ -150,8 +153,20 @@ def main(argv=None) -> int:
             from blockskip.export.onnx_export import check_plan
 
             check_plan(plan)
+        if "pte" in formats:
+            from blockskip.export.pte_export import check_plan as check_pte
+
+            check_pte(plan, a.delegate)
         out = export_bundle(lm, plan, profile, a.prompt, a.output, force=a.force, formats=formats,
-                            log=lambda msg: print(msg, file=sys.stderr))
+                            log=lambda msg: print(msg, file=sys.stderr), delegate=a.delegate)
+        if "pte" in formats:
+            from blockskip.runtime.bundle import Bundle
+
+            sec = Bundle(out).manifest["pte"]
+            arena = max([sec["train"]["arena_bytes"]] + [b["arena_bytes"] for b in sec["blocks"]])
+            print(f"executorch planned arenas: training {sec['train']['arena_bytes'] / 2**20:.1f} MiB, "
+                  f"largest precompute program {max(b['arena_bytes'] for b in sec['blocks']) / 2**20:.1f} MiB "
+                  f"(max {arena / 2**20:.1f} MiB)", file=sys.stderr)
         n = len(lm.family.block_paths())
         trained = plan.trained_indices(n)
         print(f"bundle written to {out}  (family {lm.family.name}, {n} blocks, training {trained[0]}..{trained[-1]}"

@@ -300,7 +300,7 @@ def write_onnx(root: Path, lm, plan, trained: list[int], lora: dict, prompt: dic
     const_names = sorted(n[2:] for n in names if n.startswith("c."))
     stop = blocks_to_run(trained, fam.num_blocks)
     section["blocks"] = []
-    shapes = _block_io_shapes(lm, plan, trained, prompt, stop)
+    shapes = block_io_examples(lm, plan, prompt, stop)
     for i in range(stop):
         log(f"onnx: block {i + 1}/{stop} for precompute")
         st_in, consts = shapes[i]
@@ -323,7 +323,7 @@ def write_onnx(root: Path, lm, plan, trained: list[int], lora: dict, prompt: dic
     return section
 
 
-def _block_io_shapes(lm, plan, trained, prompt, stop):
+def block_io_examples(lm, plan, prompt, stop):
     """Example (state, consts) entering each block [0, stop), from one embedded sample."""
     from blockskip.runtime.backends.torch_families.base import CropGeometry
 

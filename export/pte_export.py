@@ -177,3 +177,67 @@ def check_plan(plan, delegate: str = "none") -> None:
         raise PlanError(f"--format pte trains with AdamW; --optimizer {plan.optimizer} is torch-only")
     if plan.vae_tiling:
         raise PlanError("--format pte exports the photo encoder untiled; leave out --vae-tiling")
+
+
+# --------------------------------------------------------------------------------------------
+# the bundle part
+
+
+def write_pte(root: Path, lm, plan, trained: list[int], lora: dict, prompt: dict, files: list[str],
+              delegate: str = "none", log=print) -> dict:
+    """Write ``pte/`` into the bundle folder ``root``; return the manifest's ``pte`` section."""
+    from blockskip.export.onnx_export import (
+        LOSS_SCALE,
+        BlockGraph,
+        EncoderGraph,
+        ModelStore,
+        SpanLossGraph,
+        block_io_examples,
+        example_entry,
+    )
+    from blockskip.runtime.backends.torch import TrainedSpan, blocks_to_run
+    from blockskip.runtime.backends.torch_lora import lora_metadata
+
+    check_plan(plan, delegate)
+    fam = lm.family
+    entry = example_entry(lm, plan, trained, prompt)
+    names = sorted(entry)
+    section: dict = {"delegate": delegate}
+
+    log(f"pte: exporting the trained span's training program (delegate {delegate})")
+    span = TrainedSpan(ModelStore(fam, lm.transformer), trained, lora, plan.seed, base_quant="none",
+                       checkpointing=False)
+    graph = SpanLossGraph(fam, span.model, trained, names)
+    args = tuple(entry[n] for n in names) + (torch.ones(1),)
+    trainable = [n for n, p in graph.named_parameters() if p.requires_grad]
+    et = training_program(graph, args, delegate)
+    train = write_program(et, root, "pte/train/span.pte", files)
+    if "data" not in train:
+        raise RuntimeError("the training program has no .ptd of LoRA weights; this is a bug")
+    train.update(inputs=names + [LOSS_SCALE], shapes={n: list(entry[n].shape) for n in names}, lora=trainable,
+                 optimizer={"type": "adamw", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": plan.weight_decay},
+                 lora_metadata=lora_metadata(lora), lora_scale=lora["alpha"] / lora["rank"])
+    section["train"] = train
+    del span, graph, et
+
+    const_names = sorted(n[2:] for n in names if n.startswith("c."))
+    stop = blocks_to_run(trained, fam.num_blocks)
+    section["blocks"] = []
+    for i, (st_in, consts) in enumerate(block_io_examples(lm, plan, prompt, stop)):
+        log(f"pte: block {i + 1}/{stop} for precompute")
+        st_names = [n for n in fam.state_keys if n in st_in]
+        g = BlockGraph(fam, lm.transformer, i, st_names, const_names)
+        with torch.no_grad():
+            out = fam.run_block(g, i, dict(st_in), dict(consts))
+        out_names = [n for n in st_names if out.get(n) is not None]
+        et = inference_program(g, tuple(st_in[n] for n in st_names) + tuple(consts[n] for n in const_names), delegate)
+        rec = write_program(et, root, f"pte/blocks/block_{i:03d}.pte", files)
+        rec.update(state=st_names, consts=const_names, outputs=out_names)
+        section["blocks"].append(rec)
+
+    log("pte: photo encoder")
+    enc = EncoderGraph(lm.encoder.float(), lm.encoder_spec)
+    et = inference_program(enc, (torch.zeros(1, 3, plan.s_max, plan.s_max),), delegate)
+    section["encoder"] = write_program(et, root, "pte/encoder.pte", files)
+    section["encoder"]["input"] = [1, 3, plan.s_max, plan.s_max]
+    return section

@@ -53,12 +53,17 @@ def save_lora(path, model, lora: dict) -> None:
 def save_lora_tensors(path, tensors: dict[str, torch.Tensor], lora: dict) -> None:
     """:func:`save_lora` for LoRA tensors given by their peft names (any backend's)."""
     scale = lora["alpha"] / lora["rank"]
-    cfg = lora_config({**lora, "alpha": lora["rank"]}).to_dict()
-    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-    meta = {"format": "pt", "lora_adapter_metadata": json.dumps(
-        {f"transformer.{k}": v for k, v in cfg.items()}, sort_keys=True, default=str)}
+    meta = lora_metadata(lora)
     sd = {k: (v * scale if ".lora_B." in k else v) for k, v in diffusers_names(tensors).items()}
     atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+
+
+def lora_metadata(lora: dict) -> dict[str, str]:
+    """The safetensors metadata of a saved LoRA (peft's config with alpha = rank: the scale is folded)."""
+    cfg = lora_config({**lora, "alpha": lora["rank"]}).to_dict()
+    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+    return {"format": "pt", "lora_adapter_metadata": json.dumps(
+        {f"transformer.{k}": v for k, v in cfg.items()}, sort_keys=True, default=str)}
 
 
 def checkpoint_tensors(model, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
