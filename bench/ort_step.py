@@ -1,6 +1,6 @@
 """Training-step time on CPU: the ``ort`` backend (ONNX Runtime training) vs the ``torch`` backend (eager).
 
-Builds a mid-size FLUX-like transformer in-process (random weights, seeded; ~50M parameters), exports
+Builds a mid-size FLUX-like transformer in-process (random weights, seeded; ~63M parameters), exports
 one bundle with both formats (torch + onnx) for a plan that trains 2 of its 4 blocks (front skip 1,
 back skip 1) with LoRA in float32, precomputes a small cache of random photos with the torch backend,
 and then times optimizer steps (grad_accum 1) on the same cache entries, loaded before timing:
@@ -12,15 +12,13 @@ and then times optimizer steps (grad_accum 1) on the same cache entries, loaded 
 Both run with the same number of intra-op threads. Prints the setup, the losses of both (they start
 from the same LoRA and see the same entries, so they should agree) and a markdown table.
 
-    python -m bench.ort_step                       # ~2 min on 2 cores
+    python -m bench.ort_step                       # ~30 s on 2 cores (export ~15 s)
     python -m bench.ort_step --steps 50 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import shutil
 import statistics
 import sys
@@ -53,6 +51,7 @@ def build(work: Path, a) -> tuple[Path, Path, int]:
     from blockskip.device_train.app import run_precompute
     from blockskip.export.bundle_writer import export_bundle
     from blockskip.export.families import wrap_model
+    from blockskip.export.onnx_export import native_stderr_captured
     from blockskip.runtime.plan import Plan
     from blockskip.runtime.profiles import load_profile
 
@@ -63,7 +62,7 @@ def build(work: Path, a) -> tuple[Path, Path, int]:
                 lora_rank=a.rank, dtype="float32", steps=a.warmup + a.steps, grad_accum=1)
     bundle, cache = work / "bundle", work / "cache"
     t0 = time.perf_counter()
-    with native_stderr_captured():
+    with native_stderr_captured():  # the export's own capture covers ORT; this one the rest
         export_bundle(lm, plan, load_profile("desktop-cpu"), PROMPT, bundle, formats=["torch", "onnx"])
     print(f"export (torch + onnx): {time.perf_counter() - t0:.1f} s", flush=True)
     del lm
@@ -71,50 +70,6 @@ def build(work: Path, a) -> tuple[Path, Path, int]:
     run_precompute(bundle, write_photos(work / "photos", 3, a.s_max), cache, backend="torch", quiet=True)
     print(f"precompute ({a.samples} entries, torch backend): {time.perf_counter() - t0:.1f} s", flush=True)
     return bundle, cache, n_params
-
-
-@contextlib.contextmanager
-def native_stderr_captured():
-    """ORT's gradient-graph builder logs every graph transformer at info level straight to fd 2 whatever
-    the Python-side severity; keep that out of the bench's output (shown again if the block fails)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as buf:
-        os.dup2(buf.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            buf.seek(0)
-            sys.stderr.write(buf.read().decode(errors="replace"))
-            raise
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-@contextlib.contextmanager
-def ort_threads(threads: int):
-    """OrtTrainer builds its training session with default options; give it ``threads`` intra-op threads."""
-    import onnxruntime
-    from onnxruntime.training import api
-
-    orig = api.Module
-
-    def module(*args, **kw):
-        so = onnxruntime.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        return orig(*args, session_options=so, **kw)
-
-    api.Module = module
-    try:
-        yield
-    finally:
-        api.Module = orig
 
 
 def time_steps(step, entries: list, warmup: int, steps: int) -> tuple[list[float], list[float]]:
@@ -171,8 +126,7 @@ def bench_ort(bundle_dir: Path, cache_dir: Path, a) -> dict:
 
     cache = ResidualCache(cache_dir)
     entries = [load_file(cache.path(k)) for k in range(len(cache.schedule))]
-    with ort_threads(a.threads):
-        trainer = OrtTrainer(Bundle(bundle_dir))
+    trainer = OrtTrainer(Bundle(bundle_dir), threads=a.threads)
 
     def step(entry):
         loss = trainer.loss_and_grad(entry, 1.0)

@@ -140,10 +140,8 @@ def main(argv=None) -> int:
         plan = plan_from_args(a, "float32" if a.model == "tiny" else profile.dtype)
         import torch
 
-        from blockskip.export.bundle_writer import DTYPES, check_output, export_bundle
+        from blockskip.export.bundle_writer import DTYPES, check_formats, check_output, export_bundle
         from blockskip.export.families import load_model
-
-        from blockskip.export.bundle_writer import check_formats
 
         formats = check_formats([f.strip() for f in a.format.split(",") if f.strip()])
         check_output(Path(a.output), a.force)

@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
-
 import torch
 from torch import nn
 
@@ -171,7 +173,6 @@ def _optimize(model, should_fold) -> None:
 def _fix_layer_norm(proto) -> None:
     """Give every LayerNormalization its own scale and a bias, and the Mean/InvStdDev outputs: ORT's
     gradient builder needs all three inputs and outputs, and distinct initializer names."""
-    import numpy as np
     from onnx import numpy_helper
 
     g = proto.graph
@@ -205,6 +206,29 @@ def _fix_layer_norm(proto) -> None:
 
 def _is_param(name: str) -> bool:
     return "." in name and not name.startswith("val_")
+
+
+@contextlib.contextmanager
+def native_stderr_captured():
+    """ORT's gradient-graph builder logs every graph transformer at info level straight to fd 2 whatever
+    the Python-side severity; keep that out of the output (shown again if the block fails)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            buf.seek(0)
+            sys.stderr.write(buf.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
 
 
 @contextlib.contextmanager
@@ -396,7 +420,7 @@ def generate_training_artifacts(proto, trainable: list[str], frozen: list[str], 
 
     onnxruntime.set_default_logger_severity(3)
     opt = onnxblock.optim.AdamW(betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=plan.weight_decay)
-    with _quiet():
+    with _quiet(), native_stderr_captured():
         artifacts.generate_artifacts(proto, requires_grad=trainable, frozen_params=frozen, loss=None,
                                      optimizer=opt, artifact_directory=out)
     names = {"training": "training_model.onnx", "eval": "eval_model.onnx", "optimizer": "optimizer_model.onnx",

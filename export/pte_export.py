@@ -103,7 +103,12 @@ def _fix_graph(gm: torch.fx.GraphModule) -> None:
 
 
 def _lower(ep, delegate: str, training: bool):
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
+    from executorch.exir import (
+        EdgeCompileConfig,
+        ExecutorchBackendConfig,
+        to_edge,
+        to_edge_transform_and_lower,
+    )
 
     cfg = EdgeCompileConfig(_check_ir_validity=True)
     if delegate == "xnnpack":

@@ -176,14 +176,19 @@ def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, p
 class OrtTrainer:
     """The training artifacts of a bundle, loaded: one ``step`` per optimizer update."""
 
-    def __init__(self, bundle: Bundle, checkpoint: Path | None = None):
-        _, api = _ort()
+    def __init__(self, bundle: Bundle, checkpoint: Path | None = None, threads: int | None = None):
+        """``threads``: ORT intra-op threads (default: ORT's, one per core)."""
+        ort, api = _ort()
         self.bundle, self.sec = bundle, _section(bundle)["train"]
         files = self.sec["files"]
         ckpt = checkpoint if checkpoint is not None else bundle.path(files["checkpoint"])
         self.state = api.CheckpointState.load_checkpoint(str(ckpt))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         self.module = api.Module(str(bundle.path(files["training"])), self.state,
-                                 str(bundle.path(files["eval"])), device="cpu")
+                                 str(bundle.path(files["eval"])), device="cpu", session_options=opts)
         self.optimizer = api.Optimizer(str(bundle.path(files["optimizer"])), self.module)
         self.optimizer.set_learning_rate(bundle.plan.lr)
         self.inputs = list(self.sec["inputs"])
