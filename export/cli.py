@@ -113,6 +113,23 @@ def fit_plan(lm, plan: Plan, profile, a) -> Plan:
                                base_quant=p.base_quant, checkpointing=p.checkpointing, vae_tiling=p.vae_tiling)
 
 
+def pte_memory_report(bundle_dir) -> str:
+    """What the ExecuTorch programs need, read from the bundle: each program's bytes (weights inline)
+    plus its memory-planned arena; training also holds the LoRA .ptd."""
+    from blockskip.runtime.bundle import Bundle
+
+    b = Bundle(bundle_dir)
+    sec = b.manifest["pte"]
+    size = {rel: rec["size"] for rel, rec in b.manifest["files"].items()}
+    mib = 2**20
+    t = sec["train"]
+    train = size[t["file"]] + size[t["data"]] + t["arena_bytes"]
+    pre = max(size[r["file"]] + r["arena_bytes"] for r in sec["blocks"] + [sec["encoder"]])
+    return (f"executorch memory (planned, before runtime overhead): training {train / mib:.1f} MiB "
+            f"(program {size[t['file']] / mib:.1f} + LoRA {size[t['data']] / mib:.2f} + arena "
+            f"{t['arena_bytes'] / mib:.1f}); precompute, largest program {pre / mib:.1f} MiB")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="blockskip-export", description="Split a DiT into a device bundle for BlockSkip LoRA training.",
@@ -158,13 +175,7 @@ def main(argv=None) -> int:
         out = export_bundle(lm, plan, profile, a.prompt, a.output, force=a.force, formats=formats,
                             log=lambda msg: print(msg, file=sys.stderr), delegate=a.delegate)
         if "pte" in formats:
-            from blockskip.runtime.bundle import Bundle
-
-            sec = Bundle(out).manifest["pte"]
-            arena = max([sec["train"]["arena_bytes"]] + [b["arena_bytes"] for b in sec["blocks"]])
-            print(f"executorch planned arenas: training {sec['train']['arena_bytes'] / 2**20:.1f} MiB, "
-                  f"largest precompute program {max(b['arena_bytes'] for b in sec['blocks']) / 2**20:.1f} MiB "
-                  f"(max {arena / 2**20:.1f} MiB)", file=sys.stderr)
+            print(pte_memory_report(out), file=sys.stderr)
         n = len(lm.family.block_paths())
         trained = plan.trained_indices(n)
         print(f"bundle written to {out}  (family {lm.family.name}, {n} blocks, training {trained[0]}..{trained[-1]}"
