@@ -104,7 +104,8 @@ def fit_plan(lm, plan: Plan, profile, a) -> Plan:
                   f"(budget {w.budget / 2**30:.2f} GiB)", file=sys.stderr)
         return plan
     kw = fixed_axes(lm.family.num_blocks, split=(plan.front_skip, plan.back_skip) if fixed_split else None,
-                    s_mins=[plan.s_min], rank=a.rank, base_quant=a.base_quant, checkpointing=a.checkpointing)
+                    s_mins=[plan.s_min], rank=a.rank, base_quant=a.base_quant, checkpointing=a.checkpointing,
+                    model=lm.name)
     print(f"fitting the plan to {profile.name} (budget {profile.budget_gib:.2f} GiB) ...", file=sys.stderr)
     best = require_fit(search(spec, plan, profile, **kw), profile)
     print(f"plan: {best.describe()}; predicted peak {best.peak / 2**30:.2f} GiB", file=sys.stderr)

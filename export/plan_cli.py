@@ -71,7 +71,8 @@ def _run(a) -> int:
         kw = fixed_axes(spec.family.num_blocks,
                         split=(a.front_skip or 0, a.back_skip or 0) if split_given else None,
                         s_mins=[a.s_min] if a.s_min else [base.s_min, max(spec.granularity, base.s_min // 2)],
-                        rank=a.rank, base_quant=a.base_quant, checkpointing=a.checkpointing)
+                        rank=a.rank, base_quant=a.base_quant, checkpointing=a.checkpointing,
+                        model=getattr(spec, "name", None))
         result = search(spec, base, profile, log=say, **kw)
         best, nxt = require_fit(result, profile), result.next_bigger
     # K: as many samples as the storage budget holds (up to the wanted number)

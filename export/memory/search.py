@@ -169,12 +169,22 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
 
 
 def fixed_axes(num_blocks: int, *, split: tuple[int, int] | None = None, s_mins=None, rank=None,
-               base_quant=None, checkpointing=None) -> dict:
-    """search() keyword arguments that pin what the user gave (None: leave that axis to the search)."""
+               base_quant=None, checkpointing=None, model: str | None = None) -> dict:
+    """search() keyword arguments that pin what the user gave (None: leave that axis to the search).
+    An unpinned split comes from the model's committed selection table (``blockskip-select``) for the
+    ratios it covers."""
     kw: dict = {}
     if split is not None:
         ratio = (split[0] + split[1]) / num_blocks
         kw["ratios"], kw["split_table"] = [ratio], {str(ratio): split}
+    elif model is not None:
+        from blockskip.export.select import load_table
+        from blockskip.export.select import split_table as table_splits
+
+        table = load_table(model, num_blocks)
+        if table is not None:
+            kw["split_table"] = table_splits(table)
+            kw["ratios"] = sorted(set(RATIOS) | {float(r) for r in kw["split_table"]})
     if s_mins is not None:
         kw["s_mins"] = list(s_mins)
     if rank is not None:

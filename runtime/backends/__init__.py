@@ -9,6 +9,11 @@ from blockskip.runtime.errors import BlockSkipError
 # bitsandbytes (imported by peft when installed) warns on every import that an optional CPU kernel
 # package is missing; it falls back by itself, so the line only confuses users.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# torchao (installed with executorch, imported by diffusers) warns about optional CUDA kernels it cannot
+# load on a CPU machine, diffusers then about torchao, torch about enum registration: none of it
+# concerns this project, and it buries the CLI output.
+for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 BACKENDS = ("torch", "ort")
 
