@@ -1,6 +1,7 @@
 # dit-blockskip: two commands on a fresh machine.
 #   make demo   export the built-in tiny model and train a LoRA on device (offline)
-#   make test   run the test suite
+#   make test   run the test suite (builds the native runner first)
+#   make native build the native ExecuTorch training runner into build/native
 # Both create .venv and install what is missing (torch 2.13.0 CPU wheel from this disk).
 
 PY      ?= python3.11
@@ -8,8 +9,9 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 DEMO    ?= out/demo
+NATIVE  ?= build/native
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean native
 
 venv: $(STAMP)
 
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: a bare 'torch' requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[torch,test,dev,quant,ort]'
+	$(BIN)/pip install -q -e '.[torch,test,dev,quant,ort,executorch,eval]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: venv
@@ -29,7 +31,14 @@ demo: venv
 	$(BIN)/device-train run $(DEMO)/bundle --images $(DEMO)/photos -o $(DEMO)/run
 	@echo "LoRA: $(DEMO)/run/lora.safetensors  (log: $(DEMO)/run/train_log.json)"
 
-test: venv
+# the native runner (C++, links the ExecuTorch runtime shipped in the executorch wheel); CMake >= 3.28
+# comes from pip into the venv, so the ExecuTorch package's imported targets are available
+native: venv
+	test -x $(BIN)/cmake || $(BIN)/pip install -q 'cmake>=3.28'
+	$(BIN)/cmake -S . -B $(NATIVE) -DBLOCKSKIP_BUILD_NATIVE=ON -DPython3_EXECUTABLE=$(abspath $(BIN)/python)
+	$(BIN)/cmake --build $(NATIVE) -j2
+
+test: venv native
 	$(BIN)/python -m pytest -q
 
 lint: venv
