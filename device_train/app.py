@@ -16,7 +16,8 @@ def image_source(bundle: Bundle, images_dir) -> dict:
     return {"bundle": bundle.manifest_sha256, "images": {p.name: sha256_file(p) for p in files}}
 
 
-CHECKPOINT_FILES = {"torch": "checkpoint.safetensors", "ort": "ort_checkpoint"}
+# executorch writes the torch backend's checkpoint (same tensors, same AdamW): either resumes the other
+CHECKPOINT_FILES = {"torch": "checkpoint.safetensors", "executorch": "checkpoint.safetensors", "ort": "ort_checkpoint"}
 
 
 def check_checkpoint_matches(out_dir, source: dict, backend: str = "torch") -> None:
@@ -29,10 +30,10 @@ def check_checkpoint_matches(out_dir, source: dict, backend: str = "torch") -> N
 
     ckpt_dir = Path(out_dir) / "checkpoint"
     check_checkpoint_backend(out_dir, backend)
-    if backend == "torch":
+    if backend in ("torch", "executorch"):
         from safetensors import safe_open
 
-        ckpt = ckpt_dir / CHECKPOINT_FILES["torch"]
+        ckpt = ckpt_dir / CHECKPOINT_FILES[backend]
         if not ckpt.is_file():
             return
         try:
@@ -75,11 +76,14 @@ def check_checkpoint_backend(out_dir, backend: str) -> None:
     from blockskip.runtime.errors import BlockSkipError
 
     ckpt_dir = Path(out_dir) / "checkpoint"
-    for other, name in CHECKPOINT_FILES.items():
-        if other != backend and (ckpt_dir / name).is_file():
+    own = CHECKPOINT_FILES.get(backend)
+    for name in dict.fromkeys(CHECKPOINT_FILES.values()):
+        if name != own and (ckpt_dir / name).is_file():
+            first, *also = [b for b, f in CHECKPOINT_FILES.items() if f == name]
+            shared = f" (or the {' or '.join(also)} backend, which shares its checkpoint)" if also else ""
             raise BlockSkipError(
-                f"{ckpt_dir / name} was written by the {other} backend; resume with --backend {other}, "
-                f"or use a new output folder (-o)"
+                f"{ckpt_dir / name} was written by the {first} backend{shared}; resume with "
+                f"{' or '.join(f'--backend {x}' for x in [first, *also])}, or use a new output folder (-o)"
             )
 
 

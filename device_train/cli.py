@@ -28,8 +28,10 @@ def main(argv=None) -> int:
         sp.add_argument("--cache", default=None if not cache else None,
                         help="residual cache folder (default: OUTPUT/cache)")
         sp.add_argument("--backend", default="torch",
-                        help="runtime backend: torch, or ort (ONNX Runtime training; needs a bundle "
-                             "exported with --format onnx)")
+                        help="runtime backend: torch, ort (ONNX Runtime training; needs a bundle "
+                             "exported with --format onnx) or executorch (ExecuTorch training program; needs "
+                             "a bundle exported with --format pte). torch and executorch share the "
+                             "checkpoint, so either resumes the other's run")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         sp.add_argument("--debug", action="store_true", help="show tracebacks")
 

@@ -102,6 +102,25 @@ def _fix_graph(gm: torch.fx.GraphModule) -> None:
 # programs
 
 
+def _xnnpack_partitioner():
+    """XNNPACK's partitioner, keeping the tanh-approximated GELU out of the delegate.
+
+    XNNPACK has one GELU, the exact (erf) one, and its GELU config ignores ``approximate``: a
+    ``gelu(x, approximate="tanh")`` (the FLUX and SD3 feed-forwards) would run as the exact GELU in the
+    forward while the backward still differentiates the tanh form, which moved FLUX's LoRA gradients by
+    about 1.6e-4 (relative). Left to the portable kernel it computes the tanh form, as torch does."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import GeluConfig
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class ExactGeluConfig(GeluConfig):
+        def check_constraints(self, node, ep) -> bool:
+            approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+            return approximate == "none" and super().check_constraints(node, ep)
+
+    return XnnpackPartitioner(configs=[ExactGeluConfig if c is GeluConfig else c for c in ALL_PARTITIONER_CONFIGS])
+
+
 def _lower(ep, delegate: str, training: bool):
     from executorch.exir import (
         EdgeCompileConfig,
@@ -112,9 +131,7 @@ def _lower(ep, delegate: str, training: bool):
 
     cfg = EdgeCompileConfig(_check_ir_validity=True)
     if delegate == "xnnpack":
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()], compile_config=cfg)
+        edge = to_edge_transform_and_lower(ep, partitioner=[_xnnpack_partitioner()], compile_config=cfg)
     else:
         edge = to_edge(ep, compile_config=cfg)
     return edge.to_executorch(ExecutorchBackendConfig(external_mutable_weights=training))

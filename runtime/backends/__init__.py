@@ -15,7 +15,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-BACKENDS = ("torch", "ort")
+BACKENDS = ("torch", "ort", "executorch")
 
 
 def get_backend(name: str):
@@ -26,6 +26,15 @@ def get_backend(name: str):
             raise BlockSkipError(
                 f"the ort backend needs onnxruntime-training-cpu==1.19.2, torch and diffusers ({e}); "
                 "pip install 'dit-blockskip[torch,ort]'"
+            ) from e
+        return backend
+    if name == "executorch":
+        try:
+            from blockskip.runtime.backends import executorch as backend
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise BlockSkipError(
+                f"the executorch backend needs executorch==1.5.1, torch and diffusers ({e}); "
+                "pip install 'dit-blockskip[torch,executorch]'"
             ) from e
         return backend
     if name == "torch":
