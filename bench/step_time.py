@@ -1,19 +1,23 @@
-"""Training-step time on CPU: the ``ort`` backend (ONNX Runtime training) vs the ``torch`` backend (eager).
+"""Training-step time on CPU for the same trained span: torch (eager) vs ONNX Runtime training vs
+ExecuTorch (portable kernels, and XNNPACK-delegated).
 
 Builds a mid-size FLUX-like transformer in-process (random weights, seeded; ~63M parameters), exports
-one bundle with both formats (torch + onnx) for a plan that trains 2 of its 4 blocks (front skip 1,
-back skip 1) with LoRA in float32, precomputes a small cache of random photos with the torch backend,
-and then times optimizer steps (grad_accum 1) on the same cache entries, loaded before timing:
+bundles for a plan that trains 2 of its 4 blocks (front skip 1, back skip 1) with LoRA in float32 --
+one with the torch, onnx and pte formats, one with pte lowered to XNNPACK -- precomputes a small cache
+of random photos with the torch backend, then times optimizer steps (grad_accum 1) on the same cache
+entries, loaded before timing, each backend exactly as its ``train()`` steps:
 
-* torch: ``TrainedSpan`` + ``torch.optim.AdamW`` -- loss, backward, step, zero_grad, as the torch
-  backend's ``train()`` does per step;
-* ort: ``OrtTrainer.loss_and_grad`` + ``update``, as the ort backend's ``train()`` does per step.
+* torch: ``TrainedSpan`` + ``torch.optim.AdamW`` (loss, backward, step, zero_grad);
+* ort: ``OrtTrainer.loss_and_grad`` + ``update`` (ORT training 1.19.2);
+* executorch / executorch-xnnpack: ``EtTrainer.loss_and_grad`` + ``update`` (the program's
+  forward-backward, then our AdamW on its weights).
 
-Both run with the same number of intra-op threads. Prints the setup, the losses of both (they start
-from the same LoRA and see the same entries, so they should agree) and a markdown table.
+torch and ORT get the same intra-op thread count; the ExecuTorch Python runtime uses its own
+threadpool. Prints the setup, the losses (all start from the same LoRA and see the same entries, so
+they agree) and a markdown table.
 
-    python -m bench.ort_step                       # ~30 s on 2 cores (export ~15 s)
-    python -m bench.ort_step --steps 50 --threads 1
+    python -m bench.step_time                      # ~3-4 min on 2 cores (exports dominate)
+    python -m bench.step_time --backends torch,ort --steps 50
 """
 
 from __future__ import annotations
@@ -62,9 +66,15 @@ def build(work: Path, a) -> tuple[Path, Path, int]:
                 lora_rank=a.rank, dtype="float32", steps=a.warmup + a.steps, grad_accum=1)
     bundle, cache = work / "bundle", work / "cache"
     t0 = time.perf_counter()
+    formats = ["torch"] + (["onnx"] if "ort" in a.backends else []) + (["pte"] if "executorch" in a.backends else [])
     with native_stderr_captured():  # the export's own capture covers ORT; this one the rest
-        export_bundle(lm, plan, load_profile("desktop-cpu"), PROMPT, bundle, formats=["torch", "onnx"])
-    print(f"export (torch + onnx): {time.perf_counter() - t0:.1f} s", flush=True)
+        export_bundle(lm, plan, load_profile("desktop-cpu"), PROMPT, bundle, formats=formats)
+        print(f"export ({' + '.join(formats)}): {time.perf_counter() - t0:.1f} s", flush=True)
+        if "executorch-xnnpack" in a.backends:
+            t0 = time.perf_counter()
+            export_bundle(lm, plan, load_profile("desktop-cpu"), PROMPT, work / "bundle-xnnpack", formats=["pte"],
+                          delegate="xnnpack")
+            print(f"export (pte, XNNPACK): {time.perf_counter() - t0:.1f} s", flush=True)
     del lm
     t0 = time.perf_counter()
     run_precompute(bundle, write_photos(work / "photos", 3, a.s_max), cache, backend="torch", quiet=True)
@@ -137,6 +147,31 @@ def bench_ort(bundle_dir: Path, cache_dir: Path, a) -> dict:
     return {"losses": losses, "secs": secs, "lora": sum(v.size for v in trainer.lora().values())}
 
 
+def bench_executorch(bundle_dir: Path, cache_dir: Path, a) -> dict:
+    from safetensors.torch import load_file
+
+    from blockskip.runtime.backends.executorch import EtTrainer
+    from blockskip.runtime.bundle import Bundle
+    from blockskip.runtime.cache import ResidualCache
+
+    cache = ResidualCache(cache_dir)
+    entries = [load_file(cache.path(k)) for k in range(len(cache.schedule))]
+    trainer = EtTrainer(Bundle(bundle_dir))
+
+    def step(entry):
+        loss = trainer.loss_and_grad(entry, 1.0)
+        trainer.update()
+        return loss
+
+    losses, secs = time_steps(step, entries, a.warmup, a.steps)
+    return {"losses": losses, "secs": secs, "lora": sum(v.numel() for v in trainer.lora().values())}
+
+
+BACKENDS = ("torch", "ort", "executorch", "executorch-xnnpack")
+LABELS = {"torch": "torch (eager, AdamW)", "ort": "ort (ORT training 1.19.2)",
+          "executorch": "executorch (portable kernels)", "executorch-xnnpack": "executorch (XNNPACK)"}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per backend (default 20)")
@@ -147,10 +182,16 @@ def main(argv=None) -> int:
     ap.add_argument("--s-min", type=int, default=128, help="training crop side in px (default 128: 256 image tokens)")
     ap.add_argument("--s-max", type=int, default=256, help="photo side in px (default 256)")
     ap.add_argument("--samples", type=int, default=4, help="cache entries (default 4)")
+    ap.add_argument("--backends", default=",".join(BACKENDS),
+                    help=f"comma-separated, from {', '.join(BACKENDS)} (torch is always the reference)")
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep the bundle and cache there")
     a = ap.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
+    a.backends = ["torch"] + [b for b in a.backends.split(",") if b.strip() and b.strip() != "torch"]
+    bad = [b for b in a.backends if b not in BACKENDS]
+    if bad:
+        ap.error(f"unknown backends {bad}; choose from {', '.join(BACKENDS)}")
 
     import torch
 
@@ -164,34 +205,41 @@ def main(argv=None) -> int:
             ap.error(f"--keep {work} exists and is not empty")
         work.mkdir(parents=True, exist_ok=True)
     else:
-        tmp = tempfile.mkdtemp(prefix="ort_step.")
+        tmp = tempfile.mkdtemp(prefix="step_time.")
         work = Path(tmp)
     try:
         bundle, cache, n_params = build(work, a)
-        t = bench_torch(bundle, cache, a)
-        o = bench_ort(bundle, cache, a)
+        results = {"torch": bench_torch(bundle, cache, a)}
+        if "ort" in a.backends:
+            results["ort"] = bench_ort(bundle, cache, a)
+        if "executorch" in a.backends:
+            results["executorch"] = bench_executorch(bundle, cache, a)
+        if "executorch-xnnpack" in a.backends:
+            results["executorch-xnnpack"] = bench_executorch(work / "bundle-xnnpack", cache, a)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     print()
+    t = results["torch"]
     print(f"threads: {a.threads} (torch intra-op = ORT intra-op)")
     print(f"model: FLUX-like, {n_params / 1e6:.1f}M parameters, 4 blocks; trained blocks {t['trained']}")
     print(f"trained span: {t['base'] / 1e6:.1f}M frozen base parameters (trained blocks + head), "
-          f"{t['lora'] / 1e6:.2f}M LoRA parameters (rank {a.rank}; ORT: {o['lora'] / 1e6:.2f}M)")
+          f"{t['lora'] / 1e6:.2f}M LoRA parameters (rank {a.rank})")
     print(f"tokens per step: {t['img_tokens']} image + {t['txt_tokens']} text ({a.s_min} px crops), float32, "
           "grad_accum 1")
-    print(f"loss step 1: torch {t['losses'][0]:.6f}  ort {o['losses'][0]:.6f}  "
-          f"(rel diff {abs(o['losses'][0] / t['losses'][0] - 1):.1e})")
-    print(f"loss step {len(t['losses'])}: torch {t['losses'][-1]:.6f}  ort {o['losses'][-1]:.6f}  "
-          f"(rel diff {abs(o['losses'][-1] / t['losses'][-1] - 1):.1e})")
+    for name, r in results.items():
+        if name != "torch":
+            print(f"{name}: {r['lora'] / 1e6:.2f}M LoRA parameters; loss step 1 {r['losses'][0]:.6f} vs torch "
+                  f"{t['losses'][0]:.6f} (rel diff {abs(r['losses'][0] / t['losses'][0] - 1):.1e}), step "
+                  f"{len(r['losses'])} rel diff {abs(r['losses'][-1] / t['losses'][-1] - 1):.1e}")
     print(f"\n{a.steps} timed steps after {a.warmup} warm-up steps:\n")
     print("| backend | median ms/step | mean ms/step | speed vs torch |")
     print("|---|---|---|---|")
     ref = statistics.median(t["secs"])
-    for name, r in (("torch (eager, AdamW)", t), ("ort (ORT training 1.19.2, AdamW)", o)):
+    for name, r in results.items():
         med, mean = statistics.median(r["secs"]), statistics.fmean(r["secs"])
-        print(f"| {name} | {med * 1e3:.1f} | {mean * 1e3:.1f} | {ref / med:.2f}x |")
+        print(f"| {LABELS[name]} | {med * 1e3:.1f} | {mean * 1e3:.1f} | {ref / med:.2f}x |")
     if a.keep:
         print(f"\nbundle and cache kept in {work}")
     print(f"\n({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
