@@ -20,35 +20,16 @@ export under the math SDPA kernel (the fused kernels' backward is not Core ATen)
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from blockskip.runtime.backends.executorch import quiet
 from blockskip.runtime.errors import PlanError
 
 DELEGATES = ("none", "xnnpack")
-
-
-@contextlib.contextmanager
-def quiet():
-    """executorch and torchao log loader warnings and deprecations on import and export."""
-    names = ("torchao", "executorch", "torch._export", "torch.export", "torch.utils._pytree", "root")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
 
 
 # --------------------------------------------------------------------------------------------

@@ -206,7 +206,9 @@ def test_device_train_cli_executorch_end_to_end(full_run, photos, capfd):
                           "--backend", "executorch", "--quiet"])
     captured = capfd.readouterr()
     assert rc == 0, captured.err
-    for noise in ("cpuinfo", "torchao", "ExperimentalWarning", "Traceback"):
+    # ExecuTorch's native [cpuinfo_utils.cpp] lines: whether they show up here depends on what this test
+    # process ran before (the fixtures' exports); test_train_output_is_clean_in_a_fresh_process checks them
+    for noise in ("torchao", "ExperimentalWarning", "Traceback"):
         assert noise not in captured.err, captured.err
     log = json.loads((out / "train_log.json").read_text())
     assert log["backend"] == "executorch" and len(log["losses"]) == PLAN["steps"]

@@ -39,9 +39,11 @@ CHECKPOINT = "checkpoint.safetensors"  # inside OUT/checkpoint/: the torch backe
 
 
 @contextlib.contextmanager
-def _quiet():
-    """executorch/torchao log optional-kernel failures and API deprecations on import and load."""
-    loggers = [logging.getLogger(n) for n in ("torchao", "executorch", "torch.utils._pytree")]
+def quiet():
+    """executorch/torchao (and torch.export, when exporting) log optional-kernel failures and API
+    deprecations on import, load and export."""
+    names = ("torchao", "executorch", "torch._export", "torch.export", "torch.utils._pytree", "root")
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -55,7 +57,6 @@ def _quiet():
 
 
 _NATIVE_NOISE = ("[cpuinfo_utils.cpp:",)
-_native_noise_seen = False
 
 
 @contextlib.contextmanager
@@ -63,10 +64,6 @@ def _native_log():
     """Run a program with the native runtime's stderr (fd 2) captured, then pass its lines on, less the
     ones ExecuTorch logs once when its thread pool starts (how it read the CPU description): they are
     no fault and would break into the progress bars. Other lines are kept (printed after the call)."""
-    global _native_noise_seen
-    if _native_noise_seen:
-        yield
-        return
     import os
     import sys
     import tempfile
@@ -84,7 +81,6 @@ def _native_log():
             tmp.seek(0)
             lines = tmp.read().decode(errors="replace").splitlines(keepends=True)
             keep = [ln for ln in lines if not ln.startswith(_NATIVE_NOISE)]
-            _native_noise_seen = _native_noise_seen or len(keep) < len(lines)
             if keep:
                 os.write(2, "".join(keep).encode())
 
@@ -92,7 +88,7 @@ def _native_log():
 def _et():
     """ExecuTorch's program loader and training module."""
     try:
-        with _quiet():
+        with quiet(), _native_log():
             from executorch.extension.pybindings.portable_lib import _load_for_executorch
             from executorch.extension.training import TrainingModule
     except ImportError as e:
@@ -104,7 +100,7 @@ def _et():
 
 def _load_program(path: Path, data: Path | None = None):
     load, _ = _et()
-    with _quiet():
+    with quiet(), _native_log():
         return load(str(path), str(data)) if data is not None else load(str(path))
 
 
@@ -188,41 +184,14 @@ def encode_latents(bundle: Bundle, images: np.ndarray):
 
 
 def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None):
-    from safetensors.torch import save_file
-
-    from blockskip.runtime.backends.torch import _valid_shard, blocks_to_run, compute_entries, prompt_text
-
-    plan = bundle.plan
-    _section(bundle)
-    schedule = bundle.schedule(len(images))
-    cache = ResidualCache.create(cache_dir, source=source, schedule=schedule)
-    todo = [k for k in range(len(schedule)) if not _valid_shard(cache, k)]
-    progress = progress or Progress(quiet=True)
-    if not todo:
-        progress.log(f"cache complete: {len(schedule)} entries in {cache.root}")
-        return cache
     import torch
 
-    store = _store(bundle)
-    latents = encode_latents(bundle, images)
-    text = prompt_text(store, torch.float32)
-    chunk = plan.precompute_chunk or len(todo)
-    passes = (len(todo) + chunk - 1) // chunk
-    bar = progress.bar(len(todo) + passes * blocks_to_run(bundle.trained, store.family.num_blocks), "precompute")
-    for c0 in range(0, len(todo), chunk):
-        ks = todo[c0 : c0 + chunk]
-        entries = compute_entries(store, latents, text, [schedule[k] for k in ks], plan,
-                                  bundle.manifest["vae_factor"], bundle.trained, bar)
-        for k, tensors in zip(ks, entries):
-            atomic_write(cache.root / cache.shard_name(k), lambda tmp, t=tensors: save_file(t, tmp))
-            cache.record(k)
-            cache.flush()
-            bar.update(1, entry=k)
-        del entries
-    bar.close()
-    cache.index["max_resident_blocks"] = store.max_resident
-    cache.flush()
-    return cache
+    from blockskip.runtime.backends.torch import precompute_with
+
+    _section(bundle)
+    return precompute_with(bundle, images, cache_dir, source=source, progress=progress,
+                           make_store=lambda: _store(bundle), encode=lambda store: encode_latents(bundle, images),
+                           dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +243,7 @@ class EtTrainer:
         if "data" not in self.sec:
             raise BundleError(f"bundle {bundle.root} has no LoRA weights (.ptd) for its training program; export again")
         program = _load_program(bundle.path(self.sec["file"]), bundle.path(self.sec["data"]))
-        with _quiet():
+        with quiet():
             self.module = training_module(program)
         self.inputs = list(self.sec["inputs"])
         self.shapes = {n: list(s) for n, s in self.sec["shapes"].items()}
@@ -301,7 +270,7 @@ class EtTrainer:
 
     def _run(self, entry: dict, scale: float):
         feed = self.feed(entry, scale)
-        with _quiet(), _native_log():
+        with quiet(), _native_log():
             return self.module.forward_backward("forward", feed)
 
     def parameters(self) -> dict:

@@ -132,41 +132,14 @@ def encode_latents(bundle: Bundle, images: np.ndarray):
 
 
 def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None):
-    from safetensors.torch import save_file
-
-    from blockskip.runtime.backends.torch import _valid_shard, blocks_to_run, compute_entries, prompt_text
-
-    plan = bundle.plan
-    _section(bundle)
-    schedule = bundle.schedule(len(images))
-    cache = ResidualCache.create(cache_dir, source=source, schedule=schedule)
-    todo = [k for k in range(len(schedule)) if not _valid_shard(cache, k)]
-    progress = progress or Progress(quiet=True)
-    if not todo:
-        progress.log(f"cache complete: {len(schedule)} entries in {cache.root}")
-        return cache
     import torch
 
-    store = _store(bundle)
-    latents = encode_latents(bundle, images)
-    text = prompt_text(store, torch.float32)
-    chunk = plan.precompute_chunk or len(todo)
-    passes = (len(todo) + chunk - 1) // chunk
-    bar = progress.bar(len(todo) + passes * blocks_to_run(bundle.trained, store.family.num_blocks), "precompute")
-    for c0 in range(0, len(todo), chunk):
-        ks = todo[c0 : c0 + chunk]
-        entries = compute_entries(store, latents, text, [schedule[k] for k in ks], plan,
-                                  bundle.manifest["vae_factor"], bundle.trained, bar)
-        for k, tensors in zip(ks, entries):
-            atomic_write(cache.root / cache.shard_name(k), lambda tmp, t=tensors: save_file(t, tmp))
-            cache.record(k)
-            cache.flush()
-            bar.update(1, entry=k)
-        del entries
-    bar.close()
-    cache.index["max_resident_blocks"] = store.max_resident
-    cache.flush()
-    return cache
+    from blockskip.runtime.backends.torch import precompute_with
+
+    _section(bundle)
+    return precompute_with(bundle, images, cache_dir, source=source, progress=progress,
+                           make_store=lambda: _store(bundle), encode=lambda store: encode_latents(bundle, images),
+                           dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,6 +69,16 @@ def require_torch_format(bundle: Bundle) -> None:
 def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None):
     require_torch_format(bundle)
     plan = bundle.plan
+    return precompute_with(bundle, images, cache_dir, source=source, progress=progress,
+                           make_store=lambda: BlockStore(bundle), dtype=torch_dtype(plan.dtype),
+                           encode=lambda store: encode_latents(store, images, torch_dtype(plan.dtype), plan.vae_tiling))
+
+
+def precompute_with(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None,
+                    make_store, encode, dtype):
+    """The precompute loop every backend shares: ``make_store()`` gives the BlockStore whose blocks it
+    streams (safetensors, ORT sessions, ExecuTorch programs), ``encode(store)`` the photos' latents."""
+    plan = bundle.plan
     schedule = bundle.schedule(len(images))
     cache = ResidualCache.create(cache_dir, source=source, schedule=schedule)
     todo = [k for k in range(len(schedule)) if not _valid_shard(cache, k)]
@@ -77,9 +87,9 @@ def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, p
         progress.log(f"cache complete: {len(schedule)} entries in {cache.root}")
         return cache
 
-    store = BlockStore(bundle)
-    latents = encode_latents(store, images, torch_dtype(plan.dtype), plan.vae_tiling)
-    text = prompt_text(store, torch_dtype(plan.dtype))
+    store = make_store()
+    latents = encode(store)
+    text = prompt_text(store, dtype)
     chunk = plan.precompute_chunk or len(todo)
     passes = (len(todo) + chunk - 1) // chunk
     bar = progress.bar(len(todo) + passes * blocks_to_run(bundle.trained, store.family.num_blocks), "precompute")
