@@ -14,9 +14,7 @@ plain ``onnxruntime`` package (both own the ``onnxruntime/`` folder).
 from __future__ import annotations
 
 import json
-import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ from blockskip.runtime.errors import BlockSkipError, BundleError
 from blockskip.runtime.files import atomic_write, ensure_writable_dir
 from blockskip.runtime.memory import peak_rss_mib
 from blockskip.runtime.progress import Progress
+from blockskip.runtime.train_loop import run_steps
 
 CHECKPOINT = "ort_checkpoint"  # inside OUT/checkpoint/
 
@@ -229,7 +228,6 @@ def train(bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = Non
     cache = ResidualCache(cache_dir)
     cache.check_complete({"bundle": bundle.manifest_sha256})
     out = ensure_writable_dir(out_dir)
-    K = len(cache.schedule)
     ckpt_dir = out / "checkpoint"
     ckpt = ckpt_dir / CHECKPOINT
     log = {"plan": plan.to_dict(), "backend": "ort", "losses": [], "step_seconds": [], "resumed_from": 0,
@@ -247,30 +245,17 @@ def train(bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = Non
     log["resumed_from"] = start
     if start:
         progress.log(f"resuming from step {start} ({ckpt_dir})")
-    pool = ThreadPoolExecutor(1)
-    order = [(s * plan.grad_accum + j) % K for s in range(plan.steps) for j in range(plan.grad_accum)]
-    pos = start * plan.grad_accum
-    nxt = pool.submit(_load_entry, cache, order[pos]) if pos < len(order) else None
     bar = progress.bar(plan.steps, "train", initial=start)
     end = plan.steps if stop_after is None else min(plan.steps, stop_after)
-    for step in range(start, end):
-        t0 = time.perf_counter()
-        total = 0.0
-        for _ in range(plan.grad_accum):
-            entry = nxt.result()
-            pos += 1
-            nxt = pool.submit(_load_entry, cache, order[pos]) if pos < len(order) else None  # prefetch
-            total += trainer.loss_and_grad(entry, 1.0 / plan.grad_accum) / plan.grad_accum
-        trainer.update()
-        dt = time.perf_counter() - t0
-        log["losses"].append(total)
-        log["step_seconds"].append(dt)
-        bar.update(1, loss=f"{total:.4f}", peak=f"{peak_rss_mib():.0f}MiB")
-        if (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.steps:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            trainer.save(ckpt, step + 1, log)
+
+    def _save(step):
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        trainer.save(ckpt, step, log)
+
+    run_steps(cache, plan, log, bar, start=start, end=end, load_entry=_load_entry,
+              micro_step=lambda entry: trainer.loss_and_grad(entry, 1.0 / plan.grad_accum),
+              update=trainer.update, save_checkpoint=_save)
     bar.close()
-    pool.shutdown()
     log["peak_rss_mib"] = peak_rss_mib()
     if end == plan.steps:
         save_lora(out / "lora.safetensors", trainer.lora(), bundle.manifest["lora"])

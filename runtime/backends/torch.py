@@ -8,8 +8,6 @@ meta device and their files are never opened.
 from __future__ import annotations
 
 import json
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +32,7 @@ from blockskip.runtime.errors import BlockSkipError, CacheError
 from blockskip.runtime.files import atomic_write, ensure_writable_dir
 from blockskip.runtime.memory import peak_rss_mib
 from blockskip.runtime.progress import Progress
+from blockskip.runtime.train_loop import run_steps
 
 torch_dtype = DTYPES.__getitem__
 
@@ -278,7 +277,6 @@ def train(bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = Non
     cache = ResidualCache(cache_dir)
     cache.check_complete({"bundle": bundle.manifest_sha256})
     out = ensure_writable_dir(out_dir)
-    K = len(cache.schedule)
     store = BlockStore(bundle)
     span = TrainedSpan(store, bundle.trained, bundle.manifest["lora"], plan.seed, base_quant=plan.base_quant)
     opt = make_optimizer(span.params, plan)
@@ -289,32 +287,21 @@ def train(bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = Non
     log["resumed_from"] = start
     if start:
         progress.log(f"resuming from step {start} ({ckpt_dir})")
-    pool = ThreadPoolExecutor(1)
-    order = [(s * plan.grad_accum + j) % K for s in range(plan.steps) for j in range(plan.grad_accum)]
-    pos = start * plan.grad_accum
-    nxt = pool.submit(_load_entry, cache, order[pos]) if pos < len(order) else None
     bar = progress.bar(plan.steps, "train", initial=start)
     end = plan.steps if stop_after is None else min(plan.steps, stop_after)
-    for step in range(start, end):
-        t0 = time.perf_counter()
-        total = 0.0
-        for _ in range(plan.grad_accum):
-            entry = nxt.result()
-            pos += 1
-            nxt = pool.submit(_load_entry, cache, order[pos]) if pos < len(order) else None  # prefetch
-            loss = span.loss(entry)
-            (loss / plan.grad_accum).backward()
-            total += loss.item() / plan.grad_accum
+
+    def micro_step(entry) -> float:
+        loss = span.loss(entry)
+        (loss / plan.grad_accum).backward()
+        return loss.item()
+
+    def update():
         opt.step()
         opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        log["losses"].append(total)
-        log["step_seconds"].append(dt)
-        bar.update(1, loss=f"{total:.4f}", peak=f"{peak_rss_mib():.0f}MiB")
-        if (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.steps:
-            save_checkpoint(ckpt_dir, span.model, opt, step + 1, log)
+
+    run_steps(cache, plan, log, bar, start=start, end=end, load_entry=_load_entry, micro_step=micro_step,
+              update=update, save_checkpoint=lambda step: save_checkpoint(ckpt_dir, span.model, opt, step, log))
     bar.close()
-    pool.shutdown()
     log["peak_rss_mib"] = peak_rss_mib()
     log["blocks_loaded"] = [r for r in store.loaded if r.startswith("model/blocks/")]
     if end == plan.steps:
