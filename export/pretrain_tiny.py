@@ -238,18 +238,17 @@ def main(argv=None) -> int:
 
     total = args.steps
     limit_s = args.minutes * 60 if args.minutes else float("inf")
-    calib = 20
+    calib = 40
     curve = {"step": [], "train_loss": [], "lr": [], "elapsed_s": [], "val_step": [], "val_loss": []}
     window: list[float] = []
     start = time.time()
-    t_calib = None
+    durations: list[float] = []
     step = 0
     stopped_early = False
     while total is None or step < total:
-        if step == 2:
-            t_calib = time.time()
+        t_step = time.time()
         if total is None and step == calib:  # fix the step count from the measured speed
-            per_step = (time.time() - t_calib) / (calib - 2)
+            per_step = float(np.median(durations[2:]))  # the median shrugs off other jobs' bursts
             total = max(calib + 1, int((limit_s - (time.time() - start)) / per_step * 0.95) + calib)
             print(f"{per_step:.2f} s/step -> {total} steps in {args.minutes:g} min", flush=True)
         if time.time() - start > limit_s * (1.1 if args.steps is None else 1.0):
@@ -280,6 +279,7 @@ def main(argv=None) -> int:
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - d)
         window.append(loss.item())
+        durations.append(time.time() - t_step)
         step += 1
         if step % args.log_every == 0 or step == total:
             el = time.time() - start
