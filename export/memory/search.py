@@ -131,7 +131,7 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
             return c
         c = evaluate(spec, plan, profile, memo=memo)
         if (not c.fits and c.worst().phase == "precompute" and not plan.vae_tiling
-                and spec.encoder_spec["class"] != "TinyAutoencoder"):
+                and spec.encoder_spec["class"] not in ("TinyAutoencoder", "PatchDCTAutoencoder")):
             # the photo encoder binds: encode in tiles instead (precompute only; training is unchanged)
             plan = dataclasses.replace(plan, vae_tiling=True)
             c = evaluate(spec, plan, profile, memo=memo)
