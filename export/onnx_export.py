@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from blockskip.export.memory.fake_store import PartsStore
 from blockskip.runtime.backends.torch import gaps, span_forward, span_loss
 from blockskip.runtime.backends.torch_families.base import TorchFamily, tensor_names
-from blockskip.runtime.backends.torch_io import BlockStore
 from blockskip.runtime.errors import PlanError
 
 OPSET = 18
@@ -42,24 +42,12 @@ LOSS_SCALE = "loss_scale"  # graph input: the loss is multiplied by it (1 / grad
 # an in-memory BlockStore, so export reuses the device's own span and precompute code
 
 
-class ModelStore(BlockStore):
+class ModelStore(PartsStore):
     """BlockStore over an in-memory model: loads share the model's tensors (no copies)."""
 
     def __init__(self, family: TorchFamily, model: nn.Module):
-        self.bundle = None
-        self.family = family
-        self.model = family.skeleton()
-        self.loaded, self._alive, self.max_resident = [], {}, 0
+        super().__init__(family)
         self._state = {n: t.detach() for n, t in list(model.named_parameters()) + list(model.named_buffers())}
-        self._parts = {f"model/blocks/block_{i:03d}.safetensors": [p] for i, p in enumerate(family.block_paths())}
-        self._parts["model/embed.safetensors"] = family.embed_prefixes
-        self._parts["model/head.safetensors"] = family.head_prefixes
-
-    def block_file(self, i: int) -> str:
-        return f"model/blocks/block_{i:03d}.safetensors"
-
-    def load_part(self, part: str) -> list[str]:
-        return self._load(f"model/{part}.safetensors")
 
     def _read(self, rel: str) -> dict[str, torch.Tensor]:
         return {n: self._state[n] for n in tensor_names(self.model, self._parts[rel])}

@@ -49,7 +49,10 @@ def decode(encoder, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [-1, 1] with the model's latent mapping (the built-in mappings decode by
     their transpose)."""
     if not hasattr(encoder, "decode"):
-        raise NotImplementedError(f"{type(encoder).__name__} has no decoder here")
+        from blockskip.runtime.errors import ModelError
+
+        raise ModelError(f"the photo encoder {type(encoder).__name__} has no decoder: sampling to images needs "
+                         "a model with the built-in latent mapping")
     with torch.no_grad():
         return encoder.decode(latents.float()).clamp(-1, 1)
 

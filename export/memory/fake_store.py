@@ -9,24 +9,16 @@ from blockskip.runtime.backends.torch_families.latent import ENCODER_PREFIXES, b
 from blockskip.runtime.backends.torch_io import BlockStore
 
 
-class FakeStore(BlockStore):
-    """Mirrors BlockStore over a family and an encoder spec instead of a bundle.
+class PartsStore(BlockStore):
+    """A BlockStore over a family instead of a bundle: the same part names, tensors from elsewhere
+    (subclasses define ``_read``)."""
 
-    Each load creates fresh (fake, when run under FakeTensorMode) tensors of the stored shapes in the
-    bundle dtype, under the tracer category ``frozen_weights`` unless the caller says otherwise.
-    """
-
-    def __init__(self, family: TorchFamily, encoder_spec: dict, prompt_shapes: dict, dtype, tracer=None):
+    def __init__(self, family: TorchFamily):
         self.bundle = None
         self.family = family
         self.model = family.skeleton()
         self.loaded, self._alive, self.max_resident = [], {}, 0
-        self.encoder_spec, self.prompt_shapes, self.dtype, self.tracer = encoder_spec, prompt_shapes, dtype, tracer
-        self.category = "frozen_weights"
-        self._shapes = {n: (t.shape, t.dtype) for n, t in
-                        list(self.model.named_parameters()) + list(self.model.named_buffers())}
-        paths = family.block_paths()
-        self._parts = {f"model/blocks/block_{i:03d}.safetensors": [p] for i, p in enumerate(paths)}
+        self._parts = {self.block_file(i): [p] for i, p in enumerate(family.block_paths())}
         self._parts["model/embed.safetensors"] = family.embed_prefixes
         self._parts["model/head.safetensors"] = family.head_prefixes
 
@@ -35,6 +27,21 @@ class FakeStore(BlockStore):
 
     def load_part(self, part: str) -> list[str]:
         return self._load(f"model/{part}.safetensors")
+
+
+class FakeStore(PartsStore):
+    """Mirrors BlockStore over a family and an encoder spec instead of a bundle.
+
+    Each load creates fresh (fake, when run under FakeTensorMode) tensors of the stored shapes in the
+    bundle dtype, under the tracer category ``frozen_weights`` unless the caller says otherwise.
+    """
+
+    def __init__(self, family: TorchFamily, encoder_spec: dict, prompt_shapes: dict, dtype, tracer=None):
+        super().__init__(family)
+        self.encoder_spec, self.prompt_shapes, self.dtype, self.tracer = encoder_spec, prompt_shapes, dtype, tracer
+        self.category = "frozen_weights"
+        self._shapes = {n: (t.shape, t.dtype) for n, t in
+                        list(self.model.named_parameters()) + list(self.model.named_buffers())}
 
     def _empty(self, shape, dtype):
         dt = self.dtype if dtype.is_floating_point else dtype
