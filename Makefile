@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: a bare 'torch' requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[torch,test,dev,quant,ort,executorch,eval]'
+	$(BIN)/pip install -q -e '.[torch,test,dev,quant,ort,executorch,eval,data]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: venv

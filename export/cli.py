@@ -31,6 +31,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--s-min", type=int, default=d.s_min, help="training resolution in px")
     g.add_argument("--s-max", type=int, default=d.s_max, help="photo resolution in px")
     g.add_argument("--no-patch-sampling", action="store_true", help="always resize the whole photo to s_min")
+    g.add_argument("--no-residual", action="store_true",
+                   help="ablation: drop the last m blocks instead of adding their precomputed residual")
     g.add_argument("--positions", choices=["crop", "native"], default=d.positions)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights/activations dtype (default: the profile's, float32 on CPU)")
@@ -72,7 +74,8 @@ def plan_from_args(a, profile_dtype: str) -> Plan:
         trained=_indices(a.trained),
         lora_rank=a.rank if a.rank is not None else Plan().lora_rank, lora_alpha=a.alpha,
         lora_targets=[t.strip() for t in a.targets.split(",")] if a.targets else None,
-        s_min=a.s_min, s_max=a.s_max, patch_sampling=not a.no_patch_sampling, positions=a.positions,
+        s_min=a.s_min, s_max=a.s_max, patch_sampling=not a.no_patch_sampling,
+        back_residual=not a.no_residual, positions=a.positions,
         dtype=dtype, base_quant=a.base_quant or "none", num_samples=a.samples, steps=a.steps, grad_accum=a.grad_accum, lr=a.lr, optimizer=a.optimizer, vae_tiling=a.vae_tiling,
         timestep_shift=a.shift, seed=a.seed, checkpoint_every=a.checkpoint_every,
         precompute_chunk=a.precompute_chunk,
@@ -135,7 +138,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="blockskip-export", description="Split a DiT into a device bundle for BlockSkip LoRA training.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="'tiny' (built in) or a local diffusers folder")
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (the built-in pretrained model), 'tiny-random' or a local diffusers folder")
     p.add_argument("--profile", default="snapdragon8", help="device profile name or .toml path")
     p.add_argument("--prompt", required=True, help="training prompt, e.g. 'a photo of sks cat'")
     p.add_argument("-o", "--output", required=True, help="bundle folder to write")
@@ -152,10 +156,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     def go():
+        from blockskip.export.tiny import BUILTIN_MODELS
         from blockskip.runtime.profiles import load_profile
 
         profile = load_profile(a.profile)
-        plan = plan_from_args(a, "float32" if a.model == "tiny" else profile.dtype)
+        plan = plan_from_args(a, "float32" if a.model in BUILTIN_MODELS else profile.dtype)
         import torch
 
         from blockskip.export.bundle_writer import DTYPES, check_formats, check_output, export_bundle

@@ -29,18 +29,20 @@ CONTRAST_PROMPTS = ("a red circle on a blue background", "two yellow squares")
 LOSS_SIGMAS = (0.2, 0.4, 0.6, 0.8)
 
 
-def heldout_loss(lm, views: torch.Tensor, text: dict, seeds=(0, 1)) -> float:
-    """Mean flow-matching MSE of the full model on ``views`` [N,3,S,S] in [-1,1]."""
-    from blockskip.export.sampling import velocity
+def heldout_loss(lm, views: torch.Tensor, text: dict, seeds=(0, 1), frame: int | None = None) -> float:
+    """Mean flow-matching MSE of the full model on ``views`` [N,3,S,S] in [-1,1] (positions: the whole
+    frame, as ``sampling_defaults``)."""
+    from blockskip.export.sampling import sampling_defaults, velocity
     from blockskip.runtime.backends.torch_families.base import CropGeometry
     from blockskip.runtime.backends.torch_families.latent import encode_images
 
     fam, model = lm.family, lm.transformer
+    frame = frame or sampling_defaults(lm)["frame"]
     with torch.no_grad():
         x0 = encode_images(lm.encoder, lm.encoder_spec, views.float())
         prepared = fam.prepare_text(model, text)
         side = x0.shape[-1]
-        geom = CropGeometry(full=side, side=side, top=0, left=0, low=side)
+        geom = CropGeometry(full=side * frame, side=side * frame, top=0, left=0, low=side)
         losses = []
         for i in range(len(x0)):
             for s in LOSS_SIGMAS:
@@ -57,27 +59,29 @@ def evaluate(lm, lora: str | None, views: torch.Tensor, prompt: str, *, seeds=(0
              size: int = 64, features: str = "effnet", contrast=CONTRAST_PROMPTS, log=lambda m: None):
     """Scores and sample images without (``before``) and with (``after``) the LoRA."""
     from blockskip.export.features import image_features
-    from blockskip.export.sampling import decode, lora_loaded, sample_latents
+    from blockskip.export.sampling import decode, lora_loaded, sample_latents, sampling_defaults
 
     fam, model = lm.family, lm.transformer
-    c = int(lm.encoder_spec["config"]["latent_channels"])
+    how = sampling_defaults(lm)
+    uncond = lm.encode_prompt("") if how["cfg"] != 1.0 else None
+    c = lm.latent_channels
     side = size // lm.vae_factor
     ref = image_features(views, features)
     text = lm.encode_prompt(prompt)
     others = [lm.encode_prompt(p) for p in contrast]
     out: dict = {"prompt": prompt, "contrast_prompts": list(contrast), "seeds": list(seeds), "steps": steps,
-                 "size": size, "features": features, "views": len(views)}
+                 "size": size, "features": features, "views": len(views), **how}
     images = {}
     for tag, path in (("before", None), ("after", lora)):
         with lora_loaded(model, path):
             log(f"{tag}: sampling {len(seeds)} seeds")
             imgs = decode(lm.encoder, sample_latents(fam, model, text, latent_side=side, channels=c,
-                                                     seeds=list(seeds), steps=steps))
+                                                     seeds=list(seeds), steps=steps, uncond=uncond, **how))
             f = image_features(imgs, features)
             sens = []
             for o in others:
                 oi = decode(lm.encoder, sample_latents(fam, model, o, latent_side=side, channels=c,
-                                                       seeds=list(seeds), steps=steps))
+                                                       seeds=list(seeds), steps=steps, uncond=uncond, **how))
                 sens.append(float((1 - torch.nn.functional.cosine_similarity(f, image_features(oi, features))).mean()))
             log(f"{tag}: held-out loss")
             out[tag] = {
@@ -105,7 +109,8 @@ def main(argv=None) -> int:
         epilog="example:\n  blockskip-eval --model tiny --lora out/lora.safetensors --views demo/heldout "
                "--prompt 'a photo of sks cat' --grid out/grid.png --json out/eval.json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="'tiny' (built in) or a local diffusers folder")
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (the built-in pretrained model), 'tiny-random' or a local diffusers folder")
     p.add_argument("--lora", required=True, help="LoRA safetensors written by device-train")
     p.add_argument("--views", required=True, help="folder of held-out subject photos")
     p.add_argument("--prompt", required=True, help="the training prompt")

@@ -254,7 +254,7 @@ def example_entry(lm, plan, trained: list[int], prompt: dict) -> dict[str, torch
         text = fam.prepare_text(store.model, prompt)
     store.free(names)
     f = lm.vae_factor
-    c = int(lm.encoder_spec["config"]["latent_channels"])
+    c = lm.latent_channels
     latents = torch.zeros(1, c, plan.s_max // f, plan.s_max // f, dtype=DTYPES[plan.dtype])
     e = ScheduleEntry(index=0, image=0, t=500, sigma=0.5, side=plan.s_min, top=0, left=0, noise_seed=0)
     return compute_entries(store, latents, text, [e], plan, f, trained)[0]
@@ -310,7 +310,7 @@ def write_onnx(root: Path, lm, plan, trained: list[int], lora: dict, prompt: dic
     # the blocks precompute runs -> one inference model each
     state_names = [k for k in fam.state_keys]
     const_names = sorted(n[2:] for n in names if n.startswith("c."))
-    stop = blocks_to_run(trained, fam.num_blocks)
+    stop = blocks_to_run(trained, fam.num_blocks, plan.back_residual)
     section["blocks"] = []
     shapes = block_io_examples(lm, plan, prompt, stop)
     for i in range(stop):
@@ -343,7 +343,7 @@ def block_io_examples(lm, plan, prompt, stop):
     store = ModelStore(fam, lm.transformer)
     names = store.load_part("embed")
     f = lm.vae_factor
-    c = int(lm.encoder_spec["config"]["latent_channels"])
+    c = lm.latent_channels
     low = plan.s_min // f
     x = torch.zeros(1, c, low, low, dtype=DTYPES[plan.dtype])
     geom = CropGeometry(full=plan.s_max // f, side=low, top=0, left=0, low=low)

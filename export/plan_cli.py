@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="blockskip-plan", description="Predict every device phase's peak memory (no weights, nothing allocated) and pick a plan that fits a profile.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="flux-dev",
-                   help="tiny | flux-dev | sd3-medium | sd35-medium | sana-1.6b | a local diffusers folder")
+                   help="tiny | tiny-random | flux-dev | sd3-medium | sd35-medium | sana-1.6b | a local diffusers folder")
     p.add_argument("--profile", default="snapdragon8", help="device profile name or .toml path")
     g = p.add_argument_group("plan (fixed when given, searched otherwise)")
     g.add_argument("-n", "--front-skip", type=int)

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from blockskip.export.tiny import LATENT, TEXT, TINY_CONFIG
 from blockskip.export.tiny_data import GRID_CAPTIONS, TinyCaptionData, WordTextEncoder
 from blockskip.runtime.backends.torch_families.base import (
     CropGeometry,
@@ -51,13 +52,6 @@ from blockskip.runtime.backends.torch_families.base import (
 from blockskip.runtime.backends.torch_families.latent import PatchDCTAutoencoder
 from blockskip.runtime.schedule import shift_sigma
 
-TINY_CONFIG = dict(
-    patch_size=1, in_channels=64, num_layers=3, num_single_layers=6, attention_head_dim=32,
-    num_attention_heads=6, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False,
-    axes_dims_rope=(4, 14, 14),
-)
-TEXT = dict(dim=64, pooled_dim=64, tokens=16)  # WordTextEncoder, matching the two text dims above
-LATENT = dict(luma=10, chroma=3)  # PatchDCTAutoencoder: 16 channels
 MAX_BYTES = 20 * 2**20
 CAPTION_DROP = 0.1
 VAL_SEED = 2**31 - 7  # the fixed validation batch comes from this data seed
@@ -100,7 +94,7 @@ def predict(model, x_t, sigma, text, img_ids):
     b, _, h, w = x_t.shape
     out = model(hidden_states=pixel_unshuffle_tokens(x_t, 2, channels_last=False),
                 encoder_hidden_states=text["prompt_embeds"], pooled_projections=text["pooled"], timestep=sigma,
-                img_ids=img_ids, txt_ids=torch.zeros(text["prompt_embeds"].shape[1], 3, dtype=img_ids.dtype),
+                img_ids=img_ids, txt_ids=img_ids.new_zeros(text["prompt_embeds"].shape[1], 3),
                 return_dict=False)[0]
     return pixel_shuffle_tokens(out, h, w, 2, channels_last=False)
 
@@ -109,21 +103,26 @@ def predict(model, x_t, sigma, text, img_ids):
 def sample(model, text_encoder, latent, captions: list[str], seeds: list[int], size: int = 64, steps: int = 25,
            cfg: float = 2.0, shift: float = 1.0) -> torch.Tensor:
     """Euler flow-matching sampler (sigma 1 -> 0) with classifier-free guidance; images [B,3,S,S] in [-1,1]."""
+    dev = next(model.parameters()).device
     lat = size // latent.factor
     x = torch.stack([torch.randn(latent.latent_channels, lat, lat, generator=torch.Generator().manual_seed(s))
-                     for s in seeds])
-    cond = text_encoder.encode(captions)
-    uncond = text_encoder.encode([""] * len(captions))
-    ids = positions(np.random.default_rng(0), lat // 2, 0.0)
+                     for s in seeds]).to(dev)
+    cond = _to(text_encoder.encode(captions), dev)
+    uncond = _to(text_encoder.encode([""] * len(captions)), dev)
+    ids = positions(np.random.default_rng(0), lat // 2, 0.0).to(dev)
     sig = [shift_sigma(1 - i / steps, shift) for i in range(steps)] + [0.0]
     for s, s_next in zip(sig[:-1], sig[1:]):
-        t = torch.full((len(seeds),), s)
+        t = torch.full((len(seeds),), s, device=dev)
         v = predict(model, x, t, cond, ids)
         if cfg != 1.0:
             v_uncond = predict(model, x, t, uncond, ids)
             v = v_uncond + cfg * (v - v_uncond)
         x = x + (s_next - s) * v
-    return latent.decode(x).clamp(-1, 1)
+    return latent.decode(x.cpu()).clamp(-1, 1)
+
+
+def _to(text: dict, dev) -> dict:
+    return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in text.items()}
 
 
 def save_grid(images: torch.Tensor, captions: list[str], per_caption: int, path: Path, cols: int = 4,
@@ -187,9 +186,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: all cores; use 1 when other jobs share the cores: "
                         "torch's threads stall badly when a core is busy)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device for the model (the recorded runs use cpu; data and noise are always made on "
+                        "the CPU, so another device changes only the arithmetic)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--val-every", type=int, default=100)
-    p.add_argument("--sample-every", type=int, default=0, help="also write the sample grid every N steps (0: end only)")
+    p.add_argument("--sample-every", type=int, default=0, help="also write <stem>.samples-<step>.png every N steps (0: only the final grid)")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale of the sample grid")
     return p.parse_args(argv)
@@ -206,7 +208,8 @@ def main(argv=None) -> int:
 
     dlogging.set_verbosity_error()
 
-    model = build_model(args.seed).train()
+    dev = torch.device(args.device)
+    model = build_model(args.seed).to(dev).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     latent = PatchDCTAutoencoder(**LATENT).eval()
@@ -231,8 +234,10 @@ def main(argv=None) -> int:
     vgen = torch.Generator().manual_seed(VAL_SEED)
     v_eps = torch.randn(v_x0.shape, generator=vgen)
     v_sigma = torch.linspace(0.02, 0.98, len(vcaps))
-    v_text = text_encoder.encode(vcaps)
-    v_ids = positions(np.random.default_rng(0), tokens, 0.0)
+    v_x0, v_eps = v_x0.to(dev), v_eps.to(dev)
+    v_sigma = v_sigma.to(dev)
+    v_text = _to(text_encoder.encode(vcaps), dev)
+    v_ids = positions(np.random.default_rng(0), tokens, 0.0).to(dev)
 
     def val_loss(m) -> float:
         m.eval()
@@ -271,11 +276,12 @@ def main(argv=None) -> int:
         caps = ["" if rng.random() < CAPTION_DROP else c for c in caps]
         with torch.no_grad():
             x0 = latent.encode(x)
-        eps = torch.randn(x0.shape, generator=gen)
-        sigma = sample_sigmas(gen, args.batch, args.timesteps, args.shift)
+        eps = torch.randn(x0.shape, generator=gen).to(dev)
+        sigma = sample_sigmas(gen, args.batch, args.timesteps, args.shift).to(dev)
+        x0 = x0.to(dev)
         s = sigma[:, None, None, None]
-        pred = predict(model, (1 - s) * x0 + s * eps, sigma, text_encoder.encode(caps),
-                       positions(rng, tokens, args.crop_positions))
+        pred = predict(model, (1 - s) * x0 + s * eps, sigma, _to(text_encoder.encode(caps), dev),
+                       positions(rng, tokens, args.crop_positions).to(dev))
         loss = ((pred - (eps - x0)) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -303,7 +309,7 @@ def main(argv=None) -> int:
             curve["val_loss"].append(vl)
             print(f"  val loss {vl:.4f}", flush=True)
         if args.sample_every and step % args.sample_every == 0:
-            _write_samples(ema, text_encoder, latent, args, Path(f"{stem}.samples.png"))
+            _write_samples(ema, text_encoder, latent, args, Path(f"{stem}.samples-{step}.png"))
 
     elapsed = time.time() - start
     final_val = val_loss(ema)
@@ -311,7 +317,7 @@ def main(argv=None) -> int:
           flush=True)
     _write_samples(ema, text_encoder, latent, args, Path(f"{stem}.samples.png"))
 
-    state = {k: v.detach().contiguous() for k, v in ema.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
     dtype = torch.float32 if n_params * 4 <= MAX_BYTES else torch.float16
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     meta = {

@@ -224,7 +224,7 @@ def write_pte(root: Path, lm, plan, trained: list[int], lora: dict, prompt: dict
     del span, graph, et
 
     const_names = sorted(n[2:] for n in names if n.startswith("c."))
-    stop = blocks_to_run(trained, fam.num_blocks)
+    stop = blocks_to_run(trained, fam.num_blocks, plan.back_residual)
     section["blocks"] = []
     for i, (st_in, consts) in enumerate(block_io_examples(lm, plan, prompt, stop)):
         log(f"pte: block {i + 1}/{stop} for precompute")

@@ -27,8 +27,8 @@ from blockskip.runtime.cli_util import run_cli
 from blockskip.runtime.errors import BlockSkipError, PlanError
 
 SELECTION_DIR = Path(__file__).parent / "selection"
-DEFAULT_PROMPTS = ("a red circle on a blue background", "a photo of a cat", "two yellow squares",
-                   "a green triangle on a white background")
+DEFAULT_PROMPTS = ("a red circle on a white background", "a photo of a cup of coffee",
+                   "a yellow star in the middle on a purple background", "a black and white photo of a face")
 DEFAULT_RATIOS = (0.3, 0.4, 0.5)
 
 
@@ -85,28 +85,31 @@ def select(lm, *, ratios=DEFAULT_RATIOS, prompts=DEFAULT_PROMPTS, seeds=(0, 1), 
            features: str = "effnet", size: int | None = None, log=lambda msg: None) -> dict:
     """Score every split of every ratio; return the selection table (JSON-able)."""
     from blockskip.export.features import image_features
-    from blockskip.export.sampling import decode, sample_latents
+    from blockskip.export.sampling import decode, sample_latents, sampling_defaults
 
     fam, model = lm.family, lm.transformer
+    how = sampling_defaults(lm)
+    uncond = lm.encode_prompt("") if how["cfg"] != 1.0 else None
     L = fam.num_blocks
     size = size or 64
     f = lm.vae_factor
     if size % lm.granularity:
         raise PlanError(f"--size {size} must be a multiple of the model's granularity {lm.granularity}")
-    c = int(lm.encoder_spec["config"]["latent_channels"])
+    c = lm.latent_channels
     texts = [lm.encode_prompt(p) for p in prompts]
     n_text = texts[0]["prompt_embeds"].shape[1]
 
     def feats(blocks: list[int]) -> torch.Tensor:
         with text_masked(fam, model, blocks, n_text):
             lat = torch.cat([sample_latents(fam, model, t, latent_side=size // f, channels=c, seeds=list(seeds),
-                                            steps=steps) for t in texts])
+                                            steps=steps, uncond=uncond, **how) for t in texts])
         return image_features(decode(lm.encoder, lat), features)
 
     ref = feats([])
     table: dict = {"model": lm.name, "family": fam.name, "num_blocks": L, "features": features,
                    "metric": "mean 1 - cos(features(masked sample), features(unmasked sample))",
-                   "prompts": list(prompts), "seeds": list(seeds), "steps": steps, "size": size, "ratios": {}}
+                   "prompts": list(prompts), "seeds": list(seeds), "steps": steps, "size": size, **how,
+                   "ratios": {}}
     for r in ratios:
         scores = {}
         for n, m in splits_for(L, r):
@@ -162,7 +165,8 @@ def main(argv=None) -> int:
                     "and measuring how much the samples move.",
         epilog="example:\n  blockskip-select --model tiny --ratios 0.3,0.4,0.5 -o export/selection/tiny.json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="'tiny' (built in) or a local diffusers folder")
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (the built-in pretrained model), 'tiny-random' or a local diffusers folder")
     p.add_argument("--ratios", default=",".join(str(r) for r in DEFAULT_RATIOS), help="skip ratios, comma-separated")
     p.add_argument("--prompts", default=None, help="prompts separated by '|' (default: a fixed set of four)")
     p.add_argument("--seeds", default="0,1", help="sampling seeds, comma-separated")

@@ -22,6 +22,8 @@ class Plan:
     s_min: int = 64  # training resolution (px); activations scale with s_min^2
     s_max: int = 128  # photo resolution (px); crops grow from s_min to s_max with t
     patch_sampling: bool = True  # False: always the whole photo resized to s_min
+    # False (an ablation): the last m blocks are dropped, not replaced by their precomputed residual
+    back_residual: bool = True
     positions: str = "crop"  # "crop": positions of the crop in the s_max frame; "native": s_min grid
     dtype: str = "float32"  # base weights, activations and cache dtype
     # frozen base weights of the trained blocks: "none" (plan dtype), "int8" (~1/4 of fp32, ~1/2 of

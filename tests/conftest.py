@@ -31,6 +31,6 @@ def export_and_precompute(root: Path, plan, photos: Path, model=None, prompt: st
     from blockskip.export.families import load_model
     from blockskip.runtime.profiles import load_profile
 
-    export_bundle(model or load_model("tiny"), plan, load_profile("desktop-cpu"), prompt, root / "bundle")
+    export_bundle(model or load_model("tiny-random"), plan, load_profile("desktop-cpu"), prompt, root / "bundle")
     run_precompute(root / "bundle", photos, root / "cache", quiet=True)
     return root

@@ -21,7 +21,7 @@ EXPORT = "blockskip-export"
 TRAIN = "device-train"
 MAINS = {EXPORT: export_main, TRAIN: train_main}
 MODULES = {EXPORT: "blockskip.export.cli", TRAIN: "blockskip.device_train.cli"}
-GOOD_EXPORT = ["--model", "tiny", "--profile", "desktop-cpu", "--prompt", "a photo of sks cat",
+GOOD_EXPORT = ["--model", "tiny-random", "--profile", "desktop-cpu", "--prompt", "a photo of sks cat",
                "-n", "1", "-m", "2", "--samples", "4", "--steps", "2"]
 
 

@@ -23,9 +23,9 @@ from blockskip.runtime.profiles import load_profile, parse_profile
                                 dict(front_skip=1, back_skip=1, s_min=64, checkpointing=True)])
 def test_prediction_matches_the_cpu_allocator(kw, photos, tmp_path):
     plan = Plan(s_max=128, num_samples=2, **kw)
-    export_bundle(load_model("tiny"), plan, load_profile("desktop-cpu"), "a photo", tmp_path / "b")
+    export_bundle(load_model("tiny-random"), plan, load_profile("desktop-cpu"), "a photo", tmp_path / "b")
     run_precompute(tmp_path / "b", photos, tmp_path / "c", quiet=True)
-    spec, _ = load_spec("tiny")
+    spec, _ = load_spec("tiny-random")
     pred = dry_run(spec, plan, Bundle(tmp_path / "b").manifest["lora"])[1].tensor_peak
     m = measure_train_step(tmp_path / "b", tmp_path / "c")
     measured = m["live0"] + m["alloc_delta"]
@@ -41,7 +41,7 @@ def _lora(spec, plan):
 
 
 def test_phases_and_categories_make_sense():
-    spec, _ = load_spec("tiny")
+    spec, _ = load_spec("tiny-random")
     full = Plan(s_min=128, s_max=128, patch_sampling=False, num_samples=2)
     skip = Plan(front_skip=2, back_skip=2, s_min=64, s_max=128, num_samples=2)
     pf, tf, sf = dry_run(spec, full, _lora(spec, full))
@@ -59,7 +59,7 @@ def test_phases_and_categories_make_sense():
 
 
 def test_profile_overheads_and_budget_are_applied():
-    spec, _ = load_spec("tiny")
+    spec, _ = load_spec("tiny-random")
     prof = load_profile("snapdragon8")
     plan = Plan(front_skip=1, back_skip=1, s_min=64, s_max=128, num_samples=2)
     bare = dry_run(spec, plan, _lora(spec, plan))[1]
@@ -75,7 +75,7 @@ def _profile(budget_mib: float):
 
 
 def test_search_picks_the_most_capable_fitting_plan_and_explains_the_next():
-    spec, _ = load_spec("tiny")
+    spec, _ = load_spec("tiny-random")
     base = Plan(s_min=64, s_max=128, num_samples=2)
     roomy = search(spec, base, _profile(1000), ratios=(0.0, 0.5), quants=("none",), checkpointing=(False,))
     assert roomy.best is not None and roomy.best.plan.front_skip == 0 and roomy.best.plan.back_skip == 0
@@ -89,7 +89,7 @@ def test_search_picks_the_most_capable_fitting_plan_and_explains_the_next():
 
 
 def test_budget_below_the_minimum_says_what_the_minimum_is():
-    spec, _ = load_spec("tiny")
+    spec, _ = load_spec("tiny-random")
     prof = _profile(0.5)
     res = search(spec, Plan(s_min=64, s_max=128, num_samples=2), prof, ratios=(0.5,), ranks=(4,),
                  quants=("none",), checkpointing=(True,))
@@ -112,7 +112,7 @@ def test_known_full_size_specs_build_without_weights():
 
 def test_plan_cli_json_and_plot(tmp_path):
     png = tmp_path / "chart.png"
-    r = subprocess.run([sys.executable, "-m", "blockskip.export.plan_cli", "--model", "tiny", "--profile",
+    r = subprocess.run([sys.executable, "-m", "blockskip.export.plan_cli", "--model", "tiny-random", "--profile",
                         "desktop-cpu", "--json", "--plot", str(png), "--s-min", "64", "--s-max", "128"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -125,7 +125,7 @@ def test_plan_cli_json_and_plot(tmp_path):
 def test_plan_cli_refuses_an_impossible_budget(tmp_path):
     prof = tmp_path / "tiny-budget.toml"
     prof.write_text(_profile_text(0.001))
-    r = subprocess.run([sys.executable, "-m", "blockskip.export.plan_cli", "--model", "tiny", "--profile",
+    r = subprocess.run([sys.executable, "-m", "blockskip.export.plan_cli", "--model", "tiny-random", "--profile",
                         str(prof), "--s-min", "64", "--s-max", "128"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "no plan fits" in r.stderr and "smallest traced plan" in r.stderr
@@ -140,6 +140,6 @@ def _profile_text(budget_gib: float) -> str:
 
 
 def test_evaluate_flags_over_budget_phases():
-    spec, _ = load_spec("tiny")
+    spec, _ = load_spec("tiny-random")
     c = evaluate(spec, Plan(s_min=64, s_max=128, num_samples=2), _profile(1))
     assert not c.fits and c.worst().phase in ("train", "precompute")

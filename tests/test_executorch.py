@@ -325,7 +325,7 @@ def test_ort_checkpoint_is_refused(full_run, tmp_path, capsys):
 
 
 def test_executorch_backend_refuses_bundle_without_pte(photos, tmp_path, capsys):
-    export_bundle(load_model("tiny"), Plan(front_skip=1, back_skip=2, **PLAN), load_profile("desktop-cpu"),
+    export_bundle(load_model("tiny-random"), Plan(front_skip=1, back_skip=2, **PLAN), load_profile("desktop-cpu"),
                   "a photo of sks cat", tmp_path / "bundle")
     rc = device_cli.main(["run", str(tmp_path / "bundle"), "--images", str(photos), "-o", str(tmp_path / "o"),
                           "--backend", "executorch"])

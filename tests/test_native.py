@@ -112,7 +112,7 @@ def python_reference(bundle_dir: Path, cache_dir: Path, steps: int | None = None
 
 
 def _export(root: Path, plan: dict, photos: Path, delegate: str = "none") -> Path:
-    export_bundle(load_model("tiny"), Plan(**plan), load_profile("desktop-cpu"), "a photo of sks cat",
+    export_bundle(load_model("tiny-random"), Plan(**plan), load_profile("desktop-cpu"), "a photo of sks cat",
                   root / "bundle", formats=["torch", "pte"], delegate=delegate)
     run_precompute(root / "bundle", photos, root / "cache", quiet=True)
     return root
@@ -171,7 +171,7 @@ def test_lora_loads_into_diffusers(trained):
     assert set(sd) == {_diffusers(n) for n in manifest["pte"]["train"]["lora"]}
     with safe_open(path, "np") as f:
         assert f.metadata() == manifest["pte"]["train"]["lora_metadata"]
-    full = load_model("tiny").transformer
+    full = load_model("tiny-random").transformer
     full.load_lora_adapter(str(path), adapter_name="subject", prefix="transformer")
     loaded = {n.replace(".subject.", ".") for n, _ in full.named_parameters() if ".lora_" in n}
     assert loaded == {k.removeprefix("transformer.") for k in sd}  # no missing, no unexpected keys

@@ -22,7 +22,7 @@ def runs(tmp_path_factory, photos):
     root = tmp_path_factory.mktemp("opt8")
     logs = {}
     for opt in ("adamw", "adamw8bit"):
-        export_bundle(load_model("tiny"), Plan(**PLAN, optimizer=opt), load_profile("desktop-cpu"), "a photo",
+        export_bundle(load_model("tiny-random"), Plan(**PLAN, optimizer=opt), load_profile("desktop-cpu"), "a photo",
                       root / opt / "b")
         run_precompute(root / opt / "b", photos, root / opt / "c", quiet=True)
         logs[opt] = run_train(root / opt / "b", root / opt / "c", root / opt / "o", quiet=True)
@@ -48,7 +48,7 @@ def test_8bit_adamw_resumes_exactly(runs, tmp_path):
 
 
 def test_dry_run_sees_the_8bit_state():
-    spec, _ = load_spec("tiny")
+    spec, _ = load_spec("tiny-random")
     out = {}
     for opt in ("adamw", "adamw8bit"):
         plan = Plan(**PLAN, optimizer=opt)

@@ -132,7 +132,7 @@ def test_ten_steps_track_torch(family_run):
 def tiny_ort(tmp_path_factory, photos):
     root = tmp_path_factory.mktemp("tiny-ort")
     plan = Plan(front_skip=1, back_skip=2, **PLAN)
-    export_bundle(load_model("tiny"), plan, load_profile("desktop-cpu"), "a photo of sks cat", root / "bundle",
+    export_bundle(load_model("tiny-random"), plan, load_profile("desktop-cpu"), "a photo of sks cat", root / "bundle",
                   formats=["onnx"])
     return root
 
@@ -166,7 +166,7 @@ def test_device_train_cli_ort_end_to_end(tiny_ort, photos, capsys):
     # the LoRA loads into the full diffusers model: no missing, no unexpected keys
     path = root / "out" / "lora.safetensors"
     sd = load_file(path)
-    full = load_model("tiny").transformer
+    full = load_model("tiny-random").transformer
     full.load_lora_adapter(str(path), adapter_name="subject", prefix="transformer")
     loaded = {n.replace(".subject.", ".") for n, _ in full.named_parameters() if ".lora_" in n}
     assert loaded == {k.removeprefix("transformer.") for k in sd}
@@ -180,7 +180,7 @@ def test_torch_backend_refuses_onnx_only_bundle(tiny_ort, photos, tmp_path, caps
 
 
 def test_ort_backend_refuses_torch_only_bundle(photos, tmp_path, capsys):
-    export_bundle(load_model("tiny"), Plan(front_skip=1, back_skip=2, **PLAN), load_profile("desktop-cpu"),
+    export_bundle(load_model("tiny-random"), Plan(front_skip=1, back_skip=2, **PLAN), load_profile("desktop-cpu"),
                   "a photo of sks cat", tmp_path / "bundle")
     rc = device_cli.main(["run", str(tmp_path / "bundle"), "--images", str(photos), "-o", str(tmp_path / "o"),
                           "--backend", "ort"])
@@ -233,7 +233,7 @@ def test_ort_precompute_matches_torch_precompute(family_run, tmp_path, photos):
     (["--vae-tiling"], "--vae-tiling"),
 ])
 def test_onnx_format_refuses_what_it_cannot_train(tmp_path, capsys, args, message):
-    rc = export_cli.main(["--model", "tiny", "--profile", "desktop-cpu", "--prompt", "x", "-o", str(tmp_path / "b"),
+    rc = export_cli.main(["--model", "tiny-random", "--profile", "desktop-cpu", "--prompt", "x", "-o", str(tmp_path / "b"),
                           "-n", "1", "-m", "2", "--rank", "4", "--checkpointing", "off", "--format", "onnx", *args])
     err = capsys.readouterr().err
     assert rc == 2 and message in err, err
@@ -241,7 +241,7 @@ def test_onnx_format_refuses_what_it_cannot_train(tmp_path, capsys, args, messag
 
 
 def test_unknown_format_is_refused(tmp_path, capsys):
-    rc = export_cli.main(["--model", "tiny", "--prompt", "x", "-o", str(tmp_path / "b"), "--format", "torch,tflite"])
+    rc = export_cli.main(["--model", "tiny-random", "--prompt", "x", "-o", str(tmp_path / "b"), "--format", "torch,tflite"])
     err = capsys.readouterr().err
     assert rc == 2 and "tflite" in err and "torch, onnx" in err
 

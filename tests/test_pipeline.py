@@ -99,7 +99,7 @@ def test_lora_loads_into_diffusers_and_reproduces_training(tiny_run):
     bundle = Bundle(root / "bundle")
     path = root / "out" / "lora.safetensors"
     sd = load_file(path)
-    full = load_model("tiny").transformer
+    full = load_model("tiny-random").transformer
     full.load_lora_adapter(str(path), adapter_name="subject", prefix="transformer")
     loaded = {n.replace(".subject.", ".") for n, _ in full.named_parameters() if ".lora_" in n}
     assert loaded == {k.removeprefix("transformer.") for k in sd}  # no missing, no unexpected keys
@@ -134,7 +134,7 @@ def test_lora_loads_into_diffusers_and_reproduces_training(tiny_run):
 
 def test_grad_accumulation_counts_micro_steps(photos, tmp_path):
     plan = Plan(**{**PLAN, "steps": 2, "grad_accum": 3, "num_samples": 4})
-    export_bundle(load_model("tiny"), plan, load_profile("desktop-cpu"), "a photo", tmp_path / "b")
+    export_bundle(load_model("tiny-random"), plan, load_profile("desktop-cpu"), "a photo", tmp_path / "b")
     run_precompute(tmp_path / "b", photos, tmp_path / "c", quiet=True)
     log = run_train(tmp_path / "b", tmp_path / "c", tmp_path / "o", quiet=True)
     assert len(log["losses"]) == 2
@@ -186,7 +186,7 @@ def test_front_skip_without_back_skip_stores_the_exact_span_input(photos, tmp_pa
     """n > 0, m = 0: the span input must be the state after the front blocks, not the embeddings."""
     from blockskip.runtime.backends.torch_families.base import run_span
 
-    lm = load_model("tiny")
+    lm = load_model("tiny-random")
     plan = Plan(front_skip=2, back_skip=0, s_min=32, s_max=64, num_samples=2, steps=1)
     export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo", tmp_path / "b")
     run_precompute(tmp_path / "b", photos, tmp_path / "c", quiet=True)

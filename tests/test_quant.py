@@ -126,7 +126,7 @@ def test_lora_output_loads_into_the_full_diffusers_model(runs, mode):
     sd = load_file(path)
     ref = load_file(root / "out_none" / "lora.safetensors")
     assert sd.keys() == ref.keys() and all(sd[k].dtype == ref[k].dtype for k in sd)
-    full = load_model("tiny").transformer
+    full = load_model("tiny-random").transformer
     full.load_lora_adapter(str(path), adapter_name="subject", prefix="transformer")
     loaded = {n.replace(".subject.", ".") for n, _ in full.named_parameters() if ".lora_" in n}
     assert loaded == {k.removeprefix("transformer.") for k in sd}  # no missing, no unexpected keys
@@ -138,7 +138,7 @@ def test_dry_run_predicts_the_smaller_trained_base(runs):
     from blockskip.export.memory.specs import load_spec
 
     root, _ = runs
-    spec, _ = load_spec("tiny")
+    spec, _ = load_spec("tiny-random")
     base, real = {}, {}
     for q in MODES:
         plan = Plan(**{**PLAN, "base_quant": q})
@@ -150,7 +150,7 @@ def test_dry_run_predicts_the_smaller_trained_base(runs):
         real[q] = frozen_bytes(torch_backend.TrainedSpan(BlockStore(b), b.trained, b.manifest["lora"], 0).model)
     assert base == real  # the prediction is the bytes the real span holds, mode by mode
     assert base["none"] > base["int8"] > base["nf4"]
-    model = load_model("tiny").transformer
+    model = load_model("tiny-random").transformer
     paths = spec.family.block_paths()
     lin = linear_weight_bytes(model, [paths[i] for i in Bundle(root / "bundle").trained])
     rest = base["none"] - lin  # biases, norms and the head: not quantised
@@ -192,7 +192,7 @@ def test_fake_quantisation_has_the_real_bytes(mode, dtype):
 def test_bitsandbytes_path_uses_peft_bnb_wrappers(mode):
     """The CUDA path (bitsandbytes), run here on CPU: peft must pick its bnb LoRA wrappers."""
     bnb = pytest.importorskip("bitsandbytes")
-    lm = load_model("tiny")
+    lm = load_model("tiny-random")
     model, fam = lm.transformer, lm.family
     trained = [1, 2]
     targets = lora_target_names(fam, trained)
@@ -226,13 +226,13 @@ def test_plan_and_cli_name_the_valid_modes(tmp_path):
     assert Plan(base_quant="nf4").validate(6, 8) == list(range(6))
     from blockskip.export.cli import main as export_main
 
-    rc = export_main(["--model", "tiny", "--profile", "desktop-cpu", "--prompt", "a photo", "-n", "1", "-m", "2",
+    rc = export_main(["--model", "tiny-random", "--profile", "desktop-cpu", "--prompt", "a photo", "-n", "1", "-m", "2",
                       "--s-min", "32", "--s-max", "64", "--samples", "2", "--base-quant", "int8",
                       "-o", str(tmp_path / "b")])
     assert rc == 0
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["plan"]["base_quant"] == "int8"
     with pytest.raises(SystemExit):
-        export_main(["--model", "tiny", "--prompt", "p", "-o", str(tmp_path / "c"), "--base-quant", "int4"])
+        export_main(["--model", "tiny-random", "--prompt", "p", "-o", str(tmp_path / "c"), "--base-quant", "int4"])
 
 
 def test_missing_library_says_what_to_install(monkeypatch):

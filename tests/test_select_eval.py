@@ -17,7 +17,7 @@ from blockskip.export.sampling import sample_latents, sigmas
 def _block_io(lm, i, enc_seed):
     fam, model = lm.family, lm.transformer
     torch.manual_seed(0)
-    x = torch.randn(1, lm.encoder_spec["config"]["latent_channels"], 8, 8)
+    x = torch.randn(1, lm.latent_channels, 8, 8)
     text = lm.encode_prompt("a red circle")
     from blockskip.runtime.backends.torch_families.base import CropGeometry
 
@@ -59,7 +59,7 @@ def test_sd3_is_refused_clearly():
 def test_sigmas_and_sampler_are_deterministic():
     s = sigmas(4)
     assert s[0] == 1.0 and s[-1] == 0.0 and all(a > b for a, b in zip(s, s[1:]))
-    lm = load_model("tiny")
+    lm = load_model("tiny-random")
     t = lm.encode_prompt("a photo of a cat")
     a = sample_latents(lm.family, lm.transformer, t, latent_side=8, channels=8, seeds=[3, 4], steps=3)
     b = sample_latents(lm.family, lm.transformer, t, latent_side=8, channels=8, seeds=[3, 4], steps=3)
@@ -69,7 +69,7 @@ def test_sigmas_and_sampler_are_deterministic():
 
 @pytest.fixture(scope="module")
 def table():
-    lm = load_model("tiny")
+    lm = load_model("tiny-random")
     return sel.select(lm, ratios=[0.3, 0.5], prompts=["a red circle", "a photo of a cat"], seeds=[0], steps=3,
                       features="pixels", size=32)
 
@@ -136,7 +136,7 @@ def test_effnet_features_are_offline_imagenet_features():
 
 
 def test_evaluate_without_lora_is_unchanged_and_loss_is_a_real_mse():
-    lm = load_model("tiny")
+    lm = load_model("tiny-random")
     views = torch.rand(2, 3, 32, 32) * 2 - 1
     scores, images = evaluate(lm, None, views, "a photo of sks cat", seeds=[0], steps=2, size=32,
                               features="pixels", contrast=["a red circle"])

@@ -25,6 +25,11 @@ class LoadedModel:
     encode_prompt: Callable[[str], dict]
 
     @property
+    def latent_channels(self) -> int:
+        c = getattr(self.encoder, "latent_channels", None)  # the built-in mappings
+        return c if isinstance(c, int) else int(self.encoder_spec["config"]["latent_channels"])
+
+    @property
     def granularity(self) -> int:
         return self.vae_factor * self.family.patch_size
 
@@ -46,12 +51,22 @@ def lora_target_names(family: TorchFamily, trained: list[int], targets: list[str
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
+    """``tiny`` (the pretrained built-in model), ``tiny-random`` (seeded random, for tests) or a local
+    diffusers folder."""
     if spec == "tiny":
+        from blockskip.export import tiny
+
+        tr = tiny.load_pretrained_transformer(dtype)
+        enc = tiny.build_pretrained_encoder()
+        return LoadedModel("tiny", get_family("flux", dict(tr.config)), tr, enc,
+                           {"class": "PatchDCTAutoencoder", "config": enc.config}, enc.factor,
+                           tiny.build_text_encoder())
+    if spec == "tiny-random":
         from blockskip.export.tiny import TinyTextEncoder, build_tiny_encoder, build_tiny_transformer
 
         tr = build_tiny_transformer(seed, dtype)
         enc = build_tiny_encoder(seed)
-        return LoadedModel("tiny", get_family("flux", dict(tr.config)), tr, enc,
+        return LoadedModel("tiny-random", get_family("flux", dict(tr.config)), tr, enc,
                            {"class": "TinyAutoencoder", "config": enc.config}, enc.factor, TinyTextEncoder())
     return _load_folder(Path(spec), dtype)
 
@@ -88,7 +103,7 @@ def _load_folder(root: Path, dtype) -> LoadedModel:
     if not cfg_path.is_file():
         raise ModelError(
             f"{str(root)!r} is not a diffusers model folder (no transformer/config.json); "
-            "use --model tiny or a local folder saved with save_pretrained"
+            "use --model tiny (or tiny-random) or a local folder saved with save_pretrained"
         )
     cls_name = _read_config(cfg_path).get("_class_name", "")
     fam_name = family_of_class(cls_name)

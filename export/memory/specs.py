@@ -35,16 +35,28 @@ def _vae_spec(vae: dict) -> tuple[dict, int]:
 
 
 def load_spec(model: str) -> tuple[ModelSpec, dict]:
-    """``tiny``, a known name, or a local diffusers folder -> (ModelSpec, default plan settings)."""
+    """``tiny``, ``tiny-random``, a known name, or a local diffusers folder -> (ModelSpec, default plan
+    settings)."""
     if model == "tiny":
+        from blockskip.export.tiny import LATENT, TEXT, pretrained_config
+        from blockskip.runtime.backends.torch_families.latent import PatchDCTAutoencoder
+
+        cfg = pretrained_config()
+        fam = get_family("flux", cfg)
+        enc = {"class": "PatchDCTAutoencoder", "config": dict(LATENT)}
+        prompt = {"prompt_embeds": (1, TEXT["tokens"], cfg["joint_attention_dim"]),
+                  "pooled": (1, cfg["pooled_projection_dim"])}
+        return ModelSpec(fam, enc, prompt, PatchDCTAutoencoder.factor, "tiny"), {"s_min": 64, "s_max": 128,
+                                                                                 "dtype": "float32"}
+    if model == "tiny-random":
         from blockskip.export.tiny import TEXT_TOKENS, TINY_FLUX, TINY_LATENT
 
         fam = get_family("flux", dict(TINY_FLUX))
         enc = {"class": "TinyAutoencoder", "config": dict(TINY_LATENT)}
         prompt = {"prompt_embeds": (1, TEXT_TOKENS, TINY_FLUX["joint_attention_dim"]),
                   "pooled": (1, TINY_FLUX["pooled_projection_dim"])}
-        return ModelSpec(fam, enc, prompt, TINY_LATENT["factor"], "tiny"), {"s_min": 64, "s_max": 128,
-                                                                            "dtype": "float32"}
+        return ModelSpec(fam, enc, prompt, TINY_LATENT["factor"], "tiny-random"), {"s_min": 64, "s_max": 128,
+                                                                                   "dtype": "float32"}
     if model in KNOWN:
         d = json.loads((resources.files("blockskip.export") / "configs" / f"{model}.json").read_text())
         tr, vae, prompt, defaults = d["transformer"], d["vae"], d["prompt"], d.get("defaults", {})
@@ -55,7 +67,7 @@ def load_spec(model: str) -> tuple[ModelSpec, dict]:
             vae = json.loads((root / "vae" / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ModelError(
-                f"--model {model!r} is neither a known config ({', '.join(('tiny',) + KNOWN)}) nor a diffusers "
+                f"--model {model!r} is neither a known config ({', '.join(('tiny', 'tiny-random') + KNOWN)}) nor a diffusers "
                 f"folder with readable transformer/config.json and vae/config.json ({e})"
             ) from e
         prompt, defaults = None, {}

@@ -45,11 +45,17 @@ def gaps(trained: list[int], num_blocks: int) -> list[tuple[int, int]]:
     return out
 
 
-def blocks_to_run(trained: list[int], num_blocks: int) -> int:
+def blocks_to_run(trained: list[int], num_blocks: int, back_residual: bool = True) -> int:
     """Precompute runs blocks [0, this): up to the first trained block, and on to the end of the last
-    skipped span (nothing after the last trained block is needed when there is no back skip)."""
-    g = gaps(trained, num_blocks)
+    skipped span (nothing after the last trained block is needed when there is no back skip, or when
+    the back span is dropped rather than replaced by its residual)."""
+    g = residual_gaps(trained, num_blocks, back_residual)
     return max(trained[0], g[-1][1] if g else 0)
+
+
+def residual_gaps(trained: list[int], num_blocks: int, back_residual: bool = True) -> list[tuple[int, int]]:
+    """The skipped spans [a, b) after the first trained block whose residual the cache holds."""
+    return [(a, b) for a, b in gaps(trained, num_blocks) if back_residual or b != num_blocks]
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,7 +97,8 @@ def precompute_with(bundle: Bundle, images: np.ndarray, cache_dir, *, source: di
     text = prompt_text(store, dtype)
     chunk = plan.precompute_chunk or len(todo)
     passes = (len(todo) + chunk - 1) // chunk
-    bar = progress.bar(len(todo) + passes * blocks_to_run(bundle.trained, store.family.num_blocks), "precompute")
+    stop = blocks_to_run(bundle.trained, store.family.num_blocks, bundle.plan.back_residual)
+    bar = progress.bar(len(todo) + passes * stop, "precompute")
     for c0 in range(0, len(todo), chunk):
         ks = todo[c0 : c0 + chunk]
         entries = compute_entries(store, latents, text, [schedule[k] for k in ks], plan,
@@ -134,7 +141,7 @@ def compute_entries(store: BlockStore, latents, text, entries, plan, vae_factor:
     """Cache tensors for a chunk of schedule entries, streaming every block once (block-major)."""
     fam, model = store.family, store.model
     L = fam.num_blocks
-    gap_list = gaps(trained, L)
+    gap_list = residual_gaps(trained, L, plan.back_residual)
     states, consts, targets = [], [], []
     with torch.no_grad():
         names = store.load_part("embed")
@@ -144,7 +151,7 @@ def compute_entries(store: BlockStore, latents, text, entries, plan, vae_factor:
             states.append(st), consts.append(cs), targets.append(fam.to_tokens(target))
         store.free(names)
         saved: list[dict] = [{} for _ in entries]
-        stop = blocks_to_run(trained, L)
+        stop = blocks_to_run(trained, L, plan.back_residual)
         for i in range(stop):
             names = store.load_block(i)
             for j in range(len(entries)):
