@@ -10,6 +10,9 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 DEMO    ?= out/demo
 NATIVE  ?= build/native
+DEMO_PROMPT ?= a photo of sks cat
+# BlockSkip at the selection table's 30 % split, 64 px training crops of 128 px photos
+DEMO_PLAN ?= --skip-ratio 0.3 --rank 16 --samples 64 --steps 300 --lr 1e-3
 
 .PHONY: demo test lint venv clean native
 
@@ -25,11 +28,14 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: venv
-	$(BIN)/python -m bench.make_demo_images $(DEMO)/photos
-	$(BIN)/blockskip-export --model tiny --profile desktop-cpu --prompt "a photo of sks cat" \
-		-n 1 -m 2 --samples 16 --steps 40 --lr 1e-3 -o $(DEMO)/bundle --force
-	$(BIN)/device-train run $(DEMO)/bundle --images $(DEMO)/photos -o $(DEMO)/run
-	@echo "LoRA: $(DEMO)/run/lora.safetensors  (log: $(DEMO)/run/train_log.json)"
+	$(BIN)/python -m bench.make_demo_images $(DEMO)/photos $(DEMO)/heldout
+	$(BIN)/blockskip-export --model tiny --profile desktop-cpu --prompt "$(DEMO_PROMPT)" $(DEMO_PLAN) \
+		-o $(DEMO)/bundle --force
+	$(BIN)/device-train precompute $(DEMO)/bundle --images $(DEMO)/photos --cache $(DEMO)/run/cache
+	$(BIN)/device-train train $(DEMO)/bundle --cache $(DEMO)/run/cache -o $(DEMO)/run
+	$(BIN)/blockskip-eval --model tiny --lora $(DEMO)/run/lora.safetensors --views $(DEMO)/heldout \
+		--prompt "$(DEMO_PROMPT)" --grid $(DEMO)/grid.png --json $(DEMO)/eval.json
+	$(BIN)/python -m bench.demo_report $(DEMO)
 
 # the native runner (C++, links the ExecuTorch runtime shipped in the executorch wheel); CMake >= 3.28
 # comes from pip into the venv, so the ExecuTorch package's imported targets are available

@@ -24,6 +24,9 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="frozen blocks in front (precomputed exactly); searched for the profile if not given")
     g.add_argument("--back-skip", "-m", type=int, default=None,
                    help="frozen blocks at the back (replaced by a residual); searched if not given")
+    g.add_argument("--skip-ratio", type=float, default=None,
+                   help="skip this fraction of the blocks, split into n and m by the model's selection table "
+                        "(blockskip-select; else the paper's shape); instead of -n/-m")
     g.add_argument("--trained", type=str, default=None, help="explicit trained block indices, e.g. 2,3,7 (overrides -n/-m)")
     g.add_argument("--rank", type=int, default=None, help=f"LoRA rank (default {d.lora_rank}, or searched)")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
@@ -90,8 +93,11 @@ def fit_plan(lm, plan: Plan, profile, a) -> Plan:
     from blockskip.export.memory.dryrun import ModelSpec
     from blockskip.export.memory.search import fixed_axes, require_fit, search
 
+    if a.skip_ratio is not None:
+        plan = dataclasses.replace(plan, **ratio_split(lm, a))
     plan.validate(lm.family.num_blocks, lm.granularity, lm.family.valid_targets())  # refuse bad input first
-    fixed_split = a.front_skip is not None or a.back_skip is not None or a.trained is not None
+    fixed_split = (a.front_skip is not None or a.back_skip is not None or a.trained is not None
+                   or a.skip_ratio is not None)
     if fixed_split and a.rank is not None and a.base_quant is not None and a.checkpointing is not None:
         return plan  # fully specified: nothing to search
     prompt = lm.encode_prompt("shape probe")
@@ -115,6 +121,29 @@ def fit_plan(lm, plan: Plan, profile, a) -> Plan:
     p = best.plan
     return dataclasses.replace(plan, front_skip=p.front_skip, back_skip=p.back_skip, lora_rank=p.lora_rank,
                                base_quant=p.base_quant, checkpointing=p.checkpointing, vae_tiling=p.vae_tiling)
+
+
+def ratio_split(lm, a) -> dict:
+    """--skip-ratio -> front_skip / back_skip, from the model's committed selection table if it has one."""
+    import sys
+
+    from blockskip.export.memory.search import split_for
+    from blockskip.export.select import load_table, split_table
+    from blockskip.runtime.errors import PlanError
+
+    if a.front_skip is not None or a.back_skip is not None or a.trained is not None:
+        raise PlanError("--skip-ratio chooses n and m itself; leave out -n/-m/--trained")
+    L = lm.family.num_blocks
+    k = round(a.skip_ratio * L)
+    if not 0 <= k < L:
+        raise PlanError(f"--skip-ratio {a.skip_ratio} skips {k} of {L} blocks; give a ratio in [0, 1)")
+    table = load_table(lm.name, L)
+    splits = split_table(table) if table else {}
+    match = next((r for r in splits if round(float(r) * L) == k), None)
+    n, m = splits[match] if match is not None else split_for(L, a.skip_ratio)
+    source = f"selection table ratio {match}" if match is not None else "no selection table entry: paper's shape"
+    print(f"skip ratio {a.skip_ratio}: n={n}, m={m} of {L} blocks ({source})", file=sys.stderr)
+    return {"front_skip": n, "back_skip": m}
 
 
 def pte_memory_report(bundle_dir) -> str:

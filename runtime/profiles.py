@@ -401,6 +401,11 @@ def _from_raw(raw: dict, source: str) -> Profile:
     )
 
 
+def profile_of_bundle(manifest: dict) -> Profile:
+    """The profile a bundle was exported for (its manifest keeps the profile's full, validated table)."""
+    return _from_raw(manifest["profile"], "the bundle's manifest")
+
+
 def available_profiles() -> list[str]:
     root = resources.files("blockskip.profiles")
     return sorted(p.name[: -len(".toml")] for p in root.iterdir() if p.name.endswith(".toml"))

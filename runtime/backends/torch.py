@@ -111,6 +111,7 @@ def precompute_with(bundle: Bundle, images: np.ndarray, cache_dir, *, source: di
         del entries
     bar.close()
     cache.index["max_resident_blocks"] = store.max_resident
+    cache.index["peak_rss_mib"] = peak_rss_mib()  # this process's, up to the end of precompute
     cache.flush()
     return cache
 
