@@ -1,7 +1,7 @@
 """Quality benchmark: does BlockSkip keep the fidelity of plain LoRA on the built-in tiny model?
 
     python -m bench.quality                       # all configurations, ~15 min on 2 cores
-    python -m bench.quality --configs lora-full,skip-0.3 --steps 100 --json q.json
+    python -m bench.quality --configs lora-full,skip-0.33 --steps 100 --json q.json
 
 Every configuration trains a LoRA on the demo subject (skimage's chelsea cat, `bench.make_demo_images`)
 with the same prompt, steps, learning rate, rank, samples K and seed, through the real commands
@@ -11,8 +11,8 @@ scored by `blockskip.export.evaluate` on the held-out views with the same sampli
 * plain LoRA on all blocks at full resolution (the 128 px photos, no skipping);
 * plain LoRA on all blocks at the 64 px training resolution (patch sampling, no skipping);
 * BlockSkip at the selection table's skip ratios (64 px patches of 128 px photos);
-* BlockSkip 0.3 with the whole photo resized to 64 px instead of timestep-aware patches;
-* BlockSkip 0.3 with the last m blocks dropped instead of replaced by their residual.
+* BlockSkip 3 of 9 with the whole photo resized to 64 px instead of timestep-aware patches;
+* BlockSkip 3 of 9 with the last m blocks dropped instead of replaced by their residual.
 
 Columns: EffNet-I after training (before: the base model, the same for all), held-out flow-matching
 loss after training, the training step's measured memory (tensors live before step 2 plus the step's
@@ -38,11 +38,12 @@ COMMON = ["--rank", "16", "--samples", "64", "--lr", "1e-3", "--base-quant", "no
 CONFIGS = {
     "lora-full": ("LoRA, all blocks, 128 px", ["-n", "0", "-m", "0", "--s-min", "128", "--s-max", "128"]),
     "lora-64": ("LoRA, all blocks, 64 px patches", ["-n", "0", "-m", "0"]),
-    "skip-0.3": ("BlockSkip 0.3", ["--skip-ratio", "0.3"]),
-    "skip-0.4": ("BlockSkip 0.4", ["--skip-ratio", "0.4"]),
-    "skip-0.5": ("BlockSkip 0.5", ["--skip-ratio", "0.5"]),
-    "skip-0.3-resize": ("BlockSkip 0.3, resize (no patch sampling)", ["--skip-ratio", "0.3", "--no-patch-sampling"]),
-    "skip-0.3-noresid": ("BlockSkip 0.3, no residual", ["--skip-ratio", "0.3", "--no-residual"]),
+    "skip-0.33": ("BlockSkip 3 of 9 blocks", ["--skip-ratio", "0.33"]),
+    "skip-0.44": ("BlockSkip 4 of 9 blocks", ["--skip-ratio", "0.44"]),
+    "skip-0.56": ("BlockSkip 5 of 9 blocks", ["--skip-ratio", "0.56"]),
+    "skip-0.33-resize": ("BlockSkip 3 of 9, resize (no patch sampling)",
+                         ["--skip-ratio", "0.33", "--no-patch-sampling"]),
+    "skip-0.33-noresid": ("BlockSkip 3 of 9, no residual", ["--skip-ratio", "0.33", "--no-residual"]),
 }
 MIB = 2**20
 

@@ -9,8 +9,9 @@ the plan search reads (``export/selection/<model>.json``).
 
 Masking per family: FLUX joint attention runs over ``[text, image]`` tokens (double and single
 blocks): image rows get a mask over the text columns. SANA's image -> text path is its cross-attention
-(``attn2``): masking all its text keys removes that branch. SD3's joint attention processor takes no
-mask; SD3 is not supported yet.
+(``attn2``): masking all its text keys removes that branch. SD3/3.5 joint attention runs over
+``[image, text]``; diffusers' processor takes no mask, so masked blocks get ``_TextMaskedSD3Joint``
+(SD3.5's second attention is image-only and needs none).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from blockskip.runtime.errors import BlockSkipError, PlanError
 SELECTION_DIR = Path(__file__).parent / "selection"
 DEFAULT_PROMPTS = ("a red circle on a white background", "a photo of a cup of coffee",
                    "a yellow star in the middle on a purple background", "a black and white photo of a face")
-DEFAULT_RATIOS = (0.3, 0.4, 0.5)
+DEFAULT_RATIOS = (0.3, 0.4, 0.5)  # the paper's; for a few blocks pick ratios that skip distinct counts
 
 
 class _TextMaskedJoint:
@@ -47,6 +48,48 @@ class _TextMaskedJoint:
                           image_rotary_emb=image_rotary_emb, **kw)
 
 
+class _TextMaskedSD3Joint:
+    """SD3/3.5 joint attention (image tokens, then text tokens) in which image queries may not attend to
+    the text keys; text queries still attend to everything. diffusers' ``JointAttnProcessor2_0`` takes
+    no mask, so this is the same computation with one: per-stream q/k/v projections and qk-norms, one
+    SDPA over the concatenation, split, per-stream output projections. ``mask=False`` is the unmasked
+    computation (the tests hold it equal to diffusers')."""
+
+    def __init__(self, mask: bool = True):
+        self.mask = mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kw):
+        if encoder_hidden_states is None:
+            raise BlockSkipError("SD3 joint attention without text: nothing to mask")
+        b, n_img, _ = hidden_states.shape
+
+        def heads(x):
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        def normed(norm, x):
+            return norm(x) if norm is not None else x
+
+        q = normed(attn.norm_q, heads(attn.to_q(hidden_states)))
+        k = normed(attn.norm_k, heads(attn.to_k(hidden_states)))
+        v = heads(attn.to_v(hidden_states))
+        cq = normed(attn.norm_added_q, heads(attn.add_q_proj(encoder_hidden_states)))
+        ck = normed(attn.norm_added_k, heads(attn.add_k_proj(encoder_hidden_states)))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        total = q.shape[2]
+        keep = None
+        if self.mask:
+            keep = torch.ones(total, total, dtype=torch.bool, device=q.device)
+            keep[:n_img, n_img:] = False
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        out = out.transpose(1, 2).reshape(b, total, -1).to(q.dtype)
+        img, txt = out[:, :n_img], out[:, n_img:]
+        img = attn.to_out[1](attn.to_out[0](img))
+        if not attn.context_pre_only:
+            txt = attn.to_add_out(txt)
+        return img, txt
+
+
 class _NoCrossAttention:
     """SANA cross-attention with every text key masked: the branch contributes nothing."""
 
@@ -56,17 +99,22 @@ class _NoCrossAttention:
 
 @contextlib.contextmanager
 def text_masked(family, model, blocks: list[int], n_text: int):
-    """Mask image -> text attention in ``blocks`` of the full model for the duration."""
-    if family.name == "sd3":
-        raise BlockSkipError("blockskip-select does not support SD3/3.5 yet (its joint attention takes no mask)")
+    """Mask image -> text attention in ``blocks`` of the full model for the duration (FLUX and SD3/3.5:
+    inside the joint attention; SANA: its cross-attention contributes nothing; SD3.5's second,
+    image-only attention needs no mask)."""
     paths = family.block_paths()
     swapped = []
     try:
         for i in blocks:
             block = model.get_submodule(paths[i])
-            attn = block.attn if family.name == "flux" else block.attn2
+            attn = block.attn2 if family.name == "sana" else block.attn
             old = attn.processor
-            attn.processor = _TextMaskedJoint(old, n_text) if family.name == "flux" else _NoCrossAttention()
+            if family.name == "flux":
+                attn.processor = _TextMaskedJoint(old, n_text)
+            elif family.name == "sd3":
+                attn.processor = _TextMaskedSD3Joint()
+            else:
+                attn.processor = _NoCrossAttention()
             swapped.append((attn, old))
         yield model
     finally:
@@ -110,7 +158,14 @@ def select(lm, *, ratios=DEFAULT_RATIOS, prompts=DEFAULT_PROMPTS, seeds=(0, 1), 
                    "metric": "mean 1 - cos(features(masked sample), features(unmasked sample))",
                    "prompts": list(prompts), "seeds": list(seeds), "steps": steps, "size": size, **how,
                    "ratios": {}}
+    done: dict[int, str] = {}  # skipped-block count -> the ratio that scored it
     for r in ratios:
+        k = round(r * L)
+        if k in done:  # another ratio skipping as many blocks: the same splits, scored already
+            table["ratios"][str(r)] = table["ratios"][done[k]]
+            log(f"ratio {r}: skips {k} blocks like ratio {done[k]}; reusing its scores")
+            continue
+        done[k] = str(r)
         scores = {}
         for n, m in splits_for(L, r):
             blocks = list(range(n)) + list(range(L - m, L))

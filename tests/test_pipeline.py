@@ -201,3 +201,34 @@ def test_front_skip_without_back_skip_stores_the_exact_span_input(photos, tmp_pa
         ref = run_span(lm.family, lm.transformer, 0, 2, state, consts)
     torch.testing.assert_close(full["in.hidden"], ref["hidden"], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(full["in.hidden"], emb["in.hidden"])
+
+
+def test_without_the_back_residual_the_back_blocks_are_dropped(photos, tmp_path):
+    """back_residual=False (the ablation): no delta in the cache, precompute stops at the span, and the
+    span's output is the trained blocks straight into the head."""
+    from blockskip.runtime.backends.torch import blocks_to_run, span_forward
+    from blockskip.runtime.backends.torch_families.base import run_span
+
+    assert blocks_to_run([1, 2, 3], 6, back_residual=False) == 1
+    assert blocks_to_run([0, 3, 4], 6, back_residual=False) == 3  # a middle gap keeps its residual
+    lm = load_model("tiny-random")
+    plan = Plan(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=2, steps=1, back_residual=False)
+    export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo", tmp_path / "b")
+    run_precompute(tmp_path / "b", photos, tmp_path / "c", quiet=True)
+    entry = load_file(tmp_path / "c" / "entry_00000.safetensors")
+    assert not any(k.startswith("delta.") for k in entry)
+    with_resid = Plan(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=2, steps=1)
+    export_bundle(lm, with_resid, load_profile("desktop-cpu"), "a photo", tmp_path / "b1")
+    run_precompute(tmp_path / "b1", photos, tmp_path / "c1", quiet=True)
+    entry1 = load_file(tmp_path / "c1" / "entry_00000.safetensors")
+    assert any(k.startswith("delta.") for k in entry1)
+    torch.testing.assert_close(entry["in.hidden"], entry1["in.hidden"])  # same sample, same span input
+    fam, model = lm.family, lm.transformer
+    consts = {n[2:]: v for n, v in entry.items() if n.startswith("c.")}
+    with torch.no_grad():
+        ref = fam.head(model, run_span(fam, model, 1, 4, {n[3:]: v for n, v in entry.items() if n.startswith("in.")},
+                                       consts), consts)
+        got = span_forward(fam, model, [1, 2, 3], [(4, 6)], entry)
+        with_delta = span_forward(fam, model, [1, 2, 3], [(4, 6)], entry1)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert (with_delta - got).abs().max() > 1e-4

@@ -33,7 +33,7 @@ def _block_io(lm, i, enc_seed):
         return fam.run_block(model, i, st, cs)["hidden"]
 
 
-@pytest.mark.parametrize("name, blocks", [("flux", [0, 3]), ("sana", [1])])
+@pytest.mark.parametrize("name, blocks", [("flux", [0, 3]), ("sana", [1]), ("sd3", [0, 1]), ("sd35", [0, 1])])
 def test_masked_block_ignores_the_text(name, blocks):
     """With image->text attention masked, a block's image output no longer depends on the text."""
     lm = wrap_model(build(name), name)
@@ -49,11 +49,22 @@ def test_masked_block_ignores_the_text(name, blocks):
     assert (a - b).abs().max() > 1e-4
 
 
-def test_sd3_is_refused_clearly():
-    lm = wrap_model(build("sd3"), "sd3")
-    with pytest.raises(Exception, match="SD3"):
-        with sel.text_masked(lm.family, lm.transformer, [0], 8):
-            pass
+@pytest.mark.parametrize("name", ["sd3", "sd35"])
+def test_our_sd3_joint_attention_equals_diffusers_unmasked(name):
+    """Masking SD3 needs our own joint-attention processor; unmasked it is diffusers' computation."""
+    lm = wrap_model(build(name), name)
+    ref = [_block_io(lm, i, 1) for i in range(2)]
+    attns = [lm.transformer.get_submodule(p).attn for p in lm.family.block_paths()]
+    old = [a.processor for a in attns]
+    try:
+        for a in attns:
+            a.processor = sel._TextMaskedSD3Joint(mask=False)
+        got = [_block_io(lm, i, 1) for i in range(2)]
+    finally:
+        for a, o in zip(attns, old):
+            a.processor = o
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
 def test_sigmas_and_sampler_are_deterministic():
