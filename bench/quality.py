@@ -155,12 +155,14 @@ def main(argv=None) -> int:
 def format_row(r: dict, header: bool, base: dict) -> str:
     lines = []
     if header:
-        lines += [f"base model: EffNet-I {base['effnet_i']:.4f}, held-out loss {base['heldout_loss']:.4f}",
-                  "| configuration | trained blocks | EffNet-I | held-out loss | step memory: measured / dry run "
-                  "(MiB) | train peak RSS (MiB) | ms/step |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [f"base model: EffNet-I {base['effnet_i']:.4f}, held-out loss {base['heldout_loss']:.4f}, "
+                  f"prompt sensitivity {base['prompt_sensitivity']:.3f}",
+                  "| configuration | trained blocks | EffNet-I | held-out loss | prompt sensitivity | step memory: "
+                  "measured / dry run (MiB) | train peak RSS (MiB) | ms/step |",
+                  "|---|---|---|---|---|---|---|---|"]
     t = r["trained"]
     lines.append(f"| {r['name']} | {t[0]}..{t[-1]} ({len(t)}) | {r['effnet_i']:.4f} | {r['heldout_loss']:.4f} | "
+                 f"{r['prompt_sensitivity']:.3f} | "
                  f"{r['measured_tensor_peak'] / MIB:.1f} / {r['predicted_tensor_peak'] / MIB:.1f} | "
                  f"{r['train_peak_rss_mib']:.0f} | {r['step_ms']:.0f} |")
     return "\n".join(lines)
