@@ -156,3 +156,15 @@ def test_evaluate_without_lora_is_unchanged_and_loss_is_a_real_mse():
     loss = heldout_loss(lm, views, lm.encode_prompt("a photo of sks cat"))
     assert loss == pytest.approx(scores["before"]["heldout_loss"])
     assert 0.1 < loss < 100
+
+
+def test_the_planner_reads_the_shipped_tiny_table():
+    """export/selection/tiny.json is what the plan search and --skip-ratio use for the built-in model."""
+    from blockskip.export.memory.specs import load_spec
+
+    path = sel.SELECTION_DIR / "tiny.json"
+    t = json.loads(path.read_text())
+    spec, _ = load_spec("tiny")
+    assert t["model"] == "tiny" and t["num_blocks"] == spec.family.num_blocks
+    kw = fixed_axes(spec.family.num_blocks, model="tiny")
+    assert kw["split_table"] == {r: (v["front"], v["back"]) for r, v in t["ratios"].items()}
