@@ -71,12 +71,17 @@ def build(out: Path) -> str:
             continue
         lines.append(f"| {r.phase} | {r.tensor_peak / MIB:.1f} | {proc:.1f} | {m:.1f} | {m - base:.1f} | "
                      f"{(proc / m - 1) * 100:+.1f}% |")
+    non_tensor = {r.phase: measured[r.phase] - r.tensor_peak / MIB for r in reports if measured.get(r.phase)}
     lines += [
         "",
+        "Non-tensor memory (peak RSS minus the dry run's tensors): "
+        + ", ".join(f"{k} {v:.0f} MiB" for k, v in non_tensor.items())
+        + f"; the profile's runtime_overhead_mib is {profile.runtime_overhead_mib:.0f}.",
+        "",
         f"Baseline: a process importing the runtime, torch, diffusers and peft peaks at {base:.1f} MiB RSS; the "
-        f"profile assumes {profile.runtime_overhead_mib:.0f} MiB for it. At this scale the tensors are a few "
-        "MiB, so the process figure is mostly that constant; `python -m bench.memory_accuracy` checks the "
-        "tensor prediction on a larger model.", "",
+        "rest is loading, LoRA injection and thread pools. At this scale the tensors are a few MiB, so the "
+        "process figure is mostly the profile's constant; `python -m bench.memory_accuracy` checks the tensor "
+        "prediction on a larger model.", "",
         "## Training", "",
         f"{len(log['losses'])} steps, median {median(log['step_seconds']) * 1000:.0f} ms/step, loss "
         f"{mean(log['losses'][:10]):.4f} (first 10) -> {mean(log['losses'][-10:]):.4f} (last 10).", "",
