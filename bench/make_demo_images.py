@@ -17,6 +17,8 @@ def subject() -> np.ndarray:
 
         return data.chelsea()
     except ImportError:
+        print("warning: scikit-image is not installed (pip install 'dit-blockskip[data]'); using a drawn "
+              "stand-in subject instead of the chelsea cat", file=sys.stderr)
         yy, xx = np.mgrid[0:300, 0:400]
         img = np.zeros((300, 400, 3), np.uint8)
         img[..., 0] = (xx * 255 // 400).astype(np.uint8)
