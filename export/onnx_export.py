@@ -18,9 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -196,27 +193,12 @@ def _is_param(name: str) -> bool:
     return "." in name and not name.startswith("val_")
 
 
-@contextlib.contextmanager
 def native_stderr_captured():
     """ORT's gradient-graph builder logs every graph transformer at info level straight to fd 2 whatever
     the Python-side severity; keep that out of the output (shown again if the block fails)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as buf:
-        os.dup2(buf.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            buf.seek(0)
-            sys.stderr.write(buf.read().decode(errors="replace"))
-            raise
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+    from blockskip.runtime.native_log import fd2_filtered
 
+    return fd2_filtered(lambda line, failed: failed)
 
 
 @contextlib.contextmanager

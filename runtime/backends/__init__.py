@@ -18,31 +18,23 @@ for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.to
 BACKENDS = ("torch", "ort", "executorch")
 
 
+# backend -> (what it needs, the extras that install it)
+_NEEDS = {
+    "torch": ("torch, diffusers and peft", "torch"),
+    "ort": ("onnxruntime-training-cpu==1.19.2, torch and diffusers", "torch,ort"),
+    "executorch": ("executorch==1.5.1, torch and diffusers", "torch,executorch"),
+}
+
+
 def get_backend(name: str):
-    if name == "ort":
+    if name in _NEEDS:
+        import importlib
+
         try:
-            from blockskip.runtime.backends import ort as backend
+            return importlib.import_module(f"blockskip.runtime.backends.{name}")
         except ImportError as e:  # pragma: no cover - depends on the environment
+            needs, extras = _NEEDS[name]
             raise BlockSkipError(
-                f"the ort backend needs onnxruntime-training-cpu==1.19.2, torch and diffusers ({e}); "
-                "pip install 'dit-blockskip[torch,ort]'"
+                f"the {name} backend needs {needs} ({e}); pip install 'dit-blockskip[{extras}]'"
             ) from e
-        return backend
-    if name == "executorch":
-        try:
-            from blockskip.runtime.backends import executorch as backend
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise BlockSkipError(
-                f"the executorch backend needs executorch==1.5.1, torch and diffusers ({e}); "
-                "pip install 'dit-blockskip[torch,executorch]'"
-            ) from e
-        return backend
-    if name == "torch":
-        try:
-            from blockskip.runtime.backends import torch as backend
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise BlockSkipError(
-                f"the torch backend needs torch, diffusers and peft ({e}); pip install 'dit-blockskip[torch]'"
-            ) from e
-        return backend
     raise BlockSkipError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")

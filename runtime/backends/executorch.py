@@ -31,6 +31,7 @@ from blockskip.runtime.cache import ResidualCache
 from blockskip.runtime.errors import BlockSkipError, BundleError
 from blockskip.runtime.files import atomic_write, ensure_writable_dir
 from blockskip.runtime.memory import peak_rss_mib
+from blockskip.runtime.native_log import fd2_filtered
 from blockskip.runtime.progress import Progress
 from blockskip.runtime.train_loop import run_steps
 
@@ -58,30 +59,11 @@ def quiet():
 _NATIVE_NOISE = ("[cpuinfo_utils.cpp:",)
 
 
-@contextlib.contextmanager
 def _native_log():
     """Run a program with the native runtime's stderr (fd 2) captured, then pass its lines on, less the
     ones ExecuTorch logs once when its thread pool starts (how it read the CPU description): they are
     no fault and would break into the progress bars. Other lines are kept (printed after the call)."""
-    import os
-    import sys
-    import tempfile
-
-    with contextlib.suppress(Exception):
-        sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            lines = tmp.read().decode(errors="replace").splitlines(keepends=True)
-            keep = [ln for ln in lines if not ln.startswith(_NATIVE_NOISE)]
-            if keep:
-                os.write(2, "".join(keep).encode())
+    return fd2_filtered(lambda line, failed: not line.startswith(_NATIVE_NOISE))
 
 
 def _et():
