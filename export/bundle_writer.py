@@ -1,4 +1,5 @@
-"""Write a device bundle: split the DiT into per-block artifacts, prompt embeddings and the plan.
+"""The export pipeline: split the DiT into a device bundle (per-block weights in the plan's storage
+layout, block-stream programs and other artifacts from each format plug-in, prompt embeddings, plan).
 
 The bundle is assembled in a temporary sibling folder and moved into place only when complete, so a
 failed export never leaves a half bundle or destroys an existing one.
@@ -16,8 +17,13 @@ import torch
 from safetensors.torch import save_file
 
 from blockskip.export.families import LoadedModel, lora_target_names
+from blockskip.export.graphs import example_entry, initial_lora
+from blockskip.export.stream_export import entry_io, stream_layout, trace_head, trace_shape
+from blockskip.runtime.backends import torch_stream as ts
+from blockskip.runtime.backends.torch import blocks_to_run
 from blockskip.runtime.backends.torch_families.base import tensor_names
 from blockskip.runtime.backends.torch_families.latent import ENCODER_PREFIXES
+from blockskip.runtime.backends.torch_lora import lora_metadata
 from blockskip.runtime.bundle import SCHEMA_VERSION, file_record
 from blockskip.runtime.errors import OutputError, PlanError
 from blockskip.runtime.files import ensure_writable_dir
@@ -59,12 +65,43 @@ def check_formats(formats) -> list[str]:
     return formats
 
 
+def plugins(formats, delegate: str = "none") -> list:
+    """The program-format plug-ins (``onnx``, ``pte``) of a format list; ``torch`` needs none."""
+    out = []
+    for f in formats:
+        if f == "onnx":
+            from blockskip.export.onnx_export import OnnxFormat
+
+            out.append(OnnxFormat())
+        elif f == "pte":
+            from blockskip.export.pte_export import PteFormat
+
+            out.append(PteFormat(delegate))
+    return out
+
+
+def check_plan_for(plan: Plan, family: str, formats, delegate: str = "none") -> None:
+    """Everything a format or the numerics refuse, before any work."""
+    if plan.dtype == "float16" and family == "flux":
+        raise PlanError("FLUX overflows in float16 (its activations leave fp16's range and training turns to "
+                        "NaN); compute in bfloat16 or float32, and store weights in fewer bits with --storage")
+    if plan.span == "streamed" and "torch" in formats and plan.dtype != "float32":
+        raise PlanError(f"--span streamed computes in float32; got --dtype {plan.dtype} (use --storage "
+                        f"{plan.dtype} to keep the frozen weights at that size)")
+    for pl in plugins(formats, delegate):
+        pl.check(plan)
+
+
 def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, out: str | os.PathLike,
-                  force: bool = False, formats=("torch",), log=None, delegate: str = "none") -> Path:
-    """Write the bundle. ``formats``: any of "torch" (safetensors blocks for the torch backend), "onnx"
-    (ONNX Runtime training artifacts + per-block inference models for the ort backend) and "pte"
-    (ExecuTorch training program + per-block programs for the executorch backend and the native
-    runner; ``delegate`` "xnnpack" lowers them to XNNPACK)."""
+                  force: bool = False, formats=("torch",), log=None, delegate: str = "none",
+                  memory: dict | None = None) -> Path:
+    """Write the bundle. ``formats``: any of "torch" (the torch backend runs the safetensors blocks),
+    "onnx" (ONNX models for the ort backend) and "pte" (ExecuTorch programs for the executorch backend and
+    the native runner; ``delegate`` "xnnpack" lowers them to XNNPACK). Every bundle holds the blocks it
+    needs in the plan's storage layout and the block-stream section (which program each block runs);
+    the program formats add the stream programs (precompute always streams its blocks), the photo
+    encoder and, for a resident span, its training artifact. ``memory``: the dry run's predicted peaks
+    (recorded for the device's memory check)."""
     out = Path(out)
     formats = check_formats(formats)
     log = log or (lambda msg: None)
@@ -72,16 +109,12 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
     trained = plan.validate(fam.num_blocks, lm.granularity, fam.valid_targets())
     lora = {"rank": plan.lora_rank, "alpha": plan.alpha,
             "targets": lora_target_names(fam, trained, plan.lora_targets)}
+    lora["metadata"] = lora_metadata(lora)
     check_output(out, force)
-    if "onnx" in formats:
-        from blockskip.export.onnx_export import check_plan
-
-        check_plan(plan)
-    if "pte" in formats:
-        from blockskip.export.pte_export import check_plan as check_pte
-
-        check_pte(plan, delegate)
+    check_plan_for(plan, fam.name, formats, delegate)
+    fmts = plugins(formats, delegate)
     dtype = DTYPES[plan.dtype]
+    storage = plan.storage_dtype
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         files: list[str] = []
@@ -91,29 +124,34 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
         def part(prefixes):
             return {n: _cast(state[n], dtype) for n in tensor_names(model, prefixes)}
 
-        # the torch backend reads every block it runs from safetensors; the onnx format carries its
-        # own copies of the blocks, so an onnx-only bundle keeps only the small embed/head parts
-        blocks = [_save(tmp, f"model/blocks/block_{i:03d}.safetensors", part([p]), files)
-                  for i, p in enumerate(fam.block_paths())] if "torch" in formats else []
+        stop = blocks_to_run(trained, fam.num_blocks, plan.back_residual)
+        layout = stream_layout(fam, trained, lora["targets"], stop)
+        paths = fam.block_paths()
+        needed = sorted(set(range(stop)) | set(trained))
+        log(f"blocks: {len(needed)} of {fam.num_blocks} in {storage}")
+        blocks: list[str | None] = [None] * fam.num_blocks
+        for i in needed:
+            stored = ts.store_tensors(model.get_submodule(paths[i]), storage)
+            blocks[i] = _save(tmp, f"model/blocks/block_{i:03d}.safetensors",
+                              {f"{paths[i]}.{k}": v for k, v in stored.items()}, files)
         embed = _save(tmp, "model/embed.safetensors", part(fam.embed_prefixes), files)
-        head = _save(tmp, "model/head.safetensors", part(fam.head_prefixes), files)
+        head = _save(tmp, "model/head.safetensors", ts.store_tensors(_head_view(fam, model), storage), files)
         enc_state = {n: t for n, t in list(lm.encoder.named_parameters()) + list(lm.encoder.named_buffers())}
         enc_names = tensor_names(lm.encoder, ENCODER_PREFIXES[lm.encoder_spec["class"]])
         enc_file = _save(tmp, "encoder/encoder.safetensors", {n: enc_state[n].float() for n in enc_names}, files)
-        text = lm.encode_prompt(prompt)
-        onnx_section = None
-        if "onnx" in formats:
-            from blockskip.export.onnx_export import write_onnx
-
-            onnx_section = write_onnx(tmp, lm, plan, trained, lora, {k: _cast(v, dtype) for k, v in text.items()},
-                                      files, log)
-        pte_section = None
-        if "pte" in formats:
-            from blockskip.export.pte_export import write_pte
-
-            pte_section = write_pte(tmp, lm, plan, trained, lora, {k: _cast(v, dtype) for k, v in text.items()},
-                                    files, delegate, log)
-        prompt_file = _save(tmp, "text/prompt.safetensors", {k: _cast(v, dtype) for k, v in text.items()}, files)
+        text = {k: _cast(v, dtype) for k, v in lm.encode_prompt(prompt).items()}
+        init = initial_lora(lm, trained, lora, plan.seed)
+        lora_init = _save(tmp, "model/lora_init.safetensors", init, files)
+        entry = example_entry(lm, plan, trained, text) if fmts or plan.span == "resident" else None
+        stream = stream_section(tmp, lm, plan, layout, lora, entry, fmts, files, log)
+        stream.update(lora_init=lora_init, block_paths=paths)
+        sections = {pl.name: pl.section() for pl in fmts}
+        for pl in fmts:
+            if plan.span == "resident":
+                sections[pl.name].update(pl.resident_span(tmp, lm, plan, trained, lora, entry, files, log))
+            log(f"{pl.name}: photo encoder")
+            sections[pl.name]["encoder"] = pl.encoder(tmp, lm, plan, files)
+        prompt_file = _save(tmp, "text/prompt.safetensors", text, files)
         schedule = dict(num_samples=plan.num_samples, s_min=plan.s_min, s_max=plan.s_max,
                         granularity=lm.granularity, seed=plan.seed, patch_sampling=plan.patch_sampling,
                         shift=plan.timestep_shift)
@@ -133,8 +171,9 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
             "encoder": {**lm.encoder_spec, "file": enc_file},
             "lora": lora,
             "formats": formats,
-            **({"onnx": onnx_section} if onnx_section else {}),
-            **({"pte": pte_section} if pte_section else {}),
+            "stream": stream,
+            **sections,
+            **({"memory": memory} if memory else {}),
             "files": {rel: file_record(tmp, rel) for rel in files},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_jsonable))
@@ -150,6 +189,51 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _head_view(fam, model) -> torch.nn.Module:
+    """The head's modules and parameters under their model names (sharing the model's tensors)."""
+    from blockskip.export.graphs import graft
+
+    m = torch.nn.Module()
+    for path in fam.head_prefixes:
+        graft(m, model, path)
+    return m
+
+
+def stream_section(root: Path, lm, plan: Plan, layout, lora: dict, entry: dict | None, fmts, files: list[str],
+                   log) -> dict:
+    """The manifest's ``stream`` section; with program formats, each shape's programs traced once and
+    lowered by every plug-in (``stream/<shape>.<role>.<ext>``)."""
+    fam = lm.family
+    skeleton = fam.skeleton()
+    storage = plan.storage_dtype
+    shapes: dict = {}
+    entry_shapes = {k: (tuple(v.shape), torch.float32) for k, v in (entry or {}).items()}
+    for sid, shape in layout.shapes.items():
+        rec = {"kind": shape.kind, "targets": shape.targets, "example_block": shape.example_block, "programs": {}}
+        if fmts:
+            state, consts, _ = entry_io(entry_shapes)
+            log(f"stream: tracing {sid} ({len(shape.blocks)} blocks)")
+            for role, traced in trace_shape(fam, skeleton, shape, storage, lora, state, consts).items():
+                rec["programs"][role] = _lower_all(traced, root, f"stream/{sid}.{role}", fmts, files, log)
+        shapes[sid] = rec
+    head = {"kind": "head", "targets": [], "programs": {}}
+    if fmts:
+        state, consts, target = entry_io(entry_shapes)
+        traced = trace_head(fam, skeleton, storage, state["hidden"], consts, target)
+        head["programs"]["head"] = _lower_all(traced, root, "stream/head.head", fmts, files, log)
+    shapes["head"] = head
+    return {"storage": storage, "shapes": shapes, "train": [[i, s] for i, s in layout.train],
+            "precompute": [[i, s] for i, s in layout.precompute]}
+
+
+def _lower_all(traced, root: Path, rel: str, fmts, files: list[str], log) -> dict:
+    rec = traced.io()
+    for pl in fmts:
+        log(f"{pl.name}: {rel}")
+        rec[pl.name] = pl.program(traced, root, rel, files)
+    return rec
 
 
 def _cast(t: torch.Tensor, dtype) -> torch.Tensor:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from blockskip.runtime.cli_util import run_cli
-from blockskip.runtime.plan import BASE_QUANT, Plan
+from blockskip.runtime.plan import BASE_QUANT, SPANS, STASH, STORAGE, WEIGHTS, Plan
 
 EPILOG = """examples:
   blockskip-export --model tiny --profile desktop-cpu --prompt "a photo of sks cat" -o bundle
@@ -44,6 +44,18 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base-quant", choices=list(BASE_QUANT), default=None,
                    help="frozen base weights of the trained blocks: int8 (~1/4 of fp32) or 4-bit (~1/7); "
                         "LoRA trains on top")
+    g.add_argument("--span", choices=list(SPANS), default=None,
+                   help="streamed: train one block at a time (per-block forward/VJP programs, frozen weights "
+                        "streamed from storage; memory ~ one block); resident: the whole span at once. "
+                        "Searched if not given")
+    g.add_argument("--storage", choices=list(STORAGE), default=None,
+                   help="frozen weights in the bundle: float32/float16/bfloat16, int8 (per row) or int4 "
+                        "(group-wise); dequantised in compute (default: the plan dtype, or searched)")
+    g.add_argument("--weights", choices=list(WEIGHTS), default=d.weights,
+                   help="streamed span: re-read each block's weights every sweep (streamed) or keep them (resident)")
+    g.add_argument("--no-prefetch", action="store_true", help="streamed weights: do not read the next block ahead")
+    g.add_argument("--stash", choices=list(STASH), default=d.stash,
+                   help="streamed span: keep the trained blocks' inputs in memory or spill them to disk")
     g.add_argument("--samples", "-K", type=int, default=d.num_samples, help="precomputed samples K")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum)
@@ -81,7 +93,8 @@ def plan_from_args(a, profile_dtype: str) -> Plan:
         back_residual=not a.no_residual, positions=a.positions,
         dtype=dtype, base_quant=a.base_quant or "none", num_samples=a.samples, steps=a.steps, grad_accum=a.grad_accum, lr=a.lr, optimizer=a.optimizer, vae_tiling=a.vae_tiling,
         timestep_shift=a.shift, seed=a.seed, checkpoint_every=a.checkpoint_every,
-        precompute_chunk=a.precompute_chunk,
+        precompute_chunk=a.precompute_chunk, span=a.span or "resident", storage=a.storage, weights=a.weights,
+        prefetch=not a.no_prefetch, stash=a.stash,
     )
 
 
@@ -157,10 +170,9 @@ def pte_memory_report(bundle_dir) -> str:
     mib = 2**20
     t = sec["train"]
     train = size[t["file"]] + size[t["data"]] + t["arena_bytes"]
-    pre = max(size[r["file"]] + r["arena_bytes"] for r in sec["blocks"] + [sec["encoder"]])
     return (f"executorch memory (planned, before runtime overhead): training {train / mib:.1f} MiB "
             f"(program {size[t['file']] / mib:.1f} + LoRA {size[t['data']] / mib:.2f} + arena "
-            f"{t['arena_bytes'] / mib:.1f}); precompute, largest program {pre / mib:.1f} MiB")
+            f"{t['arena_bytes'] / mib:.1f})")
 
 
 def main(argv=None) -> int:
@@ -199,17 +211,9 @@ def main(argv=None) -> int:
         check_output(Path(a.output), a.force)
         lm = load_model(a.model, DTYPES[plan.dtype], seed=plan.seed)
         plan = fit_plan(lm, plan, profile, a)
-        if "onnx" in formats:
-            from blockskip.export.onnx_export import check_plan
-
-            check_plan(plan)
-        if "pte" in formats:
-            from blockskip.export.pte_export import check_plan as check_pte
-
-            check_pte(plan, a.delegate)
         out = export_bundle(lm, plan, profile, a.prompt, a.output, force=a.force, formats=formats,
                             log=lambda msg: print(msg, file=sys.stderr), delegate=a.delegate)
-        if "pte" in formats:
+        if "pte" in formats and plan.span == "resident":
             print(pte_memory_report(out), file=sys.stderr)
         n = len(lm.family.block_paths())
         trained = plan.trained_indices(n)

@@ -1,10 +1,10 @@
-"""ONNX artifacts for the ``ort`` backend.
+"""The ``onnx`` format plug-in: ONNX models for the ``ort`` backend.
 
-* The trained span (LoRA blocks, skipped spans' residual adds, head, flow-matching loss) becomes ONNX
-  Runtime training artifacts (training / eval / optimizer models and a checkpoint): LoRA parameters
-  trainable, base weights frozen, AdamW in PyTorch's formulation.
-* Every block the device runs while precomputing, and the photo encoder, become ONNX inference models,
-  one per block, so precompute streams them one at a time.
+* block-streamed programs (forward / VJP / head per block shape, ``stream_export``) and the photo encoder
+  become ordinary ONNX inference models that ``onnxruntime.InferenceSession`` runs;
+* a resident trained span (LoRA blocks, skipped spans' residual adds, head, flow-matching loss) becomes
+  ONNX Runtime training artifacts (training / eval / optimizer models and a checkpoint): LoRA
+  parameters trainable, base weights frozen, AdamW in PyTorch's formulation.
 
 ONNX Runtime training is frozen at 1.19.2 (the last release); these rules keep its graphs correct:
 opset 18 (newer opsets get the tanh-GELU gradient wrong, 23 does not load), IR version 10, the dynamo
@@ -25,81 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from blockskip.export.memory.fake_store import PartsStore
-from blockskip.runtime.backends.torch import gaps, span_forward, span_loss
-from blockskip.runtime.backends.torch_families.base import TorchFamily, tensor_names
+from blockskip.export.graphs import LOSS_SCALE, EncoderGraph, ModelStore, SpanLossGraph
 from blockskip.runtime.errors import PlanError
 
 OPSET = 18
 IR_VERSION = 10
-LOSS_SCALE = "loss_scale"  # graph input: the loss is multiplied by it (1 / grad_accum)
-
-
-# --------------------------------------------------------------------------------------------
-# an in-memory BlockStore, so export reuses the device's own span and precompute code
-
-
-class ModelStore(PartsStore):
-    """BlockStore over an in-memory model: loads share the model's tensors (no copies)."""
-
-    def __init__(self, family: TorchFamily, model: nn.Module):
-        super().__init__(family)
-        self._state = {n: t.detach() for n, t in list(model.named_parameters()) + list(model.named_buffers())}
-
-    def _read(self, rel: str) -> dict[str, torch.Tensor]:
-        return {n: self._state[n] for n in tensor_names(self.model, self._parts[rel])}
-
-
-def graft(root: nn.Module, source: nn.Module, path: str) -> None:
-    """Make ``source.<path>`` (a module, parameter or buffer) reachable as ``root.<path>``."""
-    *parents, leaf = path.split(".")
-    node, src = root, source
-    for k in parents:
-        src = getattr(src, k)
-        if k not in node._modules:
-            node.add_module(k, nn.Module())
-        node = node._modules[k]
-    obj = getattr(src, leaf)
-    if isinstance(obj, nn.Module):
-        node.add_module(leaf, obj)
-    elif isinstance(obj, nn.Parameter):
-        node.register_parameter(leaf, obj)
-    else:
-        node.register_buffer(leaf, obj)
-
-
-class SpanLossGraph(nn.Module):
-    """The trained span as one graph: cache-entry tensors (and the loss scale) in, the scaled loss out.
-
-    Parameter names equal the full model's (``transformer_blocks.3.attn.to_q.lora_A.default.weight``).
-    """
-
-    def __init__(self, family: TorchFamily, model: nn.Module, trained: list[int], input_names: list[str]):
-        super().__init__()
-        for path in [family.block_paths()[i] for i in trained] + list(family.head_prefixes):
-            graft(self, model, path)
-        self.family, self.trained, self.input_names = family, list(trained), list(input_names)
-        self.gaps = gaps(self.trained, family.num_blocks)
-
-    def forward(self, *inputs):
-        *tensors, scale = inputs
-        entry = dict(zip(self.input_names, tensors))
-        return span_loss(span_forward(self.family, self, self.trained, self.gaps, entry), entry) * scale
-
-
-class BlockGraph(nn.Module):
-    """One frozen block for streamed precompute: state + constants in, the next state out."""
-
-    def __init__(self, family: TorchFamily, model: nn.Module, i: int, state_names: list[str], const_names: list[str]):
-        super().__init__()
-        graft(self, model, family.block_paths()[i])
-        self.family, self.i, self.state_names, self.const_names = family, i, list(state_names), list(const_names)
-
-    def forward(self, *inputs):
-        state = dict(zip(self.state_names, inputs[: len(self.state_names)]))
-        consts = dict(zip(self.const_names, inputs[len(self.state_names):]))
-        out = self.family.run_block(self, self.i, state, consts)
-        return tuple(out[n] for n in self.state_names if out.get(n) is not None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,148 +150,81 @@ def _quiet():
 
 
 # --------------------------------------------------------------------------------------------
-# the bundle part
-
-
-def example_entry(lm, plan, trained: list[int], prompt: dict) -> dict[str, torch.Tensor]:
-    """One cache entry of the right names and shapes (what training is fed), made by the device's own
-    precompute code on the in-memory model."""
-    from blockskip.runtime.backends.torch import compute_entries
-    from blockskip.runtime.schedule import ScheduleEntry
-
-    fam = lm.family
-    store = ModelStore(fam, lm.transformer)
-    names = store.load_part("embed")
-    with torch.no_grad():
-        text = fam.prepare_text(store.model, prompt)
-    store.free(names)
-    f = lm.vae_factor
-    c = lm.latent_channels
-    latents = torch.zeros(1, c, plan.s_max // f, plan.s_max // f, dtype=DTYPES[plan.dtype])
-    e = ScheduleEntry(index=0, image=0, t=500, sigma=0.5, side=plan.s_min, top=0, left=0, noise_seed=0)
-    return compute_entries(store, latents, text, [e], plan, f, trained)[0]
+# the plug-in
 
 
 def check_plan(plan) -> None:
     if plan.dtype != "float32":
-        raise PlanError(f"--format onnx trains in float32 (ONNX Runtime training on CPU); got --dtype {plan.dtype}")
+        raise PlanError(f"--format onnx computes in float32; got --dtype {plan.dtype} (use --storage for smaller "
+                        "frozen weights)")
     if plan.base_quant != "none":
-        raise PlanError("--format onnx does not support --base-quant yet; use the torch format for int8/4-bit bases")
+        raise PlanError("--format onnx has no --base-quant; store the frozen weights in fewer bits with "
+                        "--span streamed --storage int8 (or int4)")
     if plan.optimizer != "adamw":
         raise PlanError(f"--format onnx trains with AdamW; --optimizer {plan.optimizer} is torch-only")
     if plan.vae_tiling:
         raise PlanError("--format onnx exports the photo encoder untiled; leave out --vae-tiling")
 
 
-def write_onnx(root: Path, lm, plan, trained: list[int], lora: dict, prompt: dict, files: list[str],
-               log=print) -> dict:
-    """Write ``onnx/`` into the bundle folder ``root``; return the manifest's ``onnx`` section."""
-    from blockskip.runtime.backends.torch import TrainedSpan, blocks_to_run
+class OnnxFormat:
+    name = "onnx"
 
-    check_plan(plan)
-    fam = lm.family
-    entry = example_entry(lm, plan, trained, prompt)
-    names = sorted(entry)
-    section: dict = {"opset": OPSET, "ir_version": IR_VERSION}
+    def check(self, plan, delegate: str = "none") -> None:
+        check_plan(plan)
 
-    # the trained span -> training artifacts
-    log("onnx: exporting the trained span with its loss")
-    store = ModelStore(fam, lm.transformer)
-    span = TrainedSpan(store, trained, lora, plan.seed, base_quant="none", checkpointing=False)
-    graph = SpanLossGraph(fam, span.model, trained, names)
-    args = tuple(entry[n] for n in names) + (torch.ones(1),)
-    proto = to_onnx(graph, args, names + [LOSS_SCALE], ["loss"])
-    trainable = [n for n, p in graph.named_parameters() if p.requires_grad]
-    inits = {t.name for t in proto.graph.initializer}
-    missing = [n for n in trainable if n not in inits]
-    if missing:
-        raise RuntimeError(f"the ONNX export lost LoRA parameters {missing[:3]}...; this is a bug")
-    frozen = sorted(inits - set(trainable))
-    train_dir = root / "onnx" / "train"
-    train_dir.mkdir(parents=True, exist_ok=True)
-    log(f"onnx: building the gradient graph ({len(trainable)} LoRA tensors, {len(frozen)} frozen)")
-    section["train"] = generate_training_artifacts(proto, trainable, frozen, train_dir, plan)
-    for rel in section["train"]["files"].values():
-        files.append(str(Path("onnx/train") / rel))
-    section["train"]["files"] = {k: str(Path("onnx/train") / v) for k, v in section["train"]["files"].items()}
-    section["train"]["inputs"] = names + [LOSS_SCALE]
-    section["train"]["shapes"] = {n: list(entry[n].shape) for n in names}
-    section["train"]["lora"] = trainable
-    del span, graph, proto
+    def program(self, traced, root: Path, rel: str, files: list[str]) -> dict:
+        """One stream program (an FX graph with its calling convention) as an ONNX inference model."""
+        names = [n for n, _, _ in traced.inputs]
+        proto = to_onnx(traced.gm, traced.example_args(), names, [n for n, _, _ in traced.outputs])
+        got = [i.name for i in proto.graph.input]
+        if got != names:
+            raise RuntimeError(f"the ONNX export renamed or dropped inputs of {rel} ({got[:3]}...); this is a bug")
+        _save_proto(root / f"{rel}.onnx", proto)
+        files.append(f"{rel}.onnx")
+        return {"file": f"{rel}.onnx"}
 
-    # the blocks precompute runs -> one inference model each
-    state_names = [k for k in fam.state_keys]
-    const_names = sorted(n[2:] for n in names if n.startswith("c."))
-    stop = blocks_to_run(trained, fam.num_blocks, plan.back_residual)
-    section["blocks"] = []
-    shapes = block_io_examples(lm, plan, prompt, stop)
-    for i in range(stop):
-        log(f"onnx: block {i + 1}/{stop} for precompute")
-        st_in, consts = shapes[i]
-        st_names = [n for n in state_names if n in st_in]
-        g = BlockGraph(fam, lm.transformer, i, st_names, const_names)
-        with torch.no_grad():
-            out = fam.run_block(g, i, dict(st_in), dict(consts))
-        out_names = [n for n in st_names if out.get(n) is not None]
-        proto = to_onnx(g, tuple(st_in[n] for n in st_names) + tuple(consts[n] for n in const_names),
-                        [f"state.{n}" for n in st_names] + [f"c.{n}" for n in const_names],
-                        [f"out.{n}" for n in out_names])
-        rel = f"onnx/blocks/block_{i:03d}.onnx"
+    def encoder(self, root: Path, lm, plan, files: list[str]) -> dict:
+        g = EncoderGraph(lm.encoder.float(), lm.encoder_spec)
+        x = torch.zeros(1, 3, plan.s_max, plan.s_max)
+        proto = to_onnx(g, (x,), ["images"], ["latents"])
+        rel = "onnx/encoder.onnx"
         _save_proto(root / rel, proto)
         files.append(rel)
-        section["blocks"].append({"file": rel, "state": st_names, "consts": const_names, "outputs": out_names})
+        return {"file": rel, "input": [1, 3, plan.s_max, plan.s_max]}
 
-    # the photo encoder
-    log("onnx: photo encoder")
-    section["encoder"] = write_encoder(root, lm, plan, files)
-    return section
+    def resident_span(self, root: Path, lm, plan, trained: list[int], lora: dict, entry: dict, files: list[str],
+                      log) -> dict:
+        """ONNX Runtime training artifacts of the whole trained span (``onnx/train/``)."""
+        from blockskip.runtime.backends.torch import TrainedSpan
 
+        fam = lm.family
+        names = sorted(entry)
+        log("onnx: exporting the trained span with its loss")
+        span = TrainedSpan(ModelStore(fam, lm.transformer), trained, lora, plan.seed, base_quant="none",
+                           checkpointing=False)
+        graph = SpanLossGraph(fam, span.model, trained, names)
+        args = tuple(entry[n] for n in names) + (torch.ones(1),)
+        proto = to_onnx(graph, args, names + [LOSS_SCALE], ["loss"])
+        trainable = [n for n, p in graph.named_parameters() if p.requires_grad]
+        inits = {t.name for t in proto.graph.initializer}
+        missing = [n for n in trainable if n not in inits]
+        if missing:
+            raise RuntimeError(f"the ONNX export lost LoRA parameters {missing[:3]}...; this is a bug")
+        frozen = sorted(inits - set(trainable))
+        train_dir = root / "onnx" / "train"
+        train_dir.mkdir(parents=True, exist_ok=True)
+        log(f"onnx: building the gradient graph ({len(trainable)} LoRA tensors, {len(frozen)} frozen)")
+        sec = generate_training_artifacts(proto, trainable, frozen, train_dir, plan)
+        for rel in sec["files"].values():
+            files.append(str(Path("onnx/train") / rel))
+        sec["files"] = {k: str(Path("onnx/train") / v) for k, v in sec["files"].items()}
+        sec["inputs"] = names + [LOSS_SCALE]
+        sec["shapes"] = {n: list(entry[n].shape) for n in names}
+        sec["lora"] = trainable
+        return {"train": sec}
 
-def block_io_examples(lm, plan, prompt, stop):
-    """Example (state, consts) entering each block [0, stop), from one embedded sample."""
-    from blockskip.runtime.backends.torch_families.base import CropGeometry
-
-    fam = lm.family
-    store = ModelStore(fam, lm.transformer)
-    names = store.load_part("embed")
-    f = lm.vae_factor
-    c = lm.latent_channels
-    low = plan.s_min // f
-    x = torch.zeros(1, c, low, low, dtype=DTYPES[plan.dtype])
-    geom = CropGeometry(full=plan.s_max // f, side=low, top=0, left=0, low=low)
-    with torch.no_grad():
-        text = fam.prepare_text(store.model, prompt)
-        state, consts = fam.embed(store.model, x, torch.tensor([0.5]), text, geom, plan.positions, plan.guidance)
-        out = []
-        for i in range(stop):
-            st = {n: v for n, v in state.items() if v is not None}
-            out.append((st, consts))
-            names_i = store.load_block(i)
-            state = store.run_block(i, st, consts)
-            store.free(names_i)
-    store.free(names)
-    return out
-
-
-class EncoderGraph(nn.Module):
-    def __init__(self, encoder: nn.Module, spec: dict):
-        super().__init__()
-        self.encoder, self.spec = encoder, spec
-
-    def forward(self, images):
-        from blockskip.runtime.backends.torch_families.latent import encode_images
-
-        return encode_images(self.encoder, self.spec, images)
-
-
-def write_encoder(root: Path, lm, plan, files: list[str]) -> dict:
-    g = EncoderGraph(lm.encoder.float(), lm.encoder_spec)
-    x = torch.zeros(1, 3, plan.s_max, plan.s_max)
-    proto = to_onnx(g, (x,), ["images"], ["latents"])
-    rel = "onnx/encoder.onnx"
-    _save_proto(root / rel, proto)
-    files.append(rel)
-    return {"file": rel, "input": [1, 3, plan.s_max, plan.s_max]}
+    def section(self) -> dict:
+        return {"opset": OPSET, "ir_version": IR_VERSION}
 
 
 def _save_proto(path: Path, proto) -> None:
@@ -409,5 +272,3 @@ def generate_training_artifacts(proto, trainable: list[str], frozen: list[str], 
     return {"files": names, "optimizer": {"type": "adamw", "adam_mode": 0, "betas": list(ADAM_BETAS),
                                           "eps": ADAM_EPS, "weight_decay": plan.weight_decay}}
 
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,21 +1,21 @@
-"""ExecuTorch artifacts for the ``executorch`` backend and the native runner.
+"""The ``pte`` format plug-in: ExecuTorch programs for the ``executorch`` backend and the native runner.
 
-* The trained span (LoRA blocks, the skipped spans' residual adds, head, flow-matching loss) becomes an
-  ExecuTorch *training program*: ``torch.export`` -> ``_export_forward_backward`` (the joint graph)
-  -> edge -> ExecuTorch, with the LoRA weights split into a ``.ptd`` beside the ``.pte``
-  (``external_mutable_weights``), optionally delegated to XNNPACK.
-* Every block precompute runs, and the photo encoder, become ``.pte`` inference programs, one per
-  block, streamed one at a time on the device.
+* block-streamed programs (forward / VJP / head per block shape, ``stream_export``) and the photo encoder
+  become ordinary inference programs. A stream program's inputs (state, weights, LoRA) are not
+  memory-planned: the runtime hands its own buffers to the program, so the planned arena holds only
+  what the program computes;
+* a resident trained span (LoRA blocks, the skipped spans' residual adds, head, flow-matching loss)
+  becomes an ExecuTorch *training program*: ``torch.export`` -> ``_export_forward_backward`` (the joint
+  graph) -> edge -> ExecuTorch, with the LoRA weights split into a ``.ptd`` beside the ``.pte``
+  (``external_mutable_weights``). Its ``forward`` takes the cache entry's tensors in the manifest's
+  order plus the loss scale and returns ``[loss, gradients..., parameters...]``; the metadata methods
+  ``__et_training_gradients_index_forward``, ``__et_training_parameters_index_forward`` and
+  ``__et_training_fqn_forward`` say where the gradients and parameters start and name them.
 
-The training program's ``forward`` takes the cache entry's tensors in the manifest's order plus the
-loss scale, and returns ``[loss, gradients..., parameters...]``; the metadata methods
-``__et_training_gradients_index_forward``, ``__et_training_parameters_index_forward`` and
-``__et_training_fqn_forward`` say where the gradients and parameters start and name them.
-
-Graph fixes (measured with executorch 1.5.1 + torch 2.13.0), applied as passes on the joint graph:
-export under the math SDPA kernel (the fused kernels' backward is not Core ATen); ``empty_permuted``
--> ``empty.memory_format``; a ``constant_pad_nd`` with negative pads (a pad's backward) ->
-``slice_copy``; ``addmm`` -> ``mm`` + ``add`` (about 5x faster steps on CPU).
+All programs can be delegated to XNNPACK. Graph fixes (measured with executorch 1.5.1 + torch
+2.13.0), applied as passes: export under the math SDPA kernel (the fused kernels' backward is not Core
+ATen); ``empty_permuted`` -> ``empty.memory_format``; a ``constant_pad_nd`` with negative pads (a pad's
+backward) -> ``slice_copy``; ``addmm`` -> ``mm`` + ``add`` (about 5x faster steps on CPU).
 """
 
 from __future__ import annotations
@@ -102,20 +102,22 @@ def _xnnpack_partitioner():
     return XnnpackPartitioner(configs=[ExactGeluConfig if c is GeluConfig else c for c in ALL_PARTITIONER_CONFIGS])
 
 
-def _lower(ep, delegate: str, training: bool):
+def _lower(ep, delegate: str, training: bool, plan_inputs: bool = True):
     from executorch.exir import (
         EdgeCompileConfig,
         ExecutorchBackendConfig,
         to_edge,
         to_edge_transform_and_lower,
     )
+    from executorch.exir.passes import MemoryPlanningPass
 
     cfg = EdgeCompileConfig(_check_ir_validity=True)
     if delegate == "xnnpack":
         edge = to_edge_transform_and_lower(ep, partitioner=[_xnnpack_partitioner()], compile_config=cfg)
     else:
         edge = to_edge(ep, compile_config=cfg)
-    return edge.to_executorch(ExecutorchBackendConfig(external_mutable_weights=training))
+    return edge.to_executorch(ExecutorchBackendConfig(
+        external_mutable_weights=training, memory_planning_pass=MemoryPlanningPass(alloc_graph_input=plan_inputs)))
 
 
 def training_program(module: nn.Module, args: tuple, delegate: str = "none"):
@@ -130,13 +132,16 @@ def training_program(module: nn.Module, args: tuple, delegate: str = "none"):
         return _lower(ep, delegate, training=True)
 
 
-def inference_program(module: nn.Module, args: tuple, delegate: str = "none"):
+def inference_program(module: nn.Module, args: tuple, delegate: str = "none", plan_inputs: bool = True):
+    """An inference program; ``plan_inputs=False`` leaves the inputs out of the memory plan (the caller's
+    buffers are used as they are). ``args`` may be fake tensors: the program's arena is then known
+    without any weights (the dry run), though it cannot be serialised with constants."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with quiet(), sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
         ep = torch.export.export(module, args, strict=False)
         _fix_graph(ep.graph_module)
-        return _lower(ep, delegate, training=False)
+        return _lower(ep, delegate, training=False, plan_inputs=plan_inputs)
 
 
 def planned_arena_bytes(et_program) -> int:
@@ -173,74 +178,62 @@ def check_plan(plan, delegate: str = "none") -> None:
     if delegate not in DELEGATES:
         raise PlanError(f"unknown --delegate {delegate!r}; choose from {', '.join(DELEGATES)}")
     if plan.dtype != "float32":
-        raise PlanError(f"--format pte trains in float32; got --dtype {plan.dtype}")
+        raise PlanError(f"--format pte computes in float32; got --dtype {plan.dtype} (use --storage for smaller "
+                        "frozen weights)")
     if plan.base_quant != "none":
-        raise PlanError("--format pte does not support --base-quant yet; use the torch format for int8/4-bit bases")
+        raise PlanError("--format pte has no --base-quant; store the frozen weights in fewer bits with "
+                        "--span streamed --storage int8 (or int4)")
     if plan.optimizer != "adamw":
         raise PlanError(f"--format pte trains with AdamW; --optimizer {plan.optimizer} is torch-only")
     if plan.vae_tiling:
         raise PlanError("--format pte exports the photo encoder untiled; leave out --vae-tiling")
 
 
-# --------------------------------------------------------------------------------------------
-# the bundle part
+class PteFormat:
+    name = "pte"
 
+    def __init__(self, delegate: str = "none"):
+        self.delegate = delegate
 
-def write_pte(root: Path, lm, plan, trained: list[int], lora: dict, prompt: dict, files: list[str],
-              delegate: str = "none", log=print) -> dict:
-    """Write ``pte/`` into the bundle folder ``root``; return the manifest's ``pte`` section."""
-    from blockskip.export.onnx_export import (
-        LOSS_SCALE,
-        BlockGraph,
-        EncoderGraph,
-        ModelStore,
-        SpanLossGraph,
-        block_io_examples,
-        example_entry,
-    )
-    from blockskip.runtime.backends.torch import TrainedSpan, blocks_to_run
-    from blockskip.runtime.backends.torch_lora import lora_metadata
+    def check(self, plan, delegate: str | None = None) -> None:
+        check_plan(plan, self.delegate if delegate is None else delegate)
 
-    check_plan(plan, delegate)
-    fam = lm.family
-    entry = example_entry(lm, plan, trained, prompt)
-    names = sorted(entry)
-    section: dict = {"delegate": delegate}
+    def program(self, traced, root: Path, rel: str, files: list[str]) -> dict:
+        """One stream program (an FX graph with its calling convention) as an ExecuTorch program."""
+        et = inference_program(traced.gm, traced.example_args(), self.delegate, plan_inputs=False)
+        return write_program(et, root, f"{rel}.pte", files)
 
-    log(f"pte: exporting the trained span's training program (delegate {delegate})")
-    span = TrainedSpan(ModelStore(fam, lm.transformer), trained, lora, plan.seed, base_quant="none",
-                       checkpointing=False)
-    graph = SpanLossGraph(fam, span.model, trained, names)
-    args = tuple(entry[n] for n in names) + (torch.ones(1),)
-    trainable = [n for n, p in graph.named_parameters() if p.requires_grad]
-    et = training_program(graph, args, delegate)
-    train = write_program(et, root, "pte/train/span.pte", files)
-    if "data" not in train:
-        raise RuntimeError("the training program has no .ptd of LoRA weights; this is a bug")
-    train.update(inputs=names + [LOSS_SCALE], shapes={n: list(entry[n].shape) for n in names}, lora=trainable,
-                 optimizer={"type": "adamw", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": plan.weight_decay},
-                 lora_metadata=lora_metadata(lora), lora_scale=lora["alpha"] / lora["rank"])
-    section["train"] = train
-    del span, graph, et
+    def encoder(self, root: Path, lm, plan, files: list[str]) -> dict:
+        from blockskip.export.graphs import EncoderGraph
 
-    const_names = sorted(n[2:] for n in names if n.startswith("c."))
-    stop = blocks_to_run(trained, fam.num_blocks, plan.back_residual)
-    section["blocks"] = []
-    for i, (st_in, consts) in enumerate(block_io_examples(lm, plan, prompt, stop)):
-        log(f"pte: block {i + 1}/{stop} for precompute")
-        st_names = [n for n in fam.state_keys if n in st_in]
-        g = BlockGraph(fam, lm.transformer, i, st_names, const_names)
-        with torch.no_grad():
-            out = fam.run_block(g, i, dict(st_in), dict(consts))
-        out_names = [n for n in st_names if out.get(n) is not None]
-        et = inference_program(g, tuple(st_in[n] for n in st_names) + tuple(consts[n] for n in const_names), delegate)
-        rec = write_program(et, root, f"pte/blocks/block_{i:03d}.pte", files)
-        rec.update(state=st_names, consts=const_names, outputs=out_names)
-        section["blocks"].append(rec)
+        enc = EncoderGraph(lm.encoder.float(), lm.encoder_spec)
+        et = inference_program(enc, (torch.zeros(1, 3, plan.s_max, plan.s_max),), self.delegate)
+        rec = write_program(et, root, "pte/encoder.pte", files)
+        rec["input"] = [1, 3, plan.s_max, plan.s_max]
+        return rec
 
-    log("pte: photo encoder")
-    enc = EncoderGraph(lm.encoder.float(), lm.encoder_spec)
-    et = inference_program(enc, (torch.zeros(1, 3, plan.s_max, plan.s_max),), delegate)
-    section["encoder"] = write_program(et, root, "pte/encoder.pte", files)
-    section["encoder"]["input"] = [1, 3, plan.s_max, plan.s_max]
-    return section
+    def resident_span(self, root: Path, lm, plan, trained: list[int], lora: dict, entry: dict, files: list[str],
+                      log) -> dict:
+        """The ExecuTorch training program of the whole trained span (``pte/train/span.pte`` + ``.ptd``)."""
+        from blockskip.export.graphs import LOSS_SCALE, ModelStore, SpanLossGraph
+        from blockskip.runtime.backends.torch import TrainedSpan
+
+        fam = lm.family
+        names = sorted(entry)
+        log(f"pte: exporting the trained span's training program (delegate {self.delegate})")
+        span = TrainedSpan(ModelStore(fam, lm.transformer), trained, lora, plan.seed, base_quant="none",
+                           checkpointing=False)
+        graph = SpanLossGraph(fam, span.model, trained, names)
+        args = tuple(entry[n] for n in names) + (torch.ones(1),)
+        trainable = [n for n, p in graph.named_parameters() if p.requires_grad]
+        et = training_program(graph, args, self.delegate)
+        train = write_program(et, root, "pte/train/span.pte", files)
+        if "data" not in train:
+            raise RuntimeError("the training program has no .ptd of LoRA weights; this is a bug")
+        train.update(inputs=names + [LOSS_SCALE], shapes={n: list(entry[n].shape) for n in names}, lora=trainable,
+                     optimizer={"type": "adamw", "betas": [0.9, 0.999], "eps": 1e-8,
+                                "weight_decay": plan.weight_decay})
+        return {"train": train}
+
+    def section(self) -> dict:
+        return {"delegate": self.delegate}

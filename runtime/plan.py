@@ -9,6 +9,10 @@ from blockskip.runtime.errors import PlanError
 
 BASE_QUANT = ("none", "int8", "nf4")
 OPTIMIZERS = ("adamw", "adamw8bit")
+SPANS = ("resident", "streamed")
+STORAGE = ("float32", "float16", "bfloat16", "int8", "int4")
+WEIGHTS = ("streamed", "resident")
+STASH = ("memory", "disk")
 
 
 @dataclass
@@ -31,6 +35,18 @@ class Plan:
     # in the frozen base (LoRA still trains in the plan dtype) and dequantise work in every step
     base_quant: str = "none"
     checkpointing: bool = False  # recompute trained-block activations in backward: less memory, ~1/3 more time
+    # "streamed": the trained span runs one block at a time (forward sweep keeping each block's input,
+    # head, backward sweep of per-block VJP programs that recompute the block): memory ~ one block's
+    # weights and activations instead of the whole span's; a second forward per block costs ~1/3 more
+    # time. "resident": the whole span is one program / module, as in the paper
+    span: str = "resident"
+    # frozen weights in the bundle: float32/float16/bfloat16, int8 (per output row) or int4 (groups of
+    # up to 64); None = the plan dtype. Fewer bits: a smaller bundle and weight buffers, dequantised in
+    # compute (float32); costs quantisation error in the frozen model
+    storage: str | None = None
+    weights: str = "streamed"  # streamed span: "streamed" re-reads each block's weights (2 blocks resident), "resident" keeps them
+    prefetch: bool = True  # read the next block's weights while one runs (a second block buffer)
+    stash: str = "memory"  # streamed span: the trained blocks' inputs kept in "memory" or spilled to "disk"
     num_samples: int = 16  # K: precomputed (image, t, crop, noise) draws; cache storage grows in K
     steps: int = 20  # optimizer steps
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -95,6 +111,27 @@ class Plan:
             raise PlanError(f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
         if self.timestep_shift <= 0:
             raise PlanError("timestep_shift must be > 0")
+        if self.span not in SPANS:
+            raise PlanError(f"span must be one of {', '.join(SPANS)} (got {self.span!r})")
+        if self.storage is not None and self.storage not in STORAGE:
+            raise PlanError(f"storage must be one of {', '.join(STORAGE)} (got {self.storage!r})")
+        if self.weights not in WEIGHTS:
+            raise PlanError(f"weights must be one of {', '.join(WEIGHTS)} (got {self.weights!r})")
+        if self.stash not in STASH:
+            raise PlanError(f"stash must be one of {', '.join(STASH)} (got {self.stash!r})")
+        if self.span == "streamed":
+            if self.base_quant != "none":
+                raise PlanError("--span streamed dequantises stored weights itself: use --storage int8/int4 "
+                                "instead of --base-quant")
+            if self.checkpointing:
+                raise PlanError("--span streamed already recomputes each block in its backward; leave out "
+                                "--checkpointing")
+            if self.optimizer != "adamw":
+                raise PlanError(f"--span streamed trains with AdamW; --optimizer {self.optimizer} is for the "
+                                "resident torch span")
+        elif self.storage in ("int8", "int4") and self.base_quant != "none":
+            raise PlanError("give either --storage int8/int4 (stored weights) or --base-quant (in-memory "
+                            "quantisation), not both")
         if self.lora_targets is not None and valid_targets is not None:
             unknown = sorted(set(self.lora_targets) - valid_targets)
             if unknown:
@@ -102,6 +139,11 @@ class Plan:
                     f"unknown LoRA target(s) {unknown}; valid for this model: {sorted(valid_targets)}"
                 )
         return idx
+
+    @property
+    def storage_dtype(self) -> str:
+        """The frozen weights' storage in the bundle (the plan dtype unless ``storage`` says otherwise)."""
+        return self.storage or self.dtype
 
     @property
     def alpha(self) -> float:

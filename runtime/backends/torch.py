@@ -7,7 +7,6 @@ meta device and their files are never opened.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +18,19 @@ from blockskip.runtime.backends.torch_families.latent import enable_tiling, enco
 from blockskip.runtime.backends.torch_io import DTYPES, BlockStore
 from blockskip.runtime.backends.torch_lora import (
     inject_lora,
-    load_checkpoint,
     lora_parameters,
+    restore_checkpoint,
     save_checkpoint,
-    save_lora,
 )
 from blockskip.runtime.backends.torch_quant import quantize_frozen
 from blockskip.runtime.backends.torch_sample import make_sample
 from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.cache import ResidualCache
+from blockskip.runtime.checkpoint import CHECKPOINT
 from blockskip.runtime.errors import BlockSkipError, CacheError
-from blockskip.runtime.files import atomic_write, ensure_writable_dir
+from blockskip.runtime.files import atomic_write
 from blockskip.runtime.memory import peak_rss_mib
 from blockskip.runtime.progress import Progress
-from blockskip.runtime.train_loop import run_steps
 
 torch_dtype = DTYPES.__getitem__
 
@@ -110,6 +108,9 @@ def precompute_with(bundle: Bundle, images: np.ndarray, cache_dir, *, source: di
             bar.update(1, entry=k)
         del entries
     bar.close()
+    close = getattr(store, "close", None)
+    if close is not None:
+        close()
     cache.index["max_resident_blocks"] = store.max_resident
     cache.index["peak_rss_mib"] = peak_rss_mib()  # this process's, up to the end of precompute
     cache.flush()
@@ -273,48 +274,132 @@ def span_loss(pred: torch.Tensor, entry: dict) -> torch.Tensor:
     return torch.nn.functional.mse_loss(pred.float(), entry["target"].float())
 
 
-def _load_entry(cache: ResidualCache, k: int) -> dict:
-    return load_file(cache.path(k))
+class TorchTrainer:
+    """The resident span (peft LoRA on the loaded trained blocks) with torch's optimizer: a Trainer."""
+
+    backend = "torch"
+    checkpoint_file = CHECKPOINT
+
+    def __init__(self, bundle: Bundle):
+        plan = bundle.plan
+        self.store = BlockStore(bundle)
+        self.span = TrainedSpan(self.store, bundle.trained, bundle.manifest["lora"], plan.seed,
+                                base_quant=plan.base_quant)
+        self.opt = make_optimizer(self.span.params, plan)
+
+    def load_entry(self, path) -> dict:
+        return load_file(path)
+
+    def loss_and_grad(self, entry: dict, scale: float) -> float:
+        loss = self.span.loss(entry)
+        (loss * scale).backward()
+        return loss.item()
+
+    def eval_loss(self, entry: dict) -> float:
+        with torch.no_grad():
+            return self.span.loss(entry).item()
+
+    def update(self) -> None:
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def lora(self) -> dict:
+        return {n: p.detach().float().numpy().copy() for n, p in self.span.model.named_parameters() if ".lora_" in n}
+
+    def info(self) -> dict:
+        return {"blocks_loaded": [r for r in self.store.loaded if r.startswith("model/blocks/")]}
+
+    def save_checkpoint(self, path, step: int, log: dict) -> None:
+        save_checkpoint(path, self.span.model, self.opt, step, log)
+
+    def load_checkpoint(self, path) -> tuple[int, dict]:
+        return restore_checkpoint(path, self.span.model, self.opt)
+
+
+class TorchBlocks:
+    """The block backend for a streamed span on torch: each shape's stream module run eagerly (autograd
+    inside one block at a time), the same modules the programs are traced from."""
+
+    name = "torch"
+
+    def __init__(self, bundle: Bundle):
+        from blockskip.runtime.backends.torch_families import get_family
+        from blockskip.runtime.stream import StreamSpec
+
+        self.bundle, self.spec = bundle, StreamSpec(bundle)
+        self.fam = get_family(bundle.family, bundle.manifest["model"]["config"])
+        self.skeleton = self.fam.skeleton()
+        self.lora_cfg = bundle.manifest["lora"]
+        self.modules: dict[str, torch.nn.Module] = {}
+
+    def _module(self, shape: str):
+        from blockskip.runtime.backends import torch_stream as ts
+
+        if shape not in self.modules:
+            if shape == "head":
+                self.modules[shape] = ts.head_module(self.fam, self.skeleton, self.spec.storage)
+            else:
+                rec = self.spec.shapes[shape]
+                self.modules[shape] = ts.shape_module(self.fam, self.skeleton, rec["example_block"], rec["targets"],
+                                                      self.spec.storage, self.lora_cfg)
+        return self.modules[shape]
+
+    @staticmethod
+    def _t(arrays: dict) -> dict:
+        out = {}
+        for k, a in arrays.items():
+            t = torch.from_numpy(np.ascontiguousarray(a))
+            out[k] = t.view(torch.bfloat16) if a.dtype == np.uint16 else t
+        return out
+
+    @staticmethod
+    def _np(tensors: dict) -> dict:
+        return {k: v.detach().numpy() for k, v in tensors.items()}
+
+    def forward(self, shape, state, consts, weights, lora):
+        from blockskip.runtime.backends import torch_stream as ts
+
+        with torch.no_grad():
+            return self._np(ts.block_forward(self.fam, self._module(shape), self._t(state), self._t(consts),
+                                             self._t(weights), self._t(lora)))
+
+    def vjp(self, shape, state, consts, grads, weights, lora):
+        from blockskip.runtime.backends import torch_stream as ts
+
+        g_in, g_lora = ts.block_vjp(self.fam, self._module(shape), self._t(state), self._t(consts), self._t(grads),
+                                    self._t(weights), self._t(lora))
+        return self._np(g_in), self._np(g_lora)
+
+    def head(self, hidden, consts, target, scale, weights):
+        from blockskip.runtime.backends import torch_stream as ts
+
+        loss, g = ts.head_loss_grad(self.fam, self._module("head"), torch.from_numpy(hidden), self._t(consts),
+                                    torch.from_numpy(target), torch.tensor([scale], dtype=torch.float32),
+                                    self._t(weights))
+        return float(loss.reshape(-1)[0]), g.numpy()
+
+    def precompute_block(self, shape, state, consts, weights):
+        lora = {k: np.zeros(s, np.float32) for k, s in self.spec.lora_shapes(shape).items()}
+        return self.forward(shape, state, consts, weights, lora)
+
+    def release(self) -> None:
+        pass
+
+
+def make_trainer(bundle: Bundle, out: Path):
+    """The Trainer a bundle's plan asks for on this backend."""
+    if bundle.plan.span == "streamed":
+        from blockskip.runtime.stream import StreamedSpan
+
+        return StreamedSpan(bundle, TorchBlocks(bundle), stash_dir=out / "stash")
+    return TorchTrainer(bundle)
 
 
 def train(bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = None, stop_after: int | None = None):
     """Train the LoRA; resume from ``out_dir/checkpoint`` if present. Returns the log dict."""
+    from blockskip.runtime.driver import train as drive
+
     require_torch_format(bundle)
-    plan = bundle.plan
-    progress = progress or Progress(quiet=True)
-    cache = ResidualCache(cache_dir)
-    cache.check_complete({"bundle": bundle.manifest_sha256})
-    out = ensure_writable_dir(out_dir)
-    store = BlockStore(bundle)
-    span = TrainedSpan(store, bundle.trained, bundle.manifest["lora"], plan.seed, base_quant=plan.base_quant)
-    opt = make_optimizer(span.params, plan)
-    ckpt_dir = out / "checkpoint"
-    log = {"plan": plan.to_dict(), "backend": "torch", "losses": [], "step_seconds": [], "resumed_from": 0,
-           "cache_source": cache.source_sha256()}
-    start = load_checkpoint(ckpt_dir, span.model, opt, log)
-    log["resumed_from"] = start
-    if start:
-        progress.log(f"resuming from step {start} ({ckpt_dir})")
-    bar = progress.bar(plan.steps, "train", initial=start)
-    end = plan.steps if stop_after is None else min(plan.steps, stop_after)
-
-    def micro_step(entry) -> float:
-        loss = span.loss(entry)
-        (loss / plan.grad_accum).backward()
-        return loss.item()
-
-    def update():
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    run_steps(cache, plan, log, bar, start=start, end=end, load_entry=_load_entry, micro_step=micro_step,
-              update=update, save_checkpoint=lambda step: save_checkpoint(ckpt_dir, span.model, opt, step, log))
-    bar.close()
-    log["peak_rss_mib"] = peak_rss_mib()
-    log["blocks_loaded"] = [r for r in store.loaded if r.startswith("model/blocks/")]
-    if end == plan.steps:
-        save_lora(out / "lora.safetensors", span.model, bundle.manifest["lora"])
-        log["lora"] = str(out / "lora.safetensors")
-    atomic_write(out / "train_log.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
+    log = drive(bundle, cache_dir, out_dir, lambda out: make_trainer(bundle, out), progress=progress,
+                stop_after=stop_after)
     return log
-

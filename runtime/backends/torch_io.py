@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import weakref
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -11,6 +12,7 @@ from blockskip.runtime.backends.torch_families import get_family
 from blockskip.runtime.backends.torch_families.base import TorchFamily, materialize, release
 from blockskip.runtime.backends.torch_families.latent import build_encoder_skeleton
 from blockskip.runtime.bundle import Bundle
+from blockskip.runtime.errors import BundleError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,6 +35,7 @@ class BlockStore:
         model = bundle.manifest["model"]
         self.family: TorchFamily = get_family(bundle.family, model["config"])
         self.model = self.family.skeleton()
+        self.store_dtype = DTYPES[bundle.plan.dtype]  # what the stored layout becomes in the model
         self.loaded: list[str] = []  # artifact names in load order
         self._alive: dict[str, list[weakref.ref]] = {}
         self.max_resident = 0
@@ -42,6 +45,11 @@ class BlockStore:
 
     def _load(self, rel: str) -> list[str]:
         tensors = self._read(rel)
+        if self.bundle is not None:  # the bundle's storage layout -> the model's parameters in the plan dtype
+            from blockskip.runtime.backends.torch_stream import from_storage
+
+            tensors = from_storage(tensors, self.store_dtype)
+            tensors = {n: t.reshape(_get(self.model, n).shape) for n, t in tensors.items()}
         materialize(self.model, tensors)
         self.loaded.append(rel)
         names = list(tensors)
@@ -91,3 +99,46 @@ def load_encoder(bundle: Bundle):
 
 def load_prompt(bundle: Bundle, dtype) -> dict:
     return BlockStore(bundle).load_prompt(dtype)
+
+
+class StreamBlockStore(BlockStore):
+    """Precompute's blocks through a block backend (ONNX Runtime, ExecuTorch): each block's stored weights
+    (the next block's read ahead) fed to its shape's forward program with a zero LoRA."""
+
+    def __init__(self, bundle: Bundle, backend):
+        from blockskip.runtime.stream import StreamSpec, WeightSource
+
+        super().__init__(bundle)
+        self.backend = backend
+        self.spec = StreamSpec(bundle)
+        self.shape_of = dict(self.spec.precompute)
+        self.weights = WeightSource(self.spec, resident=False, prefetch=bundle.plan.prefetch)
+        self.weights.plan([i for i, _ in self.spec.precompute])
+        self.current: dict | None = None
+
+    def load_block(self, i: int) -> list[str]:
+        if i not in self.shape_of:
+            raise BundleError(f"the bundle has no precompute program for block {i}; export it again")
+        self.current = self.weights.get(i)
+        self.loaded.append(self.spec.block_file(i))
+        self.max_resident = max(self.max_resident, 1)
+        return [f"__stream_block__.{i}"]
+
+    def free(self, names: list[str]) -> None:
+        rest = [n for n in names if not n.startswith("__stream_block__.")]
+        if len(rest) < len(names):
+            self.current = None
+        if rest:
+            super().free(rest)
+
+    def run_block(self, i: int, state: dict, consts: dict) -> dict:
+        st = {n: v.detach().float().numpy() for n, v in state.items() if v is not None}
+        cs = {n: v.detach().float().numpy() for n, v in consts.items()}
+        out = self.backend.precompute_block(self.shape_of[i], st, cs, self.current)
+        new = {n: None for n in state}
+        new.update({n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in out.items()})
+        return new
+
+    def close(self) -> None:
+        self.weights.close()
+        self.backend.release()

@@ -1,4 +1,4 @@
-"""LoRA on the skeleton with peft; diffusers-named output; atomic checkpoints with optimizer state."""
+"""LoRA on the skeleton with peft; the LoRA metadata; the shared checkpoint from a peft model."""
 
 from __future__ import annotations
 
@@ -44,20 +44,6 @@ def diffusers_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             for n, t in tensors.items()}
 
 
-def save_lora(path, model, lora: dict) -> None:
-    """Write the LoRA in diffusers naming. The alpha/rank scale is folded into lora_B (and alpha
-    written as the rank), so every loader applies the same scale, with or without our metadata."""
-    save_lora_tensors(path, {n: p for n, p in model.named_parameters() if ".lora_" in n}, lora)
-
-
-def save_lora_tensors(path, tensors: dict[str, torch.Tensor], lora: dict) -> None:
-    """:func:`save_lora` for LoRA tensors given by their peft names (any backend's)."""
-    scale = lora["alpha"] / lora["rank"]
-    meta = lora_metadata(lora)
-    sd = {k: (v * scale if ".lora_B." in k else v) for k, v in diffusers_names(tensors).items()}
-    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
-
-
 def lora_metadata(lora: dict) -> dict[str, str]:
     """The safetensors metadata of a saved LoRA (peft's config with alpha = rank: the scale is folded)."""
     cfg = lora_config({**lora, "alpha": lora["rank"]}).to_dict()
@@ -81,37 +67,30 @@ def checkpoint_tensors(model, opt: torch.optim.Optimizer) -> dict[str, torch.Ten
     return tensors
 
 
-def save_checkpoint(ckpt_dir: Path, model, opt: torch.optim.Optimizer, step: int, log: dict) -> None:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(path: Path, model, opt: torch.optim.Optimizer, step: int, log: dict) -> None:
+    """The shared checkpoint (``runtime.checkpoint``), from a peft model and its torch optimizer."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = checkpoint_tensors(model, opt)
-    meta = {"step": str(step), "log": json.dumps(log)}
-    atomic_write(ckpt_dir / "checkpoint.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
+    meta = {"step": str(step), "log": json.dumps(log, sort_keys=True)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def load_checkpoint(ckpt_dir: Path, model, opt: torch.optim.Optimizer, log: dict) -> int:
-    """Restore LoRA weights, AdamW state and the log; return the step to continue from (0: none)."""
-    path = ckpt_dir / "checkpoint.safetensors"
-    if not path.is_file():
-        return 0
+def restore_checkpoint(path: Path, model, opt: torch.optim.Optimizer) -> tuple[int, dict]:
+    """Restore LoRA weights and optimizer state; return (step, saved log)."""
     from safetensors import safe_open
 
     try:
         with safe_open(path, "pt") as f:
             meta = f.metadata()
         tensors = load_file(path)
+        step, saved = int(meta["step"]), json.loads(meta["log"])
     except Exception as e:  # safetensors raises several types on a torn/corrupt file
         raise BlockSkipError(f"checkpoint {path} is unreadable ({e}); delete it to start over") from e
-    saved = json.loads(meta["log"])
-    if saved.get("cache_source") != log.get("cache_source"):
-        raise BlockSkipError(
-            f"{path} belongs to a training run on other photos or another bundle; use a new output "
-            f"folder (-o), or delete {ckpt_dir} to start over"
-        )
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k, v in tensors.items():
             if k.startswith("param."):
-                if k[6:] not in params:
+                if k[6:] not in params or params[k[6:]].shape != v.shape:
                     raise BlockSkipError(f"checkpoint {path} does not belong to this bundle's plan; use another -o")
                 params[k[6:]].copy_(v)
     for n, p in params.items():
@@ -127,5 +106,4 @@ def load_checkpoint(ckpt_dir: Path, model, opt: torch.optim.Optimizer, log: dict
                     st[k] = t.clone()
         if st:
             opt.state[p] = st
-    log.update(saved)
-    return int(meta["step"])
+    return step, saved

@@ -114,6 +114,10 @@ class TorchFamily:
         raise NotImplementedError
 
     def run_block(self, model, i: int, state: State, consts: State) -> State:
+        return self.call_block(model.get_submodule(self.block_paths()[i]), state, consts)
+
+    def call_block(self, block: nn.Module, state: State, consts: State) -> State:
+        """Run one block module (the model's own, or a streamed stand-in with the same structure)."""
         raise NotImplementedError
 
     def head(self, model, state: State, consts: State) -> torch.Tensor:

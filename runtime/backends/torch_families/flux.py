@@ -80,8 +80,7 @@ class FluxFamily(TorchFamily):
         state = {"hidden": hidden, "encoder": text["encoder"]}
         return state, {"temb": temb, "rope_cos": cos, "rope_sin": sin}
 
-    def run_block(self, model, i, state, consts):
-        block = model.get_submodule(self.block_paths()[i])
+    def call_block(self, block, state, consts):
         enc, hid = block(
             hidden_states=state["hidden"],
             encoder_hidden_states=state["encoder"],

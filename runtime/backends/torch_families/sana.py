@@ -51,8 +51,7 @@ class SanaFamily(TorchFamily):
             t6, emb_t = model.time_embed(timestep, batch_size=latent.shape[0], hidden_dtype=hidden.dtype)
         return {"hidden": hidden}, {"timestep": t6, "embedded_timestep": emb_t, "encoder": text["encoder"]}
 
-    def run_block(self, model, i, state, consts):
-        block = model.get_submodule(self.block_paths()[i])
+    def call_block(self, block, state, consts):
         g = math.isqrt(state["hidden"].shape[1])
         hid = block(state["hidden"], None, consts["encoder"], None, consts["timestep"], g, g)
         return {"hidden": hid}

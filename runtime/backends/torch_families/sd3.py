@@ -86,8 +86,7 @@ class SD3Family(TorchFamily):
         temb = model.time_text_embed(sigma.to(latent.dtype) * 1000, text["pooled"])
         return {"hidden": hidden, "encoder": text["encoder"]}, {"temb": temb}
 
-    def run_block(self, model, i, state, consts):
-        block = model.get_submodule(self.block_paths()[i])
+    def call_block(self, block, state, consts):
         enc, hid = block(hidden_states=state["hidden"], encoder_hidden_states=state["encoder"], temb=consts["temb"])
         return {"hidden": hid, "encoder": enc}
 

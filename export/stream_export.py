@@ -1,0 +1,228 @@
+"""The block-streamed span: which program each block runs, and the programs themselves as FX graphs.
+
+Blocks of the same *shape* (family block kind + the LoRA targets inside it) share programs, so a
+FLUX span needs one double-block and one single-block program set however many blocks it trains:
+
+* ``forward``: (state, step constants, frozen weights, LoRA) -> next state. Precompute runs it with a
+  zero LoRA (exactly the frozen block) or, for kinds that do not train, a ``frozen`` variant;
+* ``vjp``: (state, constants, gradient at the outputs, frozen weights, LoRA) -> (gradient at the
+  inputs, LoRA gradients); it recomputes the block's forward inside;
+* ``head``: (hidden after the span, constants, target, loss scale, head weights) -> (scaled loss, its
+  gradient at the hidden state).
+
+Each graph is traced once with ``make_fx`` (core ATen decompositions, math attention) from the stream
+modules of ``blockskip.runtime.backends.torch_stream``, on fake tensors when only shapes matter (the
+dry run), and every format plug-in lowers the same graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from blockskip.runtime.backends import torch_stream as ts
+from blockskip.runtime.backends.torch_families.base import TorchFamily
+
+STATE, CONST, GRAD, WEIGHT, LORA = "state.", "c.", "grad.", "w.", "lora."
+OUT, GRAD_IN, LORA_GRAD = "out.", "grad_in.", "lora_grad."
+
+
+@dataclass
+class Shape:
+    """Blocks that share programs: one family block kind with one set of LoRA targets."""
+
+    id: str
+    kind: str
+    targets: list[str]  # relative module names with LoRA (empty: a frozen-only shape)
+    example_block: int  # a block of this shape (its structure is the shape's)
+    blocks: list[int] = field(default_factory=list)
+
+    @property
+    def roles(self) -> list[str]:
+        return ["forward", "vjp"] if self.targets else ["forward"]
+
+
+@dataclass
+class StreamLayout:
+    """Which shape each trained block and each precomputed block runs."""
+
+    shapes: dict[str, Shape]
+    train: list[tuple[int, str]]  # (block, shape id), in span order
+    precompute: list[tuple[int, str]]  # (block, shape id) for blocks [0, stop)
+
+
+def rel_targets(fam: TorchFamily, i: int, targets: list[str]) -> list[str]:
+    path = fam.block_paths()[i]
+    return sorted(t[len(path) + 1:] for t in targets if t.startswith(path + "."))
+
+
+def stream_layout(fam: TorchFamily, trained: list[int], targets: list[str], stop: int) -> StreamLayout:
+    """``targets``: the bundle's full LoRA module names; ``stop``: precompute runs blocks [0, stop)."""
+    shapes: dict[str, Shape] = {}
+
+    def shape_for(i: int, tg: list[str]) -> str:
+        kind = fam.block_kind(i)
+        if not tg:
+            sid = f"{kind}.frozen"
+        else:
+            digest = hashlib.sha256(",".join(tg).encode()).hexdigest()[:6]
+            sid = f"{kind}.lora-{digest}"
+        if sid not in shapes:
+            shapes[sid] = Shape(sid, kind, tg, i)
+        shapes[sid].blocks.append(i)
+        return sid
+
+    train = [(i, shape_for(i, rel_targets(fam, i, targets))) for i in trained]
+    trained_kind = {shapes[s].kind: s for _, s in train}
+    precompute = []
+    for j in range(stop):
+        kind = fam.block_kind(j)
+        sid = trained_kind.get(kind) or shape_for(j, [])
+        if j not in shapes[sid].blocks:
+            shapes[sid].blocks.append(j)
+        precompute.append((j, sid))
+    return StreamLayout(shapes, train, precompute)
+
+
+def shape_module(fam: TorchFamily, skeleton: nn.Module, shape: Shape, storage: str, lora: dict) -> nn.Module:
+    return ts.shape_module(fam, skeleton, shape.example_block, shape.targets, storage, lora)
+
+
+# --------------------------------------------------------------------------------------------
+# tracing
+
+
+@dataclass
+class Traced:
+    gm: torch.fx.GraphModule
+    inputs: list[tuple[str, tuple, torch.dtype]]  # name, shape, dtype, in call order
+    outputs: list[tuple[str, tuple, torch.dtype]]
+
+    def io(self) -> dict:
+        """The program's calling convention for the manifest."""
+        def rows(xs):
+            return [{"name": n, "shape": list(s), "dtype": str(d).removeprefix("torch.")} for n, s, d in xs]
+
+        return {"inputs": rows(self.inputs), "outputs": rows(self.outputs)}
+
+    def example_args(self, fake: bool = False) -> tuple:
+        return tuple(_tensors({n: (s, d) for n, s, d in self.inputs}, fake).values())
+
+
+def trace(fn, example: dict[str, torch.Tensor]) -> Traced:
+    """``fn(dict of named tensors) -> dict of named tensors`` as an FX graph of core ATen ops with
+    positional inputs; inputs the graph never reads are dropped from its signature."""
+    from torch._decomp import core_aten_decompositions
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = list(example)
+    out_names: list[str] = []
+
+    def flat(*args):
+        out = fn(dict(zip(names, args)))
+        out_names[:] = list(out)
+        return tuple(out.values())
+
+    args = tuple(example.values())
+    mode = "fake" if any(isinstance(a, FakeTensor) for a in args) else "real"
+    with sdpa_kernel([SDPBackend.MATH]):
+        gm = make_fx(flat, decomposition_table=core_aten_decompositions(), tracing_mode=mode)(*args)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    kept = []
+    for name, node in zip(names, placeholders):
+        if node.users:
+            kept.append((name, tuple(example[name].shape), example[name].dtype))
+        else:
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    (out_node,) = [n for n in gm.graph.nodes if n.op == "output"]
+    vals = [a.meta["val"] for a in out_node.args[0]]
+    outputs = [(n, tuple(v.shape), v.dtype) for n, v in zip(out_names, vals)]
+    return Traced(gm, kept, outputs)
+
+
+def _split(d: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+
+
+def forward_fn(fam: TorchFamily, module: nn.Module):
+    def fn(x: dict) -> dict:
+        out = ts.block_forward(fam, module, _split(x, STATE), _split(x, CONST), _split(x, WEIGHT), _split(x, LORA))
+        return {OUT + k: v for k, v in out.items()}
+
+    return fn
+
+
+def vjp_fn(fam: TorchFamily, module: nn.Module):
+    def fn(x: dict) -> dict:
+        g_in, g_lora = ts.block_vjp(fam, module, _split(x, STATE), _split(x, CONST), _split(x, GRAD),
+                                    _split(x, WEIGHT), _split(x, LORA))
+        return {**{GRAD_IN + k: v for k, v in g_in.items()}, **{LORA_GRAD + k: v for k, v in g_lora.items()}}
+
+    return fn
+
+
+def head_fn(fam: TorchFamily, module: nn.Module):
+    def fn(x: dict) -> dict:
+        loss, g = ts.head_loss_grad(fam, module, x[STATE + "hidden"], _split(x, CONST), x["target"],
+                                    x["loss_scale"], _split(x, WEIGHT))
+        return {"loss": loss, GRAD_IN + "hidden": g}
+
+    return fn
+
+
+def _empty(shape, dtype) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype)
+
+
+Shapes = dict[str, tuple]  # name -> (shape, dtype)
+
+
+def _tensors(shapes: Shapes, fake: bool) -> dict[str, torch.Tensor]:
+    """Zero example tensors, fake (no memory) when only the graph's shapes matter."""
+    if not fake:
+        return {k: _empty(*v) for k, v in shapes.items()}
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return {k: _empty(*v) for k, v in shapes.items()}
+
+
+def trace_shape(fam: TorchFamily, skeleton: nn.Module, shape: Shape, storage: str, lora: dict,
+                state: Shapes, consts: Shapes, fake: bool = False) -> dict[str, Traced]:
+    """The shape's programs (``forward`` and, with LoRA, ``vjp``) for one entry's state/const shapes."""
+    module = shape_module(fam, skeleton, shape, storage, lora)
+    specs = ts.block_specs(fam, skeleton, shape.example_block, storage)
+    bufs = dict(module.named_buffers())
+    head = {STATE + k: v for k, v in state.items()}
+    head.update({CONST + k: v for k, v in sorted(consts.items())})
+    w = {WEIGHT + k: specs[k] for k in sorted(specs)}
+    lo = {LORA + k: (tuple(bufs[k].shape), torch.float32) for k in ts.lora_names(module)}
+    out = {"forward": trace(forward_fn(fam, module), _tensors({**head, **w, **lo}, fake))}
+    if shape.targets:
+        grads = {GRAD + n[len(OUT):]: (s, d) for n, s, d in out["forward"].outputs}
+        out["vjp"] = trace(vjp_fn(fam, module), _tensors({**head, **grads, **w, **lo}, fake))
+    return out
+
+
+def trace_head(fam: TorchFamily, skeleton: nn.Module, storage: str, hidden: tuple, consts: Shapes,
+               target: tuple, fake: bool = False) -> Traced:
+    module = ts.head_module(fam, skeleton, storage)
+    specs = ts.head_specs(fam, skeleton, storage)
+    shapes = {STATE + "hidden": hidden, **{CONST + k: v for k, v in sorted(consts.items())}, "target": target,
+              "loss_scale": ((1,), torch.float32)}
+    shapes.update({WEIGHT + k: specs[k] for k in sorted(specs)})
+    return trace(head_fn(fam, module), _tensors(shapes, fake))
+
+
+def entry_io(entry_shapes: Shapes) -> tuple[Shapes, Shapes, tuple]:
+    """(state, constants, target) shapes of a span's programs, from a cache entry's tensor shapes."""
+    state = {k[3:]: v for k, v in entry_shapes.items() if k.startswith("in.")}
+    consts = {k[2:]: v for k, v in entry_shapes.items() if k.startswith("c.")}
+    return state, consts, entry_shapes["target"]

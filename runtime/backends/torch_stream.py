@@ -1,0 +1,349 @@
+"""Blocks whose frozen weights and LoRA are inputs: what every block-streamed backend computes.
+
+A *stream block* is a copy of one diffusers block (or of the head) in which every ``nn.Linear`` and
+``nn.Conv2d`` is replaced by a stand-in that reads its frozen weight in the bundle's storage layout
+(see ``store_tensors``) and, for LoRA targets, its LoRA A and B, all as buffers that
+``torch.func.functional_call`` fills from the caller's tensors. The same module runs eagerly in the
+torch backend and is traced (``make_fx``) into the forward / VJP / head programs that ExecuTorch, ONNX
+Runtime and the native runner run, so every backend computes the same thing.
+
+The frozen product runs in a custom autograd function that dequantises the weight piece by piece
+(at most ``CHUNK`` values at a time) in the forward and again in the backward: no full-precision copy
+of a weight lives from forward to backward, and the programs' memory planners see only one piece at
+a time. Compute is float32 whatever the storage dtype.
+
+Storage layout of one frozen tensor (name ``<module>.weight`` of a Linear or Conv2d; other tensors
+are stored as floats):
+
+====================  ===========================================================================
+storage               tensors
+====================  ===========================================================================
+float32/16, bfloat16  ``<module>.weight`` in that dtype, the diffusers shape
+int8                  ``<module>.weight_q8`` int8, the weight's shape; ``<module>.weight_scale``
+                      float32 ``[out]``: w = q * scale[row] (symmetric, one scale per output row)
+int4                  ``<module>.weight_q4`` uint8 ``[out, row/2]`` (two values a byte, the even
+                      index in the low nibble, stored as value + 8); ``<module>.weight_scale`` float32
+                      ``[out, row/G]``: w = (nibble - 8) * scale[row, group], groups of G consecutive
+                      values of a row (G the largest of 64, 32, 16, 8 dividing the row; int8 if none)
+====================  ===========================================================================
+
+Biases, norms and every other tensor are stored as float32 (they are small, and diffusers' norms compute in
+their weight's dtype).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blockskip.runtime.backends.torch_families.base import TorchFamily
+
+STORAGE = ("float32", "float16", "bfloat16", "int8", "int4")
+FLOAT_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INT4_GROUPS = (64, 32, 16, 8)
+CHUNK = 1 << 22  # float32 values of a weight dequantised (or transposed) at once: 16 MiB
+
+
+# --------------------------------------------------------------------------------------------
+# storage layout
+
+
+def int4_group(row: int) -> int | None:
+    """Group size for a row of ``row`` values, or None when int4 cannot store it (int8 instead)."""
+    return next((g for g in INT4_GROUPS if row % g == 0), None)
+
+
+def store_tensors(module: nn.Module, storage: str) -> dict[str, torch.Tensor]:
+    """Every tensor of ``module`` (a block or the head parts) in the storage layout, by relative name.
+
+    Works on meta tensors too (shapes and dtypes only)."""
+    if storage not in STORAGE:
+        raise ValueError(f"unknown storage {storage!r}; choose from {', '.join(STORAGE)}")
+    out: dict[str, torch.Tensor] = {}
+    weights: set[str] = set()
+    for path, mod in module.named_modules():
+        if isinstance(mod, nn.Linear | nn.Conv2d):
+            pre = f"{path}." if path else ""
+            w = mod.weight.detach()
+            if storage in FLOAT_STORAGE:
+                out[pre + "weight"] = w.to(FLOAT_STORAGE[storage])
+            else:
+                out.update({pre + k: v for k, v in quantise(w, storage).items()})
+            weights.add(pre + "weight")
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if name not in weights:
+            out[name] = t.detach().float() if t.is_floating_point() else t.detach()
+    return out
+
+
+def quantise(w: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
+    """One Linear/Conv weight -> ``weight_q8``/``weight_q4`` + ``weight_scale`` (see the module doc)."""
+    w = w.float()
+    out_ch, row = w.shape[0], math.prod(w.shape[1:])
+    flat = w.reshape(out_ch, row)
+    g = int4_group(row) if storage == "int4" else None
+    if g is None:
+        scale = flat.abs().amax(1).clamp_min(1e-30) / 127
+        q = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return {"weight_q8": q.reshape(w.shape), "weight_scale": scale}
+    scale = flat.reshape(out_ch, row // g, g).abs().amax(-1).clamp_min(1e-30) / 7
+    q = torch.round(flat.reshape(out_ch, row // g, g) / scale[..., None]).clamp(-8, 7).to(torch.int32) + 8
+    q = q.reshape(out_ch, row)
+    return {"weight_q4": (q[:, 0::2] + q[:, 1::2] * 16).to(torch.uint8), "weight_scale": scale}
+
+
+def dequantise(stored: tuple[torch.Tensor, ...], rows: slice | None = None) -> torch.Tensor:
+    """Float32 rows of a stored weight (all rows if ``rows`` is None), flattened to [rows, row]."""
+    q = stored[0]
+    if rows is not None:
+        stored = tuple(t[rows] for t in stored)
+        q = stored[0]
+    if len(stored) == 1:  # a float weight
+        return q.reshape(q.shape[0], -1).float()
+    scale = stored[1]
+    if q.dtype == torch.int8:
+        return q.reshape(q.shape[0], -1).float() * scale[:, None]
+    v = q.to(torch.int32)
+    hi = torch.div(v, 16, rounding_mode="floor")
+    lo = v - hi * 16
+    v = torch.stack([lo, hi], -1).reshape(q.shape[0], -1) - 8
+    n_groups = scale.shape[1]
+    return (v.float().reshape(q.shape[0], n_groups, -1) * scale[..., None]).reshape(q.shape[0], -1)
+
+
+def _row_chunks(out_ch: int, row: int) -> list[slice]:
+    step = max(1, CHUNK // max(1, row))
+    return [slice(a, min(out_ch, a + step)) for a in range(0, out_ch, step)]
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = x W^T + b for a stored frozen W; no gradient for W or b; W re-dequantised in backward."""
+
+    @staticmethod
+    def forward(ctx, x, bias, *stored):
+        ctx.save_for_backward(*stored)
+        parts = [x @ dequantise(stored, r).T for r in _row_chunks(stored[0].shape[0], x.shape[-1])]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+        return y if bias is None else y + bias.float()
+
+    @staticmethod
+    def backward(ctx, g):
+        stored = ctx.saved_tensors
+        gx = None
+        for r in _row_chunks(stored[0].shape[0], _row_len(stored)):
+            part = g[..., r] @ dequantise(stored, r)
+            gx = part if gx is None else gx + part
+        return (gx, None) + (None,) * len(stored)
+
+
+def _row_len(stored) -> int:
+    q = stored[0]
+    if q.dtype == torch.uint8:
+        return q.shape[1] * 2
+    return math.prod(q.shape[1:])
+
+
+class _FrozenConv(torch.autograd.Function):
+    """conv2d with a stored frozen weight; only the input gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, x, bias, shape, stride, padding, dilation, groups, *stored):
+        ctx.save_for_backward(*stored)
+        ctx.conf = (tuple(x.shape), shape, stride, padding, dilation, groups)
+        w = dequantise(stored).reshape(shape)
+        return F.conv2d(x, w, None if bias is None else bias.float(), stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        x_shape, shape, stride, padding, dilation, groups = ctx.conf
+        w = dequantise(ctx.saved_tensors).reshape(shape)
+        gx = torch.nn.grad.conv2d_input(x_shape, w, g, stride, padding, dilation, groups)
+        return (gx,) + (None,) * (6 + len(ctx.saved_tensors))
+
+
+def _buffers(mod: nn.Module, specs: dict[str, tuple], prefix: str) -> None:
+    for k, (shape, dtype) in specs.items():
+        if k.startswith(prefix) and "." not in k[len(prefix):]:
+            mod.register_buffer(k[len(prefix):], torch.empty(shape, dtype=dtype, device="meta"))
+
+
+class StreamLinear(nn.Module):
+    """A frozen Linear in storage layout, with LoRA (``lora_A`` [r, in], ``lora_B`` [out, r]) if a target."""
+
+    def __init__(self, specs: dict, prefix: str, rank: int = 0, scale: float = 1.0, shape=(0, 0)):
+        super().__init__()
+        _buffers(self, specs, prefix)
+        if "bias" not in self._buffers:
+            self.bias = None
+        self.rank, self.scale = rank, float(scale)
+        if rank:
+            out_f, in_f = shape
+            self.register_buffer("lora_A", torch.empty(rank, in_f, device="meta"))
+            self.register_buffer("lora_B", torch.empty(out_f, rank, device="meta"))
+
+    def stored(self) -> tuple[torch.Tensor, ...]:
+        b = self._buffers
+        return (b["weight"],) if "weight" in b else (b.get("weight_q8", b.get("weight_q4")), b["weight_scale"])
+
+    def forward(self, x):
+        y = _FrozenLinear.apply(x, self.bias, *self.stored())
+        if self.rank:  # peft's order: result + lora_B(lora_A(x)) * scaling
+            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return y
+
+
+class StreamConv2d(StreamLinear):
+    def __init__(self, conv: nn.Conv2d, specs: dict, prefix: str):
+        super().__init__(specs, prefix)
+        self.conf = (tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def forward(self, x):
+        return _FrozenConv.apply(x, self.bias, *self.conf, *self.stored())
+
+
+def stream_module(module: nn.Module, specs: dict[str, tuple], targets: list[str], rank: int,
+                  scale: float) -> nn.Module:
+    """A meta copy of ``module`` (a block, or the head parts) with Linear/Conv2d replaced by stand-ins.
+
+    ``specs``: relative stored-tensor name -> (shape, dtype), i.e. ``store_tensors``' layout;
+    ``targets``: relative module names that carry LoRA."""
+    m = copy.deepcopy(module).to("meta")
+    for path, mod in list(m.named_modules()):
+        if not isinstance(mod, nn.Linear | nn.Conv2d):
+            continue
+        pre = f"{path}." if path else ""
+        if isinstance(mod, nn.Conv2d):
+            new = StreamConv2d(mod, specs, pre)
+        else:
+            r = rank if path in targets else 0
+            new = StreamLinear(specs, pre, r, scale, tuple(mod.weight.shape))
+        parent, _, leaf = path.rpartition(".")
+        setattr(m.get_submodule(parent) if parent else m, leaf, new)
+    missing = sorted(set(targets) - {p for p, x in m.named_modules() if isinstance(x, StreamLinear) and x.rank})
+    if missing:
+        raise ValueError(f"LoRA targets {missing} are not Linear modules of this block")
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m.eval()
+
+
+def lora_names(module: nn.Module) -> list[str]:
+    """Relative names of the LoRA tensors of a stream module, sorted (``attn.to_q.lora_A``, ...)."""
+    return sorted(n for n, _ in module.named_buffers() if n.endswith((".lora_A", ".lora_B")))
+
+
+def frozen_names(module: nn.Module) -> list[str]:
+    names = [n for n, _ in list(module.named_parameters()) + list(module.named_buffers())]
+    return sorted(n for n in names if not n.endswith((".lora_A", ".lora_B")))
+
+
+def peft_lora_name(block_path: str, rel: str) -> str:
+    """``attn.to_q.lora_A`` of block ``transformer_blocks.3`` -> peft's full parameter name."""
+    module, _, ab = rel.rpartition(".")
+    return f"{block_path}.{module}.{ab}.default.weight"
+
+
+# --------------------------------------------------------------------------------------------
+# the three computations
+
+
+class _Runner(nn.Module):
+    """``fam.call_block`` (or ``fam.head``) as a module's forward, so ``functional_call`` can feed it."""
+
+    def __init__(self, fam: TorchFamily, module: nn.Module, head: bool = False):
+        super().__init__()
+        self.fam, self.m, self.is_head = fam, module, head
+
+    def forward(self, state, consts):
+        return (self.fam.head if self.is_head else self.fam.call_block)(self.m, state, consts)
+
+
+def _functional(fam: TorchFamily, module, tensors: dict, state: dict, consts: dict, head: bool = False):
+    runner = _Runner(fam, module, head)
+    return torch.func.functional_call(runner, {f"m.{k}": v for k, v in tensors.items()}, (state, consts))
+
+
+def block_forward(fam: TorchFamily, module, state: dict, consts: dict, weights: dict, lora: dict) -> dict:
+    """The next state (outputs that are None are dropped)."""
+    out = _functional(fam, module, {**weights, **lora}, state, consts)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def block_vjp(fam: TorchFamily, module, state: dict, consts: dict, grads: dict, weights: dict, lora: dict):
+    """(gradient at each state input, gradient of each LoRA tensor) for output gradients ``grads``.
+
+    The block's forward is recomputed here (activation checkpointing at block granularity)."""
+    with torch.enable_grad():
+        xs = {k: v.detach().requires_grad_() for k, v in state.items()}
+        ls = {k: v.detach().requires_grad_() for k, v in lora.items()}
+        out = block_forward(fam, module, xs, consts, weights, ls)
+        keys = [k for k in out if k in grads]
+        wrt = list(xs.values()) + list(ls.values())
+        g = torch.autograd.grad([out[k] for k in keys], wrt, [grads[k] for k in keys], allow_unused=True)
+    g = [torch.zeros_like(w) if gi is None else gi for gi, w in zip(g, wrt)]
+    return dict(zip(xs, g[: len(xs)])), dict(zip(ls, g[len(xs):]))
+
+
+def head_loss_grad(fam: TorchFamily, module, hidden: torch.Tensor, consts: dict, target: torch.Tensor,
+                   scale: torch.Tensor, weights: dict):
+    """(loss * scale, its gradient at the head's input) for the flow-matching MSE."""
+    with torch.enable_grad():
+        h = hidden.detach().requires_grad_()
+        pred = _functional(fam, module, weights, {"hidden": h}, consts, head=True)
+        loss = F.mse_loss(pred.float(), target.float()) * scale.reshape(())
+        (g,) = torch.autograd.grad(loss, [h])
+    return loss.detach().reshape(1), g
+
+
+def head_parts(fam: TorchFamily, model: nn.Module) -> nn.Module:
+    """A module holding the head's submodules/parameters under their model names (meta copies)."""
+    m = nn.Module()
+    for path in fam.head_prefixes:
+        obj = model.get_submodule(path) if isinstance(getattr(model, path, None), nn.Module) else getattr(model, path)
+        if isinstance(obj, nn.Module):
+            m.add_module(path, copy.deepcopy(obj).to("meta"))
+        else:
+            m.register_parameter(path, nn.Parameter(torch.empty_like(obj, device="meta"), requires_grad=False))
+    return m
+
+
+def block_specs(fam: TorchFamily, skeleton: nn.Module, i: int, storage: str) -> dict[str, tuple]:
+    """Stored-tensor layout (relative name -> (shape, dtype)) of block i."""
+    stored = store_tensors(skeleton.get_submodule(fam.block_paths()[i]), storage)
+    return {k: (tuple(v.shape), v.dtype) for k, v in stored.items()}
+
+
+def head_specs(fam: TorchFamily, skeleton: nn.Module, storage: str) -> dict[str, tuple]:
+    stored = store_tensors(head_parts(fam, skeleton), storage)
+    return {k: (tuple(v.shape), v.dtype) for k, v in stored.items()}
+
+
+def shape_module(fam: TorchFamily, skeleton: nn.Module, block: int, targets: list[str], storage: str,
+                 lora: dict) -> nn.Module:
+    """The stream module of a block shape: block ``block``'s structure, LoRA on ``targets``."""
+    specs = block_specs(fam, skeleton, block, storage)
+    module = skeleton.get_submodule(fam.block_paths()[block])
+    return stream_module(module, specs, targets, lora["rank"], lora["alpha"] / lora["rank"])
+
+
+def head_module(fam: TorchFamily, skeleton: nn.Module, storage: str) -> nn.Module:
+    return stream_module(head_parts(fam, skeleton), head_specs(fam, skeleton, storage), [], 0, 1.0)
+
+
+def from_storage(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Stored tensors (full names) -> model parameters in ``dtype``: quantised weights dequantised (as
+    [out, row]: the caller reshapes to the parameter's shape), floats cast."""
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(("weight_q8", "weight_q4")):
+            base = name[: -len("_q8")]
+            out[base] = dequantise((t, tensors[base + "_scale"])).to(dtype)
+        elif name.endswith("weight_scale"):
+            continue
+        else:
+            out[name] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+    return out

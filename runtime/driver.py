@@ -1,0 +1,145 @@
+"""The training driver every backend runs under: one place for what a run does around its steps.
+
+It owns the cache checks, the refusal of checkpoints from other runs or other backends, resume, the
+entry order and prefetch (``train_loop.run_steps``), the numerics checks, the memory check before the
+phase, the log and the LoRA file. What computes a step is a ``runtime.contract.Trainer``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from blockskip.runtime.bundle import Bundle
+from blockskip.runtime.cache import ResidualCache
+from blockskip.runtime.checkpoint import write_lora
+from blockskip.runtime.contract import Trainer
+from blockskip.runtime.errors import BlockSkipError
+from blockskip.runtime.files import atomic_write, ensure_writable_dir
+from blockskip.runtime.memory import check_budget, peak_rss_mib
+from blockskip.runtime.progress import Progress
+from blockskip.runtime.train_loop import run_steps
+
+# checkpoint file -> the backends that write (and resume) it
+CHECKPOINT_OWNERS = {"checkpoint.safetensors": ("torch", "executorch", "native"), "ort_checkpoint": ("ort",)}
+
+
+class NumericsError(BlockSkipError):
+    """A step produced NaN/Inf, or the LoRA does not change the model."""
+
+
+def refuse_foreign_checkpoint(out_dir: Path, own_file: str) -> None:
+    """A checkpoint of another backend family in OUT: say which backend resumes it."""
+    ckpt_dir = Path(out_dir) / "checkpoint"
+    for name, owners in CHECKPOINT_OWNERS.items():
+        if name != own_file and (ckpt_dir / name).is_file():
+            first, *also = owners
+            shared = f" (or the {' or '.join(also)} backend, which shares its checkpoint)" if also else ""
+            raise BlockSkipError(
+                f"{ckpt_dir / name} was written by the {first} backend{shared}; resume with "
+                f"{' or '.join(f'--backend {x}' for x in owners if x != 'native')}, or use a new output folder (-o)")
+
+
+def refuse_other_run(path: Path, saved: dict, cache_source: str) -> None:
+    if saved.get("cache_source") != cache_source:
+        raise BlockSkipError(
+            f"{path} belongs to a training run on other photos or another bundle; use a new output "
+            f"folder (-o), or delete {path.parent} to start over")
+
+
+def train(bundle: Bundle, cache_dir, out_dir, make_trainer: Callable[[Path], Trainer], *,
+          progress: Progress | None = None, stop_after: int | None = None, extra_log: dict | None = None) -> dict:
+    """Train the LoRA with the trainer ``make_trainer(out_dir)`` builds; resume from ``OUT/checkpoint``.
+    Returns the log (also written to ``OUT/train_log.json``)."""
+    plan = bundle.plan
+    progress = progress or Progress(quiet=True)
+    cache = ResidualCache(cache_dir)
+    cache.check_complete({"bundle": bundle.manifest_sha256})
+    out = ensure_writable_dir(out_dir)
+    check_budget(bundle, "train")
+    trainer = make_trainer(out)
+    refuse_foreign_checkpoint(out, trainer.checkpoint_file)
+    ckpt = out / "checkpoint" / trainer.checkpoint_file
+    log: dict = {"plan": plan.to_dict(), "backend": trainer.backend, "losses": [], "step_seconds": [],
+                 "resumed_from": 0, "cache_source": cache.source_sha256()}
+    start = 0
+    if ckpt.exists():
+        start, saved = trainer.load_checkpoint(ckpt)
+        refuse_other_run(ckpt, saved, log["cache_source"])
+        log.update({k: v for k, v in saved.items() if k not in ("backend", "resumed_from")})
+        log["losses"], log["step_seconds"] = log["losses"][:start], log["step_seconds"][:start]
+    log["resumed_from"] = start
+    log.update(extra_log or {})
+    if start:
+        progress.log(f"resuming from step {start} ({ckpt.parent})")
+    bar = progress.bar(plan.steps, "train", initial=start)
+    end = plan.steps if stop_after is None else max(start, min(plan.steps, stop_after))
+    first: dict = {}
+
+    def micro_step(entry) -> float:
+        loss = trainer.loss_and_grad(entry, 1.0 / plan.grad_accum)
+        if not math.isfinite(loss):
+            raise NumericsError(
+                f"step {len(log['losses']) + 1} produced a non-finite loss ({loss}); nothing was written over "
+                f"the last checkpoint. Check the photos and the cache (device-train precompute again), or "
+                f"lower --lr when exporting")
+        return loss
+
+    ev = getattr(trainer, "eval_loss", None)
+
+    def checked_micro_step(entry) -> float:
+        if start == 0 and "entry" not in first:  # the loss of the first entry before any update
+            first["entry"] = entry
+            first["before"] = ev(entry) if ev is not None else None
+        return micro_step(entry)
+
+    def update() -> None:
+        trainer.update()
+        lora = trainer.lora()
+        bad = [n for n, a in lora.items() if not np.isfinite(a).all()]
+        if bad:
+            raise NumericsError(
+                f"step {len(log['losses']) + 1} made the LoRA non-finite ({bad[0]}, ...); nothing was written "
+                f"over the last checkpoint. Lower --lr when exporting, or check the cache")
+        if "entry" in first and "checked" not in first:
+            first["checked"] = True
+            check_lora_moves(trainer, lora, first["entry"], first["before"])
+
+    def save(step: int) -> None:
+        trainer.save_checkpoint(ckpt, step, log)
+
+    run_steps(cache, plan, log, bar, start=start, end=end, load_entry=lambda c, k: trainer.load_entry(c.path(k)),
+              micro_step=checked_micro_step, update=update, save_checkpoint=save)
+    bar.close()
+    log["peak_rss_mib"] = peak_rss_mib()
+    info = getattr(trainer, "info", None)
+    if info is not None:
+        log.update(info())
+    if end == plan.steps:
+        lora = trainer.lora()
+        if not any(np.any(a != 0) for n, a in lora.items() if ".lora_B." in n):
+            raise NumericsError("training finished with an all-zero LoRA (it would change nothing); "
+                                "not writing it. Check --lr and the cache")
+        write_lora(out / "lora.safetensors", lora, bundle.manifest["lora"])
+        log["lora"] = str(out / "lora.safetensors")
+    close = getattr(trainer, "close", None)
+    if close is not None:
+        close()
+    atomic_write(out / "train_log.json", lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1)))
+    return log
+
+
+def check_lora_moves(trainer: Trainer, lora: dict, entry: dict, loss_before: float | None) -> None:
+    """After the first update: the LoRA must have left zero and must change the model's output (the
+    first entry's loss, computed the same way before and after the update)."""
+    if not any(np.any(a != 0) for n, a in lora.items() if ".lora_B." in n):
+        raise NumericsError("the first step left every LoRA B at zero: the LoRA gets no gradient. "
+                            "Check the bundle's LoRA targets and --lr")
+    ev = getattr(trainer, "eval_loss", None)
+    if ev is not None and loss_before is not None and ev(entry) == loss_before:
+        raise NumericsError("the first step changed the LoRA but not the loss: the LoRA does not reach the "
+                            "output; export the bundle again")

@@ -1,0 +1,89 @@
+"""safetensors files with numpy only: the lean runtime's reader and writer.
+
+numpy has no bfloat16, so a BF16 tensor is returned as its raw ``uint16`` bits; ``dtype_of`` names the
+stored dtype, and the backends reinterpret the bits (ExecuTorch and ONNX Runtime take bfloat16 inputs).
+A file is read with one ``readinto`` into one buffer, so holding a block's weights costs the file's
+size and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from blockskip.runtime.errors import BundleError
+
+# safetensors dtype -> (numpy dtype, our dtype name)
+DTYPES = {
+    "F32": (np.float32, "float32"), "F16": (np.float16, "float16"), "BF16": (np.uint16, "bfloat16"),
+    "I8": (np.int8, "int8"), "U8": (np.uint8, "uint8"), "I32": (np.int32, "int32"), "I64": (np.int64, "int64"),
+    "F64": (np.float64, "float64"),
+}
+NAMES = {v[1]: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 << 20
+
+
+class TensorFile:
+    """All tensors of one safetensors file, read into memory (``arrays``: name -> numpy view)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                size = self.path.stat().st_size
+                buf = bytearray(size)
+                view = memoryview(buf)
+                got = 0
+                while got < size:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+        except OSError as e:
+            raise BundleError(f"cannot read {self.path}: {e.strerror}") from e
+        if got != size or size < 8:
+            raise BundleError(f"{self.path} is truncated")
+        (hlen,) = struct.unpack("<Q", bytes(buf[:8]))
+        if hlen > min(MAX_HEADER, size - 8):
+            raise BundleError(f"{self.path} is not a safetensors file (header length {hlen})")
+        try:
+            header = json.loads(bytes(buf[8 : 8 + hlen]))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BundleError(f"{self.path} has a malformed safetensors header ({e})") from e
+        if not isinstance(header, dict):
+            raise BundleError(f"{self.path} has a malformed safetensors header")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.buffer = buf
+        data = view[8 + hlen:]
+        self.arrays: dict[str, np.ndarray] = {}
+        self.dtypes: dict[str, str] = {}
+        for name, rec in header.items():
+            try:
+                np_dtype, dname = DTYPES[rec["dtype"]]
+                shape = [int(d) for d in rec["shape"]]
+                a, b = (int(x) for x in rec["data_offsets"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise BundleError(f"{self.path}: tensor {name!r} has a malformed header entry ({e})") from e
+            count = int(np.prod(shape)) if shape else 1
+            if not 0 <= a <= b <= len(data) or b - a != count * np.dtype(np_dtype).itemsize:
+                raise BundleError(f"{self.path}: tensor {name!r} lies outside the file or has the wrong size")
+            self.arrays[name] = np.frombuffer(data[a:b], dtype=np_dtype).reshape(shape)
+            self.dtypes[name] = dname
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.buffer)
+
+
+def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
+    return TensorFile(path).arrays
+
+
+def write_tensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write float32/int tensors (names sorted, as safetensors orders them) with string metadata."""
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
