@@ -208,6 +208,7 @@ def stream_section(root: Path, lm, plan: Plan, layout, lora: dict, entry: dict |
     fam = lm.family
     skeleton = fam.skeleton()
     storage = plan.storage_dtype
+    streamed = plan.span == "streamed"  # a resident span's bundle needs only precompute's forward programs
     shapes: dict = {}
     entry_shapes = {k: (tuple(v.shape), torch.float32) for k, v in (entry or {}).items()}
     for sid, shape in layout.shapes.items():
@@ -215,11 +216,12 @@ def stream_section(root: Path, lm, plan: Plan, layout, lora: dict, entry: dict |
         if fmts:
             state, consts, _ = entry_io(entry_shapes)
             log(f"stream: tracing {sid} ({len(shape.blocks)} blocks)")
-            for role, traced in trace_shape(fam, skeleton, shape, storage, lora, state, consts).items():
+            for role, traced in trace_shape(fam, skeleton, shape, storage, lora, state, consts,
+                                            vjp=streamed).items():
                 rec["programs"][role] = _lower_all(traced, root, f"stream/{sid}.{role}", fmts, files, log)
         shapes[sid] = rec
     head = {"kind": "head", "targets": [], "programs": {}}
-    if fmts:
+    if fmts and streamed:
         state, consts, target = entry_io(entry_shapes)
         traced = trace_head(fam, skeleton, storage, state["hidden"], consts, target)
         head["programs"]["head"] = _lower_all(traced, root, "stream/head.head", fmts, files, log)

@@ -195,8 +195,9 @@ def _tensors(shapes: Shapes, fake: bool) -> dict[str, torch.Tensor]:
 
 
 def trace_shape(fam: TorchFamily, skeleton: nn.Module, shape: Shape, storage: str, lora: dict,
-                state: Shapes, consts: Shapes, fake: bool = False) -> dict[str, Traced]:
-    """The shape's programs (``forward`` and, with LoRA, ``vjp``) for one entry's state/const shapes."""
+                state: Shapes, consts: Shapes, fake: bool = False, vjp: bool = True) -> dict[str, Traced]:
+    """The shape's programs (``forward`` and, with LoRA and ``vjp``, ``vjp``) for one entry's state/const
+    shapes."""
     module = shape_module(fam, skeleton, shape, storage, lora)
     specs = ts.block_specs(fam, skeleton, shape.example_block, storage)
     bufs = dict(module.named_buffers())
@@ -205,7 +206,7 @@ def trace_shape(fam: TorchFamily, skeleton: nn.Module, shape: Shape, storage: st
     w = {WEIGHT + k: specs[k] for k in sorted(specs)}
     lo = {LORA + k: (tuple(bufs[k].shape), torch.float32) for k in ts.lora_names(module)}
     out = {"forward": trace(forward_fn(fam, module), _tensors({**head, **w, **lo}, fake))}
-    if shape.targets:
+    if shape.targets and vjp:
         grads = {GRAD + n[len(OUT):]: (s, d) for n, s, d in out["forward"].outputs}
         out["vjp"] = trace(vjp_fn(fam, module), _tensors({**head, **grads, **w, **lo}, fake))
     return out

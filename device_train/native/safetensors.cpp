@@ -29,22 +29,52 @@ size_t TensorInfo::numel() const {
 
 namespace {
 
+// The whole file in one buffer, read straight into it (a block's weights cost the file's size).
 std::vector<uint8_t> read_all(const std::string& path) {
   FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) throw SafetensorsError("cannot read " + path + ": " + std::strerror(errno));
   std::vector<uint8_t> out;
+  long size = -1;
   if (std::fseek(f, 0, SEEK_END) == 0) {
-    long n = std::ftell(f);
-    if (n > 0) out.reserve(size_t(n));
+    size = std::ftell(f);
     std::fseek(f, 0, SEEK_SET);
+  }
+  size_t got = 0;
+  if (size >= 0) {
+    out.resize(size_t(size));
+    got = std::fread(out.data(), 1, out.size(), f);
   }
   uint8_t buf[1 << 16];
   size_t n;
+  out.resize(got);  // a file that changed size while read: take what there is, then any rest
   while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) out.insert(out.end(), buf, buf + n);
   bool err = std::ferror(f);
   std::fclose(f);
   if (err) throw SafetensorsError("error reading " + path);
   return out;
+}
+
+// IEEE half -> float (exact).
+float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal half: normalise
+    int e = -1;
+    do {
+      ++e;
+      man <<= 1;
+    } while (!(man & 0x400u));
+    bits = sign | (uint32_t(112 - e) << 23) | ((man & 0x3FFu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
 }
 
 }  // namespace
@@ -132,6 +162,29 @@ void SafetensorsFile::copy_floats(const std::string& name, float* dst, size_t n)
 std::vector<float> SafetensorsFile::floats(const std::string& name) const {
   std::vector<float> out(info(name).numel());
   copy_floats(name, out.data(), out.size());
+  return out;
+}
+
+const uint8_t* SafetensorsFile::raw(const std::string& name) const {
+  return bytes_.data() + data_start_ + info(name).begin;
+}
+
+std::vector<float> SafetensorsFile::to_floats(const std::string& name) const {
+  const TensorInfo& t = info(name);
+  if (t.dtype == "F32") return floats(name);
+  if (t.dtype != "F16" && t.dtype != "BF16")
+    throw SafetensorsError(path_ + ": tensor \"" + name + "\" is " + t.dtype + ", expected a float tensor");
+  std::vector<float> out(t.numel());
+  const uint8_t* p = raw(name);
+  for (size_t i = 0; i < out.size(); ++i) {
+    const uint16_t h = uint16_t(p[2 * i] | (p[2 * i + 1] << 8));
+    if (t.dtype == "F16") {
+      out[i] = half_to_float(h);
+    } else {
+      const uint32_t bits = uint32_t(h) << 16;
+      std::memcpy(&out[i], &bits, 4);
+    }
+  }
   return out;
 }
 

@@ -44,6 +44,12 @@ class SafetensorsFile {
   // A float32 tensor's values (copied, so alignment never matters); throws if not F32.
   std::vector<float> floats(const std::string& name) const;
   void copy_floats(const std::string& name, float* dst, size_t n) const;
+  // A floating tensor's values as float32: F32 copied, F16 and BF16 widened (exactly); throws for
+  // other dtypes.
+  std::vector<float> to_floats(const std::string& name) const;
+  // The tensor's raw little-endian bytes as stored (any dtype: F32, F16, BF16, I8, U8, ...), inside
+  // this file's buffer (info(name) gives dtype, shape and size).
+  const uint8_t* raw(const std::string& name) const;
 
  private:
   std::string path_;

@@ -161,7 +161,10 @@ class _FrozenConv(torch.autograd.Function):
     def backward(ctx, g):
         x_shape, shape, stride, padding, dilation, groups = ctx.conf
         w = dequantise(ctx.saved_tensors).reshape(shape)
-        gx = torch.nn.grad.conv2d_input(x_shape, w, g, stride, padding, dilation, groups)
+        # the input gradient as a transposed convolution (ONNX has ConvTranspose, not convolution_backward)
+        extra = tuple(x_shape[2 + d] - ((g.shape[2 + d] - 1) * stride[d] - 2 * padding[d]
+                                        + dilation[d] * (shape[2 + d] - 1) + 1) for d in range(2))
+        gx = F.conv_transpose2d(g, w, None, stride, padding, extra, groups, dilation)
         return (gx,) + (None,) * (6 + len(ctx.saved_tensors))
 
 

@@ -1,0 +1,150 @@
+#include "bundle.h"
+
+#include "safetensors.h"
+#include "sha256.h"
+
+namespace blockskip {
+
+using json::Value;
+
+std::string Bundle::listed(const std::string& rel) const {
+  const Value* rec = manifest.at("files").find(rel);
+  if (!rec) throw InputError("bundle manifest does not list " + rel + "; export the bundle again");
+  if (rel.empty() || rel[0] == '/' || ("/" + rel + "/").find("/../") != std::string::npos)
+    throw InputError("manifest path " + rel + " leaves the bundle; the bundle is malformed, export it again");
+  std::string p = join(root, rel);
+  if (!is_file(p)) throw InputError("bundle file " + rel + " is missing; copy the whole bundle folder or export again");
+  long long want = rec->at("size").as_int("size of " + rel);
+  if (file_size(p) != want)
+    throw InputError("bundle file " + rel + " has " + std::to_string(file_size(p)) + " bytes, the manifest says " +
+                     std::to_string(want) + ": it is truncated or corrupt; copy it again or export again");
+  if (verify && sha256_file(p) != rec->at("sha256").as_string("sha256 of " + rel))
+    throw InputError("bundle file " + rel + " does not match its recorded sha256: it is corrupt; export again");
+  return p;
+}
+
+Bundle load_bundle(const std::string& root, bool verify) {
+  Bundle b;
+  b.root = root;
+  b.verify = verify;
+  std::string mpath = join(root, "manifest.json");
+  if (!is_dir(root)) throw InputError("bundle folder '" + root + "' does not exist");
+  if (!is_file(mpath)) throw InputError("'" + root + "' is not a bundle: it has no manifest.json (make one with blockskip-export)");
+  b.manifest = read_json(mpath, "bundle manifest");
+  b.manifest_sha256 = sha256_file(mpath);
+  const Value& m = b.manifest;
+  try {
+    b.plan = m.at("plan");
+    if (const Value* s = b.plan.find("span"); s && s->is_string()) b.span = s->as_string();
+    if (b.span != "resident" && b.span != "streamed")
+      throw InputError("the bundle's plan has span '" + b.span + "'; this runner trains 'resident' and 'streamed' spans");
+    b.steps = b.plan.at("steps").as_int("plan.steps");
+    b.grad_accum = b.plan.at("grad_accum").as_int("plan.grad_accum");
+    b.checkpoint_every = b.plan.at("checkpoint_every").as_int("plan.checkpoint_every");
+    if (b.steps < 0 || b.grad_accum < 1 || b.checkpoint_every < 1)
+      throw InputError("bundle plan has steps/grad_accum/checkpoint_every out of range");
+    b.lr = b.plan.at("lr").as_double("plan.lr");
+    b.weight_decay = b.plan.at("weight_decay").as_double("plan.weight_decay");
+    const Value& lora = m.at("lora");
+    for (const auto& kv : lora.at("metadata").as_object("lora.metadata"))
+      b.lora_metadata.emplace_back(kv.first, kv.second.as_string("lora.metadata." + kv.first));
+    const double rank = lora.at("rank").as_double("lora.rank");
+    if (!(rank > 0)) throw InputError("the bundle's LoRA rank is not positive; export it again");
+    b.lora_scale = lora.at("alpha").as_double("lora.alpha") / rank;
+    m.at("files").as_object("files");
+    const Value* pte = m.find("pte");
+    if (pte)
+      if (const Value* d = pte->find("delegate"); d && d->is_string()) b.delegate = d->as_string();
+    std::string formats;
+    if (const Value* f = m.find("formats"))
+      for (const auto& x : f->as_array("formats")) formats += (formats.empty() ? "" : ",") + x.as_string();
+    if (formats.empty()) formats = "torch";
+    if (b.span == "resident" && (!pte || !pte->find("train")))
+      throw InputError("bundle '" + root + "' has no ExecuTorch training program (exported with --format " + formats +
+                       "); export it again with --format pte (e.g. --format torch,pte)");
+    const Value* stream = m.find("stream");
+    const Value* head = stream && stream->find("shapes") ? stream->at("shapes").find("head") : nullptr;
+    const Value* head_prog = head && head->find("programs") ? head->at("programs").find("head") : nullptr;
+    if (b.span == "streamed" && (!head_prog || !head_prog->find("pte")))
+      throw InputError("bundle '" + root + "' has no ExecuTorch block programs for its streamed span (exported with "
+                       "--format " + formats + "); export it again with --format pte (e.g. --format torch,pte)");
+  } catch (const json::Error& e) {
+    throw InputError("bundle manifest " + mpath + " is not as expected: " + e.what());
+  }
+  return b;
+}
+
+Cache load_cache(const std::string& root, const Bundle& b) {
+  Cache c;
+  c.root = root;
+  std::string ipath = join(root, "index.json");
+  if (!is_dir(root)) throw InputError("cache folder '" + root + "' does not exist: run `device-train precompute` first");
+  if (!is_file(ipath)) throw InputError("no cache in '" + root + "': run `device-train precompute` first");
+  Value idx = read_json(ipath, "cache index");
+  try {
+    if (!idx.find("schedule")) throw InputError("no cache index in '" + root + "': run `device-train precompute` first");
+    const Value null;
+    const Value* source = idx.find("source");
+    // what the Python side records: sha256 of json.dumps(source, sort_keys=True)
+    c.source_sha256 = sha256_hex(json::dump_python_sorted(source ? *source : null));
+    const Value* bundle_sha = source ? source->find("bundle") : nullptr;
+    if (!bundle_sha || !bundle_sha->is_string() || bundle_sha->as_string() != b.manifest_sha256)
+      throw InputError("this cache was computed for another bundle; precompute again into a new folder");
+    size_t K = idx.at("schedule").at("entries").as_array("schedule.entries").size();
+    if (K == 0) throw InputError("the cache's schedule is empty; precompute again");
+    const Value* entries = idx.find("entries");
+    size_t missing = 0;
+    for (size_t k = 0; k < K; ++k) {
+      const Value* rec = entries ? entries->find(std::to_string(k)) : nullptr;
+      if (!rec || !is_file(join(root, rec->at("file").as_string("file")))) {
+        ++missing;
+        c.files.emplace_back();
+        c.digests.emplace_back();
+        continue;
+      }
+      c.files.push_back(join(root, rec->at("file").as_string()));
+      c.digests.push_back(rec->at("sha256").as_string("sha256"));
+    }
+    if (missing)
+      throw InputError("cache is incomplete (" + std::to_string(missing) + " of " + std::to_string(K) +
+                       " entries missing); run `device-train precompute` again to finish it");
+  } catch (const json::Error& e) {
+    throw InputError("cache index " + ipath + " is not as expected: " + e.what());
+  }
+  return c;
+}
+
+Entry load_entry(const Cache& c, size_t k, bool verify) {
+  Entry e;
+  e.index = k;
+  e.file = c.files[k];
+  auto rebuild = "; delete it and run `device-train precompute` again to rebuild it";
+  SafetensorsFile f = [&] {
+    try {
+      return SafetensorsFile::read(c.files[k]);
+    } catch (const std::exception& ex) {
+      throw InputError("cache entry " + std::to_string(k) + ": " + ex.what() + rebuild);
+    }
+  }();
+  if (verify && sha256_hex(f.bytes().data(), f.bytes().size()) != c.digests[k])
+    throw InputError("cache shard " + c.files[k] + " does not match its recorded sha256 (corrupt)" + rebuild);
+  try {
+    for (const auto& kv : f.tensors()) {
+      const std::string& d = kv.second.dtype;
+      if (d == "F32" || d == "F16" || d == "BF16") e.tensors[kv.first] = FTensor{kv.second.shape, f.to_floats(kv.first)};
+    }
+  } catch (const std::exception& ex) {
+    throw InputError(std::string("cache entry ") + std::to_string(k) + ": " + ex.what() + rebuild);
+  }
+  return e;
+}
+
+std::vector<size_t> entry_order(size_t K, long long steps, long long grad_accum) {
+  std::vector<size_t> order;
+  order.reserve(size_t(steps * grad_accum));
+  for (long long s = 0; s < steps; ++s)
+    for (long long j = 0; j < grad_accum; ++j) order.push_back(size_t((s * grad_accum + j) % (long long)K));
+  return order;
+}
+
+}  // namespace blockskip

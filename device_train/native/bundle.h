@@ -1,0 +1,54 @@
+// The bundle (manifest.json and the files it lists) and the residual cache (index.json and one
+// safetensors shard per schedule entry), as both training modes read them.
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "adamw.h"
+#include "common.h"
+#include "json.h"
+
+namespace blockskip {
+
+struct Bundle {
+  std::string root, manifest_sha256;
+  json::Value manifest, plan;
+  bool verify = true;
+  std::string span = "resident";  // plan.span: "resident" (pte.train) or "streamed" (stream programs)
+  long long steps = 0, grad_accum = 1, checkpoint_every = 0;
+  double lr = 0.0, weight_decay = 0.0;
+  // the LoRA file: metadata (written verbatim) and alpha / rank (folded into lora_B)
+  std::vector<std::pair<std::string, std::string>> lora_metadata;
+  double lora_scale = 1.0;
+  std::string delegate = "none";  // pte.delegate, for the log
+
+  // The path of a listed file after checking its size and (unless --no-verify) its sha256.
+  std::string listed(const std::string& rel) const;
+};
+
+Bundle load_bundle(const std::string& root, bool verify);
+
+struct Cache {
+  std::string root;
+  std::vector<std::string> files;    // shard per schedule entry
+  std::vector<std::string> digests;  // their recorded sha256
+  std::string source_sha256;         // identity of what the cache was computed from
+};
+
+Cache load_cache(const std::string& root, const Bundle& b);
+
+struct Entry {
+  size_t index = 0;
+  std::string file;
+  FTensors tensors;  // every tensor of the shard, as float32
+};
+
+// Shard k read and checked against its sha256 (unless `verify` is false).
+Entry load_entry(const Cache& c, size_t k, bool verify);
+
+// The entry order of the Python backends: [(s * grad_accum + j) % K for s in steps for j in grad_accum].
+std::vector<size_t> entry_order(size_t K, long long steps, long long grad_accum);
+
+}  // namespace blockskip

@@ -1,0 +1,52 @@
+// What every part of the runner shares: the error kinds that become exit statuses, file helpers,
+// float tensors, and the memory check before training.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "json.h"
+
+namespace blockskip {
+
+// A bad command line: exit status 2.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+// Bad input or a failed run: exit status 1, one line saying what to do.
+struct InputError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+bool is_file(const std::string& p);
+bool is_dir(const std::string& p);
+long long file_size(const std::string& p);
+std::string join(const std::string& a, const std::string& b);
+// mkdir -p; `what` names the folder in the error ("output folder").
+void make_dirs(const std::string& path, const std::string& what);
+// Removes a folder and the files directly in it (the stash); errors ignored.
+void remove_flat_dir(const std::string& path);
+json::Value read_json(const std::string& path, const std::string& what);
+std::string shape_str(const std::vector<int64_t>& s);
+size_t numel(const std::vector<int64_t>& s);
+
+// A float32 tensor owned by the runner (cache entries, activations, gradients, LoRA).
+struct FTensor {
+  std::vector<int64_t> shape;
+  std::vector<float> data;
+};
+using FTensors = std::map<std::string, FTensor>;
+
+// Resident memory of this process now (VmRSS) and its high-water mark (VmHWM), bytes.
+long long rss_bytes();
+long long peak_rss_bytes();
+
+// runtime/memory.py check_budget: refuse a phase whose predicted peak (manifest.memory.phases[phase])
+// minus what this process already holds does not fit MemAvailable (or the memory cgroup's remaining
+// allowance when smaller), naming an `alternatives` entry that fits. BLOCKSKIP_IGNORE_MEMORY_CHECK skips it.
+void check_budget(const json::Value& manifest, const std::string& phase);
+
+}  // namespace blockskip

@@ -1,0 +1,301 @@
+#include "driver.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <future>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bundle.h"
+#include "common.h"
+#include "json.h"
+#include "resident.h"
+#include "safetensors.h"
+#include "stream.h"
+#include "trainer.h"
+
+namespace blockskip {
+
+namespace {
+
+using json::Value;
+
+const char* kCheckpoint = "checkpoint.safetensors";
+
+struct Log {
+  Value plan;
+  std::vector<double> losses, step_seconds;
+  long long resumed_from = 0;
+  std::string cache_source, delegate, lora;  // lora: set once the LoRA is written
+  Value extra = Value::object();             // what the run adds at the end (trainer info, peak RSS)
+
+  Value to_json() const {
+    Value v = Value::object();
+    v.set("plan", plan);
+    v.set("backend", Value::string("native"));
+    Value l = Value::array(), s = Value::array();
+    for (double x : losses) l.push_back(Value::number(x));
+    for (double x : step_seconds) s.push_back(Value::number(x));
+    v.set("losses", std::move(l));
+    v.set("step_seconds", std::move(s));
+    v.set("resumed_from", Value::integer(resumed_from));
+    v.set("cache_source", Value::string(cache_source));
+    v.set("delegate", Value::string(delegate));
+    for (const auto& kv : extra.as_object()) v.set(kv.first, kv.second);
+    if (!lora.empty()) v.set("lora", Value::string(lora));
+    return v;
+  }
+};
+
+std::string python_dumps(const Value& v) {
+  json::DumpOptions o;
+  o.python_separators = true;
+  return json::dump(v, o);
+}
+
+std::string number_text(double x) {
+  if (std::isnan(x)) return "nan";
+  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+  return json::format_double(x);
+}
+
+// A checkpoint of the ORT backend (its own format) in OUT: say which backend resumes it.
+void refuse_foreign_checkpoint(const std::string& ckpt_dir) {
+  const std::string p = join(ckpt_dir, "ort_checkpoint");
+  if (is_file(p))
+    throw InputError(p + " was written by the ort backend; resume with --backend ort, or use a new output folder (-o)");
+}
+
+void save_checkpoint(const std::string& dir, std::vector<Param>& params, long long step, const Log& log) {
+  make_dirs(dir, "checkpoint folder");
+  std::vector<TensorOut> t;
+  std::vector<float> steps;
+  steps.reserve(params.size());
+  for (auto& p : params) steps.push_back(p.state.step);
+  size_t i = 0;
+  for (auto& p : params) {
+    t.push_back({"param." + p.name, p.shape, p.data});
+    if (!p.state.exp_avg.empty()) {
+      t.push_back({"opt.exp_avg." + p.name, p.shape, p.state.exp_avg.data()});
+      t.push_back({"opt.exp_avg_sq." + p.name, p.shape, p.state.exp_avg_sq.data()});
+      t.push_back({"opt.step." + p.name, {1}, &steps[i]});
+    }
+    ++i;
+  }
+  write_safetensors(join(dir, kCheckpoint), std::move(t),
+                    {{"step", std::to_string(step)}, {"log", python_dumps(log.to_json())}});
+}
+
+// Restores weights, optimizer state and the log; returns the step to continue from (0: none).
+long long load_checkpoint(const std::string& dir, std::vector<Param>& params, Log& log) {
+  std::string path = join(dir, kCheckpoint);
+  if (!is_file(path)) return 0;
+  SafetensorsFile f = [&] {
+    try {
+      return SafetensorsFile::read(path);
+    } catch (const std::exception& e) {
+      throw InputError("checkpoint " + path + " is unreadable (" + e.what() + "); delete it to start over");
+    }
+  }();
+  const std::string* step_s = f.meta("step");
+  const std::string* log_s = f.meta("log");
+  if (!step_s || !log_s) throw InputError("checkpoint " + path + " has no step/log metadata; delete it to start over");
+  Value saved;
+  long long step = 0;
+  try {
+    saved = json::parse(*log_s);
+    step = std::stoll(*step_s);
+  } catch (const std::exception& e) {
+    throw InputError("checkpoint " + path + " is unreadable (" + e.what() + "); delete it to start over");
+  }
+  const Value* src = saved.find("cache_source");
+  if (!src || !src->is_string() || src->as_string() != log.cache_source)
+    throw InputError(path + " belongs to a training run on other photos or another bundle; use a new output folder "
+                     "(-o), or delete " + dir + " to start over");
+  for (const auto& kv : f.tensors()) {
+    if (kv.first.rfind("param.", 0) != 0) continue;
+    if (std::none_of(params.begin(), params.end(), [&](const Param& p) { return "param." + p.name == kv.first; }))
+      throw InputError("checkpoint " + path + " does not belong to this bundle's plan; use another -o");
+  }
+  try {
+    for (auto& p : params) {
+      f.copy_floats("param." + p.name, p.data, p.numel);
+      if (f.has("opt.exp_avg." + p.name)) {
+        p.state.exp_avg = f.floats("opt.exp_avg." + p.name);
+        p.state.exp_avg_sq = f.floats("opt.exp_avg_sq." + p.name);
+        p.state.step = f.floats("opt.step." + p.name).at(0);
+        if (p.state.exp_avg.size() != p.numel || p.state.exp_avg_sq.size() != p.numel)
+          throw std::runtime_error("optimizer state of " + p.name + " has the wrong size");
+      } else if (step > 0) {
+        throw std::runtime_error("no optimizer state for " + p.name);
+      }
+    }
+  } catch (const std::exception& e) {
+    throw InputError("checkpoint " + path + " does not belong to this bundle's plan (" + e.what() + "); use another -o");
+  }
+  auto numbers = [&](const char* key, std::vector<double>& out) {
+    out.clear();
+    if (const Value* a = saved.find(key))
+      for (const auto& x : a->as_array(key)) out.push_back(x.as_double(key));
+    if (out.size() > size_t(step)) out.resize(size_t(step));
+  };
+  try {
+    numbers("losses", log.losses);
+    numbers("step_seconds", log.step_seconds);
+  } catch (const json::Error& e) {
+    throw InputError("checkpoint " + path + " has a malformed log (" + e.what() + "); delete it to start over");
+  }
+  return step;
+}
+
+std::string diffusers_name(const std::string& peft) {
+  std::string n = peft;
+  size_t at = n.find(".default.");
+  if (at != std::string::npos) n.replace(at, 9, ".");
+  return "transformer." + n;
+}
+
+bool is_lora_b(const Param& p) { return p.name.find(".lora_B.") != std::string::npos; }
+
+bool any_lora_b_nonzero(const std::vector<Param>& params) {
+  for (const auto& p : params)
+    if (is_lora_b(p) && std::any_of(p.data, p.data + p.numel, [](float x) { return x != 0.0f; })) return true;
+  return false;
+}
+
+// The LoRA file: diffusers names, lora_B times alpha/rank, the bundle's lora.metadata.
+void save_lora(const std::string& path, const std::vector<Param>& params, const Bundle& b) {
+  std::vector<std::vector<float>> scaled;
+  scaled.reserve(params.size());
+  std::vector<TensorOut> t;
+  const float scale = static_cast<float>(b.lora_scale);
+  for (const auto& p : params) {
+    const float* data = p.data;
+    if (is_lora_b(p)) {
+      scaled.emplace_back(p.data, p.data + p.numel);
+      for (float& x : scaled.back()) x *= scale;
+      data = scaled.back().data();
+    }
+    t.push_back({diffusers_name(p.name), p.shape, data});
+  }
+  write_safetensors(path, std::move(t), b.lora_metadata);
+}
+
+void write_log(const std::string& path, const Log& log) {
+  json::DumpOptions o;
+  o.indent = 1;
+  atomic_write(path, json::dump(log.to_json(), o));
+}
+
+}  // namespace
+
+int train(const Options& opt) {
+  Bundle b = load_bundle(opt.bundle, opt.verify);
+  Cache cache = load_cache(opt.cache, b);
+  make_dirs(opt.out, "output folder");
+  check_budget(b.manifest, "train");
+  std::unique_ptr<Trainer> trainer = b.span == "streamed" ? make_streamed_trainer(b, opt.out) : make_resident_trainer(b);
+  const std::string ckpt_dir = join(opt.out, "checkpoint");
+  refuse_foreign_checkpoint(ckpt_dir);
+  std::vector<Param>& params = trainer->params();
+  const long long steps = b.steps, ga = b.grad_accum;
+
+  Log log;
+  log.plan = b.plan;
+  log.cache_source = cache.source_sha256;
+  log.delegate = b.delegate;
+  long long start = load_checkpoint(ckpt_dir, params, log);
+  if (start > steps) start = steps;
+  log.resumed_from = start;
+  if (start && !opt.quiet) std::printf("resuming from step %lld (%s)\n", start, ckpt_dir.c_str());
+
+  const std::vector<size_t> order = entry_order(cache.files.size(), steps, ga);
+  size_t pos = size_t(start * ga);
+  const Trainer* checker = trainer.get();
+  auto fetch = [&cache, checker, v = opt.verify](size_t k) {
+    return std::async(std::launch::async, [&cache, checker, k, v] {
+      Entry e = load_entry(cache, k, v);
+      checker->check_entry(e);
+      return e;
+    });
+  };
+  std::future<Entry> next;
+  if (pos < order.size()) next = fetch(order[pos]);
+
+  // the numerics checks of a fresh run: the first entry's loss before and after the first update
+  std::unique_ptr<Entry> first;
+  double first_loss = 0.0;
+  bool first_taken = false;
+
+  const long long end = opt.stop_after < 0 ? steps : std::max(start, std::min(steps, opt.stop_after));
+  const double scale = 1.0 / double(ga);
+  for (long long step = start; step < end; ++step) {
+    auto t0 = std::chrono::steady_clock::now();
+    double total = 0.0;
+    for (long long j = 0; j < ga; ++j) {
+      Entry e = next.get();
+      ++pos;
+      if (pos < order.size()) next = fetch(order[pos]);  // prefetch while this entry trains
+      if (start == 0 && !first_taken) {
+        first_taken = true;
+        first = std::make_unique<Entry>(e);
+        first_loss = trainer->eval_loss(e);
+      }
+      const double loss = trainer->loss_and_grad(e, scale);
+      if (!std::isfinite(loss))
+        throw InputError("step " + std::to_string(step + 1) + " produced a non-finite loss (" + number_text(loss) +
+                         "); nothing was written over the last checkpoint. Check the photos and the cache "
+                         "(device-train precompute again), or lower --lr when exporting");
+      total += loss / double(ga);
+    }
+    trainer->update();
+    for (const auto& p : params)
+      if (!std::all_of(p.data, p.data + p.numel, [](float x) { return std::isfinite(x); }))
+        throw InputError("step " + std::to_string(step + 1) + " made the LoRA non-finite (" + p.name +
+                         ", ...); nothing was written over the last checkpoint. Lower --lr when exporting, or "
+                         "check the cache");
+    if (first) {
+      if (!any_lora_b_nonzero(params))
+        throw InputError("the first step left every LoRA B at zero: the LoRA gets no gradient. Check the "
+                         "bundle's LoRA targets and --lr");
+      if (trainer->eval_loss(*first) == first_loss)
+        throw InputError("the first step changed the LoRA but not the loss: the LoRA does not reach the output; "
+                         "export the bundle again");
+      first.reset();
+    }
+    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    log.losses.push_back(total);
+    log.step_seconds.push_back(dt);
+    if (!opt.quiet) {
+      std::printf("step %lld/%lld  loss %.6f  %.3f s\n", step + 1, steps, total, dt);
+      std::fflush(stdout);
+    }
+    if ((step + 1) % b.checkpoint_every == 0 || step + 1 == steps) save_checkpoint(ckpt_dir, params, step + 1, log);
+  }
+  if (next.valid()) {
+    try {
+      next.get();  // let a prefetch still in flight finish before its inputs go away
+    } catch (...) {
+    }
+  }
+  log.extra.set("peak_rss_mib", Value::number(double(peak_rss_bytes()) / double(1 << 20)));
+  trainer->info(log.extra);
+  if (end == steps) {
+    if (!any_lora_b_nonzero(params))
+      throw InputError("training finished with an all-zero LoRA (it would change nothing); not writing it. "
+                       "Check --lr and the cache");
+    std::string lora = join(opt.out, "lora.safetensors");
+    save_lora(lora, params, b);
+    log.lora = lora;
+    if (!opt.quiet) std::printf("LoRA: %s\n", lora.c_str());
+  } else if (!opt.quiet) {
+    std::printf("stopped after step %lld of %lld; run again to resume\n", end, steps);
+  }
+  write_log(join(opt.out, "train_log.json"), log);
+  return 0;
+}
+
+}  // namespace blockskip
