@@ -193,10 +193,14 @@ class StreamedSpan:
         o = plan
         self.optimizer = AdamW(AdamWConfig(lr=o.lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=o.weight_decay))
         self.stash_dir = stash_dir if plan.stash == "disk" else None
+        if self.stash_dir is not None and self.stash_dir.is_dir():  # a killed run's leftovers
+            for old in self.stash_dir.glob("stash-*"):
+                shutil.rmtree(old, ignore_errors=True)
 
     # --- Trainer ---------------------------------------------------------------------------
     def load_entry(self, path: Path) -> dict:
-        return {k: np.asarray(v, dtype=np.float32) for k, v in TensorFile(path).arrays.items()}
+        f = TensorFile(path)
+        return {k: f.float32(k) for k in f.arrays}
 
     def _lora(self, names: dict[str, str]) -> Arrays:
         return {rel: self.params[p] for rel, p in names.items()}

@@ -77,6 +77,13 @@ class TensorFile:
     def nbytes(self) -> int:
         return len(self.buffer)
 
+    def float32(self, name: str) -> np.ndarray:
+        """One floating tensor as float32 (bfloat16 bits widened exactly)."""
+        a = self.arrays[name]
+        if self.dtypes[name] == "bfloat16":
+            return (a.astype(np.uint32) << 16).view(np.float32)
+        return np.asarray(a, dtype=np.float32)
+
 
 def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
     return TensorFile(path).arrays

@@ -170,7 +170,7 @@ def test_lora_loads_into_diffusers(trained):
     manifest = json.loads((trained / "bundle" / "manifest.json").read_text())
     assert set(sd) == {_diffusers(n) for n in manifest["pte"]["train"]["lora"]}
     with safe_open(path, "np") as f:
-        assert f.metadata() == manifest["pte"]["train"]["lora_metadata"]
+        assert f.metadata() == manifest["lora"]["metadata"]
     full = load_model("tiny-random").transformer
     full.load_lora_adapter(str(path), adapter_name="subject", prefix="transformer")
     loaded = {n.replace(".subject.", ".") for n, _ in full.named_parameters() if ".lora_" in n}
@@ -183,9 +183,7 @@ def test_lora_loads_into_diffusers(trained):
 
 
 def test_checkpoint_is_the_torch_backends_format(trained):
-    from blockskip.runtime.backends.torch import TrainedSpan, make_optimizer
-    from blockskip.runtime.backends.torch_io import BlockStore
-    from blockskip.runtime.backends.torch_lora import load_checkpoint
+    from blockskip.runtime.backends.torch import TorchTrainer
 
     ckpt = trained / "full" / "checkpoint" / "checkpoint.safetensors"
     tensors = load_np(ckpt)
@@ -203,16 +201,13 @@ def test_checkpoint_is_the_torch_backends_format(trained):
     assert json.loads((trained / "full" / "train_log.json").read_text())["cache_source"] == cache_source
 
     # the torch backend resumes from it: weights, AdamW state and step
-    bundle = Bundle(trained / "bundle")
-    span = TrainedSpan(BlockStore(bundle), bundle.trained, bundle.manifest["lora"], bundle.plan.seed)
-    opt = make_optimizer(span.params, bundle.plan)
-    log = {"cache_source": cache_source}
-    assert load_checkpoint(ckpt.parent, span.model, opt, log) == steps
-    assert log["losses"] == saved["losses"]
-    params = dict(span.model.named_parameters())
+    trainer = TorchTrainer(Bundle(trained / "bundle"))
+    step, log = trainer.load_checkpoint(ckpt)
+    assert step == steps and log["losses"] == saved["losses"]
+    params = dict(trainer.span.model.named_parameters())
     for n in names:
         np.testing.assert_array_equal(params[n].detach().numpy(), tensors[f"param.{n}"])
-        st = opt.state[params[n]]
+        st = trainer.opt.state[params[n]]
         assert float(st["step"]) == steps
         np.testing.assert_array_equal(st["exp_avg_sq"].numpy(), tensors[f"opt.exp_avg_sq.{n}"])
 

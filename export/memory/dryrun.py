@@ -137,41 +137,52 @@ def _quant_workspace(model, fam, trained, plan: Plan) -> int:
     return int(biggest * QUANT_WORKSPACE[(plan.dtype, plan.base_quant)])
 
 
+def trace_precompute(spec: ModelSpec, plan: Plan, trained: list[int], profile=None, num_images: int = 4,
+                     memo: dict | None = None) -> tuple[int, dict, dict, int]:
+    """(peak bytes, peak bytes per category, cache entry tensor shapes, cache entry bytes) of the torch
+    backend's precompute: photos in memory, the encoder, then one frozen block at a time for a chunk of
+    samples. It does not depend on LoRA, quantisation or checkpointing: a search traces it once per split
+    (``memo``). Call it inside a ``FakeTensorMode``."""
+    fam = spec.family
+    dtype = DTYPES[plan.dtype]
+    chunk = plan.precompute_chunk or plan.num_samples
+    key = (tuple(trained), plan.s_min, plan.s_max, chunk, plan.dtype, num_images, plan.positions,
+           plan.vae_tiling, _round_to(profile))
+    hit = memo.get(key) if memo is not None else None
+    if hit is not None:
+        return hit
+    schedule = PatchSchedule.build(num_images=num_images, num_samples=plan.num_samples, s_min=plan.s_min,
+                                   s_max=plan.s_max, granularity=spec.granularity, seed=plan.seed,
+                                   patch_sampling=plan.patch_sampling, shift=plan.timestep_shift)
+    tr = MemoryTracer(_round_to(profile))
+    with tr:
+        store = FakeStore(fam, spec.encoder_spec, spec.prompt_shapes, dtype, tr)
+        with tr.category("cache"):
+            images = torch.empty(num_images, 3, plan.s_max, plan.s_max)
+        latents = encode_latents(store, images, dtype, plan.vae_tiling)
+        text = prompt_text(store, dtype)
+        entries = compute_entries(store, latents, text, schedule.entries[:chunk], plan, spec.vae_factor, trained)
+        entry_shapes = {k: (tuple(v.shape), v.dtype) for k, v in entries[0].items()}
+        entry_bytes = sum(v.numel() * v.element_size() for v in entries[0].values())
+        del entries, latents, text, images
+    out = (int(tr.peak), dict(tr.peak_by_cat), entry_shapes, entry_bytes)
+    if memo is not None:
+        memo[key] = out
+    return out
+
+
 def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: int = 4,
             train_steps: int = 1, precompute_memo: dict | None = None) -> list[PhaseReport]:
     """Predict the peak memory of precompute, a training step and saving for ``plan``."""
     fam = spec.family
     trained = plan.validate(fam.num_blocks, spec.granularity, fam.valid_targets())
     dtype = DTYPES[plan.dtype]
-    schedule = PatchSchedule.build(num_images=num_images, num_samples=plan.num_samples, s_min=plan.s_min,
-                                   s_max=plan.s_max, granularity=spec.granularity, seed=plan.seed,
-                                   patch_sampling=plan.patch_sampling, shift=plan.timestep_shift)
     chunk = plan.precompute_chunk or plan.num_samples
     reports = []
     with FakeTensorMode(allow_non_fake_inputs=True):
-        # 1. precompute: photos in memory, encoder, then one block at a time for a chunk of samples.
-        #    It does not depend on LoRA, quantisation or checkpointing: a search traces it once per split.
-        key = (tuple(trained), plan.s_min, plan.s_max, chunk, plan.dtype, num_images, plan.positions,
-               plan.vae_tiling, _round_to(profile))
-        memo = precompute_memo.get(key) if precompute_memo is not None else None
-        if memo is None:
-            tr = MemoryTracer(_round_to(profile))
-            with tr:
-                store = FakeStore(fam, spec.encoder_spec, spec.prompt_shapes, dtype, tr)
-                with tr.category("cache"):
-                    images = torch.empty(num_images, 3, plan.s_max, plan.s_max)
-                latents = encode_latents(store, images, dtype, plan.vae_tiling)
-                text = prompt_text(store, dtype)
-                entries = compute_entries(store, latents, text, schedule.entries[:chunk], plan, spec.vae_factor,
-                                          trained)
-                entry_shapes = {k: (v.shape, v.dtype) for k, v in entries[0].items()}
-                entry_bytes = sum(v.numel() * v.element_size() for v in entries[0].values())
-                del entries, latents, text, images
-            memo = (int(tr.peak), dict(tr.peak_by_cat), entry_shapes, entry_bytes)
-            if precompute_memo is not None:
-                precompute_memo[key] = memo
-            del tr, store
-        peak, by_cat, entry_shapes, entry_bytes = memo
+        # 1. precompute
+        peak, by_cat, entry_shapes, entry_bytes = trace_precompute(spec, plan, trained, profile, num_images,
+                                                                   precompute_memo)
         reports.append(_report_from("precompute", peak, by_cat, profile,
                                     {"chunk": chunk, "cache_entry_bytes": entry_bytes,
                                      "cache_storage_bytes": entry_bytes * plan.num_samples}))
