@@ -7,6 +7,13 @@ the bytes already live before the step (weights, LoRA, AdamW state, the cache en
 
     python -m bench.memory_accuracy            # ~320M parameters, 512 px; ~20 min on 2 cores
     python -m bench.memory_accuracy --small    # a quick run on a ~20M-parameter model
+    python -m bench.memory_accuracy --streamed # block-streamed rows: native, executorch, ort (~15 min)
+
+``--streamed``: the same model, BlockSkip 50% at s_max/2 with a block-streamed span (int8 storage), run
+for real by each block-program backend (the native C++ runner, executorch, ort) in its own process. The
+measurement is the whole process: its peak RSS (VmHWM) over training. The prediction is the dry run for
+that backend's format plus the process's RSS when training starts (the runtime, measured: the
+interpreter and libraries, which a profile's ``runtime_overhead_mib`` stands for on a device).
 """
 
 from __future__ import annotations
@@ -81,9 +88,83 @@ def run_one(name: str, spec: dict, small: bool, work: Path, photos: Path) -> dic
     return out
 
 
+STREAMED_BACKENDS = ("native", "executorch", "ort")
+NATIVE = Path(__file__).resolve().parents[1] / "build" / "native" / "device_train" / "native" / "blockskip-train-native"
+# runs a backend's training in a fresh process with its libraries imported first (they are the runtime)
+RUN_PY = ("import sys, {mod}; from blockskip.device_train import cli; "
+          "sys.exit(cli.main(['train', sys.argv[1], '--cache', sys.argv[2], '-o', sys.argv[3], '--backend', "
+          "sys.argv[4], '--quiet']))")
+IMPORTS = {"executorch": "torch, executorch.extension.pybindings.portable_lib, blockskip.runtime.backends.executorch",
+           "ort": "onnxruntime, blockskip.runtime.backends.ort"}
+
+
+def run_streamed(small: bool, work: Path, photos: Path, backends) -> list[dict]:
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from blockskip.device_train.app import run_precompute
+    from blockskip.export.bundle_writer import export_bundle
+    from blockskip.export.families import wrap_model
+    from blockskip.export.memory.search import evaluate, split_for
+    from blockskip.export.memory.specs import ModelSpec
+    from blockskip.runtime.plan import Plan
+    from blockskip.runtime.profiles import load_profile
+
+    torch.manual_seed(0)
+    lm = wrap_model(FluxTransformer2DModel(**model_config(small)), vae_factor=8, text_tokens=64 if small else 512)
+    params = sum(p.numel() for p in lm.transformer.parameters())
+    s_max = 256 if small else 512
+    n, m = split_for(lm.family.num_blocks, 0.5)
+    plan = Plan(front_skip=n, back_skip=m, s_min=s_max // 2, s_max=s_max, num_samples=2, steps=3, lora_rank=16,
+                span="streamed", storage="int8")
+    prompt = lm.encode_prompt("a photo of sks")
+    mspec = ModelSpec(lm.family, lm.encoder_spec, {k: tuple(v.shape) for k, v in prompt.items()}, lm.vae_factor)
+    shutil.rmtree(work, ignore_errors=True)
+    b, c = work / "bundle", work / "cache"
+    formats = ["pte"] * any(x in backends for x in ("native", "executorch")) + ["onnx"] * ("ort" in backends)
+    export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo of sks", b, formats=formats)
+    del lm
+    run_precompute(b, photos, c, backend="executorch" if "pte" in formats else "ort", quiet=True)
+    rows = []
+    for be in backends:
+        fmt = "onnx" if be == "ort" else "pte"
+        pred = evaluate(mspec, plan, None, fmt=fmt, exact=True).reports[1].tensor_peak
+        out = work / f"out-{be}"
+        if be == "native":
+            if not NATIVE.is_file():
+                print("native runner not built (make native): skipped", file=sys.stderr)
+                continue
+            cmd = [str(NATIVE), str(b), "--cache", str(c), "-o", str(out), "--quiet"]
+        else:
+            cmd = [sys.executable, "-c", RUN_PY.format(mod=IMPORTS[be]), str(b), str(c), str(out), be]
+        env = dict(os.environ, BLOCKSKIP_IGNORE_MEMORY_CHECK="1")
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"{be} failed:\n{r.stderr[-3000:]}")
+        log = json.loads((out / "train_log.json").read_text())
+        rows.append({"backend": be, "params": params, "tensors": pred, "start": log["start_rss_mib"] * 2**20,
+                     "peak": log["peak_rss_mib"] * 2**20, "step_seconds": log["step_seconds"][-1]})
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def _print_streamed(rows: list[dict]) -> None:
+    mib = 2**20
+    print(f"model: {rows[0]['params'] / 1e6:.0f}M parameters" if rows else "no rows")
+    print("| backend | dry run (MiB) | + runtime at start (MiB) | = predicted (MiB) | peak RSS (MiB) | error "
+          "| step (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        p = r["tensors"] + r["start"]
+        print(f"| {r['backend']} | {r['tensors'] / mib:.1f} | {r['start'] / mib:.1f} | {p / mib:.1f} | "
+              f"{r['peak'] / mib:.1f} | {(p / r['peak'] - 1) * 100:+.2f}% | {r['step_seconds']:.1f} |", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--streamed", action="store_true", help="block-streamed rows on the block-program backends")
+    ap.add_argument("--backends", default=",".join(STREAMED_BACKENDS), help="with --streamed: which backends")
     ap.add_argument("--plans", nargs="*", default=list(PLANS))
     ap.add_argument("--json", metavar="FILE")
     a = ap.parse_args(argv)
@@ -93,6 +174,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         photos = Path(tmp) / "photos"
         make_photos([str(photos)])
+        if a.streamed:
+            bes = [x.strip() for x in a.backends.split(",") if x.strip()]
+            bad = [x for x in bes if x not in STREAMED_BACKENDS]
+            if bad:
+                ap.error(f"unknown backends {bad}; choose from {', '.join(STREAMED_BACKENDS)}")
+            rows = run_streamed(a.small, Path(tmp) / "work", photos, bes)
+            _print_streamed(rows)
+            if a.json:
+                Path(a.json).write_text(json.dumps(rows, indent=1))
+            return 0
         for name in a.plans:
             r = run_one(name, PLANS[name], a.small, Path(tmp) / "work", photos)
             rows.append(r)

@@ -12,12 +12,18 @@ entries, loaded before timing, each backend exactly as its ``train()`` steps:
 * executorch / executorch-xnnpack: ``EtTrainer.loss_and_grad`` + ``update`` (the program's
   forward-backward, then our AdamW on its weights).
 
+``--streamed`` adds the block-streamed span of the same plan (float32 storage, so the same weights) on
+each backend: ``runtime.stream.StreamedSpan`` over the torch / ORT / ExecuTorch block backends (a
+forward sweep, the head program, a VJP sweep that recomputes each block, numpy AdamW), and the native
+runner (its own log's step times), each next to the resident span with the ratio.
+
 torch and ORT get the same intra-op thread count; the ExecuTorch Python runtime uses its own
 threadpool. Prints the setup, the losses (all start from the same LoRA and see the same entries, so
 they agree) and a markdown table.
 
     python -m bench.step_time                      # ~3-4 min on 2 cores (exports dominate)
     python -m bench.step_time --backends torch,ort --steps 50
+    python -m bench.step_time --streamed           # + the block-streamed rows (~8 min)
 """
 
 from __future__ import annotations
@@ -75,10 +81,27 @@ def build(work: Path, a) -> tuple[Path, Path, int]:
             export_bundle(lm, plan, load_profile("desktop-cpu"), PROMPT, work / "bundle-xnnpack", formats=["pte"],
                           delegate="xnnpack")
             print(f"export (pte, XNNPACK): {time.perf_counter() - t0:.1f} s", flush=True)
+        if a.streamed:
+            import dataclasses
+
+            t0 = time.perf_counter()
+            sp = dataclasses.replace(plan, span="streamed", storage="float32")
+            sfmt = [f for f in formats if f in ("torch", "onnx", "pte")]
+            export_bundle(lm, sp, load_profile("desktop-cpu"), PROMPT, work / "bundle-streamed", formats=sfmt)
+            print(f"export (streamed: {' + '.join(sfmt)}): {time.perf_counter() - t0:.1f} s", flush=True)
+            if "executorch-xnnpack" in a.backends:
+                export_bundle(lm, sp, load_profile("desktop-cpu"), PROMPT, work / "bundle-streamed-xnnpack",
+                              formats=["pte"], delegate="xnnpack")
     del lm
     t0 = time.perf_counter()
-    run_precompute(bundle, write_photos(work / "photos", 3, a.s_max), cache, backend="torch", quiet=True)
+    photos = write_photos(work / "photos", 3, a.s_max)
+    run_precompute(bundle, photos, cache, backend="torch", quiet=True)
     print(f"precompute ({a.samples} entries, torch backend): {time.perf_counter() - t0:.1f} s", flush=True)
+    if a.streamed:
+        run_precompute(work / "bundle-streamed", photos, work / "cache-streamed", backend="torch", quiet=True)
+        if "executorch-xnnpack" in a.backends:
+            run_precompute(work / "bundle-streamed-xnnpack", photos, work / "cache-streamed-xnnpack",
+                           backend="executorch", quiet=True)
     return bundle, cache, n_params
 
 
@@ -167,6 +190,54 @@ def bench_executorch(bundle_dir: Path, cache_dir: Path, a) -> dict:
     return {"losses": losses, "secs": secs, "lora": sum(v.numel() for v in trainer.lora().values())}
 
 
+def bench_streamed(name: str, bundle_dir: Path, cache_dir: Path, a) -> dict:
+    """The streamed span on a block backend, stepped as the driver steps it."""
+    from blockskip.runtime.bundle import Bundle
+    from blockskip.runtime.cache import ResidualCache
+    from blockskip.runtime.stream import StreamedSpan
+
+    bundle = Bundle(bundle_dir)
+    if name == "torch":
+        from blockskip.runtime.backends.torch import TorchBlocks as B
+    elif name == "ort":
+        from blockskip.runtime.backends.ort import OrtPrograms as B
+    else:
+        from blockskip.runtime.backends.executorch import EtPrograms as B
+    cache = ResidualCache(cache_dir)
+    span = StreamedSpan(bundle, B(bundle))
+    entries = [span.load_entry(cache.path(k)) for k in range(len(cache.schedule))]
+
+    def step(entry):
+        loss = span.loss_and_grad(entry, 1.0)
+        span.update()
+        return loss
+
+    try:
+        losses, secs = time_steps(step, entries, a.warmup, a.steps)
+    finally:
+        span.close()
+    return {"losses": losses, "secs": secs, "lora": sum(v.size for v in span.lora().values())}
+
+
+def bench_native(bundle_dir: Path, cache_dir: Path, work: Path, a) -> dict | None:
+    """The native runner's own step times (its train_log.json) on the streamed pte bundle."""
+    import json
+    import os
+    import subprocess
+
+    exe = Path(__file__).resolve().parents[1] / "build" / "native" / "device_train" / "native" / "blockskip-train-native"
+    if not (exe.is_file() and os.access(exe, os.X_OK)):
+        print("native runner not built (make native): no native row", flush=True)
+        return None
+    out = work / "native-out"
+    r = subprocess.run([str(exe), str(bundle_dir), "--cache", str(cache_dir), "-o", str(out), "--quiet"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"native runner failed:\n{r.stderr}")
+    log = json.loads((out / "train_log.json").read_text())
+    return {"losses": log["losses"], "secs": log["step_seconds"][a.warmup:], "lora": 0}
+
+
 BACKENDS = ("torch", "ort", "executorch", "executorch-xnnpack")
 LABELS = {"torch": "torch (eager, AdamW)", "ort": "ort (ORT training 1.19.2)",
           "executorch": "executorch (portable kernels)", "executorch-xnnpack": "executorch (XNNPACK)"}
@@ -185,6 +256,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default=",".join(BACKENDS),
                     help=f"comma-separated, from {', '.join(BACKENDS)} (torch is always the reference)")
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep the bundle and cache there")
+    ap.add_argument("--streamed", action="store_true", help="add the block-streamed span on every backend")
     a = ap.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
@@ -216,6 +288,18 @@ def main(argv=None) -> int:
             results["executorch"] = bench_executorch(bundle, cache, a)
         if "executorch-xnnpack" in a.backends:
             results["executorch-xnnpack"] = bench_executorch(work / "bundle-xnnpack", cache, a)
+        if a.streamed:
+            sb, sc = work / "bundle-streamed", work / "cache-streamed"
+            for name in a.backends:
+                if name == "executorch-xnnpack":
+                    results[name + " streamed"] = bench_streamed(name, work / "bundle-streamed-xnnpack",
+                                                                 work / "cache-streamed-xnnpack", a)
+                else:
+                    results[name + " streamed"] = bench_streamed(name, sb, sc, a)
+            if "executorch" in a.backends:
+                nat = bench_native(sb, sc, work, a)
+                if nat is not None:
+                    results["native streamed"] = nat
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -230,16 +314,21 @@ def main(argv=None) -> int:
           "grad_accum 1")
     for name, r in results.items():
         if name != "torch":
-            print(f"{name}: {r['lora'] / 1e6:.2f}M LoRA parameters; loss step 1 {r['losses'][0]:.6f} vs torch "
+            print(f"{name}: loss step 1 {r['losses'][0]:.6f} vs torch "
                   f"{t['losses'][0]:.6f} (rel diff {abs(r['losses'][0] / t['losses'][0] - 1):.1e}), step "
                   f"{len(r['losses'])} rel diff {abs(r['losses'][-1] / t['losses'][-1] - 1):.1e}")
     print(f"\n{a.steps} timed steps after {a.warmup} warm-up steps:\n")
-    print("| backend | median ms/step | mean ms/step | speed vs torch |")
-    print("|---|---|---|---|")
+    print("| backend | span | median ms/step | mean ms/step | speed vs torch resident | streamed vs resident |")
+    print("|---|---|---|---|---|---|")
     ref = statistics.median(t["secs"])
     for name, r in results.items():
+        base, _, streamed = name.partition(" ")
         med, mean = statistics.median(r["secs"]), statistics.fmean(r["secs"])
-        print(f"| {LABELS[name]} | {med * 1e3:.1f} | {mean * 1e3:.1f} | {ref / med:.2f}x |")
+        res = results.get(base if base != "native" else "executorch")
+        ratio = f"{statistics.median(res['secs']) / med:.2f}x" if streamed and res else ""
+        label = LABELS.get(base, "native runner (C++, portable kernels)")
+        print(f"| {label} | {'streamed' if streamed else 'resident'} | {med * 1e3:.1f} | {mean * 1e3:.1f} | "
+              f"{ref / med:.2f}x | {ratio} |")
     if a.keep:
         print(f"\nbundle and cache kept in {work}")
     print(f"\n({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)

@@ -98,8 +98,23 @@ def plan_from_args(a, profile_dtype: str) -> Plan:
     )
 
 
-def fit_plan(lm, plan: Plan, profile, a) -> Plan:
-    """The profile's plan search over whatever the user did not fix (split, rank, base, checkpointing)."""
+def plan_format(formats, profile) -> str:
+    """The format whose backend the dry run models: the phone formats bind over torch (a plan every
+    format of the bundle can run). A format the profile's backends do not run is refused."""
+    from blockskip.export.memory.streamed import formats_for
+    from blockskip.runtime.errors import PlanError
+
+    runs = formats_for(profile)
+    foreign = [f for f in formats if f not in runs]
+    if foreign:
+        raise PlanError(f"profile {profile.name}'s backends ({', '.join(profile.backends)}) do not run --format "
+                        f"{','.join(foreign)}; use {' or '.join(runs) or 'another profile'}")
+    return next((f for f in ("pte", "onnx") if f in formats), "torch")
+
+
+def fit_plan(lm, plan: Plan, profile, a, fmt: str = "torch") -> tuple[Plan, dict | None]:
+    """The profile's plan search over whatever the user did not fix (split, rank, base, checkpointing,
+    span, storage), for ``fmt``'s backend; with the chosen plan's predicted peaks for the bundle."""
     import dataclasses
     import sys
 
@@ -111,29 +126,37 @@ def fit_plan(lm, plan: Plan, profile, a) -> Plan:
     plan.validate(lm.family.num_blocks, lm.granularity, lm.family.valid_targets())  # refuse bad input first
     fixed_split = (a.front_skip is not None or a.back_skip is not None or a.trained is not None
                    or a.skip_ratio is not None)
-    if fixed_split and a.rank is not None and a.base_quant is not None and a.checkpointing is not None:
-        return plan  # fully specified: nothing to search
+    if fixed_split and a.rank is not None and ((a.base_quant is not None and a.checkpointing is not None)
+                                               or a.span is not None):
+        return plan, None  # fully specified: nothing to search
     prompt = lm.encode_prompt("shape probe")
     spec = ModelSpec(lm.family, lm.encoder_spec, {k: tuple(v.shape) for k, v in prompt.items()}, lm.vae_factor,
                      lm.name)
     if plan.trained is not None:  # explicit indices: check them, the search has nothing to choose
         from blockskip.export.memory.search import evaluate
 
-        best = evaluate(spec, plan, profile)
+        best = evaluate(spec, plan, profile, fmt=fmt)
         if not best.fits:
             w = best.worst()
             print(f"warning: --trained plan needs {w.peak / 2**30:.2f} GiB in {w.phase} "
                   f"(budget {w.budget / 2**30:.2f} GiB)", file=sys.stderr)
-        return plan
+        return plan, memory_record(best)
     kw = fixed_axes(lm.family.num_blocks, split=(plan.front_skip, plan.back_skip) if fixed_split else None,
                     s_mins=[plan.s_min], rank=a.rank, base_quant=a.base_quant, checkpointing=a.checkpointing,
-                    model=lm.name)
-    print(f"fitting the plan to {profile.name} (budget {profile.budget_gib:.2f} GiB) ...", file=sys.stderr)
-    best = require_fit(search(spec, plan, profile, **kw), profile)
+                    model=lm.name, span=a.span, storage=a.storage)
+    print(f"fitting the plan to {profile.name} ({fmt}, budget {profile.budget_gib:.2f} GiB) ...", file=sys.stderr)
+    best = require_fit(search(spec, plan, profile, fmt=fmt, **kw), profile)
     print(f"plan: {best.describe()}; predicted peak {best.peak / 2**30:.2f} GiB", file=sys.stderr)
     p = best.plan
     return dataclasses.replace(plan, front_skip=p.front_skip, back_skip=p.back_skip, lora_rank=p.lora_rank,
-                               base_quant=p.base_quant, checkpointing=p.checkpointing, vae_tiling=p.vae_tiling)
+                               base_quant=p.base_quant, checkpointing=p.checkpointing, vae_tiling=p.vae_tiling,
+                               span=p.span, storage=p.storage, dtype=p.dtype), memory_record(best)
+
+
+def memory_record(best) -> dict:
+    """The dry run's peaks as the bundle records them (the device checks them before each phase)."""
+    return {"profile_budget_bytes": best.reports[0].budget,
+            "phases": {r.phase: int(r.peak) for r in best.reports}}
 
 
 def ratio_split(lm, a) -> dict:
@@ -210,9 +233,9 @@ def main(argv=None) -> int:
         formats = check_formats([f.strip() for f in a.format.split(",") if f.strip()])
         check_output(Path(a.output), a.force)
         lm = load_model(a.model, DTYPES[plan.dtype], seed=plan.seed)
-        plan = fit_plan(lm, plan, profile, a)
+        plan, memory = fit_plan(lm, plan, profile, a, plan_format(formats, profile))
         out = export_bundle(lm, plan, profile, a.prompt, a.output, force=a.force, formats=formats,
-                            log=lambda msg: print(msg, file=sys.stderr), delegate=a.delegate)
+                            log=lambda msg: print(msg, file=sys.stderr), delegate=a.delegate, memory=memory)
         if "pte" in formats and plan.span == "resident":
             print(pte_memory_report(out), file=sys.stderr)
         n = len(lm.family.block_paths())

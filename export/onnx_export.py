@@ -164,6 +164,10 @@ def check_plan(plan) -> None:
         raise PlanError(f"--format onnx trains with AdamW; --optimizer {plan.optimizer} is torch-only")
     if plan.vae_tiling:
         raise PlanError("--format onnx exports the photo encoder untiled; leave out --vae-tiling")
+    if plan.span == "streamed" and plan.storage_dtype == "bfloat16":
+        # onnxruntime 1.19's Python API builds no bfloat16 tensor from host memory (numpy has no bfloat16)
+        raise PlanError("--format onnx cannot feed bfloat16 weights to ONNX Runtime's Python API; use --storage "
+                        "float16 (the same size), int8 or int4")
 
 
 class OnnxFormat:

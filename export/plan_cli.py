@@ -11,6 +11,7 @@ from blockskip.runtime.cli_util import run_cli
 
 EPILOG = """examples:
   blockskip-plan --model flux-dev --profile snapdragon8            # search the best fitting plan
+  blockskip-plan --model flux-dev --profile snapdragon8 --format pte -n 19 -m 10 --storage int8
   blockskip-plan --model flux-dev --profile jetson-orin-nx-16gb -n 19 -m 10 --rank 16 --json
   blockskip-plan --model sana-1.6b --profile snapdragon8 --plot sana.png
   blockskip-plan --model ./my-diffusers-folder --profile desktop-cpu --no-search -n 2 -m 2
@@ -23,6 +24,10 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="flux-dev",
                    help="tiny | tiny-random | flux-dev | sd3-medium | sd35-medium | sana-1.6b | a local diffusers folder")
     p.add_argument("--profile", default="snapdragon8", help="device profile name or .toml path")
+    p.add_argument("--format", choices=["torch", "pte", "onnx"],
+                   help="the backend that will run the plan: torch, pte (ExecuTorch / the native runner) or onnx "
+                        "(ONNX Runtime); default: the first the profile's backends run. Only plans that format "
+                        "can run are proposed")
     g = p.add_argument_group("plan (fixed when given, searched otherwise)")
     g.add_argument("-n", "--front-skip", type=int)
     g.add_argument("-m", "--back-skip", type=int)
@@ -32,6 +37,11 @@ def main(argv=None) -> int:
     g.add_argument("--base-quant", choices=["none", "int8", "nf4"])
     g.add_argument("--checkpointing", choices=["on", "off"])
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--span", choices=["resident", "streamed"],
+                   help="resident: the whole trained span at once; streamed: one block at a time (searched: "
+                        "resident first, streamed when no resident plan fits)")
+    g.add_argument("--storage", choices=["float32", "float16", "bfloat16", "int8", "int4"],
+                   help="streamed span: the frozen weights' storage in the bundle (searched: bfloat16 > int8 > int4)")
     g.add_argument("--vae-tiling", action="store_true", help="encode photos in tiles (otherwise only when needed)")
     g.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     g.add_argument("--samples", "-K", type=int, default=2000, help="wanted cache samples K (capped by storage)")
@@ -49,31 +59,52 @@ def _run(a) -> int:
     from blockskip.export.memory.report import plot, table
     from blockskip.export.memory.search import evaluate, fixed_axes, require_fit, search
     from blockskip.export.memory.specs import load_spec
+    from blockskip.export.memory.streamed import bundle_bytes, formats_for
+    from blockskip.runtime.errors import PlanError
     from blockskip.runtime.plan import Plan
     from blockskip.runtime.profiles import load_profile
 
     profile = load_profile(a.profile)
+    runs = formats_for(profile)
+    if not runs:
+        raise PlanError(f"profile {profile.name} lists no backend that runs a bundle format")
+    fmt = a.format or runs[0]
+    if fmt not in runs:
+        raise PlanError(f"profile {profile.name}'s backends ({', '.join(profile.backends)}) do not run --format "
+                        f"{fmt}; use --format {' or '.join(runs)}")
     spec, defaults = load_spec(a.model)
     s_max = a.s_max or defaults.get("s_max", 512)
     dtype = a.dtype or defaults.get("dtype") or profile.dtype
     if dtype not in ("float32", "bfloat16", "float16"):
         dtype = "float32"
+    streamed = a.span == "streamed" or (a.span is None and a.storage is not None)
+    if fmt != "torch" or streamed:
+        if a.dtype not in (None, "float32"):
+            raise PlanError(f"--format {fmt} {'with a streamed span ' if streamed else ''}computes in float32; "
+                            f"got --dtype {a.dtype} (use --storage to store the frozen weights in fewer bits)")
+        dtype = "float32"
+    if fmt != "torch" and (a.base_quant not in (None, "none") or a.checkpointing == "on"
+                           or a.optimizer != "adamw"):
+        raise PlanError(f"--base-quant, --checkpointing on and --optimizer adamw8bit are options of the torch "
+                        f"backend; --format {fmt} runs a float32 resident span or a streamed one (--storage)")
     base = Plan(front_skip=a.front_skip or 0, back_skip=a.back_skip or 0, s_min=a.s_min or defaults.get("s_min", s_max // 2),
                 s_max=s_max, dtype=dtype, num_samples=a.samples, precompute_chunk=a.precompute_chunk,
                 lora_rank=a.rank or 16, base_quant=a.base_quant or "none",
-                checkpointing=a.checkpointing == "on", vae_tiling=a.vae_tiling, optimizer=a.optimizer)
+                checkpointing=a.checkpointing == "on", vae_tiling=a.vae_tiling, optimizer=a.optimizer,
+                span="streamed" if streamed else "resident", storage=a.storage if streamed else None)
     say = (lambda m: None) if a.json else (lambda m: print(m, file=sys.stderr))
     if a.no_search:
-        best, nxt, result = evaluate(spec, base, profile), None, None
+        best, nxt, result = evaluate(spec, base, profile, fmt=fmt), None, None
     else:
         split_given = a.front_skip is not None or a.back_skip is not None
-        say(f"searching plans for {a.model} on {profile.name} (budget {profile.budget_gib:.2f} GiB) ...")
+        say(f"searching plans for {a.model} on {profile.name} ({fmt}, budget {profile.budget_gib:.2f} GiB) ...")
         kw = fixed_axes(spec.family.num_blocks,
                         split=(a.front_skip or 0, a.back_skip or 0) if split_given else None,
                         s_mins=[a.s_min] if a.s_min else [base.s_min, max(spec.granularity, base.s_min // 2)],
                         rank=a.rank, base_quant=a.base_quant, checkpointing=a.checkpointing,
-                        model=getattr(spec, "name", None))
-        result = search(spec, base, profile, log=say, **kw)
+                        model=getattr(spec, "name", None), span=a.span or ("streamed" if streamed else None),
+                        storage=a.storage)
+        result = search(spec, base, profile, log=say, fmt=fmt, **kw)
         best, nxt = require_fit(result, profile), result.next_bigger
     # K: as many samples as the storage budget holds (up to the wanted number)
     entry = best.reports[0].extra["cache_entry_bytes"]
@@ -81,13 +112,14 @@ def _run(a) -> int:
     K = min(a.samples, k_fit)
     best.plan.num_samples = K
     out = {
-        "model": a.model, "profile": profile.name, "budget_bytes": profile.budget_bytes,
+        "model": a.model, "profile": profile.name, "format": fmt, "budget_bytes": profile.budget_bytes,
         "plan": best.plan.to_dict(), "fits": best.fits,
         "phases": [r.to_dict() for r in best.reports],
         "cache": {"entry_bytes": entry, "samples": K, "storage_bytes": entry * K,
                   "storage_budget_bytes": profile.cache_budget_bytes},
         "next_bigger": None if nxt is None else {"plan": nxt.plan.to_dict(), "phase": nxt.worst().phase,
                                                  "peak_bytes": nxt.peak},
+        "bundle_weights_bytes": bundle_bytes(spec, best.plan),
         "traced_plans": 1 if result is None else len(result.traced),
         "seconds": round(time.time() - t0, 1),
     }
@@ -98,15 +130,19 @@ def _run(a) -> int:
         return 0 if best.fits else 3
     L = spec.family.num_blocks
     n, m = best.plan.front_skip, best.plan.back_skip
-    print(f"\n{a.model} on {profile.name}: {'fits' if best.fits else 'DOES NOT FIT'} "
-          f"({L} blocks, {dtype}, s_max {s_max})")
-    print(f"plan: skip n={n} m={m} ({(n + m) / L:.0%}: training {L - n - m} blocks), s_min {best.plan.s_min}, "
-          f"LoRA rank {best.plan.lora_rank}, frozen base {best.plan.base_quant}, "
-          f"checkpointing {'on' if best.plan.checkpointing else 'off'}"
-          + (", VAE tiling on" if best.plan.vae_tiling else ""))
+    bp = best.plan
+    print(f"\n{a.model} on {profile.name} ({fmt}): {'fits' if best.fits else 'DOES NOT FIT'} "
+          f"({L} blocks, {bp.dtype}, s_max {s_max})")
+    how = (f"streamed span, {bp.storage_dtype} frozen weights ({'prefetched' if bp.prefetch else 'no prefetch'}, "
+           f"stash in {bp.stash})" if bp.span == "streamed" else
+           f"frozen base {bp.base_quant}, checkpointing {'on' if bp.checkpointing else 'off'}")
+    print(f"plan: skip n={n} m={m} ({(n + m) / L:.0%}: training {L - n - m} blocks), s_min {bp.s_min}, "
+          f"LoRA rank {bp.lora_rank}, {how}" + (", VAE tiling on" if bp.vae_tiling else ""))
     print(table(best.reports))
     print(f"cache: {K} samples x {entry / 2**20:.1f} MiB = {entry * K / 2**30:.2f} GiB "
           f"(storage budget {profile.cache_budget_gib:.1f} GiB{', caps K' if k_fit < a.samples else ''})")
+    print(f"bundle: {out['bundle_weights_bytes'] / 2**30:.2f} GiB of block and head weights "
+          f"({bp.storage_dtype})")
     if nxt is not None:
         w = nxt.worst()
         print(f"next bigger plan ({nxt.describe()}) does not fit: its {w.phase} phase needs "

@@ -20,7 +20,7 @@ from blockskip.runtime.checkpoint import write_lora
 from blockskip.runtime.contract import Trainer
 from blockskip.runtime.errors import BlockSkipError
 from blockskip.runtime.files import atomic_write, ensure_writable_dir
-from blockskip.runtime.memory import check_budget, peak_rss_mib
+from blockskip.runtime.memory import check_budget, peak_rss_mib, rss_bytes
 from blockskip.runtime.progress import Progress
 from blockskip.runtime.train_loop import run_steps
 
@@ -61,6 +61,7 @@ def train(bundle: Bundle, cache_dir, out_dir, make_trainer: Callable[[Path], Tra
     cache.check_complete({"bundle": bundle.manifest_sha256})
     out = ensure_writable_dir(out_dir)
     check_budget(bundle, "train")
+    start_rss = rss_bytes()  # the runtime before training (the dry run's runtime overhead, measured)
     trainer = make_trainer(out)
     refuse_foreign_checkpoint(out, trainer.checkpoint_file)
     ckpt = out / "checkpoint" / trainer.checkpoint_file
@@ -116,6 +117,7 @@ def train(bundle: Bundle, cache_dir, out_dir, make_trainer: Callable[[Path], Tra
               micro_step=checked_micro_step, update=update, save_checkpoint=save)
     bar.close()
     log["peak_rss_mib"] = peak_rss_mib()
+    log["start_rss_mib"] = start_rss / 2**20
     info = getattr(trainer, "info", None)
     if info is not None:
         log.update(info())

@@ -197,6 +197,7 @@ int train(const Options& opt) {
   Cache cache = load_cache(opt.cache, b);
   make_dirs(opt.out, "output folder");
   check_budget(b.manifest, "train");
+  const double start_rss_mib = double(rss_bytes()) / double(1 << 20);  // the runtime before training
   std::unique_ptr<Trainer> trainer = b.span == "streamed" ? make_streamed_trainer(b, opt.out) : make_resident_trainer(b);
   const std::string ckpt_dir = join(opt.out, "checkpoint");
   refuse_foreign_checkpoint(ckpt_dir);
@@ -282,6 +283,7 @@ int train(const Options& opt) {
     }
   }
   log.extra.set("peak_rss_mib", Value::number(double(peak_rss_bytes()) / double(1 << 20)));
+  log.extra.set("start_rss_mib", Value::number(start_rss_mib));
   trainer->info(log.extra);
   if (end == steps) {
     if (!any_lora_b_nonzero(params))

@@ -4,6 +4,11 @@ Capacity order (most first): fewer skipped blocks, larger s_min, larger rank, a 
 base (none > int8 > nf4), no activation checkpointing (it only costs time). Memory falls monotonically
 along each axis, so for every (skip, s_min) the cheapest variant is traced first and the pair is
 dropped if even that does not fit; otherwise variants are traced in preference order until one fits.
+
+Only plans the format's backend runs are proposed: the program formats (pte, onnx) hold a resident span
+in float32 without a quantised base or checkpointing. When no resident plan fits at a split that skips
+at most the streamed span's first split (50%), the span is block-streamed: one block's weights at a
+time in a storage dtype (bfloat16 > int8 > int4), which every backend runs.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ class Candidate:
 
     def describe(self) -> str:
         p = self.plan
+        if p.span == "streamed":
+            return (f"skip n={p.front_skip} m={p.back_skip}, s_min={p.s_min}, rank={p.lora_rank}, streamed span, "
+                    f"{p.storage_dtype} weights" + (", VAE tiling" if p.vae_tiling else ""))
         return (f"skip n={p.front_skip} m={p.back_skip}, s_min={p.s_min}, rank={p.lora_rank}, "
                 f"base={p.base_quant}, checkpointing={'on' if p.checkpointing else 'off'}"
                 + (", VAE tiling" if p.vae_tiling else ""))
@@ -66,11 +74,19 @@ class SearchResult:
     traced: list[Candidate] = field(default_factory=list)
 
 
-def evaluate(spec: ModelSpec, plan: Plan, profile, num_images: int = 4, memo: dict | None = None) -> Candidate:
+def evaluate(spec: ModelSpec, plan: Plan, profile, num_images: int = 4, memo: dict | None = None,
+             fmt: str = "torch", exact: bool = True, skeleton=None) -> Candidate:
+    """The dry run of ``plan`` run by ``fmt``'s backend (a streamed span: ``streamed.streamed_dry_run``;
+    ``exact``: pte programs by their planned arenas)."""
     fam = spec.family
     trained = plan.validate(fam.num_blocks, spec.granularity, fam.valid_targets())
     lora = {"rank": plan.lora_rank, "alpha": plan.alpha,
             "targets": lora_target_names(fam, trained, plan.lora_targets)}
+    if plan.span == "streamed":
+        from blockskip.export.memory.streamed import streamed_dry_run
+
+        return Candidate(plan, streamed_dry_run(spec, plan, lora, profile, fmt, num_images=num_images, exact=exact,
+                                                precompute_memo=memo, skeleton=skeleton))
     return Candidate(plan, dry_run(spec, plan, lora, profile, num_images=num_images, precompute_memo=memo))
 
 
@@ -101,20 +117,47 @@ def weights_lower_bound(spec: ModelSpec, plan: Plan, skeleton=None) -> int:
     return int(total)
 
 
+STORAGES = ("bfloat16", "int8", "int4")  # a streamed span's frozen weights, most precise first
+# A streamed span holds one block at a time, so its memory barely depends on the split: the split is chosen
+# for time per step and cache size instead. The search starts at the paper's 50% split (matching full
+# LoRA's quality in its FLUX study at half the trained blocks) and skips more only when 50% does not fit;
+# fewer skipped blocks are for the user to ask for (-n/-m, --skip-ratio).
+STREAMED_RATIOS = (0.5, 0.6, 0.7, 0.8)
+
+
 def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, ranks=(16, 4), quants=QUANTS,
-           checkpointing=(False, True), split_table: dict | None = None, log=lambda msg: None) -> SearchResult:
+           checkpointing=(False, True), split_table: dict | None = None, fmt: str = "torch",
+           spans=("resident", "streamed"), storages=STORAGES, streamed_ratios=STREAMED_RATIOS,
+           log=lambda msg: None) -> SearchResult:
+    """The most capable plan ``fmt``'s backend can run inside the profile's budget: a resident span first
+    (torch: any frozen base and checkpointing; pte/onnx: float32, unquantised) at splits that skip no more
+    than the streamed span's first split, else a block-streamed span."""
     L = spec.family.num_blocks
     s_mins = sorted(set(s_mins or [base.s_min]), reverse=True)
-    pairs = []
-    for r in sorted(set(ratios)):
-        n, m = split_for(L, r, split_table)
-        if n + m < L and (n, m) not in [p[0] for p in pairs]:
-            pairs.append(((n, m), r))
+    if fmt != "torch":  # the program formats hold a resident span whole, in float32, unquantised, and
+        # encode photos untiled
+        quants, checkpointing = tuple(q for q in quants if q == "none"), (False,)
+        if fmt == "onnx":  # ONNX Runtime's Python API takes no bfloat16 input: float16 is the same size
+            storages = tuple(dict.fromkeys("float16" if st == "bfloat16" else st for st in storages))
+        base = dataclasses.replace(base, dtype="float32", base_quant="none", checkpointing=False)
+
+    def split_pairs(rs):
+        out = []
+        for r in sorted(set(rs)):
+            n, m = split_for(L, r, split_table)
+            if n + m < L and (n, m) not in [p[0] for p in out]:
+                out.append(((n, m), r))
+        return out
+
     result = SearchResult(None, None, None)
     memo: dict = {}
     pruned: set = set()
     skeleton = spec.family.skeleton()
     fixed = getattr(profile, "fixed_overhead_bytes", 0)
+
+    def note(c: Candidate) -> None:
+        if result.smallest is None or c.peak < result.smallest.peak:
+            result.smallest = c
 
     def trace(**kw) -> Candidate:
         plan = dataclasses.replace(base, trained=None, **kw)
@@ -129,47 +172,85 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
                 log(f"  over  >{c.peak / 2**30:7.2f} GiB  skip n={plan.front_skip} m={plan.back_skip}, "
                     f"s_min={plan.s_min}, base={plan.base_quant}: the weights alone do not fit")
             return c
-        c = evaluate(spec, plan, profile, memo=memo)
-        if (not c.fits and c.worst().phase == "precompute" and not plan.vae_tiling
+        c = evaluate(spec, plan, profile, memo=memo, fmt=fmt)
+        if (not c.fits and c.worst().phase == "precompute" and not plan.vae_tiling and fmt == "torch"
                 and spec.encoder_spec["class"] not in ("TinyAutoencoder", "PatchDCTAutoencoder")):
-            # the photo encoder binds: encode in tiles instead (precompute only; training is unchanged)
+            # the photo encoder binds: encode in tiles instead (torch only; training is unchanged)
             plan = dataclasses.replace(plan, vae_tiling=True)
-            c = evaluate(spec, plan, profile, memo=memo)
+            c = evaluate(spec, plan, profile, memo=memo, fmt=fmt)
         result.traced.append(c)
         log(f"  {'fits ' if c.fits else 'over '} {c.peak / 2**30:7.2f} GiB  {c.describe()}")
         return c
 
-    # Preference order within a (split, s_min): base precision, then rank, then no checkpointing. The
-    # checkpointed variant is traced first: if even it does not fit, its un-checkpointed twin cannot.
-    combos = [(rk, q) for q in quants for rk in sorted(ranks, reverse=True)]
-    cheapest_key = (min(ranks), quants[-1], checkpointing[-1])
-    for (n, m), _ratio in pairs:
-        for s_min in s_mins:
-            cheapest = trace(front_skip=n, back_skip=m, s_min=s_min, lora_rank=min(ranks), base_quant=quants[-1],
-                             checkpointing=checkpointing[-1])
-            if result.smallest is None or cheapest.peak < result.smallest.peak:
-                result.smallest = cheapest
-            if not cheapest.fits:
-                result.next_bigger = cheapest
-                continue
-            for rk, q in combos:
-                fitted = None
-                for ck in reversed(checkpointing):  # most memory-saving first
-                    key = (rk, q, ck)
-                    c = cheapest if key == cheapest_key else trace(front_skip=n, back_skip=m, s_min=s_min,
-                                                                   lora_rank=rk, base_quant=q, checkpointing=ck)
-                    if not c.fits:
-                        result.next_bigger = c
-                        break
-                    fitted = c
-                if fitted is not None:
-                    result.best = fitted
-                    return result
+    def trace_streamed(**kw) -> Candidate:
+        plan = dataclasses.replace(base, trained=None, span="streamed", dtype="float32", base_quant="none",
+                                   checkpointing=False, optimizer="adamw", **kw)
+        c = evaluate(spec, plan, profile, memo=memo, fmt=fmt, exact=False, skeleton=skeleton)
+        if (not c.fits and c.worst().phase == "precompute" and not plan.vae_tiling and fmt == "torch"
+                and spec.encoder_spec["class"] not in ("TinyAutoencoder", "PatchDCTAutoencoder")):
+            plan = dataclasses.replace(plan, vae_tiling=True)
+            c = evaluate(spec, plan, profile, memo=memo, fmt=fmt, exact=False, skeleton=skeleton)
+        result.traced.append(c)
+        log(f"  {'fits ' if c.fits else 'over '} {c.peak / 2**30:7.2f} GiB  {c.describe()}")
+        return c
+
+    if "resident" in spans:
+        # Preference order within a (split, s_min): base precision, then rank, then no checkpointing. The
+        # checkpointed variant is traced first: if even it does not fit, its un-checkpointed twin cannot.
+        combos = [(rk, q) for q in quants for rk in sorted(ranks, reverse=True)]
+        cheapest_key = (min(ranks), quants[-1], checkpointing[-1])
+        res_ratios = ratios
+        if "streamed" in spans and storages and streamed_ratios:
+            # a resident plan that skips more than a streamed one would trains less: stream instead
+            res_ratios = [r for r in ratios if r <= min(streamed_ratios)]
+        for (n, m), _ratio in split_pairs(res_ratios):
+            for s_min in s_mins:
+                cheapest = trace(front_skip=n, back_skip=m, s_min=s_min, lora_rank=min(ranks),
+                                 base_quant=quants[-1], checkpointing=checkpointing[-1])
+                note(cheapest)
+                if not cheapest.fits:
+                    result.next_bigger = cheapest
+                    continue
+                for rk, q in combos:
+                    fitted = None
+                    for ck in reversed(checkpointing):  # most memory-saving first
+                        key = (rk, q, ck)
+                        c = cheapest if key == cheapest_key else trace(
+                            front_skip=n, back_skip=m, s_min=s_min, lora_rank=rk, base_quant=q, checkpointing=ck)
+                        if not c.fits:
+                            result.next_bigger = c
+                            break
+                        fitted = c
+                    if fitted is not None:
+                        result.best = fitted
+                        return result
+    if "streamed" in spans and storages:
+        # within a (split, s_min): storage precision, then rank; the cheapest variant first
+        combos = [(rk, st) for st in storages for rk in sorted(ranks, reverse=True)]
+        result.next_bigger = None  # a resident plan is not a bigger one
+        for (n, m), _ratio in split_pairs(streamed_ratios):
+            for s_min in s_mins:
+                cheapest = trace_streamed(front_skip=n, back_skip=m, s_min=s_min, lora_rank=min(ranks),
+                                          storage=storages[-1])
+                note(cheapest)
+                if not cheapest.fits:
+                    result.next_bigger = cheapest
+                    continue
+                for rk, st in combos:
+                    c = cheapest if (rk, st) == (min(ranks), storages[-1]) else trace_streamed(
+                        front_skip=n, back_skip=m, s_min=s_min, lora_rank=rk, storage=st)
+                    if c.fits and fmt == "pte":  # check (and report) the plan with its programs' planned arenas
+                        c = evaluate(spec, c.plan, profile, memo=memo, fmt=fmt, exact=True, skeleton=skeleton)
+                    if c.fits:
+                        result.best = c
+                        return result
+                    result.next_bigger = c
     return result
 
 
 def fixed_axes(num_blocks: int, *, split: tuple[int, int] | None = None, s_mins=None, rank=None,
-               base_quant=None, checkpointing=None, model: str | None = None) -> dict:
+               base_quant=None, checkpointing=None, model: str | None = None, span: str | None = None,
+               storage: str | None = None) -> dict:
     """search() keyword arguments that pin what the user gave (None: leave that axis to the search).
     An unpinned split comes from the model's committed selection table (``blockskip-select``) for the
     ratios it covers."""
@@ -177,6 +258,7 @@ def fixed_axes(num_blocks: int, *, split: tuple[int, int] | None = None, s_mins=
     if split is not None:
         ratio = (split[0] + split[1]) / num_blocks
         kw["ratios"], kw["split_table"] = [ratio], {str(ratio): split}
+        kw["streamed_ratios"] = [ratio]
     elif model is not None:
         from blockskip.export.select import load_table
         from blockskip.export.select import split_table as table_splits
@@ -193,6 +275,12 @@ def fixed_axes(num_blocks: int, *, split: tuple[int, int] | None = None, s_mins=
         kw["quants"] = (base_quant,)
     if checkpointing is not None:
         kw["checkpointing"] = (checkpointing == "on",)
+    if span is not None:
+        kw["spans"] = (span,)
+    if storage is not None:
+        kw["storages"] = (storage,)
+    if base_quant not in (None, "none") or checkpointing == "on":  # options of the resident torch span
+        kw["spans"] = ("resident",)
     return kw
 
 

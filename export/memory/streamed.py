@@ -1,0 +1,206 @@
+"""The dry run of a block-streamed span, for the backend that will run it.
+
+A streamed step holds: the LoRA with its gradients and AdamW state (float32, in the runtime), the frozen
+weights of one block in storage layout (two with prefetch, every trained block when the plan keeps them
+resident) and the head's, the cache entry (float32), the boundary stash (each trained block's input; one
+state when it spills to disk), the state and gradient being carried, and the program that runs. The
+programs are the very graphs the export lowers (``stream_export``), traced on fake tensors:
+
+* ``pte``: the program's memory-planned ExecuTorch arena (``inference_program`` on fake inputs, inputs
+  not planned, as exported). Lowering takes seconds per program, so the search ranks plans with the
+  traced live-tensor peak (near the arena: FLUX single block at 256 px, int8: forward 268 vs 176 MiB,
+  VJP 510 vs 446 MiB; the tiny test model's VJP 62 vs 65 KiB) and checks the plan it picks with the
+  arenas;
+* ``onnx`` and ``torch``: the live-tensor peak of the graph run op by op on fake tensors, dead values
+  freed as soon as their last reader has run (ONNX Runtime without its arena frees the same way).
+
+Precompute runs the torch precompute trace (encoder, prompt, one block at a time for a chunk of
+samples) with its block weights at their storage size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from blockskip.export import stream_export as se
+from blockskip.export.memory.dryrun import ModelSpec, PhaseReport, _report_from, _round_to, trace_precompute
+from blockskip.export.memory.tracer import CATEGORIES, MemoryTracer
+from blockskip.runtime.backends import torch_stream as ts
+from blockskip.runtime.backends.torch import blocks_to_run
+from blockskip.runtime.plan import Plan
+
+#: plan formats -> the profile backends (``[backends] available``) that run them
+FORMAT_BACKENDS = {"pte": ("executorch-xnnpack",), "onnx": ("onnxruntime-training",),
+                   "torch": ("torch-cpu", "torch-cuda")}
+
+
+def formats_for(profile) -> list[str]:
+    """The formats a profile's backends run, in the profile's order."""
+    out: list[str] = []
+    for b in profile.backends:
+        for fmt, names in FORMAT_BACKENDS.items():
+            if b in names and fmt not in out:
+                out.append(fmt)
+    return out
+
+
+def _nbytes(specs: dict[str, tuple], round_to: int = 1) -> int:
+    total = 0
+    for shape, dtype in specs.values():
+        n = torch.empty((), dtype=dtype).element_size()
+        for d in shape:
+            n *= int(d)
+        total += (n + round_to - 1) // round_to * round_to
+    return total
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("BLOCKSKIP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "blockskip")
+    return Path(root) / "program_peaks.json"
+
+
+class ProgramPeaks:
+    """Peak bytes of a traced program, memoised in-process and on disk (keyed by the graph's code and
+    input shapes): a search asks for the same programs many times, a second search for none."""
+
+    def __init__(self, persist: bool = True):
+        self.mem: dict[str, int] = {}
+        self.path = _cache_file() if persist else None
+        if self.path is not None and self.path.is_file():
+            try:
+                self.mem.update({k: int(v) for k, v in json.loads(self.path.read_text()).items()})
+            except (OSError, ValueError):
+                pass
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.mem))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+    def get(self, traced: se.Traced, how: str, round_to: int) -> int:
+        key = hashlib.sha256(f"{how}|{round_to}|{traced.inputs}|{traced.gm.code}".encode()).hexdigest()
+        if key not in self.mem:
+            self.mem[key] = arena_bytes(traced) if how == "arena" else live_peak(traced, round_to)
+            self._save()
+        return self.mem[key]
+
+
+def live_peak(traced: se.Traced, round_to: int = 1) -> int:
+    """Peak bytes of the values a program computes (inputs not counted, outputs counted), running its
+    graph op by op on fake tensors and freeing each value after its last use."""
+    args = traced.example_args(fake=True)
+    mode = args[0].fake_mode
+    tr = MemoryTracer(round_to)
+    with mode, tr:
+        out = torch.fx.Interpreter(traced.gm, garbage_collect_values=True).run(*args)
+    del out
+    return int(tr.peak)
+
+
+def arena_bytes(traced: se.Traced) -> int:
+    """The ExecuTorch memory-planned arena of the program (portable kernels; inputs not planned)."""
+    from blockskip.export.pte_export import inference_program, planned_arena_bytes
+
+    return planned_arena_bytes(inference_program(traced.gm, traced.example_args(fake=True), plan_inputs=False))
+
+
+def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt: str = "pte", num_images: int = 4,
+                     exact: bool = False, precompute_memo: dict | None = None, peaks: ProgramPeaks | None = None,
+                     skeleton=None) -> list[PhaseReport]:
+    """Predict precompute, a training step and saving of a block-streamed plan run by ``fmt``'s backend.
+    ``exact``: pte programs by their planned arena (slower: each program is lowered), else by the traced
+    live peak."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fam = spec.family
+    trained = plan.validate(fam.num_blocks, spec.granularity, fam.valid_targets())
+    storage = plan.storage_dtype
+    rt = _round_to(profile)
+    peaks = peaks if peaks is not None else ProgramPeaks()
+    skeleton = skeleton if skeleton is not None else fam.skeleton()
+    how = "arena" if (fmt == "pte" and exact) else "live"
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        pre_peak, pre_cat, entry_shapes, entry_bytes = trace_precompute(spec, plan, trained, profile, num_images,
+                                                                        precompute_memo)
+    # the runtime reads entries as float32
+    f32 = {k: (s, torch.float32 if d.is_floating_point else d) for k, (s, d) in entry_shapes.items()}
+    entry32 = _nbytes(f32, rt)
+    state, consts, target = se.entry_io(f32)
+    state_bytes = _nbytes(state, rt)
+
+    stop = blocks_to_run(trained, fam.num_blocks, plan.back_residual)
+    layout = se.stream_layout(fam, trained, lora["targets"], stop)
+    prog: dict[tuple[str, str], int] = {}
+    lora_bytes = 0
+    for sid, shape in layout.shapes.items():
+        with_vjp = any(s == sid for _, s in layout.train)
+        traced = se.trace_shape(fam, skeleton, shape, storage, lora, state, consts, fake=True, vjp=with_vjp)
+        for role, t in traced.items():
+            prog[sid, role] = peaks.get(t, how, rt)
+        if with_vjp:
+            n_blocks = sum(1 for _, s in layout.train if s == sid)
+            lo = {n: (s, d) for n, s, d in traced["forward"].inputs if n.startswith(se.LORA)}
+            lora_bytes += n_blocks * _nbytes(lo, rt)
+    head = se.trace_head(fam, skeleton, storage, state["hidden"], consts, target, fake=True)
+    prog["head", "head"] = peaks.get(head, how, rt)
+
+    block_w = {i: _nbytes(ts.block_specs(fam, skeleton, i, storage), rt) for i in range(fam.num_blocks)}
+    head_w = _nbytes(ts.head_specs(fam, skeleton, storage), rt)
+    train_w = [block_w[i] for i in trained]
+    if plan.weights == "resident":
+        weights = sum(train_w)
+    else:
+        weights = max(train_w) * (2 if plan.prefetch and len(train_w) > 1 else 1)
+    stash = state_bytes * (len(trained) if plan.stash == "memory" else 1)
+    train_progs = [v for (sid, role), v in prog.items()
+                   if sid == "head" or sid in {s for _, s in layout.train}]
+    run_peak = max(train_progs)
+    cats = dict.fromkeys(CATEGORIES, 0)
+    cats.update(lora=lora_bytes, gradients=lora_bytes, optimizer=2 * lora_bytes, frozen_weights=weights + head_w,
+                cache=entry32 + stash, activations=2 * state_bytes + run_peak)
+    reports = []
+
+    # precompute: the torch trace (its eager blocks' activations stand for the forward programs'), block
+    # weights at their storage size, two of them with prefetch
+    pre_w = max(block_w[i] for i, _ in layout.precompute) if layout.precompute else 0
+    pre_cats = {c: int(pre_cat.get(c, 0)) for c in CATEGORIES}
+    more = max(0, pre_w * (2 if plan.prefetch else 1) - pre_cats["frozen_weights"])
+    pre_cats["frozen_weights"] += more
+    pre_total = pre_peak + more
+    reports.append(_report_from("precompute", pre_total, pre_cats, profile,
+                                {"chunk": plan.precompute_chunk or plan.num_samples, "cache_entry_bytes": entry_bytes,
+                                 "cache_storage_bytes": entry_bytes * plan.num_samples}))
+    total = sum(cats.values())
+    reports.append(_report_from("train", total, cats, profile, {
+        "span": "streamed", "format": fmt, "storage": storage, "trained_blocks": len(trained),
+        "programs": {f"{sid}.{role}": v for (sid, role), v in sorted(prog.items())}, "program_peak_kind": how,
+        "weights_bytes": weights, "head_weights_bytes": head_w, "stash_bytes": stash, "state_bytes": state_bytes,
+        "lora_bytes": lora_bytes}))
+    # saving: the checkpoint's copies (LoRA, AdamW moments) and the LoRA file, no program running
+    save = {**cats, "activations": 0, "lora": 2 * lora_bytes, "optimizer": 4 * lora_bytes}
+    reports.append(_report_from("save", sum(save.values()), save, profile))
+    return reports
+
+
+def bundle_bytes(spec: ModelSpec, plan: Plan, skeleton=None) -> int:
+    """Bytes of the block and head weights the bundle stores (what a phone downloads and keeps; the
+    programs, encoder and prompt are small next to them): the blocks precompute runs and the trained ones."""
+    fam = spec.family
+    skeleton = skeleton if skeleton is not None else fam.skeleton()
+    storage = plan.storage_dtype
+    trained = plan.trained_indices(fam.num_blocks)
+    needed = set(range(blocks_to_run(trained, fam.num_blocks, plan.back_residual))) | set(trained)
+    return (sum(_nbytes(ts.block_specs(fam, skeleton, i, storage)) for i in sorted(needed))
+            + _nbytes(ts.head_specs(fam, skeleton, storage)))

@@ -1,0 +1,138 @@
+"""The dry run of a block-streamed span and the format-aware plan search: the programs' planned arenas
+equal the exported ones, the search proposes only plans the format's backend runs, and FLUX.1-dev fits
+the phone profile on ExecuTorch."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from blockskip.export.memory.search import evaluate, search
+from blockskip.export.memory.specs import load_spec
+from blockskip.export.memory.streamed import bundle_bytes, formats_for
+from blockskip.runtime.plan import Plan
+from blockskip.runtime.profiles import load_profile, parse_profile
+
+GIB = 2**30
+
+
+def _profile(budget_gib: float, backends=("executorch-xnnpack", "onnxruntime-training")):
+    return parse_profile(
+        f"name = 'tight'\ndescription = 'x'\n[memory]\nram_gib = 24.0\nbudget_gib = {budget_gib!r}\n"
+        "runtime_overhead_mib = 0.0\ncuda_context_mib = 0.0\nallocator_slack = 0.0\nsafety_margin_mib = 0.0\n"
+        "alloc_round_bytes = 64\nbandwidth_gbs = 50.0\n[storage]\ncache_budget_gib = 1.0\nread_mbs = 100.0\n"
+        "[compute]\ndefault_dtype = 'float32'\n[compute.dtypes]\ncpu = ['float32']\n"
+        f"[backends]\navailable = {list(backends)!r}\n", "tight.toml")
+
+
+def test_formats_follow_the_profile_backends():
+    assert formats_for(load_profile("snapdragon8")) == ["pte", "onnx"]
+    assert formats_for(load_profile("jetson-orin-nx-16gb")) == ["torch"]
+    assert formats_for(load_profile("desktop-cpu"))[0] == "torch"
+
+
+def test_streamed_memory_follows_storage_split_and_stash():
+    spec, _ = load_spec("tiny-random")
+    base = Plan(front_skip=1, back_skip=1, s_min=64, s_max=128, num_samples=2, span="streamed", storage="float32")
+    r32 = evaluate(spec, base, None, fmt="onnx").reports[1]
+    r8 = evaluate(spec, dataclasses.replace(base, storage="int8"), None, fmt="onnx").reports[1]
+    # int8 rows: a quarter of float32 bytes plus a float scale per row
+    assert r8.extra["weights_bytes"] < 0.4 * r32.extra["weights_bytes"]
+    # prefetch holds two blocks' weights; resident weights every trained block's
+    one = evaluate(spec, dataclasses.replace(base, prefetch=False), None, fmt="onnx").reports[1]
+    assert r32.extra["weights_bytes"] == 2 * one.extra["weights_bytes"]
+    res = evaluate(spec, dataclasses.replace(base, weights="resident"), None, fmt="onnx").reports[1]
+    assert res.extra["weights_bytes"] > r32.extra["weights_bytes"]
+    # a disk stash keeps one state instead of one per trained block
+    disk = evaluate(spec, dataclasses.replace(base, stash="disk"), None, fmt="onnx").reports[1]
+    assert disk.extra["stash_bytes"] == disk.extra["state_bytes"] < r32.extra["stash_bytes"]
+    # the LoRA, its gradients and AdamW's two moments
+    assert r32.tensors["optimizer"] == 2 * r32.tensors["lora"] == 2 * r32.tensors["gradients"] > 0
+    # the bundle keeps the blocks precompute runs and the trained ones in the storage dtype
+    assert bundle_bytes(spec, dataclasses.replace(base, storage="int8")) < 0.4 * bundle_bytes(spec, base)
+
+
+def test_search_proposes_only_what_the_format_runs():
+    """Between the streamed and the resident span's needs, the program formats stream (float32 resident,
+    no quantised base, no checkpointing: only the torch backend has those)."""
+    spec, _ = load_spec("tiny-random")
+    split = dict(front_skip=1, back_skip=1, s_min=64, s_max=128, num_samples=2, lora_rank=4)
+    resident = evaluate(spec, Plan(**split), _profile(1.0)).peak
+    streamed = evaluate(spec, Plan(**split, span="streamed", storage="int4"), _profile(1.0), fmt="pte").peak
+    assert streamed < resident
+    tight = _profile((streamed + resident) / 2 / GIB)
+    kw = dict(ratios=[2 / 9], streamed_ratios=[2 / 9], split_table={str(2 / 9): (1, 1)}, s_mins=[64], ranks=(4,))
+    for fmt in ("pte", "onnx"):
+        r = search(spec, Plan(**split), tight, fmt=fmt, **kw)
+        assert r.best is not None and r.best.plan.span == "streamed", fmt
+        assert all(c.plan.base_quant == "none" and not c.plan.checkpointing for c in r.traced)
+        assert all(c.plan.dtype == "float32" for c in r.traced)
+    # where a resident plan fits, it is chosen (and streaming is not traced at all)
+    r = search(spec, Plan(**split), _profile(resident / GIB * 1.5), fmt="pte", **kw)
+    assert r.best.plan.span == "resident" and all(c.plan.span == "resident" for c in r.traced)
+
+
+@pytest.fixture(scope="module")
+def pte_bundle(tmp_path_factory):
+    pytest.importorskip("executorch.exir")
+    from tiny_models import build
+
+    from blockskip.export.bundle_writer import export_bundle
+    from blockskip.export.families import wrap_model
+
+    root = tmp_path_factory.mktemp("dry-pte")
+    lm = wrap_model(build("flux"), "flux")
+    plan = Plan(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=2, lora_rank=4, span="streamed",
+                storage="int8")
+    export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo", root / "b", formats=["pte"])
+    return lm, plan, root / "b"
+
+
+def test_pte_arenas_equal_the_exported_programs(pte_bundle):
+    """The dry run lowers the same graphs on fake tensors: its arenas are the bundle's, byte for byte; the
+    traced live peak the search ranks with is near each."""
+    from blockskip.export.memory.dryrun import ModelSpec
+    from blockskip.runtime.bundle import Bundle
+
+    lm, plan, path = pte_bundle
+    prompt = lm.encode_prompt("shape probe")
+    spec = ModelSpec(lm.family, lm.encoder_spec, {k: tuple(v.shape) for k, v in prompt.items()}, lm.vae_factor)
+    exact = evaluate(spec, plan, None, fmt="pte", exact=True).reports[1].extra["programs"]
+    live = evaluate(spec, plan, None, fmt="pte", exact=False).reports[1].extra["programs"]
+    shapes = Bundle(path).manifest["stream"]["shapes"]
+    exported = {f"{sid}.{role}": p["pte"]["arena_bytes"] for sid, s in shapes.items()
+                for role, p in s["programs"].items()}
+    assert exact == exported
+    for k, v in exact.items():
+        assert 0.5 < live[k] / v < 2.0, (k, live[k], v)
+
+
+def test_flux_dev_fits_the_phone_on_executorch():
+    """The paper's 50% split at 256 px, block-streamed, whole process (runtime and margins included)
+    inside 3 GiB of the snapdragon8 profile's 5.5."""
+    r = subprocess.run([sys.executable, "-m", "blockskip.export.plan_cli", "--model", "flux-dev", "--profile",
+                        "snapdragon8", "--format", "pte", "-n", "19", "-m", "10", "--rank", "16", "--json"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["format"] == "pte" and out["fits"]
+    p = out["plan"]
+    assert (p["front_skip"], p["back_skip"], p["s_min"], p["span"]) == (19, 10, 256, "streamed")
+    assert p["base_quant"] == "none" and not p["checkpointing"]
+    peak = max(ph["peak"] for ph in out["phases"])
+    assert peak <= 3.0 * GIB
+    train = next(ph for ph in out["phases"] if ph["phase"] == "train")
+    assert train["extra"]["program_peak_kind"] == "arena"
+
+
+def test_plan_cli_refuses_a_format_the_profile_does_not_run():
+    r = subprocess.run([sys.executable, "-m", "blockskip.export.plan_cli", "--model", "tiny-random", "--profile",
+                        "snapdragon8", "--format", "torch"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "executorch-xnnpack" in r.stderr and "--format pte or onnx" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "blockskip.export.plan_cli", "--model", "tiny-random", "--profile",
+                        "snapdragon8", "--format", "pte", "--base-quant", "nf4"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "torch backend" in r.stderr
