@@ -9,8 +9,8 @@ from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.checkpoint import CHECKPOINT
 from blockskip.runtime.errors import BlockSkipError
 from blockskip.runtime.files import sha256_file
-from blockskip.runtime.memory import check_budget
 from blockskip.runtime.images import list_images, load_images
+from blockskip.runtime.memory import check_budget
 from blockskip.runtime.progress import Progress
 
 

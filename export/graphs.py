@@ -67,6 +67,32 @@ class SpanLossGraph(nn.Module):
         return span_loss(span_forward(self.family, self, self.trained, self.gaps, entry), entry) * scale
 
 
+def encoder_inputs(lm, plan) -> list[tuple[str, tuple[int, ...]]]:
+    """(file stem, input shape) of the photo encoder programs: one at s_max, or with ``vae_tiling`` one per
+    tile shape (``runtime.tiles``; DC-AE encoders only: the KL encoder's tiles are not yet programs)."""
+    from blockskip.runtime.backends.torch_families.latent import FIXED_ENCODERS
+    from blockskip.runtime.errors import PlanError
+    from blockskip.runtime.tiles import tile_shapes
+
+    cls = lm.encoder_spec["class"]
+    if not plan.vae_tiling or cls in FIXED_ENCODERS:
+        return [("encoder", (1, 3, plan.s_max, plan.s_max))]
+    if cls != "AutoencoderDC":
+        raise PlanError(f"--vae-tiling with a program format (pte, onnx) encodes DC-AE photos only; this model's "
+                        f"{cls} encodes untiled there (leave out --vae-tiling, or use --format torch)")
+    return [(f"encoder_{h}x{w}", (1, 3, h, w)) for h, w in tile_shapes(plan.s_max, lm.vae_factor)]
+
+
+def encoder_section(lm, plan, programs: dict) -> dict:
+    """The manifest's encoder record of a format: its programs by input shape, and the tiling."""
+    rec = {"input": [1, 3, plan.s_max, plan.s_max], "programs": programs}
+    if len(programs) > 1 or next(iter(programs)) != f"{plan.s_max}x{plan.s_max}":
+        from blockskip.runtime.tiles import STRIDE, TILE
+
+        rec["tiles"] = {"tile": TILE, "stride": STRIDE, "ratio": lm.vae_factor}
+    return rec
+
+
 class EncoderGraph(nn.Module):
     def __init__(self, encoder: nn.Module, spec: dict):
         super().__init__()

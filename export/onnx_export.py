@@ -62,6 +62,17 @@ def to_onnx(module: nn.Module, args: tuple, input_names: list[str], output_names
     return proto
 
 
+def _rewrite_rules() -> list:
+    """onnxscript's default rewrite rules without its no-op rules (x+0, x-0, x*1, x/1): they match a
+    constant within an absolute 1e-8, so they drop a 1e-15 epsilon (DC-AE's linear attention divides by
+    ``sum + 1e-15``; without it an all-zero row is 0/0 = NaN once ONNX Runtime optimises the graph)."""
+    from onnxscript import rewriter
+    from onnxscript.rewriter.rules.common import _no_op
+
+    drop = {id(r) for r in _no_op.rules.rules}
+    return [r for r in rewriter._DEFAULT_REWRITE_RULES if id(r) not in drop]
+
+
 def _optimize(model, should_fold) -> None:
     """onnxscript's default optimisation (constant folding, rewrites, dead-node removal) without
     deduplicating initializers: identical weights (every zero-initialised LoRA B) must stay distinct
@@ -75,7 +86,7 @@ def _optimize(model, should_fold) -> None:
         [_constant_folding.FoldConstantsPass(shape_inference=True, should_fold=should_fold,
                                              input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
                                              output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT),
-         rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
+         rewriter.RewritePass(_rewrite_rules()),
          common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()],
         steps=2, early_stop=True)
     ir.passes.Sequential(
@@ -162,8 +173,6 @@ def check_plan(plan) -> None:
                         "--span streamed --storage int8 (or int4)")
     if plan.optimizer != "adamw":
         raise PlanError(f"--format onnx trains with AdamW; --optimizer {plan.optimizer} is torch-only")
-    if plan.vae_tiling:
-        raise PlanError("--format onnx exports the photo encoder untiled; leave out --vae-tiling")
     if plan.span == "streamed" and plan.storage_dtype == "bfloat16":
         # onnxruntime 1.19's Python API builds no bfloat16 tensor from host memory (numpy has no bfloat16)
         raise PlanError("--format onnx cannot feed bfloat16 weights to ONNX Runtime's Python API; use --storage "
@@ -188,13 +197,17 @@ class OnnxFormat:
         return {"file": f"{rel}.onnx"}
 
     def encoder(self, root: Path, lm, plan, files: list[str]) -> dict:
+        from blockskip.export.graphs import encoder_inputs, encoder_section
+
         g = EncoderGraph(lm.encoder.float(), lm.encoder_spec)
-        x = torch.zeros(1, 3, plan.s_max, plan.s_max)
-        proto = to_onnx(g, (x,), ["images"], ["latents"])
-        rel = "onnx/encoder.onnx"
-        _save_proto(root / rel, proto)
-        files.append(rel)
-        return {"file": rel, "input": [1, 3, plan.s_max, plan.s_max]}
+        programs = {}
+        for stem, shape in encoder_inputs(lm, plan):
+            proto = to_onnx(g, (torch.zeros(*shape),), ["images"], ["latents"])
+            rel = f"onnx/{stem}.onnx"
+            _save_proto(root / rel, proto)
+            files.append(rel)
+            programs[f"{shape[2]}x{shape[3]}"] = {"file": rel}
+        return encoder_section(lm, plan, programs)
 
     def resident_span(self, root: Path, lm, plan, trained: list[int], lora: dict, entry: dict, files: list[str],
                       log) -> dict:

@@ -185,8 +185,6 @@ def check_plan(plan, delegate: str = "none") -> None:
                         "--span streamed --storage int8 (or int4)")
     if plan.optimizer != "adamw":
         raise PlanError(f"--format pte trains with AdamW; --optimizer {plan.optimizer} is torch-only")
-    if plan.vae_tiling:
-        raise PlanError("--format pte exports the photo encoder untiled; leave out --vae-tiling")
 
 
 class PteFormat:
@@ -204,13 +202,14 @@ class PteFormat:
         return write_program(et, root, f"{rel}.pte", files)
 
     def encoder(self, root: Path, lm, plan, files: list[str]) -> dict:
-        from blockskip.export.graphs import EncoderGraph
+        from blockskip.export.graphs import EncoderGraph, encoder_inputs, encoder_section
 
         enc = EncoderGraph(lm.encoder.float(), lm.encoder_spec)
-        et = inference_program(enc, (torch.zeros(1, 3, plan.s_max, plan.s_max),), self.delegate)
-        rec = write_program(et, root, "pte/encoder.pte", files)
-        rec["input"] = [1, 3, plan.s_max, plan.s_max]
-        return rec
+        programs = {}
+        for stem, shape in encoder_inputs(lm, plan):
+            et = inference_program(enc, (torch.zeros(*shape),), self.delegate)
+            programs[f"{shape[2]}x{shape[3]}"] = write_program(et, root, f"pte/{stem}.pte", files)
+        return encoder_section(lm, plan, programs)
 
     def resident_span(self, root: Path, lm, plan, trained: list[int], lora: dict, entry: dict, files: list[str],
                       log) -> dict:

@@ -134,8 +134,7 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
     than the streamed span's first split, else a block-streamed span."""
     L = spec.family.num_blocks
     s_mins = sorted(set(s_mins or [base.s_min]), reverse=True)
-    if fmt != "torch":  # the program formats hold a resident span whole, in float32, unquantised, and
-        # encode photos untiled
+    if fmt != "torch":  # the program formats hold a resident span whole, in float32, unquantised
         quants, checkpointing = tuple(q for q in quants if q == "none"), (False,)
         if fmt == "onnx":  # ONNX Runtime's Python API takes no bfloat16 input: float16 is the same size
             storages = tuple(dict.fromkeys("float16" if st == "bfloat16" else st for st in storages))
@@ -152,6 +151,9 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
     result = SearchResult(None, None, None)
     memo: dict = {}
     pruned: set = set()
+    # tiled photo encoding: torch tiles any real VAE; the program formats export DC-AE tile programs
+    enc = spec.encoder_spec["class"]
+    can_tile = enc == "AutoencoderDC" or (fmt == "torch" and enc not in ("TinyAutoencoder", "PatchDCTAutoencoder"))
     skeleton = spec.family.skeleton()
     fixed = getattr(profile, "fixed_overhead_bytes", 0)
 
@@ -173,9 +175,8 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
                     f"s_min={plan.s_min}, base={plan.base_quant}: the weights alone do not fit")
             return c
         c = evaluate(spec, plan, profile, memo=memo, fmt=fmt)
-        if (not c.fits and c.worst().phase == "precompute" and not plan.vae_tiling and fmt == "torch"
-                and spec.encoder_spec["class"] not in ("TinyAutoencoder", "PatchDCTAutoencoder")):
-            # the photo encoder binds: encode in tiles instead (torch only; training is unchanged)
+        if (not c.fits and c.worst().phase == "precompute" and not plan.vae_tiling and can_tile):
+            # the photo encoder binds: encode in tiles instead (precompute only; training is unchanged)
             plan = dataclasses.replace(plan, vae_tiling=True)
             c = evaluate(spec, plan, profile, memo=memo, fmt=fmt)
         result.traced.append(c)
@@ -186,8 +187,7 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
         plan = dataclasses.replace(base, trained=None, span="streamed", dtype="float32", base_quant="none",
                                    checkpointing=False, optimizer="adamw", **kw)
         c = evaluate(spec, plan, profile, memo=memo, fmt=fmt, exact=False, skeleton=skeleton)
-        if (not c.fits and c.worst().phase == "precompute" and not plan.vae_tiling and fmt == "torch"
-                and spec.encoder_spec["class"] not in ("TinyAutoencoder", "PatchDCTAutoencoder")):
+        if (not c.fits and c.worst().phase == "precompute" and not plan.vae_tiling and can_tile):
             plan = dataclasses.replace(plan, vae_tiling=True)
             c = evaluate(spec, plan, profile, memo=memo, fmt=fmt, exact=False, skeleton=skeleton)
         result.traced.append(c)

@@ -102,20 +102,18 @@ def _section(bundle: Bundle) -> dict:
 
 
 def encode_latents(bundle: Bundle, images: np.ndarray):
-    """Photos [N,3,S,S] in [-1,1] -> latents, with the encoder program (loaded only here)."""
+    """Photos [N,3,S,S] in [-1,1] -> latents, with the encoder program(s) (in tiles when exported so;
+    loaded only here)."""
     import torch
 
-    sec = _section(bundle)["encoder"]
-    prog = _load_program(bundle.path(sec["file"]))
-    want = list(sec["input"][1:])
-    out = []
-    for im in images:
-        if list(im.shape) != want:
-            raise BlockSkipError(f"photo tensor {list(im.shape)} does not match the exported encoder input {want}")
+    from blockskip.runtime.tiles import encode_photos
+
+    def run(prog, x):
         with _native_log():
-            out.append(prog.forward([torch.from_numpy(np.ascontiguousarray(im[None], dtype=np.float32))])[0])
-    del prog
-    return torch.cat(out)
+            return prog.forward([torch.from_numpy(x)])[0].numpy()
+
+    lat = encode_photos(_section(bundle)["encoder"], images, lambda rel: _load_program(bundle.path(rel)), run)
+    return torch.from_numpy(lat)
 
 
 class EtPrograms(ProgramBackend):

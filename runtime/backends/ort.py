@@ -94,26 +94,21 @@ class OrtPrograms(ProgramBackend):
 
 
 def encode_latents(bundle: Bundle, images: np.ndarray):
-    """Photos [N,3,S,S] in [-1,1] -> latents, with the ONNX encoder (resident only here)."""
+    """Photos [N,3,S,S] in [-1,1] -> latents, with the ONNX encoder (in tiles when exported so; loaded only
+    here)."""
     import torch
 
-    sec = _section(bundle)["encoder"]
-    sess = _session(bundle.path(sec["file"]))
-    want = list(sec["input"][1:])
-    out = []
-    for im in images:
-        if list(im.shape) != want:
-            raise BlockSkipError(f"photo tensor {list(im.shape)} does not match the exported encoder input {want}")
-        out.append(sess.run(None, {"images": im[None].astype(np.float32)})[0])
-    del sess
-    return torch.from_numpy(np.concatenate(out))
+    from blockskip.runtime.tiles import encode_photos
+
+    lat = encode_photos(_section(bundle)["encoder"], images, lambda rel: _session(bundle.path(rel)),
+                        lambda sess, x: sess.run(None, {"images": x})[0])
+    return torch.from_numpy(lat)
 
 
 def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None):
     import torch
 
     from blockskip.runtime.backends.torch import precompute_with
-
     from blockskip.runtime.backends.torch_io import StreamBlockStore
 
     _section(bundle)

@@ -135,7 +135,7 @@ def build_encoder_skeleton(spec: dict) -> nn.Module:
         return getattr(diffusers, cls).from_config(spec["config"]).eval()
 
 
-TILE = 256  # px: tiled encoding keeps the encoder's activations to about one tile
+from blockskip.runtime.tiles import STRIDE, TILE  # noqa: E402  (px: one tile's activations, not the photo's)
 
 
 def enable_tiling(encoder: nn.Module, spec: dict) -> None:
@@ -147,7 +147,7 @@ def enable_tiling(encoder: nn.Module, spec: dict) -> None:
         encoder.tile_latent_min_size = TILE // 2 ** (len(encoder.config.block_out_channels) - 1)
     elif cls == "AutoencoderDC":
         encoder.enable_tiling(tile_sample_min_height=TILE, tile_sample_min_width=TILE,
-                              tile_sample_stride_height=TILE * 7 // 8, tile_sample_stride_width=TILE * 7 // 8)
+                              tile_sample_stride_height=STRIDE, tile_sample_stride_width=STRIDE)
 
 
 def encode_images(encoder: nn.Module, spec: dict, images: torch.Tensor) -> torch.Tensor:
