@@ -142,7 +142,7 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
         text = {k: _cast(v, dtype) for k, v in lm.encode_prompt(prompt).items()}
         init = initial_lora(lm, trained, lora, plan.seed)
         lora_init = _save(tmp, "model/lora_init.safetensors", init, files)
-        entry = example_entry(lm, plan, trained, text) if fmts or plan.span == "resident" else None
+        entry = example_entry(lm, plan, trained, text)
         stream = stream_section(tmp, lm, plan, layout, lora, entry, fmts, files, log)
         stream.update(lora_init=lora_init, block_paths=paths)
         sections = {pl.name: pl.section() for pl in fmts}
@@ -203,8 +203,9 @@ def _head_view(fam, model) -> torch.nn.Module:
 
 def stream_section(root: Path, lm, plan: Plan, layout, lora: dict, entry: dict | None, fmts, files: list[str],
                    log) -> dict:
-    """The manifest's ``stream`` section; with program formats, each shape's programs traced once and
-    lowered by every plug-in (``stream/<shape>.<role>.<ext>``)."""
+    """The manifest's ``stream`` section; each shape's programs traced once (their calling convention is
+    what every block backend feeds, the torch one too) and lowered by every program plug-in
+    (``stream/<shape>.<role>.<ext>``). Without program formats the tracing is on fake tensors."""
     fam = lm.family
     skeleton = fam.skeleton()
     storage = plan.storage_dtype
@@ -213,17 +214,17 @@ def stream_section(root: Path, lm, plan: Plan, layout, lora: dict, entry: dict |
     entry_shapes = {k: (tuple(v.shape), torch.float32) for k, v in (entry or {}).items()}
     for sid, shape in layout.shapes.items():
         rec = {"kind": shape.kind, "targets": shape.targets, "example_block": shape.example_block, "programs": {}}
-        if fmts:
+        if fmts or streamed:
             state, consts, _ = entry_io(entry_shapes)
             log(f"stream: tracing {sid} ({len(shape.blocks)} blocks)")
-            for role, traced in trace_shape(fam, skeleton, shape, storage, lora, state, consts,
+            for role, traced in trace_shape(fam, skeleton, shape, storage, lora, state, consts, fake=not fmts,
                                             vjp=streamed).items():
                 rec["programs"][role] = _lower_all(traced, root, f"stream/{sid}.{role}", fmts, files, log)
         shapes[sid] = rec
     head = {"kind": "head", "targets": [], "programs": {}}
-    if fmts and streamed:
+    if streamed:
         state, consts, target = entry_io(entry_shapes)
-        traced = trace_head(fam, skeleton, storage, state["hidden"], consts, target)
+        traced = trace_head(fam, skeleton, storage, state["hidden"], consts, target, fake=not fmts)
         head["programs"]["head"] = _lower_all(traced, root, "stream/head.head", fmts, files, log)
     shapes["head"] = head
     return {"storage": storage, "shapes": shapes, "train": [[i, s] for i, s in layout.train],
