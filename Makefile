@@ -35,6 +35,14 @@ demo: venv
 	$(BIN)/device-train train $(DEMO)/bundle --cache $(DEMO)/run/cache -o $(DEMO)/run
 	$(BIN)/blockskip-eval --model tiny --lora $(DEMO)/run/lora.safetensors --views $(DEMO)/heldout \
 		--prompt "$(DEMO_PROMPT)" --grid $(DEMO)/grid.png --json $(DEMO)/eval.json
+	# the same personalisation on the phone path: ExecuTorch programs, block-streamed span, int8 weights
+	$(BIN)/blockskip-export --model tiny --profile desktop-cpu --prompt "$(DEMO_PROMPT)" $(DEMO_PLAN) \
+		--format pte --span streamed --storage int8 -o $(DEMO)/bundle-pte --force
+	$(BIN)/device-train precompute $(DEMO)/bundle-pte --images $(DEMO)/photos --cache $(DEMO)/run-pte/cache \
+		--backend executorch
+	$(BIN)/device-train train $(DEMO)/bundle-pte --cache $(DEMO)/run-pte/cache -o $(DEMO)/run-pte --backend executorch
+	$(BIN)/blockskip-eval --model tiny --lora $(DEMO)/run-pte/lora.safetensors --views $(DEMO)/heldout \
+		--prompt "$(DEMO_PROMPT)" --grid $(DEMO)/grid-pte.png --json $(DEMO)/eval-pte.json
 	$(BIN)/python -m bench.demo_report $(DEMO)
 
 # the native runner (C++, links the ExecuTorch runtime shipped in the executorch wheel); CMake >= 3.28

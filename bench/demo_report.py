@@ -3,6 +3,8 @@ scores before and after the LoRA, and where the files are.
 
     python -m bench.demo_report out/demo          # after the steps of `make demo`; writes out/demo/report.md
 
+With ``run-pte/`` present (the demo's second line), a section for the same plan on the phone path.
+
 Reads ``bundle/`` (manifest: plan, profile), ``run/cache/index.json`` (precompute's peak RSS),
 ``run/train_log.json`` (training's peak RSS, step times, losses) and ``eval.json`` (blockskip-eval).
 The dry run is recomputed here for the bundle's plan (no weights, nothing allocated). Its process figure
@@ -31,7 +33,7 @@ def baseline_rss_mib() -> float:
     return float(r.stdout.strip().splitlines()[-1])
 
 
-def dry_run(bundle_dir: Path, num_images: int):
+def dry_run(bundle_dir: Path, num_images: int, fmt: str = "torch"):
     from blockskip.export.memory.search import evaluate
     from blockskip.export.memory.specs import load_spec
     from blockskip.runtime.bundle import Bundle
@@ -40,7 +42,7 @@ def dry_run(bundle_dir: Path, num_images: int):
     b = Bundle(bundle_dir)
     spec, _ = load_spec(b.manifest["source_model"])
     profile = profile_of_bundle(b.manifest)
-    return b.plan, profile, evaluate(spec, b.plan, profile, num_images=num_images).reports
+    return b.plan, profile, evaluate(spec, b.plan, profile, num_images=num_images, fmt=fmt).reports
 
 
 def build(out: Path) -> str:
@@ -94,7 +96,34 @@ def build(out: Path) -> str:
         lines.append(f"| {k} | {scores['before'][k]:.4f} | {scores['after'][k]:.4f} |")
     lines += ["", "Files: `run/lora.safetensors` (diffusers-named LoRA), `grid.png` (held-out views, samples "
               "before, samples after), `eval.json`, `run/train_log.json`.", ""]
+    if (out / "run-pte" / "train_log.json").is_file():
+        lines += pte_section(out, reports)
     return "\n".join(lines)
+
+
+def pte_section(out: Path, torch_reports) -> list[str]:
+    """The same personalisation on the phone path: ExecuTorch programs, block-streamed span, int8 weights."""
+    log = json.loads((out / "run-pte" / "train_log.json").read_text())
+    scores = json.loads((out / "eval-pte.json").read_text())
+    plan, profile, reports = dry_run(out / "bundle-pte", len(list((out / "photos").glob("*.png"))), fmt="pte")
+    train = next(r for r in reports if r.phase == "train")
+    lines = [
+        "## The phone path: ExecuTorch, block-streamed span, int8 weights", "",
+        f"The same plan exported with `--format pte --span streamed --storage int8`: {describe(plan)}. "
+        f"Precompute and training ran on the `executorch` backend ({log.get('block_backend', 'executorch')} "
+        f"block programs, {log.get('weight_file_reads', '?')} block-file reads); the dry run for pte predicts "
+        f"{train.tensor_peak / MIB:.1f} MiB of training tensors (torch resident span: "
+        f"{next(r for r in torch_reports if r.phase == 'train').tensor_peak / MIB:.1f} MiB); peak RSS "
+        f"{log['peak_rss_mib']:.0f} MiB (the Python process with torch and the ExecuTorch runtime; the native "
+        f"runner runs the same bundle without them).", "",
+        f"{len(log['losses'])} steps, median {median(log['step_seconds']) * 1000:.0f} ms/step, loss "
+        f"{mean(log['losses'][:10]):.4f} (first 10) -> {mean(log['losses'][-10:]):.4f} (last 10).", "",
+        "| metric | before | after (pte, streamed, int8) |", "|---|---|---|",
+    ]
+    for k in scores["after"]:
+        lines.append(f"| {k} | {scores['before'][k]:.4f} | {scores['after'][k]:.4f} |")
+    lines += ["", "Files: `run-pte/lora.safetensors`, `grid-pte.png`, `eval-pte.json`.", ""]
+    return lines
 
 
 def describe(plan) -> str:

@@ -1,7 +1,7 @@
 """The README's dry-run table: peak memory of a training step for full-size models (no weights needed).
 
     python -m bench.plan_table            # prints a markdown table (about a minute)
-    python -m bench.plan_table --streamed # the block-streamed table on the phone profiles (~15 min)
+    python -m bench.plan_table --streamed [MODEL ...]  # block-streamed plans on the phone profiles (~30 min)
 
 Rows: plain LoRA at full resolution (all blocks loaded, with and without activation checkpointing)
 and BlockSkip plans (the paper's FLUX splits 30% / 50% at s_max/2, with and without a 4-bit frozen
@@ -69,7 +69,8 @@ def streamed_rows(model: str):
         plans.append((f"BlockSkip {int(r * 100)}% (n={n}, m={m})", dict(front_skip=n, back_skip=m, s_min=s_max // 2)))
     for label, kw in plans:
         for storage in ("bfloat16", "int8", "int4"):
-            plan = Plan(s_max=s_max, num_samples=1, lora_rank=16, span="streamed", storage=storage, **kw)
+            plan = Plan(s_max=s_max, num_samples=1, lora_rank=16, span="streamed", storage=storage,
+                        vae_tiling=spec.encoder_spec["class"] == "AutoencoderDC", **kw)
             size = bundle_bytes(spec, plan, skel)
             for fmt in ("pte", "onnx"):
                 st = "float16" if (fmt == "onnx" and storage == "bfloat16") else storage
@@ -86,7 +87,8 @@ def main_streamed() -> int:
     print("| model | profile | plan | train px | storage | format | precompute (GiB) | train (GiB) | fits "
           "| bundle weights (GiB) | cache entry (MiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for model in STREAMED:
+    models = [m for m in STREAMED if not sys.argv[2:] or m in sys.argv[2:]]
+    for model in models:
         for row in streamed_rows(model):
             model_, prof, label, res, st, fmt, pre, train, fits, size, entry = row
             print(f"| {model_} | {prof} | {label} | {res} | {st} | {fmt} | {pre / g:.2f} | **{train / g:.2f}** | "
