@@ -208,11 +208,12 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", required=True, help="training prompt, e.g. 'a photo of sks cat'")
     p.add_argument("-o", "--output", required=True, help="bundle folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
-    p.add_argument("--format", default="torch",
+    p.add_argument("--format", default=None,
                    help="what to write, comma-separated: torch (safetensors blocks for --backend torch), "
                         "onnx (ONNX Runtime training artifacts and per-block ONNX models for --backend ort); "
                         "pte (ExecuTorch training program and per-block programs for --backend executorch and "
-                        "the native runner); default torch")
+                        "the native runner); default: the first the profile's backends run (desktop-cpu and "
+                        "Jetson: torch; phones: pte)")
     p.add_argument("--delegate", choices=["none", "xnnpack"], default="none",
                    help="lower the pte programs to XNNPACK (faster on ARM/x86 CPUs)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -220,20 +221,25 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     def go():
+        from blockskip.export.bundle_writer import DTYPES, check_formats, check_output, export_bundle
+        from blockskip.export.families import load_model
+        from blockskip.export.memory.streamed import formats_for
         from blockskip.export.tiny import BUILTIN_MODELS
         from blockskip.runtime.profiles import load_profile
 
         profile = load_profile(a.profile)
-        plan = plan_from_args(a, "float32" if a.model in BUILTIN_MODELS else profile.dtype)
+        if a.format is None:
+            a.format = (formats_for(profile) or ["torch"])[0]
+        formats = check_formats([f.strip() for f in a.format.split(",") if f.strip()])
+        fmt = plan_format(formats, profile)  # refuses a format the profile's backends do not run
+        # the program formats and a streamed span compute in float32 (fewer bits go to --storage)
+        f32 = a.model in BUILTIN_MODELS or any(f != "torch" for f in formats) or a.span == "streamed"
+        plan = plan_from_args(a, "float32" if f32 else profile.dtype)
         import torch
 
-        from blockskip.export.bundle_writer import DTYPES, check_formats, check_output, export_bundle
-        from blockskip.export.families import load_model
-
-        formats = check_formats([f.strip() for f in a.format.split(",") if f.strip()])
         check_output(Path(a.output), a.force)
         lm = load_model(a.model, DTYPES[plan.dtype], seed=plan.seed)
-        plan, memory = fit_plan(lm, plan, profile, a, plan_format(formats, profile))
+        plan, memory = fit_plan(lm, plan, profile, a, fmt)
         out = export_bundle(lm, plan, profile, a.prompt, a.output, force=a.force, formats=formats,
                             log=lambda msg: print(msg, file=sys.stderr), delegate=a.delegate, memory=memory)
         if "pte" in formats and plan.span == "resident":

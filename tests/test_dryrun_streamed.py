@@ -136,3 +136,11 @@ def test_plan_cli_refuses_a_format_the_profile_does_not_run():
                         "snapdragon8", "--format", "pte", "--base-quant", "nf4"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and "torch backend" in r.stderr
+
+
+def test_export_refuses_a_format_the_profile_does_not_run(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "blockskip.export.cli", "--model", "tiny-random", "--profile",
+                        "snapdragon8", "--prompt", "a photo", "--format", "torch", "-n", "1", "-m", "2",
+                        "-o", str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "do not run --format torch" in r.stderr and not (tmp_path / "b").exists()
