@@ -137,7 +137,10 @@ def run_streamed(small: bool, work: Path, photos: Path, backends) -> list[dict]:
             cmd = [str(NATIVE), str(b), "--cache", str(c), "-o", str(out), "--quiet"]
         else:
             cmd = [sys.executable, "-c", RUN_PY.format(mod=IMPORTS[be]), str(b), str(c), str(out), be]
-        env = dict(os.environ, BLOCKSKIP_IGNORE_MEMORY_CHECK="1")
+        # malloc returns freed memory (as in the resident rows): a fixed mmap threshold instead of glibc's
+        # dynamic one, which otherwise rises to 32 MiB and keeps freed block weights in the heap
+        env = dict(os.environ, BLOCKSKIP_IGNORE_MEMORY_CHECK="1", MALLOC_MMAP_THRESHOLD_="65536",
+                   MALLOC_TRIM_THRESHOLD_="0")
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if r.returncode != 0:
             raise RuntimeError(f"{be} failed:\n{r.stderr[-3000:]}")

@@ -187,7 +187,7 @@ def bench_executorch(bundle_dir: Path, cache_dir: Path, a) -> dict:
         return loss
 
     losses, secs = time_steps(step, entries, a.warmup, a.steps)
-    return {"losses": losses, "secs": secs, "lora": sum(v.numel() for v in trainer.lora().values())}
+    return {"losses": losses, "secs": secs, "lora": sum(v.size for v in trainer.lora().values())}
 
 
 def bench_streamed(name: str, bundle_dir: Path, cache_dir: Path, a) -> dict:

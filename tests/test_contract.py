@@ -198,8 +198,8 @@ def test_kill_9_anywhere_then_resume_is_bitwise_equal(name, bundles, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(root / "bundle", bundle)
     m = json.loads((bundle / "manifest.json").read_text())
-    # a longer run, so the kill lands inside it (the native runner takes milliseconds a step)
-    m["plan"].update(steps=400 if name == "native" else 24, checkpoint_every=2)
+    # a longer run, so the kill lands inside it (the native runner and ort take milliseconds a step)
+    m["plan"].update(steps=400 if name in ("native", "ort") else 24, checkpoint_every=2)
     (bundle / "manifest.json").write_text(json.dumps(m))
     shutil.copytree(root / "cache", tmp_path / "cache")
     _retarget_cache(tmp_path / "cache", bundle)
