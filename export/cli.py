@@ -221,7 +221,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     def go():
-        from blockskip.export.bundle_writer import DTYPES, check_formats, check_output, export_bundle
+        from blockskip.export.bundle_writer import (
+            DTYPES,
+            check_formats,
+            check_output,
+            check_plan_for,
+            export_bundle,
+        )
         from blockskip.export.families import load_model
         from blockskip.export.memory.streamed import formats_for
         from blockskip.export.tiny import BUILTIN_MODELS
@@ -235,6 +241,7 @@ def main(argv=None) -> int:
         # the program formats and a streamed span compute in float32 (fewer bits go to --storage)
         f32 = a.model in BUILTIN_MODELS or any(f != "torch" for f in formats) or a.span == "streamed"
         plan = plan_from_args(a, "float32" if f32 else profile.dtype)
+        check_plan_for(plan, "", formats, a.delegate)  # what a format refuses, before any work
         import torch
 
         check_output(Path(a.output), a.force)

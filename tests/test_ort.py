@@ -92,7 +92,7 @@ def test_ort_backend_refuses_torch_only_bundle(photos, tmp_path, capsys):
     (["--dtype", "bfloat16"], "float32"),
     (["--base-quant", "int8"], "--base-quant"),
     (["--optimizer", "adamw8bit"], "AdamW"),
-    (["--vae-tiling"], "--vae-tiling"),
+    (["--span", "streamed", "--storage", "bfloat16"], "bfloat16"),
 ])
 def test_onnx_format_refuses_what_it_cannot_train(tmp_path, capsys, args, message):
     rc = export_cli.main(["--model", "tiny-random", "--profile", "desktop-cpu", "--prompt", "x", "-o", str(tmp_path / "b"),
