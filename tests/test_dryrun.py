@@ -131,12 +131,12 @@ def test_plan_cli_refuses_an_impossible_budget(tmp_path):
     assert "no plan fits" in r.stderr and "smallest traced plan" in r.stderr
 
 
-def _profile_text(budget_gib: float) -> str:
+def _profile_text(budget_gib: float, backends=("torch-cpu",)) -> str:
     return (f"name = 'tight'\ndescription = 'x'\n[memory]\nram_gib = 24.0\nbudget_gib = {budget_gib!r}\n"
              "runtime_overhead_mib = 0.0\ncuda_context_mib = 0.0\nallocator_slack = 0.0\nsafety_margin_mib = 0.0\n"
              "alloc_round_bytes = 64\nbandwidth_gbs = 50.0\n[storage]\ncache_budget_gib = 1.0\nread_mbs = 100.0\n"
              "[compute]\ndefault_dtype = 'float32'\n[compute.dtypes]\ncpu = ['float32']\n"
-             "[backends]\navailable = ['torch-cpu']\n")
+             f"[backends]\navailable = {list(backends)!r}\n")
 
 
 def test_evaluate_flags_over_budget_phases():

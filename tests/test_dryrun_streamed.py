@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from test_dryrun import _profile_text
 
 from blockskip.export.memory.search import evaluate, search
 from blockskip.export.memory.specs import load_spec
@@ -19,12 +20,7 @@ GIB = 2**30
 
 
 def _profile(budget_gib: float, backends=("executorch-xnnpack", "onnxruntime-training")):
-    return parse_profile(
-        f"name = 'tight'\ndescription = 'x'\n[memory]\nram_gib = 24.0\nbudget_gib = {budget_gib!r}\n"
-        "runtime_overhead_mib = 0.0\ncuda_context_mib = 0.0\nallocator_slack = 0.0\nsafety_margin_mib = 0.0\n"
-        "alloc_round_bytes = 64\nbandwidth_gbs = 50.0\n[storage]\ncache_budget_gib = 1.0\nread_mbs = 100.0\n"
-        "[compute]\ndefault_dtype = 'float32'\n[compute.dtypes]\ncpu = ['float32']\n"
-        f"[backends]\navailable = {list(backends)!r}\n", "tight.toml")
+    return parse_profile(_profile_text(budget_gib, backends), "tight.toml")
 
 
 def test_formats_follow_the_profile_backends():

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from blockskip.export.families import lora_target_names
 from blockskip.export.memory.dryrun import ModelSpec, PhaseReport, dry_run
+from blockskip.runtime.backends.torch_families.latent import FIXED_ENCODERS
 from blockskip.runtime.errors import PlanError
 from blockskip.runtime.plan import Plan
 
@@ -153,7 +154,17 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
     pruned: set = set()
     # tiled photo encoding: torch tiles any real VAE; the program formats export DC-AE tile programs
     enc = spec.encoder_spec["class"]
-    can_tile = enc == "AutoencoderDC" or (fmt == "torch" and enc not in ("TinyAutoencoder", "PatchDCTAutoencoder"))
+    can_tile = enc == "AutoencoderDC" or (fmt == "torch" and enc not in FIXED_ENCODERS)
+
+    def traced(plan: Plan, **ev) -> Candidate:
+        """The plan's dry run; when the photo encoder is what breaks the budget, encoded in tiles instead
+        (precompute only; training is unchanged)."""
+        c = evaluate(spec, plan, profile, memo=memo, fmt=fmt, **ev)
+        if not c.fits and c.worst().phase == "precompute" and not plan.vae_tiling and can_tile:
+            c = evaluate(spec, dataclasses.replace(plan, vae_tiling=True), profile, memo=memo, fmt=fmt, **ev)
+        result.traced.append(c)
+        log(f"  {'fits ' if c.fits else 'over '} {c.peak / 2**30:7.2f} GiB  {c.describe()}")
+        return c
     skeleton = spec.family.skeleton()
     fixed = getattr(profile, "fixed_overhead_bytes", 0)
 
@@ -174,25 +185,12 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
                 log(f"  over  >{c.peak / 2**30:7.2f} GiB  skip n={plan.front_skip} m={plan.back_skip}, "
                     f"s_min={plan.s_min}, base={plan.base_quant}: the weights alone do not fit")
             return c
-        c = evaluate(spec, plan, profile, memo=memo, fmt=fmt)
-        if (not c.fits and c.worst().phase == "precompute" and not plan.vae_tiling and can_tile):
-            # the photo encoder binds: encode in tiles instead (precompute only; training is unchanged)
-            plan = dataclasses.replace(plan, vae_tiling=True)
-            c = evaluate(spec, plan, profile, memo=memo, fmt=fmt)
-        result.traced.append(c)
-        log(f"  {'fits ' if c.fits else 'over '} {c.peak / 2**30:7.2f} GiB  {c.describe()}")
-        return c
+        return traced(plan)
 
     def trace_streamed(**kw) -> Candidate:
         plan = dataclasses.replace(base, trained=None, span="streamed", dtype="float32", base_quant="none",
                                    checkpointing=False, optimizer="adamw", **kw)
-        c = evaluate(spec, plan, profile, memo=memo, fmt=fmt, exact=False, skeleton=skeleton)
-        if (not c.fits and c.worst().phase == "precompute" and not plan.vae_tiling and can_tile):
-            plan = dataclasses.replace(plan, vae_tiling=True)
-            c = evaluate(spec, plan, profile, memo=memo, fmt=fmt, exact=False, skeleton=skeleton)
-        result.traced.append(c)
-        log(f"  {'fits ' if c.fits else 'over '} {c.peak / 2**30:7.2f} GiB  {c.describe()}")
-        return c
+        return traced(plan, exact=False, skeleton=skeleton)
 
     if "resident" in spans:
         # Preference order within a (split, s_min): base precision, then rank, then no checkpointing. The
