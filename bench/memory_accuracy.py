@@ -98,7 +98,7 @@ IMPORTS = {"executorch": "torch, executorch.extension.pybindings.portable_lib, b
            "ort": "onnxruntime, blockskip.runtime.backends.ort"}
 
 
-def run_streamed(small: bool, work: Path, photos: Path, backends) -> list[dict]:
+def run_streamed(small: bool, work: Path, photos: Path, backends, keep: bool = False) -> list[dict]:
     import torch
     from diffusers import FluxTransformer2DModel
 
@@ -119,17 +119,19 @@ def run_streamed(small: bool, work: Path, photos: Path, backends) -> list[dict]:
                 span="streamed", storage="int8")
     prompt = lm.encode_prompt("a photo of sks")
     mspec = ModelSpec(lm.family, lm.encoder_spec, {k: tuple(v.shape) for k, v in prompt.items()}, lm.vae_factor)
-    shutil.rmtree(work, ignore_errors=True)
     b, c = work / "bundle", work / "cache"
     formats = ["pte"] * any(x in backends for x in ("native", "executorch")) + ["onnx"] * ("ort" in backends)
-    export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo of sks", b, formats=formats)
+    if not (keep and (c / "index.json").is_file()):
+        shutil.rmtree(work, ignore_errors=True)
+        export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo of sks", b, formats=formats)
+        run_precompute(b, photos, c, backend="executorch" if "pte" in formats else "ort", quiet=True)
     del lm
-    run_precompute(b, photos, c, backend="executorch" if "pte" in formats else "ort", quiet=True)
     rows = []
     for be in backends:
         fmt = "onnx" if be == "ort" else "pte"
         pred = evaluate(mspec, plan, None, fmt=fmt, exact=True).reports[1].tensor_peak
         out = work / f"out-{be}"
+        shutil.rmtree(out, ignore_errors=True)
         if be == "native":
             if not NATIVE.is_file():
                 print("native runner not built (make native): skipped", file=sys.stderr)
@@ -147,7 +149,8 @@ def run_streamed(small: bool, work: Path, photos: Path, backends) -> list[dict]:
         log = json.loads((out / "train_log.json").read_text())
         rows.append({"backend": be, "params": params, "tensors": pred, "start": log["start_rss_mib"] * 2**20,
                      "peak": log["peak_rss_mib"] * 2**20, "step_seconds": log["step_seconds"][-1]})
-    shutil.rmtree(work, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
@@ -170,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default=",".join(STREAMED_BACKENDS), help="with --streamed: which backends")
     ap.add_argument("--plans", nargs="*", default=list(PLANS))
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--work", metavar="DIR", help="with --streamed: keep the bundle and cache in DIR and reuse them "
+                    "on the next run (same model and plan)")
     a = ap.parse_args(argv)
     from bench.make_demo_images import main as make_photos
 
@@ -182,7 +187,8 @@ def main(argv=None) -> int:
             bad = [x for x in bes if x not in STREAMED_BACKENDS]
             if bad:
                 ap.error(f"unknown backends {bad}; choose from {', '.join(STREAMED_BACKENDS)}")
-            rows = run_streamed(a.small, Path(tmp) / "work", photos, bes)
+            work = Path(a.work) if a.work else Path(tmp) / "work"
+            rows = run_streamed(a.small, work, photos, bes, keep=bool(a.work))
             _print_streamed(rows)
             if a.json:
                 Path(a.json).write_text(json.dumps(rows, indent=1))

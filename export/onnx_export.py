@@ -27,6 +27,7 @@ from torch import nn
 
 from blockskip.export.graphs import LOSS_SCALE, EncoderGraph, ModelStore, SpanLossGraph
 from blockskip.runtime.errors import PlanError
+from blockskip.runtime.stream import WEIGHT
 
 OPSET = 18
 IR_VERSION = 10
@@ -189,6 +190,7 @@ class OnnxFormat:
         """One stream program (an FX graph with its calling convention) as an ONNX inference model."""
         names = [n for n, _, _ in traced.inputs]
         proto = to_onnx(traced.gm, traced.example_args(), names, [n for n, _, _ in traced.outputs])
+        defer_weights(proto, lambda n: n.startswith(WEIGHT))
         got = [i.name for i in proto.graph.input]
         if got != names:
             raise RuntimeError(f"the ONNX export renamed or dropped inputs of {rel} ({got[:3]}...); this is a bug")
@@ -242,6 +244,132 @@ class OnnxFormat:
 
     def section(self) -> dict:
         return {"opset": OPSET, "ir_version": IR_VERSION}
+
+
+def defer_weights(proto, is_weight) -> int:
+    """Make each computation on a frozen weight input wait for the activation it meets.
+
+    ONNX Runtime orders a graph by its own depth-first walk, which runs every node that reads only graph
+    inputs early: all of a block's weights were dequantised to float32 (and transposed) before its first
+    matmul, the whole block in float32 at once (a FLUX-like double block at 1024 tokens: 142 instead of
+    74 MiB). Here each node that reads a weight input and nothing computed from an activation (a
+    ``Cast``, ``Slice`` or ``Transpose`` of the stored weight) reads it through
+    ``Reshape(w, shape + zero(x))`` instead, ``x`` being the activation input of the first node the
+    weight's values meet, and ``zero(x) = Cast(Equal(x[0], x[0])) * 0`` (0 whatever x holds, NaN
+    included, and not foldable). ``Reshape`` aliases its input, so nothing is copied; the weight's
+    float32 form now exists only from its matmul's input on, as in the graph's own order (the order the
+    dry run traces). Returns the number of weight reads deferred."""
+    import heapq
+    from collections import defaultdict
+
+    from onnx import TensorProto, helper
+
+    g = proto.graph
+    weights = {i.name: i for i in g.input if is_weight(i.name)}
+    static = set(weights) | {t.name for t in g.initializer}
+    nodes = list(g.node)
+    consumers: dict[str, list[int]] = defaultdict(list)
+    for k, n in enumerate(nodes):
+        for i in n.input:
+            if i:
+                consumers[i].append(k)
+    is_static = []
+    for n in nodes:
+        st = all(not i or i in static for i in n.input)
+        is_static.append(st)
+        if st:
+            static.update(o for o in n.output if o)
+
+    def activation_for(k: int) -> str | None:
+        """The first activation that the values of static node k meet (in graph order)."""
+        seen, frontier = {k}, [k]
+        best: tuple[int, str] | None = None
+        while frontier:
+            j = frontier.pop()
+            for o in nodes[j].output:
+                for c in consumers.get(o, ()):
+                    if c in seen:
+                        continue
+                    seen.add(c)
+                    if is_static[c]:
+                        frontier.append(c)
+                    else:
+                        x = next(i for i in nodes[c].input if i and i not in static)
+                        if best is None or c < best[0]:
+                            best = (c, x)
+        return None if best is None else best[1]
+
+    new: list[tuple[float, object]] = []  # (position, node) of the nodes added
+    zeros: dict[str, str] = {}
+    deferred: dict[tuple[str, str], str] = {}
+    uid = iter(range(1 << 30))
+
+    def const(vals: list[int]) -> str:
+        name = f"defer_c{next(uid)}"
+        new.append((-1.0, helper.make_node("Constant", [], [name], value=helper.make_tensor(
+            name + "_v", TensorProto.INT64, [len(vals)], vals))))
+        return name
+
+    count = 0
+    for k, n in enumerate(nodes):
+        if not is_static[k] or not any(i in weights for i in n.input):
+            continue
+        x = activation_for(k)
+        if x is None:
+            continue
+        pos = k - 0.5
+        if x not in zeros:
+            t = f"defer_z{next(uid)}"
+            flat, one, eq, ci = (f"{t}_flat", f"{t}_one", f"{t}_eq", f"{t}_int")
+            new.extend((pos, nd) for nd in (
+                helper.make_node("Reshape", [x, const([-1])], [flat]),
+                helper.make_node("Slice", [flat, const([0]), const([1])], [one]),
+                helper.make_node("Equal", [one, one], [eq]),
+                helper.make_node("Cast", [eq], [ci], to=TensorProto.INT64),
+                helper.make_node("Mul", [ci, const([0])], [t])))
+            zeros[x] = t
+        ins = list(n.input)
+        for j, i in enumerate(ins):
+            if i not in weights:
+                continue
+            key = (i, x)
+            if key not in deferred:
+                dims = [d.dim_value for d in weights[i].type.tensor_type.shape.dim]
+                name = f"defer_w{next(uid)}"
+                shp = name + "_shape"
+                new.append((pos, helper.make_node("Add", [const(dims), zeros[x]], [shp])))
+                new.append((pos, helper.make_node("Reshape", [i, shp], [name])))
+                deferred[key] = name
+                count += 1
+            ins[j] = deferred[key]
+        del n.input[:]
+        n.input.extend(ins)
+    if not count:
+        return 0
+    # a stable topological order: the original order, each added node just before the node it serves
+    allnodes = [(float(k), n) for k, n in enumerate(nodes)] + new
+    produced = {o: idx for idx, (_, nd) in enumerate(allnodes) for o in nd.output if o}
+    deps = [{produced[i] for i in nd.input if i in produced} for _, nd in allnodes]
+    users: dict[int, list[int]] = defaultdict(list)
+    for idx, ds in enumerate(deps):
+        for d in ds:
+            users[d].append(idx)
+    left = [len(ds) for ds in deps]
+    ready = [(allnodes[idx][0], idx) for idx in range(len(allnodes)) if not left[idx]]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, idx = heapq.heappop(ready)
+        order.append(allnodes[idx][1])
+        for u in users[idx]:
+            left[u] -= 1
+            if not left[u]:
+                heapq.heappush(ready, (allnodes[u][0], u))
+    if len(order) != len(allnodes):
+        raise RuntimeError("deferring the weights made the ONNX graph cyclic; this is a bug")
+    del g.node[:]
+    g.node.extend(order)
+    return count
 
 
 def _save_proto(path: Path, proto) -> None:

@@ -115,9 +115,11 @@ class Traced:
 def _safe_softmax(x: torch.Tensor, dim: int, dtype=None) -> torch.Tensor:
     """Softmax with fully masked rows set to zero, as ATen's ``_safe_softmax``, whose decomposition
     selects from a ``zeros_like`` of the scores: exported, that is a constant of heads x queries x keys
-    floats in every attention program (56 MiB for a FLUX block at 768 tokens). A scalar zero instead."""
+    floats in every attention program (56 MiB for a FLUX block at 768 tokens). A scalar zero instead.
+    A row is fully masked when its maximum is -inf (ATen's ``all(x == -inf)`` exports to ONNX as a cast
+    of the whole score tensor to int64, 8 bytes a score, before its reduction)."""
     out = torch.softmax(x, dim=dim, dtype=dtype)
-    masked_rows = torch.all(x.eq(float("-inf")), dim=dim, keepdim=True)
+    masked_rows = torch.amax(x, dim=dim, keepdim=True).eq(float("-inf"))
     return torch.where(masked_rows, torch.zeros((), dtype=out.dtype), out)
 
 

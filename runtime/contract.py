@@ -28,8 +28,14 @@ Arrays = dict[str, np.ndarray]
 class BlockBackend(Protocol):
     name: str
 
-    def forward(self, shape: str, state: Arrays, consts: Arrays, weights: Arrays, lora: Arrays) -> Arrays:
-        """The block's next state (outputs that do not exist, like SD3's last text state, are absent)."""
+    def forward(self, shape: str, state: Arrays, consts: Arrays, weights: Arrays, lora: Arrays, *,
+                keep: bool = False) -> Arrays:
+        """The block's next state (outputs that do not exist, like SD3's last text state, are absent).
+
+        ``keep``: this block's ``vjp`` on the same arrays comes next (after the head): a backend may keep
+        what it needs for it instead of recomputing the forward there (the torch backend keeps the
+        block's autograd graph), and drops it at that ``vjp`` or at the next ``forward``. The caller
+        must not change the arrays in between."""
         ...
 
     def vjp(self, shape: str, state: Arrays, consts: Arrays, grads: Arrays, weights: Arrays,

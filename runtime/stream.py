@@ -221,7 +221,9 @@ class StreamedSpan:
                 w = None
                 w = self.weights.get(i)
                 stash.put(k, state)
-                state = self.be.forward(sid, state, consts, w, self._lora(names))
+                # the last block's VJP follows the head: the backend may keep its forward for it
+                last = k == len(self.blocks) - 1 and self.stash_dir is None
+                state = self.be.forward(sid, state, consts, w, self._lora(names), keep=last)
                 for name in list(state):  # a skipped span after block i: add its precomputed residual
                     d = entry.get(f"delta.{i + 1}.{name}")
                     if d is not None:

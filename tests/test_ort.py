@@ -114,3 +114,69 @@ def test_plain_onnxruntime_is_not_installed_beside_the_training_package():
     with pytest.raises(importlib.metadata.PackageNotFoundError):
         importlib.metadata.distribution("onnxruntime")
 
+
+
+def _weights_chain():
+    """Four int8-stored layers (dequantised inside the graph, as the stream programs do): the traced
+    program, its ONNX model, and inputs."""
+    import torch
+
+    from blockskip.export.onnx_export import to_onnx
+    from blockskip.export.stream_export import trace
+    from blockskip.runtime.backends.torch_stream import dequantise
+
+    g = torch.Generator().manual_seed(0)
+    ex = {"state.x": torch.randn(64, 256, generator=g)}
+    for k in range(4):
+        ex[f"w.l{k}.weight_q8"] = torch.randint(-127, 128, (256, 256), generator=g, dtype=torch.int8)
+        ex[f"w.l{k}.weight_scale"] = torch.rand(256, generator=g) / 500
+
+    def fn(t):
+        x = t["state.x"]
+        for k in range(4):
+            x = torch.relu(x @ dequantise((t[f"w.l{k}.weight_q8"], t[f"w.l{k}.weight_scale"])).T)
+        return {"out.x": x}
+
+    traced = trace(fn, ex)
+    names = [n for n, _, _ in traced.inputs]
+    return to_onnx(traced.gm, traced.example_args(), names, ["out.x"]), {k: v.numpy() for k, v in ex.items()}
+
+
+def _ort_order(proto, feed, tmp_path):
+    """(outputs, [(op type, output bytes)] in the order ONNX Runtime ran the nodes)."""
+    import onnx
+    import onnxruntime as ort
+
+    path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.onnx"
+    onnx.save(proto, str(path))
+    o = ort.SessionOptions()
+    o.log_severity_level = 3
+    o.enable_profiling = True
+    o.profile_file_prefix = str(tmp_path / "prof")
+    s = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+    out = s.run(None, feed)
+    events = json.loads(open(s.end_profiling()).read())
+    ran = [(e["args"]["op_name"], int(e["args"].get("output_size", 0))) for e in events
+           if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    return out, ran
+
+
+def test_deferred_weights_are_dequantised_next_to_their_matmul(tmp_path):
+    """ONNX Runtime runs the nodes that read only graph inputs first: every weight dequantised to float32
+    before the first matmul. With ``defer_weights`` each float32 weight appears only after the previous
+    layer's matmul, and the outputs are unchanged."""
+    from blockskip.export.onnx_export import defer_weights
+
+    proto, feed = _weights_chain()
+    ref, before = _ort_order(proto, feed, tmp_path)
+    assert defer_weights(proto, lambda n: n.startswith("w.")) == 8  # each layer's int8 values and scales
+    got, after = _ort_order(proto, feed, tmp_path)
+    np.testing.assert_array_equal(got[0], ref[0])
+    w32 = 256 * 256 * 4
+
+    def weights_before_first_matmul(ran):
+        first = next(k for k, (op, _) in enumerate(ran) if op in ("MatMul", "Gemm", "FusedMatMul"))
+        return sum(1 for op, n in ran[:first] if n == w32 and op in ("Cast", "Mul"))
+
+    assert weights_before_first_matmul(before) > 2  # ORT's own order: several float32 weights at once
+    assert weights_before_first_matmul(after) <= 2  # the first layer's (its Cast and its scaled copy)

@@ -53,3 +53,45 @@ def test_quantised_storage_tracks_float32(storage, runs):
 def test_int4_is_coarser_than_int8(runs):
     ref = runs["float32"][0]
     assert np.abs(runs["int4"][0] / ref - 1).max() > np.abs(runs["int8"][0] / ref - 1).max()
+
+
+def test_kept_forward_graph_gives_the_recomputed_vjp(tmp_path, photos):
+    """The torch block backend keeps the last block's autograd graph from the forward sweep for its VJP
+    (no recomputed forward): the gradients are those of the recomputing VJP, bit for bit, and a graph kept
+    for other arrays is never used."""
+    export_bundle(wrap_model(build("flux"), "flux"), Plan(storage="int8", **PLAN), load_profile("desktop-cpu"),
+                  "a photo of sks cat", tmp_path / "b")
+    run_precompute(tmp_path / "b", photos, tmp_path / "c", quiet=True)
+    bundle = Bundle(tmp_path / "b")
+    span = StreamedSpan(bundle, TorchBlocks(bundle))
+    from blockskip.runtime.cache import ResidualCache
+
+    entry = span.load_entry(ResidualCache(tmp_path / "c").path(0))
+    i, sid, names = span.blocks[-1]
+    be, w, lora = span.be, span.weights.get(i), span._lora(names)
+    state = {k[3:]: v for k, v in entry.items() if k.startswith("in.")}
+    consts = {k[2:]: v for k, v in entry.items() if k.startswith("c.")}
+    out = be.forward(sid, state, consts, w, lora)
+    rng = np.random.default_rng(0)
+    grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in out.items()}
+    ref = be.vjp(sid, state, consts, grads, w, lora)  # nothing kept: recomputed
+    assert be.kept is None
+    kept_out = be.forward(sid, state, consts, w, lora, keep=True)
+    assert be.kept is not None
+    for k in out:
+        np.testing.assert_array_equal(kept_out[k], out[k])
+    got = be.vjp(sid, state, consts, grads, w, lora)
+    assert be.kept is None  # dropped at the VJP
+    for a, b in zip(ref, got):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    # a graph kept for other state arrays is not used (the VJP recomputes for the arrays it is given)
+    be.forward(sid, state, consts, w, lora, keep=True)
+    other = {k: v * 0.5 for k, v in state.items()}
+    g_other = be.vjp(sid, other, consts, grads, w, lora)
+    be2 = TorchBlocks(bundle)
+    g_ref = be2.vjp(sid, other, consts, grads, w, lora)
+    for k in g_ref[1]:
+        np.testing.assert_array_equal(g_other[1][k], g_ref[1][k])
+    span.close()

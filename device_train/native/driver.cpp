@@ -227,7 +227,7 @@ int train(const Options& opt) {
   if (pos < order.size()) next = fetch(order[pos]);
 
   // the numerics checks of a fresh run: the first entry's loss before and after the first update
-  std::unique_ptr<Entry> first;
+  std::shared_ptr<const Entry> first;  // shares the entry (no copy: the dry run counts two entries)
   double first_loss = 0.0;
   bool first_taken = false;
 
@@ -237,15 +237,15 @@ int train(const Options& opt) {
     auto t0 = std::chrono::steady_clock::now();
     double total = 0.0;
     for (long long j = 0; j < ga; ++j) {
-      Entry e = next.get();
+      auto e = std::make_shared<const Entry>(next.get());
       ++pos;
       if (pos < order.size()) next = fetch(order[pos]);  // prefetch while this entry trains
       if (start == 0 && !first_taken) {
         first_taken = true;
-        first = std::make_unique<Entry>(e);
-        first_loss = trainer->eval_loss(e);
+        first = e;
+        first_loss = trainer->eval_loss(*e);
       }
-      const double loss = trainer->loss_and_grad(e, scale);
+      const double loss = trainer->loss_and_grad(*e, scale);
       if (!std::isfinite(loss))
         throw InputError("step " + std::to_string(step + 1) + " produced a non-finite loss (" + number_text(loss) +
                          "); nothing was written over the last checkpoint. Check the photos and the cache "

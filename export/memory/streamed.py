@@ -4,6 +4,7 @@ A streamed step holds: the LoRA with its gradients and AdamW state (float32, in 
 weights of one block in storage layout (two with prefetch, every trained block when the plan keeps them
 resident) and the head's, the cache entry (float32), the boundary stash (each trained block's input; one
 state when it spills to disk), the state and gradient being carried, and the program that runs. The
+cache entry counts twice: every runtime reads the next one while a step runs. The
 programs are the very graphs the export lowers (``stream_export``), traced on fake tensors:
 
 * ``pte``: the program's memory-planned ExecuTorch arena (``inference_program`` on fake inputs, inputs
@@ -12,7 +13,9 @@ programs are the very graphs the export lowers (``stream_export``), traced on fa
   VJP 510 vs 446 MiB; the tiny test model's VJP 62 vs 65 KiB) and checks the plan it picks with the
   arenas;
 * ``onnx`` and ``torch``: the live-tensor peak of the graph run op by op on fake tensors, dead values
-  freed as soon as their last reader has run (ONNX Runtime without its arena frees the same way).
+  freed as soon as their last reader has run (ONNX Runtime without its arena and memory pattern frees
+  the same way); for ``onnx`` the views ONNX computes as copies (a weight's Transpose before its MatMul,
+  Slice, Expand, ...) count as new tensors.
 
 Precompute runs the torch precompute trace (encoder, prompt, one block at a time for a chunk of
 samples) with its block weights at their storage size.
@@ -91,19 +94,40 @@ class ProgramPeaks:
     def get(self, traced: se.Traced, how: str, round_to: int) -> int:
         key = hashlib.sha256(f"{how}|{round_to}|{traced.inputs}|{traced.gm.code}".encode()).hexdigest()
         if key not in self.mem:
-            self.mem[key] = arena_bytes(traced) if how == "arena" else live_peak(traced, round_to)
+            self.mem[key] = (arena_bytes(traced) if how == "arena"
+                             else live_peak(traced, round_to, onnx=how == "onnx"))
             self._save()
         return self.mem[key]
 
 
-def live_peak(traced: se.Traced, round_to: int = 1) -> int:
+_aten = torch.ops.aten
+#: ATen views that an ONNX graph computes as copies (Transpose, Slice, Gather, Expand, Split); ONNX Runtime
+#: aliases only Reshape, Squeeze, Unsqueeze and Flatten, which are the remaining views
+ONNX_COPIES = {_aten.permute.default, _aten.transpose.int, _aten.t.default, _aten.slice.Tensor, _aten.select.int,
+               _aten.expand.default, _aten.split.Tensor, _aten.split_with_sizes.default, _aten.unbind.int,
+               _aten.diagonal.default, _aten.as_strided.default}
+
+
+class _CopyingViews(torch.fx.Interpreter):
+    """Runs a graph with the views ONNX copies materialised (``ONNX_COPIES``)."""
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.op == "call_function" and n.target in ONNX_COPIES:
+            out = [t.clone() for t in out] if isinstance(out, list | tuple) else out.clone()
+        return out
+
+
+def live_peak(traced: se.Traced, round_to: int = 1, onnx: bool = False) -> int:
     """Peak bytes of the values a program computes (inputs not counted, outputs counted), running its
-    graph op by op on fake tensors and freeing each value after its last use."""
+    graph op by op on fake tensors and freeing each value after its last use. ``onnx``: views that an
+    ONNX graph copies count as new tensors."""
     args = traced.example_args(fake=True)
     mode = args[0].fake_mode
     tr = MemoryTracer(round_to)
+    interp = (_CopyingViews if onnx else torch.fx.Interpreter)(traced.gm, garbage_collect_values=True)
     with mode, tr:
-        out = torch.fx.Interpreter(traced.gm, garbage_collect_values=True).run(*args)
+        out = interp.run(*args)
     del out
     return int(tr.peak)
 
@@ -129,7 +153,7 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
     rt = _round_to(profile)
     peaks = peaks if peaks is not None else ProgramPeaks()
     skeleton = skeleton if skeleton is not None else fam.skeleton()
-    how = "arena" if (fmt == "pte" and exact) else "live"
+    how = "arena" if (fmt == "pte" and exact) else "onnx" if fmt == "onnx" else "live"
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         pre_peak, pre_cat, entry_shapes, entry_bytes = trace_precompute(spec, plan, trained, profile, num_images,
@@ -167,9 +191,13 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
     train_progs = [v for (sid, role), v in prog.items()
                    if sid == "head" or sid in {s for _, s in layout.train}]
     run_peak = max(train_progs)
+    if fmt == "torch" and plan.stash == "memory" and layout.train:
+        # the torch backend keeps the last block's autograd graph from the forward sweep through the head
+        # (no recomputed forward in its VJP): bounded by that block's VJP peak
+        run_peak = max(run_peak, prog[layout.train[-1][1], "vjp"] + prog["head", "head"])
     cats = dict.fromkeys(CATEGORIES, 0)
     cats.update(lora=lora_bytes, gradients=lora_bytes, optimizer=2 * lora_bytes, frozen_weights=weights + head_w,
-                cache=entry32 + stash, activations=2 * state_bytes + run_peak)
+                cache=2 * entry32 + stash, activations=2 * state_bytes + run_peak)
     reports = []
 
     # precompute: the torch trace (its eager blocks' activations stand for the forward programs'), block

@@ -76,7 +76,9 @@ class ProgramBackend:
             feed.update({prefix + k: v for k, v in (d or {}).items()})
         return feed
 
-    def forward(self, shape: str, state: Arrays, consts: Arrays, weights: Arrays, lora: Arrays) -> Arrays:
+    def forward(self, shape: str, state: Arrays, consts: Arrays, weights: Arrays, lora: Arrays, *,
+                keep: bool = False) -> Arrays:
+        # ``keep`` is a hint: the VJP programs recompute the forward (the arena is all a program holds)
         out = self.run(shape, "forward", self._feed(state, consts, None, weights, lora))
         return {k[len(OUT):]: v for k, v in out.items()}
 

@@ -331,6 +331,7 @@ class TorchBlocks:
         self.skeleton = self.fam.skeleton()
         self.lora_cfg = bundle.manifest["lora"]
         self.modules: dict[str, torch.nn.Module] = {}
+        self.kept = None  # (shape, state, lora, graph) of a forward run with keep=True
 
     def _module(self, shape: str):
         from blockskip.runtime.backends import torch_stream as ts
@@ -356,18 +357,34 @@ class TorchBlocks:
     def _np(tensors: dict) -> dict:
         return {k: v.detach().numpy() for k, v in tensors.items()}
 
-    def forward(self, shape, state, consts, weights, lora):
+    def forward(self, shape, state, consts, weights, lora, *, keep=False):
         from blockskip.runtime.backends import torch_stream as ts
 
+        self.kept = None
+        if keep:  # the block's autograd graph stays for the VJP that follows (no recomputed forward)
+            graph = ts.block_graph(self.fam, self._module(shape), self._t(state), self._t(consts), self._t(weights),
+                                   self._t(lora))
+            self.kept = (shape, dict(state), dict(lora), graph)
+            return self._np({k: v.detach() for k, v in graph[2].items()})
         with torch.no_grad():
             return self._np(ts.block_forward(self.fam, self._module(shape), self._t(state), self._t(consts),
                                              self._t(weights), self._t(lora)))
 
+    def _kept_for(self, shape, state, lora):
+        kept, self.kept = self.kept, None
+        if kept is None or kept[0] != shape:
+            return None
+        same = lambda a, b: a.keys() == b.keys() and all(a[k] is b[k] for k in a)  # noqa: E731
+        return kept[3] if same(kept[1], state) and same(kept[2], lora) else None
+
     def vjp(self, shape, state, consts, grads, weights, lora):
         from blockskip.runtime.backends import torch_stream as ts
 
-        g_in, g_lora = ts.block_vjp(self.fam, self._module(shape), self._t(state), self._t(consts), self._t(grads),
-                                    self._t(weights), self._t(lora))
+        graph = self._kept_for(shape, state, lora)
+        if graph is None:
+            graph = ts.block_graph(self.fam, self._module(shape), self._t(state), self._t(consts), self._t(weights),
+                                   self._t(lora))
+        g_in, g_lora = ts.graph_vjp(graph, self._t(grads))
         return self._np(g_in), self._np(g_lora)
 
     def head(self, hidden, consts, target, scale, weights):
@@ -383,7 +400,7 @@ class TorchBlocks:
         return self.forward(shape, state, consts, weights, lora)
 
     def release(self) -> None:
-        pass
+        self.kept = None
 
 
 def make_trainer(bundle: Bundle, out: Path):

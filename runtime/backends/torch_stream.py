@@ -276,19 +276,30 @@ def block_forward(fam: TorchFamily, module, state: dict, consts: dict, weights: 
     return {k: v for k, v in out.items() if v is not None}
 
 
+def block_graph(fam: TorchFamily, module, state: dict, consts: dict, weights: dict, lora: dict):
+    """The block's forward with autograd recording: (state leaves, LoRA leaves, outputs)."""
+    with torch.enable_grad():
+        xs = {k: v.detach().requires_grad_() for k, v in state.items()}
+        ls = {k: v.detach().requires_grad_() for k, v in lora.items()}
+        return xs, ls, block_forward(fam, module, xs, consts, weights, ls)
+
+
+def graph_vjp(graph, grads: dict):
+    """(gradient at each state input, gradient of each LoRA tensor) of a ``block_graph`` for output
+    gradients ``grads``; frees the graph."""
+    xs, ls, out = graph
+    keys = [k for k in out if k in grads]
+    wrt = list(xs.values()) + list(ls.values())
+    g = torch.autograd.grad([out[k] for k in keys], wrt, [grads[k] for k in keys], allow_unused=True)
+    g = [torch.zeros_like(w) if gi is None else gi for gi, w in zip(g, wrt)]
+    return dict(zip(xs, g[: len(xs)])), dict(zip(ls, g[len(xs):]))
+
+
 def block_vjp(fam: TorchFamily, module, state: dict, consts: dict, grads: dict, weights: dict, lora: dict):
     """(gradient at each state input, gradient of each LoRA tensor) for output gradients ``grads``.
 
     The block's forward is recomputed here (activation checkpointing at block granularity)."""
-    with torch.enable_grad():
-        xs = {k: v.detach().requires_grad_() for k, v in state.items()}
-        ls = {k: v.detach().requires_grad_() for k, v in lora.items()}
-        out = block_forward(fam, module, xs, consts, weights, ls)
-        keys = [k for k in out if k in grads]
-        wrt = list(xs.values()) + list(ls.values())
-        g = torch.autograd.grad([out[k] for k in keys], wrt, [grads[k] for k in keys], allow_unused=True)
-    g = [torch.zeros_like(w) if gi is None else gi for gi, w in zip(g, wrt)]
-    return dict(zip(xs, g[: len(xs)])), dict(zip(ls, g[len(xs):]))
+    return graph_vjp(block_graph(fam, module, state, consts, weights, lora), grads)
 
 
 def head_loss_grad(fam: TorchFamily, module, hidden: torch.Tensor, consts: dict, target: torch.Tensor,
