@@ -2,6 +2,8 @@
 #   make demo   export the built-in tiny model and train a LoRA on device (offline)
 #   make test   run the test suite (builds the native runner first)
 #   make native build the native ExecuTorch training runner into build/native
+#   make native-aarch64   cross-build it for Linux aarch64 into build/native-aarch64 (needs Debian's
+#               g++-aarch64-linux-gnu; the tests run it under qemu-aarch64 from qemu-user)
 # Both create .venv and install what is missing (torch 2.13.0 CPU wheel from this disk).
 
 PY      ?= python3.11
@@ -10,11 +12,15 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 DEMO    ?= out/demo
 NATIVE  ?= build/native
+NATIVE_ARM ?= build/native-aarch64
+ET_VERSION := 1.5.1
+# the executorch wheel for Linux aarch64, unpacked (its libraries, headers and CMake package)
+ET_ARM  ?= build/executorch-aarch64
 DEMO_PROMPT ?= a photo of sks cat
 # BlockSkip: 3 of the 9 blocks skipped as the selection table splits them; 64 px crops of 128 px photos
 DEMO_PLAN ?= --skip-ratio 0.33 --rank 16 --samples 64 --steps 300 --lr 1e-3
 
-.PHONY: demo test lint venv clean native
+.PHONY: demo test lint venv clean native native-aarch64
 
 venv: $(STAMP)
 
@@ -51,6 +57,21 @@ native: venv
 	test -x $(BIN)/cmake || $(BIN)/pip install -q 'cmake>=3.28'
 	$(BIN)/cmake -S . -B $(NATIVE) -DBLOCKSKIP_BUILD_NATIVE=ON -DPython3_EXECUTABLE=$(abspath $(BIN)/python)
 	$(BIN)/cmake --build $(NATIVE) -j2
+
+# the same runner for Linux aarch64 (Jetson's OS; the CPU architecture of Android phones)
+native-aarch64: venv $(ET_ARM)/executorch/lib
+	@command -v aarch64-linux-gnu-g++ >/dev/null || { echo "need Debian's cross compiler: apt-get install g++-aarch64-linux-gnu qemu-user"; exit 1; }
+	test -x $(BIN)/cmake || $(BIN)/pip install -q 'cmake>=3.28'
+	$(BIN)/cmake -S . -B $(NATIVE_ARM) -DBLOCKSKIP_BUILD_NATIVE=ON \
+		-DCMAKE_TOOLCHAIN_FILE=$(abspath cmake/aarch64-linux-gnu.cmake) -DEXECUTORCH_ROOT=$(abspath $(ET_ARM)/executorch)
+	$(BIN)/cmake --build $(NATIVE_ARM) -j2
+
+$(ET_ARM)/executorch/lib:
+	rm -rf $(ET_ARM) && mkdir -p $(ET_ARM)/wheel
+	$(BIN)/pip download -q --platform manylinux_2_28_aarch64 --only-binary=:all: --no-deps \
+		executorch==$(ET_VERSION) -d $(ET_ARM)/wheel
+	$(BIN)/python -m zipfile -e $(ET_ARM)/wheel/executorch-$(ET_VERSION)-*.whl $(ET_ARM)
+	rm -rf $(ET_ARM)/wheel
 
 test: venv native
 	$(BIN)/python -m pytest -q
