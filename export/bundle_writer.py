@@ -29,6 +29,7 @@ from blockskip.runtime.errors import OutputError, PlanError
 from blockskip.runtime.files import ensure_writable_dir
 from blockskip.runtime.plan import Plan
 from blockskip.runtime.profiles import Profile
+from blockskip.runtime.schedule import RNG as SCHEDULE_RNG
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -154,7 +155,7 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
         prompt_file = _save(tmp, "text/prompt.safetensors", text, files)
         schedule = dict(num_samples=plan.num_samples, s_min=plan.s_min, s_max=plan.s_max,
                         granularity=lm.granularity, seed=plan.seed, patch_sampling=plan.patch_sampling,
-                        shift=plan.timestep_shift)
+                        shift=plan.timestep_shift, rng=SCHEDULE_RNG)
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "family": fam.name,

@@ -4,15 +4,23 @@ For a draw at integer timestep t in [1, T], the crop side grows linearly with t,
 ``s(t) = s_min + (t/T)(s_max - s_min)``, rounded down to the patch granularity, at a random origin on
 the granularity grid; the crop is later resized to ``s_min``. Noise is drawn at ``s_min`` from
 ``noise_seed``.
+
+Every draw comes from the counter-based generator of ``runtime.rng`` (``splitmix64-v1``), so the
+native runner computes the same schedule: entry k reads words ``5k .. 5k+4`` of
+``key(seed, SCHEDULE_STREAM)``: the photo (``below(w0, num_images)``; the first ``num_images`` entries
+take each photo once, in order), the timestep ``1 + below(w1, T)``, the crop origin's grid slots
+``below(w2, slots)`` (top) and ``below(w3, slots)`` (left), and ``noise_seed = w4 >> 33``.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
+from blockskip.runtime import rng as counter_rng
 from blockskip.runtime.errors import PlanError
+
+RNG = "splitmix64-v1"
+WORDS_PER_ENTRY = 5
 
 
 @dataclass(frozen=True)
@@ -56,20 +64,24 @@ class PatchSchedule:
         patch_sampling: bool = True,
         shift: float = 1.0,
         T: int = 1000,
+        rng: str = RNG,
     ) -> PatchSchedule:
         if num_images < 1:
             raise PlanError("the schedule needs at least one image")
         if not (0 < s_min <= s_max) or s_min % granularity or s_max % granularity:
             raise PlanError(f"need 0 < s_min <= s_max, both multiples of {granularity} (got {s_min}, {s_max})")
-        rng = np.random.default_rng(seed)
+        if rng != RNG:
+            raise PlanError(f"the schedule's generator {rng!r} is not this runtime's ({RNG}); export the bundle again")
+        k_sched = counter_rng.key(seed, counter_rng.SCHEDULE_STREAM)
         entries = []
         for k in range(num_samples):
-            image = int(k % num_images) if k < num_images else int(rng.integers(num_images))
-            t = int(rng.integers(1, T + 1))
+            w = [int(x) for x in counter_rng.words(k_sched, WORDS_PER_ENTRY * k, WORDS_PER_ENTRY)]
+            image = k % num_images if k < num_images else int(counter_rng.below(w[0], num_images))
+            t = 1 + int(counter_rng.below(w[1], T))
             side = crop_side(t, T, s_min, s_max, granularity) if patch_sampling else s_max
             slots = (s_max - side) // granularity + 1
-            top = int(rng.integers(slots)) * granularity
-            left = int(rng.integers(slots)) * granularity
+            top = int(counter_rng.below(w[2], slots)) * granularity
+            left = int(counter_rng.below(w[3], slots)) * granularity
             entries.append(
                 ScheduleEntry(
                     index=k,
@@ -79,12 +91,12 @@ class PatchSchedule:
                     side=side,
                     top=top,
                     left=left,
-                    noise_seed=int(rng.integers(2**31 - 1)),
+                    noise_seed=w[4] >> 33,
                 )
             )
         meta = dict(
             num_images=num_images, s_min=s_min, s_max=s_max, granularity=granularity, seed=seed,
-            patch_sampling=patch_sampling, shift=shift, T=T, resize="area",
+            patch_sampling=patch_sampling, shift=shift, T=T, resize="area", rng=RNG,
         )
         return cls(entries, meta)
 

@@ -136,7 +136,7 @@ def test_json_round_trip(kw):
     assert b.meta == a.meta
     assert b.to_json() == a.to_json()
     # the meta is enough to rebuild the very same schedule (this is what precompute does)
-    meta = {k: v for k, v in d["meta"].items() if k != "resize"}
+    meta = {k: v for k, v in d["meta"].items() if k != "resize"}  # rng included
     assert PatchSchedule.build(num_samples=len(a), **meta).entries == a.entries
 
 
@@ -286,3 +286,8 @@ def test_plan_dict_round_trip_and_unknown_fields():
     assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
     with pytest.raises(PlanError, match="front_skipp"):
         Plan.from_dict({"front_skipp": 1})
+
+
+def test_a_schedule_of_another_generator_is_refused():
+    with pytest.raises(PlanError, match="generator"):
+        PatchSchedule.build(num_images=2, num_samples=3, s_min=32, s_max=64, granularity=16, seed=0, rng="pcg64")

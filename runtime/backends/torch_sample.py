@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from blockskip.runtime.backends.torch_families.base import CropGeometry
+from blockskip.runtime.rng import normals
 from blockskip.runtime.schedule import ScheduleEntry
 
 
@@ -15,8 +16,7 @@ def make_sample(latent: torch.Tensor, e: ScheduleEntry, s_min: int, s_max: int, 
     full, side, top, left, low = s_max // f, e.side // f, e.top // f, e.left // f, s_min // f
     crop = latent[None, :, top : top + side, left : left + side].float()
     x0 = crop if side == low else F.interpolate(crop, size=(low, low), mode="area")
-    g = torch.Generator().manual_seed(e.noise_seed)
-    eps = torch.randn(x0.shape, generator=g, dtype=torch.float32)
+    eps = torch.from_numpy(normals(e.noise_seed, x0.numel())).reshape(x0.shape)
     sigma = torch.tensor([e.sigma], dtype=torch.float32)
     x_t = (1 - sigma) * x0 + sigma * eps
     geom = CropGeometry(full=full, side=side, top=top, left=left, low=low)
