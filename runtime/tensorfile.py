@@ -34,7 +34,10 @@ class TensorFile:
         try:
             with open(self.path, "rb") as f:
                 size = self.path.stat().st_size
-                buf = bytearray(size)
+                # not zero-filled (bytearray would write every page while holding the GIL): the pages
+                # are first touched by readinto, which releases it, so a prefetching thread does not
+                # stall the step running beside it
+                buf = np.empty(size, dtype=np.uint8)
                 view = memoryview(buf)
                 got = 0
                 while got < size:
