@@ -36,7 +36,9 @@ class ResidualCache:
         cache = cls(ensure_writable_dir(root, "cache folder"))
         if cache.index and cache.index.get("source") == source:
             return cache  # resume: keep the shards already written
-        cache.index = {"source": source, "schedule": schedule.to_json(), "entries": {}}
+        # the identity is stored, so every reader (the native runner too) takes it as written
+        cache.index = {"source": source, "source_sha256": source_digest(source), "schedule": schedule.to_json(),
+                       "entries": {}}
         atomic_write_json(cache.index_path, cache.index)
         return cache
 
@@ -47,7 +49,9 @@ class ResidualCache:
         return PatchSchedule.from_json(self.index["schedule"])
 
     def source_sha256(self) -> str:
-        return source_digest(self.index.get("source"))
+        """The cache's identity as recorded when it was written (derived for a cache from before that)."""
+        stored = self.index.get("source_sha256")
+        return stored if isinstance(stored, str) else source_digest(self.index.get("source"))
 
     def shard_name(self, k: int) -> str:
         return f"entry_{k:05d}.safetensors"

@@ -212,6 +212,28 @@ def test_checkpoint_is_the_torch_backends_format(trained):
         np.testing.assert_array_equal(st["exp_avg_sq"].numpy(), tensors[f"opt.exp_avg_sq.{n}"])
 
 
+def test_the_cache_identity_is_read_as_stored(trained, runner, tmp_path):
+    """The index records the cache's identity when it is written; both runtimes take it as written (the
+    native runner no longer re-derives it from Python's JSON text), and a cache from before it was stored
+    still gets the derived one."""
+    from blockskip.runtime.cache import source_digest
+
+    index = json.loads((trained / "cache" / "index.json").read_text())
+    assert index["source_sha256"] == source_digest(index["source"])
+    cache = tmp_path / "cache"
+    shutil.copytree(trained / "cache", cache)
+    index["source_sha256"] = "ab" * 32  # a stored identity no derivation would give
+    (cache / "index.json").write_text(json.dumps(index))
+    assert ResidualCache(cache).source_sha256() == "ab" * 32
+    run_native(runner, trained / "bundle", cache, tmp_path / "o", "--stop-after", 1)
+    assert json.loads((tmp_path / "o" / "train_log.json").read_text())["cache_source"] == "ab" * 32
+    del index["source_sha256"]  # written before the identity was stored
+    (cache / "index.json").write_text(json.dumps(index))
+    run_native(runner, trained / "bundle", cache, tmp_path / "o2", "--stop-after", 1)
+    derived = json.loads((tmp_path / "o2" / "train_log.json").read_text())["cache_source"]
+    assert derived == source_digest(index["source"]) == ResidualCache(cache).source_sha256()
+
+
 def test_resume_equals_uninterrupted(trained, runner, tmp_path):
     out = tmp_path / "resumed"
     r = run_native(runner, trained / "bundle", trained / "cache", out, "--stop-after", 3)

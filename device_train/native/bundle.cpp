@@ -85,8 +85,13 @@ Cache load_cache(const std::string& root, const Bundle& b) {
     if (!idx.find("schedule")) throw InputError("no cache index in '" + root + "': run `device-train precompute` first");
     const Value null;
     const Value* source = idx.find("source");
-    // what the Python side records: sha256 of json.dumps(source, sort_keys=True)
-    c.source_sha256 = sha256_hex(json::dump_python_sorted(source ? *source : null));
+    // the identity as written into the index; a cache from before it was stored: sha256 of Python's
+    // json.dumps(source, sort_keys=True), which is how it was derived
+    const Value* stored = idx.find("source_sha256");
+    if (stored && stored->is_string() && stored->as_string().size() == 64)
+      c.source_sha256 = stored->as_string();
+    else
+      c.source_sha256 = sha256_hex(json::dump_python_sorted(source ? *source : null));
     const Value* bundle_sha = source ? source->find("bundle") : nullptr;
     if (!bundle_sha || !bundle_sha->is_string() || bundle_sha->as_string() != b.manifest_sha256)
       throw InputError("this cache was computed for another bundle; precompute again into a new folder");
