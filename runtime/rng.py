@@ -2,7 +2,8 @@
 
 A counter-based generator: every value is a pure function of (key, counter), so any side can compute
 any draw without replaying the ones before it, and the Python runtime and the native runner (which
-implements the same functions) make the same schedule and the same noise. Specified in
+implements the same functions in ``device_train/native/rng.cpp``) make the same schedule and the same
+noise. Specified in
 ``docs/formats.md`` ("Random numbers"); all arithmetic on unsigned 64-bit integers wraps mod 2^64.
 
 * ``mix(z)``: SplitMix64's finaliser, ``z ^= z >> 30; z *= 0xbf58476d1ce4e5b9; z ^= z >> 27;

@@ -212,6 +212,27 @@ def test_checkpoint_is_the_torch_backends_format(trained):
         np.testing.assert_array_equal(st["exp_avg_sq"].numpy(), tensors[f"opt.exp_avg_sq.{n}"])
 
 
+def test_schedule_and_noise_are_the_python_runtimes(runner, tmp_path):
+    """`blockskip-train-native schedule` draws the patch schedule and the noise from the shared generator
+    (docs/formats.md) exactly as the Python runtime does: same entries, same float32 noise."""
+    from blockskip.runtime.rng import normals
+
+    plan = Plan(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=40, timestep_shift=3.0, seed=11)
+    export_bundle(load_model("tiny-random"), plan, load_profile("desktop-cpu"), "a photo of sks cat", tmp_path / "b",
+                  formats=["torch"])
+    r = subprocess.run([str(runner), "schedule", str(tmp_path / "b"), "--images", "5", "--noise-values", "33"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    ref = Bundle(tmp_path / "b").schedule(5).to_json()
+    assert got["entries"] == ref["entries"] and got["meta"] == ref["meta"]
+    assert len({e["image"] for e in got["entries"]}) == 5 and len({e["side"] for e in got["entries"]}) > 3
+    for values, e in zip(got["noise_values"], got["entries"]):
+        np.testing.assert_array_equal(np.array(values, dtype=np.float32), normals(e["noise_seed"], 33))
+    r = subprocess.run([str(runner), "schedule", str(tmp_path / "b")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--images" in r.stderr
+
+
 def test_the_cache_identity_is_read_as_stored(trained, runner, tmp_path):
     """The index records the cache's identity when it is written; both runtimes take it as written (the
     native runner no longer re-derives it from Python's JSON text), and a cache from before it was stored

@@ -71,3 +71,21 @@ def test_aarch64_runner_trains_the_x86_lora(qemu, tmp_path, photos):
         np.testing.assert_allclose(lora_a[k], lora_x[k], rtol=0, atol=1e-5, err_msg=k)
         moved = max(moved, float(np.abs(lora_x[k]).max()))
     assert moved > 1e-4  # the LoRA was trained (lora_B starts at zero)
+
+
+def test_aarch64_runner_draws_the_python_schedule_and_noise(qemu, tmp_path):
+    """The shared generator on the other CPU: the same schedule, and noise within 1e-6 (libm's cos, sin
+    and log may differ in the last bit of a float64 there)."""
+    from blockskip.runtime.bundle import Bundle
+    from blockskip.runtime.rng import normals
+
+    plan = Plan(**{**PLAN, "num_samples": 12, "seed": 5})
+    export_bundle(load_model("tiny-random"), plan, load_profile("desktop-cpu"), "a photo of sks cat", tmp_path / "b",
+                  formats=["torch"])
+    r = subprocess.run([qemu, "-L", str(SYSROOT), str(ARM), "schedule", str(tmp_path / "b"), "--images", "3",
+                        "--noise-values", "64"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["entries"] == Bundle(tmp_path / "b").schedule(3).to_json()["entries"]
+    for values, e in zip(got["noise_values"], got["entries"]):
+        np.testing.assert_allclose(np.array(values, dtype=np.float32), normals(e["noise_seed"], 64), rtol=0, atol=1e-6)

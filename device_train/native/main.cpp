@@ -20,12 +20,18 @@
 
 #include "common.h"
 #include "driver.h"
+#include "json.h"
+#include "rng.h"
 
 namespace {
 
 using blockskip::InputError;
 using blockskip::Options;
 using blockskip::UsageError;
+namespace json = blockskip::json;
+namespace rng = blockskip::rng;
+using blockskip::build_schedule;
+using blockskip::schedule_json;
 
 const char* kProg = "blockskip-train-native";
 
@@ -47,7 +53,61 @@ const char* kUsage =
     "  --no-verify       check file sizes only, not sha256 digests\n"
     "  -h, --help        show this help and exit\n"
     "\n"
-    "A run resumes from OUT/checkpoint/checkpoint.safetensors when it is there.\n";
+    "A run resumes from OUT/checkpoint/checkpoint.safetensors when it is there.\n"
+    "\n"
+    "       blockskip-train-native schedule BUNDLE --images N [--noise-values M]\n"
+    "\n"
+    "Print, as JSON, the patch schedule that precompute draws for N photos (the same as the Python\n"
+    "runtime's), with the first M values of each entry's noise when asked.\n";
+
+int schedule_command(int argc, char** argv) {
+  std::string bundle;
+  long long images = -1, values = 0;
+  for (int i = 2; i < argc; ++i) {
+    std::string a = argv[i];
+    auto number = [&](const char* name) {
+      if (i + 1 >= argc) throw UsageError(std::string(name) + " needs a value");
+      std::string v = argv[++i];
+      char* end = nullptr;
+      errno = 0;
+      long long n = std::strtoll(v.c_str(), &end, 10);
+      if (v.empty() || *end || errno || n < 0) throw UsageError(std::string(name) + " needs a count >= 0, got '" + v + "'");
+      return n;
+    };
+    if (a == "--images") {
+      images = number("--images");
+    } else if (a == "--noise-values") {
+      values = number("--noise-values");
+    } else if (a.size() > 1 && a[0] == '-') {
+      throw UsageError("unknown option " + a);
+    } else if (bundle.empty()) {
+      bundle = a;
+    } else {
+      throw UsageError("expected one BUNDLE");
+    }
+  }
+  if (bundle.empty()) throw UsageError("missing BUNDLE");
+  if (images < 1) throw UsageError("missing --images N (N >= 1)");
+  const std::string mpath = bundle + "/manifest.json";
+  json::Value manifest = json::parse_file(mpath);
+  const json::Value* sched = manifest.find("schedule");
+  if (!sched) throw InputError(mpath + " has no schedule section; export the bundle again");
+  const auto entries = build_schedule(*sched, images);
+  json::Value out = schedule_json(*sched, images, entries);
+  if (values > 0) {
+    json::Value noise = json::Value::array();
+    for (const auto& e : entries) {
+      json::Value head = json::Value::array();
+      for (float x : rng::normals(uint64_t(e.noise_seed), size_t(values))) head.push_back(json::Value::number(x));
+      noise.push_back(std::move(head));
+    }
+    out.set("noise_values", std::move(noise));
+  }
+  json::DumpOptions opts;
+  opts.indent = 1;
+  std::printf("%s\n", json::dump(out, opts).c_str());
+  return 0;
+}
 
 Options parse_args(int argc, char** argv) {
   Options o;
@@ -107,6 +167,18 @@ void emit_log(et_timestamp_t, et_pal_log_level_t level, const char* filename, co
 
 int main(int argc, char** argv) {
   executorch::runtime::register_pal(executorch::runtime::PalImpl::create(emit_log, __FILE__));
+  if (argc > 1 && std::string(argv[1]) == "schedule") {
+    try {
+      return schedule_command(argc, argv);
+    } catch (const UsageError& e) {
+      std::fprintf(stderr, "usage: %s schedule BUNDLE --images N [--noise-values M]\n%s: error: %s\n", kProg, kProg,
+                   e.what());
+      return 2;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "%s: error: %s\n", kProg, e.what());
+      return 1;
+    }
+  }
   Options opt;
   try {
     opt = parse_args(argc, argv);
