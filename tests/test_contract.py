@@ -27,6 +27,7 @@ from blockskip.export.bundle_writer import export_bundle  # noqa: E402
 from blockskip.export.families import wrap_model  # noqa: E402
 from blockskip.runtime.backends.torch import TorchTrainer  # noqa: E402
 from blockskip.runtime.bundle import Bundle  # noqa: E402
+from blockskip.runtime.cache import source_digest  # noqa: E402
 from blockskip.runtime.driver import train as drive  # noqa: E402
 from blockskip.runtime.plan import Plan  # noqa: E402
 from blockskip.runtime.profiles import load_profile  # noqa: E402
@@ -228,6 +229,7 @@ def _retarget_cache(cache, bundle) -> None:
 
     idx = json.loads((cache / "index.json").read_text())
     idx["source"]["bundle"] = sha256_file(bundle / "manifest.json")
+    idx["source_sha256"] = source_digest(idx["source"])  # the identity of what it now claims
     (cache / "index.json").write_text(json.dumps(idx))
 
 

@@ -21,7 +21,7 @@ from blockskip.device_train.app import run_precompute  # noqa: E402
 from blockskip.export.bundle_writer import export_bundle  # noqa: E402
 from blockskip.export.families import load_model  # noqa: E402
 from blockskip.runtime.bundle import Bundle  # noqa: E402
-from blockskip.runtime.cache import ResidualCache  # noqa: E402
+from blockskip.runtime.cache import ResidualCache, source_digest  # noqa: E402
 from blockskip.runtime.plan import Plan  # noqa: E402
 from blockskip.runtime.profiles import load_profile  # noqa: E402
 
@@ -237,8 +237,6 @@ def test_the_cache_identity_is_read_as_stored(trained, runner, tmp_path):
     """The index records the cache's identity when it is written; both runtimes take it as written (the
     native runner no longer re-derives it from Python's JSON text), and a cache from before it was stored
     still gets the derived one."""
-    from blockskip.runtime.cache import source_digest
-
     index = json.loads((trained / "cache" / "index.json").read_text())
     assert index["source_sha256"] == source_digest(index["source"])
     cache = tmp_path / "cache"
@@ -301,6 +299,7 @@ def test_bad_inputs_are_refused(trained, runner, tmp_path):
     shutil.copytree(cache, other)
     idx = json.loads((other / "index.json").read_text())
     idx["source"]["bundle"] = "0" * 64
+    idx["source_sha256"] = source_digest(idx["source"])  # the identity of what it now claims
     (other / "index.json").write_text(json.dumps(idx))
     fails(bundle, other, tmp_path / "o3", "another bundle")
     # a corrupt shard
@@ -316,6 +315,7 @@ def test_bad_inputs_are_refused(trained, runner, tmp_path):
     shutil.copytree(cache, photos_cache)
     idx = json.loads((photos_cache / "index.json").read_text())
     idx["source"]["images"] = {"other.png": "1" * 64}
+    idx["source_sha256"] = source_digest(idx["source"])  # the identity of what it now claims
     (photos_cache / "index.json").write_text(json.dumps(idx))
     out = tmp_path / "o5"
     shutil.copytree(trained / "full" / "checkpoint", out / "checkpoint")

@@ -29,6 +29,7 @@ pytest.importorskip("executorch.extension.pybindings.portable_lib", reason="the 
 from blockskip.device_train.app import run_precompute, run_train  # noqa: E402
 from blockskip.export.bundle_writer import export_bundle  # noqa: E402
 from blockskip.export.families import load_model, wrap_model  # noqa: E402
+from blockskip.runtime.cache import source_digest  # noqa: E402
 from blockskip.runtime.files import sha256_file  # noqa: E402
 from blockskip.runtime.plan import Plan  # noqa: E402
 from blockskip.runtime.profiles import load_profile  # noqa: E402
@@ -126,6 +127,7 @@ def _edited_copy(root: Path, dest: Path, plan: dict | None = None, memory: dict 
     shutil.copytree(root / "cache", dest / "cache")
     idx = json.loads((dest / "cache" / "index.json").read_text())
     idx["source"]["bundle"] = sha256_file(dest / "bundle" / "manifest.json")
+    idx["source_sha256"] = source_digest(idx["source"])  # the identity of what it now claims
     (dest / "cache" / "index.json").write_text(json.dumps(idx))
     return dest / "bundle", dest / "cache"
 
@@ -226,6 +228,7 @@ def test_refusals(flux, runner, tmp_path):
     shutil.copytree(cache, other)
     idx = json.loads((other / "index.json").read_text())
     idx["source"]["images"] = {"other.png": "1" * 64}
+    idx["source_sha256"] = source_digest(idx["source"])  # the identity of what it now claims
     (other / "index.json").write_text(json.dumps(idx))
     shutil.copytree(flux / "full" / "checkpoint", tmp_path / "o2" / "checkpoint")
     _fails(run_native(runner, bundle, other, tmp_path / "o2", check=False), "other photos")
