@@ -60,6 +60,15 @@ const char* kUsage =
     "Print, as JSON, the patch schedule that precompute draws for N photos (the same as the Python\n"
     "runtime's), with the first M values of each entry's noise when asked.\n";
 
+// A count >= 0 given to option `name`.
+long long parse_count(const std::string& name, const std::string& v) {
+  char* end = nullptr;
+  errno = 0;
+  long long n = std::strtoll(v.c_str(), &end, 10);
+  if (v.empty() || *end || errno || n < 0) throw UsageError(name + " needs a count >= 0, got '" + v + "'");
+  return n;
+}
+
 int schedule_command(int argc, char** argv) {
   std::string bundle;
   long long images = -1, values = 0;
@@ -67,12 +76,7 @@ int schedule_command(int argc, char** argv) {
     std::string a = argv[i];
     auto number = [&](const char* name) {
       if (i + 1 >= argc) throw UsageError(std::string(name) + " needs a value");
-      std::string v = argv[++i];
-      char* end = nullptr;
-      errno = 0;
-      long long n = std::strtoll(v.c_str(), &end, 10);
-      if (v.empty() || *end || errno || n < 0) throw UsageError(std::string(name) + " needs a count >= 0, got '" + v + "'");
-      return n;
+      return parse_count(name, argv[++i]);
     };
     if (a == "--images") {
       images = number("--images");
@@ -129,12 +133,7 @@ Options parse_args(int argc, char** argv) {
     } else if (a == "-o" || is("--out")) {
       o.out = value("-o/--out");
     } else if (is("--stop-after")) {
-      std::string v = value("--stop-after");
-      char* end = nullptr;
-      errno = 0;
-      long long n = std::strtoll(v.c_str(), &end, 10);
-      if (v.empty() || *end || errno || n < 0) throw UsageError("--stop-after needs a step count >= 0, got '" + v + "'");
-      o.stop_after = n;
+      o.stop_after = parse_count("--stop-after", value("--stop-after"));
     } else if (a == "--quiet" || a == "-q") {
       o.quiet = true;
     } else if (a == "--no-verify") {

@@ -65,21 +65,45 @@ double shift_sigma(double u, double shift) { return std::min(1.0, shift * u / (1
 
 }  // namespace
 
-std::vector<ScheduleEntry> build_schedule(const json::Value& s, int64_t num_images) {
+namespace {
+
+// The manifest's schedule section, its defaults applied once (those of PatchSchedule.build).
+struct ScheduleParams {
+  int64_t K = 0, s_min = 0, s_max = 0, g = 1, T = 1000;
+  uint64_t seed = 0;
+  bool patch = true;
+  double shift = 1.0;
+};
+
+ScheduleParams schedule_params(const json::Value& s) {
   const std::string gen = s.find("rng") ? s.at("rng").as_string("schedule.rng") : "splitmix64-v1";
   if (gen != "splitmix64-v1")
     throw InputError("the bundle's schedule uses the generator '" + gen + "', not this runner's (splitmix64-v1); "
                      "export the bundle again");
-  const int64_t K = s.at("num_samples").as_int("schedule.num_samples");
-  const int64_t s_min = s.at("s_min").as_int("schedule.s_min"), s_max = s.at("s_max").as_int("schedule.s_max");
-  const int64_t g = s.at("granularity").as_int("schedule.granularity");
-  const uint64_t seed = uint64_t(s.at("seed").as_int("schedule.seed"));
-  const bool patch = s.find("patch_sampling") ? s.at("patch_sampling").as_bool("schedule.patch_sampling") : true;
-  const double shift = s.find("shift") ? s.at("shift").as_double("schedule.shift") : 1.0;
-  const int64_t T = s.find("T") ? s.at("T").as_int("schedule.T") : 1000;
-  if (num_images < 1) throw InputError("the schedule needs at least one image");
-  if (!(0 < s_min && s_min <= s_max) || g < 1 || s_min % g || s_max % g || K < 0 || T < 1 || T > (int64_t(1) << 32))
+  ScheduleParams p;
+  p.K = s.at("num_samples").as_int("schedule.num_samples");
+  p.s_min = s.at("s_min").as_int("schedule.s_min");
+  p.s_max = s.at("s_max").as_int("schedule.s_max");
+  p.g = s.at("granularity").as_int("schedule.granularity");
+  p.seed = uint64_t(s.at("seed").as_int("schedule.seed"));
+  if (s.find("patch_sampling")) p.patch = s.at("patch_sampling").as_bool("schedule.patch_sampling");
+  if (s.find("shift")) p.shift = s.at("shift").as_double("schedule.shift");
+  if (s.find("T")) p.T = s.at("T").as_int("schedule.T");
+  if (!(0 < p.s_min && p.s_min <= p.s_max) || p.g < 1 || p.s_min % p.g || p.s_max % p.g || p.K < 0 || p.T < 1 ||
+      p.T > (int64_t(1) << 32))
     throw InputError("the bundle's schedule section is invalid; export the bundle again");
+  return p;
+}
+
+}  // namespace
+
+std::vector<ScheduleEntry> build_schedule(const json::Value& s, int64_t num_images) {
+  const ScheduleParams p = schedule_params(s);
+  const int64_t K = p.K, s_min = p.s_min, s_max = p.s_max, g = p.g, T = p.T;
+  const uint64_t seed = p.seed;
+  const bool patch = p.patch;
+  const double shift = p.shift;
+  if (num_images < 1) throw InputError("the schedule needs at least one image");
   const uint64_t k_sched = rng::key(seed, rng::kScheduleStream);
   std::vector<ScheduleEntry> out;
   out.reserve(size_t(K));
@@ -103,13 +127,16 @@ std::vector<ScheduleEntry> build_schedule(const json::Value& s, int64_t num_imag
 
 json::Value schedule_json(const json::Value& s, int64_t num_images, const std::vector<ScheduleEntry>& entries) {
   using json::Value;
+  const ScheduleParams p = schedule_params(s);
   Value meta = Value::object();
   meta.set("num_images", Value::integer(num_images));
-  for (const char* k : {"s_min", "s_max", "granularity", "seed"}) meta.set(k, Value::integer(s.at(k).as_int(k)));
-  meta.set("patch_sampling", Value::boolean(s.find("patch_sampling") ? s.at("patch_sampling").as_bool("patch_sampling")
-                                                                     : true));
-  meta.set("shift", Value::number(s.find("shift") ? s.at("shift").as_double("shift") : 1.0));
-  meta.set("T", Value::integer(s.find("T") ? s.at("T").as_int("T") : 1000));
+  meta.set("s_min", Value::integer(p.s_min));
+  meta.set("s_max", Value::integer(p.s_max));
+  meta.set("granularity", Value::integer(p.g));
+  meta.set("seed", Value::integer(int64_t(p.seed)));
+  meta.set("patch_sampling", Value::boolean(p.patch));
+  meta.set("shift", Value::number(p.shift));
+  meta.set("T", Value::integer(p.T));
   meta.set("resize", Value::string("area"));
   meta.set("rng", Value::string("splitmix64-v1"));
   Value list = Value::array();
