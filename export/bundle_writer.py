@@ -18,7 +18,16 @@ from safetensors.torch import save_file
 
 from blockskip.export.families import LoadedModel, lora_target_names
 from blockskip.export.graphs import example_entry, initial_lora
-from blockskip.export.stream_export import entry_io, stream_layout, trace_head, trace_shape
+from blockskip.export.stream_export import (
+    EMBED,
+    TEXT,
+    WEIGHT,
+    entry_io,
+    stream_layout,
+    trace_embed,
+    trace_head,
+    trace_shape,
+)
 from blockskip.runtime.backends import torch_stream as ts
 from blockskip.runtime.backends.torch import blocks_to_run
 from blockskip.runtime.backends.torch_families.base import tensor_names
@@ -146,6 +155,8 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
         entry = example_entry(lm, plan, trained, text)
         stream = stream_section(tmp, lm, plan, layout, lora, entry, fmts, files, log)
         stream.update(lora_init=lora_init, block_paths=paths)
+        if fmts:  # the program runtimes build each sample and its block-0 input with the embed program
+            stream["shapes"][EMBED] = embed_section(tmp, lm, plan, part(fam.embed_prefixes), text, fmts, files, log)
         sections = {pl.name: pl.section() for pl in fmts}
         for pl in fmts:
             if plan.span == "resident":
@@ -230,6 +241,20 @@ def stream_section(root: Path, lm, plan: Plan, layout, lora: dict, entry: dict |
     shapes["head"] = head
     return {"storage": storage, "shapes": shapes, "train": [[i, s] for i, s in layout.train],
             "precompute": [[i, s] for i, s in layout.precompute]}
+
+
+def embed_section(root: Path, lm, plan: Plan, weights: dict, text: dict, fmts, files: list[str], log) -> dict:
+    """The embed program (``stream/embed.embed.<ext>``), traced on the model's own embed weights."""
+    fam = lm.family
+    log("stream: tracing the embed program")
+    w = {n: t.float() for n, t in weights.items()}
+    p = {n: t.float() for n, t in text.items()}
+    traced = trace_embed(fam, fam.skeleton(), {n: (tuple(t.shape), t.dtype) for n, t in w.items()},
+                         {n: (tuple(t.shape), t.dtype) for n, t in p.items()}, lm.latent_channels, plan,
+                         lm.vae_factor, example={**{WEIGHT + n: t for n, t in w.items()},
+                                                 **{TEXT + n: t for n, t in p.items()}})
+    return {"kind": EMBED, "targets": [], "programs": {EMBED: _lower_all(traced, root, f"stream/{EMBED}.{EMBED}",
+                                                                          fmts, files, log)}}
 
 
 def _lower_all(traced, root: Path, rel: str, fmts, files: list[str], log) -> dict:

@@ -59,8 +59,34 @@ def to_onnx(module: nn.Module, args: tuple, input_names: list[str], output_names
         _optimize(model, should_fold)
     proto = ir.serde.serialize_model(model)
     _fix_layer_norm(proto)
+    _float_trig(proto)
     proto.ir_version = IR_VERSION
     return proto
+
+
+def _float_trig(proto) -> None:
+    """ONNX Runtime's CPU Cos and Sin take float32 only: a float64 one (the embed program's positions,
+    computed in float64 as the eager model does) runs in float32 between two Casts."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    trig = [n for n in proto.graph.node if n.op_type in ("Cos", "Sin")]
+    if not trig:
+        return
+    g = onnx.shape_inference.infer_shapes(proto).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
+    types.update({t.name: t.data_type for t in proto.graph.initializer})
+    nodes = []
+    for k, node in enumerate(proto.graph.node):
+        if node.op_type in ("Cos", "Sin") and types.get(node.input[0]) == TensorProto.DOUBLE:
+            x, y = f"{node.input[0]}_as_f32_{k}", f"{node.output[0]}_f32_{k}"
+            nodes += [helper.make_node("Cast", [node.input[0]], [x], to=TensorProto.FLOAT),
+                      helper.make_node(node.op_type, [x], [y]),
+                      helper.make_node("Cast", [y], [node.output[0]], to=TensorProto.DOUBLE)]
+        else:
+            nodes.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
 
 
 def _rewrite_rules() -> list:

@@ -240,3 +240,62 @@ def entry_io(entry_shapes: Shapes) -> tuple[Shapes, Shapes, tuple]:
     state = {k[3:]: v for k, v in entry_shapes.items() if k.startswith("in.")}
     consts = {k[2:]: v for k, v in entry_shapes.items() if k.startswith("c.")}
     return state, consts, entry_shapes["target"]
+
+
+# --------------------------------------------------------------------------------------------
+# the embed program: a schedule entry's clean crop, its noise and its geometry -> the state entering
+# block 0, the step constants and the flow-matching target (what precompute feeds the blocks)
+
+EMBED = "embed"  # the shape id and role of the embed program in the stream section
+TEXT = "text."  # prompt-embedding inputs (the bundle's prompt file)
+
+
+class _EmbedRunner(nn.Module):
+    """``prepare_text`` + noising + ``fam.embed`` + the target as a module's forward over the family's
+    model skeleton, so ``functional_call`` feeds the embed weights as inputs."""
+
+    def __init__(self, fam: TorchFamily, model: nn.Module, full: int, low: int, positions: str, guidance: float):
+        super().__init__()
+        self.fam, self.m = fam, model
+        self.full, self.low, self.positions, self.guidance = full, low, positions, guidance
+
+    def forward(self, x0, noise, sigma, geom, text):
+        from blockskip.runtime.backends.torch_families.base import CropGeometry
+
+        prepared = self.fam.prepare_text(self.m, text)
+        x_t = (1 - sigma) * x0 + sigma * noise
+        # the crop's place in latent pixels (float64, as the eager path computes its positions)
+        g = CropGeometry(full=self.full, side=geom[2], top=geom[0], left=geom[1], low=self.low)
+        state, consts = self.fam.embed(self.m, x_t, sigma, prepared, g, self.positions, self.guidance)
+        out = {STATE + k: v for k, v in state.items() if v is not None}
+        out.update({CONST + k: v for k, v in consts.items()})
+        out["target"] = self.fam.to_tokens(noise - x0)
+        return out
+
+
+def embed_fn(fam: TorchFamily, skeleton: nn.Module, full: int, low: int, positions: str, guidance: float):
+    runner = _EmbedRunner(fam, skeleton, full, low, positions, guidance)
+
+    def fn(x: dict) -> dict:
+        weights = {"m." + k: v for k, v in _split(x, WEIGHT).items()}
+        return torch.func.functional_call(runner, weights, (x["x0"], x["noise"], x["sigma"], x["geom"],
+                                                            _split(x, TEXT)))
+
+    return fn
+
+
+def trace_embed(fam: TorchFamily, skeleton: nn.Module, weights: Shapes, text: Shapes, channels: int, plan,
+                vae_factor: int, fake: bool = False, example: dict[str, torch.Tensor] | None = None) -> Traced:
+    """The embed program: inputs ``x0`` and ``noise`` [1, C, low, low] (the crop resized to s_min and its
+    noise), ``sigma`` [1], ``geom`` float64 [top, left, side] of the crop in latent pixels, ``text.<k>``
+    (the prompt embeddings) and ``w.<name>`` (the embed weights, full model names); outputs ``state.<k>``,
+    ``c.<k>`` and ``target``. ``example``: real tensors to trace on (else zeros / fake)."""
+    low, full = plan.s_min // vae_factor, plan.s_max // vae_factor
+    shapes: Shapes = {"x0": ((1, channels, low, low), torch.float32), "noise": ((1, channels, low, low), torch.float32),
+                      "sigma": ((1,), torch.float32), "geom": ((3,), torch.float64)}
+    shapes.update({TEXT + k: (s, torch.float32) for k, (s, _) in sorted(text.items())})
+    shapes.update({WEIGHT + k: (s, torch.float32) for k, (s, _) in sorted(weights.items())})
+    tensors = _tensors(shapes, fake)
+    if example:
+        tensors.update({k: v for k, v in example.items() if k in tensors})
+    return trace(embed_fn(fam, skeleton, full, low, plan.positions, plan.guidance), tensors)

@@ -1,10 +1,9 @@
 """ExecuTorch backend: block programs for precompute and the streamed span, a training program for the
 resident span.
 
-Precompute streams each block's stored weights through its shape's forward program
-(``stream/<shape>.forward.pte``) and encodes photos with ``pte/encoder.pte``; the sample construction
-(crop, resize, noise) and the small embed layers run through the same torch code as the torch
-backend, so both backends write the same cache. A streamed span runs the forward / VJP / head programs
+Precompute (``runtime.precompute``) encodes photos with ``pte/encoder.pte``, builds each sample with
+the embed program (``stream/embed.embed.pte``) and streams each block's stored weights through its
+shape's forward program (``stream/<shape>.forward.pte``), as the native runner does. A streamed span runs the forward / VJP / head programs
 under ``runtime.stream`` (one program loaded at a time: its planned arena is all it holds). A resident
 span runs the joint forward-backward program ``pte/train/span.pte`` (its LoRA weights in ``span.ptd``)
 through ExecuTorch's training module: each call returns the loss and the LoRA gradients, and AdamW
@@ -101,7 +100,7 @@ def _section(bundle: Bundle) -> dict:
 # precompute
 
 
-def encode_latents(bundle: Bundle, images: np.ndarray):
+def encode_latents(bundle: Bundle, images: np.ndarray) -> np.ndarray:
     """Photos [N,3,S,S] in [-1,1] -> latents, with the encoder program(s) (in tiles when exported so;
     loaded only here)."""
     import torch
@@ -112,8 +111,7 @@ def encode_latents(bundle: Bundle, images: np.ndarray):
         with _native_log():
             return prog.forward([torch.from_numpy(x)])[0].numpy()
 
-    lat = encode_photos(_section(bundle)["encoder"], images, lambda rel: _load_program(bundle.path(rel)), run)
-    return torch.from_numpy(lat)
+    return encode_photos(_section(bundle)["encoder"], images, lambda rel: _load_program(bundle.path(rel)), run)
 
 
 class EtPrograms(ProgramBackend):
@@ -139,15 +137,11 @@ class EtPrograms(ProgramBackend):
 
 
 def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None):
-    import torch
-
-    from blockskip.runtime.backends.torch import precompute_with
-    from blockskip.runtime.backends.torch_io import StreamBlockStore
+    from blockskip.runtime.precompute import precompute as run
 
     _section(bundle)
-    return precompute_with(bundle, images, cache_dir, source=source, progress=progress,
-                           make_store=lambda: StreamBlockStore(bundle, EtPrograms(bundle)),
-                           encode=lambda store: encode_latents(bundle, images), dtype=torch.float32)
+    return run(bundle, images, cache_dir, source=source, backend=EtPrograms(bundle), progress=progress,
+               encode=lambda ims: encode_latents(bundle, ims))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,10 +1,9 @@
 """ONNX Runtime backend: block models for precompute and the streamed span, training artifacts for the
 resident span.
 
-Precompute streams each block's stored weights through its shape's forward model
-(``stream/<shape>.forward.onnx``, an ordinary ``InferenceSession``) and encodes photos with
-``onnx/encoder.onnx``; the sample construction (crop, resize, noise) and the small embed layers run
-through the same torch code as the torch backend, so both backends write the same cache. A streamed
+Precompute (``runtime.precompute``) encodes photos with ``onnx/encoder.onnx``, builds each sample with
+the embed model (``stream/embed.embed.onnx``) and streams each block's stored weights through its
+shape's forward model (``stream/<shape>.forward.onnx``, an ordinary ``InferenceSession``). A streamed
 span runs the forward / VJP / head models under ``runtime.stream``: plain inference sessions, no
 training API, and the shared checkpoint. A resident span runs the bundle's training artifacts with
 ``onnxruntime.training.api`` (Module, Optimizer, CheckpointState) and keeps ORT's own checkpoint.
@@ -96,28 +95,21 @@ class OrtPrograms(ProgramBackend):
 # precompute
 
 
-def encode_latents(bundle: Bundle, images: np.ndarray):
+def encode_latents(bundle: Bundle, images: np.ndarray) -> np.ndarray:
     """Photos [N,3,S,S] in [-1,1] -> latents, with the ONNX encoder (in tiles when exported so; loaded only
     here)."""
-    import torch
-
     from blockskip.runtime.tiles import encode_photos
 
-    lat = encode_photos(_section(bundle)["encoder"], images, lambda rel: _session(bundle.path(rel)),
-                        lambda sess, x: sess.run(None, {"images": x})[0])
-    return torch.from_numpy(lat)
+    return encode_photos(_section(bundle)["encoder"], images, lambda rel: _session(bundle.path(rel)),
+                         lambda sess, x: sess.run(None, {"images": x})[0])
 
 
 def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None):
-    import torch
-
-    from blockskip.runtime.backends.torch import precompute_with
-    from blockskip.runtime.backends.torch_io import StreamBlockStore
+    from blockskip.runtime.precompute import precompute as run
 
     _section(bundle)
-    return precompute_with(bundle, images, cache_dir, source=source, progress=progress,
-                           make_store=lambda: StreamBlockStore(bundle, OrtPrograms(bundle)),
-                           encode=lambda store: encode_latents(bundle, images), dtype=torch.float32)
+    return run(bundle, images, cache_dir, source=source, backend=OrtPrograms(bundle), progress=progress,
+               encode=lambda ims: encode_latents(bundle, ims))
 
 
 # --------------------------------------------------------------------------------------------

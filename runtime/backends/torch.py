@@ -30,30 +30,10 @@ from blockskip.runtime.checkpoint import CHECKPOINT
 from blockskip.runtime.errors import BlockSkipError, CacheError
 from blockskip.runtime.files import atomic_write
 from blockskip.runtime.memory import peak_rss_mib
+from blockskip.runtime.precompute import blocks_to_run, gaps, record_boundary, residual_gaps
 from blockskip.runtime.progress import Progress
 
 torch_dtype = DTYPES.__getitem__
-
-
-def gaps(trained: list[int], num_blocks: int) -> list[tuple[int, int]]:
-    """Skipped spans [a, b) after the first trained block (the front span is stored exactly)."""
-    out = [(a + 1, b) for a, b in zip(trained, trained[1:]) if b - a > 1]
-    if trained[-1] < num_blocks - 1:
-        out.append((trained[-1] + 1, num_blocks))
-    return out
-
-
-def blocks_to_run(trained: list[int], num_blocks: int, back_residual: bool = True) -> int:
-    """Precompute runs blocks [0, this): up to the first trained block, and on to the end of the last
-    skipped span (nothing after the last trained block is needed when there is no back skip, or when
-    the back span is dropped rather than replaced by its residual)."""
-    g = residual_gaps(trained, num_blocks, back_residual)
-    return max(trained[0], g[-1][1] if g else 0)
-
-
-def residual_gaps(trained: list[int], num_blocks: int, back_residual: bool = True) -> list[tuple[int, int]]:
-    """The skipped spans [a, b) after the first trained block whose residual the cache holds."""
-    return [(a, b) for a, b in gaps(trained, num_blocks) if back_residual or b != num_blocks]
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,20 +167,7 @@ def _valid_shard(cache: ResidualCache, k: int) -> bool:
 
 
 def _record_boundary(saved, state, i, trained, gap_list, L, before):
-    """Keep the exact input of the first trained block and the residual of every skipped span."""
-    if before and i == trained[0]:
-        saved.update({f"in.{n}": v.clone() for n, v in state.items() if v is not None})
-    for a, b in gap_list:
-        if before and i == a:
-            saved.update({f"tmp.{a}.{n}": v.clone() for n, v in state.items() if v is not None})
-        if not before and i == b - 1:
-            # only the hidden residual of the back span reaches the head
-            keys = ["hidden"] if b == L else [n for n, v in state.items() if v is not None]
-            for n in keys:
-                if f"tmp.{a}.{n}" in saved:
-                    saved[f"delta.{a}.{n}"] = state[n] - saved[f"tmp.{a}.{n}"]
-            for n in [x for x in saved if x.startswith(f"tmp.{a}.")]:
-                del saved[n]
+    record_boundary(saved, state, i, trained, gap_list, L, before, copy=lambda v: v.clone())
 
 
 # --------------------------------------------------------------------------------------------
