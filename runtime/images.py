@@ -1,47 +1,375 @@
-"""Load the user's photos: square centre crop, resized to s_max, as float32 in [-1, 1] (numpy)."""
+"""Load the user's photos: square centre crop, resized to s_max, as float32 in [-1, 1] (numpy + Pillow).
+
+The definition is shared with the native runner (``device_train/native/images.cpp``) and written down in
+docs/formats.md ("Photos"): which files of a folder are photos, which photos are refused and with what
+message (in the same order of checks), how they decode to 8-bit RGB, and the resize. Pillow only decodes;
+the header checks and the resize are ours, so both sides compute the same floats.
+"""
 
 from __future__ import annotations
 
+import os
+import stat
+import struct
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from blockskip.runtime.errors import ImageError
 
-EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+SUPPORTED = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
+# other image formats: refused with a message rather than silently left out
+REFUSED = frozenset({".webp", ".tif", ".tiff", ".gif", ".heic", ".heif", ".avif"})
+MIN_SIDE = 64
+MAX_PIXELS = 40_000_000
+
+
+# ---------------------------------------------------------------------------------------------- listing
+
+
+def _suffix(name: str) -> str:
+    """pathlib's suffix, lower-cased in ASCII only (as the native runner does)."""
+    i = name.rfind(".")
+    ext = name[i:] if 0 < i < len(name) - 1 else ""
+    return ext.lower() if ext.isascii() else ext
+
+
+def _inside(real: str, root: str) -> bool:
+    return real == root or real.startswith(root if root.endswith("/") else root + "/")
 
 
 def list_images(folder: str | Path) -> list[Path]:
+    """The photos of ``folder`` in name order; refuses the first entry (in that order) that cannot be used."""
     folder = Path(folder)
     if not folder.exists():
         raise ImageError(f"image folder {str(folder)!r} does not exist; pass the folder of your photos with --images")
     if not folder.is_dir():
         raise ImageError(f"{str(folder)!r} is not a folder; pass the folder of your photos with --images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS and p.is_file())
+    root = os.path.realpath(folder)
+    files = []
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as e:
+        raise ImageError(f"cannot list the image folder {str(folder)!r}: {e.strerror}; "
+                         "pass the folder of your photos with --images") from e
+    for name in names:
+        if name.startswith("."):
+            continue
+        ext = _suffix(name)
+        path = folder / name
+        if ext in REFUSED:
+            raise ImageError(f"{path}: {ext} photos are not supported; convert it to PNG or JPEG (or remove it)")
+        if ext not in SUPPORTED:
+            continue
+        if os.path.islink(path):
+            try:
+                real = os.path.realpath(path, strict=True)
+            except OSError:
+                raise ImageError(f"{path} is a broken link; copy the photo into the folder instead") from None
+            if not _inside(real, root):
+                raise ImageError(f"{path} links outside the photo folder; copy the photo into the folder instead")
+        try:
+            regular = stat.S_ISREG(os.stat(path).st_mode)
+        except OSError:
+            regular = False
+        if not regular:
+            raise ImageError(f"{path} is not a file; remove it from the photo folder")
+        files.append(path)
     if not files:
         raise ImageError(
-            f"no images in {str(folder)!r} (looked for {', '.join(sorted(EXTENSIONS))}); add 3-10 photos of the subject"
+            f"no images in {str(folder)!r} (looked for {', '.join(sorted(SUPPORTED))}); add 3-10 photos of the subject"
         )
     return files
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """Return [3, size, size] float32 in [-1, 1]."""
-    from PIL import Image, UnidentifiedImageError
+# ------------------------------------------------------------------------------------- header checks
+
+
+class _Unreadable(Exception):
+    """The header cannot be read; the argument is the reason."""
+
+
+@dataclass
+class _Header:
+    kind: str  # "PNG", "JPEG" or "BMP"
+    width: int
+    height: int
+    png_depth: int = 8
+    jpeg_components: int = 3
+    jpeg_precision: int = 8
+    unsupported: str = ""  # a variant neither side decodes the same way: why
+    truncated: bool = False
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# SOF markers: C0..CF except DHT (C4), JPG (C8) and DAC (CC)
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _probe(d: bytes) -> _Header:
+    if d.startswith(_PNG_SIGNATURE):
+        return _probe_png(d)
+    if d[:3] == b"\xff\xd8\xff":
+        return _probe_jpeg(d)
+    if d[:2] == b"BM":
+        return _probe_bmp(d)
+    raise _Unreadable("not a PNG, JPEG or BMP file")
+
+
+def _probe_png(d: bytes) -> _Header:
+    n = len(d)
+    if n < 33:  # signature + the IHDR chunk
+        raise _Unreadable("truncated")
+    if d[12:16] != b"IHDR" or struct.unpack_from(">I", d, 8)[0] != 13:
+        raise _Unreadable("the PNG does not start with its header (IHDR)")
+    w, h = struct.unpack_from(">II", d, 16)
+    head = _Header("PNG", w, h, png_depth=d[24], truncated=True)
+    # every chunk whole, up to IEND; the checksums of the chunks before the image data (Pillow checks
+    # them, stb_image does not); no critical chunk stb_image does not know (Pillow skips them)
+    pos, idat = 8, False
+    while pos + 8 <= n:
+        length = struct.unpack_from(">I", d, pos)[0]
+        end = pos + 12 + length
+        if end > n:
+            break
+        kind = d[pos + 4 : pos + 8]
+        if kind == b"IEND":
+            head.truncated = False
+            break
+        idat = idat or kind == b"IDAT"
+        if not idat and zlib.crc32(d[pos + 4 : end - 4]) != struct.unpack_from(">I", d, end - 4)[0]:
+            raise _Unreadable("bad checksum in a PNG chunk before the image data")
+        if not kind[0] & 0x20 and kind not in (b"IHDR", b"PLTE", b"IDAT") and not head.unsupported:
+            head.unsupported = "PNG with an unknown critical chunk"
+        pos = end
+    return head
+
+
+def _probe_jpeg(d: bytes) -> _Header:
+    n = len(d)
+    pos = 2
+    head: _Header | None = None
+    sof = 0
+    truncated = True
+    while True:
+        pos = d.find(b"\xff", pos)  # bytes between segments are skipped, as decoders do
+        if pos < 0:
+            break
+        while pos < n and d[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= n:
+            break
+        m = d[pos]
+        pos += 1
+        if m == 0xD9:  # EOI
+            truncated = False
+            break
+        if 0xD0 <= m <= 0xD8 or m == 0x01:  # RSTn, SOI, TEM: no length
+            continue
+        if pos + 2 > n:
+            break
+        length = struct.unpack_from(">H", d, pos)[0]
+        if length < 2:
+            raise _Unreadable("corrupt JPEG marker segment")
+        if pos + length > n:
+            break
+        if m in _SOF and head is None:
+            if length < 8:
+                raise _Unreadable("corrupt JPEG frame header")
+            h, w = struct.unpack_from(">HH", d, pos + 3)
+            head = _Header("JPEG", w, h, jpeg_components=d[pos + 7], jpeg_precision=d[pos + 2])
+            sof = m - 0xC0
+        pos += length
+        if m == 0xDA:  # SOS: skip the entropy-coded data to the next marker that is not FF00 or RSTn
+            if head is None:
+                raise _Unreadable("no JPEG frame header (SOF) before the image data")
+            while True:
+                pos = d.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= n:
+                    pos = n
+                    break
+                b = d[pos + 1]
+                if b == 0x00 or 0xD0 <= b <= 0xD7:
+                    pos += 2
+                elif b == 0xFF:
+                    pos += 1
+                else:
+                    break
+    if head is None:
+        if truncated:
+            raise _Unreadable("truncated")
+        raise _Unreadable("no JPEG frame header (SOF)")
+    head.truncated = truncated
+    if sof not in (0, 1, 2):
+        head.unsupported = f"JPEG coding process SOF{sof} is not supported (only baseline and progressive)"
+    elif head.jpeg_components not in (1, 3, 4):
+        head.unsupported = f"JPEG with {head.jpeg_components} color components is not supported"
+    return head
+
+
+def _probe_bmp(d: bytes) -> _Header:
+    n = len(d)
+    if n < 26:  # file header + the smallest (OS/2) info header
+        raise _Unreadable("truncated")
+    offset, hsz = struct.unpack_from("<II", d, 10)
+    if hsz == 12:
+        w, h, _, bpp = struct.unpack_from("<HHHH", d, 18)
+        compression = 0
+    elif hsz in (40, 56, 108, 124):
+        if n < 14 + 40:
+            raise _Unreadable("truncated")
+        w, h, _, bpp, compression = struct.unpack_from("<iiHHI", d, 18)
+        if w < 0:
+            raise _Unreadable("corrupt BMP header (negative width)")
+        h = abs(h)  # negative: rows stored top-down
+    else:
+        raise _Unreadable(f"unsupported BMP header ({hsz} bytes)")
+    head = _Header("BMP", w, h)
+    if bpp not in (1, 4, 8, 24, 32):
+        head.unsupported = f"{bpp}-bit BMP is not supported"
+    elif compression == 3 and bpp == 32:
+        if n < 14 + 40 + 12:
+            raise _Unreadable("truncated")
+        if struct.unpack_from("<III", d, 54) != (0xFF0000, 0xFF00, 0xFF):
+            head.unsupported = "BMP with unusual bit fields is not supported"
+    elif compression != 0:
+        head.unsupported = "compressed BMP is not supported"
+    stride = (w * bpp + 31) // 32 * 4
+    head.truncated = offset + stride * h > n
+    return head
+
+
+def _check(path: Path, data: bytes) -> _Header:
+    """The checks before decoding, in their order (docs/formats.md, "Photos")."""
+    if not data:
+        raise ImageError(f"{path} is empty; remove or replace it")
+    try:
+        head = _probe(data)
+    except _Unreadable as e:
+        raise ImageError(f"cannot read image {path}: {e}; remove or replace it") from None
+    w, h = head.width, head.height
+    if min(w, h) < MIN_SIDE:
+        raise ImageError(f"{path} is too small ({w}x{h}); use photos of at least {MIN_SIDE} px")
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"{path} is too large ({w}x{h}, more than 40 Mpx); downscale it first")
+    if head.kind == "PNG" and head.png_depth == 16:
+        raise ImageError(f"{path} is a 16-bit PNG; save it as an 8-bit PNG or JPEG")
+    if head.kind == "JPEG" and head.jpeg_components == 4:
+        raise ImageError(f"{path} is a CMYK JPEG; save it as an RGB JPEG or PNG")
+    if head.kind == "JPEG" and head.jpeg_precision != 8:
+        raise ImageError(f"{path} is a {head.jpeg_precision}-bit JPEG; save it as an 8-bit JPEG or PNG")
+    if head.unsupported:
+        raise ImageError(f"cannot read image {path}: {head.unsupported}; remove or replace it")
+    if head.truncated:
+        raise ImageError(f"cannot read image {path}: truncated; remove or replace it")
+    return head
+
+
+def _decode_rgb(path: Path, data: bytes, head: _Header) -> np.ndarray:
+    """[h, w, 3] uint8: Pillow's convert("RGB") (gray replicated, palette expanded, alpha dropped)."""
+    import io
+
+    from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            s = min(w, h)
-            if s < 8:
-                raise ImageError(f"{path} is too small ({w}x{h}); use photos of at least 64 px")
-            left, top = (w - s) // 2, (h - s) // 2
-            im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BICUBIC)
-            a = np.asarray(im, dtype=np.float32)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ImageError(f"cannot read image {path}: {e}; remove or replace it") from e
-    return (a / 127.5 - 1.0).transpose(2, 0, 1).copy()
+        with Image.open(io.BytesIO(data), formats=["PNG", "JPEG", "BMP"]) as im:
+            if im.format not in ("PNG", "JPEG", "MPO", "BMP") or im.size != (head.width, head.height):
+                raise ValueError(f"decoded as {im.format} {im.size[0]}x{im.size[1]}")
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError) as e:
+        reason = "truncated" if "truncated" in str(e) else (str(e) or type(e).__name__)
+        raise ImageError(f"cannot read image {path}: {reason}; remove or replace it") from e
+
+
+# -------------------------------------------------------------------------------------------- resize
+
+
+def _cubic(x: float) -> float:
+    """Keys' cubic convolution kernel, a = -0.5 (Pillow's bicubic_filter, operation for operation)."""
+    a = -0.5
+    if x < 0.0:
+        x = -x
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    if x < 2.0:
+        return (((x - 5) * x + 8) * x - 4) * a
+    return 0.0
+
+
+def resize_coeffs(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's precompute_coeffs for the bicubic filter: for each output the first input index and the
+    normalised weights, as ([n_out, taps] input indices, [n_out, taps] float64 weights), padded with zero
+    weights (pointing at a valid input) to the widest output."""
+    scale = n_in / n_out
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale
+    ss = 1.0 / filterscale
+    rows = []
+    for i in range(n_out):
+        center = (i + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), n_in)
+        ws = [_cubic((x + xmin - center + 0.5) * ss) for x in range(xmax - xmin)]
+        total = 0.0
+        for w in ws:  # in order, as the native runner sums them
+            total += w
+        if total != 0.0:
+            ws = [w / total for w in ws]
+        rows.append((xmin, ws))
+    taps = max(len(ws) for _, ws in rows)
+    index = np.empty((n_out, taps), np.intp)
+    weight = np.zeros((n_out, taps), np.float64)
+    for i, (xmin, ws) in enumerate(rows):
+        index[i] = xmin + np.minimum(np.arange(taps), max(len(ws) - 1, 0))
+        weight[i, : len(ws)] = ws
+    return index, weight
+
+
+def _resample_axis1(a: np.ndarray, index: np.ndarray, weight: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """[rows, n_in, 3] -> [rows, n_out, 3] float64: for each output, sum over its taps in order of
+    weight * input (each product rounded, then added: the native runner's loop without FMA)."""
+    rows, n_out = a.shape[0], index.shape[0]
+    out = np.empty((rows, n_out, a.shape[2]), np.float64)
+    for r in range(0, rows, chunk):
+        block = a[r : r + chunk]
+        acc = np.zeros((block.shape[0], n_out, a.shape[2]), np.float64)
+        for t in range(index.shape[1]):
+            acc += weight[None, :, t, None] * block[:, index[:, t], :]
+        out[r : r + chunk] = acc
+    return out
+
+
+def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
+    """[s, s, 3] uint8 -> [size, size, 3] float64 levels (0..255, not rounded): separable bicubic,
+    horizontal pass first; no filtering when s == size."""
+    s = rgb.shape[0]
+    if s == size:
+        return rgb.astype(np.float64)
+    index, weight = resize_coeffs(s, size)
+    across = _resample_axis1(rgb, index, weight)  # [s, size, 3]
+    down = _resample_axis1(across.transpose(1, 0, 2), index, weight)  # [size (x), size (y), 3]
+    return down.transpose(1, 0, 2)
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """Return [3, size, size] float32 in [-1, 1]."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ImageError(f"cannot read image {path}: {e.strerror or e}; remove or replace it") from e
+    head = _check(path, data)
+    rgb = _decode_rgb(path, data, head)
+    h, w = rgb.shape[:2]
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    v = resize_square(rgb[top : top + s, left : left + s], size)
+    return (v / 127.5 - 1.0).astype(np.float32).transpose(2, 0, 1).copy()
 
 
 def load_images(folder: str | Path, size: int) -> tuple[list[Path], np.ndarray]:

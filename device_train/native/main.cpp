@@ -20,8 +20,10 @@
 
 #include "common.h"
 #include "driver.h"
+#include "images.h"
 #include "json.h"
 #include "rng.h"
+#include "safetensors.h"
 
 namespace {
 
@@ -58,7 +60,12 @@ const char* kUsage =
     "       blockskip-train-native schedule BUNDLE --images N [--noise-values M]\n"
     "\n"
     "Print, as JSON, the patch schedule that precompute draws for N photos (the same as the Python\n"
-    "runtime's), with the first M values of each entry's noise when asked.\n";
+    "runtime's), with the first M values of each entry's noise when asked.\n"
+    "\n"
+    "       blockskip-train-native photos DIR --size S -o FILE\n"
+    "\n"
+    "Write the photos of DIR as precompute reads them ([N, 3, S, S] float32 in [-1, 1], tensor\n"
+    "\"photos\", their file names in the metadata) to the safetensors FILE.\n";
 
 // A count >= 0 given to option `name`.
 long long parse_count(const std::string& name, const std::string& v) {
@@ -110,6 +117,38 @@ int schedule_command(int argc, char** argv) {
   json::DumpOptions opts;
   opts.indent = 1;
   std::printf("%s\n", json::dump(out, opts).c_str());
+  return 0;
+}
+
+int photos_command(int argc, char** argv) {
+  std::string dir, out;
+  long long size = 0;
+  for (int i = 2; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&](const char* name) -> std::string {
+      if (i + 1 >= argc) throw UsageError(std::string(name) + " needs a value");
+      return argv[++i];
+    };
+    if (a == "--size") {
+      size = parse_count("--size", value("--size"));
+    } else if (a == "-o" || a == "--out") {
+      out = value("-o");
+    } else if (a.size() > 1 && a[0] == '-') {
+      throw UsageError("unknown option " + a);
+    } else if (dir.empty()) {
+      dir = a;
+    } else {
+      throw UsageError("expected one DIR");
+    }
+  }
+  if (dir.empty()) throw UsageError("missing DIR");
+  if (size < 1 || size > 65536) throw UsageError("missing --size S (1 <= S <= 65536)");
+  if (out.empty()) throw UsageError("missing -o FILE");
+  std::vector<std::string> names;
+  const blockskip::FTensor photos = blockskip::load_photos(dir, int(size), &names);
+  json::Value list = json::Value::array();
+  for (const auto& n : names) list.push_back(json::Value::string(n));
+  blockskip::write_safetensors(out, {{"photos", photos.shape, photos.data.data()}}, {{"names", json::dump(list)}});
   return 0;
 }
 
@@ -172,6 +211,17 @@ int main(int argc, char** argv) {
     } catch (const UsageError& e) {
       std::fprintf(stderr, "usage: %s schedule BUNDLE --images N [--noise-values M]\n%s: error: %s\n", kProg, kProg,
                    e.what());
+      return 2;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "%s: error: %s\n", kProg, e.what());
+      return 1;
+    }
+  }
+  if (argc > 1 && std::string(argv[1]) == "photos") {
+    try {
+      return photos_command(argc, argv);
+    } catch (const UsageError& e) {
+      std::fprintf(stderr, "usage: %s photos DIR --size S -o FILE\n%s: error: %s\n", kProg, kProg, e.what());
       return 2;
     } catch (const std::exception& e) {
       std::fprintf(stderr, "%s: error: %s\n", kProg, e.what());
