@@ -20,7 +20,7 @@ DEMO_PROMPT ?= a photo of sks cat
 # BlockSkip: 3 of the 9 blocks skipped as the selection table splits them; 64 px crops of 128 px photos
 DEMO_PLAN ?= --skip-ratio 0.33 --rank 16 --samples 64 --steps 300 --lr 1e-3
 
-.PHONY: demo test lint venv clean native native-aarch64
+.PHONY: demo test lint venv clean native native-aarch64 stb
 
 venv: $(STAMP)
 
@@ -53,13 +53,19 @@ demo: venv
 
 # the native runner (C++, links the ExecuTorch runtime shipped in the executorch wheel); CMake >= 3.28
 # comes from pip into the venv, so the ExecuTorch package's imported targets are available
-native: venv
+native: venv stb
 	test -x $(BIN)/cmake || $(BIN)/pip install -q 'cmake>=3.28'
 	$(BIN)/cmake -S . -B $(NATIVE) -DBLOCKSKIP_BUILD_NATIVE=ON -DPython3_EXECUTABLE=$(abspath $(BIN)/python)
 	$(BIN)/cmake --build $(NATIVE) -j2
 
+# the runner reads photos with stb_image (header-only, Debian's libstb-dev): installed here when missing
+# and this is root on Debian (as .ci/run does); otherwise CMake says what to install
+stb:
+	@test -f /usr/include/stb/stb_image.h || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libstb-dev; }
+
 # the same runner for Linux aarch64 (Jetson's OS; the CPU architecture of Android phones)
-native-aarch64: venv $(ET_ARM)/executorch/lib
+native-aarch64: venv stb $(ET_ARM)/executorch/lib
 	@command -v aarch64-linux-gnu-g++ >/dev/null || { echo "need Debian's cross compiler: apt-get install g++-aarch64-linux-gnu qemu-user"; exit 1; }
 	test -x $(BIN)/cmake || $(BIN)/pip install -q 'cmake>=3.28'
 	$(BIN)/cmake -S . -B $(NATIVE_ARM) -DBLOCKSKIP_BUILD_NATIVE=ON \

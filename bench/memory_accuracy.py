@@ -127,6 +127,21 @@ def run_streamed(small: bool, work: Path, photos: Path, backends, keep: bool = F
         run_precompute(b, photos, c, backend="executorch" if "pte" in formats else "ort", quiet=True)
     del lm
     rows = []
+    env = dict(os.environ, BLOCKSKIP_IGNORE_MEMORY_CHECK="1", MALLOC_MMAP_THRESHOLD_="65536",
+               MALLOC_TRIM_THRESHOLD_="0")
+    if "native" in backends and NATIVE.is_file():
+        # native precompute from the photos: its whole-process peak against the dry run's precompute phase
+        pc = work / "cache-native"
+        shutil.rmtree(pc, ignore_errors=True)
+        r = subprocess.run([str(NATIVE), "precompute", str(b), "--images", str(photos), "--cache", str(pc), "--quiet"],
+                           capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"native precompute failed:\n{r.stderr[-3000:]}")
+        index = json.loads((pc / "index.json").read_text())
+        pred = evaluate(mspec, plan, None, fmt="pte", exact=True).reports[0].tensor_peak
+        rows.append({"backend": "native precompute", "params": params, "tensors": pred,
+                     "start": index["start_rss_mib"] * 2**20, "peak": index["peak_rss_mib"] * 2**20,
+                     "step_seconds": float("nan")})
     for be in backends:
         fmt = "onnx" if be == "ort" else "pte"
         pred = evaluate(mspec, plan, None, fmt=fmt, exact=True).reports[1].tensor_peak
@@ -141,8 +156,6 @@ def run_streamed(small: bool, work: Path, photos: Path, backends, keep: bool = F
             cmd = [sys.executable, "-c", RUN_PY.format(mod=IMPORTS[be]), str(b), str(c), str(out), be]
         # malloc returns freed memory (as in the resident rows): a fixed mmap threshold instead of glibc's
         # dynamic one, which otherwise rises to 32 MiB and keeps freed block weights in the heap
-        env = dict(os.environ, BLOCKSKIP_IGNORE_MEMORY_CHECK="1", MALLOC_MMAP_THRESHOLD_="65536",
-                   MALLOC_TRIM_THRESHOLD_="0")
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if r.returncode != 0:
             raise RuntimeError(f"{be} failed:\n{r.stderr[-3000:]}")
@@ -162,8 +175,9 @@ def _print_streamed(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         p = r["tensors"] + r["start"]
+        step = "-" if r["step_seconds"] != r["step_seconds"] else f"{r['step_seconds']:.1f}"
         print(f"| {r['backend']} | {r['tensors'] / mib:.1f} | {r['start'] / mib:.1f} | {p / mib:.1f} | "
-              f"{r['peak'] / mib:.1f} | {(p / r['peak'] - 1) * 100:+.2f}% | {r['step_seconds']:.1f} |", flush=True)
+              f"{r['peak'] / mib:.1f} | {(p / r['peak'] - 1) * 100:+.2f}% | {step} |", flush=True)
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     def common(sp, images=False, out=False, cache=False):
         sp.add_argument("bundle", help="bundle folder written by blockskip-export")
         if images:
-            sp.add_argument("--images", required=True, help="folder of subject photos (png/jpg/webp)")
+            sp.add_argument("--images", required=True, help="folder of subject photos (PNG, JPEG or BMP; at least 64 px)")
         if out:
             sp.add_argument("-o", "--output", required=True, help="output folder (LoRA, log, checkpoint)")
         sp.add_argument("--cache", default=None if not cache else None,

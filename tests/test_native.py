@@ -3,15 +3,14 @@ runtime that trains a ``--format pte`` bundle's LoRA from a residual cache, agai
 ExecuTorch training loop (same program, same cache order, PyTorch's AdamW)."""
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import BINARY  # noqa: F401  (other test modules import it from here)
 from safetensors import safe_open
 from safetensors.numpy import load_file as load_np
 
@@ -25,44 +24,11 @@ from blockskip.runtime.cache import ResidualCache, source_digest  # noqa: E402
 from blockskip.runtime.plan import Plan  # noqa: E402
 from blockskip.runtime.profiles import load_profile  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-BUILD = ROOT / "build" / "native"
-BINARY = BUILD / "device_train" / "native" / "blockskip-train-native"
-
 # grad_accum 2 over 3 entries: the order wraps and every step sums two micro-steps; alpha/rank = 2 is
 # folded into lora_B on save; checkpoints every 2 steps for the resume test
 PLAN = dict(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=3, steps=6, grad_accum=2, lr=3e-3,
             weight_decay=0.05, lora_rank=4, lora_alpha=8.0, checkpoint_every=2)
 XNN_PLAN = {**PLAN, "steps": 3, "grad_accum": 1, "num_samples": 2, "checkpoint_every": 3}
-
-
-def _cmake() -> str | None:
-    venv = Path(sys.executable).parent / "cmake"  # `make native` puts CMake >= 3.28 into the venv
-    return str(venv) if venv.is_file() else shutil.which("cmake")
-
-
-def _compiler() -> str | None:
-    return next((c for c in (os.environ.get("CXX"), shutil.which("c++"), shutil.which("g++"),
-                             shutil.which("clang++")) if c), None)
-
-
-@pytest.fixture(scope="session")
-def runner() -> Path:
-    """The runner binary, built (or brought up to date) in build/native as `make native` does."""
-    cmake, cxx = _cmake(), _compiler()
-    if cmake is None or cxx is None:
-        if BINARY.is_file():
-            return BINARY
-        missing = " and ".join(n for n, v in (("cmake", cmake), ("a C++ compiler", cxx)) if v is None)
-        pytest.skip(f"building the native runner needs CMake and a C++17 compiler; {missing} not found "
-                    "(install them, or build it elsewhere with `make native`)")
-    if not (BUILD / "CMakeCache.txt").is_file():
-        subprocess.run([cmake, "-S", str(ROOT), "-B", str(BUILD), "-DBLOCKSKIP_BUILD_NATIVE=ON",
-                        f"-DPython3_EXECUTABLE={sys.executable}"], check=True, capture_output=True, text=True)
-    r = subprocess.run([cmake, "--build", str(BUILD), "-j2"], capture_output=True, text=True)
-    assert r.returncode == 0, f"building the native runner failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    assert BINARY.is_file()
-    return BINARY
 
 
 def run_native(runner: Path, bundle, cache, out, *extra, check=True) -> subprocess.CompletedProcess:

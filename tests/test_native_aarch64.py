@@ -1,7 +1,7 @@
 """The native runner cross-built for Linux aarch64 (``make native-aarch64``) and run under qemu-aarch64:
-the device path on the CPU architecture of a phone or Jetson. It trains the tiny block-streamed bundle
-(int8 storage) from the same cache as the x86 build and writes the same LoRA: 99.9% of its values within
-1e-5 (the kernels' vector arithmetic differs between the two CPUs: losses agree to about 1e-7 relative,
+the device path on the CPU architecture of a phone or Jetson. ``run`` precomputes the tiny block-streamed
+bundle's cache (int8 storage) from the photos and trains it, as the x86 build does: the same cache within
+1e-5 and the same LoRA, 99.9% of its values within 1e-5 (the kernels' vector arithmetic differs between the two CPUs: losses agree to about 1e-7 relative,
 not bit for bit, and AdamW can turn that into up to a fraction of lr where a gradient is nearly zero).
 
 Emulation is about 60x slower than native, so the run is a few steps. Skips, saying why, where the
@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file as load_np
 
-pytest.importorskip("executorch.extension.pybindings.portable_lib", reason="the precompute needs executorch")
+pytest.importorskip("executorch.extension.pybindings.portable_lib", reason="the export needs executorch")
 
-from blockskip.device_train.app import run_precompute  # noqa: E402
 from blockskip.export.bundle_writer import export_bundle  # noqa: E402
 from blockskip.export.families import load_model  # noqa: E402
 from blockskip.runtime.plan import Plan  # noqa: E402
@@ -51,19 +50,28 @@ def qemu() -> str:
     return q
 
 
-def test_aarch64_runner_trains_the_x86_lora(qemu, tmp_path, photos):
+def test_aarch64_run_gives_the_x86_cache_and_lora(qemu, tmp_path, photos):
+    """``run`` from the photos on both CPUs: the photos read, encoded, embedded and run through the
+    frozen blocks into the cache, then the span trained, all in the runner."""
     export_bundle(load_model("tiny-random"), Plan(**PLAN), load_profile("desktop-cpu"), "a photo of sks cat",
                   tmp_path / "b", formats=["pte"])
-    run_precompute(tmp_path / "b", photos, tmp_path / "c", backend="executorch", quiet=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
     outs = {}
     for arch, cmd in (("x86", [str(X86)]), ("aarch64", [qemu, "-L", str(SYSROOT), str(ARM)])):
         out = tmp_path / f"out-{arch}"
-        r = subprocess.run(cmd + [str(tmp_path / "b"), "--cache", str(tmp_path / "c"), "-o", str(out), "--quiet"],
+        r = subprocess.run(cmd + ["run", str(tmp_path / "b"), "--images", str(photos), "-o", str(out), "--quiet"],
                            capture_output=True, text=True, timeout=900, env=env)
         assert r.returncode == 0, f"{arch} runner failed:\n{r.stderr[-3000:]}"
-        outs[arch] = (json.loads((out / "train_log.json").read_text()), load_np(out / "lora.safetensors"))
-    (log_x, lora_x), (log_a, lora_a) = outs["x86"], outs["aarch64"]
+        outs[arch] = (json.loads((out / "train_log.json").read_text()), load_np(out / "lora.safetensors"),
+                      json.loads((out / "cache" / "index.json").read_text()), out / "cache")
+    (log_x, lora_x, idx_x, cache_x), (log_a, lora_a, idx_a, cache_a) = outs["x86"], outs["aarch64"]
+    # the same cache: schedule exactly, tensors within 1e-5
+    assert idx_a["schedule"] == idx_x["schedule"] and idx_a["source_sha256"] == idx_x["source_sha256"]
+    for k, rec in idx_x["entries"].items():
+        a, x = load_np(cache_a / idx_a["entries"][k]["file"]), load_np(cache_x / rec["file"])
+        assert a.keys() == x.keys()
+        for n in x:
+            np.testing.assert_allclose(a[n], x[n], rtol=0, atol=1e-5, err_msg=f"entry {k} {n}")
     assert len(log_a["losses"]) == PLAN["steps"]
     np.testing.assert_allclose(log_a["losses"], log_x["losses"], rtol=1e-5)
     assert lora_a.keys() == lora_x.keys()

@@ -21,16 +21,6 @@ from safetensors import safe_open
 from blockskip.runtime.errors import ImageError
 from blockskip.runtime.images import list_images, load_image, load_images, resize_coeffs, resize_square
 
-try:  # the fixture that builds build/native as `make native` does
-    from test_native import runner  # noqa: F401
-except (ImportError, pytest.skip.Exception) as _why:  # no executorch: nothing to link the runner against
-    _reason = str(_why)
-
-    @pytest.fixture(scope="session")
-    def runner():
-        pytest.skip(f"the native runner cannot be built here: {_reason}")
-
-
 ROOT = Path(__file__).resolve().parents[1]
 ARM = ROOT / "build" / "native-aarch64" / "device_train" / "native" / "blockskip-train-native"
 SYSROOT = Path("/usr/aarch64-linux-gnu")

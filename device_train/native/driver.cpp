@@ -192,6 +192,30 @@ void write_log(const std::string& path, const Log& log) {
 
 }  // namespace
 
+void check_checkpoint_source(const std::string& out, const std::string& source_sha256) {
+  const std::string dir = join(out, "checkpoint");
+  refuse_foreign_checkpoint(dir);
+  const std::string path = join(dir, kCheckpoint);
+  if (!is_file(path)) return;
+  std::string saved;
+  try {
+    SafetensorsFile f = SafetensorsFile::read(path);
+    const std::string* log_s = f.meta("log");
+    const Value* src = nullptr;
+    Value v;
+    if (log_s) {
+      v = json::parse(*log_s);
+      src = v.find("cache_source");
+    }
+    if (src && src->is_string()) saved = src->as_string();
+  } catch (const std::exception&) {
+    return;  // unreadable: training reports it
+  }
+  if (saved != source_sha256)
+    throw InputError(path + " belongs to a training run on other photos or another bundle; use a new output folder "
+                     "(-o), or delete " + dir + " to start over");
+}
+
 int train(const Options& opt) {
   Bundle b = load_bundle(opt.bundle, opt.verify);
   Cache cache = load_cache(opt.cache, b);

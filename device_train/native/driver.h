@@ -10,10 +10,15 @@ namespace blockskip {
 
 struct Options {
   std::string bundle, cache, out;
+  std::string images;  // run / precompute: the photo folder
   long long stop_after = -1;
   bool quiet = false;
   bool verify = true;
 };
+
+// Refuses (InputError) when OUT/checkpoint holds a checkpoint of another backend or of a run on another
+// cache (`source_sha256`: the cache's identity), before anything is written.
+void check_checkpoint_source(const std::string& out, const std::string& source_sha256);
 
 // Exit status 0; throws InputError / std::exception on bad input or a failed run.
 int train(const Options& opt);

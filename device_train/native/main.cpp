@@ -22,6 +22,7 @@
 #include "driver.h"
 #include "images.h"
 #include "json.h"
+#include "precompute.h"
 #include "rng.h"
 #include "safetensors.h"
 
@@ -38,24 +39,33 @@ using blockskip::schedule_json;
 const char* kProg = "blockskip-train-native";
 
 const char* kUsage =
-    "usage: blockskip-train-native BUNDLE --cache DIR -o OUT [--stop-after N] [--quiet] [--no-verify]\n"
+    "usage: blockskip-train-native run BUNDLE --images DIR -o OUT [--cache DIR] [--stop-after N] [--quiet] [--no-verify]\n"
+    "       blockskip-train-native precompute BUNDLE --images DIR --cache DIR [--quiet] [--no-verify]\n"
+    "       blockskip-train-native [train] BUNDLE --cache DIR -o OUT [--stop-after N] [--quiet] [--no-verify]\n"
     "\n"
-    "Train the LoRA of BUNDLE (exported with --format pte) on the residual cache DIR (made by\n"
-    "`device-train precompute`) with the bundle's ExecuTorch programs: its training program (a\n"
-    "resident span) or its per-block programs (a streamed span); no Python needed.\n"
+    "Personalise the model of BUNDLE (exported with --format pte) on your photos with the bundle's\n"
+    "ExecuTorch programs; no Python needed, and the photos never leave this device.\n"
+    "  run         precompute the cache for the photos in DIR (if it is not complete yet), then train\n"
+    "              the LoRA; resumes where it stopped\n"
+    "  precompute  read and encode the photos, realise the seeded patch schedule and run the frozen\n"
+    "              blocks: the residual cache (the same cache `device-train precompute` writes)\n"
+    "  train       train the LoRA on a finished cache: the training program (a resident span) or the\n"
+    "              per-block programs (a streamed span)\n"
     "\n"
     "positional arguments:\n"
     "  BUNDLE            the bundle folder (holds manifest.json and the .pte programs)\n"
     "\n"
     "options:\n"
-    "  --cache DIR       the residual cache folder (holds index.json)\n"
+    "  --images DIR      the folder of your photos (PNG, JPEG or BMP; 3-10 photos of the subject)\n"
+    "  --cache DIR       the residual cache folder (holds index.json); run: default OUT/cache\n"
     "  -o, --out OUT     output folder: lora.safetensors, train_log.json, checkpoint/\n"
     "  --stop-after N    stop after step N (a later run resumes from the last checkpoint)\n"
     "  --quiet           no progress lines\n"
     "  --no-verify       check file sizes only, not sha256 digests\n"
     "  -h, --help        show this help and exit\n"
     "\n"
-    "A run resumes from OUT/checkpoint/checkpoint.safetensors when it is there.\n"
+    "A run resumes from OUT/checkpoint/checkpoint.safetensors when it is there, and precompute keeps\n"
+    "the cache entries already written.\n"
     "\n"
     "       blockskip-train-native schedule BUNDLE --images N [--noise-values M]\n"
     "\n"
@@ -152,10 +162,11 @@ int photos_command(int argc, char** argv) {
   return 0;
 }
 
-Options parse_args(int argc, char** argv) {
+// `mode`: "train", "run" or "precompute"; argv[first..] are its arguments.
+Options parse_args(int argc, char** argv, int first, const std::string& mode) {
   Options o;
   std::vector<std::string> pos;
-  for (int i = 1; i < argc; ++i) {
+  for (int i = first; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&](const std::string& name) -> std::string {
       size_t eq = a.find('=');
@@ -169,25 +180,43 @@ Options parse_args(int argc, char** argv) {
       std::exit(0);
     } else if (is("--cache")) {
       o.cache = value("--cache");
-    } else if (a == "-o" || is("--out")) {
+    } else if (mode != "train" && is("--images")) {
+      o.images = value("--images");
+    } else if (mode != "precompute" && (a == "-o" || is("--out"))) {
       o.out = value("-o/--out");
-    } else if (is("--stop-after")) {
+    } else if (mode != "precompute" && is("--stop-after")) {
       o.stop_after = parse_count("--stop-after", value("--stop-after"));
     } else if (a == "--quiet" || a == "-q") {
       o.quiet = true;
     } else if (a == "--no-verify") {
       o.verify = false;
     } else if (a.size() > 1 && a[0] == '-') {
-      throw UsageError("unknown option " + a);
+      throw UsageError("unknown option " + a + (mode == "train" ? "" : " for " + mode));
     } else {
       pos.push_back(a);
     }
   }
   if (pos.size() != 1) throw UsageError(pos.empty() ? "missing BUNDLE" : "expected one BUNDLE, got " + std::to_string(pos.size()));
   o.bundle = pos[0];
+  if (mode != "train" && o.images.empty()) throw UsageError("missing --images DIR");
+  if (mode != "precompute" && o.out.empty()) throw UsageError("missing -o OUT");
+  if (mode == "run" && o.cache.empty()) o.cache = blockskip::join(o.out, "cache");
   if (o.cache.empty()) throw UsageError("missing --cache DIR");
-  if (o.out.empty()) throw UsageError("missing -o OUT");
   return o;
+}
+
+int run_command(const Options& opt, const std::string& mode) {
+  if (mode != "train") {
+    blockskip::PrecomputeOptions p;
+    p.bundle = opt.bundle, p.images = opt.images, p.cache = opt.cache, p.quiet = opt.quiet, p.verify = opt.verify;
+    if (mode == "run") p.out = opt.out;
+    blockskip::precompute(p);
+    if (mode == "precompute") {
+      std::printf("cache ready in %s\n", opt.cache.c_str());
+      return 0;
+    }
+  }
+  return blockskip::train(opt);
 }
 
 // ExecuTorch's log lines: errors always, the runtime's info/debug chatter only when
@@ -228,16 +257,23 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
+  std::string mode = "train";
+  int first = 1;
+  if (argc > 1 && (std::string(argv[1]) == "run" || std::string(argv[1]) == "precompute" ||
+                   std::string(argv[1]) == "train")) {
+    mode = argv[1];
+    first = 2;
+  }
   Options opt;
   try {
-    opt = parse_args(argc, argv);
+    opt = parse_args(argc, argv, first, mode);
   } catch (const UsageError& e) {
     std::string usage(kUsage);
     std::fprintf(stderr, "%s\n%s: error: %s\n", usage.substr(0, usage.find('\n')).c_str(), kProg, e.what());
     return 2;
   }
   try {
-    return blockskip::train(opt);
+    return run_command(opt, mode);
   } catch (const InputError& e) {
     std::fprintf(stderr, "%s: error: %s\n", kProg, e.what());
     return 1;

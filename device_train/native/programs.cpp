@@ -31,6 +31,7 @@ std::string et_error_text(Error e) {
 
 ScalarType scalar_type(const std::string& d) {
   if (d == "float32") return ScalarType::Float;
+  if (d == "float64") return ScalarType::Double;
   if (d == "float16") return ScalarType::Half;
   if (d == "bfloat16") return ScalarType::BFloat16;
   if (d == "int8") return ScalarType::Char;
@@ -42,6 +43,7 @@ ScalarType scalar_type(const std::string& d) {
 
 const char* safetensors_dtype(const std::string& d) {
   if (d == "float32") return "F32";
+  if (d == "float64") return "F64";
   if (d == "float16") return "F16";
   if (d == "bfloat16") return "BF16";
   if (d == "int8") return "I8";
