@@ -203,3 +203,32 @@ def test_bad_photos_are_refused_like_the_python_cli(runner, runs, tmp_path, caps
             assert got == want, name
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
+
+
+@pytest.mark.slow  # a DC-AE model at 512 px: about a minute
+def test_tiled_encoder_cache_is_the_python_cache(runner, tmp_path):
+    """A bundle that encodes photos in tiles (DC-AE, --vae-tiling): four tile programs, each over every
+    photo, blended as runtime/tiles.py blends them; the shards are the Python precompute's, byte for byte."""
+    import dataclasses
+
+    from test_tiles import _dc
+    from tiny_models import build
+
+    from blockskip.device_train.app import run_precompute
+    from blockskip.export.families import wrap_model
+
+    vae, spec = _dc()
+    lm = dataclasses.replace(wrap_model(build("sana"), "sana"), encoder=vae, encoder_spec=spec, vae_factor=4)
+    plan = Plan(front_skip=1, back_skip=1, s_min=256, s_max=512, num_samples=3, steps=2, vae_tiling=True, lora_rank=4)
+    export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo of sks cat", tmp_path / "bundle", formats=["pte"])
+    assert len(json.loads((tmp_path / "bundle" / "manifest.json").read_text())["pte"]["encoder"]["programs"]) == 4
+    photos = write_photos(tmp_path / "photos", n=2, size=(520, 600))
+    run_precompute(tmp_path / "bundle", photos, tmp_path / "py", backend="executorch", quiet=True)
+    native(runner, "precompute", tmp_path / "bundle", "--images", photos, "--cache", tmp_path / "nat", "--quiet")
+    a = json.loads((tmp_path / "nat" / "index.json").read_text())
+    b = json.loads((tmp_path / "py" / "index.json").read_text())
+    assert a["schedule"] == b["schedule"]
+    ta, tb = _tensors(tmp_path / "nat"), _tensors(tmp_path / "py")
+    for k in tb:
+        for n in tb[k]:
+            np.testing.assert_allclose(ta[k][n], tb[k][n], rtol=0, atol=1e-5, err_msg=f"entry {k} {n}")
