@@ -11,10 +11,11 @@ from pathlib import Path
 
 from blockskip.runtime.errors import BundleError
 from blockskip.runtime.files import sha256_file
+from blockskip.runtime.formats import MANIFEST, RECORD_SHA256, RECORD_SIZE, SCHEMA_VERSION
 from blockskip.runtime.plan import Plan
 from blockskip.runtime.schedule import PatchSchedule
 
-SCHEMA_VERSION = 1
+__all__ = ["SCHEMA_VERSION", "Bundle", "file_record", "safe_relpath"]
 
 
 def safe_relpath(root: Path, rel: str) -> Path:
@@ -27,7 +28,7 @@ def safe_relpath(root: Path, rel: str) -> Path:
 class Bundle:
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        mpath = self.root / "manifest.json"
+        mpath = self.root / MANIFEST
         if not mpath.is_file():
             raise BundleError(f"{str(self.root)!r} is not a bundle (no manifest.json); make one with blockskip-export")
         try:
@@ -44,7 +45,7 @@ class Bundle:
 
     @property
     def manifest_sha256(self) -> str:
-        return sha256_file(self.root / "manifest.json")
+        return sha256_file(self.root / MANIFEST)
 
     @property
     def family(self) -> str:
@@ -72,7 +73,7 @@ class Bundle:
             raise BundleError(f"bundle file {rel!r} is missing from {self.root}; export the bundle again")
         if verify and rel not in self._verified:
             rec = files[rel]
-            if p.stat().st_size != rec["size"] or sha256_file(p) != rec["sha256"]:
+            if p.stat().st_size != rec[RECORD_SIZE] or sha256_file(p) != rec[RECORD_SHA256]:
                 raise BundleError(f"bundle file {rel!r} does not match its recorded sha256: it is corrupt; export again")
             self._verified.add(rel)
         return p
@@ -84,4 +85,4 @@ class Bundle:
 
 def file_record(root: Path, rel: str) -> dict:
     p = safe_relpath(root, rel)
-    return {"sha256": sha256_file(p), "size": p.stat().st_size}
+    return {RECORD_SHA256: sha256_file(p), RECORD_SIZE: p.stat().st_size}

@@ -8,6 +8,8 @@ optimizer steps done) and ``log`` (JSON: losses, step seconds, the cache identit
 LoRA (``OUT/lora.safetensors``): ``transformer.<peft name without .default>``, lora_B multiplied by
 alpha/rank, metadata the bundle's ``lora.metadata`` (peft's config with alpha = rank), so
 ``load_lora_adapter`` applies the same scale with or without our metadata.
+
+The names are declared in ``runtime.formats`` (schemas ``checkpoint``, ``train_log``, ``lora``).
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ import numpy as np
 
 from blockskip.runtime.errors import BlockSkipError
 from blockskip.runtime.files import atomic_write
+from blockskip.runtime.formats import CHECKPOINT, LORA_B, LORA_PREFIX, META_LOG, META_STEP, PEFT_ADAPTER
 from blockskip.runtime.tensorfile import TensorFile, write_tensors
 
-CHECKPOINT = "checkpoint.safetensors"
+__all__ = ["CHECKPOINT", "diffusers_name", "read_checkpoint", "write_checkpoint", "write_lora"]
 
 
 def write_checkpoint(path: Path, tensors: dict[str, np.ndarray], step: int, log: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"step": str(int(step)), "log": json.dumps(log, sort_keys=True)}
+    meta = {META_STEP: str(int(step)), META_LOG: json.dumps(log, sort_keys=True)}
     atomic_write(path, lambda tmp: write_tensors(tmp, tensors, meta))
 
 
@@ -34,8 +37,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], int, dict]:
     """(tensors, step, log); a torn or corrupt file is a clear error."""
     try:
         f = TensorFile(path)
-        step = int(f.metadata["step"])
-        log = json.loads(f.metadata["log"])
+        step = int(f.metadata[META_STEP])
+        log = json.loads(f.metadata[META_LOG])
         if not isinstance(log, dict) or step < 0:
             raise ValueError("malformed step/log")
     except Exception as e:  # BundleError, KeyError, ValueError, JSONDecodeError
@@ -44,7 +47,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], int, dict]:
 
 
 def diffusers_name(peft: str) -> str:
-    return "transformer." + peft.replace(".default.", ".")
+    return LORA_PREFIX + peft.replace(PEFT_ADAPTER, ".")
 
 
 def write_lora(path: Path, tensors: dict[str, np.ndarray], lora: dict) -> None:
@@ -53,5 +56,5 @@ def write_lora(path: Path, tensors: dict[str, np.ndarray], lora: dict) -> None:
     out = {}
     for name, t in tensors.items():
         a = np.asarray(t, dtype=np.float32)
-        out[diffusers_name(name)] = a * scale if ".lora_B." in name else a
+        out[diffusers_name(name)] = a * scale if LORA_B in name else a
     atomic_write(path, lambda tmp: write_tensors(tmp, out, dict(lora["metadata"])))

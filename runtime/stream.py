@@ -25,10 +25,30 @@ from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.checkpoint import read_checkpoint, write_checkpoint
 from blockskip.runtime.contract import Arrays, BlockBackend
 from blockskip.runtime.errors import BlockSkipError, BundleError
+from blockskip.runtime.formats import (  # the programs' calling convention; the block backends import it from here
+    ADAM_STEP,
+    ADAMW_STATE,
+    CHECKPOINT,
+    CONST,
+    ENTRY_CONST,
+    ENTRY_IN,
+    ENTRY_TARGET,
+    GRAD,
+    GRAD_IN,
+    LORA,
+    LORA_GRAD,
+    OUT,
+    PARAM,
+    STATE,
+    STATE_HIDDEN,
+    WEIGHT,
+    delta_key,
+    opt_key,
+)
 from blockskip.runtime.tensorfile import TensorFile
 
-STATE, CONST, GRAD, WEIGHT, LORA = "state.", "c.", "grad.", "w.", "lora."
-OUT, GRAD_IN, LORA_GRAD = "out.", "grad_in.", "lora_grad."
+__all__ = ["CONST", "GRAD", "GRAD_IN", "LORA", "LORA_GRAD", "OUT", "STATE", "WEIGHT", "StreamSpec", "StreamedSpan",
+           "Stash", "WeightSource", "peft_name", "strip"]
 
 
 class StreamSpec:
@@ -169,7 +189,7 @@ class Stash:
 class StreamedSpan:
     """The trained span, block-streamed over a ``BlockBackend``: a ``runtime.contract.Trainer``."""
 
-    checkpoint_file = "checkpoint.safetensors"
+    checkpoint_file = CHECKPOINT
 
     def __init__(self, bundle: Bundle, backend: BlockBackend, stash_dir: Path | None = None):
         plan = bundle.plan
@@ -206,8 +226,8 @@ class StreamedSpan:
         return {rel: self.params[p] for rel, p in names.items()}
 
     def loss_and_grad(self, entry: dict, scale: float) -> float:
-        state = {k[3:]: v for k, v in entry.items() if k.startswith("in.")}
-        consts = {k[2:]: v for k, v in entry.items() if k.startswith("c.")}
+        state = {k[len(ENTRY_IN):]: v for k, v in entry.items() if k.startswith(ENTRY_IN)}
+        consts = {k[len(ENTRY_CONST):]: v for k, v in entry.items() if k.startswith(ENTRY_CONST)}
         seq = [i for i, _, _ in self.blocks]
         self.weights.plan(seq + seq[::-1])
         folder = None
@@ -225,11 +245,11 @@ class StreamedSpan:
                 last = k == len(self.blocks) - 1 and self.stash_dir is None
                 state = self.be.forward(sid, state, consts, w, self._lora(names), keep=last)
                 for name in list(state):  # a skipped span after block i: add its precomputed residual
-                    d = entry.get(f"delta.{i + 1}.{name}")
+                    d = entry.get(delta_key(i + 1, name))
                     if d is not None:
                         state[name] = state[name] + d
-            loss, g_hidden = self.be.head(state["hidden"], consts, entry["target"], scale, self.head_w)
-            grads = {name: (g_hidden if name == "hidden" else np.zeros_like(v)) for name, v in state.items()}
+            loss, g_hidden = self.be.head(state[STATE_HIDDEN], consts, entry[ENTRY_TARGET], scale, self.head_w)
+            grads = {name: (g_hidden if name == STATE_HIDDEN else np.zeros_like(v)) for name, v in state.items()}
             del state
             acc = self.grads if self.grads is not None else {}
             for k in range(len(self.blocks) - 1, -1, -1):
@@ -254,16 +274,16 @@ class StreamedSpan:
 
     def eval_loss(self, entry: dict) -> float:
         """The loss of one entry with the current LoRA (forward sweep and head only)."""
-        state = {k[3:]: v for k, v in entry.items() if k.startswith("in.")}
-        consts = {k[2:]: v for k, v in entry.items() if k.startswith("c.")}
+        state = {k[len(ENTRY_IN):]: v for k, v in entry.items() if k.startswith(ENTRY_IN)}
+        consts = {k[len(ENTRY_CONST):]: v for k, v in entry.items() if k.startswith(ENTRY_CONST)}
         self.weights.plan([i for i, _, _ in self.blocks])
         for i, sid, names in self.blocks:
             state = self.be.forward(sid, state, consts, self.weights.get(i), self._lora(names))
             for name in list(state):
-                d = entry.get(f"delta.{i + 1}.{name}")
+                d = entry.get(delta_key(i + 1, name))
                 if d is not None:
                     state[name] = state[name] + d
-        loss, _ = self.be.head(state["hidden"], consts, entry["target"], 1.0, self.head_w)
+        loss, _ = self.be.head(state[STATE_HIDDEN], consts, entry[ENTRY_TARGET], 1.0, self.head_w)
         return float(loss)
 
     def update(self) -> None:
@@ -276,22 +296,22 @@ class StreamedSpan:
         return {k: v.copy() for k, v in self.params.items()}
 
     def checkpoint_tensors(self) -> dict[str, np.ndarray]:
-        out = {f"param.{n}": p.copy() for n, p in self.params.items()}
+        out = {PARAM + n: p.copy() for n, p in self.params.items()}
         for n, st in self.optimizer.state.items():
             for k, v in st.items():
-                out[f"opt.{k}.{n}"] = np.array(v, dtype=np.float32).reshape(-1) if k == "step" else v.copy()
+                out[opt_key(k, n)] = np.array(v, dtype=np.float32).reshape(-1) if k == ADAM_STEP else v.copy()
         return out
 
     def restore(self, tensors: dict[str, np.ndarray], path) -> None:
-        saved = {k[6:] for k in tensors if k.startswith("param.")}
+        saved = {k[len(PARAM):] for k in tensors if k.startswith(PARAM)}
         if saved != set(self.params):
             raise BlockSkipError(f"checkpoint {path} does not belong to this bundle's plan; use another -o")
         for n, p in self.params.items():
-            v = tensors[f"param.{n}"]
+            v = tensors[PARAM + n]
             if v.shape != p.shape:
                 raise BlockSkipError(f"checkpoint {path} does not belong to this bundle's plan; use another -o")
             p[...] = v
-            keys = [f"opt.{k}.{n}" for k in ("step", "exp_avg", "exp_avg_sq")]
+            keys = [opt_key(k, n) for k in ADAMW_STATE]
             if all(k in tensors for k in keys):
                 self.optimizer.state[n] = {"step": np.array(tensors[keys[0]], np.float32).reshape(1),
                                            "exp_avg": np.array(tensors[keys[1]], np.float32),

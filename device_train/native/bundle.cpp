@@ -1,5 +1,6 @@
 #include "bundle.h"
 
+#include "formats.h"
 #include "safetensors.h"
 #include "sha256.h"
 
@@ -14,11 +15,11 @@ std::string Bundle::listed(const std::string& rel) const {
     throw InputError("manifest path " + rel + " leaves the bundle; the bundle is malformed, export it again");
   std::string p = join(root, rel);
   if (!is_file(p)) throw InputError("bundle file " + rel + " is missing; copy the whole bundle folder or export again");
-  long long want = rec->at("size").as_int("size of " + rel);
+  long long want = rec->at(formats::kRecordSize).as_int("size of " + rel);
   if (file_size(p) != want)
     throw InputError("bundle file " + rel + " has " + std::to_string(file_size(p)) + " bytes, the manifest says " +
                      std::to_string(want) + ": it is truncated or corrupt; copy it again or export again");
-  if (verify && sha256_file(p) != rec->at("sha256").as_string("sha256 of " + rel))
+  if (verify && sha256_file(p) != rec->at(formats::kRecordSha256).as_string("sha256 of " + rel))
     throw InputError("bundle file " + rel + " does not match its recorded sha256: it is corrupt; export again");
   return p;
 }
@@ -27,7 +28,7 @@ Bundle load_bundle(const std::string& root, bool verify) {
   Bundle b;
   b.root = root;
   b.verify = verify;
-  std::string mpath = join(root, "manifest.json");
+  std::string mpath = join(root, formats::kManifest);
   if (!is_dir(root)) throw InputError("bundle folder '" + root + "' does not exist");
   if (!is_file(mpath)) throw InputError("'" + root + "' is not a bundle: it has no manifest.json (make one with blockskip-export)");
   b.manifest = read_json(mpath, "bundle manifest");
@@ -77,38 +78,38 @@ Bundle load_bundle(const std::string& root, bool verify) {
 Cache load_cache(const std::string& root, const Bundle& b) {
   Cache c;
   c.root = root;
-  std::string ipath = join(root, "index.json");
+  std::string ipath = join(root, formats::kCacheIndex);
   if (!is_dir(root)) throw InputError("cache folder '" + root + "' does not exist: run `device-train precompute` first");
   if (!is_file(ipath)) throw InputError("no cache in '" + root + "': run `device-train precompute` first");
   Value idx = read_json(ipath, "cache index");
   try {
-    if (!idx.find("schedule")) throw InputError("no cache index in '" + root + "': run `device-train precompute` first");
+    if (!idx.find(formats::kIndexSchedule)) throw InputError("no cache index in '" + root + "': run `device-train precompute` first");
     const Value null;
-    const Value* source = idx.find("source");
+    const Value* source = idx.find(formats::kIndexSource);
     // the identity as written into the index; a cache from before it was stored: sha256 of Python's
     // json.dumps(source, sort_keys=True), which is how it was derived
-    const Value* stored = idx.find("source_sha256");
+    const Value* stored = idx.find(formats::kIndexSourceSha256);
     if (stored && stored->is_string() && stored->as_string().size() == 64)
       c.source_sha256 = stored->as_string();
     else
       c.source_sha256 = sha256_hex(json::dump_python_sorted(source ? *source : null));
-    const Value* bundle_sha = source ? source->find("bundle") : nullptr;
+    const Value* bundle_sha = source ? source->find(formats::kSourceBundle) : nullptr;
     if (!bundle_sha || !bundle_sha->is_string() || bundle_sha->as_string() != b.manifest_sha256)
       throw InputError("this cache was computed for another bundle; precompute again into a new folder");
-    size_t K = idx.at("schedule").at("entries").as_array("schedule.entries").size();
+    size_t K = idx.at(formats::kIndexSchedule).at(formats::kScheduleEntries).as_array("schedule.entries").size();
     if (K == 0) throw InputError("the cache's schedule is empty; precompute again");
-    const Value* entries = idx.find("entries");
+    const Value* entries = idx.find(formats::kIndexEntries);
     size_t missing = 0;
     for (size_t k = 0; k < K; ++k) {
       const Value* rec = entries ? entries->find(std::to_string(k)) : nullptr;
-      if (!rec || !is_file(join(root, rec->at("file").as_string("file")))) {
+      if (!rec || !is_file(join(root, rec->at(formats::kRecordFile).as_string("file")))) {
         ++missing;
         c.files.emplace_back();
         c.digests.emplace_back();
         continue;
       }
-      c.files.push_back(join(root, rec->at("file").as_string()));
-      c.digests.push_back(rec->at("sha256").as_string("sha256"));
+      c.files.push_back(join(root, rec->at(formats::kRecordFile).as_string()));
+      c.digests.push_back(rec->at(formats::kRecordSha256).as_string("sha256"));
     }
     if (missing)
       throw InputError("cache is incomplete (" + std::to_string(missing) + " of " + std::to_string(K) +

@@ -11,6 +11,7 @@
 
 #include "bundle.h"
 #include "common.h"
+#include "formats.h"
 #include "json.h"
 #include "resident.h"
 #include "safetensors.h"
@@ -23,7 +24,7 @@ namespace {
 
 using json::Value;
 
-const char* kCheckpoint = "checkpoint.safetensors";
+const char* kCheckpoint = formats::kCheckpoint;
 
 struct Log {
   Value plan;
@@ -39,10 +40,10 @@ struct Log {
     Value l = Value::array(), s = Value::array();
     for (double x : losses) l.push_back(Value::number(x));
     for (double x : step_seconds) s.push_back(Value::number(x));
-    v.set("losses", std::move(l));
-    v.set("step_seconds", std::move(s));
+    v.set(formats::kLogLosses, std::move(l));
+    v.set(formats::kLogStepSeconds, std::move(s));
     v.set("resumed_from", Value::integer(resumed_from));
-    v.set("cache_source", Value::string(cache_source));
+    v.set(formats::kLogCacheSource, Value::string(cache_source));
     v.set("delegate", Value::string(delegate));
     for (const auto& kv : extra.as_object()) v.set(kv.first, kv.second);
     if (!lora.empty()) v.set("lora", Value::string(lora));
@@ -77,16 +78,16 @@ void save_checkpoint(const std::string& dir, std::vector<Param>& params, long lo
   for (auto& p : params) steps.push_back(p.state.step);
   size_t i = 0;
   for (auto& p : params) {
-    t.push_back({"param." + p.name, p.shape, p.data});
+    t.push_back({formats::kParam + p.name, p.shape, p.data});
     if (!p.state.exp_avg.empty()) {
-      t.push_back({"opt.exp_avg." + p.name, p.shape, p.state.exp_avg.data()});
-      t.push_back({"opt.exp_avg_sq." + p.name, p.shape, p.state.exp_avg_sq.data()});
-      t.push_back({"opt.step." + p.name, {1}, &steps[i]});
+      t.push_back({formats::kOptExpAvg + p.name, p.shape, p.state.exp_avg.data()});
+      t.push_back({formats::kOptExpAvgSq + p.name, p.shape, p.state.exp_avg_sq.data()});
+      t.push_back({formats::kOptStep + p.name, {1}, &steps[i]});
     }
     ++i;
   }
   write_safetensors(join(dir, kCheckpoint), std::move(t),
-                    {{"step", std::to_string(step)}, {"log", python_dumps(log.to_json())}});
+                    {{formats::kMetaStep, std::to_string(step)}, {formats::kMetaLog, python_dumps(log.to_json())}});
 }
 
 // Restores weights, optimizer state and the log; returns the step to continue from (0: none).
@@ -100,8 +101,8 @@ long long load_checkpoint(const std::string& dir, std::vector<Param>& params, Lo
       throw InputError("checkpoint " + path + " is unreadable (" + e.what() + "); delete it to start over");
     }
   }();
-  const std::string* step_s = f.meta("step");
-  const std::string* log_s = f.meta("log");
+  const std::string* step_s = f.meta(formats::kMetaStep);
+  const std::string* log_s = f.meta(formats::kMetaLog);
   if (!step_s || !log_s) throw InputError("checkpoint " + path + " has no step/log metadata; delete it to start over");
   Value saved;
   long long step = 0;
@@ -111,22 +112,22 @@ long long load_checkpoint(const std::string& dir, std::vector<Param>& params, Lo
   } catch (const std::exception& e) {
     throw InputError("checkpoint " + path + " is unreadable (" + e.what() + "); delete it to start over");
   }
-  const Value* src = saved.find("cache_source");
+  const Value* src = saved.find(formats::kLogCacheSource);
   if (!src || !src->is_string() || src->as_string() != log.cache_source)
     throw InputError(path + " belongs to a training run on other photos or another bundle; use a new output folder "
                      "(-o), or delete " + dir + " to start over");
   for (const auto& kv : f.tensors()) {
-    if (kv.first.rfind("param.", 0) != 0) continue;
-    if (std::none_of(params.begin(), params.end(), [&](const Param& p) { return "param." + p.name == kv.first; }))
+    if (kv.first.rfind(formats::kParam, 0) != 0) continue;
+    if (std::none_of(params.begin(), params.end(), [&](const Param& p) { return formats::kParam + p.name == kv.first; }))
       throw InputError("checkpoint " + path + " does not belong to this bundle's plan; use another -o");
   }
   try {
     for (auto& p : params) {
-      f.copy_floats("param." + p.name, p.data, p.numel);
-      if (f.has("opt.exp_avg." + p.name)) {
-        p.state.exp_avg = f.floats("opt.exp_avg." + p.name);
-        p.state.exp_avg_sq = f.floats("opt.exp_avg_sq." + p.name);
-        p.state.step = f.floats("opt.step." + p.name).at(0);
+      f.copy_floats(formats::kParam + p.name, p.data, p.numel);
+      if (f.has(formats::kOptExpAvg + p.name)) {
+        p.state.exp_avg = f.floats(formats::kOptExpAvg + p.name);
+        p.state.exp_avg_sq = f.floats(formats::kOptExpAvgSq + p.name);
+        p.state.step = f.floats(formats::kOptStep + p.name).at(0);
         if (p.state.exp_avg.size() != p.numel || p.state.exp_avg_sq.size() != p.numel)
           throw std::runtime_error("optimizer state of " + p.name + " has the wrong size");
       } else if (step > 0) {
@@ -143,8 +144,8 @@ long long load_checkpoint(const std::string& dir, std::vector<Param>& params, Lo
     if (out.size() > size_t(step)) out.resize(size_t(step));
   };
   try {
-    numbers("losses", log.losses);
-    numbers("step_seconds", log.step_seconds);
+    numbers(formats::kLogLosses, log.losses);
+    numbers(formats::kLogStepSeconds, log.step_seconds);
   } catch (const json::Error& e) {
     throw InputError("checkpoint " + path + " has a malformed log (" + e.what() + "); delete it to start over");
   }
@@ -153,12 +154,13 @@ long long load_checkpoint(const std::string& dir, std::vector<Param>& params, Lo
 
 std::string diffusers_name(const std::string& peft) {
   std::string n = peft;
-  size_t at = n.find(".default.");
-  if (at != std::string::npos) n.replace(at, 9, ".");
-  return "transformer." + n;
+  const std::string adapter = formats::kPeftAdapter;
+  size_t at = n.find(adapter);
+  if (at != std::string::npos) n.replace(at, adapter.size(), ".");
+  return formats::kLoraPrefix + n;
 }
 
-bool is_lora_b(const Param& p) { return p.name.find(".lora_B.") != std::string::npos; }
+bool is_lora_b(const Param& p) { return p.name.find(formats::kLoraB) != std::string::npos; }
 
 bool any_lora_b_nonzero(const std::vector<Param>& params) {
   for (const auto& p : params)
@@ -223,7 +225,7 @@ int train(const Options& opt) {
   check_budget(b.manifest, "train");
   const double start_rss_mib = double(rss_bytes()) / double(1 << 20);  // the runtime before training
   std::unique_ptr<Trainer> trainer = b.span == "streamed" ? make_streamed_trainer(b, opt.out) : make_resident_trainer(b);
-  const std::string ckpt_dir = join(opt.out, "checkpoint");
+  const std::string ckpt_dir = join(opt.out, formats::kCheckpointDir);
   refuse_foreign_checkpoint(ckpt_dir);
   std::vector<Param>& params = trainer->params();
   const long long steps = b.steps, ga = b.grad_accum;
@@ -313,14 +315,14 @@ int train(const Options& opt) {
     if (!any_lora_b_nonzero(params))
       throw InputError("training finished with an all-zero LoRA (it would change nothing); not writing it. "
                        "Check --lr and the cache");
-    std::string lora = join(opt.out, "lora.safetensors");
+    std::string lora = join(opt.out, formats::kLoraFile);
     save_lora(lora, params, b);
     log.lora = lora;
     if (!opt.quiet) std::printf("LoRA: %s\n", lora.c_str());
   } else if (!opt.quiet) {
     std::printf("stopped after step %lld of %lld; run again to resume\n", end, steps);
   }
-  write_log(join(opt.out, "train_log.json"), log);
+  write_log(join(opt.out, formats::kTrainLog), log);
   return 0;
 }
 

@@ -14,6 +14,7 @@
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
 
+#include "formats.h"
 #include "programs.h"
 
 namespace blockskip {
@@ -29,7 +30,7 @@ const char* kGradsIndex = "__et_training_gradients_index_";
 const char* kParamsIndex = "__et_training_parameters_index_";
 const char* kFqn = "__et_training_fqn_";
 const char* kMethod = "forward";
-const char* kLossScale = "loss_scale";
+const char* kLossScale = formats::kLossScale;
 
 class ResidentTrainer : public Trainer {
  public:
@@ -64,7 +65,7 @@ class ResidentTrainer : public Trainer {
       program = b.listed(t.at("file").as_string("pte.train.file"));
       data = b.listed(t.at("data").as_string("pte.train.data"));
     } catch (const json::Error& e) {
-      throw InputError("bundle manifest " + join(b.root, "manifest.json") + " is not as expected: " + e.what());
+      throw InputError("bundle manifest " + join(b.root, formats::kManifest) + " is not as expected: " + e.what());
     }
     load(program, data, lora);
   }

@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "formats.h"
 #include "programs.h"
 #include "safetensors.h"
 #include "weights.h"
@@ -18,8 +19,9 @@ namespace {
 
 using json::Value;
 
-const std::string kState = "state.", kGrad = "grad.", kLora = "lora.", kOut = "out.", kGradIn = "grad_in.",
-                  kLoraGrad = "lora_grad.";
+const std::string kState = formats::kState, kGrad = formats::kGrad, kLora = formats::kLora, kOut = formats::kOut,
+                  kGradIn = formats::kGradIn, kLoraGrad = formats::kLoraGrad, kEntryIn = formats::kEntryIn,
+                  kEntryConst = formats::kEntryConst, kEntryDelta = formats::kEntryDelta, kHidden = formats::kStateHidden;
 
 bool starts(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
 
@@ -91,14 +93,14 @@ class StreamedSpan : public Trainer {
       weights_ = std::make_unique<WeightSource>(
           [this](int i) { return read_weights(block_files_.at(i), paths_[size_t(i)]); }, resident, prefetch);
     } catch (const json::Error& e) {
-      throw InputError("bundle manifest " + join(b.root, "manifest.json") + " is not as expected: " + e.what());
+      throw InputError("bundle manifest " + join(b.root, formats::kManifest) + " is not as expected: " + e.what());
     }
     head_w_ = read_weights(head_file, "");
     load_lora(init_file);
   }
 
   void check_entry(const Entry& e) const override {
-    for (const char* name : {"in.hidden", "target"})
+    for (const std::string& name : {kEntryIn + kHidden, std::string(formats::kEntryTarget)})
       if (!e.tensors.count(name))
         throw InputError("cache shard " + e.file + " has no tensor \"" + name + "\"; it was made for another "
                          "bundle: precompute again into a new folder");
@@ -235,14 +237,14 @@ class StreamedSpan : public Trainer {
   FTensors initial_state(const Entry& e) const {
     FTensors s;
     for (const auto& kv : e.tensors)
-      if (starts(kv.first, "in.")) s[kv.first.substr(3)] = kv.second;
+      if (starts(kv.first, kEntryIn)) s[kv.first.substr(kEntryIn.size())] = kv.second;
     return s;
   }
 
   Feed const_feed(const Entry& e) const {
     Feed f;
     for (const auto& kv : e.tensors)
-      if (starts(kv.first, "c.")) f[kv.first] = TensorRef{kv.second.data.data(), "float32", &kv.second.shape};
+      if (starts(kv.first, kEntryConst)) f[kv.first] = TensorRef{kv.second.data.data(), "float32", &kv.second.shape};
     return f;
   }
 
@@ -255,7 +257,7 @@ class StreamedSpan : public Trainer {
     for (auto& kv : out)
       if (starts(kv.first, kOut)) (*next)[kv.first.substr(kOut.size())] = std::move(kv.second);
     for (auto& kv : *next) {
-      auto d = e.tensors.find("delta." + std::to_string(blk.index + 1) + "." + kv.first);
+      auto d = e.tensors.find(kEntryDelta + std::to_string(blk.index + 1) + "." + kv.first);
       if (d == e.tensors.end()) continue;
       std::vector<float>& s = kv.second.data;
       if (d->second.data.size() != s.size())
@@ -269,22 +271,22 @@ class StreamedSpan : public Trainer {
   // The head program: returns the loss times `scale`; `grads` becomes the gradient at each state
   // tensor (the head's at `hidden`, zeros elsewhere).
   float head(const FTensors& state, const Feed& consts, const Entry& e, float scale, FTensors& grads) {
-    auto hidden = state.find("hidden");
+    auto hidden = state.find(kHidden);
     if (hidden == state.end()) throw InputError("the span's last block gives no hidden state; export the bundle again");
-    const FTensor& target = e.tensors.at("target");
+    const FTensor& target = e.tensors.at(formats::kEntryTarget);
     scale_ = scale;
     const std::vector<int64_t> one{1};
-    Feed f{{"state.hidden", TensorRef{hidden->second.data.data(), "float32", &hidden->second.shape}},
-           {"target", TensorRef{target.data.data(), "float32", &target.shape}},
-           {"loss_scale", TensorRef{&scale_, "float32", &one}}};
+    Feed f{{kState + kHidden, TensorRef{hidden->second.data.data(), "float32", &hidden->second.shape}},
+           {formats::kEntryTarget, TensorRef{target.data.data(), "float32", &target.shape}},
+           {formats::kLossScale, TensorRef{&scale_, "float32", &one}}};
     FTensors out = programs_->run("head", "head", {&f, &consts, &head_w_->feed});
-    auto loss = out.find("loss");
-    auto g = out.find(kGradIn + "hidden");
+    auto loss = out.find(formats::kLoss);
+    auto g = out.find(kGradIn + kHidden);
     if (loss == out.end() || loss->second.data.size() != 1 || g == out.end())
       throw InputError("the head program does not give loss and grad_in.hidden; export the bundle again");
     grads.clear();
     for (const auto& kv : state)
-      grads[kv.first] = kv.first == "hidden" ? std::move(g->second)
+      grads[kv.first] = kv.first == kHidden ? std::move(g->second)
                                               : FTensor{kv.second.shape, std::vector<float>(kv.second.data.size(), 0.0f)};
     return loss->second.data[0];
   }

@@ -1,0 +1,736 @@
+"""Every on-disk format, declared once: the names the readers and writers use, a typed declaration of
+each JSON document, and a JSON Schema (draft 2020-12) of each, derived from those declarations.
+
+The formats (``docs/formats.md`` says what each key means and who writes and reads it):
+
+* ``manifest``: ``BUNDLE/manifest.json``, what the exporter wrote (:class:`Manifest`);
+* ``cache_index``: ``CACHE/index.json``, the realised schedule, the cache's identity, a sha256 per shard;
+* ``cache_entry``: ``CACHE/entry_<k>.safetensors``, one schedule entry's tensors (``in.``, ``c.``,
+  ``delta.``, ``target``); the schema is of the safetensors header;
+* ``checkpoint``: ``OUT/checkpoint/checkpoint.safetensors``, the LoRA (``param.``), the optimizer state
+  (``opt.<state>.``) and metadata ``step`` and ``log``;
+* ``optimizer``: the AdamW hyper-parameters of a training program (``pte.train.optimizer``,
+  ``onnx.train.optimizer``); the per-parameter state (:class:`AdamWState`) lives in the checkpoint;
+* ``train_log``: ``OUT/train_log.json``, and the checkpoint's ``log`` metadata;
+* ``lora``: ``OUT/lora.safetensors``, diffusers-named LoRA tensors and peft's metadata.
+
+``python -m blockskip.runtime.formats --write docs/schemas`` writes ``<kind>.schema.json`` for each and
+``device_train/native/formats.h`` (the shared names as C++ constants); ``--check`` says whether the
+written files are up to date. :func:`validate` checks a document against its schema with the
+``jsonschema`` package (tests only: the runtime never needs it). Imports no more than numpy.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import struct
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, NotRequired, Required, TypedDict
+
+import numpy as np
+
+from blockskip.runtime import plan as _plan
+from blockskip.runtime.schedule import RNG, ScheduleEntry
+from blockskip.runtime.tensorfile import DTYPES
+
+# ------------------------------------------------------------------------------------------------
+# Names (the C++ runner gets the same ones from device_train/native/formats.h)
+
+# files
+MANIFEST = "manifest.json"  # the bundle's manifest
+SCHEMA_VERSION = 1  # manifest.json's schema_version
+CACHE_INDEX = "index.json"  # the cache's index
+SHARD_PREFIX, SHARD_DIGITS, SHARD_SUFFIX = "entry_", 5, ".safetensors"  # shard k: entry_00007.safetensors
+CHECKPOINT_DIR = "checkpoint"  # OUT/checkpoint/
+CHECKPOINT = "checkpoint.safetensors"  # the shared checkpoint in it
+LORA_FILE = "lora.safetensors"  # OUT/lora.safetensors
+TRAIN_LOG = "train_log.json"  # OUT/train_log.json
+
+# file records (manifest "files", cache index "entries") and program records
+RECORD_FILE, RECORD_SHA256, RECORD_SIZE = "file", "sha256", "size"
+
+# the cache index
+INDEX_SOURCE, INDEX_SOURCE_SHA256, INDEX_SCHEDULE, INDEX_ENTRIES = "source", "source_sha256", "schedule", "entries"
+INDEX_MAX_RESIDENT_BLOCKS, INDEX_PEAK_RSS_MIB = "max_resident_blocks", "peak_rss_mib"  # precompute's, optional
+INDEX_START_RSS_MIB = "start_rss_mib"  # optional: the runner's RSS before precompute (native)
+SOURCE_BUNDLE, SOURCE_IMAGES = "bundle", "images"  # index source: manifest sha256, {photo name: sha256}
+SCHEDULE_META, SCHEDULE_ENTRIES = "meta", "entries"  # index schedule: parameters, one record per entry
+
+# a cache entry's tensors
+ENTRY_IN = "in."  # in.<state>: the state entering the first trained block
+ENTRY_CONST = "c."  # c.<const>: the entry's constants (timestep embedding, positions ...)
+ENTRY_DELTA = "delta."  # delta.<block>.<state>: residual of the skipped span that starts at <block>
+ENTRY_TARGET = "target"  # the flow-matching target, in the head's output layout
+STATE_HIDDEN = "hidden"  # the state the head reads
+
+# the calling convention of the block-stream programs (manifest stream.shapes.<id>.programs.<role>)
+STATE, CONST, GRAD, WEIGHT, LORA = "state.", "c.", "grad.", "w.", "lora."  # inputs
+OUT, GRAD_IN, LORA_GRAD = "out.", "grad_in.", "lora_grad."  # outputs
+LOSS, LOSS_SCALE = "loss", "loss_scale"
+
+# the checkpoint
+PARAM = "param."  # param.<peft name>: a LoRA tensor
+OPT = "opt."  # opt.<state>.<peft name>: its optimizer state
+ADAM_STEP, ADAM_EXP_AVG, ADAM_EXP_AVG_SQ = "step", "exp_avg", "exp_avg_sq"  # AdamW's state (torch's names)
+ADAMW_STATE = (ADAM_STEP, ADAM_EXP_AVG, ADAM_EXP_AVG_SQ)
+OPT_STEP, OPT_EXP_AVG, OPT_EXP_AVG_SQ = (f"{OPT}{k}." for k in ADAMW_STATE)
+META_STEP, META_LOG = "step", "log"  # checkpoint metadata: optimizer steps done, the run's log (JSON)
+
+# the train log (and the checkpoint's log)
+LOG_CACHE_SOURCE, LOG_LOSSES, LOG_STEP_SECONDS = "cache_source", "losses", "step_seconds"
+
+# the LoRA file
+LORA_PREFIX = "transformer."  # diffusers name = LORA_PREFIX + peft name without PEFT_ADAPTER's "default."
+PEFT_ADAPTER = ".default."
+LORA_A, LORA_B = ".lora_A.", ".lora_B."
+LORA_META_FORMAT, LORA_META_ADAPTER = "format", "lora_adapter_metadata"
+
+SCHEDULE_RNG = RNG  # manifest schedule.rng / index schedule.meta.rng
+
+# what formats.h declares, in this order
+CPP_NAMES = (
+    "MANIFEST", "SCHEMA_VERSION", "CACHE_INDEX", "SHARD_PREFIX", "SHARD_DIGITS", "SHARD_SUFFIX", "CHECKPOINT_DIR",
+    "CHECKPOINT", "LORA_FILE", "TRAIN_LOG",
+    "RECORD_FILE", "RECORD_SHA256", "RECORD_SIZE",
+    "INDEX_SOURCE", "INDEX_SOURCE_SHA256", "INDEX_SCHEDULE", "INDEX_ENTRIES", "INDEX_MAX_RESIDENT_BLOCKS",
+    "INDEX_PEAK_RSS_MIB", "INDEX_START_RSS_MIB", "SOURCE_BUNDLE", "SOURCE_IMAGES", "SCHEDULE_META", "SCHEDULE_ENTRIES",
+    "ENTRY_IN", "ENTRY_CONST", "ENTRY_DELTA", "ENTRY_TARGET", "STATE_HIDDEN",
+    "STATE", "CONST", "GRAD", "WEIGHT", "LORA", "OUT", "GRAD_IN", "LORA_GRAD", "LOSS", "LOSS_SCALE",
+    "PARAM", "OPT", "OPT_STEP", "OPT_EXP_AVG", "OPT_EXP_AVG_SQ", "META_STEP", "META_LOG",
+    "LOG_CACHE_SOURCE", "LOG_LOSSES", "LOG_STEP_SECONDS",
+    "LORA_PREFIX", "PEFT_ADAPTER", "LORA_A", "LORA_B", "LORA_META_FORMAT", "LORA_META_ADAPTER",
+    "SCHEDULE_RNG",
+)
+
+
+def shard_name(k: int) -> str:
+    """Cache shard of schedule entry ``k``."""
+    return f"{SHARD_PREFIX}{k:0{SHARD_DIGITS}d}{SHARD_SUFFIX}"
+
+
+def delta_key(block: int, state: str) -> str:
+    """Cache tensor of the residual that the skipped span starting at ``block`` adds to ``state``."""
+    return f"{ENTRY_DELTA}{block}.{state}"
+
+
+def opt_key(state: str, name: str) -> str:
+    """Checkpoint tensor of optimizer state ``state`` (``ADAMW_STATE``) of LoRA tensor ``name``."""
+    return f"{OPT}{state}.{name}"
+
+
+def source_digest(source: dict | None) -> str:
+    """A cache's identity: sha256 of ``json.dumps(source, sort_keys=True)`` (ASCII-escaped), ``source``
+    being ``{"bundle": sha256 of manifest.json, "images": {photo name: sha256}}``. Written into the
+    index with the cache (``source_sha256``); readers take the stored value."""
+    return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# Declarations. Annotated[..., {...}] adds JSON Schema keywords; a class in OPEN may hold keys beyond
+# the declared ones (sections that vary by family, format or backend), every other record is closed.
+
+Sha256 = Annotated[str, {"pattern": "^[0-9a-f]{64}$"}]
+NonNegInt = Annotated[int, {"minimum": 0}]
+PosInt = Annotated[int, {"minimum": 1}]
+NonNeg = Annotated[float, {"minimum": 0}]
+Positive = Annotated[float, {"exclusiveMinimum": 0}]
+Identifier = Annotated[str, {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}]
+Decimal = Annotated[str, {"pattern": "^(0|[1-9][0-9]*)$"}]
+
+
+class JsonText:
+    """A string holding a JSON document of type ``of`` (``contentMediaType``/``contentSchema``)."""
+
+    def __init__(self, of: type):
+        self.of = of
+
+
+OPEN: dict[type, Any] = {}  # record -> the schema of its undeclared keys
+
+
+def open_record(cls=None, *, values: Any = True):
+    """Mark a record as open (``values``: the schema of undeclared keys' values, ``True``: anything)."""
+    def mark(c):
+        OPEN[c] = values
+        return c
+    return mark(cls) if cls is not None else mark
+
+
+# --- manifest.json ------------------------------------------------------------------------------
+
+class FileRecord(TypedDict):
+    """A file of the bundle (key: its path relative to the bundle): checked before it is used."""
+    sha256: Sha256
+    size: NonNegInt
+
+
+class ScheduleParams(TypedDict):
+    """The patch schedule's parameters (``PatchSchedule.build`` takes them with the photos' count)."""
+    num_samples: PosInt
+    s_min: PosInt
+    s_max: PosInt
+    granularity: PosInt
+    seed: NonNegInt
+    patch_sampling: bool
+    shift: Positive
+    rng: Literal[RNG]
+    T: NotRequired[PosInt]
+
+
+@open_record
+class ModelSection(TypedDict):
+    """The transformer: family config, one weight file per block (``null``: a block no phase runs)."""
+    config: dict[str, Any]
+    blocks: list[str | None]
+    embed: str
+    head: str
+    trained: list[NonNegInt]
+    block_kinds: list[str]
+
+
+EncoderSection = open_record(TypedDict("EncoderSection", {"class": str, "config": dict[str, Any], "file": str}))
+EncoderSection.__doc__ = "The photo encoder (VAE stand-in): class, config and weight file."
+
+LoraAdapterConfig = open_record(TypedDict("LoraAdapterConfig", {
+    "transformer.r": PosInt, "transformer.lora_alpha": Positive, "transformer.target_modules": list[str]}))
+LoraAdapterConfig.__doc__ = "peft's LoraConfig with a ``transformer.`` prefix (what load_lora_adapter reads)."
+
+
+@open_record(values={"type": "string"})
+class LoraMetadata(TypedDict):
+    """safetensors metadata of the LoRA file (strings only)."""
+    format: Literal["pt"]
+    lora_adapter_metadata: Annotated[str, JsonText(LoraAdapterConfig)]
+
+
+class LoraSection(TypedDict):
+    """The LoRA: rank, alpha (scale alpha/rank), target modules, the LoRA file's metadata."""
+    rank: PosInt
+    alpha: Positive
+    targets: list[str]
+    metadata: LoraMetadata
+
+
+class ProgramIO(TypedDict):
+    """One input or output of a program, in call order."""
+    name: str
+    shape: list[NonNegInt]
+    dtype: str
+
+
+class PteProgram(TypedDict):
+    """An ExecuTorch program (``.pte``; ``data``: its ``.ptd`` of trainable weights)."""
+    file: str
+    arena_bytes: NonNegInt
+    data: NotRequired[str]
+
+
+class OnnxProgram(TypedDict):
+    """An ONNX model."""
+    file: str
+
+
+@open_record
+class ProgramRecord(TypedDict):
+    """A stream program's calling convention and its file in each program format."""
+    inputs: list[ProgramIO]
+    outputs: list[ProgramIO]
+    pte: NotRequired[PteProgram]
+    onnx: NotRequired[OnnxProgram]
+
+
+@open_record
+class BlockShape(TypedDict):
+    """Blocks that share one program: kind, LoRA targets, programs by role (forward, vjp, head ...)."""
+    kind: str
+    targets: list[str]
+    example_block: NotRequired[NonNegInt]
+    programs: dict[str, ProgramRecord]
+
+
+class StreamSection(TypedDict):
+    """Which block runs which shape's programs; the blocks' weight files are in ``model.blocks``."""
+    storage: Literal[_plan.STORAGE]
+    shapes: dict[str, BlockShape]
+    train: list[tuple[NonNegInt, str]]
+    precompute: list[tuple[NonNegInt, str]]
+    lora_init: str
+    block_paths: list[str]
+
+
+class Optimizer(TypedDict):
+    """AdamW's hyper-parameters as a training program was exported for (lr: ``plan.lr``)."""
+    type: Literal["adamw"]
+    betas: tuple[Annotated[float, {"minimum": 0, "exclusiveMaximum": 1}],
+                 Annotated[float, {"minimum": 0, "exclusiveMaximum": 1}]]
+    eps: Positive
+    weight_decay: NonNeg
+    adam_mode: NotRequired[Literal[0]]
+
+
+class Tiles(TypedDict):
+    tile: PosInt
+    stride: PosInt
+    ratio: PosInt
+
+
+@open_record
+class EncoderPrograms(TypedDict):
+    """A format's photo encoder: programs by input size ``<H>x<W>``, tiling when there are several."""
+    input: list[PosInt]
+    programs: dict[Annotated[str, {"pattern": "^[0-9]+x[0-9]+$"}], PteProgram | OnnxProgram]
+    tiles: NotRequired[Tiles]
+
+
+class PteTrain(TypedDict):
+    """The resident span's ExecuTorch training program: entry tensors in call order (then loss_scale)."""
+    file: str
+    data: str
+    arena_bytes: NonNegInt
+    inputs: list[str]
+    shapes: dict[str, list[NonNegInt]]
+    lora: list[str]
+    optimizer: Optimizer
+
+
+@open_record
+class PteSection(TypedDict):
+    delegate: str
+    encoder: EncoderPrograms
+    train: NotRequired[PteTrain]
+
+
+class OnnxTrainFiles(TypedDict):
+    training: str
+    eval: str
+    optimizer: str
+    checkpoint: str
+
+
+class OnnxTrain(TypedDict):
+    """The resident span's ONNX Runtime training artifacts."""
+    files: OnnxTrainFiles
+    optimizer: Optimizer
+    inputs: list[str]
+    shapes: dict[str, list[NonNegInt]]
+    lora: list[str]
+
+
+@open_record
+class OnnxSection(TypedDict):
+    opset: PosInt
+    ir_version: PosInt
+    encoder: EncoderPrograms
+    train: NotRequired[OnnxTrain]
+
+
+class MemoryAlternative(TypedDict):
+    option: str
+    phases: dict[str, NonNeg]
+
+
+class MemorySection(TypedDict):
+    """The dry run's predicted peak per phase in bytes (checked before each phase on the device)."""
+    profile_budget_bytes: NonNegInt
+    phases: dict[str, NonNegInt]
+    alternatives: NotRequired[list[MemoryAlternative]]
+
+
+@open_record
+class ProfileRecord(TypedDict):
+    """The device profile the plan was fitted to (as the profile file says)."""
+    name: str
+
+
+@open_record
+class Manifest(TypedDict):
+    """A bundle's manifest.json."""
+    schema_version: Literal[SCHEMA_VERSION]
+    family: str
+    source_model: str
+    profile: ProfileRecord
+    prompt: str
+    prompt_text: str
+    plan: _plan.Plan
+    schedule: ScheduleParams
+    vae_factor: PosInt
+    model: ModelSection
+    encoder: EncoderSection
+    lora: LoraSection
+    formats: Annotated[list[Literal["torch", "onnx", "pte"]], {"minItems": 1}]
+    stream: StreamSection
+    pte: NotRequired[PteSection]
+    onnx: NotRequired[OnnxSection]
+    memory: NotRequired[MemorySection]
+    files: dict[str, FileRecord]
+
+
+# --- the cache -----------------------------------------------------------------------------------
+
+class CacheSource(TypedDict):
+    """What a cache was computed from: the manifest's sha256 and each photo's (by file name)."""
+    bundle: Sha256
+    images: dict[str, Sha256]
+
+
+class ScheduleMeta(TypedDict):
+    """The realised schedule's parameters (the manifest's, with the photos' count)."""
+    num_images: PosInt
+    s_min: PosInt
+    s_max: PosInt
+    granularity: PosInt
+    seed: NonNegInt
+    patch_sampling: bool
+    shift: Positive
+    T: PosInt
+    resize: Literal["area"]
+    rng: Literal[RNG]
+
+
+class RealisedSchedule(TypedDict):
+    meta: ScheduleMeta
+    entries: list[ScheduleEntry]
+
+
+class ShardRecord(TypedDict):
+    file: Annotated[str, {"pattern": f"^{SHARD_PREFIX}[0-9]{{{SHARD_DIGITS},}}\\{SHARD_SUFFIX}$"}]
+    sha256: Sha256
+
+
+class CacheIndex(TypedDict):
+    """A cache's index.json."""
+    source: CacheSource
+    source_sha256: Sha256
+    schedule: RealisedSchedule
+    entries: dict[Decimal, ShardRecord]
+    max_resident_blocks: NotRequired[NonNegInt]
+    peak_rss_mib: NotRequired[NonNeg]
+    start_rss_mib: NotRequired[NonNeg]
+
+
+# --- train log, checkpoint metadata, LoRA file -----------------------------------------------
+
+@open_record
+class TrainLog(TypedDict):
+    """train_log.json; the checkpoint's ``log`` holds the same up to its step (without the end's keys)."""
+    plan: _plan.Plan
+    backend: str
+    losses: list[float]
+    step_seconds: list[NonNeg]
+    resumed_from: NonNegInt
+    cache_source: Sha256
+    peak_rss_mib: NotRequired[NonNeg]
+    start_rss_mib: NotRequired[NonNeg]
+    lora: NotRequired[str]
+    span: NotRequired[Literal[_plan.SPANS]]
+    storage: NotRequired[str]
+    block_backend: NotRequired[str]
+    weight_file_reads: NotRequired[NonNegInt]
+    delegate: NotRequired[str]
+    blocks_loaded: NotRequired[list[str]]
+
+
+class CheckpointMetadata(TypedDict):
+    """The checkpoint's safetensors metadata."""
+    step: Decimal
+    log: Annotated[str, JsonText(TrainLog)]
+
+
+class TensorHeader(TypedDict):
+    """A tensor's entry in a safetensors header."""
+    dtype: Literal[tuple(DTYPES)]
+    shape: list[NonNegInt]
+    data_offsets: tuple[NonNegInt, NonNegInt]
+
+
+class AdamWState(TypedDict):
+    """One LoRA tensor's AdamW state (``runtime.adamw.AdamW.state[name]``; in the checkpoint the float32
+    tensors ``opt.<key>.<name>``): ``step`` [1] the updates applied, ``exp_avg`` and ``exp_avg_sq`` the
+    moments, in the parameter's shape."""
+    step: np.ndarray
+    exp_avg: np.ndarray
+    exp_avg_sq: np.ndarray
+
+
+# ------------------------------------------------------------------------------------------------
+# JSON Schema from the declarations
+
+DRAFT = "https://json-schema.org/draft/2020-12/schema"
+FLOAT_DTYPES = ("F32", "F16", "BF16")  # cache entries: float32 or the plan's dtype
+_PLAN_ENUMS = {"span": _plan.SPANS, "storage": _plan.STORAGE, "weights": _plan.WEIGHTS, "stash": _plan.STASH,
+               "optimizer": _plan.OPTIMIZERS, "base_quant": _plan.BASE_QUANT}
+_SIMPLE = {str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null"}
+_DATACLASS_DOCS = {_plan.Plan: "The training plan: every field of runtime/plan.py's Plan, no other.",
+                   ScheduleEntry: "One draw of the schedule (runtime/schedule.py's ScheduleEntry)."}
+
+
+class _Builder:
+    def __init__(self):
+        self.defs: dict[str, dict] = {}
+
+    def ref(self, cls) -> dict:
+        name = cls.__name__
+        if name not in self.defs:
+            self.defs[name] = {}  # recursion guard
+            self.defs[name] = self.record(cls)
+        return {"$ref": f"#/$defs/{name}"}
+
+    def record(self, cls) -> dict:
+        if dataclasses.is_dataclass(cls):
+            hints = typing.get_type_hints(cls, vars(sys.modules[cls.__module__]), include_extras=True)
+            props = {f.name: self.schema(hints[f.name]) for f in dataclasses.fields(cls)}
+            if cls is _plan.Plan:
+                for name, values in _PLAN_ENUMS.items():
+                    nullable = type(None) in typing.get_args(hints[name])
+                    props[name] = {"enum": list(values) + ([None] if nullable else [])}
+            out = {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+            return {"description": _DATACLASS_DOCS[cls], **out} if cls in _DATACLASS_DOCS else out
+        hints = typing.get_type_hints(cls, include_extras=True)
+        props = {k: self.schema(t) for k, t in hints.items()}
+        required = [k for k in hints if k in cls.__required_keys__]
+        out: dict = {"type": "object", "properties": props, "required": required}
+        extra = OPEN.get(cls, False)
+        if extra is not True:
+            out["additionalProperties"] = extra
+        if cls.__doc__:
+            out = {"description": " ".join(cls.__doc__.replace("``", "`").split()), **out}
+        return out
+
+    def schema(self, tp) -> dict:
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is Annotated:
+            out = dict(self.schema(args[0]))
+            for extra in args[1:]:
+                if isinstance(extra, dict):
+                    out.update(extra)
+                elif isinstance(extra, str):
+                    out["description"] = extra
+                elif isinstance(extra, JsonText):
+                    out.update({"contentMediaType": "application/json", "contentSchema": self.ref(extra.of)})
+            return out
+        if origin in (NotRequired, Required):
+            return self.schema(args[0])
+        if origin is Literal:
+            return {"const": args[0]} if len(args) == 1 else {"enum": list(args)}
+        if origin in (typing.Union, types.UnionType):
+            parts = [self.schema(a) for a in args]
+            if all(set(p) == {"type"} for p in parts):
+                return {"type": [p["type"] for p in parts]}
+            return {"anyOf": parts}
+        if origin is list:
+            return {"type": "array", "items": self.schema(args[0])}
+        if origin is tuple:
+            return {"type": "array", "prefixItems": [self.schema(a) for a in args], "minItems": len(args),
+                    "maxItems": len(args)}
+        if origin is dict:
+            out = {"type": "object"}
+            key = self.schema(args[0])
+            if set(key) - {"type"}:
+                out["propertyNames"] = {k: v for k, v in key.items() if k != "type"}
+            if args[1] is not Any:
+                out["additionalProperties"] = self.schema(args[1])
+            return out
+        if tp is Any:
+            return {}
+        if tp is dict:
+            return {"type": "object"}
+        if tp in _SIMPLE:
+            return {"type": _SIMPLE[tp]}
+        if typing.is_typeddict(tp) or dataclasses.is_dataclass(tp):
+            return self.ref(tp)
+        raise TypeError(f"no JSON Schema for {tp!r}")
+
+    def tensor(self, dtypes=None, shape=None) -> dict:
+        out = self.ref(TensorHeader)
+        props = {}
+        if dtypes is not None:
+            props["dtype"] = {"enum": list(dtypes)}
+        if shape is not None:
+            props["shape"] = {"const": list(shape)}
+        return {**out, "properties": props} if props else out
+
+
+def _some_name(pattern: str) -> dict:
+    """At least one key matches ``pattern``."""
+    return {"not": {"propertyNames": {"not": {"pattern": pattern}}}}
+
+
+def _document(kind: str, title: str, description: str, build) -> dict:
+    b = _Builder()
+    body = build(b)
+    doc = {"$schema": DRAFT, "$id": f"{kind}.schema.json", "title": title, "description": description, **body}
+    if b.defs:
+        doc["$defs"] = {k: b.defs[k] for k in sorted(b.defs)}
+    return doc
+
+
+def _safetensors_header(tensors: dict[str, dict], named: dict[str, dict], metadata: dict,
+                        required: list[str], some: list[str]) -> dict:
+    out = {"type": "object", "properties": {"__metadata__": metadata, **named}, "patternProperties": tensors,
+           "required": required, "additionalProperties": False}
+    if some:
+        out["allOf"] = [_some_name(p) for p in some]
+    return out
+
+
+_NAME = "[A-Za-z_][A-Za-z0-9_]*"
+
+
+def _cache_entry(b: _Builder) -> dict:
+    f = b.tensor(FLOAT_DTYPES)
+    return _safetensors_header(
+        {f"^{_re(ENTRY_IN)}{_NAME}$": f, f"^{_re(ENTRY_CONST)}{_NAME}$": f,
+            f"^{_re(ENTRY_DELTA)}(0|[1-9][0-9]*)\\.{_NAME}$": f},
+        {ENTRY_TARGET: f}, {"type": "object", "additionalProperties": {"type": "string"}},
+        [ENTRY_TARGET], [f"^{_re(ENTRY_IN)}"])
+
+
+def _checkpoint(b: _Builder) -> dict:
+    floats = b.tensor(FLOAT_DTYPES)
+    return _safetensors_header(
+        {f"^{_re(PARAM)}.+$": floats,
+            f"^{_re(OPT_STEP)}.+$": b.tensor(("F32", "I64"), [1]),  # I64: bitsandbytes' 8-bit AdamW
+            f"^{_re(OPT_EXP_AVG)}.+$": floats, f"^{_re(OPT_EXP_AVG_SQ)}.+$": floats,
+            f"^{_re(OPT)}{_NAME}\\..+$": b.tensor()},  # other optimizers' state (8-bit AdamW)
+        {}, b.ref(CheckpointMetadata), ["__metadata__"], [f"^{_re(PARAM)}"])
+
+
+def _lora(b: _Builder) -> dict:
+    return _safetensors_header(
+        {f"^{_re(LORA_PREFIX)}.+\\.lora_[AB]\\.weight$": b.tensor(("F32",))}, {}, b.ref(LoraMetadata),
+        ["__metadata__"], [f"^{_re(LORA_PREFIX)}"])
+
+
+def _re(s: str) -> str:
+    return s.replace(".", "\\.")
+
+
+SPECS: dict[str, tuple[str, str, Any]] = {
+    "manifest": ("manifest.json", "A bundle's manifest: what the exporter wrote and every reader takes.",
+                 lambda b: b.ref(Manifest)),
+    "cache_index": ("index.json", "A residual cache's index: identity, realised schedule, one shard per entry.",
+                    lambda b: b.ref(CacheIndex)),
+    "cache_entry": ("entry_<k>.safetensors header", "A cache shard (the safetensors header): in.<state>, "
+                    "c.<const>, delta.<block>.<state> and target, float32 or the plan's dtype.", _cache_entry),
+    "checkpoint": ("checkpoint.safetensors header", "The shared checkpoint (the safetensors header): "
+                   "param.<peft name>, opt.<state>.<peft name>, metadata step and log.", _checkpoint),
+    "optimizer": ("optimizer record", "AdamW's hyper-parameters of a training program (manifest "
+                  "pte.train.optimizer, onnx.train.optimizer).", lambda b: b.ref(Optimizer)),
+    "train_log": ("train_log.json", "A training run's log (also the checkpoint's log metadata).",
+                  lambda b: b.ref(TrainLog)),
+    "lora": ("lora.safetensors header", "The trained LoRA (the safetensors header): diffusers names, "
+             "float32, peft's metadata.", _lora),
+}
+KINDS = tuple(SPECS)
+
+
+def schema(kind: str) -> dict:
+    """The JSON Schema of ``kind`` (one of ``KINDS``)."""
+    if kind not in SPECS:
+        raise KeyError(f"unknown format {kind!r}; known: {', '.join(KINDS)}")
+    title, description, build = SPECS[kind]
+    return _document(kind, title, description, build)
+
+
+# the JSON documents inside string values: (kind, path to the string, $defs entry it holds)
+EMBEDDED = {"checkpoint": [(("__metadata__", META_LOG), "TrainLog")],
+            "lora": [(("__metadata__", LORA_META_ADAPTER), "LoraAdapterConfig")]}
+
+
+def validate(kind: str, obj) -> None:
+    """Check ``obj`` (a parsed JSON document, or a safetensors header) against ``kind``'s schema, and
+    the JSON documents embedded in its strings; raises ``jsonschema.ValidationError``. Needs the
+    ``jsonschema`` package (tests only)."""
+    try:
+        import jsonschema
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("validating a format needs the jsonschema package: pip install jsonschema") from e
+    s = schema(kind)
+    jsonschema.Draft202012Validator(s).validate(obj)
+    for path, name in EMBEDDED.get(kind, ()):
+        text = obj
+        for key in path:
+            text = text[key]
+        try:
+            inner = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise jsonschema.ValidationError(f"{'/'.join(path)} is not JSON ({e})") from e
+        jsonschema.Draft202012Validator({"$ref": f"#/$defs/{name}", "$defs": s["$defs"]}).validate(inner)
+
+
+def safetensors_header(path: str | Path) -> dict:
+    """The JSON header of a safetensors file (tensor records and ``__metadata__``)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+# ------------------------------------------------------------------------------------------------
+# The written files: docs/schemas/<kind>.schema.json and device_train/native/formats.h
+
+HEADER = Path("device_train") / "native" / "formats.h"
+
+
+def schema_text(kind: str) -> str:
+    return json.dumps(schema(kind), indent=2) + "\n"
+
+
+def _cpp_name(name: str) -> str:
+    return "k" + "".join(p.capitalize() for p in name.lower().split("_"))
+
+
+def cpp_header() -> str:
+    """device_train/native/formats.h: the names above as C++ constants."""
+    g = globals()
+    lines = ["// The on-disk formats' names, shared with the Python runtime. Generated from runtime/formats.py",
+             "// by `python -m blockskip.runtime.formats --write docs/schemas`; do not edit (docs/formats.md).",
+             "#pragma once", "", "namespace blockskip {", "namespace formats {", ""]
+    for name in CPP_NAMES:
+        v = g[name]
+        if isinstance(v, bool) or not isinstance(v, int | str):
+            raise TypeError(f"{name} is neither a string nor an integer")
+        if isinstance(v, int):
+            lines.append(f"inline constexpr int {_cpp_name(name)} = {v};")
+        else:
+            lines.append(f"inline constexpr char {_cpp_name(name)}[] = {json.dumps(v)};")
+    lines += ["", "}  // namespace formats", "}  // namespace blockskip", ""]
+    return "\n".join(lines)
+
+
+def outputs(schema_dir: str | Path, header: str | Path | None) -> dict[Path, str]:
+    """Every generated file and its text."""
+    out = {Path(schema_dir) / f"{k}.schema.json": schema_text(k) for k in KINDS}
+    if header is not None:
+        out[Path(header)] = cpp_header()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m blockskip.runtime.formats",
+                                 description="Write (or check) the formats' JSON Schemas and the C++ header.")
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--write", metavar="DIR", help="write DIR/<kind>.schema.json and the header")
+    g.add_argument("--check", metavar="DIR", help="exit 1 if DIR's schemas or the header are out of date")
+    ap.add_argument("--header", default=str(HEADER),
+                    help=f"the C++ header (default {HEADER}, relative to the current folder; '' for none)")
+    a = ap.parse_args(argv)
+    files = outputs(a.write or a.check, a.header or None)
+    if a.check:
+        stale = [str(p) for p, text in files.items() if not p.is_file() or p.read_text() != text]
+        for p in stale:
+            print(f"out of date: {p}", file=sys.stderr)
+        return 1 if stale else 0
+    for p, text in files.items():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if not p.is_file() or p.read_text() != text:
+            p.write_text(text)
+            print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
