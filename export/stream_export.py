@@ -25,9 +25,18 @@ from torch import nn
 
 from blockskip.runtime.backends import torch_stream as ts
 from blockskip.runtime.backends.torch_families.base import TorchFamily
-
-STATE, CONST, GRAD, WEIGHT, LORA = "state.", "c.", "grad.", "w.", "lora."
-OUT, GRAD_IN, LORA_GRAD = "out.", "grad_in.", "lora_grad."
+from blockskip.runtime.formats import (  # noqa: F401  (the programs' calling convention, declared once)
+    CONST,
+    EMBED,
+    GRAD,
+    GRAD_IN,
+    LORA,
+    LORA_GRAD,
+    OUT,
+    STATE,
+    TEXT,
+    WEIGHT,
+)
 
 
 @dataclass
@@ -246,8 +255,6 @@ def entry_io(entry_shapes: Shapes) -> tuple[Shapes, Shapes, tuple]:
 # the embed program: a schedule entry's clean crop, its noise and its geometry -> the state entering
 # block 0, the step constants and the flow-matching target (what precompute feeds the blocks)
 
-EMBED = "embed"  # the shape id and role of the embed program in the stream section
-TEXT = "text."  # prompt-embedding inputs (the bundle's prompt file)
 
 
 class _EmbedRunner(nn.Module):

@@ -71,6 +71,8 @@ STATE_HIDDEN = "hidden"  # the state the head reads
 STATE, CONST, GRAD, WEIGHT, LORA = "state.", "c.", "grad.", "w.", "lora."  # inputs
 OUT, GRAD_IN, LORA_GRAD = "out.", "grad_in.", "lora_grad."  # outputs
 LOSS, LOSS_SCALE = "loss", "loss_scale"
+EMBED = "embed"  # the embed program's shape id and role (precompute: a schedule entry's crop -> block 0's input)
+TEXT = "text."  # its prompt-embedding inputs (the bundle's prompt file)
 
 # the checkpoint
 PARAM = "param."  # param.<peft name>: a LoRA tensor
@@ -100,6 +102,7 @@ CPP_NAMES = (
     "INDEX_PEAK_RSS_MIB", "INDEX_START_RSS_MIB", "SOURCE_BUNDLE", "SOURCE_IMAGES", "SCHEDULE_META", "SCHEDULE_ENTRIES",
     "ENTRY_IN", "ENTRY_CONST", "ENTRY_DELTA", "ENTRY_TARGET", "STATE_HIDDEN",
     "STATE", "CONST", "GRAD", "WEIGHT", "LORA", "OUT", "GRAD_IN", "LORA_GRAD", "LOSS", "LOSS_SCALE",
+    "EMBED", "TEXT",
     "PARAM", "OPT", "OPT_STEP", "OPT_EXP_AVG", "OPT_EXP_AVG_SQ", "META_STEP", "META_LOG",
     "LOG_CACHE_SOURCE", "LOG_LOSSES", "LOG_STEP_SECONDS",
     "LORA_PREFIX", "PEFT_ADAPTER", "LORA_A", "LORA_B", "LORA_META_FORMAT", "LORA_META_ADAPTER",

@@ -21,15 +21,13 @@ from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.cache import ResidualCache
 from blockskip.runtime.errors import BundleError, CacheError
 from blockskip.runtime.files import atomic_write
+from blockskip.runtime.formats import EMBED, TEXT
 from blockskip.runtime.memory import peak_rss_mib
 from blockskip.runtime.progress import Progress
 from blockskip.runtime.rng import normals
 from blockskip.runtime.schedule import ScheduleEntry
 from blockskip.runtime.stream import CONST, STATE, StreamSpec, WeightSource
 from blockskip.runtime.tensorfile import TensorFile, write_tensors
-
-EMBED = "embed"  # the embed program's shape id and role in the manifest's stream section
-TEXT = "text."  # its prompt-embedding inputs
 
 
 def gaps(trained: list[int], num_blocks: int) -> list[tuple[int, int]]:

@@ -68,14 +68,15 @@ def test_pte_section_lists_one_program_per_shape_and_role(streamed):
     m = bundle.manifest
     assert m["pte"]["delegate"] == "none" and "train" not in m["pte"]  # no resident training program
     shapes = m["stream"]["shapes"]
-    # flux: double and single blocks; the trained ones with LoRA, the frozen ones (precompute) without
+    # flux: double and single blocks; the trained ones with LoRA, the frozen ones (precompute) without;
+    # the head and precompute's embed program
     kinds = {s["kind"] for s in shapes.values()}
-    assert kinds == {"double", "single", "head"}
-    assert len(shapes) < len(bundle.manifest["model"]["block_kinds"]) + 1  # per shape, not per block
+    assert kinds == {"double", "single", "head", "embed"}
+    assert len(shapes) < len(bundle.manifest["model"]["block_kinds"]) + 2  # per shape, not per block
     for sid, shape in shapes.items():
         roles = set(shape["programs"])
-        if sid == "head":
-            assert roles == {"head"}
+        if sid in ("head", "embed"):
+            assert roles == {sid}
         elif shape["targets"]:
             assert roles == {"forward", "vjp"}, sid
         else:
@@ -87,7 +88,7 @@ def test_pte_section_lists_one_program_per_shape_and_role(streamed):
             assert any(r["name"].startswith("w.") for r in prog["inputs"]), (sid, role)
     # the weights are not inside a program: no stored weight's bytes occur in its file
     for sid, shape in shapes.items():
-        if sid == "head":
+        if sid in ("head", "embed"):
             continue
         stored = read_tensors(bundle.path(m["model"]["blocks"][shape["example_block"]]))
         big = max((a for a in stored.values() if a.size >= 64), key=lambda a: a.size)

@@ -195,19 +195,19 @@ void write_log(const std::string& path, const Log& log) {
 }  // namespace
 
 void check_checkpoint_source(const std::string& out, const std::string& source_sha256) {
-  const std::string dir = join(out, "checkpoint");
+  const std::string dir = join(out, formats::kCheckpointDir);
   refuse_foreign_checkpoint(dir);
   const std::string path = join(dir, kCheckpoint);
   if (!is_file(path)) return;
   std::string saved;
   try {
     SafetensorsFile f = SafetensorsFile::read(path);
-    const std::string* log_s = f.meta("log");
+    const std::string* log_s = f.meta(formats::kMetaLog);
     const Value* src = nullptr;
     Value v;
     if (log_s) {
       v = json::parse(*log_s);
-      src = v.find("cache_source");
+      src = v.find(formats::kLogCacheSource);
     }
     if (src && src->is_string()) saved = src->as_string();
   } catch (const std::exception&) {

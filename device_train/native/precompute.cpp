@@ -14,6 +14,7 @@
 #include "bundle.h"
 #include "common.h"
 #include "driver.h"
+#include "formats.h"
 #include "images.h"
 #include "json.h"
 #include "programs.h"
@@ -30,7 +31,7 @@ using json::Value;
 
 namespace {
 
-const char* kEmbed = "embed";  // the embed program's shape id and role (runtime/precompute.py EMBED)
+using formats::kEmbed;  // the embed program's shape id and role
 constexpr int kTile = 256, kStride = kTile * 7 / 8;  // runtime/tiles.py TILE, STRIDE
 
 bool starts(const std::string& s, const char* p) { return s.rfind(p, 0) == 0; }
@@ -259,7 +260,7 @@ std::vector<std::pair<int, int>> residual_gaps(const std::vector<int>& trained, 
 void record_boundary(FTensors& saved, const FTensors& state, int i, const std::vector<int>& trained,
                      const std::vector<std::pair<int, int>>& gap_list, int L, bool before) {
   if (before && i == trained[0])
-    for (const auto& kv : state) saved["in." + kv.first] = kv.second;
+    for (const auto& kv : state) saved[formats::kEntryIn + kv.first] = kv.second;
   for (const auto& [a, b] : gap_list) {
     const std::string tmp = "tmp." + std::to_string(a) + ".";
     if (before && i == a)
@@ -267,7 +268,7 @@ void record_boundary(FTensors& saved, const FTensors& state, int i, const std::v
     if (!before && i == b - 1) {
       std::vector<std::string> keys;
       if (b == L)
-        keys.push_back("hidden");  // only the hidden residual of the back span reaches the head
+        keys.push_back(formats::kStateHidden);  // only the hidden residual of the back span reaches the head
       else
         for (const auto& kv : state) keys.push_back(kv.first);
       for (const auto& n : keys) {
@@ -276,7 +277,7 @@ void record_boundary(FTensors& saved, const FTensors& state, int i, const std::v
         if (t == saved.end() || s == state.end()) continue;
         FTensor d{s->second.shape, std::vector<float>(s->second.data.size())};
         for (size_t q = 0; q < d.data.size(); ++q) d.data[q] = s->second.data[q] - t->second.data[q];
-        saved["delta." + std::to_string(a) + "." + n] = std::move(d);
+        saved[formats::kEntryDelta + std::to_string(a) + "." + n] = std::move(d);
       }
       for (auto it = saved.begin(); it != saved.end();) it = starts(it->first, tmp.c_str()) ? saved.erase(it) : std::next(it);
     }
@@ -307,10 +308,10 @@ FTensors floats_of(const std::string& path, const std::string& prefix) {
 
 Value source_json(const Bundle& b, const std::string& images_dir, const std::vector<std::string>& names) {
   Value src = Value::object();
-  src.set("bundle", Value::string(b.manifest_sha256));
+  src.set(formats::kSourceBundle, Value::string(b.manifest_sha256));
   Value im = Value::object();
   for (const auto& n : names) im.set(n, Value::string(sha256_file(join(images_dir, n))));
-  src.set("images", im);
+  src.set(formats::kSourceImages, im);
   return src;
 }
 
@@ -362,31 +363,31 @@ std::string precompute(const PrecomputeOptions& opt) {
 
   // the cache: resume when it was computed from the same bundle and photos
   make_dirs(opt.cache, "cache folder");
-  const std::string ipath = join(opt.cache, "index.json");
+  const std::string ipath = join(opt.cache, formats::kCacheIndex);
   Value index;
   if (is_file(ipath)) {
     Value old = read_json(ipath, "cache index");
-    const Value* s = old.find("source");
+    const Value* s = old.find(formats::kIndexSource);
     if (s && json::dump_python_sorted(*s) == json::dump_python_sorted(source)) index = old;
   }
   if (!index.is_object()) {
     index = Value::object();
-    index.set("source", source);
-    index.set("source_sha256", Value::string(source_sha));
-    index.set("schedule", schedule_json(schedule_sec, int64_t(names.size()), schedule));
-    index.set("entries", Value::object());
+    index.set(formats::kIndexSource, source);
+    index.set(formats::kIndexSourceSha256, Value::string(source_sha));
+    index.set(formats::kIndexSchedule, schedule_json(schedule_sec, int64_t(names.size()), schedule));
+    index.set(formats::kIndexEntries, Value::object());
     write_index(ipath, index);
   }
   auto shard = [](size_t k) {
     char buf[32];
-    std::snprintf(buf, sizeof buf, "entry_%05zu.safetensors", k);
+    std::snprintf(buf, sizeof buf, "%s%0*zu%s", formats::kShardPrefix, formats::kShardDigits, k, formats::kShardSuffix);
     return std::string(buf);
   };
   std::vector<size_t> todo;
   for (size_t k = 0; k < schedule.size(); ++k) {
-    const Value* rec = index.at("entries").find(std::to_string(k));
-    const Value* file = rec ? rec->find("file") : nullptr;
-    const Value* digest = rec ? rec->find("sha256") : nullptr;
+    const Value* rec = index.at(formats::kIndexEntries).find(std::to_string(k));
+    const Value* file = rec ? rec->find(formats::kRecordFile) : nullptr;
+    const Value* digest = rec ? rec->find(formats::kRecordSha256) : nullptr;
     bool ok = file && digest && file->is_string() && digest->is_string() && is_file(join(opt.cache, file->as_string())) &&
               sha256_file(join(opt.cache, file->as_string())) == digest->as_string();
     if (!ok) todo.push_back(k);
@@ -430,15 +431,15 @@ std::string precompute(const PrecomputeOptions& opt) {
   std::vector<std::pair<std::string, std::string>> wanted{{kEmbed, kEmbed}};
   for (const auto& o : order) wanted.emplace_back(o.second, "forward");
   BlockPrograms programs(*stream, wanted, [&b](const std::string& rel) { return b.listed(rel); });
-  FTensors text = floats_of(b.listed(m.at("prompt").as_string("prompt")), "text.");
-  FTensors embed_w = floats_of(b.listed(m.at("model").at("embed").as_string("model.embed")), "w.");
+  FTensors text = floats_of(b.listed(m.at("prompt").as_string("prompt")), formats::kText);
+  FTensors embed_w = floats_of(b.listed(m.at("model").at("embed").as_string("model.embed")), formats::kWeight);
   const Feed text_feed = feed_of(text, ""), embed_feed = feed_of(embed_w, "");
   std::map<std::string, FTensors> zero_lora;  // per shape: its forward's LoRA inputs, zero
   for (const auto& o : order) {
     if (zero_lora.count(o.second)) continue;
     FTensors z;
     for (const auto& io : programs.inputs(o.second, "forward"))
-      if (starts(io.name, "lora.")) z[io.name] = FTensor{io.shape, std::vector<float>(numel(io.shape), 0.0f)};
+      if (starts(io.name, formats::kLora)) z[io.name] = FTensor{io.shape, std::vector<float>(numel(io.shape), 0.0f)};
     zero_lora[o.second] = std::move(z);
   }
   std::map<std::string, Feed> lora_feed;
@@ -468,11 +469,11 @@ std::string precompute(const PrecomputeOptions& opt) {
       Feed sample = feed_of(in, "");
       sample["geom"] = TensorRef{geom_v, "float64", &geom_shape};
       FTensors out = programs.run(kEmbed, kEmbed, {&sample, &text_feed, &embed_feed});
-      states[j] = strip_prefix(out, "state.");
-      consts[j] = strip_prefix(out, "c.");
-      auto t = out.find("target");
+      states[j] = strip_prefix(out, formats::kState);
+      consts[j] = strip_prefix(out, formats::kConst);
+      auto t = out.find(formats::kEntryTarget);
       if (t == out.end()) throw InputError("the bundle's embed program gives no target; export it again");
-      saved[j]["target"] = std::move(t->second);
+      saved[j][formats::kEntryTarget] = std::move(t->second);
     }
     std::vector<int> seq;
     for (const auto& o : order) seq.push_back(o.first);
@@ -481,8 +482,8 @@ std::string precompute(const PrecomputeOptions& opt) {
       const BlockWeights& w = weights.get(i);
       for (size_t j = 0; j < ks.size(); ++j) {
         record_boundary(saved[j], states[j], i, trained, gap_list, L, true);
-        const Feed st = feed_of(states[j], "state."), cs = feed_of(consts[j], "c.");
-        states[j] = strip_prefix(programs.run(sid, "forward", {&st, &cs, &w.feed, &lora_feed.at(sid)}), "out.");
+        const Feed st = feed_of(states[j], formats::kState), cs = feed_of(consts[j], formats::kConst);
+        states[j] = strip_prefix(programs.run(sid, "forward", {&st, &cs, &w.feed, &lora_feed.at(sid)}), formats::kOut);
         record_boundary(saved[j], states[j], i, trained, gap_list, L, false);
       }
       if (!opt.quiet) std::printf("precompute: block %d of %d (%zu entries)\n", i + 1, stop, ks.size());
@@ -491,18 +492,18 @@ std::string precompute(const PrecomputeOptions& opt) {
     if (stop == trained[0])  // nothing is skipped after the span: its exact input is all we need
       for (size_t j = 0; j < ks.size(); ++j) record_boundary(saved[j], states[j], stop, trained, gap_list, L, true);
     for (size_t j = 0; j < ks.size(); ++j) {
-      for (const auto& kv : consts[j]) saved[j]["c." + kv.first] = kv.second;
+      for (const auto& kv : consts[j]) saved[j][formats::kEntryConst + kv.first] = kv.second;
       std::vector<TensorOut> t;
       for (const auto& kv : saved[j]) t.push_back({kv.first, kv.second.shape, kv.second.data.data()});
       const std::string bytes = safetensors_bytes(std::move(t), {});
       const std::string name = shard(ks[j]);
       atomic_write(join(opt.cache, name), bytes);
       Value rec = Value::object();
-      rec.set("file", Value::string(name));
-      rec.set("sha256", Value::string(sha256_hex(bytes)));
-      Value entries = index.at("entries");
+      rec.set(formats::kRecordFile, Value::string(name));
+      rec.set(formats::kRecordSha256, Value::string(sha256_hex(bytes)));
+      Value entries = index.at(formats::kIndexEntries);
       entries.set(std::to_string(ks[j]), rec);
-      index.set("entries", entries);
+      index.set(formats::kIndexEntries, entries);
       write_index(ipath, index);
       ++done;
     }
@@ -510,9 +511,9 @@ std::string precompute(const PrecomputeOptions& opt) {
     std::fflush(stdout);
   }
   weights.close();
-  index.set("max_resident_blocks", Value::integer(1));
-  index.set("peak_rss_mib", Value::number(double(peak_rss_bytes()) / double(1 << 20)));
-  index.set("start_rss_mib", Value::number(start_rss_mib));
+  index.set(formats::kIndexMaxResidentBlocks, Value::integer(1));
+  index.set(formats::kIndexPeakRssMib, Value::number(double(peak_rss_bytes()) / double(1 << 20)));
+  index.set(formats::kIndexStartRssMib, Value::number(start_rss_mib));
   write_index(ipath, index);
   if (!opt.quiet) std::printf("cache ready in %s\n", opt.cache.c_str());
   return source_sha;
