@@ -121,7 +121,8 @@ def sample_inputs(latent: np.ndarray, e: ScheduleEntry, s_min: int, s_max: int, 
 # the loop
 
 
-def _valid_shard(cache: ResidualCache, k: int) -> bool:
+def valid_shard(cache: ResidualCache, k: int) -> bool:
+    """Shard k is recorded and matches its sha256 (a corrupt one is recomputed)."""
     if not cache.has(k):
         return False
     try:
@@ -143,7 +144,7 @@ def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, b
                           "export it again")
     schedule = bundle.schedule(len(images))
     cache = ResidualCache.create(cache_dir, source=source, schedule=schedule)
-    todo = [k for k in range(len(schedule)) if not _valid_shard(cache, k)]
+    todo = [k for k in range(len(schedule)) if not valid_shard(cache, k)]
     progress = progress or Progress(quiet=True)
     if not todo:
         progress.log(f"cache complete: {len(schedule)} entries in {cache.root}")

@@ -14,7 +14,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,41 +33,11 @@ from blockskip.runtime.files import sha256_file  # noqa: E402
 from blockskip.runtime.plan import Plan  # noqa: E402
 from blockskip.runtime.profiles import load_profile  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-BUILD = ROOT / "build" / "native"
-BINARY = BUILD / "device_train" / "native" / "blockskip-train-native"
-
 COMMON = dict(s_min=32, s_max=64, lora_rank=4, lr=3e-3, weight_decay=0.05, span="streamed")
 FLUX_PLAN = dict(front_skip=1, back_skip=2, num_samples=4, steps=6, checkpoint_every=2, lora_alpha=8.0,
                  storage="int8", **COMMON)
 SANA_PLAN = dict(front_skip=1, back_skip=1, num_samples=3, steps=4, grad_accum=2, checkpoint_every=2,
                  storage="int4", weights="resident", stash="disk", prefetch=False, **COMMON)
-
-
-def _cmake() -> str | None:
-    venv = Path(sys.executable).parent / "cmake"  # `make native` puts CMake >= 3.28 into the venv
-    return str(venv) if venv.is_file() else shutil.which("cmake")
-
-
-def _compiler() -> str | None:
-    return next((c for c in (os.environ.get("CXX"), shutil.which("c++"), shutil.which("g++"),
-                             shutil.which("clang++")) if c), None)
-
-
-@pytest.fixture(scope="session")
-def runner() -> Path:
-    """The runner binary, built (or brought up to date) in build/native as `make native` does."""
-    cmake, cxx = _cmake(), _compiler()
-    if cmake is None or cxx is None:
-        if BINARY.is_file():
-            return BINARY
-        pytest.skip("building the native runner needs CMake and a C++17 compiler (or build it with `make native`)")
-    if not (BUILD / "CMakeCache.txt").is_file():
-        subprocess.run([cmake, "-S", str(ROOT), "-B", str(BUILD), "-DBLOCKSKIP_BUILD_NATIVE=ON",
-                        f"-DPython3_EXECUTABLE={sys.executable}"], check=True, capture_output=True, text=True)
-    r = subprocess.run([cmake, "--build", str(BUILD), "-j2"], capture_output=True, text=True)
-    assert r.returncode == 0, f"building the native runner failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    return BINARY
 
 
 def command(runner, bundle, cache, out, *extra) -> list[str]:

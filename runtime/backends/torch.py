@@ -27,10 +27,10 @@ from blockskip.runtime.backends.torch_sample import make_sample
 from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.cache import ResidualCache
 from blockskip.runtime.checkpoint import CHECKPOINT
-from blockskip.runtime.errors import BlockSkipError, CacheError
+from blockskip.runtime.errors import BlockSkipError
 from blockskip.runtime.files import atomic_write
 from blockskip.runtime.memory import peak_rss_mib
-from blockskip.runtime.precompute import blocks_to_run, gaps, record_boundary, residual_gaps
+from blockskip.runtime.precompute import blocks_to_run, gaps, record_boundary, residual_gaps, valid_shard
 from blockskip.runtime.progress import Progress
 
 torch_dtype = DTYPES.__getitem__
@@ -64,7 +64,7 @@ def precompute_with(bundle: Bundle, images: np.ndarray, cache_dir, *, source: di
     plan = bundle.plan
     schedule = bundle.schedule(len(images))
     cache = ResidualCache.create(cache_dir, source=source, schedule=schedule)
-    todo = [k for k in range(len(schedule)) if not _valid_shard(cache, k)]
+    todo = [k for k in range(len(schedule)) if not valid_shard(cache, k)]
     progress = progress or Progress(quiet=True)
     if not todo:
         progress.log(f"cache complete: {len(schedule)} entries in {cache.root}")
@@ -154,16 +154,6 @@ def compute_entries(store: BlockStore, latents, text, entries, plan, vae_factor:
         tensors["target"] = targets[j]
         out.append({n: v.contiguous() for n, v in tensors.items()})
     return out
-
-
-def _valid_shard(cache: ResidualCache, k: int) -> bool:
-    if not cache.has(k):
-        return False
-    try:
-        cache.path(k)
-        return True
-    except CacheError:
-        return False  # corrupt: recompute it
 
 
 def _record_boundary(saved, state, i, trained, gap_list, L, before):
