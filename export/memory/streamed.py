@@ -13,9 +13,9 @@ programs are the very graphs the export lowers (``stream_export``), traced on fa
   VJP 510 vs 446 MiB; the tiny test model's VJP 62 vs 65 KiB) and checks the plan it picks with the
   arenas;
 * ``onnx`` and ``torch``: the live-tensor peak of the graph run op by op on fake tensors, dead values
-  freed as soon as their last reader has run (ONNX Runtime without its arena and memory pattern frees
-  the same way); for ``onnx`` the views ONNX computes as copies (a weight's Transpose before its MatMul,
-  Slice, Expand, ...) count as new tensors.
+  freed as soon as their last reader has run (ONNX Runtime without its arena, memory pattern and buffer
+  reuse frees the same way); for ``onnx`` the views ONNX computes as copies (a weight's Transpose before
+  its MatMul, Slice, Expand, ...) count as new tensors.
 
 Precompute runs the torch precompute trace (encoder, prompt, one block at a time for a chunk of
 samples) with its block weights at their storage size.
