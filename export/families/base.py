@@ -113,14 +113,35 @@ def _load_folder(root: Path, dtype) -> LoadedModel:
     if not (vae_dir / "config.json").is_file():
         raise ModelError(f"{str(root)!r} has no vae/ folder: the device needs the VAE encoder")
     vae_cls = _read_config(vae_dir / "config.json").get("_class_name", "AutoencoderKL")
-    if vae_cls not in ("AutoencoderKL", "AutoencoderDC"):
-        raise ModelError(f"unsupported VAE class {vae_cls!r} (AutoencoderKL or AutoencoderDC)")
+    vae_key(vae_cls)  # refuse another class before loading it
     vae = _from_pretrained(getattr(diffusers, vae_cls), vae_dir, torch.float32)
-    vc = dict(vae.config)
-    factor = 2 ** (len(vc["block_out_channels"]) - 1)
-    spec = {"class": vae_cls, "config": {k: v for k, v in vc.items() if not k.startswith("_")},
-            "scaling_factor": vc.get("scaling_factor", 1.0), "shift_factor": vc.get("shift_factor")}
+    spec, factor = vae_spec(vae_cls, dict(vae.config))
     return LoadedModel(root.name, family, tr, vae, spec, factor, _folder_prompt_encoder(root, fam_name, dtype))
+
+
+#: the VAE classes a model folder may hold -> the config key whose length gives the encoder's downsampling
+VAE_DOWNSAMPLING_KEY = {"AutoencoderKL": "block_out_channels", "AutoencoderDC": "encoder_block_out_channels"}
+
+
+def vae_key(cls_name: str) -> str:
+    """The downsampling config key of a supported VAE class; a clear refusal for any other class."""
+    key = VAE_DOWNSAMPLING_KEY.get(cls_name)
+    if key is None:
+        raise ModelError(f"unsupported VAE class {cls_name!r} ({' or '.join(VAE_DOWNSAMPLING_KEY)})")
+    return key
+
+
+def vae_spec(cls_name: str, config: dict) -> tuple[dict, int]:
+    """One reading of a VAE config, with diffusers' defaults filled in (a loaded VAE's ``config``, or one
+    built on the meta device): the bundle's encoder spec and the latent downsampling factor. The export
+    and the dry run both read a folder's VAE through this."""
+    key = vae_key(cls_name)
+    channels = config.get(key)
+    if not isinstance(channels, list | tuple) or not channels:
+        raise ModelError(f"the {cls_name} config has no {key} list; the model folder's vae/config.json is damaged")
+    spec = {"class": cls_name, "config": {k: v for k, v in config.items() if not k.startswith("_")},
+            "scaling_factor": config.get("scaling_factor", 1.0), "shift_factor": config.get("shift_factor")}
+    return spec, 2 ** (len(channels) - 1)
 
 
 def _read_config(path: Path) -> dict:

@@ -19,19 +19,18 @@ DEFAULT_PROMPTS = {"flux": {"prompt_embeds": [1, 512, 4096], "pooled": [1, 768]}
 
 
 def _vae_spec(vae: dict) -> tuple[dict, int]:
-    cls = vae.get("_class_name", "AutoencoderKL")
+    """A VAE config file -> (encoder spec, downsampling), with diffusers' defaults filled in on the meta
+    device, read as the export reads a loaded VAE (``families.base.vae_spec``)."""
     import diffusers
 
-    if cls not in ("AutoencoderKL", "AutoencoderDC"):
-        raise ModelError(f"unsupported VAE class {cls!r}")
+    from blockskip.export.families.base import vae_key, vae_spec
+
+    cls = vae.get("_class_name", "AutoencoderKL")
+    vae_key(cls)
     cfg = {k: v for k, v in vae.items() if not k.startswith("_")}
     with torch.device("meta"):
         full = dict(getattr(diffusers, cls).from_config(cfg).config)
-    key = "block_out_channels" if cls == "AutoencoderKL" else "encoder_block_out_channels"
-    factor = 2 ** (len(full[key]) - 1)
-    spec = {"class": cls, "config": {k: v for k, v in full.items() if not k.startswith("_")},
-            "scaling_factor": full.get("scaling_factor", 1.0), "shift_factor": full.get("shift_factor")}
-    return spec, factor
+    return vae_spec(cls, full)
 
 
 def load_spec(model: str) -> tuple[ModelSpec, dict]:
