@@ -128,11 +128,16 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         files: list[str] = []
-        model = lm.transformer
-        state = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+        # every transformer tensor comes through the store, one part at a time: an in-memory model's shared
+        # tensors, or a folder's shards read as each part is written (one block of the model in memory)
+        store = lm.store()
+        model = store.model
 
-        def part(prefixes):
-            return {n: _cast(state[n], dtype) for n in tensor_names(model, prefixes)}
+        def part(name):
+            names = store.load_part(name)
+            out = {n: _cast(t.detach(), dtype) for n, t in _named(model, names).items()}
+            store.free(names)
+            return out
 
         stop = blocks_to_run(trained, fam.num_blocks, plan.back_residual)
         layout = stream_layout(fam, trained, lora["targets"], stop)
@@ -140,12 +145,19 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
         needed = sorted(set(range(stop)) | set(trained))
         log(f"blocks: {len(needed)} of {fam.num_blocks} in {storage}")
         blocks: list[str | None] = [None] * fam.num_blocks
-        for i in needed:
+        for k, i in enumerate(needed):
+            names = store.load_block(i)
             stored = ts.store_tensors(model.get_submodule(paths[i]), storage)
             blocks[i] = _save(tmp, f"model/blocks/block_{i:03d}.safetensors",
                               {f"{paths[i]}.{k}": v for k, v in stored.items()}, files)
-        embed = _save(tmp, "model/embed.safetensors", part(fam.embed_prefixes), files)
+            del stored
+            store.free(names)
+            log(f"blocks: {k + 1}/{len(needed)} written (block {i})")
+        embed_tensors = part("embed")
+        embed = _save(tmp, "model/embed.safetensors", embed_tensors, files)
+        names = store.load_part("head")
         head = _save(tmp, "model/head.safetensors", ts.store_tensors(_head_view(fam, model), storage), files)
+        store.free(names)
         enc_state = {n: t for n, t in list(lm.encoder.named_parameters()) + list(lm.encoder.named_buffers())}
         enc_names = tensor_names(lm.encoder, ENCODER_PREFIXES[lm.encoder_spec["class"]])
         enc_file = _save(tmp, "encoder/encoder.safetensors", {n: enc_state[n].float() for n in enc_names}, files)
@@ -156,7 +168,7 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
         stream = stream_section(tmp, lm, plan, layout, lora, entry, fmts, files, log)
         stream.update(lora_init=lora_init, block_paths=paths)
         if fmts:  # the program runtimes build each sample and its block-0 input with the embed program
-            stream["shapes"][EMBED] = embed_section(tmp, lm, plan, part(fam.embed_prefixes), text, fmts, files, log)
+            stream["shapes"][EMBED] = embed_section(tmp, lm, plan, embed_tensors, text, fmts, files, log)
         sections = {pl.name: pl.section() for pl in fmts}
         for pl in fmts:
             if plan.span == "resident":
@@ -263,6 +275,11 @@ def _lower_all(traced, root: Path, rel: str, fmts, files: list[str], log) -> dic
         log(f"{pl.name}: {rel}")
         rec[pl.name] = pl.program(traced, root, rel, files)
     return rec
+
+
+def _named(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    state = dict(list(model.named_parameters()) + list(model.named_buffers()))
+    return {n: state[n] for n in names}
 
 
 def _cast(t: torch.Tensor, dtype) -> torch.Tensor:

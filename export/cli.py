@@ -245,7 +245,8 @@ def main(argv=None) -> int:
         import torch
 
         check_output(Path(a.output), a.force)
-        lm = load_model(a.model, DTYPES[plan.dtype], seed=plan.seed)
+        # a folder's transformer is read block by block as the bundle is written (never loaded whole)
+        lm = load_model(a.model, DTYPES[plan.dtype], seed=plan.seed, stream=True)
         plan, memory = fit_plan(lm, plan, profile, a, fmt)
         out = export_bundle(lm, plan, profile, a.prompt, a.output, force=a.force, formats=formats,
                             log=lambda msg: print(msg, file=sys.stderr), delegate=a.delegate, memory=memory)
@@ -253,8 +254,11 @@ def main(argv=None) -> int:
             print(pte_memory_report(out), file=sys.stderr)
         n = len(lm.family.block_paths())
         trained = plan.trained_indices(n)
+        from blockskip.runtime.memory import peak_rss_mib
+
         print(f"bundle written to {out}  (family {lm.family.name}, {n} blocks, training {trained[0]}..{trained[-1]}"
-              f" [{len(trained)}], formats {','.join(formats)}, torch {torch.__version__})")
+              f" [{len(trained)}], formats {','.join(formats)}, torch {torch.__version__}; export peak RSS "
+              f"{peak_rss_mib():.0f} MiB)")
 
     return run_cli(go, a.debug, "blockskip-export")
 

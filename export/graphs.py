@@ -111,7 +111,7 @@ def example_entry(lm, plan, trained: list[int], prompt: dict) -> dict[str, torch
     from blockskip.runtime.schedule import ScheduleEntry
 
     fam = lm.family
-    store = ModelStore(fam, lm.transformer)
+    store = lm.store()
     names = store.load_part("embed")
     with torch.no_grad():
         text = fam.prepare_text(store.model, prompt)
@@ -123,9 +123,12 @@ def example_entry(lm, plan, trained: list[int], prompt: dict) -> dict[str, torch
 
 
 def initial_lora(lm, trained: list[int], lora: dict, seed: int) -> dict[str, torch.Tensor]:
-    """The LoRA every run starts from (peft's init under the plan seed), by peft name."""
+    """The LoRA every run starts from (peft's init under the plan seed), by peft name. peft's init reads
+    only the layers' shapes, so the trained blocks are left unfilled (``FakeStore``: ``torch.empty``, pages
+    never touched): the base weights of the trained span are not read for it."""
+    from blockskip.export.memory.fake_store import FakeStore
     from blockskip.runtime.backends.torch import TrainedSpan
 
-    span = TrainedSpan(ModelStore(lm.family, lm.transformer), trained, lora, seed, base_quant="none",
+    span = TrainedSpan(FakeStore(lm.family, lm.encoder_spec, {}, lm.param_dtype), trained, lora, seed, base_quant="none",
                        checkpointing=False)
     return {n: p.detach().float().contiguous().clone() for n, p in span.model.named_parameters() if ".lora_" in n}

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from blockskip.export.graphs import LOSS_SCALE, EncoderGraph, ModelStore, SpanLossGraph
+from blockskip.export.graphs import LOSS_SCALE, EncoderGraph, SpanLossGraph
 from blockskip.runtime.errors import PlanError
 from blockskip.runtime.stream import WEIGHT
 
@@ -245,7 +245,7 @@ class OnnxFormat:
         fam = lm.family
         names = sorted(entry)
         log("onnx: exporting the trained span with its loss")
-        span = TrainedSpan(ModelStore(fam, lm.transformer), trained, lora, plan.seed, base_quant="none",
+        span = TrainedSpan(lm.store(), trained, lora, plan.seed, base_quant="none",
                            checkpointing=False)
         graph = SpanLossGraph(fam, span.model, trained, names)
         args = tuple(entry[n] for n in names) + (torch.ones(1),)

@@ -214,13 +214,13 @@ class PteFormat:
     def resident_span(self, root: Path, lm, plan, trained: list[int], lora: dict, entry: dict, files: list[str],
                       log) -> dict:
         """The ExecuTorch training program of the whole trained span (``pte/train/span.pte`` + ``.ptd``)."""
-        from blockskip.export.graphs import LOSS_SCALE, ModelStore, SpanLossGraph
+        from blockskip.export.graphs import LOSS_SCALE, SpanLossGraph
         from blockskip.runtime.backends.torch import TrainedSpan
 
         fam = lm.family
         names = sorted(entry)
         log(f"pte: exporting the trained span's training program (delegate {self.delegate})")
-        span = TrainedSpan(ModelStore(fam, lm.transformer), trained, lora, plan.seed, base_quant="none",
+        span = TrainedSpan(lm.store(), trained, lora, plan.seed, base_quant="none",
                            checkpointing=False)
         graph = SpanLossGraph(fam, span.model, trained, names)
         args = tuple(entry[n] for n in names) + (torch.ones(1),)

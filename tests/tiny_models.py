@@ -39,3 +39,44 @@ def build(name: str, seed: int = 0):
             if p.abs().sum() == 0:
                 p.normal_(0, 0.02)
     return model
+
+
+def tiny_vae(kind: str, latent_channels: int):
+    """A tiny VAE of the class each family ships with (FLUX and SD3: AutoencoderKL; SANA: DC-AE)."""
+    from diffusers import AutoencoderDC, AutoencoderKL
+
+    torch.manual_seed(0)
+    if kind == "AutoencoderKL":
+        return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                             latent_channels=latent_channels, norm_num_groups=4, layers_per_block=1,
+                             scaling_factor=0.5, shift_factor=0.1)
+    return AutoencoderDC(in_channels=3, latent_channels=latent_channels, attention_head_dim=8,
+                         encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                         decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                         encoder_block_out_channels=(8, 16, 16), decoder_block_out_channels=(8, 16, 16),
+                         encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+                         encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+                         upsample_block_type="interpolate", downsample_block_type="Conv",
+                         decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41)
+
+
+# tiny transformer -> (VAE class, latent channels, that VAE's downsampling, prompt embedding shapes)
+FOLDERS = {"flux": ("flux", "AutoencoderKL", 4, 2, {"prompt_embeds": (1, 5, 24), "pooled": (1, 12)}),
+           "sd3": ("sd3", "AutoencoderKL", 4, 2, {"prompt_embeds": (1, 5, 24), "pooled": (1, 12)}),
+           "sd35": ("sd35", "AutoencoderKL", 4, 2, {"prompt_embeds": (1, 5, 24), "pooled": (1, 12)}),
+           "sana": ("sana", "AutoencoderDC", 4, 4, {"prompt_embeds": (1, 5, 24)})}
+
+
+def write_folder(root, name: str, max_shard_size: str | None = None):
+    """A diffusers model folder (transformer/, vae/, prompt_embeds.safetensors) of a tiny model;
+    ``max_shard_size`` splits the transformer into shards with an index, as large models are saved."""
+    from safetensors.torch import save_file
+
+    tiny, vae_cls, channels, _, prompt = FOLDERS[name]
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    build(tiny).save_pretrained(root / "transformer", **kw)
+    tiny_vae(vae_cls, channels).save_pretrained(root / "vae")
+    g = torch.Generator().manual_seed(1)
+    save_file({k: torch.randn(*v, generator=g) for k, v in prompt.items()}, root / "prompt_embeds.safetensors")
+    return root

@@ -23,6 +23,29 @@ class LoadedModel:
     encoder_spec: dict  # class, config, scaling/shift factors
     vae_factor: int
     encode_prompt: Callable[[str], dict]
+    #: a folder loaded for a streaming export: the transformer is a meta skeleton and its tensors are read
+    #: from the shards part by part (``store()``), in ``dtype``
+    weights: object | None = None
+    dtype: torch.dtype = torch.float32
+
+    def store(self):
+        """The device's BlockStore interface over this model's weights (load a block, use it, free it): an
+        in-memory model's tensors (shared, no copies), or a folder's shards read part by part, so that no
+        more than the parts loaded at once are in memory."""
+        if self.weights is not None:
+            from blockskip.export.folder_weights import FolderStore
+
+            return FolderStore(self.family, self.weights, self.dtype)
+        from blockskip.export.graphs import ModelStore
+
+        return ModelStore(self.family, self.transformer)
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype of the transformer's floating-point weights as the export reads them."""
+        if self.weights is not None:
+            return self.dtype
+        return next((p.dtype for p in self.transformer.parameters() if p.is_floating_point()), torch.float32)
 
     @property
     def latent_channels(self) -> int:
@@ -50,9 +73,10 @@ def lora_target_names(family: TorchFamily, trained: list[int], targets: list[str
     return names
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
+def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, stream: bool = False) -> LoadedModel:
     """``tiny`` (the pretrained built-in model), ``tiny-random`` (seeded random, for tests) or a local
-    diffusers folder."""
+    diffusers folder. ``stream``: a folder's transformer stays on disk (a meta skeleton; the export reads
+    its tensors part by part, ``LoadedModel.store``); block selection and evaluation need it loaded."""
     if spec == "tiny":
         from blockskip.export import tiny
 
@@ -68,7 +92,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> 
         enc = build_tiny_encoder(seed)
         return LoadedModel("tiny-random", get_family("flux", dict(tr.config)), tr, enc,
                            {"class": "TinyAutoencoder", "config": enc.config}, enc.factor, TinyTextEncoder())
-    return _load_folder(Path(spec), dtype)
+    return _load_folder(Path(spec), dtype, stream)
 
 
 def wrap_model(transformer: torch.nn.Module, name: str = "in-memory", seed: int = 0, vae_factor: int | None = None,
@@ -96,7 +120,7 @@ def wrap_model(transformer: torch.nn.Module, name: str = "in-memory", seed: int 
                        factor, text)
 
 
-def _load_folder(root: Path, dtype) -> LoadedModel:
+def _load_folder(root: Path, dtype, stream: bool = False) -> LoadedModel:
     import diffusers
 
     cfg_path = root / "transformer" / "config.json"
@@ -107,7 +131,19 @@ def _load_folder(root: Path, dtype) -> LoadedModel:
         )
     cls_name = _read_config(cfg_path).get("_class_name", "")
     fam_name = family_of_class(cls_name)
-    tr = _from_pretrained(getattr(diffusers, cls_name), root / "transformer", dtype)
+    weights = None
+    if stream:
+        from blockskip.export.folder_weights import FolderWeights
+
+        weights = FolderWeights(root / "transformer")
+        cfg = {k: v for k, v in _read_config(cfg_path).items() if not k.startswith("_")}
+        try:
+            with torch.device("meta"):  # the config with diffusers' defaults, as from_pretrained fills it
+                tr = getattr(diffusers, cls_name).from_config(cfg).eval().requires_grad_(False)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ModelError(f"cannot build {cls_name} from {cfg_path}: {e}") from e
+    else:
+        tr = _from_pretrained(getattr(diffusers, cls_name), root / "transformer", dtype)
     family = get_family(fam_name, dict(tr.config))
     vae_dir = root / "vae"
     if not (vae_dir / "config.json").is_file():
@@ -116,7 +152,8 @@ def _load_folder(root: Path, dtype) -> LoadedModel:
     vae_key(vae_cls)  # refuse another class before loading it
     vae = _from_pretrained(getattr(diffusers, vae_cls), vae_dir, torch.float32)
     spec, factor = vae_spec(vae_cls, dict(vae.config))
-    return LoadedModel(root.name, family, tr, vae, spec, factor, _folder_prompt_encoder(root, fam_name, dtype))
+    return LoadedModel(root.name, family, tr, vae, spec, factor, _folder_prompt_encoder(root, fam_name, dtype),
+                       weights=weights, dtype=dtype)
 
 
 #: the VAE classes a model folder may hold -> the config key whose length gives the encoder's downsampling

@@ -1,0 +1,121 @@
+"""Streaming export of a model folder: the transformer is read from its safetensors shards block by
+block (``export.folder_weights``), never loaded whole, and the bundle equals the one written from the
+loaded model, file by file."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import write_folder
+
+from blockskip.export import folder_weights
+from blockskip.export.bundle_writer import export_bundle
+from blockskip.export.families import load_model
+from blockskip.runtime.errors import ModelError
+from blockskip.runtime.plan import Plan
+from blockskip.runtime.profiles import load_profile
+
+PLAN = dict(s_min=16, s_max=32, num_samples=2, steps=2, lora_rank=4)
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _same_bundle(a, b):
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb)
+    differ = [rel for rel in fa if fa[rel] != fb[rel]]
+    assert not differ, differ
+
+
+@pytest.fixture
+def stores(monkeypatch):
+    """Every FolderStore the export creates, to check how many blocks each held at once."""
+    made = []
+    cls = folder_weights.FolderStore
+
+    class Spy(cls):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(folder_weights, "FolderStore", Spy)
+    return made
+
+
+@pytest.mark.parametrize("name", ["flux", "sd35", "sana"])
+def test_streamed_folder_export_equals_the_loaded_models(tmp_path, name, stores):
+    """Torch format, resident span, the transformer split in shards with an index."""
+    root = write_folder(tmp_path / name, name, max_shard_size="40KB")
+    assert (root / "transformer" / folder_weights.INDEX).is_file()
+    assert len(list((root / "transformer").glob("*.safetensors"))) >= 3
+    plan = Plan(front_skip=1, back_skip=1, **PLAN)
+    export_bundle(load_model(str(root)), plan, load_profile("desktop-cpu"), "a photo of sks", tmp_path / "loaded")
+    lm = load_model(str(root), stream=True)
+    assert all(p.device.type == "meta" for p in lm.transformer.parameters())  # nothing of it in memory
+    export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo of sks", tmp_path / "streamed")
+    _same_bundle(tmp_path / "loaded", tmp_path / "streamed")
+    assert stores and all(s.loaded for s in stores)
+
+
+def test_streamed_span_programs_hold_one_block_at_a_time(tmp_path, stores):
+    """A block-streamed onnx bundle with int8 storage: same files as from the loaded model, and every read of
+    the folder held at most one block's tensors alive (weak references to what each load put in)."""
+    root = write_folder(tmp_path / "flux", "flux", max_shard_size="40KB")
+    plan = Plan(front_skip=1, back_skip=1, span="streamed", storage="int8", **PLAN)
+    kw = dict(formats=["onnx"])
+    export_bundle(load_model(str(root)), plan, load_profile("desktop-cpu"), "a photo of sks", tmp_path / "loaded",
+                  **kw)
+    export_bundle(load_model(str(root), stream=True), plan, load_profile("desktop-cpu"), "a photo of sks",
+                  tmp_path / "streamed", **kw)
+    _same_bundle(tmp_path / "loaded", tmp_path / "streamed")
+    blocks = [s for s in stores if any(rel.startswith("model/blocks/") for rel in s.loaded)]
+    assert blocks, "no block was read from the folder"
+    n_blocks = sum(1 for rel in blocks[0].loaded if rel.startswith("model/blocks/"))
+    assert n_blocks == len(json.loads((tmp_path / "streamed" / "manifest.json").read_text())["model"]["blocks"]) - \
+        json.loads((tmp_path / "streamed" / "manifest.json").read_text())["model"]["blocks"].count(None)
+    assert max(s.max_resident for s in stores) == 1
+
+
+def test_a_held_block_is_seen(tmp_path):
+    """The one-block check can fail: keeping a reference to a loaded block's tensors counts it as resident."""
+    root = write_folder(tmp_path / "flux", "flux")
+    store = load_model(str(root), stream=True).store()
+    kept = []
+    for i in range(3):
+        names = store.load_block(i)
+        kept += [t for n, t in store.model.named_parameters() if n in set(names)]
+        store.free(names)
+    assert store.max_resident == 3
+
+
+def test_a_folder_missing_a_tensor_or_a_shard_is_refused(tmp_path):
+    root = write_folder(tmp_path / "flux", "flux", max_shard_size="40KB")
+    index = root / "transformer" / folder_weights.INDEX
+    data = json.loads(index.read_text())
+    name = sorted(data["weight_map"])[0]
+    shard = data["weight_map"].pop(name)
+    index.write_text(json.dumps(data))
+    plan = Plan(front_skip=1, back_skip=1, **PLAN)
+    with pytest.raises(ModelError, match="lack 1 tensor"):
+        export_bundle(load_model(str(root), stream=True), plan, load_profile("desktop-cpu"), "x", tmp_path / "b")
+    data["weight_map"][name] = shard
+    (root / "transformer" / shard).unlink()
+    index.write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="not a file"):
+        load_model(str(root), stream=True)
+
+
+def test_a_shard_with_a_wrong_shape_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    root = write_folder(tmp_path / "flux", "flux")
+    path = root / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    name = next(n for n in state if n.startswith("transformer_blocks.0.") and state[n].dim() == 2)
+    state[name] = torch.zeros(3, 3)
+    save_file(state, path)
+    store = load_model(str(root), stream=True).store()
+    with pytest.raises(ModelError, match="has shape \\[3, 3\\]"):
+        store.load_block(0)
