@@ -18,6 +18,7 @@ import torch
 from blockskip.export.memory.fake_store import PartsStore
 from blockskip.runtime.backends.torch_families.base import TorchFamily, tensor_names
 from blockskip.runtime.errors import ModelError
+from blockskip.runtime.memory import return_freed_memory
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
@@ -95,6 +96,10 @@ class FolderStore(PartsStore):
         self.weights, self.dtype = weights, dtype
         shapes = {n: tuple(t.shape) for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())}
         self._shapes = shapes
+
+    def free(self, names: list[str]) -> None:
+        super().free(names)
+        return_freed_memory()  # else glibc keeps each dropped block's pages: ~ one block more per block
 
     def _read(self, rel: str) -> dict[str, torch.Tensor]:
         tensors = self.weights.read(tensor_names(self.model, self._parts[rel]), self.dtype)
