@@ -36,6 +36,7 @@ from blockskip.runtime.backends.torch_lora import lora_metadata
 from blockskip.runtime.bundle import SCHEMA_VERSION, file_record
 from blockskip.runtime.errors import OutputError, PlanError
 from blockskip.runtime.files import ensure_writable_dir
+from blockskip.runtime.memory import return_freed_memory
 from blockskip.runtime.plan import Plan
 from blockskip.runtime.profiles import Profile
 from blockskip.runtime.schedule import RNG as SCHEDULE_RNG
@@ -229,7 +230,8 @@ def stream_section(root: Path, lm, plan: Plan, layout, lora: dict, entry: dict |
                    log) -> dict:
     """The manifest's ``stream`` section; each shape's programs traced once (their calling convention is
     what every block backend feeds, the torch one too) and lowered by every program plug-in
-    (``stream/<shape>.<role>.<ext>``). Without program formats the tracing is on fake tensors."""
+    (``stream/<shape>.<role>.<ext>``). Traced on fake tensors: the lowering needs only the graph (a real
+    trace runs it on zeros: a FLUX.1-dev single block's VJP at 768 tokens, about 3 GB)."""
     fam = lm.family
     skeleton = fam.skeleton()
     storage = plan.storage_dtype
@@ -241,14 +243,14 @@ def stream_section(root: Path, lm, plan: Plan, layout, lora: dict, entry: dict |
         if fmts or streamed:
             state, consts, _ = entry_io(entry_shapes)
             log(f"stream: tracing {sid} ({len(shape.blocks)} blocks)")
-            for role, traced in trace_shape(fam, skeleton, shape, storage, lora, state, consts, fake=not fmts,
+            for role, traced in trace_shape(fam, skeleton, shape, storage, lora, state, consts, fake=True,
                                             vjp=streamed).items():
                 rec["programs"][role] = _lower_all(traced, root, f"stream/{sid}.{role}", fmts, files, log)
         shapes[sid] = rec
     head = {"kind": "head", "targets": [], "programs": {}}
     if streamed:
         state, consts, target = entry_io(entry_shapes)
-        traced = trace_head(fam, skeleton, storage, state["hidden"], consts, target, fake=not fmts)
+        traced = trace_head(fam, skeleton, storage, state["hidden"], consts, target, fake=True)
         head["programs"]["head"] = _lower_all(traced, root, "stream/head.head", fmts, files, log)
     shapes["head"] = head
     return {"storage": storage, "shapes": shapes, "train": [[i, s] for i, s in layout.train],
@@ -274,6 +276,7 @@ def _lower_all(traced, root: Path, rel: str, fmts, files: list[str], log) -> dic
     for pl in fmts:
         log(f"{pl.name}: {rel}")
         rec[pl.name] = pl.program(traced, root, rel, files)
+        return_freed_memory()  # a lowering's temporaries (a real-size block's: GBs) go back to the system
     return rec
 
 
