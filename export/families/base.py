@@ -49,7 +49,7 @@ class LoadedModel:
 
     @property
     def latent_channels(self) -> int:
-        c = getattr(self.encoder, "latent_channels", None)  # the built-in mappings
+        c = vars(self.encoder).get("latent_channels")  # the built-in mappings (diffusers VAEs: their config)
         return c if isinstance(c, int) else int(self.encoder_spec["config"]["latent_channels"])
 
     @property
