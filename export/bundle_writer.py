@@ -32,6 +32,7 @@ from blockskip.runtime.backends import torch_stream as ts
 from blockskip.runtime.backends.torch import blocks_to_run
 from blockskip.runtime.backends.torch_families.base import tensor_names
 from blockskip.runtime.backends.torch_families.latent import ENCODER_PREFIXES
+from blockskip.runtime.backends.torch_io import tensor_at
 from blockskip.runtime.backends.torch_lora import lora_metadata
 from blockskip.runtime.bundle import SCHEMA_VERSION, file_record
 from blockskip.runtime.errors import OutputError, PlanError
@@ -136,7 +137,7 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
 
         def part(name):
             names = store.load_part(name)
-            out = {n: _cast(t.detach(), dtype) for n, t in _named(model, names).items()}
+            out = {n: _cast(tensor_at(model, n).detach(), dtype) for n in names}
             store.free(names)
             return out
 
@@ -146,14 +147,14 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
         needed = sorted(set(range(stop)) | set(trained))
         log(f"blocks: {len(needed)} of {fam.num_blocks} in {storage}")
         blocks: list[str | None] = [None] * fam.num_blocks
-        for k, i in enumerate(needed):
+        for done, i in enumerate(needed, 1):
             names = store.load_block(i)
             stored = ts.store_tensors(model.get_submodule(paths[i]), storage)
             blocks[i] = _save(tmp, f"model/blocks/block_{i:03d}.safetensors",
                               {f"{paths[i]}.{k}": v for k, v in stored.items()}, files)
             del stored
             store.free(names)
-            log(f"blocks: {k + 1}/{len(needed)} written (block {i})")
+            log(f"blocks: {done}/{len(needed)} written (block {i})")
         embed_tensors = part("embed")
         embed = _save(tmp, "model/embed.safetensors", embed_tensors, files)
         names = store.load_part("head")
@@ -278,11 +279,6 @@ def _lower_all(traced, root: Path, rel: str, fmts, files: list[str], log) -> dic
         rec[pl.name] = pl.program(traced, root, rel, files)
         return_freed_memory()  # a lowering's temporaries (a real-size block's: GBs) go back to the system
     return rec
-
-
-def _named(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    state = dict(list(model.named_parameters()) + list(model.named_buffers()))
-    return {n: state[n] for n in names}
 
 
 def _cast(t: torch.Tensor, dtype) -> torch.Tensor:

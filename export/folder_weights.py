@@ -61,9 +61,6 @@ class FolderWeights:
             except (OSError, ValueError) as e:  # safetensors raises SafetensorError (a ValueError) on a bad header
                 raise ModelError(f"cannot read {path}: {e}; the model folder is damaged") from e
 
-    def names(self) -> set[str]:
-        return set(self.where)
-
     def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The named tensors, floating ones in ``dtype`` (one shard open at a time)."""
         from safetensors import safe_open
@@ -94,8 +91,7 @@ class FolderStore(PartsStore):
     def __init__(self, family: TorchFamily, weights: FolderWeights, dtype: torch.dtype):
         super().__init__(family)
         self.weights, self.dtype = weights, dtype
-        shapes = {n: tuple(t.shape) for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())}
-        self._shapes = shapes
+        self._shapes = {n: tuple(t.shape) for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())}
 
     def free(self, names: list[str]) -> None:
         super().free(names)

@@ -17,7 +17,8 @@ from blockskip.runtime.errors import BundleError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _get(root: torch.nn.Module, name: str) -> torch.Tensor:
+def tensor_at(root: torch.nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer of ``root`` with this full name."""
     mod_path, _, leaf = name.rpartition(".")
     mod = root.get_submodule(mod_path) if mod_path else root
     return mod._parameters[leaf] if leaf in mod._parameters else mod._buffers[leaf]
@@ -49,13 +50,13 @@ class BlockStore:
             from blockskip.runtime.backends.torch_stream import from_storage
 
             tensors = from_storage(tensors, self.store_dtype)
-            tensors = {n: t.reshape(_get(self.model, n).shape) for n, t in tensors.items()}
+            tensors = {n: t.reshape(tensor_at(self.model, n).shape) for n, t in tensors.items()}
         materialize(self.model, tensors)
         self.loaded.append(rel)
         names = list(tensors)
         del tensors
         # watch the tensors the model now holds: they die only when nothing references them any more
-        self._alive[rel] = [weakref.ref(_get(self.model, n)) for n in names]
+        self._alive[rel] = [weakref.ref(tensor_at(self.model, n)) for n in names]
         return names
 
     def resident_blocks(self) -> int:
