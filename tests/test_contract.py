@@ -204,23 +204,41 @@ def test_kill_9_anywhere_then_resume_is_bitwise_equal(name, bundles, tmp_path):
     (bundle / "manifest.json").write_text(json.dumps(m))
     shutil.copytree(root / "cache", tmp_path / "cache")
     _retarget_cache(tmp_path / "cache", bundle)
-    h.train(bundle, tmp_path / "cache", tmp_path / "a")
+    # the uninterrupted run, timed from its first checkpoint to its end: the kill lands inside that window
+    # on any machine, however fast it runs the steps
+    rest_s = _run_after_first_checkpoint(h.command(bundle, tmp_path / "cache", tmp_path / "a"), tmp_path / "a")
+    assert rest_s > 0.0, rest_s
     rnd = random.Random(name)
-    ckpt = tmp_path / "b" / "checkpoint" / "checkpoint.safetensors"
-    proc = subprocess.Popen(h.command(bundle, tmp_path / "cache", tmp_path / "b"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    t0 = time.time()
-    while not ckpt.exists() and proc.poll() is None and time.time() - t0 < 300:
-        time.sleep(0.005)
-    time.sleep(rnd.uniform(0.0, 0.3))
-    proc.kill()
-    proc.wait()
+    _run_after_first_checkpoint(h.command(bundle, tmp_path / "cache", tmp_path / "b"), tmp_path / "b",
+                                kill_after=rnd.uniform(0.05, 0.6) * rest_s)
     assert not (tmp_path / "b" / "lora.safetensors").exists(), "the run ended before the kill; make it longer"
     log = h.train(bundle, tmp_path / "cache", tmp_path / "b")
     assert log["resumed_from"] > 0
     a, b = load_np(tmp_path / "a" / "lora.safetensors"), load_np(tmp_path / "b" / "lora.safetensors")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _run_after_first_checkpoint(cmd, out, kill_after=None) -> float:
+    """Runs `cmd`; returns the seconds from its first checkpoint to its LoRA file (its last step), or, with
+    `kill_after`, SIGKILLs it that many seconds after its first checkpoint."""
+    ckpt, lora = out / "checkpoint" / "checkpoint.safetensors", out / "lora.safetensors"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not ckpt.exists() and proc.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.002)
+    assert ckpt.exists(), "no checkpoint was written"
+    t1 = time.time()
+    if kill_after is None:
+        while not lora.exists() and proc.poll() is None:
+            time.sleep(0.002)
+        t2 = time.time()
+        assert proc.wait() == 0
+        return t2 - t1
+    time.sleep(kill_after)
+    proc.kill()
+    proc.wait()
+    return time.time() - t1
 
 
 def _retarget_cache(cache, bundle) -> None:
