@@ -147,14 +147,17 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
         needed = sorted(set(range(stop)) | set(trained))
         log(f"blocks: {len(needed)} of {fam.num_blocks} in {storage}")
         blocks: list[str | None] = [None] * fam.num_blocks
+        # the storage conversion casts each tensor itself: a folder's blocks are read as stored (bfloat16)
+        raw = lm.store(as_stored=True)
         for done, i in enumerate(needed, 1):
-            names = store.load_block(i)
-            stored = ts.store_tensors(model.get_submodule(paths[i]), storage)
+            names = raw.load_block(i)
+            stored = ts.store_tensors(raw.model.get_submodule(paths[i]), storage)
             blocks[i] = _save(tmp, f"model/blocks/block_{i:03d}.safetensors",
                               {f"{paths[i]}.{k}": v for k, v in stored.items()}, files)
             del stored
-            store.free(names)
+            raw.free(names)
             log(f"blocks: {done}/{len(needed)} written (block {i})")
+        log("embed, head, photo encoder and prompt")
         embed_tensors = part("embed")
         embed = _save(tmp, "model/embed.safetensors", embed_tensors, files)
         names = store.load_part("head")
@@ -164,9 +167,12 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
         enc_names = tensor_names(lm.encoder, ENCODER_PREFIXES[lm.encoder_spec["class"]])
         enc_file = _save(tmp, "encoder/encoder.safetensors", {n: enc_state[n].float() for n in enc_names}, files)
         text = {k: _cast(v, dtype) for k, v in lm.encode_prompt(prompt).items()}
+        log("initial LoRA")
         init = initial_lora(lm, trained, lora, plan.seed)
         lora_init = _save(tmp, "model/lora_init.safetensors", init, files)
-        entry = example_entry(lm, plan, trained, text)
+        log("example cache entry")
+        # a streamed span's programs need only the entry's shapes; a resident span's are traced on it
+        entry = example_entry(lm, plan, trained, text, fake=plan.span == "streamed")
         stream = stream_section(tmp, lm, plan, layout, lora, entry, fmts, files, log)
         stream.update(lora_init=lora_init, block_paths=paths)
         if fmts:  # the program runtimes build each sample and its block-0 input with the embed program

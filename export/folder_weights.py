@@ -61,8 +61,8 @@ class FolderWeights:
             except (OSError, ValueError) as e:  # safetensors raises SafetensorError (a ValueError) on a bad header
                 raise ModelError(f"cannot read {path}: {e}; the model folder is damaged") from e
 
-    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The named tensors, floating ones in ``dtype`` (one shard open at a time)."""
+    def read(self, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """The named tensors, floating ones in ``dtype`` (None: as stored; one shard open at a time)."""
         from safetensors import safe_open
 
         missing = [n for n in names if n not in self.where]
@@ -79,16 +79,17 @@ class FolderWeights:
                 with safe_open(str(path), framework="pt") as f:
                     for n in group:
                         t = f.get_tensor(n)
-                        out[n] = t.to(dtype) if t.is_floating_point() else t
+                        out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
             except (OSError, ValueError) as e:
                 raise ModelError(f"cannot read {path}: {e}; the model folder is damaged") from e
         return out
 
 
 class FolderStore(PartsStore):
-    """BlockStore over a model folder's weights: each load reads that part's tensors from the shards."""
+    """BlockStore over a model folder's weights: each load reads that part's tensors from the shards
+    (floating ones in ``dtype``; None: as the shards hold them)."""
 
-    def __init__(self, family: TorchFamily, weights: FolderWeights, dtype: torch.dtype):
+    def __init__(self, family: TorchFamily, weights: FolderWeights, dtype: torch.dtype | None):
         super().__init__(family)
         self.weights, self.dtype = weights, dtype
         self._shapes = {n: tuple(t.shape) for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())}

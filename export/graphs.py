@@ -104,22 +104,30 @@ class EncoderGraph(nn.Module):
         return encode_images(self.encoder, self.spec, images)
 
 
-def example_entry(lm, plan, trained: list[int], prompt: dict) -> dict[str, torch.Tensor]:
+def example_entry(lm, plan, trained: list[int], prompt: dict, fake: bool = False) -> dict[str, torch.Tensor]:
     """One cache entry of the right names and shapes (what training is fed), made by the device's own
-    precompute code on the in-memory model."""
+    precompute code on the in-memory model. ``fake``: shapes only, computed on fake tensors (no block is
+    read or run: what a block-streamed bundle needs)."""
+    from contextlib import nullcontext
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from blockskip.export.memory.fake_store import FakeStore
     from blockskip.runtime.backends.torch import compute_entries
     from blockskip.runtime.schedule import ScheduleEntry
 
     fam = lm.family
-    store = lm.store()
-    names = store.load_part("embed")
-    with torch.no_grad():
-        text = fam.prepare_text(store.model, prompt)
-    store.free(names)
+    dtype = DTYPES[plan.dtype]
     f = lm.vae_factor
-    latents = torch.zeros(1, lm.latent_channels, plan.s_max // f, plan.s_max // f, dtype=DTYPES[plan.dtype])
     e = ScheduleEntry(index=0, image=0, t=500, sigma=0.5, side=plan.s_min, top=0, left=0, noise_seed=0)
-    return compute_entries(store, latents, text, [e], plan, f, trained)[0]
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
+        store = FakeStore(fam, lm.encoder_spec, {}, dtype) if fake else lm.store()
+        names = store.load_part("embed")
+        with torch.no_grad():
+            text = fam.prepare_text(store.model, prompt)
+        store.free(names)
+        latents = torch.zeros(1, lm.latent_channels, plan.s_max // f, plan.s_max // f, dtype=dtype)
+        return compute_entries(store, latents, text, [e], plan, f, trained)[0]
 
 
 def initial_lora(lm, trained: list[int], lora: dict, seed: int) -> dict[str, torch.Tensor]:

@@ -59,10 +59,13 @@ def test_streamed_folder_export_equals_the_loaded_models(tmp_path, name, stores)
     assert stores and all(s.loaded for s in stores)
 
 
-def test_streamed_span_programs_hold_one_block_at_a_time(tmp_path, stores):
+@pytest.mark.parametrize("folder_dtype", [torch.float32, torch.bfloat16])
+def test_streamed_span_programs_hold_one_block_at_a_time(tmp_path, stores, folder_dtype):
     """A block-streamed onnx bundle with int8 storage: same files as from the loaded model, and every read of
-    the folder held at most one block's tensors alive (weak references to what each load put in)."""
-    root = write_folder(tmp_path / "flux", "flux", max_shard_size="40KB")
+    the folder held at most one block's tensors alive (weak references to what each load put in). A
+    bfloat16 folder's blocks are read as stored (half the memory of float32) and give the same bundle as
+    the model loaded in float32."""
+    root = write_folder(tmp_path / "flux", "flux", max_shard_size="40KB", dtype=folder_dtype)
     plan = Plan(front_skip=1, back_skip=1, span="streamed", storage="int8", **PLAN)
     kw = dict(formats=["onnx"])
     export_bundle(load_model(str(root)), plan, load_profile("desktop-cpu"), "a photo of sks", tmp_path / "loaded",
@@ -75,6 +78,7 @@ def test_streamed_span_programs_hold_one_block_at_a_time(tmp_path, stores):
     written = [b for b in json.loads((tmp_path / "streamed" / "manifest.json").read_text())["model"]["blocks"] if b]
     assert sum(1 for rel in blocks[0].loaded if rel.startswith("model/blocks/")) == len(written)
     assert max(s.max_resident for s in stores) == 1
+    assert blocks[0].dtype is None  # as stored
 
 
 def test_a_held_block_is_seen(tmp_path):
@@ -157,3 +161,21 @@ def test_streaming_blocks_through_one_process_does_not_grow_it(tmp_path):
     r = subprocess.run([sys.executable, "-c", _GROWTH, str(root)], capture_output=True, text=True, check=True)
     first, last = map(float, r.stdout.split()[-2:])
     assert last - first < 20, (first, last)  # without returning memory: +63 MiB here
+
+
+@pytest.mark.parametrize("name", ["flux", "sd35", "sana"])
+def test_a_streamed_bundles_example_entry_is_traced_on_fake_tensors_with_the_real_shapes(tmp_path, name):
+    """A block-streamed export needs only the cache entry's shapes: it computes them on fake tensors (no
+    block read or run), the same names, shapes and dtypes as the entry the model really computes."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from blockskip.export.graphs import example_entry
+
+    lm = load_model(str(write_folder(tmp_path / name, name)), stream=True)
+    plan = Plan(front_skip=1, back_skip=1, span="streamed", **PLAN)
+    trained = plan.validate(lm.family.num_blocks, lm.granularity, lm.family.valid_targets())
+    text = lm.encode_prompt("a photo of sks")
+    real, fake = example_entry(lm, plan, trained, text), example_entry(lm, plan, trained, text, fake=True)
+    assert all(isinstance(t, FakeTensor) for t in fake.values())
+    assert {k: (t.shape, t.dtype) for k, t in fake.items()} == {k: (t.shape, t.dtype) for k, t in real.items()}
+    assert any(k.startswith("delta.") for k in real)  # the back residual: the frozen blocks really ran

@@ -68,14 +68,15 @@ FOLDERS = {"flux": ("flux", "AutoencoderKL", 4, 2, {"prompt_embeds": (1, 5, 24),
            "sana": ("sana", "AutoencoderDC", 4, 4, {"prompt_embeds": (1, 5, 24)})}
 
 
-def write_folder(root, name: str, max_shard_size: str | None = None):
-    """A diffusers model folder (transformer/, vae/, prompt_embeds.safetensors) of a tiny model;
-    ``max_shard_size`` splits the transformer into shards with an index, as large models are saved."""
+def write_folder(root, name: str, max_shard_size: str | None = None, dtype=torch.float32):
+    """A diffusers model folder (transformer/, vae/, prompt_embeds.safetensors) of a tiny model, its
+    transformer saved in ``dtype``; ``max_shard_size`` splits the transformer into shards with an index, as
+    large models are saved."""
     from safetensors.torch import save_file
 
     tiny, vae_cls, channels, _, prompt = FOLDERS[name]
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    build(tiny).save_pretrained(root / "transformer", **kw)
+    build(tiny).to(dtype).save_pretrained(root / "transformer", **kw)
     tiny_vae(vae_cls, channels).save_pretrained(root / "vae")
     g = torch.Generator().manual_seed(1)
     save_file({k: torch.randn(*v, generator=g) for k, v in prompt.items()}, root / "prompt_embeds.safetensors")

@@ -28,14 +28,17 @@ class LoadedModel:
     weights: object | None = None
     dtype: torch.dtype = torch.float32
 
-    def store(self):
+    def store(self, as_stored: bool = False):
         """The device's BlockStore interface over this model's weights (load a block, use it, free it): an
         in-memory model's tensors (shared, no copies), or a folder's shards read part by part, so that no
-        more than the parts loaded at once are in memory."""
+        more than the parts loaded at once are in memory. ``as_stored``: a folder's tensors in the dtype its
+        shards hold, where that converts exactly to ``dtype`` (float32: a bfloat16 block at half the
+        memory, for code that casts each tensor itself, as the bundle's storage conversion does)."""
         if self.weights is not None:
             from blockskip.export.folder_weights import FolderStore
 
-            return FolderStore(self.family, self.weights, self.dtype)
+            return FolderStore(self.family, self.weights,
+                               None if as_stored and self.dtype == torch.float32 else self.dtype)
         from blockskip.export.graphs import ModelStore
 
         return ModelStore(self.family, self.transformer)
