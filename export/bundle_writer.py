@@ -152,10 +152,11 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
         for done, i in enumerate(needed, 1):
             names = raw.load_block(i)
             stored = ts.store_tensors(raw.model.get_submodule(paths[i]), storage)
+            raw.free(names)  # before the save, which copies the stored tensors once more
             blocks[i] = _save(tmp, f"model/blocks/block_{i:03d}.safetensors",
                               {f"{paths[i]}.{k}": v for k, v in stored.items()}, files)
             del stored
-            raw.free(names)
+            return_freed_memory()
             log(f"blocks: {done}/{len(needed)} written (block {i})")
         log("embed, head, photo encoder and prompt")
         embed_tensors = part("embed")
@@ -169,6 +170,7 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
         text = {k: _cast(v, dtype) for k, v in lm.encode_prompt(prompt).items()}
         log("initial LoRA")
         init = initial_lora(lm, trained, lora, plan.seed)
+        return_freed_memory()  # peft's layers, dropped: the LoRA's size again
         lora_init = _save(tmp, "model/lora_init.safetensors", init, files)
         log("example cache entry")
         # a streamed span's programs need only the entry's shapes; a resident span's are traced on it

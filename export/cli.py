@@ -118,7 +118,6 @@ def fit_plan(lm, plan: Plan, profile, a, fmt: str = "torch") -> tuple[Plan, dict
     import dataclasses
     import sys
 
-    from blockskip.export.memory.dryrun import ModelSpec
     from blockskip.export.memory.search import fixed_axes, require_fit, search
 
     if a.skip_ratio is not None:
@@ -129,9 +128,7 @@ def fit_plan(lm, plan: Plan, profile, a, fmt: str = "torch") -> tuple[Plan, dict
     if fixed_split and a.rank is not None and ((a.base_quant is not None and a.checkpointing is not None)
                                                or a.span is not None):
         return plan, None  # fully specified: nothing to search
-    prompt = lm.encode_prompt("shape probe")
-    spec = ModelSpec(lm.family, lm.encoder_spec, {k: tuple(v.shape) for k, v in prompt.items()}, lm.vae_factor,
-                     lm.name)
+    spec = lm.model_spec()
     if plan.trained is not None:  # explicit indices: check them, the search has nothing to choose
         from blockskip.export.memory.search import evaluate
 
@@ -151,6 +148,15 @@ def fit_plan(lm, plan: Plan, profile, a, fmt: str = "torch") -> tuple[Plan, dict
     return dataclasses.replace(plan, front_skip=p.front_skip, back_skip=p.back_skip, lora_rank=p.lora_rank,
                                base_quant=p.base_quant, checkpointing=p.checkpointing, vae_tiling=p.vae_tiling,
                                span=p.span, storage=p.storage, dtype=p.dtype), memory_record(best)
+
+
+def export_prediction(lm, plan: Plan, formats):
+    """The dry run of this export (a model folder streamed into torch or pte bundles), else None."""
+    if lm.weights is None or "onnx" in formats:
+        return None
+    from blockskip.export.memory.export_phase import export_dry_run
+
+    return export_dry_run(lm.model_spec(), plan, formats, lm.weights.stored_dtype())
 
 
 def memory_record(best) -> dict:
@@ -248,6 +254,10 @@ def main(argv=None) -> int:
         # a folder's transformer is read block by block as the bundle is written (never loaded whole)
         lm = load_model(a.model, DTYPES[plan.dtype], seed=plan.seed, stream=True)
         plan, memory = fit_plan(lm, plan, profile, a, fmt)
+        predicted = export_prediction(lm, plan, formats)
+        if predicted is not None:
+            print(f"export: predicted peak RSS {predicted.peak / 2**20:.0f} MiB (in its {predicted.stage} stage)",
+                  file=sys.stderr)
         out = export_bundle(lm, plan, profile, a.prompt, a.output, force=a.force, formats=formats,
                             log=lambda msg: print(msg, file=sys.stderr), delegate=a.delegate, memory=memory)
         if "pte" in formats and plan.span == "resident":
@@ -258,7 +268,8 @@ def main(argv=None) -> int:
 
         print(f"bundle written to {out}  (family {lm.family.name}, {n} blocks, training {trained[0]}..{trained[-1]}"
               f" [{len(trained)}], formats {','.join(formats)}, torch {torch.__version__}; export peak RSS "
-              f"{peak_rss_mib():.0f} MiB)")
+              f"{peak_rss_mib():.0f} MiB" + ("" if predicted is None else
+                                            f", predicted {predicted.peak / 2**20:.0f} MiB") + ")")
 
     return run_cli(go, a.debug, "blockskip-export")
 

@@ -61,6 +61,19 @@ class FolderWeights:
             except (OSError, ValueError) as e:  # safetensors raises SafetensorError (a ValueError) on a bad header
                 raise ModelError(f"cannot read {path}: {e}; the model folder is damaged") from e
 
+    def stored_dtype(self) -> torch.dtype:
+        """The floating-point dtype the shards hold (their first floating tensor's; float32 if none)."""
+        from safetensors import safe_open
+
+        floats = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+        for path in dict.fromkeys(self.where.values()):
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    dt = floats.get(f.get_slice(name).get_dtype())
+                    if dt is not None:
+                        return dt
+        return torch.float32
+
     def read(self, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         """The named tensors, floating ones in ``dtype`` (None: as stored; one shard open at a time)."""
         from safetensors import safe_open

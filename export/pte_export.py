@@ -197,8 +197,9 @@ class PteFormat:
         check_plan(plan, self.delegate if delegate is None else delegate)
 
     def program(self, traced, root: Path, rel: str, files: list[str]) -> dict:
-        """One stream program (an FX graph with its calling convention) as an ExecuTorch program."""
-        et = inference_program(traced.gm, traced.example_args(), self.delegate, plan_inputs=False)
+        """One stream program (an FX graph with its calling convention) as an ExecuTorch program, lowered
+        on fake inputs (its weights are inputs: real zeros would be a block's weights, GBs for SD3's embed)."""
+        et = inference_program(traced.gm, traced.example_args(fake=True), self.delegate, plan_inputs=False)
         return write_program(et, root, f"{rel}.pte", files)
 
     def encoder(self, root: Path, lm, plan, files: list[str]) -> dict:

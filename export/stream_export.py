@@ -302,7 +302,7 @@ def trace_embed(fam: TorchFamily, skeleton: nn.Module, weights: Shapes, text: Sh
                       "sigma": ((1,), torch.float32), "geom": ((3,), torch.float64)}
     shapes.update({TEXT + k: (s, torch.float32) for k, (s, _) in sorted(text.items())})
     shapes.update({WEIGHT + k: (s, torch.float32) for k, (s, _) in sorted(weights.items())})
-    tensors = _tensors(shapes, fake)
-    if example:
-        tensors.update({k: v for k, v in example.items() if k in tensors})
+    example = example or {}
+    made = _tensors({k: v for k, v in shapes.items() if k not in example}, fake)  # no zeros for what is given
+    tensors = {k: example[k] if k in example else made[k] for k in shapes}
     return trace(embed_fn(fam, skeleton, full, low, plan.positions, plan.guidance), tensors)

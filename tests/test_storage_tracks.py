@@ -95,3 +95,24 @@ def test_kept_forward_graph_gives_the_recomputed_vjp(tmp_path, photos):
     for k in g_ref[1]:
         np.testing.assert_array_equal(g_other[1][k], g_ref[1][k])
     span.close()
+
+
+@pytest.mark.parametrize("storage", ["int8", "int4"])
+def test_a_weight_bigger_than_a_chunk_quantises_row_by_row(storage):
+    """The export quantises a weight a few MiB of rows at a time; rows are independent, so a weight of
+    several chunks gives what quantising each row alone gives, from bfloat16 (a folder's dtype) as from
+    its float32 copy."""
+    import torch
+
+    from blockskip.runtime.backends.torch_stream import CHUNK, quantise
+
+    g = torch.Generator().manual_seed(0)
+    row = 3072
+    w = torch.randn(CHUNK // row * 3 + 5, row, generator=g).to(torch.bfloat16)
+    whole = quantise(w, storage)
+    assert quantise(w.float(), storage).keys() == whole.keys()
+    for k, v in quantise(w.float(), storage).items():
+        assert torch.equal(v, whole[k]), k
+    for i in torch.randint(0, w.shape[0], (6,), generator=g).tolist() + [0, w.shape[0] - 1]:
+        for k, v in quantise(w[i:i + 1], storage).items():
+            assert torch.equal(v[0], whole[k][i]), (k, i)

@@ -43,6 +43,14 @@ class LoadedModel:
 
         return ModelStore(self.family, self.transformer)
 
+    def model_spec(self):
+        """What the dry run needs of this model (``ModelSpec``: structure and shapes, no weights)."""
+        from blockskip.export.memory.dryrun import ModelSpec
+
+        prompt = self.encode_prompt("shape probe")
+        return ModelSpec(self.family, self.encoder_spec, {k: tuple(v.shape) for k, v in prompt.items()},
+                         self.vae_factor, self.name)
+
     @property
     def param_dtype(self) -> torch.dtype:
         """The dtype of the transformer's floating-point weights as the export reads them."""

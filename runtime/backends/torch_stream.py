@@ -81,19 +81,28 @@ def store_tensors(module: nn.Module, storage: str) -> dict[str, torch.Tensor]:
 
 
 def quantise(w: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
-    """One Linear/Conv weight -> ``weight_q8``/``weight_q4`` + ``weight_scale`` (see the module doc)."""
-    w = w.float()
+    """One Linear/Conv weight -> ``weight_q8``/``weight_q4`` + ``weight_scale`` (see the module doc).
+    Rows are quantised independently, so it works a few MiB of rows at a time: a real-size weight (FLUX's
+    3072x18432, 216 MiB in float32) needs no float32 copies of itself."""
     out_ch, row = w.shape[0], math.prod(w.shape[1:])
     flat = w.reshape(out_ch, row)
     g = int4_group(row) if storage == "int4" else None
+    parts = [_quantise_rows(flat[r].float(), g) for r in _row_chunks(out_ch, row)]
+    q, scale = (torch.cat([p[i] for p in parts]) for i in range(2))
+    if g is None:
+        return {"weight_q8": q.reshape(w.shape), "weight_scale": scale}
+    return {"weight_q4": q, "weight_scale": scale}
+
+
+def _quantise_rows(flat: torch.Tensor, g: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    out_ch, row = flat.shape
     if g is None:
         scale = flat.abs().amax(1).clamp_min(1e-30) / 127
-        q = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return {"weight_q8": q.reshape(w.shape), "weight_scale": scale}
+        return torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
     scale = flat.reshape(out_ch, row // g, g).abs().amax(-1).clamp_min(1e-30) / 7
     q = torch.round(flat.reshape(out_ch, row // g, g) / scale[..., None]).clamp(-8, 7).to(torch.int32) + 8
     q = q.reshape(out_ch, row)
-    return {"weight_q4": (q[:, 0::2] + q[:, 1::2] * 16).to(torch.uint8), "weight_scale": scale}
+    return (q[:, 0::2] + q[:, 1::2] * 16).to(torch.uint8), scale
 
 
 def dequantise(stored: tuple[torch.Tensor, ...], rows: slice | None = None) -> torch.Tensor:

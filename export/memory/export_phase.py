@@ -1,0 +1,138 @@
+"""The dry run of the export itself: the whole-process peak of ``blockskip-export`` streaming a model folder.
+
+The streaming export (``bundle_writer.export_bundle`` over ``folder_weights.FolderStore``) goes through
+these stages, and its peak is the largest:
+
+* ``blocks``: each block the bundle needs is read from its shard as stored (bfloat16 for released
+  checkpoints) and converted to the storage layout, the weights quantised a row chunk at a time
+  (``torch_stream.quantise``); the block is dropped before its storage copy is written.
+* ``embed``: the embed tensors are read in the plan dtype, the largest one converted from its stored copy
+  (SD3's 906 MiB position table).
+* ``kept``: the parts kept to the end: the photo encoder's float32 weights, the embed tensors, the initial
+  LoRA, the prompt. A ``torch`` bundle has no programs: this is its last stage.
+* ``programs``: the kept parts while each stream program is lowered (``LOWERING_BYTES``).
+* ``encoder``: the kept parts while the photo encoder program is lowered, last: its weights are program
+  constants, copied into the serialised program and the buffer it is written from (twice the encoder),
+  on top of what the earlier lowerings left behind (``LOWERING_RESIDUE_BYTES``).
+
+Everything is computed from the model's structure (its meta skeleton), no weights read. The constants
+are measured: ``LIBRARIES_BYTES`` is the process before the export starts (the interpreter, torch,
+diffusers, the VAE module; ``python -m bench.export_memory`` prints it as "RSS before"), the others come
+from ``blockskip-export`` runs of random-weight FLUX.1-dev, SD3.5-medium and SANA-1.6B folders
+(``python -m bench.random_folder``) with the peak RSS sampled between its progress lines. The ONNX
+lowering runs its programs on real example inputs and is not modelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from blockskip.export.memory.dryrun import ModelSpec
+from blockskip.export.memory.streamed import _nbytes
+from blockskip.runtime.backends import torch_stream as ts
+from blockskip.runtime.backends.torch import blocks_to_run
+from blockskip.runtime.backends.torch_families.base import tensor_names
+from blockskip.runtime.plan import Plan
+
+MIB = 2**20
+#: the process before the export starts (480-510 MiB measured)
+LIBRARIES_BYTES = 500 * MIB
+#: one stream program's lowering (torch.export, to_edge, memory planning, serialisation) above the kept
+#: parts, with what the lowerings before it left behind: 120-350 MiB measured (FLUX.1-dev's double-block
+#: forward the most)
+LOWERING_BYTES = 350 * MIB
+#: what the stream programs' lowerings leave behind when the encoder is lowered (70-120 MiB measured)
+LOWERING_RESIDUE_BYTES = 100 * MIB
+#: quantising a weight's row chunk: the float32 chunk, its quotient, rounded and clamped copies, and the
+#: allocator's cached frees (94 MiB measured over the block and its storage copy, FLUX.1-dev)
+QUANTISE_BYTES = 6 * 4 * ts.CHUNK
+
+PROGRAM_FORMATS = ("pte",)
+
+
+@dataclass
+class ExportReport:
+    """Predicted whole-process peak of the export, and the stages it is the largest of (bytes)."""
+
+    peak: int
+    stages: dict[str, int]
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def stage(self) -> str:
+        return max(self.stages, key=self.stages.get)
+
+    def to_dict(self) -> dict:
+        return {"peak": self.peak, "stage": self.stage, "stages": self.stages, "parts": self.parts}
+
+
+def _tensor_bytes(module: nn.Module, names, dtype: torch.dtype | None) -> int:
+    """Bytes of the named tensors of a meta module, floating ones in ``dtype`` (None: as they are)."""
+    shapes = dict(list(module.named_parameters()) + list(module.named_buffers()))
+    total = 0
+    for n in names:
+        t = shapes[n]
+        dt = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        total += t.numel() * torch.empty((), dtype=dt).element_size()
+    return total
+
+
+def _lora_bytes(skeleton: nn.Module, targets: list[str], rank: int) -> int:
+    total = 0
+    for name in targets:
+        mod = skeleton.get_submodule(name)
+        total += rank * (mod.in_features + mod.out_features) * 4
+    return total
+
+
+def _encoder_bytes(encoder_spec: dict) -> int:
+    from blockskip.runtime.backends.torch_families.latent import ENCODER_PREFIXES, build_encoder_skeleton
+
+    enc = build_encoder_skeleton(encoder_spec)
+    return _tensor_bytes(enc, tensor_names(enc, ENCODER_PREFIXES[encoder_spec["class"]]), torch.float32)
+
+
+def export_dry_run(spec: ModelSpec, plan: Plan, formats=("torch",), weights_dtype: torch.dtype = torch.bfloat16,
+                   lora_targets: list[str] | None = None, skeleton=None) -> ExportReport:
+    """Predict the whole-process peak of exporting ``plan``'s bundle in ``formats`` from a model folder whose
+    transformer shards hold ``weights_dtype``."""
+    from blockskip.export.families.base import lora_target_names
+    from blockskip.runtime.backends.torch_io import DTYPES
+    from blockskip.runtime.errors import PlanError
+
+    if "onnx" in formats:
+        raise PlanError("the export's memory is predicted for torch and pte bundles; the ONNX lowering "
+                        "runs its programs on real inputs and is not modelled")
+    fam = spec.family
+    sk = skeleton if skeleton is not None else fam.skeleton()
+    trained = plan.validate(fam.num_blocks, spec.granularity, fam.valid_targets())
+    storage = plan.storage_dtype
+    paths = fam.block_paths()
+    stop = blocks_to_run(trained, fam.num_blocks, plan.back_residual)
+    blocks = 0
+    for i in sorted(set(range(stop)) | set(trained)):
+        raw = _tensor_bytes(sk, tensor_names(sk, [paths[i]]), weights_dtype)
+        stored = _nbytes(ts.block_specs(fam, sk, i, storage))
+        blocks = max(blocks, raw + stored + (QUANTISE_BYTES if storage in ("int8", "int4") else 0))
+    targets = lora_targets or lora_target_names(fam, trained, plan.lora_targets)
+    dtype = DTYPES[plan.dtype]
+    parts = {
+        "encoder": _encoder_bytes(spec.encoder_spec),
+        "embed": _tensor_bytes(sk, tensor_names(sk, fam.embed_prefixes), dtype),
+        "lora": _lora_bytes(sk, targets, plan.lora_rank),
+        "prompt": sum(_nbytes({k: (s, dtype)}) for k, s in spec.prompt_shapes.items()),
+    }
+    kept = sum(parts.values())
+    embed_names = tensor_names(sk, fam.embed_prefixes)
+    # reading an embed tensor in another dtype than stored holds both copies for a moment
+    convert = max((_tensor_bytes(sk, [n], weights_dtype) for n in embed_names), default=0) if weights_dtype != dtype else 0
+    stages = {"blocks": blocks, "embed": parts["embed"] + convert, "kept": kept}
+    if any(f in PROGRAM_FORMATS for f in formats):
+        stages.update(programs=kept + LOWERING_BYTES,
+                      encoder=kept + 2 * parts["encoder"] + LOWERING_RESIDUE_BYTES)
+    stages = {k: LIBRARIES_BYTES + v for k, v in stages.items()}
+    return ExportReport(max(stages.values()), stages, {"libraries": LIBRARIES_BYTES, "largest_block_stage": blocks,
+                                                       **parts})
