@@ -30,6 +30,7 @@ class FolderWeights:
         from safetensors import safe_open
 
         self.folder = Path(folder)
+        self._headers: dict[Path, tuple[dict, int]] = {}
         index = self.folder / INDEX
         self.where: dict[str, Path] = {}
         if index.is_file():
@@ -75,8 +76,11 @@ class FolderWeights:
         return torch.float32
 
     def read(self, names: list[str], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        """The named tensors, floating ones in ``dtype`` (None: as stored; one shard open at a time)."""
-        from safetensors import safe_open
+        """The named tensors, floating ones in ``dtype`` (None: as stored). Each is read into its own
+        memory with plain reads (a shard mapped instead would keep the pages it touched in the process
+        until unmapped: a block more, at times several, as garbage collection has it)."""
+        from blockskip.runtime.errors import BundleError
+        from blockskip.runtime.tensorfile import read_header
 
         missing = [n for n in names if n not in self.where]
         if missing:
@@ -89,13 +93,27 @@ class FolderWeights:
         out: dict[str, torch.Tensor] = {}
         for path, group in by_shard.items():
             try:
-                with safe_open(str(path), framework="pt") as f:
+                if path not in self._headers:
+                    self._headers[path] = read_header(path)
+                header, start = self._headers[path]
+                with open(path, "rb") as f:
                     for n in group:
-                        t = f.get_tensor(n)
+                        rec = header[n]
+                        a, b = (int(x) for x in rec["data_offsets"])
+                        raw = torch.empty(b - a, dtype=torch.uint8)
+                        f.seek(start + a)
+                        if f.readinto(memoryview(raw.numpy())) != b - a:
+                            raise BundleError(f"{path} is truncated")
+                        t = raw.view(TORCH_DTYPES[rec["dtype"]]).reshape([int(d) for d in rec["shape"]])
                         out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-            except (OSError, ValueError) as e:
+            except (OSError, KeyError, BundleError) as e:
                 raise ModelError(f"cannot read {path}: {e}; the model folder is damaged") from e
         return out
+
+
+#: safetensors dtype codes -> torch dtypes
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
 
 
 class FolderStore(PartsStore):

@@ -120,6 +120,7 @@ def _run(a) -> int:
         "next_bigger": None if nxt is None else {"plan": nxt.plan.to_dict(), "phase": nxt.worst().phase,
                                                  "peak_bytes": nxt.peak},
         "bundle_weights_bytes": bundle_bytes(spec, best.plan),
+        "export": _export(a.model, spec, best.plan, fmt),
         "traced_plans": 1 if result is None else len(result.traced),
         "seconds": round(time.time() - t0, 1),
     }
@@ -143,6 +144,10 @@ def _run(a) -> int:
           f"(storage budget {profile.cache_budget_gib:.1f} GiB{', caps K' if k_fit < a.samples else ''})")
     print(f"bundle: {out['bundle_weights_bytes'] / 2**30:.2f} GiB of block and head weights "
           f"({bp.storage_dtype})")
+    if out["export"] is not None:
+        e = out["export"]
+        print(f"export (blockskip-export on the desktop, streaming a {e['weights_dtype']} folder): predicted peak RSS "
+              f"{e['peak'] / 2**30:.2f} GiB, in its {e['stage']} stage")
     if nxt is not None:
         w = nxt.worst()
         print(f"next bigger plan ({nxt.describe()}) does not fit: its {w.phase} phase needs "
@@ -151,6 +156,28 @@ def _run(a) -> int:
         print(f"chart: {a.plot}")
     print(f"({out['traced_plans']} plans traced in {out['seconds']} s, no memory allocated)")
     return 0 if best.fits else 3
+
+
+def _export(model: str, spec, plan, fmt: str) -> dict | None:
+    """The export phase's dry run for the plan's bundle streamed from a model folder (torch and pte
+    bundles; a known config's weights as released, in bfloat16). None for the built-in models (in memory,
+    nothing streamed) and ONNX bundles (not modelled)."""
+    if fmt == "onnx" or model in ("tiny", "tiny-random"):
+        return None
+    from pathlib import Path
+
+    import torch
+
+    from blockskip.export.memory.export_phase import export_dry_run
+    from blockskip.export.memory.specs import KNOWN
+
+    dtype = torch.bfloat16
+    if model not in KNOWN:
+        from blockskip.export.folder_weights import FolderWeights
+
+        dtype = FolderWeights(Path(model) / "transformer").stored_dtype()
+    r = export_dry_run(spec, plan, [fmt], dtype)
+    return {**r.to_dict(), "weights_dtype": str(dtype).removeprefix("torch.")}
 
 
 if __name__ == "__main__":

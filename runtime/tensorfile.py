@@ -88,6 +88,39 @@ class TensorFile:
         return np.asarray(a, dtype=np.float32)
 
 
+def read_header(path: str | Path) -> tuple[dict[str, dict], int]:
+    """A safetensors file's tensor entries (name -> dtype, shape, data_offsets) and the file offset their
+    data starts at, read without the data (a multi-GB model shard, read tensor by tensor)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = path.stat().st_size
+            if len(head) < 8:
+                raise BundleError(f"{path} is truncated")
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > min(MAX_HEADER, size - 8):
+                raise BundleError(f"{path} is not a safetensors file (header length {hlen})")
+            header = json.loads(f.read(hlen))
+    except OSError as e:
+        raise BundleError(f"cannot read {path}: {e.strerror}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path} has a malformed safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise BundleError(f"{path} has a malformed safetensors header")
+    header.pop("__metadata__", None)
+    for name, rec in header.items():
+        try:
+            a, b = (int(x) for x in rec["data_offsets"])
+            ok = rec["dtype"] in DTYPES and 0 <= a <= b <= size - 8 - hlen and all(int(d) >= 0 for d in rec["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{path}: tensor {name!r} has a malformed header entry ({e})") from e
+        count = int(np.prod([int(d) for d in rec["shape"]])) if rec["shape"] else 1
+        if not ok or b - a != count * np.dtype(DTYPES[rec["dtype"]][0]).itemsize:
+            raise BundleError(f"{path}: tensor {name!r} lies outside the file or has the wrong size")
+    return header, 8 + hlen
+
+
 def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
     return TensorFile(path).arrays
 

@@ -107,6 +107,10 @@ def test_pte_arenas_equal_the_exported_programs(pte_bundle):
         assert 0.5 < live[k] / v < 2.0, (k, live[k], v)
 
 
+def p_bytes(storage: str) -> float:
+    return {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}[storage]
+
+
 def test_flux_dev_fits_the_phone_on_executorch():
     """The paper's 50% split at 256 px, block-streamed, whole process (runtime and margins included)
     inside 3 GiB of the snapdragon8 profile's 5.5."""
@@ -123,6 +127,11 @@ def test_flux_dev_fits_the_phone_on_executorch():
     assert peak <= 3.0 * GIB
     train = next(ph for ph in out["phases"] if ph["phase"] == "train")
     assert train["extra"]["program_peak_kind"] == "arena"
+    # the export on a desktop, streaming the bfloat16 release, holds about one double block (340M
+    # parameters) read and stored, never the 12B model
+    e = out["export"]
+    assert e["weights_dtype"] == "bfloat16" and e["peak"] < 2.0 * GIB and e["peak"] == max(e["stages"].values())
+    assert 340e6 * p_bytes(p["storage"]) <= e["parts"]["block_read"] + e["parts"]["block_stored"] < 1.2 * GIB
 
 
 def test_plan_cli_refuses_a_format_the_profile_does_not_run():

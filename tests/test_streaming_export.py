@@ -38,7 +38,13 @@ def stores(monkeypatch):
     class Spy(cls):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
+            self.read_bytes = {}  # part file -> bytes read
             made.append(self)
+
+        def _read(self, rel):
+            out = super()._read(rel)
+            self.read_bytes[rel] = sum(t.numel() * t.element_size() for t in out.values())
+            return out
 
     monkeypatch.setattr(folder_weights, "FolderStore", Spy)
     return made
@@ -179,3 +185,41 @@ def test_a_streamed_bundles_example_entry_is_traced_on_fake_tensors_with_the_rea
     assert all(isinstance(t, FakeTensor) for t in fake.values())
     assert {k: (t.shape, t.dtype) for k, t in fake.items()} == {k: (t.shape, t.dtype) for k, t in real.items()}
     assert any(k.startswith("delta.") for k in real)  # the back residual: the frozen blocks really ran
+
+
+@pytest.mark.parametrize("storage,folder_dtype", [("int8", torch.bfloat16), ("bfloat16", torch.bfloat16),
+                                                  ("float32", torch.float32)])
+def test_the_export_dry_run_counts_what_the_export_reads_and_writes(tmp_path, stores, storage, folder_dtype):
+    """The export phase's parts, predicted from the model's structure, are the bytes the streaming export
+    really reads and keeps: the largest block read from the folder with its storage copy (what the bundle's
+    block file holds), the photo encoder's, embed, initial LoRA and prompt tensors (the bundle's files)."""
+    from safetensors.torch import load_file
+
+    from blockskip.export.memory.export_phase import export_dry_run
+
+    root = write_folder(tmp_path / "flux", "flux", max_shard_size="40KB", dtype=folder_dtype)
+    lm = load_model(str(root), stream=True)
+    assert lm.weights.stored_dtype() == folder_dtype
+    plan = Plan(front_skip=1, back_skip=1, span="streamed", storage=storage, **PLAN)
+    got = export_dry_run(lm.model_spec(), plan, ["torch"], lm.weights.stored_dtype()).parts
+    export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo of sks", tmp_path / "b")
+
+    def nbytes(rel):
+        return sum(t.numel() * t.element_size() for t in load_file(tmp_path / "b" / rel).values())
+
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    # what each block load read, less what the storage copy keeps of it (a tensor it did not convert: of the
+    # folder's dtype and not a new scale), and the storage copy (the block file's tensors)
+    reads = [s for s in stores if s.dtype is None]
+    assert len(reads) == 1
+    pairs = []
+    for rel in filter(None, m["model"]["blocks"]):
+        t = load_file(tmp_path / "b" / rel)
+        kept = sum(v.numel() * v.element_size() for k, v in t.items()
+                   if v.dtype == folder_dtype and not k.endswith("_scale"))
+        pairs.append((reads[0].read_bytes[rel] - kept, nbytes(rel)))
+    assert (got["block_read"], got["block_stored"]) == max(pairs, key=sum)
+    assert got["encoder"] == nbytes(m["encoder"]["file"])
+    assert got["embed"] == nbytes(m["model"]["embed"])
+    assert got["lora"] == nbytes(m["stream"]["lora_init"])
+    assert got["prompt"] == nbytes(m["prompt"])

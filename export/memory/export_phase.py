@@ -40,12 +40,11 @@ from blockskip.runtime.plan import Plan
 MIB = 2**20
 #: the process before the export starts (480-510 MiB measured)
 LIBRARIES_BYTES = 500 * MIB
-#: one stream program's lowering (torch.export, to_edge, memory planning, serialisation) above the kept
-#: parts, with what the lowerings before it left behind: 120-350 MiB measured (FLUX.1-dev's double-block
-#: forward the most)
-LOWERING_BYTES = 350 * MIB
+#: one stream program's lowering (torch.export, to_edge, memory planning, serialisation, on fake inputs)
+#: above the kept parts, with what the lowerings before it left behind: 80-125 MiB measured
+LOWERING_BYTES = 130 * MIB
 #: what the stream programs' lowerings leave behind when the encoder is lowered (70-120 MiB measured)
-LOWERING_RESIDUE_BYTES = 100 * MIB
+LOWERING_RESIDUE_BYTES = 120 * MIB
 #: quantising a weight's row chunk: the float32 chunk, its quotient, rounded and clamped copies, and the
 #: allocator's cached frees (94 MiB measured over the block and its storage copy, FLUX.1-dev)
 QUANTISE_BYTES = 6 * 4 * ts.CHUNK
@@ -95,6 +94,24 @@ def _encoder_bytes(encoder_spec: dict) -> int:
     return _tensor_bytes(enc, tensor_names(enc, ENCODER_PREFIXES[encoder_spec["class"]]), torch.float32)
 
 
+def _block_bytes(fam, sk: nn.Module, i: int, storage: str, weights_dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes read and not kept, bytes of the storage copy) of block i. The storage conversion keeps a read
+    tensor itself where it changes nothing: a Linear/Conv weight in a float storage of the folder's dtype,
+    any other tensor of a float32 folder (``torch_stream.store_tensors``); those count once, as stored."""
+    path = fam.block_paths()[i]
+    block = sk.get_submodule(path)
+    weights = {f"{n}.weight" if n else "weight" for n, mod in block.named_modules()
+               if isinstance(mod, nn.Linear | nn.Conv2d)}
+    kept_weights = ts.FLOAT_STORAGE.get(storage) == weights_dtype
+    read = 0
+    for n, t in list(block.named_parameters()) + list(block.named_buffers()):
+        if (n in weights and kept_weights) or (n not in weights and (weights_dtype == torch.float32
+                                                                     or not t.is_floating_point())):
+            continue
+        read += _tensor_bytes(block, [n], weights_dtype)
+    return read, _nbytes(ts.block_specs(fam, sk, i, storage))
+
+
 def export_dry_run(spec: ModelSpec, plan: Plan, formats=("torch",), weights_dtype: torch.dtype = torch.bfloat16,
                    lora_targets: list[str] | None = None, skeleton=None) -> ExportReport:
     """Predict the whole-process peak of exporting ``plan``'s bundle in ``formats`` from a model folder whose
@@ -110,13 +127,10 @@ def export_dry_run(spec: ModelSpec, plan: Plan, formats=("torch",), weights_dtyp
     sk = skeleton if skeleton is not None else fam.skeleton()
     trained = plan.validate(fam.num_blocks, spec.granularity, fam.valid_targets())
     storage = plan.storage_dtype
-    paths = fam.block_paths()
     stop = blocks_to_run(trained, fam.num_blocks, plan.back_residual)
-    blocks = 0
-    for i in sorted(set(range(stop)) | set(trained)):
-        raw = _tensor_bytes(sk, tensor_names(sk, [paths[i]]), weights_dtype)
-        stored = _nbytes(ts.block_specs(fam, sk, i, storage))
-        blocks = max(blocks, raw + stored + (QUANTISE_BYTES if storage in ("int8", "int4") else 0))
+    read, stored = max((_block_bytes(fam, sk, i, storage, weights_dtype)
+                        for i in sorted(set(range(stop)) | set(trained))), key=sum)
+    blocks = read + stored + (QUANTISE_BYTES if storage in ("int8", "int4") else 0)
     targets = lora_targets or lora_target_names(fam, trained, plan.lora_targets)
     dtype = DTYPES[plan.dtype]
     parts = {
@@ -134,5 +148,5 @@ def export_dry_run(spec: ModelSpec, plan: Plan, formats=("torch",), weights_dtyp
         stages.update(programs=kept + LOWERING_BYTES,
                       encoder=kept + 2 * parts["encoder"] + LOWERING_RESIDUE_BYTES)
     stages = {k: LIBRARIES_BYTES + v for k, v in stages.items()}
-    return ExportReport(max(stages.values()), stages, {"libraries": LIBRARIES_BYTES, "largest_block_stage": blocks,
-                                                       **parts})
+    return ExportReport(max(stages.values()), stages, {"libraries": LIBRARIES_BYTES, "block_read": read,
+                                                       "block_stored": stored, **parts})
