@@ -173,8 +173,8 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
         return_freed_memory()  # peft's layers, dropped: the LoRA's size again
         lora_init = _save(tmp, "model/lora_init.safetensors", init, files)
         log("example cache entry")
-        # a streamed span's programs need only the entry's shapes; a resident span's are traced on it
-        entry = example_entry(lm, plan, trained, text, fake=plan.span == "streamed")
+        # the stream programs need only the entry's shapes; a resident span's training program is traced on it
+        entry = example_entry(lm, plan, trained, text, fake=plan.span == "streamed" or not fmts)
         stream = stream_section(tmp, lm, plan, layout, lora, entry, fmts, files, log)
         stream.update(lora_init=lora_init, block_paths=paths)
         if fmts:  # the program runtimes build each sample and its block-0 input with the embed program

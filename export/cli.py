@@ -155,8 +155,9 @@ def export_prediction(lm, plan: Plan, formats):
     if lm.weights is None or "onnx" in formats:
         return None
     from blockskip.export.memory.export_phase import export_dry_run
+    from blockskip.runtime.memory import rss_bytes
 
-    return export_dry_run(lm.model_spec(), plan, formats, lm.weights.stored_dtype())
+    return export_dry_run(lm.model_spec(), plan, formats, lm.weights.stored_dtype(), libraries=rss_bytes())
 
 
 def memory_record(best) -> dict:

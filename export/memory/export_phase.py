@@ -15,9 +15,9 @@ these stages, and its peak is the largest:
   constants, copied into the serialised program and the buffer it is written from (twice the encoder),
   on top of what the earlier lowerings left behind (``LOWERING_RESIDUE_BYTES``).
 
-Everything is computed from the model's structure (its meta skeleton), no weights read. The constants
-are measured: ``LIBRARIES_BYTES`` is the process before the export starts (the interpreter, torch,
-diffusers, the VAE module; ``python -m bench.export_memory`` prints it as "RSS before"), the others come
+Everything is computed from the model's structure (its meta skeleton), no weights read, on top of the
+process before the export starts (the interpreter, torch, diffusers, the VAE module): ``blockskip-export``
+measures it, ``blockskip-plan`` takes ``LIBRARIES_BYTES``. The other constants are measured; they come
 from ``blockskip-export`` runs of random-weight FLUX.1-dev, SD3.5-medium and SANA-1.6B folders
 (``python -m bench.random_folder``) with the peak RSS sampled between its progress lines. The ONNX
 lowering runs its programs on real example inputs and is not modelled.
@@ -38,7 +38,8 @@ from blockskip.runtime.backends.torch_families.base import tensor_names
 from blockskip.runtime.plan import Plan
 
 MIB = 2**20
-#: the process before the export starts (480-510 MiB measured)
+#: the process before the export starts, where the export cannot measure it (``blockskip-plan``):
+#: 480-530 MiB measured
 LIBRARIES_BYTES = 500 * MIB
 #: one stream program's lowering (torch.export, to_edge, memory planning, serialisation, on fake inputs)
 #: above the kept parts, with what the lowerings before it left behind: 80-125 MiB measured
@@ -113,9 +114,10 @@ def _block_bytes(fam, sk: nn.Module, i: int, storage: str, weights_dtype: torch.
 
 
 def export_dry_run(spec: ModelSpec, plan: Plan, formats=("torch",), weights_dtype: torch.dtype = torch.bfloat16,
-                   lora_targets: list[str] | None = None, skeleton=None) -> ExportReport:
+                   lora_targets: list[str] | None = None, skeleton=None, libraries: int | None = None) -> ExportReport:
     """Predict the whole-process peak of exporting ``plan``'s bundle in ``formats`` from a model folder whose
-    transformer shards hold ``weights_dtype``."""
+    transformer shards hold ``weights_dtype``. ``libraries``: the process's RSS before the export (measured
+    by the export itself; else ``LIBRARIES_BYTES``)."""
     from blockskip.export.families.base import lora_target_names
     from blockskip.runtime.backends.torch_io import DTYPES
     from blockskip.runtime.errors import PlanError
@@ -147,6 +149,7 @@ def export_dry_run(spec: ModelSpec, plan: Plan, formats=("torch",), weights_dtyp
     if any(f in PROGRAM_FORMATS for f in formats):
         stages.update(programs=kept + LOWERING_BYTES,
                       encoder=kept + 2 * parts["encoder"] + LOWERING_RESIDUE_BYTES)
-    stages = {k: LIBRARIES_BYTES + v for k, v in stages.items()}
-    return ExportReport(max(stages.values()), stages, {"libraries": LIBRARIES_BYTES, "block_read": read,
+    base = LIBRARIES_BYTES if libraries is None else int(libraries)
+    stages = {k: base + v for k, v in stages.items()}
+    return ExportReport(max(stages.values()), stages, {"libraries": base, "block_read": read,
                                                        "block_stored": stored, **parts})
