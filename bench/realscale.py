@@ -11,8 +11,9 @@ then runs, for BlockSkip 50% (``split_for``) at s_max/2 crops of s_max photos, a
 
 * ``torch``: the plan the ``jetson-orin-nx-16gb`` profile chooses, ``--format torch``, precompute and
   training by ``device-train --backend torch``;
-* ``pte``: the plan the ``snapdragon8`` profile chooses, ``--format pte --delegate xnnpack``, precompute
-  and training by the native runner (``make native``);
+* ``pte``: the block-streamed plan the ``snapdragon8`` profile chooses (``--span streamed``: a resident
+  span's training program holds the whole trained span in float32, GBs at these sizes), ``--format pte
+  --delegate xnnpack``, precompute and training by the native runner (``make native``);
 * baselines (where they fit this machine): LoRA on every block at full resolution (no skip, no patch
   sampling), bfloat16, with and without gradient checkpointing, and with an nf4 base (QLoRA), through
   the same torch runtime (peft LoRA layers).
@@ -203,7 +204,8 @@ def main(argv=None) -> int:
             "bfloat16", "--span", "resident", *common]
     configs = {
         "blockskip-torch": (["--profile", "jetson-orin-nx-16gb", "--format", "torch", *bs], "torch", False),
-        "blockskip-pte": (["--profile", "snapdragon8", "--format", "pte", "--delegate", "xnnpack", *bs], "pte", True),
+        "blockskip-pte": (["--profile", "snapdragon8", "--format", "pte", "--delegate", "xnnpack", "--span", "streamed",
+                           *bs], "pte", True),
         "lora": (["--profile", "desktop-cpu", *full, "--checkpointing", "off", "--base-quant", "none"], "torch", False),
         "lora-ckpt": (["--profile", "desktop-cpu", *full, "--checkpointing", "on", "--base-quant", "none"], "torch",
                       False),

@@ -152,9 +152,10 @@ def fit_plan(lm, plan: Plan, profile, a, fmt: str = "torch") -> tuple[Plan, dict
 
 def export_prediction(lm, plan: Plan, formats):
     """The dry run of this export (a model folder streamed into torch or pte bundles), else None."""
-    if lm.weights is None or "onnx" in formats:
+    from blockskip.export.memory.export_phase import export_dry_run, not_modelled
+
+    if lm.weights is None or not_modelled(plan, formats):
         return None
-    from blockskip.export.memory.export_phase import export_dry_run
     from blockskip.runtime.memory import rss_bytes
 
     return export_dry_run(lm.model_spec(), plan, formats, lm.weights.stored_dtype(), libraries=rss_bytes())

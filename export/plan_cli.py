@@ -161,14 +161,15 @@ def _run(a) -> int:
 def _export(model: str, spec, plan, fmt: str) -> dict | None:
     """The export phase's dry run for the plan's bundle streamed from a model folder (torch and pte
     bundles; a known config's weights as released, in bfloat16). None for the built-in models (in memory,
-    nothing streamed) and ONNX bundles (not modelled)."""
-    if fmt == "onnx" or model in ("tiny", "tiny-random"):
-        return None
+    nothing streamed) and what the export dry run does not model (``not_modelled``)."""
     from pathlib import Path
 
     import torch
 
-    from blockskip.export.memory.export_phase import export_dry_run
+    from blockskip.export.memory.export_phase import export_dry_run, not_modelled
+
+    if not_modelled(plan, [fmt]) or model in ("tiny", "tiny-random"):
+        return None
     from blockskip.export.memory.specs import KNOWN
 
     dtype = torch.bfloat16

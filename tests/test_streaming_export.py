@@ -223,3 +223,18 @@ def test_the_export_dry_run_counts_what_the_export_reads_and_writes(tmp_path, st
     assert got["embed"] == nbytes(m["model"]["embed"])
     assert got["lora"] == nbytes(m["stream"]["lora_init"])
     assert got["prompt"] == nbytes(m["prompt"])
+
+
+def test_the_export_dry_run_refuses_what_it_does_not_model():
+    from blockskip.export.memory.export_phase import export_dry_run
+    from blockskip.export.memory.specs import load_spec
+    from blockskip.runtime.errors import PlanError
+
+    spec, _ = load_spec("tiny-random")
+    streamed = Plan(front_skip=1, back_skip=1, span="streamed", storage="int8", **PLAN)
+    assert export_dry_run(spec, streamed, ["pte"]).stage in ("blocks", "embed", "kept", "programs", "encoder")
+    with pytest.raises(PlanError, match="ONNX"):
+        export_dry_run(spec, streamed, ["onnx"])
+    with pytest.raises(PlanError, match="resident span"):
+        export_dry_run(spec, Plan(front_skip=1, back_skip=1, **PLAN), ["pte"])
+    assert export_dry_run(spec, Plan(front_skip=1, back_skip=1, **PLAN), ["torch"]).peak > 0

@@ -19,8 +19,9 @@ Everything is computed from the model's structure (its meta skeleton), no weight
 process before the export starts (the interpreter, torch, diffusers, the VAE module): ``blockskip-export``
 measures it, ``blockskip-plan`` takes ``LIBRARIES_BYTES``. The other constants are measured; they come
 from ``blockskip-export`` runs of random-weight FLUX.1-dev, SD3.5-medium and SANA-1.6B folders
-(``python -m bench.random_folder``) with the peak RSS sampled between its progress lines. The ONNX
-lowering runs its programs on real example inputs and is not modelled.
+(``python -m bench.random_folder``) with the peak RSS sampled between its progress lines. Not modelled
+(``not_modelled``): the ONNX lowering, which runs its programs on real example inputs, and a resident
+span's training program (pte), traced on the trained span loaded whole.
 """
 
 from __future__ import annotations
@@ -113,6 +114,15 @@ def _block_bytes(fam, sk: nn.Module, i: int, storage: str, weights_dtype: torch.
     return read, _nbytes(ts.block_specs(fam, sk, i, storage))
 
 
+def not_modelled(plan: Plan, formats) -> str | None:
+    """Why the export of ``plan`` in ``formats`` has no prediction, or None when it has one."""
+    if "onnx" in formats:
+        return "the ONNX lowering runs its programs on real inputs"
+    if plan.span == "resident" and any(f in PROGRAM_FORMATS for f in formats):
+        return "a resident span's training program is traced on the loaded span (use --span streamed)"
+    return None
+
+
 def export_dry_run(spec: ModelSpec, plan: Plan, formats=("torch",), weights_dtype: torch.dtype = torch.bfloat16,
                    lora_targets: list[str] | None = None, skeleton=None, libraries: int | None = None) -> ExportReport:
     """Predict the whole-process peak of exporting ``plan``'s bundle in ``formats`` from a model folder whose
@@ -122,9 +132,9 @@ def export_dry_run(spec: ModelSpec, plan: Plan, formats=("torch",), weights_dtyp
     from blockskip.runtime.backends.torch_io import DTYPES
     from blockskip.runtime.errors import PlanError
 
-    if "onnx" in formats:
-        raise PlanError("the export's memory is predicted for torch and pte bundles; the ONNX lowering "
-                        "runs its programs on real inputs and is not modelled")
+    why = not_modelled(plan, formats)
+    if why:
+        raise PlanError(f"the export's memory is not predicted for this bundle: {why}")
     fam = spec.family
     sk = skeleton if skeleton is not None else fam.skeleton()
     trained = plan.validate(fam.num_blocks, spec.granularity, fam.valid_targets())
