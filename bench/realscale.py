@@ -6,14 +6,17 @@ against the dry run.
     python -m bench.realscale flux-dev       # ~1 h; the baselines do not fit in 24 GiB and are not run
 
 Writes (once, cached) a random-weight diffusers folder at the model's real config (``bench.random_folder``:
-bfloat16 transformer shard by shard, the real VAE config, prompt embeddings) and two synthetic photos,
+bfloat16 transformer shard by shard, the real VAE config, prompt embeddings) and synthetic photos,
 then runs, for BlockSkip 50% (``split_for``) at s_max/2 crops of s_max photos, a few samples and steps:
 
 * ``torch``: the plan the ``jetson-orin-nx-16gb`` profile chooses, ``--format torch``, precompute and
   training by ``device-train --backend torch``;
-* ``pte``: the block-streamed plan the ``snapdragon8`` profile chooses (``--span streamed``: a resident
-  span's training program holds the whole trained span in float32, GBs at these sizes), ``--format pte
-  --delegate xnnpack``, precompute and training by the native runner (``make native``);
+* ``pte``: the block-streamed int8 plan the ``snapdragon8`` profile chooses (``--span streamed``: a
+  resident span's training program holds the whole trained span in float32, GBs at these sizes;
+  ``--storage int8``: a phone keeps the bundle, FLUX.1-dev's is 12 GB so), ``--format pte`` (portable
+  programs: lowered to XNNPACK, a streamed int8 block's program dequantises every weight of the block
+  before the delegate runs, a 1764 MiB arena for a FLUX.1-dev double block), precompute and training by
+  the native runner (``make native``);
 * baselines (where they fit this machine): LoRA on every block at full resolution (no skip, no patch
   sampling), bfloat16, with and without gradient checkpointing, and with an nf4 base (QLoRA), through
   the same torch runtime (peft LoRA layers).
@@ -48,13 +51,13 @@ WRAP = ("import sys, resource, torch, diffusers, blockskip.device_train.cli as c
         "sys.exit(c.main(sys.argv[1:]))")
 
 
-def _photos(folder: Path, side: int) -> Path:
+def _photos(folder: Path, side: int, count: int) -> Path:
     import numpy as np
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    for k in range(2):
+    for k in range(count):
         if not (folder / f"photo_{k}.png").is_file():
             yy, xx = np.mgrid[0:side, 0:side] / side
             img = np.stack([np.sin(6 * xx + k), np.cos(5 * yy - k), np.sin(4 * (xx + yy))], -1) * 0.4 + 0.5
@@ -180,6 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("model", choices=sorted(S_MAX))
     ap.add_argument("--dir", default=os.path.join(os.path.expanduser("~"), ".cache", "blockskip", "realscale"),
                     help="where the random folder (cached), photos and bundles go")
+    ap.add_argument("--photos", type=int, default=2, help="synthetic photos (each is encoded at s_max)")
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--only", default="blockskip-torch,blockskip-pte,lora,lora-ckpt,qlora",
@@ -193,7 +197,7 @@ def main(argv=None) -> int:
     root = Path(a.dir)
     folder = write_folder(a.model, root / a.model)
     s_max = S_MAX[a.model]
-    photos = _photos(root / f"photos-{s_max}", s_max)
+    photos = _photos(root / f"photos-{s_max}-{a.photos}", s_max, a.photos)
     work = root / f"{a.model}-runs"
     work.mkdir(parents=True, exist_ok=True)
     spec, _ = load_spec(str(folder))
@@ -204,7 +208,7 @@ def main(argv=None) -> int:
             "bfloat16", "--span", "resident", *common]
     configs = {
         "blockskip-torch": (["--profile", "jetson-orin-nx-16gb", "--format", "torch", *bs], "torch", False),
-        "blockskip-pte": (["--profile", "snapdragon8", "--format", "pte", "--delegate", "xnnpack", "--span", "streamed",
+        "blockskip-pte": (["--profile", "snapdragon8", "--format", "pte", "--span", "streamed", "--storage", "int8",
                            *bs], "pte", True),
         "lora": (["--profile", "desktop-cpu", *full, "--checkpointing", "off", "--base-quant", "none"], "torch", False),
         "lora-ckpt": (["--profile", "desktop-cpu", *full, "--checkpointing", "on", "--base-quant", "none"], "torch",

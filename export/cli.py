@@ -132,7 +132,7 @@ def fit_plan(lm, plan: Plan, profile, a, fmt: str = "torch") -> tuple[Plan, dict
     if plan.trained is not None:  # explicit indices: check them, the search has nothing to choose
         from blockskip.export.memory.search import evaluate
 
-        best = evaluate(spec, plan, profile, fmt=fmt)
+        best = evaluate(spec, plan, profile, fmt=fmt, delegate=a.delegate)
         if not best.fits:
             w = best.worst()
             print(f"warning: --trained plan needs {w.peak / 2**30:.2f} GiB in {w.phase} "
@@ -142,7 +142,7 @@ def fit_plan(lm, plan: Plan, profile, a, fmt: str = "torch") -> tuple[Plan, dict
                     s_mins=[plan.s_min], rank=a.rank, base_quant=a.base_quant, checkpointing=a.checkpointing,
                     model=lm.name, span=a.span, storage=a.storage)
     print(f"fitting the plan to {profile.name} ({fmt}, budget {profile.budget_gib:.2f} GiB) ...", file=sys.stderr)
-    best = require_fit(search(spec, plan, profile, fmt=fmt, **kw), profile)
+    best = require_fit(search(spec, plan, profile, fmt=fmt, delegate=a.delegate, **kw), profile)
     print(f"plan: {best.describe()}; predicted peak {best.peak / 2**30:.2f} GiB", file=sys.stderr)
     p = best.plan
     return dataclasses.replace(plan, front_skip=p.front_skip, back_skip=p.back_skip, lora_rank=p.lora_rank,
@@ -150,7 +150,7 @@ def fit_plan(lm, plan: Plan, profile, a, fmt: str = "torch") -> tuple[Plan, dict
                                span=p.span, storage=p.storage, dtype=p.dtype), memory_record(best)
 
 
-def export_prediction(lm, plan: Plan, formats):
+def export_prediction(lm, plan: Plan, formats, delegate: str = "none"):
     """The dry run of this export (a model folder streamed into torch or pte bundles), else None."""
     from blockskip.export.memory.export_phase import export_dry_run, not_modelled
 
@@ -158,7 +158,8 @@ def export_prediction(lm, plan: Plan, formats):
         return None
     from blockskip.runtime.memory import rss_bytes
 
-    return export_dry_run(lm.model_spec(), plan, formats, lm.weights.stored_dtype(), libraries=rss_bytes())
+    return export_dry_run(lm.model_spec(), plan, formats, lm.weights.stored_dtype(), libraries=rss_bytes(),
+                          delegate=delegate)
 
 
 def memory_record(best) -> dict:
@@ -256,7 +257,7 @@ def main(argv=None) -> int:
         # a folder's transformer is read block by block as the bundle is written (never loaded whole)
         lm = load_model(a.model, DTYPES[plan.dtype], seed=plan.seed, stream=True)
         plan, memory = fit_plan(lm, plan, profile, a, fmt)
-        predicted = export_prediction(lm, plan, formats)
+        predicted = export_prediction(lm, plan, formats, a.delegate)
         if predicted is not None:
             print(f"export: predicted peak RSS {predicted.peak / 2**20:.0f} MiB (in its {predicted.stage} stage)",
                   file=sys.stderr)

@@ -76,7 +76,7 @@ class SearchResult:
 
 
 def evaluate(spec: ModelSpec, plan: Plan, profile, num_images: int = 4, memo: dict | None = None,
-             fmt: str = "torch", exact: bool = True, skeleton=None) -> Candidate:
+             fmt: str = "torch", exact: bool = True, skeleton=None, delegate: str = "none") -> Candidate:
     """The dry run of ``plan`` run by ``fmt``'s backend (a streamed span: ``streamed.streamed_dry_run``;
     ``exact``: pte programs by their planned arenas)."""
     fam = spec.family
@@ -87,7 +87,7 @@ def evaluate(spec: ModelSpec, plan: Plan, profile, num_images: int = 4, memo: di
         from blockskip.export.memory.streamed import streamed_dry_run
 
         return Candidate(plan, streamed_dry_run(spec, plan, lora, profile, fmt, num_images=num_images, exact=exact,
-                                                precompute_memo=memo, skeleton=skeleton))
+                                                precompute_memo=memo, skeleton=skeleton, delegate=delegate))
     return Candidate(plan, dry_run(spec, plan, lora, profile, num_images=num_images, precompute_memo=memo))
 
 
@@ -129,7 +129,7 @@ STREAMED_RATIOS = (0.5, 0.6, 0.7, 0.8)
 def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, ranks=(16, 4), quants=QUANTS,
            checkpointing=(False, True), split_table: dict | None = None, fmt: str = "torch",
            spans=("resident", "streamed"), storages=STORAGES, streamed_ratios=STREAMED_RATIOS,
-           log=lambda msg: None) -> SearchResult:
+           log=lambda msg: None, delegate: str = "none") -> SearchResult:
     """The most capable plan ``fmt``'s backend can run inside the profile's budget: a resident span first
     (torch: any frozen base and checkpointing; pte/onnx: float32, unquantised) at splits that skip no more
     than the streamed span's first split, else a block-streamed span."""
@@ -159,9 +159,10 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
     def traced(plan: Plan, **ev) -> Candidate:
         """The plan's dry run; when the photo encoder is what breaks the budget, encoded in tiles instead
         (precompute only; training is unchanged)."""
-        c = evaluate(spec, plan, profile, memo=memo, fmt=fmt, **ev)
+        c = evaluate(spec, plan, profile, memo=memo, fmt=fmt, delegate=delegate, **ev)
         if not c.fits and c.worst().phase == "precompute" and not plan.vae_tiling and can_tile:
-            c = evaluate(spec, dataclasses.replace(plan, vae_tiling=True), profile, memo=memo, fmt=fmt, **ev)
+            c = evaluate(spec, dataclasses.replace(plan, vae_tiling=True), profile, memo=memo, fmt=fmt,
+                         delegate=delegate, **ev)
         result.traced.append(c)
         log(f"  {'fits ' if c.fits else 'over '} {c.peak / 2**30:7.2f} GiB  {c.describe()}")
         return c
@@ -238,7 +239,8 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
                     c = cheapest if (rk, st) == (min(ranks), storages[-1]) else trace_streamed(
                         front_skip=n, back_skip=m, s_min=s_min, lora_rank=rk, storage=st)
                     if c.fits and fmt == "pte":  # check (and report) the plan with its programs' planned arenas
-                        c = evaluate(spec, c.plan, profile, memo=memo, fmt=fmt, exact=True, skeleton=skeleton)
+                        c = evaluate(spec, c.plan, profile, memo=memo, fmt=fmt, exact=True, skeleton=skeleton,
+                                     delegate=delegate)
                     if c.fits:
                         result.best = c
                         return result

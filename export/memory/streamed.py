@@ -92,9 +92,10 @@ class ProgramPeaks:
             pass
 
     def get(self, traced: se.Traced, how: str, round_to: int) -> int:
+        """``how``: "live", "onnx", or "arena:<delegate>" (the pte program lowered with that delegate)."""
         key = hashlib.sha256(f"{how}|{round_to}|{traced.inputs}|{traced.gm.code}".encode()).hexdigest()
         if key not in self.mem:
-            self.mem[key] = (arena_bytes(traced) if how == "arena"
+            self.mem[key] = (arena_bytes(traced, how.split(":", 1)[1]) if how.startswith("arena")
                              else live_peak(traced, round_to, onnx=how == "onnx"))
             self._save()
         return self.mem[key]
@@ -132,19 +133,22 @@ def live_peak(traced: se.Traced, round_to: int = 1, onnx: bool = False) -> int:
     return int(tr.peak)
 
 
-def arena_bytes(traced: se.Traced) -> int:
-    """The ExecuTorch memory-planned arena of the program (portable kernels; inputs not planned)."""
+def arena_bytes(traced: se.Traced, delegate: str = "none") -> int:
+    """The ExecuTorch memory-planned arena of the program as the export lowers it (inputs not planned).
+    Lowered to XNNPACK it differs: a streamed int8 block's dequantised weights all feed the delegate at
+    once (a FLUX.1-dev double block: 1764 MiB against a portable program's few hundred)."""
     from blockskip.export.pte_export import inference_program, planned_arena_bytes
 
-    return planned_arena_bytes(inference_program(traced.gm, traced.example_args(fake=True), plan_inputs=False))
+    return planned_arena_bytes(inference_program(traced.gm, traced.example_args(fake=True), delegate,
+                                                 plan_inputs=False))
 
 
 def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt: str = "pte", num_images: int = 4,
                      exact: bool = False, precompute_memo: dict | None = None, peaks: ProgramPeaks | None = None,
-                     skeleton=None) -> list[PhaseReport]:
+                     skeleton=None, delegate: str = "none") -> list[PhaseReport]:
     """Predict precompute, a training step and saving of a block-streamed plan run by ``fmt``'s backend.
-    ``exact``: pte programs by their planned arena (slower: each program is lowered), else by the traced
-    live peak."""
+    ``exact``: pte programs by their planned arena as lowered with ``delegate`` (slower: each program is
+    lowered), else by the traced live peak."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fam = spec.family
@@ -153,7 +157,7 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
     rt = _round_to(profile)
     peaks = peaks if peaks is not None else ProgramPeaks()
     skeleton = skeleton if skeleton is not None else fam.skeleton()
-    how = "arena" if (fmt == "pte" and exact) else "onnx" if fmt == "onnx" else "live"
+    how = f"arena:{delegate}" if (fmt == "pte" and exact) else "onnx" if fmt == "onnx" else "live"
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         pre_peak, pre_cat, entry_shapes, entry_bytes = trace_precompute(spec, plan, trained, profile, num_images,
