@@ -254,6 +254,9 @@ def main(argv=None) -> int:
         import torch
 
         check_output(Path(a.output), a.force)
+        from blockskip.runtime.memory import map_large_allocations
+
+        map_large_allocations()  # what the export frees goes back to the system: its peak is its live tensors'
         # a folder's transformer is read block by block as the bundle is written (never loaded whole)
         lm = load_model(a.model, DTYPES[plan.dtype], seed=plan.seed, stream=True)
         plan, memory = fit_plan(lm, plan, profile, a, fmt)
