@@ -13,10 +13,9 @@ then runs, for BlockSkip 50% (``split_for``) at s_max/2 crops of s_max photos, a
   training by ``device-train --backend torch``;
 * ``pte``: the block-streamed int8 plan the ``snapdragon8`` profile chooses (``--span streamed``: a
   resident span's training program holds the whole trained span in float32, GBs at these sizes;
-  ``--storage int8``: a phone keeps the bundle, FLUX.1-dev's is 12 GB so), ``--format pte`` (portable
-  programs: lowered to XNNPACK, a streamed int8 block's program dequantises every weight of the block
-  before the delegate runs, a 1764 MiB arena for a FLUX.1-dev double block), precompute and training by
-  the native runner (``make native``);
+  ``--storage int8``: a phone keeps the bundle, FLUX.1-dev's is 12 GB so), ``--format pte --delegate
+  xnnpack`` (the portable kernels run a 512 px photo encoder for many minutes and a block's matmuls on
+  one core), precompute and training by the native runner (``make native``);
 * baselines (where they fit this machine): LoRA on every block at full resolution (no skip, no patch
   sampling), bfloat16, with and without gradient checkpointing, and with an nf4 base (QLoRA), through
   the same torch runtime (peft LoRA layers).
@@ -100,8 +99,11 @@ def _predicted(folder: Path, bundle: Path, fmt: str) -> dict[str, int]:
     from blockskip.runtime.plan import Plan
 
     spec, _ = load_spec(str(folder))
-    plan = Plan.from_dict(json.loads((bundle / "manifest.json").read_text())["plan"])
-    return {r.phase: r.tensor_peak for r in evaluate(spec, plan, None, fmt=fmt, exact=fmt == "pte").reports}
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    plan = Plan.from_dict(manifest["plan"])
+    delegate = manifest.get("pte", {}).get("delegate", "none")
+    return {r.phase: r.tensor_peak for r in evaluate(spec, plan, None, fmt=fmt, exact=fmt == "pte",
+                                                     delegate=delegate).reports}
 
 
 def run_path(name: str, folder: Path, photos: Path, work: Path, ph: Phases, export_args: list[str],
@@ -208,8 +210,8 @@ def main(argv=None) -> int:
             "bfloat16", "--span", "resident", *common]
     configs = {
         "blockskip-torch": (["--profile", "jetson-orin-nx-16gb", "--format", "torch", *bs], "torch", False),
-        "blockskip-pte": (["--profile", "snapdragon8", "--format", "pte", "--span", "streamed", "--storage", "int8",
-                           *bs], "pte", True),
+        "blockskip-pte": (["--profile", "snapdragon8", "--format", "pte", "--delegate", "xnnpack", "--span", "streamed",
+                           "--storage", "int8", *bs], "pte", True),
         "lora": (["--profile", "desktop-cpu", *full, "--checkpointing", "off", "--base-quant", "none"], "torch", False),
         "lora-ckpt": (["--profile", "desktop-cpu", *full, "--checkpointing", "on", "--base-quant", "none"], "torch",
                       False),

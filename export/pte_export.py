@@ -83,8 +83,10 @@ def _fix_graph(gm: torch.fx.GraphModule) -> None:
 # programs
 
 
-def _xnnpack_partitioner():
-    """XNNPACK's partitioner, keeping the tanh-approximated GELU out of the delegate.
+def _xnnpack_partitioner(weights: frozenset = frozenset()):
+    """XNNPACK's partitioner, keeping the tanh-approximated GELU out of the delegate, and what is computed
+    from the ``weights`` inputs alone (a streamed weight's dequantisation: the delegate would take every
+    such op of a block into one call at the top of the program, all the block's weights in float32 at once).
 
     XNNPACK has one GELU, the exact (erf) one, and its GELU config ignores ``approximate``: a
     ``gelu(x, approximate="tanh")`` (the FLUX and SD3 feed-forwards) would run as the exact GELU in the
@@ -99,10 +101,53 @@ def _xnnpack_partitioner():
             approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
             return approximate == "none" and super().check_constraints(node, ep)
 
-    return XnnpackPartitioner(configs=[ExactGeluConfig if c is GeluConfig else c for c in ALL_PARTITIONER_CONFIGS])
+    def not_on_weights(config):
+        class Config(config):
+            def check_constraints(self, node, ep) -> bool:
+                return not _from_weights(node, weights, {}) and super().check_constraints(node, ep)
+
+        Config.__name__ = config.__name__
+        return Config
+
+    configs = [ExactGeluConfig if c is GeluConfig else c for c in ALL_PARTITIONER_CONFIGS]
+    return XnnpackPartitioner(configs=[not_on_weights(c) for c in configs] if weights else configs)
 
 
-def _lower(ep, delegate: str, training: bool, plan_inputs: bool = True):
+def _from_weights(node, weights: frozenset, memo: dict) -> bool:
+    """Whether ``node`` is computed from the placeholders named in ``weights`` alone."""
+    if node not in memo:
+        if node.op == "placeholder":
+            memo[node] = node.name in weights
+        elif node.op == "call_function" and node.all_input_nodes and "call_delegate" not in str(node.target):
+            memo[node] = all(_from_weights(a, weights, memo) for a in node.all_input_nodes)
+        else:
+            memo[node] = False
+    return memo[node]
+
+
+def _sink_weight_computations(gm, weights: frozenset) -> None:
+    """Move what is computed from the weight inputs alone (dequantisation, views) to just before its first
+    use: partitioning sorts it all to the top of the graph, so every dequantised weight of a block was
+    planned alive at once (a FLUX.1-dev double block's forward: 1764 MiB of arena); sunk, each lives from
+    its dequantisation to the call that reads it."""
+    g = gm.graph
+    memo: dict = {}
+    order = {n: i for i, n in enumerate(g.nodes)}
+    moved = False
+    for n in reversed(list(g.nodes)):
+        if n.op != "call_function" or not n.users or not _from_weights(n, weights, memo):
+            continue
+        first = min(n.users, key=lambda u: order[u])
+        if order[first] > order[n] + 1:
+            first.prepend(n)
+            moved = True
+            order = {m: i for i, m in enumerate(g.nodes)}
+    if moved:
+        g.lint()
+        gm.recompile()
+
+
+def _lower(ep, delegate: str, training: bool, plan_inputs: bool = True, weights: tuple[int, ...] = ()):
     from executorch.exir import (
         EdgeCompileConfig,
         ExecutorchBackendConfig,
@@ -113,7 +158,10 @@ def _lower(ep, delegate: str, training: bool, plan_inputs: bool = True):
 
     cfg = EdgeCompileConfig(_check_ir_validity=True)
     if delegate == "xnnpack":
-        edge = to_edge_transform_and_lower(ep, partitioner=[_xnnpack_partitioner()], compile_config=cfg)
+        names = frozenset(ep.graph_signature.user_inputs[i] for i in weights)
+        edge = to_edge_transform_and_lower(ep, partitioner=[_xnnpack_partitioner(names)], compile_config=cfg)
+        if names:
+            _sink_weight_computations(edge.exported_program().graph_module, names)
     else:
         edge = to_edge(ep, compile_config=cfg)
     return edge.to_executorch(ExecutorchBackendConfig(
@@ -132,16 +180,18 @@ def training_program(module: nn.Module, args: tuple, delegate: str = "none"):
         return _lower(ep, delegate, training=True)
 
 
-def inference_program(module: nn.Module, args: tuple, delegate: str = "none", plan_inputs: bool = True):
+def inference_program(module: nn.Module, args: tuple, delegate: str = "none", plan_inputs: bool = True,
+                      weights: tuple[int, ...] = ()):
     """An inference program; ``plan_inputs=False`` leaves the inputs out of the memory plan (the caller's
     buffers are used as they are). ``args`` may be fake tensors: the program's arena is then known
-    without any weights (the dry run), though it cannot be serialised with constants."""
+    without any weights (the dry run), though it cannot be serialised with constants. ``weights``: the
+    positions of the args that are weights (a stream program's streamed frozen weights)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with quiet(), sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
         ep = torch.export.export(module, args, strict=False)
         _fix_graph(ep.graph_module)
-        return _lower(ep, delegate, training=False, plan_inputs=plan_inputs)
+        return _lower(ep, delegate, training=False, plan_inputs=plan_inputs, weights=weights)
 
 
 def planned_arena_bytes(et_program) -> int:
@@ -199,7 +249,8 @@ class PteFormat:
     def program(self, traced, root: Path, rel: str, files: list[str]) -> dict:
         """One stream program (an FX graph with its calling convention) as an ExecuTorch program, lowered
         on fake inputs (its weights are inputs: real zeros would be a block's weights, GBs for SD3's embed)."""
-        et = inference_program(traced.gm, traced.example_args(fake=True), self.delegate, plan_inputs=False)
+        et = inference_program(traced.gm, traced.example_args(fake=True), self.delegate, plan_inputs=False,
+                               weights=traced.weight_positions())
         return write_program(et, root, f"{rel}.pte", files)
 
     def encoder(self, root: Path, lm, plan, files: list[str]) -> dict:

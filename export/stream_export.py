@@ -120,6 +120,10 @@ class Traced:
     def example_args(self, fake: bool = False) -> tuple:
         return tuple(_tensors({n: (s, d) for n, s, d in self.inputs}, fake).values())
 
+    def weight_positions(self) -> tuple[int, ...]:
+        """The positions of the frozen weights among the inputs."""
+        return tuple(i for i, (n, _, _) in enumerate(self.inputs) if n.startswith(WEIGHT))
+
 
 def _safe_softmax(x: torch.Tensor, dim: int, dtype=None) -> torch.Tensor:
     """Softmax with fully masked rows set to zero, as ATen's ``_safe_softmax``, whose decomposition

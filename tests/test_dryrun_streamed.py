@@ -158,3 +158,40 @@ def test_export_refuses_a_format_the_profile_does_not_run(tmp_path):
                         "-o", str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "do not run --format torch" in r.stderr and not (tmp_path / "b").exists()
+
+
+def test_xnnpack_dequantises_each_weight_where_it_is_used(monkeypatch, tmp_path):
+    """XNNPACK's partitioner groups what reads only the weight inputs (a streamed weight's int8 -> float32)
+    into delegate calls at the top of the graph; the export keeps it out of the delegate and just before
+    its use, so the arena holds one dequantised weight at a time, not all of them. Same results."""
+    pytest.importorskip("executorch.exir")
+    import torch
+    import torch.nn.functional as F
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+    from blockskip.export import pte_export as pe
+
+    class Chain(torch.nn.Module):  # tanh GELU stays out of XNNPACK: one delegate call per matmul
+        def forward(self, x, *stored):
+            for q, s in zip(stored[0::2], stored[1::2]):
+                x = F.gelu(x @ (q.float() * s[:, None]).T, approximate="tanh")
+            return x
+
+    n, d = 6, 256
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(8, d, generator=g),) + sum(
+        ((torch.randint(-127, 128, (d, d), dtype=torch.int8, generator=g), torch.rand(d, generator=g) / (127 * 8))
+         for _ in range(n)), ())
+    w32 = d * d * 4
+    weights = tuple(range(1, len(args)))
+    sunk = pe.inference_program(Chain(), args, "xnnpack", plan_inputs=False, weights=weights)
+    path = tmp_path / "sunk.pte"
+    path.write_bytes(sunk.buffer)
+    got = _load_for_executorch(str(path)).forward(list(args))[0]
+    torch.testing.assert_close(got, Chain()(*args), rtol=1e-4, atol=1e-5)
+    assert pe.planned_arena_bytes(sunk) < 3 * w32  # a weight and its scaled (then transposed) copy
+    # as XNNPACK partitions on its own: the dequantisations of every weight in one call
+    monkeypatch.setattr(pe, "_from_weights", lambda node, weights, memo: False)
+    hoisted = pe.planned_arena_bytes(pe.inference_program(Chain(), args, "xnnpack", plan_inputs=False,
+                                                          weights=weights))
+    assert hoisted >= n * w32

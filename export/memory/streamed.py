@@ -67,6 +67,10 @@ def _cache_file() -> Path:
     return Path(root) / "program_peaks.json"
 
 
+#: changes with how the export lowers a program (memoised arenas of an earlier lowering are not reused)
+LOWERING = "sunk-weights-1"
+
+
 class ProgramPeaks:
     """Peak bytes of a traced program, memoised in-process and on disk (keyed by the graph's code and
     input shapes): a search asks for the same programs many times, a second search for none."""
@@ -93,7 +97,7 @@ class ProgramPeaks:
 
     def get(self, traced: se.Traced, how: str, round_to: int) -> int:
         """``how``: "live", "onnx", or "arena:<delegate>" (the pte program lowered with that delegate)."""
-        key = hashlib.sha256(f"{how}|{round_to}|{traced.inputs}|{traced.gm.code}".encode()).hexdigest()
+        key = hashlib.sha256(f"{LOWERING}|{how}|{round_to}|{traced.inputs}|{traced.gm.code}".encode()).hexdigest()
         if key not in self.mem:
             self.mem[key] = (arena_bytes(traced, how.split(":", 1)[1]) if how.startswith("arena")
                              else live_peak(traced, round_to, onnx=how == "onnx"))
@@ -135,12 +139,12 @@ def live_peak(traced: se.Traced, round_to: int = 1, onnx: bool = False) -> int:
 
 def arena_bytes(traced: se.Traced, delegate: str = "none") -> int:
     """The ExecuTorch memory-planned arena of the program as the export lowers it (inputs not planned).
-    Lowered to XNNPACK it differs: a streamed int8 block's dequantised weights all feed the delegate at
-    once (a FLUX.1-dev double block: 1764 MiB against a portable program's few hundred)."""
+    Lowered to XNNPACK it differs: the delegate calls group independent ops (a block's q, k and v
+    projections), so their dequantised weights live together."""
     from blockskip.export.pte_export import inference_program, planned_arena_bytes
 
     return planned_arena_bytes(inference_program(traced.gm, traced.example_args(fake=True), delegate,
-                                                 plan_inputs=False))
+                                                 plan_inputs=False, weights=traced.weight_positions()))
 
 
 def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt: str = "pte", num_images: int = 4,
