@@ -110,7 +110,12 @@ def _xnnpack_partitioner(weights: frozenset = frozenset()):
         return Config
 
     configs = [ExactGeluConfig if c is GeluConfig else c for c in ALL_PARTITIONER_CONFIGS]
-    return XnnpackPartitioner(configs=[not_on_weights(c) for c in configs] if weights else configs)
+    if not weights:
+        return XnnpackPartitioner(configs=configs)
+    # a stream program's matmuls read weights that are inputs: XNNPACK takes them only when told to (else
+    # they run on the optimized kernels' single-threaded gemm: a FLUX.1-dev photo took many minutes)
+    return XnnpackPartitioner(configs=[not_on_weights(c) for c in configs],
+                              force_non_static_weights_for_f32_linear=True)
 
 
 def _from_weights(node, weights: frozenset, memo: dict) -> bool:

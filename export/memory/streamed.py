@@ -68,7 +68,7 @@ def _cache_file() -> Path:
 
 
 #: changes with how the export lowers a program (memoised arenas of an earlier lowering are not reused)
-LOWERING = "sunk-weights-1"
+LOWERING = "sunk-weights-2"
 
 
 class ProgramPeaks:
