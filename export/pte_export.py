@@ -101,10 +101,12 @@ def _xnnpack_partitioner(weights: frozenset = frozenset()):
             approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
             return approximate == "none" and super().check_constraints(node, ep)
 
+    memo: dict = {}  # one graph is partitioned per partitioner
+
     def not_on_weights(config):
         class Config(config):
             def check_constraints(self, node, ep) -> bool:
-                return not _from_weights(node, weights, {}) and super().check_constraints(node, ep)
+                return not _from_weights(node, weights, memo) and super().check_constraints(node, ep)
 
         Config.__name__ = config.__name__
         return Config
