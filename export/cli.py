@@ -125,8 +125,10 @@ def fit_plan(lm, plan: Plan, profile, a, fmt: str = "torch") -> tuple[Plan, dict
     plan.validate(lm.family.num_blocks, lm.granularity, lm.family.valid_targets())  # refuse bad input first
     fixed_split = (a.front_skip is not None or a.back_skip is not None or a.trained is not None
                    or a.skip_ratio is not None)
+    # a streamed span without --storage leaves the storage to the search (else the bundle would be float32)
+    span_fixed = a.span == "resident" or (a.span == "streamed" and a.storage is not None)
     if fixed_split and a.rank is not None and ((a.base_quant is not None and a.checkpointing is not None)
-                                               or a.span is not None):
+                                               or span_fixed):
         return plan, None  # fully specified: nothing to search
     spec = lm.model_spec()
     if plan.trained is not None:  # explicit indices: check them, the search has nothing to choose

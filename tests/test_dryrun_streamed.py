@@ -195,3 +195,25 @@ def test_xnnpack_dequantises_each_weight_where_it_is_used(monkeypatch, tmp_path)
     hoisted = pe.planned_arena_bytes(pe.inference_program(Chain(), args, "xnnpack", plan_inputs=False,
                                                           weights=weights))
     assert hoisted >= n * w32
+
+
+def test_a_streamed_span_without_storage_has_its_storage_searched():
+    """``--span streamed`` with the split and rank given, without ``--storage``: the search picks the
+    storage (was: no search, a float32 bundle); ``--storage`` given is taken as it is."""
+    import argparse
+
+    from blockskip.export.cli import add_plan_args, fit_plan, plan_from_args
+    from blockskip.export.families import load_model
+
+    p = argparse.ArgumentParser()
+    add_plan_args(p)
+    p.add_argument("--delegate", default="none")
+    lm, profile = load_model("tiny-random"), _profile(16.0)
+    fixed = ["-n", "1", "-m", "2", "--rank", "4", "--s-min", "64", "--s-max", "128", "--span", "streamed"]
+    a = p.parse_args(fixed)
+    plan, memory = fit_plan(lm, plan_from_args(a, "float32"), profile, a, "pte")
+    assert plan.span == "streamed" and plan.storage in ("bfloat16", "float16", "int8", "int4"), plan.storage
+    assert memory is not None and (plan.front_skip, plan.back_skip, plan.lora_rank) == (1, 2, 4)
+    a = p.parse_args([*fixed, "--storage", "float32"])
+    plan, memory = fit_plan(lm, plan_from_args(a, "float32"), profile, a, "pte")
+    assert plan.storage == "float32" and memory is None
