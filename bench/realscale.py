@@ -24,7 +24,8 @@ Each phase's measurement is its process's peak RSS (``wait4``'s ``ru_maxrss``); 
 dry run of the bundle's plan for that format (tensors, no device overhead) plus the process's RSS before
 the phase started (the interpreter and libraries, or the native runner's), and for the export the export
 phase's prediction (``export/memory/export_phase.py``). Prints a markdown table and writes it to
-``DIR/MODEL/realscale.md``.
+``DIR/MODEL/realscale.md``. Each configuration's rows are kept in ``DIR/MODEL-runs/CONFIG.rows.json``: a run
+with ``--only`` completes its table with the other configurations' last measurements, dated.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def table(rows: list[dict]) -> str:
 
 def ratios(rows: list[dict]) -> list[str]:
     """BlockSkip against each baseline: peak memory and step time of training."""
-    train = {r["config"]: r for r in rows if r["phase"] == "train" and r.get("measured")}
+    train = {r["config"].split(" (")[0]: r for r in rows if r["phase"] == "train" and r.get("measured")}
     lines = []
     for bs in ("blockskip-torch", "blockskip-pte"):
         for base in ("lora", "lora-ckpt", "qlora"):
@@ -242,8 +243,15 @@ def main(argv=None) -> int:
     ph = Phases(3 * len(runnable))
     for c in runnable:
         args, fmt, native = configs[c]
-        for r in run_path(c, folder, photos, work, ph, args, fmt, native, a.keep):
-            rows.append({"model": a.model, **r})
+        got = [{"model": a.model, **r} for r in run_path(c, folder, photos, work, ph, args, fmt, native, a.keep)]
+        (work / f"{c}.rows.json").write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M"), "rows": got}))
+        rows.extend(got)
+    # configurations measured by an earlier run (--only) complete the table, marked with their date
+    for c in configs:
+        f = work / f"{c}.rows.json"
+        if c not in chosen and f.is_file():
+            earlier = json.loads(f.read_text())
+            rows.extend({**r, "config": f"{c} ({earlier['when']})"} for r in earlier["rows"])
     text = table(rows) + "\n\n" + "\n".join(ratios(rows)) + "\n"
     (root / a.model / "realscale.md").write_text(text)
     print(text)

@@ -44,6 +44,11 @@ def main(argv=None) -> int:
     def go():
         from blockskip.device_train.app import default_cache, run_precompute, run_train
         from blockskip.runtime.errors import BlockSkipError
+        from blockskip.runtime.memory import map_large_allocations
+
+        # what a phase frees goes back to the system (glibc's rising mmap threshold kept freed tensors of
+        # up to 32 MiB in the heap): the process's peak is its live tensors', as the plan predicts
+        map_large_allocations()
 
         cache = a.cache
         if cache is None:

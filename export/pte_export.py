@@ -209,6 +209,43 @@ def planned_arena_bytes(et_program) -> int:
     raise RuntimeError("the program has no forward method")
 
 
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, list | tuple):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def delegate_workspace_bytes(et_program) -> int:
+    """XNNPACK's workspace for the program: the values computed inside a delegate call (neither its inputs
+    nor its outputs), which XNNPACK allocates itself, outside the program's memory plan. The backend's
+    default sharing (executorch 1.5.1's wheel: "Global") gives every delegate call of every loaded program
+    one workspace, grown to the largest call's need and kept while any is loaded: this is the largest
+    call's, by the live bytes of its values in its node order, each freed after its last use (a FLUX.1-dev
+    single block's VJP at 768 tokens: 586 MiB, the attention backward). 0 without delegate calls."""
+    from executorch.exir.lowered_backend_module import LoweredBackendModule
+
+    largest = 0
+    for mod in et_program.exported_program().graph_module.children():
+        if not isinstance(mod, LoweredBackendModule):
+            continue
+        nodes = list(mod.original_module.graph_module.graph.nodes)
+        outputs = set(nodes[-1].all_input_nodes) if nodes and nodes[-1].op == "output" else set()
+        last = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
+        alive: dict = {}
+        live = 0
+        for i, n in enumerate(nodes):
+            if n.op == "call_function" and n not in outputs:
+                alive[n] = _nbytes(n.meta.get("val"))
+                live += alive[n]
+                largest = max(largest, live)
+            for a in n.all_input_nodes:
+                if last[a] == i and a in alive:
+                    live -= alive.pop(a)
+    return largest
+
+
 def write_program(et_program, root: Path, rel: str, files: list[str]) -> dict:
     """Write ``rel`` (.pte) and, for a training program, its ``.ptd`` of trainable weights."""
     import tempfile

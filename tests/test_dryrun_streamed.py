@@ -197,6 +197,37 @@ def test_xnnpack_dequantises_each_weight_where_it_is_used(monkeypatch, tmp_path)
     assert hoisted >= n * w32
 
 
+def test_xnnpack_workspace_is_what_a_run_holds_beside_the_arena(tmp_path):
+    """Values computed inside an XNNPACK delegate call live in XNNPACK's own workspace, outside the
+    program's memory plan: the dry run counts them (``delegate_workspace_bytes``), and a run of the
+    program grows the process by its arena and that workspace (measured in a fresh process)."""
+    pytest.importorskip("executorch.exir")
+    import torch
+
+    from blockskip.export import pte_export as pe
+
+    class Chain(torch.nn.Module):  # one delegate call; x*2 and +1 are alive together, then the output
+        def forward(self, x):
+            return ((x * 2) + 1) * 3 - x
+
+    x = torch.randn(2048, 4096)
+    size = x.numel() * 4
+    prog = pe.inference_program(Chain(), (x,), "xnnpack", plan_inputs=False)
+    assert pe.delegate_workspace_bytes(prog) == 2 * size
+    assert pe.delegate_workspace_bytes(pe.inference_program(Chain(), (x,), "none", plan_inputs=False)) == 0
+    expected = pe.planned_arena_bytes(prog) + pe.delegate_workspace_bytes(prog)
+    (tmp_path / "p.pte").write_bytes(prog.buffer)
+    code = ("import sys, torch\n"
+            "from executorch.extension.pybindings.portable_lib import _load_for_executorch\n"
+            "from blockskip.runtime.memory import rss_bytes\n"
+            "x = torch.randn(2048, 4096); p = _load_for_executorch(sys.argv[1])\n"
+            "before = rss_bytes(); out = p.forward([x]); print(rss_bytes() - before)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "p.pte")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    grown = int(r.stdout.split()[-1])
+    assert abs(grown - expected) < 0.1 * expected, (grown, expected)
+
+
 def test_a_streamed_span_without_storage_has_its_storage_searched():
     """``--span streamed`` with the split and rank given, without ``--storage``: the search picks the
     storage (was: no search, a float32 bundle); ``--storage`` given is taken as it is."""

@@ -68,7 +68,7 @@ def _cache_file() -> Path:
 
 
 #: changes with how the export lowers a program (memoised arenas of an earlier lowering are not reused)
-LOWERING = "sunk-weights-2"
+LOWERING = "sunk-weights-3"
 
 
 class ProgramPeaks:
@@ -95,13 +95,31 @@ class ProgramPeaks:
         except OSError:
             pass
 
+    def _key(self, traced: se.Traced, how: str, round_to: int) -> str:
+        return hashlib.sha256(f"{LOWERING}|{how}|{round_to}|{traced.inputs}|{traced.gm.code}".encode()).hexdigest()
+
     def get(self, traced: se.Traced, how: str, round_to: int) -> int:
-        """``how``: "live", "onnx", or "arena:<delegate>" (the pte program lowered with that delegate)."""
-        key = hashlib.sha256(f"{LOWERING}|{how}|{round_to}|{traced.inputs}|{traced.gm.code}".encode()).hexdigest()
+        """``how``: "live", "onnx", or "arena:<delegate>" (the planned arena of the pte program lowered with
+        that delegate; the delegate's own workspace is ``workspace``)."""
+        key = self._key(traced, how, round_to)
         if key not in self.mem:
-            self.mem[key] = (arena_bytes(traced, how.split(":", 1)[1]) if how.startswith("arena")
-                             else live_peak(traced, round_to, onnx=how == "onnx"))
+            if how.startswith("arena"):
+                arena, workspace = program_bytes(traced, how.split(":", 1)[1])
+                self.mem[key] = arena
+                self.mem[self._key(traced, "workspace" + how[len("arena"):], round_to)] = workspace
+            else:
+                self.mem[key] = live_peak(traced, round_to, onnx=how == "onnx")
             self._save()
+        return self.mem[key]
+
+    def workspace(self, traced: se.Traced, how: str, round_to: int) -> int:
+        """The delegate's workspace of the program (beside its arena); 0 unless lowered."""
+        if not how.startswith("arena"):
+            return 0
+        key = self._key(traced, "workspace" + how[len("arena"):], round_to)
+        if key not in self.mem:
+            self.mem.pop(self._key(traced, how, round_to), None)
+            self.get(traced, how, round_to)
         return self.mem[key]
 
 
@@ -137,14 +155,16 @@ def live_peak(traced: se.Traced, round_to: int = 1, onnx: bool = False) -> int:
     return int(tr.peak)
 
 
-def arena_bytes(traced: se.Traced, delegate: str = "none") -> int:
-    """The ExecuTorch memory-planned arena of the program as the export lowers it (inputs not planned).
-    Lowered to XNNPACK it differs: the delegate calls group independent ops (a block's q, k and v
-    projections), so their dequantised weights live together."""
-    from blockskip.export.pte_export import inference_program, planned_arena_bytes
+def program_bytes(traced: se.Traced, delegate: str = "none") -> tuple[int, int]:
+    """(ExecuTorch memory-planned arena, delegate workspace) of the program as the export lowers it
+    (inputs not planned). Lowered to XNNPACK the arena differs (the delegate calls group independent ops:
+    a block's q, k and v projections, so their dequantised weights live together) and the values inside a
+    delegate call are XNNPACK's own (``pte_export.delegate_workspace_bytes``)."""
+    from blockskip.export.pte_export import delegate_workspace_bytes, inference_program, planned_arena_bytes
 
-    return planned_arena_bytes(inference_program(traced.gm, traced.example_args(fake=True), delegate,
-                                                 plan_inputs=False, weights=traced.weight_positions()))
+    prog = inference_program(traced.gm, traced.example_args(fake=True), delegate, plan_inputs=False,
+                             weights=traced.weight_positions())
+    return planned_arena_bytes(prog), delegate_workspace_bytes(prog)
 
 
 def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt: str = "pte", num_images: int = 4,
@@ -175,18 +195,21 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
     stop = blocks_to_run(trained, fam.num_blocks, plan.back_residual)
     layout = se.stream_layout(fam, trained, lora["targets"], stop)
     prog: dict[tuple[str, str], int] = {}
+    work: dict[tuple[str, str], int] = {}  # a delegate's own workspace (XNNPACK), beside the arena
     lora_bytes = 0
     for sid, shape in layout.shapes.items():
         with_vjp = any(s == sid for _, s in layout.train)
         traced = se.trace_shape(fam, skeleton, shape, storage, lora, state, consts, fake=True, vjp=with_vjp)
         for role, t in traced.items():
             prog[sid, role] = peaks.get(t, how, rt)
+            work[sid, role] = peaks.workspace(t, how, rt)
         if with_vjp:
             n_blocks = sum(1 for _, s in layout.train if s == sid)
             lo = {n: (s, d) for n, s, d in traced["forward"].inputs if n.startswith(se.LORA)}
             lora_bytes += n_blocks * _nbytes(lo, rt)
     head = se.trace_head(fam, skeleton, storage, state["hidden"], consts, target, fake=True)
     prog["head", "head"] = peaks.get(head, how, rt)
+    work["head", "head"] = peaks.workspace(head, how, rt)
 
     block_w = {i: _nbytes(ts.block_specs(fam, skeleton, i, storage), rt) for i in range(fam.num_blocks)}
     head_w = _nbytes(ts.head_specs(fam, skeleton, storage), rt)
@@ -199,13 +222,16 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
     train_progs = [v for (sid, role), v in prog.items()
                    if sid == "head" or sid in {s for _, s in layout.train}]
     run_peak = max(train_progs)
+    # the delegate's workspace is shared by every loaded program and kept at the largest one's need
+    train_work = max((v for (sid, role), v in work.items() if sid == "head" or sid in {s for _, s in layout.train}),
+                     default=0)
     if fmt == "torch" and plan.stash == "memory" and layout.train:
         # the torch backend keeps the last block's autograd graph from the forward sweep through the head
         # (no recomputed forward in its VJP): bounded by that block's VJP peak
         run_peak = max(run_peak, prog[layout.train[-1][1], "vjp"] + prog["head", "head"])
     cats = dict.fromkeys(CATEGORIES, 0)
     cats.update(lora=lora_bytes, gradients=lora_bytes, optimizer=2 * lora_bytes, frozen_weights=weights + head_w,
-                cache=2 * entry32 + stash, activations=2 * state_bytes + run_peak)
+                cache=2 * entry32 + stash, activations=2 * state_bytes + run_peak + train_work)
     reports = []
 
     # precompute: the torch trace (its eager blocks' activations stand for the forward programs'), block
@@ -215,6 +241,11 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
     more = max(0, pre_w * (2 if plan.prefetch else 1) - pre_cats["frozen_weights"])
     pre_cats["frozen_weights"] += more
     pre_total = pre_peak + more
+    # the torch trace's block activations stand for the forward programs' arenas, not for the delegate's
+    # workspace beside them (the frozen blocks' forward programs; the embed program's is small)
+    pre_work = max((work[sid, "forward"] for _, sid in layout.precompute), default=0)
+    pre_cats["activations"] += pre_work
+    pre_total += pre_work
     reports.append(_report_from("precompute", pre_total, pre_cats, profile,
                                 {"chunk": plan.precompute_chunk or plan.num_samples, "cache_entry_bytes": entry_bytes,
                                  "cache_storage_bytes": entry_bytes * plan.num_samples}))
@@ -222,6 +253,7 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
     reports.append(_report_from("train", total, cats, profile, {
         "span": "streamed", "format": fmt, "storage": storage, "trained_blocks": len(trained),
         "programs": {f"{sid}.{role}": v for (sid, role), v in sorted(prog.items())}, "program_peak_kind": how,
+        "workspaces": {f"{sid}.{role}": v for (sid, role), v in sorted(work.items()) if v},
         "weights_bytes": weights, "head_weights_bytes": head_w, "stash_bytes": stash, "state_bytes": state_bytes,
         "lora_bytes": lora_bytes}))
     # saving: the checkpoint's copies (LoRA, AdamW moments) and the LoRA file, no program running
