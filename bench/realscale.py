@@ -44,8 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 NATIVE = ROOT / "build" / "native" / "device_train" / "native" / "blockskip-train-native"
 PROMPT = "a photo of sks dog"
 S_MAX = {"flux-dev": 512, "sd35-medium": 1024, "sana-1.6b": 1024}
-#: runs a device-train command after its libraries are imported, printing its RSS then (the runtime)
-WRAP = ("import sys, resource, torch, diffusers, blockskip.device_train.cli as c\n"
+#: runs a device-train command after its libraries are imported, printing its RSS then (the runtime): the
+#: torch backend's modules, peft, and the diffusers classes it builds (diffusers imports a class's module
+#: at its first use: 172 MiB with peft, after torch and diffusers themselves)
+WRAP = ("import sys, resource, torch, diffusers, peft, blockskip.device_train.cli as c\n"
+        "import blockskip.runtime.backends.torch, blockskip.runtime.backends.torch_stream\n"
+        "for k in ('FluxTransformer2DModel', 'SD3Transformer2DModel', 'SanaTransformer2DModel', 'AutoencoderKL',\n"
+        "          'AutoencoderDC'):\n"
+        "    getattr(diffusers, k)\n"
         "from blockskip.runtime.memory import rss_bytes\n"
         "print(f'START_RSS {rss_bytes()}', file=sys.stderr, flush=True)\n"
         "sys.exit(c.main(sys.argv[1:]))")
@@ -66,11 +72,27 @@ def _photos(folder: Path, side: int, count: int) -> Path:
     return folder
 
 
+#: a small process that starts every phase and reports its peak RSS. A process's ``ru_maxrss`` counts the
+#: memory of the process it was forked from (Linux keeps the forking image's high-water mark across the
+#: exec): started from this one, which may have written a GB-sized shard, every phase measured at least
+#: that (SD3.5-medium's export: 3448 MiB measured, 1206 MiB by the export itself)
+LAUNCHER = ("import json, os, subprocess, sys\n"
+            "for line in sys.stdin:\n"
+            "    job = json.loads(line)\n"
+            "    with open(job['log'], 'w') as out:\n"
+            "        p = subprocess.Popen(job['cmd'], stdout=out, stderr=subprocess.STDOUT, env=job['env'])\n"
+            "        _, status, ru = os.wait4(p.pid, 0)\n"
+            "    print(json.dumps({'status': status, 'maxrss': ru.ru_maxrss}), flush=True)\n")
+
+
 class Phases:
-    """Runs phase commands in their own processes; their peak RSS, start RSS and wall time; an ETA."""
+    """Runs phase commands in their own processes (started by ``LAUNCHER``); their peak RSS, start RSS and
+    wall time; an ETA."""
 
     def __init__(self, total: int):
         self.total, self.done, self.t0 = total, 0, time.time()
+        self.launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True)
 
     def run(self, label: str, cmd: list[str], log: Path) -> dict:
         left = self.total - self.done
@@ -78,23 +100,31 @@ class Phases:
         print(f"[{(time.time() - self.t0) / 60:5.1f} min] {label} ({self.done + 1}/{self.total}{eta})", flush=True)
         env = dict(os.environ, BLOCKSKIP_IGNORE_MEMORY_CHECK="1")
         t = time.time()
-        with open(log, "w") as out:
-            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-            _, status, ru = os.wait4(p.pid, 0)
+        self.launcher.stdin.write(json.dumps({"cmd": cmd, "log": str(log), "env": env}) + "\n")
+        self.launcher.stdin.flush()
+        reply = self.launcher.stdout.readline()
+        if not reply:
+            raise RuntimeError(f"{label}: the phase launcher stopped")
+        got = json.loads(reply)
+        status = got["status"]
         self.done += 1
         text = log.read_text()
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"{label} failed ({os.waitstatus_to_exitcode(status)}); see {log}:\n{text[-3000:]}")
         start = next((int(line.split()[1]) for line in text.splitlines() if line.startswith("START_RSS ")), None)
-        return {"peak": ru.ru_maxrss * 1024, "start": start, "seconds": time.time() - t, "text": text}
+        return {"peak": got["maxrss"] * 1024, "start": start, "seconds": time.time() - t, "text": text}
+
+    def close(self) -> None:
+        self.launcher.stdin.close()
+        self.launcher.wait()
 
 
 def _python(args: list[str]) -> list[str]:
     return [sys.executable, "-c", WRAP, *args]
 
 
-def _predicted(folder: Path, bundle: Path, fmt: str) -> dict[str, int]:
-    """Tensor peaks of the bundle's plan by phase (the dry run, no device overhead)."""
+def _predicted(folder: Path, bundle: Path, fmt: str, num_images: int) -> dict[str, int]:
+    """Tensor peaks of the bundle's plan by phase (the dry run for these photos, no device overhead)."""
     from blockskip.export.memory.search import evaluate
     from blockskip.export.memory.specs import load_spec
     from blockskip.runtime.plan import Plan
@@ -103,8 +133,8 @@ def _predicted(folder: Path, bundle: Path, fmt: str) -> dict[str, int]:
     manifest = json.loads((bundle / "manifest.json").read_text())
     plan = Plan.from_dict(manifest["plan"])
     delegate = manifest.get("pte", {}).get("delegate", "none")
-    return {r.phase: r.tensor_peak for r in evaluate(spec, plan, None, fmt=fmt, exact=fmt == "pte",
-                                                     delegate=delegate).reports}
+    return {r.phase: r.tensor_peak for r in evaluate(spec, plan, None, num_images=num_images, fmt=fmt,
+                                                     exact=fmt == "pte", delegate=delegate).reports}
 
 
 def run_path(name: str, folder: Path, photos: Path, work: Path, ph: Phases, export_args: list[str],
@@ -122,7 +152,7 @@ def run_path(name: str, folder: Path, photos: Path, work: Path, ph: Phases, expo
     desc = (f"n={plan['front_skip']} m={plan['back_skip']} {plan['s_min']}/{plan['s_max']} px r{plan['lora_rank']} "
             + (f"streamed {plan['storage']}" if plan["span"] == "streamed" else
                f"{plan['dtype']} base {plan['base_quant']}{' ckpt' if plan['checkpointing'] else ''}"))
-    pred = _predicted(folder, bundle, fmt)
+    pred = _predicted(folder, bundle, fmt, len(list(photos.glob("photo_*.png"))))
     backend = "native" if native else "torch"
     if native:
         p = ph.run(f"{name}: precompute", [str(NATIVE), "precompute", str(bundle), "--images", str(photos), "--cache",
@@ -246,6 +276,7 @@ def main(argv=None) -> int:
         got = [{"model": a.model, **r} for r in run_path(c, folder, photos, work, ph, args, fmt, native, a.keep)]
         (work / f"{c}.rows.json").write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M"), "rows": got}))
         rows.extend(got)
+    ph.close()
     # configurations measured by an earlier run (--only) complete the table, marked with their date
     for c in configs:
         f = work / f"{c}.rows.json"

@@ -116,3 +116,47 @@ def test_a_weight_bigger_than_a_chunk_quantises_row_by_row(storage):
     for i in torch.randint(0, w.shape[0], (6,), generator=g).tolist() + [0, w.shape[0] - 1]:
         for k, v in quantise(w[i:i + 1], storage).items():
             assert torch.equal(v[0], whole[k][i]), (k, i)
+
+
+CONVS = {"1x1": dict(in_channels=6, out_channels=10, kernel_size=1),
+         "depthwise 3x3": dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6),
+         "depthwise unpadded": dict(in_channels=6, out_channels=6, kernel_size=3, groups=6, bias=False),
+         "patchify 2x2": dict(in_channels=4, out_channels=8, kernel_size=2, stride=2),
+         "3x3": dict(in_channels=4, out_channels=8, kernel_size=3, padding=1)}
+
+
+@pytest.mark.parametrize("storage", ["float32", "int8", "int4"])
+@pytest.mark.parametrize("conv", list(CONVS))
+def test_a_stream_conv_computes_conv2d_and_its_input_gradient(conv, storage):
+    """A stream block's frozen Conv2d (SANA's 1x1 and depthwise 3x3, the patch embeddings) gives what
+    ``nn.Conv2d`` with the dequantised weight gives, output and input gradient, and the 1x1, patchify
+    and depthwise ones trace to programs without a convolution (XNNPACK delegates no convolution whose
+    weight is an input)."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from blockskip.runtime.backends import torch_stream as ts
+
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(**CONVS[conv])
+    stored = ts.store_tensors(ref, storage)
+    m = ts.StreamConv2d(ref, {k: (tuple(v.shape), v.dtype) for k, v in stored.items()}, "")
+    m._buffers.update(stored)
+    with torch.no_grad():
+        ref.weight.copy_(ts.dequantise(m.stored()).reshape(ref.weight.shape))
+    x = torch.randn(2, ref.in_channels, 6, 8, requires_grad=True)
+    y = m(x)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    y_ref = ref(x)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, g)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-5)
+
+    def vjp(x, g):
+        x = x.requires_grad_()
+        return torch.autograd.grad(m(x), x, g)
+
+    ops = {str(n.target) for n in make_fx(vjp)(x.detach(), g).graph.nodes if n.op == "call_function"}
+    convolutions = {o for o in ops if "convolution" in o}
+    assert bool(convolutions) == (conv == "3x3"), ops

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -137,12 +138,25 @@ def _quant_workspace(model, fam, trained, plan: Plan) -> int:
     return int(biggest * QUANT_WORKSPACE[(plan.dtype, plan.base_quant)])
 
 
+class PrecomputeTrace(NamedTuple):
+    """The torch precompute's trace: its peak, and the peaks of its two stages (the photo encoder; the
+    prompt, embed and blocks after it), each with its bytes per category."""
+
+    peak: int
+    by_cat: dict
+    entry_shapes: dict  # cache entry tensor name -> (shape, dtype)
+    entry_bytes: int
+    encoder_peak: int
+    encoder_by_cat: dict
+    blocks_peak: int
+    blocks_by_cat: dict
+
+
 def trace_precompute(spec: ModelSpec, plan: Plan, trained: list[int], profile=None, num_images: int = 4,
-                     memo: dict | None = None) -> tuple[int, dict, dict, int]:
-    """(peak bytes, peak bytes per category, cache entry tensor shapes, cache entry bytes) of the torch
-    backend's precompute: photos in memory, the encoder, then one frozen block at a time for a chunk of
-    samples. It does not depend on LoRA, quantisation or checkpointing: a search traces it once per split
-    (``memo``). Call it inside a ``FakeTensorMode``."""
+                     memo: dict | None = None) -> PrecomputeTrace:
+    """The torch backend's precompute, traced: photos in memory, the encoder, then one frozen block at a
+    time for a chunk of samples. It does not depend on LoRA, quantisation or checkpointing: a search
+    traces it once per split (``memo``). Call it inside a ``FakeTensorMode``."""
     fam = spec.family
     dtype = DTYPES[plan.dtype]
     chunk = plan.precompute_chunk or plan.num_samples
@@ -160,12 +174,16 @@ def trace_precompute(spec: ModelSpec, plan: Plan, trained: list[int], profile=No
         with tr.category("cache"):
             images = torch.empty(num_images, 3, plan.s_max, plan.s_max)
         latents = encode_latents(store, images, dtype, plan.vae_tiling)
+        enc = (int(tr.peak), dict(tr.peak_by_cat))
+        tr.reset_peak()
         text = prompt_text(store, dtype)
         entries = compute_entries(store, latents, text, schedule.entries[:chunk], plan, spec.vae_factor, trained)
         entry_shapes = {k: (tuple(v.shape), v.dtype) for k, v in entries[0].items()}
         entry_bytes = sum(v.numel() * v.element_size() for v in entries[0].values())
         del entries, latents, text, images
-    out = (int(tr.peak), dict(tr.peak_by_cat), entry_shapes, entry_bytes)
+    blocks = (int(tr.peak), dict(tr.peak_by_cat))
+    top = max(enc, blocks, key=lambda x: x[0])
+    out = PrecomputeTrace(top[0], top[1], entry_shapes, entry_bytes, *enc, *blocks)
     if memo is not None:
         memo[key] = out
     return out
@@ -181,8 +199,8 @@ def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: i
     reports = []
     with FakeTensorMode(allow_non_fake_inputs=True):
         # 1. precompute
-        peak, by_cat, entry_shapes, entry_bytes = trace_precompute(spec, plan, trained, profile, num_images,
-                                                                   precompute_memo)
+        pre = trace_precompute(spec, plan, trained, profile, num_images, precompute_memo)
+        peak, by_cat, entry_shapes, entry_bytes = pre.peak, pre.by_cat, pre.entry_shapes, pre.entry_bytes
         reports.append(_report_from("precompute", peak, by_cat, profile,
                                     {"chunk": chunk, "cache_entry_bytes": entry_bytes,
                                      "cache_storage_bytes": entry_bytes * plan.num_samples}))

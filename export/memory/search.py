@@ -166,6 +166,15 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
         result.traced.append(c)
         log(f"  {'fits ' if c.fits else 'over '} {c.peak / 2**30:7.2f} GiB  {c.describe()}")
         return c
+
+    def exact(plan: Plan) -> Candidate:
+        """The plan with its programs' planned arenas (the photo encoder's too), tiled if that is what
+        the encoder program needs."""
+        c = evaluate(spec, plan, profile, memo=memo, fmt=fmt, exact=True, skeleton=skeleton, delegate=delegate)
+        if not c.fits and c.worst().phase == "precompute" and not plan.vae_tiling and can_tile:
+            c = evaluate(spec, dataclasses.replace(plan, vae_tiling=True), profile, memo=memo, fmt=fmt, exact=True,
+                         skeleton=skeleton, delegate=delegate)
+        return c
     skeleton = spec.family.skeleton()
     fixed = getattr(profile, "fixed_overhead_bytes", 0)
 
@@ -239,8 +248,7 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
                     c = cheapest if (rk, st) == (min(ranks), storages[-1]) else trace_streamed(
                         front_skip=n, back_skip=m, s_min=s_min, lora_rank=rk, storage=st)
                     if c.fits and fmt == "pte":  # check (and report) the plan with its programs' planned arenas
-                        c = evaluate(spec, c.plan, profile, memo=memo, fmt=fmt, exact=True, skeleton=skeleton,
-                                     delegate=delegate)
+                        c = exact(c.plan)
                     if c.fits:
                         result.best = c
                         return result

@@ -18,7 +18,10 @@ programs are the very graphs the export lowers (``stream_export``), traced on fa
   its MatMul, Slice, Expand, ...) count as new tensors.
 
 Precompute runs the torch precompute trace (encoder, prompt, one block at a time for a chunk of
-samples) with its block weights at their storage size.
+samples) with its block weights at their storage size. For ``pte`` checked with the arenas, the photo
+encoder stage is the encoder program's instead (``encoder_stage``: its weights, arena and XNNPACK
+workspace); the torch trace's eager encoder holds far less than that program (SANA-1.6B's DC-AE at
+1024 px: 1.5 GiB less).
 """
 
 from __future__ import annotations
@@ -123,6 +126,40 @@ class ProgramPeaks:
         return self.mem[key]
 
 
+    def encoder(self, encoder_spec: dict, shape: tuple, delegate: str) -> tuple[int, int]:
+        """(arena, delegate workspace) of the photo encoder program for inputs of ``shape``."""
+        from executorch import version as et_version
+
+        key = hashlib.sha256(f"{LOWERING}|encoder|{delegate}|{tuple(shape)}|{et_version.__version__}|"
+                             f"{json.dumps(encoder_spec, sort_keys=True, default=str)}".encode()).hexdigest()
+        if key not in self.mem or key + ":workspace" not in self.mem:
+            self.mem[key], self.mem[key + ":workspace"] = encoder_program_bytes(encoder_spec, shape, delegate)
+            self._save()
+        return self.mem[key], self.mem[key + ":workspace"]
+
+
+def encoder_program_bytes(encoder_spec: dict, shape: tuple, delegate: str) -> tuple[int, int]:
+    """(ExecuTorch arena, delegate workspace) of the photo encoder program, lowered as the export lowers it
+    (``pte_export``: the float32 encoder, its weights constants of the program) over zero weights: the
+    plan does not depend on their values. Seconds to a minute and the encoder's weights twice in memory
+    (SANA's DC-AE at 1024 px: 25 s, 552 MiB of weights), so ``ProgramPeaks`` keeps the result."""
+    from blockskip.export.graphs import EncoderGraph
+    from blockskip.export.pte_export import delegate_workspace_bytes, inference_program, planned_arena_bytes
+    from blockskip.runtime.backends.torch_families.latent import ENCODER_PREFIXES, build_encoder_skeleton
+
+    enc = build_encoder_skeleton(encoder_spec)
+    prefixes = ENCODER_PREFIXES[encoder_spec["class"]]
+    for name, _ in list(enc.named_children()):  # the decoder: not part of the program
+        if not any(p == name or p.startswith(name + ".") for p in prefixes):
+            setattr(enc, name, None)
+    enc = enc.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in list(enc.parameters()) + list(enc.buffers()):
+            t.zero_()
+    prog = inference_program(EncoderGraph(enc.float().eval(), encoder_spec), (torch.zeros(*shape),), delegate)
+    return planned_arena_bytes(prog), delegate_workspace_bytes(prog)
+
+
 _aten = torch.ops.aten
 #: ATen views that an ONNX graph computes as copies (Transpose, Slice, Gather, Expand, Split); ONNX Runtime
 #: aliases only Reshape, Squeeze, Unsqueeze and Flatten, which are the remaining views
@@ -184,8 +221,8 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
     how = f"arena:{delegate}" if (fmt == "pte" and exact) else "onnx" if fmt == "onnx" else "live"
 
     with FakeTensorMode(allow_non_fake_inputs=True):
-        pre_peak, pre_cat, entry_shapes, entry_bytes = trace_precompute(spec, plan, trained, profile, num_images,
-                                                                        precompute_memo)
+        pre = trace_precompute(spec, plan, trained, profile, num_images, precompute_memo)
+    entry_shapes, entry_bytes = pre.entry_shapes, pre.entry_bytes
     # the runtime reads entries as float32
     f32 = {k: (s, torch.float32 if d.is_floating_point else d) for k, (s, d) in entry_shapes.items()}
     entry32 = _nbytes(f32, rt)
@@ -234,18 +271,24 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
                 cache=2 * entry32 + stash, activations=2 * state_bytes + run_peak + train_work)
     reports = []
 
-    # precompute: the torch trace (its eager blocks' activations stand for the forward programs'), block
-    # weights at their storage size, two of them with prefetch
+    # precompute, blocks stage: the torch trace's (its eager blocks' activations stand for the forward
+    # programs' arenas), block weights at their storage size, two of them with prefetch, and the delegate's
+    # workspace beside the arenas (the frozen blocks' forward programs; the embed program's is small)
     pre_w = max(block_w[i] for i, _ in layout.precompute) if layout.precompute else 0
-    pre_cats = {c: int(pre_cat.get(c, 0)) for c in CATEGORIES}
+    pre_cats = {c: int(pre.blocks_by_cat.get(c, 0)) for c in CATEGORIES}
     more = max(0, pre_w * (2 if plan.prefetch else 1) - pre_cats["frozen_weights"])
     pre_cats["frozen_weights"] += more
-    pre_total = pre_peak + more
-    # the torch trace's block activations stand for the forward programs' arenas, not for the delegate's
-    # workspace beside them (the frozen blocks' forward programs; the embed program's is small)
     pre_work = max((work[sid, "forward"] for _, sid in layout.precompute), default=0)
     pre_cats["activations"] += pre_work
-    pre_total += pre_work
+    pre_total = pre.blocks_peak + more + pre_work
+    # encoder stage: the torch trace's, or the encoder programs' (``exact`` pte): the largest program's arena
+    # and XNNPACK workspace beside its float32 weights and the photos (SANA-1.6B's DC-AE untiled at
+    # 1024 px: 2564 + 1536 MiB; the torch trace said 1.5 GiB less than the native runner measured)
+    enc_cats = {c: int(pre.encoder_by_cat.get(c, 0)) for c in CATEGORIES}
+    if fmt == "pte" and exact:
+        enc_cats = encoder_stage(spec, plan, num_images, delegate, peaks, rt)
+    if sum(enc_cats.values()) > pre_total:
+        pre_cats, pre_total = enc_cats, sum(enc_cats.values())
     reports.append(_report_from("precompute", pre_total, pre_cats, profile,
                                 {"chunk": plan.precompute_chunk or plan.num_samples, "cache_entry_bytes": entry_bytes,
                                  "cache_storage_bytes": entry_bytes * plan.num_samples}))
@@ -260,6 +303,27 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
     save = {**cats, "activations": 0, "lora": 2 * lora_bytes, "optimizer": 4 * lora_bytes}
     reports.append(_report_from("save", sum(save.values()), save, profile))
     return reports
+
+
+def encoder_stage(spec: ModelSpec, plan: Plan, num_images: int, delegate: str, peaks: ProgramPeaks,
+                  round_to: int = 1) -> dict[str, int]:
+    """Bytes per category while the pte backends encode the photos: the photos (float32), the encoder's
+    float32 weights once (the program's constants, which XNNPACK packs), the latents, and the largest
+    encoder program's arena and workspace (a fresh process running SANA-1.6B's DC-AE program at 1024 px
+    grew by 4697 MiB: 2564 arena + 1536 workspace + 552 weights + 45)."""
+    from blockskip.export.graphs import encoder_program_inputs
+    from blockskip.export.memory.export_phase import _encoder_bytes
+
+    runs = [sum(peaks.encoder(spec.encoder_spec, shape, delegate))
+            for _, shape in encoder_program_inputs(spec.encoder_spec, spec.vae_factor, plan)]
+    side = plan.s_max // spec.vae_factor
+    channels = int(spec.encoder_spec.get("config", {}).get("latent_channels", 0) or 0)
+    cats = dict.fromkeys(CATEGORIES, 0)
+    cats.update(frozen_weights=_encoder_bytes(spec.encoder_spec),
+                cache=_nbytes({"photos": ((num_images, 3, plan.s_max, plan.s_max), torch.float32),
+                               "latents": ((num_images, channels, side, side), torch.float32)}, round_to),
+                activations=max(runs))
+    return cats
 
 
 def bundle_bytes(spec: ModelSpec, plan: Plan, skeleton=None) -> int:

@@ -208,12 +208,62 @@ class StreamLinear(nn.Module):
         return y
 
 
+class _FrozenDepthwise(torch.autograd.Function):
+    """A depthwise conv2d (stride 1) with a stored frozen weight, as ``kh * kw`` shifted multiply-adds
+    (``_depthwise``); the input gradient is the same with the kernel flipped."""
+
+    @staticmethod
+    def forward(ctx, x, bias, kernel, padding, *stored):
+        ctx.save_for_backward(*stored)
+        ctx.conf = (kernel, padding)
+        y = _depthwise(x, dequantise(stored), kernel, padding)
+        return y if bias is None else y + bias.float()[None, :, None, None]
+
+    @staticmethod
+    def backward(ctx, g):
+        (kh, kw), (ph, pw) = ctx.conf
+        gx = _depthwise(g, dequantise(ctx.saved_tensors).flip(-1), (kh, kw), (kh - 1 - ph, kw - 1 - pw))
+        return (gx,) + (None,) * (3 + len(ctx.saved_tensors))
+
+
+def _depthwise(x: torch.Tensor, w: torch.Tensor, kernel: tuple, padding: tuple) -> torch.Tensor:
+    """Depthwise correlation of ``x`` [B,C,H,W] with ``w`` [C, kh*kw] (row-major taps), stride 1."""
+    (kh, kw), (ph, pw) = kernel, padding
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    ho, wo = xp.shape[2] - kh + 1, xp.shape[3] - kw + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            term = xp[:, :, i:i + ho, j:j + wo] * w[:, i * kw + j].reshape(1, -1, 1, 1)
+            out = term if out is None else out + term
+    return out
+
+
 class StreamConv2d(StreamLinear):
+    """A frozen Conv2d in storage layout. The convolutions of the families' blocks and embedders run
+    without a convolution whose weight is an input (XNNPACK delegates none; the portable and optimized
+    kernels run one on a single core, many minutes a step for SANA-1.6B's blocks):
+
+    * kernel == stride, no padding, one group (a 1x1 conv; a patch embedding): patches x weight^T, the
+      same chunked product as ``StreamLinear``;
+    * depthwise, stride 1 (SANA's 3x3 in GLUMBConv): ``kh * kw`` shifted multiply-adds;
+    * anything else: ``F.conv2d``, its input gradient by ``F.conv_transpose2d``."""
+
     def __init__(self, conv: nn.Conv2d, specs: dict, prefix: str):
         super().__init__(specs, prefix)
         self.conf = (tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups)
 
     def forward(self, x):
+        (o, c, kh, kw), stride, padding, dilation, groups = self.conf
+        plain = not isinstance(padding, str) and tuple(dilation) == (1, 1)
+        b, _, h, w = x.shape
+        if (plain and groups == 1 and tuple(padding) == (0, 0) and tuple(stride) == (kh, kw)
+                and h % kh == 0 and w % kw == 0):
+            p = x.reshape(b, c, h // kh, kh, w // kw, kw).permute(0, 2, 4, 1, 3, 5).reshape(b, h // kh, w // kw, -1)
+            return _FrozenLinear.apply(p, self.bias, *self.stored()).permute(0, 3, 1, 2)
+        if (plain and groups == o == x.shape[1] and c == 1 and tuple(stride) == (1, 1)
+                and padding[0] < kh and padding[1] < kw):
+            return _FrozenDepthwise.apply(x, self.bias, (kh, kw), tuple(padding), *self.stored())
         return _FrozenConv.apply(x, self.bias, *self.conf, *self.stored())
 
 
