@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -9,7 +10,20 @@ from collections.abc import Callable
 from blockskip.runtime.errors import BlockSkipError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (how Android and service managers stop a process), raised where SIGINT would be: the run
+    stops as on Ctrl-C (every file is written atomically, so the last checkpoint is whole)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def run_cli(fn: Callable[[], int | None], debug: bool, prog: str) -> int:
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: the caller handles signals
+        pass
     try:
         return int(fn() or 0)
     except BlockSkipError as e:
@@ -17,9 +31,10 @@ def run_cli(fn: Callable[[], int | None], debug: bool, prog: str) -> int:
             traceback.print_exc()
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; completed work is kept, run the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"{prog}: {how}; completed work is kept, run the same command to resume", file=sys.stderr)
+        return code
     except Exception as e:  # an unexpected failure: still one line unless --debug
         if debug:
             raise

@@ -180,6 +180,39 @@ def test_kill_9_anywhere_then_resume_is_bitwise_equal(flux, runner, tmp_path):
     _same_lora(tmp_path / "a", tmp_path / "b")
 
 
+@pytest.mark.parametrize("who", ["native", "python"])
+def test_sigterm_ends_a_run_like_ctrl_c_and_it_resumes(who, flux, runner, tmp_path):
+    """SIGTERM (how Android and service managers stop a process) ends a run with one line and exit code
+    143, the last checkpoint whole; the same command resumes it to the LoRA of an uninterrupted run."""
+    import sys
+
+    bundle, cache = _edited_copy(flux, tmp_path, plan=dict(steps=300, checkpoint_every=2))
+
+    def cmd(out):
+        if who == "native":
+            return command(runner, bundle, cache, out, "--quiet")
+        return [sys.executable, "-m", "blockskip.device_train.cli", "train", str(bundle), "--cache", str(cache), "-o",
+                str(out), "--backend", "executorch", "--quiet"]
+
+    assert subprocess.run(cmd(tmp_path / "a"), capture_output=True, timeout=600).returncode == 0
+    ckpt = tmp_path / "b" / "checkpoint" / "checkpoint.safetensors"
+    proc = subprocess.Popen(cmd(tmp_path / "b"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not ckpt.exists() and proc.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.002)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert not (tmp_path / "b" / "lora.safetensors").exists(), "the run ended before the signal; make it longer"
+    assert proc.returncode == 143, (proc.returncode, err)
+    prog = "blockskip-train-native" if who == "native" else "device-train"
+    assert err.strip().splitlines()[-1].startswith(f"{prog}: terminated; completed work is kept"), err
+    r = subprocess.run(cmd(tmp_path / "b"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert _log(tmp_path / "b")["resumed_from"] > 0
+    _same_lora(tmp_path / "a", tmp_path / "b")
+
+
 def _fails(r: subprocess.CompletedProcess, needle: str) -> None:
     assert r.returncode == 1 and needle in r.stderr, r.stderr
     lines = r.stderr.strip().splitlines()

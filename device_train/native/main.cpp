@@ -9,7 +9,10 @@
 // The order of entries, the gradient accumulation, the optimizer arithmetic, the checkpoint and the
 // output files are those of the Python backends, so a run here reproduces their losses.
 
+#include <unistd.h>
+
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -37,6 +40,26 @@ using blockskip::build_schedule;
 using blockskip::schedule_json;
 
 const char* kProg = "blockskip-train-native";
+
+// SIGTERM (how Android and service managers stop a process) and SIGINT end a run at once, with one
+// line: every file is written atomically (a temporary, then a rename), so the last checkpoint and the
+// cache shards already written are whole, and the same command resumes.
+const char kTerminated[] = "blockskip-train-native: terminated; completed work is kept, run the same command to resume\n";
+const char kInterrupted[] = "blockskip-train-native: interrupted; completed work is kept, run the same command to resume\n";
+
+extern "C" void on_stop_signal(int sig) {
+  ssize_t r = sig == SIGTERM ? write(2, kTerminated, sizeof kTerminated - 1) : write(2, kInterrupted, sizeof kInterrupted - 1);
+  (void)r;
+  _exit(128 + sig);
+}
+
+void handle_stop_signals() {
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+}
 
 const char* kUsage =
     "usage: blockskip-train-native run BUNDLE --images DIR -o OUT [--cache DIR] [--stop-after N] [--quiet] [--no-verify]\n"
@@ -234,6 +257,7 @@ void emit_log(et_timestamp_t, et_pal_log_level_t level, const char* filename, co
 
 int main(int argc, char** argv) {
   executorch::runtime::register_pal(executorch::runtime::PalImpl::create(emit_log, __FILE__));
+  handle_stop_signals();
   if (argc > 1 && std::string(argv[1]) == "schedule") {
     try {
       return schedule_command(argc, argv);
