@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from blockskip.runtime.cli_util import run_cli
+from blockskip.runtime.formats import PHOTO_MIN_SIDE
 
 EPILOG = """examples:
   device-train run bundle --images photos/ -o out          # precompute + train, resumable
@@ -22,7 +23,8 @@ def main(argv=None) -> int:
     def common(sp, images=False, out=False, cache=False):
         sp.add_argument("bundle", help="bundle folder written by blockskip-export")
         if images:
-            sp.add_argument("--images", required=True, help="folder of subject photos (PNG, JPEG or BMP; at least 64 px)")
+            sp.add_argument("--images", required=True,
+                            help=f"folder of subject photos (PNG, JPEG or BMP; at least {PHOTO_MIN_SIDE} px)")
         if out:
             sp.add_argument("-o", "--output", required=True, help="output folder (LoRA, log, checkpoint)")
         sp.add_argument("--cache", default=None if not cache else None,

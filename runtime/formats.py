@@ -93,6 +93,10 @@ LORA_META_FORMAT, LORA_META_ADAPTER = "format", "lora_adapter_metadata"
 
 SCHEDULE_RNG = RNG  # manifest schedule.rng / index schedule.meta.rng
 
+# photos (docs/formats.md "Photos"; runtime/images.py and device_train/native/images.cpp)
+PHOTO_MIN_SIDE = 64  # a photo whose shorter side (as stored) is below this is refused
+PHOTO_MAX_PIXELS = 40_000_000  # width * height from the header above this is refused before decoding (whole Mpx)
+
 # what formats.h declares, in this order
 CPP_NAMES = (
     "MANIFEST", "SCHEMA_VERSION", "CACHE_INDEX", "SHARD_PREFIX", "SHARD_DIGITS", "SHARD_SUFFIX", "CHECKPOINT_DIR",
@@ -106,7 +110,7 @@ CPP_NAMES = (
     "PARAM", "OPT", "OPT_STEP", "OPT_EXP_AVG", "OPT_EXP_AVG_SQ", "META_STEP", "META_LOG",
     "LOG_CACHE_SOURCE", "LOG_LOSSES", "LOG_STEP_SECONDS",
     "LORA_PREFIX", "PEFT_ADAPTER", "LORA_A", "LORA_B", "LORA_META_FORMAT", "LORA_META_ADAPTER",
-    "SCHEDULE_RNG",
+    "SCHEDULE_RNG", "PHOTO_MIN_SIDE", "PHOTO_MAX_PIXELS",
 )
 
 

@@ -271,6 +271,16 @@ def _sof_offset(jpeg: bytes) -> int:
         pos += 2 + struct.unpack_from(">H", jpeg, pos + 2)[0]
 
 
+def _adobe_offset(jpeg: bytes) -> int:
+    """Offset of the Adobe APP14 segment's marker (FF EE)."""
+    pos = 2
+    while True:
+        assert jpeg[pos] == 0xFF
+        if jpeg[pos + 1] == 0xEE:
+            return pos
+        pos += 2 + struct.unpack_from(">H", jpeg, pos + 2)[0]
+
+
 def _cases() -> dict[str, tuple[str, str, bytes]]:
     """name -> (file name, expected message with {p} for the file's path, file content)."""
     good = Image.fromarray(scene(100, 120, 20))
@@ -287,6 +297,12 @@ def _cases() -> dict[str, tuple[str, str, bytes]]:
     rle[30:34] = struct.pack("<I", 1)  # BI_RLE8
     bad_crc = bytearray(png)
     bad_crc[29] ^= 0xFF  # IHDR's checksum
+    cmyk = _jpeg_bytes(good.convert("CMYK"))  # Pillow writes Adobe CMYK (APP14 transform 0): read
+    app14 = _adobe_offset(cmyk)
+    unmarked = cmyk[:app14] + cmyk[app14 + 2 + struct.unpack_from(">H", cmyk, app14 + 2)[0]:]
+    ycck = bytearray(cmyk)
+    ycck[app14 + 4 + 11] = 2  # the segment's colour transform: YCCK
+    four = "{p} is a 4-channel JPEG other than Adobe CMYK (YCCK, or no Adobe marker); save it as an RGB JPEG or PNG"
     cannot = "cannot read image {p}: %s; remove or replace it"
     return {
         "empty": ("x.png", "{p} is empty; remove or replace it", b""),
@@ -302,12 +318,10 @@ def _cases() -> dict[str, tuple[str, str, bytes]]:
                    _png_bytes(Image.new("RGB", (63, 100)))),
         "huge": ("huge.png", "{p} is too large (6400x6400, more than 40 Mpx); downscale it first",
                  _png_bytes(Image.new("1", (6400, 6400)))),
-        "png16": ("deep.png", "{p} is a 16-bit PNG; save it as an 8-bit PNG or JPEG",
-                  _png_bytes(Image.fromarray(np.full((80, 80), 40000, np.uint16)))),
         "small_png16": ("deep.png", "{p} is too small (10x10); use photos of at least 64 px",  # order of checks
                         _png_bytes(Image.fromarray(np.full((10, 10), 40000, np.uint16)))),
-        "cmyk": ("print.jpg", "{p} is a CMYK JPEG; save it as an RGB JPEG or PNG",
-                 _jpeg_bytes(good.convert("CMYK"))),
+        "cmyk_without_adobe": ("print.jpg", four, unmarked),
+        "ycck": ("print.jpg", four, bytes(ycck)),
         "jpeg12": ("deep.jpg", "{p} is a 12-bit JPEG; save it as an 8-bit JPEG or PNG", bytes(twelve)),
         "arithmetic": ("arith.jpg", cannot % "JPEG coding process SOF9 is not supported (only baseline and progressive)",
                        bytes(arith)),
@@ -404,7 +418,7 @@ def bundle(tmp_path_factory) -> Path:
     return root / "bundle"
 
 
-@pytest.mark.parametrize("case", ["truncated_jpeg", "cmyk", "webp"])
+@pytest.mark.parametrize("case", ["truncated_jpeg", "ycck", "webp"])
 def test_precompute_refuses_the_folder_and_writes_no_cache(bundle, tmp_path, capsys, case):
     from blockskip.device_train.cli import main as train_main
 

@@ -63,6 +63,8 @@ inline constexpr char kLoraB[] = ".lora_B.";
 inline constexpr char kLoraMetaFormat[] = "format";
 inline constexpr char kLoraMetaAdapter[] = "lora_adapter_metadata";
 inline constexpr char kScheduleRng[] = "splitmix64-v1";
+inline constexpr int kPhotoMinSide = 64;
+inline constexpr int kPhotoMaxPixels = 40000000;
 
 }  // namespace formats
 }  // namespace blockskip

@@ -1,10 +1,13 @@
 // The photo definition of docs/formats.md ("Photos"), mirroring runtime/images.py line for line: the
 // listing, the header checks (our own scan of the PNG / JPEG / BMP headers, so both sides refuse the
-// same files with the same message), stb_image for the decoding, and the crop and resize in float64.
+// same files with the same message; the EXIF orientation and the PNG transparency are read there too),
+// stb_image for the decoding, alpha composited on white, and the upright crop and resize in float64.
 // Compiled without floating-point contraction: the resize's products and sums are rounded one by one,
 // as numpy rounds them.
 
 #include "images.h"
+
+#include "formats.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -15,6 +18,7 @@
 #include <cerrno>
 #include <climits>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -37,8 +41,9 @@ namespace {
 
 const char* const kSupported[] = {".bmp", ".jpeg", ".jpg", ".png"};  // sorted, as the message lists them
 const char* const kRefused[] = {".webp", ".tif", ".tiff", ".gif", ".heic", ".heif", ".avif"};
-constexpr int64_t kMinSide = 64;
-constexpr uint64_t kMaxPixels = 40000000;
+constexpr int64_t kMinSide = formats::kPhotoMinSide;
+constexpr uint64_t kMaxPixels = formats::kPhotoMaxPixels;
+static_assert(kMaxPixels % 1000000 == 0, "the refusal states the limit in whole Mpx");
 
 // ---------------------------------------------------------------------------------------- paths
 
@@ -127,12 +132,22 @@ struct Unreadable {
 
 struct Header {
   std::string kind;  // "PNG", "JPEG" or "BMP"
-  int64_t width = 0, height = 0;
+  int64_t width = 0, height = 0;  // as stored (before the orientation)
   int png_depth = 8;
+  int png_color = 2;      // the PNG colour type
+  bool png_key = false;   // a gray or RGB PNG with a transparent colour (stb_image applies it)
+  bool alpha = false;     // an alpha channel or a transparency chunk: composited on white
   int jpeg_components = 3;
   int jpeg_precision = 8;
-  std::string unsupported;  // a variant neither side decodes the same way: why
+  bool jpeg_adobe_cmyk = false;  // 4 components are Adobe CMYK (APP14 "Adobe" transform 0): decoded
+  int orientation = 1;           // EXIF orientation 1-8 (1: as stored)
+  std::string unsupported;       // a variant neither side decodes the same way: why
   bool truncated = false;
+
+  // The first unsupported variant found is the one named.
+  void refuse(const std::string& why) {
+    if (unsupported.empty()) unsupported = why;
+  }
 };
 
 uint32_t be32(const uint8_t* p) { return uint32_t(p[0]) << 24 | uint32_t(p[1]) << 16 | uint32_t(p[2]) << 8 | p[3]; }
@@ -156,6 +171,66 @@ uint32_t crc32(const uint8_t* p, size_t n) {
   return c ^ 0xFFFFFFFFu;
 }
 
+// The orientation (tag 0x0112 of IFD0, one SHORT, 1-8) of an EXIF block (a TIFF header and its IFDs)
+// of n bytes; 1 when the block is malformed, has no such entry, or holds another value.
+int exif_orientation(const uint8_t* t, size_t n) {
+  if (n < 8) return 1;
+  bool little;
+  if (t[0] == 'I' && t[1] == 'I') {
+    little = true;
+  } else if (t[0] == 'M' && t[1] == 'M') {
+    little = false;
+  } else {
+    return 1;
+  }
+  auto u16 = [&](uint64_t at) { return little ? le16(t + at) : be16(t + at); };
+  auto u32 = [&](uint64_t at) { return little ? le32(t + at) : be32(t + at); };
+  if (u16(2) != 42) return 1;
+  const uint64_t ifd = u32(4);
+  if (ifd + 2 > n) return 1;
+  const uint32_t count = u16(ifd);
+  for (uint32_t i = 0; i < count; ++i) {
+    const uint64_t at = ifd + 2 + 12 * uint64_t(i);
+    if (at + 12 > n) return 1;
+    if (u16(at) == 0x0112) {
+      const uint32_t value = u16(at + 8);
+      return u16(at + 2) == 3 && u32(at + 4) == 1 && value >= 1 && value <= 8 ? int(value) : 1;
+    }
+  }
+  return 1;
+}
+
+bool starts_with(const uint8_t* p, size_t n, const char* prefix, size_t k) {
+  return n >= k && std::memcmp(p, prefix, k) == 0;
+}
+
+const char kExif[] = "Exif\0";  // with the terminating NUL: 6 bytes
+
+// A tRNS chunk of `len` bytes: the palette's alphas, or the one transparent gray / RGB colour. The
+// variants the two decoders read differently (or one refuses) are refused.
+void png_transparency(Header& h, const uint8_t* body, uint64_t len, bool idat, bool again, int64_t palette) {
+  if (idat) return h.refuse("PNG transparency chunk (tRNS) after the image data");
+  if (again) return h.refuse("PNG with more than one transparency chunk (tRNS)");
+  const int color = h.png_color, depth = h.png_depth;
+  if (color == 3) {
+    if (palette < 0) return h.refuse("PNG transparency chunk (tRNS) before the palette");
+    if (int64_t(len) > palette) return h.refuse("PNG transparency chunk (tRNS) longer than the palette");
+    h.alpha = true;
+  } else if (color == 0 || color == 2) {
+    const uint64_t channels = color == 0 ? 1 : 3;
+    if (len != 2 * channels) return h.refuse("PNG transparency chunk (tRNS) of the wrong length");
+    uint32_t most = 0;
+    for (uint64_t c = 0; c < channels; ++c) most = std::max(most, be16(body + 2 * c));
+    if ((depth != 1 && depth != 2 && depth != 4 && depth != 8 && depth != 16) || most >= (1u << depth))
+      return h.refuse("PNG transparent colour (tRNS) out of range for the bit depth");
+    if (depth == 16 && color == 2) return h.refuse("16-bit RGB PNG with a transparent colour (tRNS) is not supported");
+    h.png_key = true;
+    h.alpha = true;
+  } else {
+    h.refuse("PNG transparency chunk (tRNS) on an image with an alpha channel");
+  }
+}
+
 Header probe_png(const std::vector<uint8_t>& d) {
   const size_t n = d.size();
   if (n < 33) throw Unreadable{"truncated"};  // signature + the IHDR chunk
@@ -166,13 +241,17 @@ Header probe_png(const std::vector<uint8_t>& d) {
   h.width = be32(&d[16]);
   h.height = be32(&d[20]);
   h.png_depth = d[24];
+  h.png_color = d[25];
+  h.alpha = h.png_color == 4 || h.png_color == 6;
   h.truncated = true;
   // every chunk whole, up to IEND; the checksums of the chunks before the image data (Pillow checks
   // them, stb_image does not); no critical chunk stb_image does not know (Pillow skips them)
   uint64_t pos = 8;
-  bool idat = false;
+  bool idat = false, trns = false, exif = false;
+  int64_t palette = -1;
   while (pos + 8 <= n) {
-    const uint64_t end = pos + 12 + be32(&d[pos]);
+    const uint64_t length = be32(&d[pos]);
+    const uint64_t end = pos + 12 + length;
     if (end > n) break;
     const uint8_t* kind = &d[pos + 4];
     if (std::memcmp(kind, "IEND", 4) == 0) {
@@ -183,8 +262,19 @@ Header probe_png(const std::vector<uint8_t>& d) {
     if (!idat && crc32(kind, size_t(end - 4 - (pos + 4))) != be32(&d[end - 4]))
       throw Unreadable{"bad checksum in a PNG chunk before the image data"};
     if (!(kind[0] & 0x20) && std::memcmp(kind, "IHDR", 4) != 0 && std::memcmp(kind, "PLTE", 4) != 0 &&
-        std::memcmp(kind, "IDAT", 4) != 0 && h.unsupported.empty())
-      h.unsupported = "PNG with an unknown critical chunk";
+        std::memcmp(kind, "IDAT", 4) != 0)
+      h.refuse("PNG with an unknown critical chunk");
+    const uint8_t* body = &d[pos + 8];
+    if (std::memcmp(kind, "PLTE", 4) == 0 && !idat && palette < 0) {
+      palette = int64_t(length / 3);
+    } else if (std::memcmp(kind, "eXIf", 4) == 0 && !idat && !exif) {
+      exif = true;
+      const bool prefixed = starts_with(body, length, kExif, 6);
+      h.orientation = exif_orientation(body + (prefixed ? 6 : 0), size_t(length - (prefixed ? 6 : 0)));
+    } else if (std::memcmp(kind, "tRNS", 4) == 0) {
+      png_transparency(h, body, length, idat, trns, palette);
+      trns = true;
+    }
     pos = end;
   }
   return h;
@@ -204,6 +294,9 @@ Header probe_jpeg(const std::vector<uint8_t>& d) {
   size_t pos = 2;
   bool have = false, truncated = true;
   int sof = 0;
+  bool scanned = false;   // an SOS seen: the segments after it are not the header's
+  int orientation = 0;    // 0: no EXIF segment yet
+  bool adobe_before_scan = false, adobe_all_cmyk = true, adobe_any = false;
   Header h;
   h.kind = "JPEG";
   while (true) {
@@ -230,9 +323,20 @@ Header probe_jpeg(const std::vector<uint8_t>& d) {
       sof = m - 0xC0;
       have = true;
     }
+    const uint8_t* body = &d[pos + 2];
+    const size_t blen = length - 2;
+    if (m == 0xE1 && !scanned && orientation == 0 && starts_with(body, blen, kExif, 6)) {
+      orientation = exif_orientation(body + 6, blen - 6);
+    } else if (m == 0xEE && starts_with(body, blen, "Adobe", 5)) {
+      // the colour transform of each Adobe APP14 segment (unreadable: not CMYK)
+      adobe_any = true;
+      adobe_all_cmyk = adobe_all_cmyk && blen >= 12 && body[5] == 0 && body[11] == 0;
+      adobe_before_scan = adobe_before_scan || !scanned;
+    }
     pos += length;
     if (m == 0xDA) {  // SOS: skip the entropy-coded data to the next marker that is not FF00 or RSTn
       if (!have) throw Unreadable{"no JPEG frame header (SOF) before the image data"};
+      scanned = true;
       while (true) {
         pos = find_ff(d, pos);
         if (pos + 1 >= n) {
@@ -252,6 +356,8 @@ Header probe_jpeg(const std::vector<uint8_t>& d) {
   }
   if (!have) throw Unreadable{truncated ? "truncated" : "no JPEG frame header (SOF)"};
   h.truncated = truncated;
+  h.orientation = orientation == 0 ? 1 : orientation;
+  h.jpeg_adobe_cmyk = adobe_any && adobe_before_scan && adobe_all_cmyk;
   if (sof != 0 && sof != 1 && sof != 2) {
     h.unsupported = "JPEG coding process SOF" + std::to_string(sof) + " is not supported (only baseline and progressive)";
   } else if (h.jpeg_components != 1 && h.jpeg_components != 3 && h.jpeg_components != 4) {
@@ -287,9 +393,16 @@ Header probe_bmp(const std::vector<uint8_t>& d) {
   if (bpp != 1 && bpp != 4 && bpp != 8 && bpp != 24 && bpp != 32) {
     h.unsupported = std::to_string(bpp) + "-bit BMP is not supported";
   } else if (compression == 3 && bpp == 32) {
-    if (n < 14 + 40 + 12) throw Unreadable{"truncated"};
-    if (le32(&d[54]) != 0xFF0000u || le32(&d[58]) != 0xFF00u || le32(&d[62]) != 0xFFu)
+    if (n < 14 + 40 + (hsz > 40 ? 16 : 12)) throw Unreadable{"truncated"};
+    // the masks follow a 40-byte header, or are in the larger ones (with the alpha mask after them)
+    if (hsz == 56) {  // stb_image reads the masks of this header from the wrong place
+      h.unsupported = "BMP with a 56-byte header and bit fields is not supported";
+    } else if (le32(&d[54]) != 0xFF0000u || le32(&d[58]) != 0xFF00u || le32(&d[62]) != 0xFFu ||
+               (hsz > 40 && le32(&d[66]) != 0 && le32(&d[66]) != 0xFF000000u)) {
       h.unsupported = "BMP with unusual bit fields is not supported";
+    } else {
+      h.alpha = hsz > 40 && le32(&d[66]) == 0xFF000000u;
+    }
   } else if (compression != 0) {
     h.unsupported = "compressed BMP is not supported";
   }
@@ -324,10 +437,11 @@ Header check(const std::string& path, const std::vector<uint8_t>& data) {
   if (std::min(h.width, h.height) < kMinSide)
     throw InputError(path + " is too small (" + wxh + "); use photos of at least " + std::to_string(kMinSide) + " px");
   if (uint64_t(h.width) * uint64_t(h.height) > kMaxPixels)
-    throw InputError(path + " is too large (" + wxh + ", more than 40 Mpx); downscale it first");
-  if (h.kind == "PNG" && h.png_depth == 16) throw InputError(path + " is a 16-bit PNG; save it as an 8-bit PNG or JPEG");
-  if (h.kind == "JPEG" && h.jpeg_components == 4)
-    throw InputError(path + " is a CMYK JPEG; save it as an RGB JPEG or PNG");
+    throw InputError(path + " is too large (" + wxh + ", more than " + std::to_string(kMaxPixels / 1000000) +
+                     " Mpx); downscale it first");
+  if (h.kind == "JPEG" && h.jpeg_components == 4 && !h.jpeg_adobe_cmyk)
+    throw InputError(path + " is a 4-channel JPEG other than Adobe CMYK (YCCK, or no Adobe marker); "
+                     "save it as an RGB JPEG or PNG");
   if (h.kind == "JPEG" && h.jpeg_precision != 8)
     throw InputError(path + " is a " + std::to_string(h.jpeg_precision) + "-bit JPEG; save it as an 8-bit JPEG or PNG");
   if (!h.unsupported.empty()) throw InputError(cannot_read(path, h.unsupported));
@@ -402,9 +516,35 @@ Coeffs resize_coeffs(int n_in, int n_out) {
   return c;
 }
 
-// The s x s square at (left, top) of the [h][w][3] image, resized to size x size, as float32
+// The upright image over the decoded pixels, without a copy: pixel (x, y) of the upright image (RGB
+// first, then any fourth channel) is at px[origin + x * dx + y * dy].
+struct View {
+  const uint8_t* px;
+  std::ptrdiff_t origin, dx, dy;
+  int width, height;  // upright
+  std::ptrdiff_t offset(int x, int y) const { return origin + std::ptrdiff_t(x) * dx + std::ptrdiff_t(y) * dy; }
+};
+
+// The upright view of a stored w x h image of `channels` interleaved channels, for EXIF orientation
+// 1-8 (what runtime/images.py's orient and Pillow's ImageOps.exif_transpose do).
+View upright(const uint8_t* px, int w, int h, int channels, int orientation) {
+  const std::ptrdiff_t c = channels, row = std::ptrdiff_t(w) * c;
+  const std::ptrdiff_t right = std::ptrdiff_t(w - 1) * c, bottom = std::ptrdiff_t(h - 1) * row;
+  switch (orientation) {
+    case 2: return {px, right, -c, row, w, h};             // mirrored left-right
+    case 3: return {px, bottom + right, -c, -row, w, h};   // rotated 180 degrees
+    case 4: return {px, bottom, c, -row, w, h};            // mirrored top-bottom
+    case 5: return {px, 0, row, c, h, w};                  // transposed
+    case 6: return {px, bottom, -row, c, h, w};            // stored turned 90 degrees counter-clockwise
+    case 7: return {px, bottom + right, -row, -c, h, w};   // transversed
+    case 8: return {px, right, row, -c, h, w};             // stored turned 90 degrees clockwise
+    default: return {px, 0, c, row, w, h};
+  }
+}
+
+// The s x s square at (left, top) of the upright image, resized to size x size, as float32
 // v / 127.5 - 1 in [3][size][size].
-FTensor crop_resize(const uint8_t* rgb, int w, int left, int top, int s, int size) {
+FTensor crop_resize(const View& img, int left, int top, int s, int size) {
   FTensor out;
   out.shape = {3, size, size};
   out.data.resize(size_t(3) * size_t(size) * size_t(size));
@@ -413,7 +553,7 @@ FTensor crop_resize(const uint8_t* rgb, int w, int left, int top, int s, int siz
     for (int y = 0; y < s; ++y)
       for (int x = 0; x < s; ++x)
         for (int ch = 0; ch < 3; ++ch) {
-          const double v = rgb[(size_t(top + y) * size_t(w) + size_t(left + x)) * 3 + size_t(ch)];
+          const double v = img.px[img.offset(left + x, top + y) + ch];
           out.data[size_t(ch) * plane + size_t(y) * size_t(size) + size_t(x)] = float(v / 127.5 - 1.0);
         }
     return out;
@@ -422,16 +562,15 @@ FTensor crop_resize(const uint8_t* rgb, int w, int left, int top, int s, int siz
   // horizontal pass: [s rows][size][3] float64
   std::vector<double> across(size_t(s) * size_t(size) * 3);
   for (int y = 0; y < s; ++y) {
-    const uint8_t* row = rgb + (size_t(top + y) * size_t(w) + size_t(left)) * 3;
     double* dst = &across[size_t(y) * size_t(size) * 3];
     for (int i = 0; i < size; ++i) {
       const double* k = &c.weight[size_t(i) * size_t(c.taps)];
-      const uint8_t* p = row + size_t(c.first[size_t(i)]) * 3;
+      std::ptrdiff_t o = img.offset(left + c.first[size_t(i)], top + y);
       double a0 = 0.0, a1 = 0.0, a2 = 0.0;
-      for (int t = 0; t < c.count[size_t(i)]; ++t) {
-        a0 += k[t] * double(p[3 * t + 0]);
-        a1 += k[t] * double(p[3 * t + 1]);
-        a2 += k[t] * double(p[3 * t + 2]);
+      for (int t = 0; t < c.count[size_t(i)]; ++t, o += img.dx) {
+        a0 += k[t] * double(img.px[o + 0]);
+        a1 += k[t] * double(img.px[o + 1]);
+        a2 += k[t] * double(img.px[o + 2]);
       }
       dst[3 * i + 0] = a0;
       dst[3 * i + 1] = a1;
@@ -516,11 +655,21 @@ FTensor load_photo(const std::string& path_in, int size) {
     throw InputError(cannot_read(path, stbi_failure_reason()));
   if (w != h.width || ht != h.height)
     throw InputError(cannot_read(path, "decoded as " + std::to_string(w) + "x" + std::to_string(ht)));
-  std::unique_ptr<stbi_uc, decltype(&stbi_image_free)> rgb(
-      stbi_load_from_memory(data.data(), int(data.size()), &w, &ht, &comp, 3), &stbi_image_free);
-  if (!rgb) throw InputError(cannot_read(path, stbi_failure_reason()));
-  const int s = std::min(w, ht);
-  return crop_resize(rgb.get(), w, (w - s) / 2, (ht - s) / 2, s, size);
+  // 16-bit samples come as their high byte; with alpha (stb_image applies a PNG's tRNS), RGBA
+  const int channels = h.alpha ? 4 : 3;
+  std::unique_ptr<stbi_uc, decltype(&stbi_image_free)> px(
+      stbi_load_from_memory(data.data(), int(data.size()), &w, &ht, &comp, channels), &stbi_image_free);
+  if (!px) throw InputError(cannot_read(path, stbi_failure_reason()));
+  if (h.alpha) {  // composited on white in place: round((c a + 255 (255 - a)) / 255), half up
+    stbi_uc* p = px.get();
+    for (size_t i = 0, n = size_t(w) * size_t(ht); i < n; ++i, p += 4) {
+      const uint32_t a = p[3];
+      for (int ch = 0; ch < 3; ++ch) p[ch] = stbi_uc((p[ch] * a + 255 * (255 - a) + 127) / 255);
+    }
+  }
+  const View img = upright(px.get(), w, ht, channels, h.orientation);
+  const int s = std::min(img.width, img.height);
+  return crop_resize(img, (img.width - s) / 2, (img.height - s) / 2, s, size);
 }
 
 FTensor load_photos(const std::string& dir, int size, std::vector<std::string>* names) {
