@@ -180,6 +180,25 @@ def test_kill_9_anywhere_then_resume_is_bitwise_equal(flux, runner, tmp_path):
     _same_lora(tmp_path / "a", tmp_path / "b")
 
 
+@pytest.mark.parametrize("case", ["flux", "sana"])
+def test_the_export_dry_run_counts_the_stream_programs_it_lowers(case, request):
+    """The export's encoder stage sits on what every earlier program lowering left behind: the dry run
+    counts the programs the export lowers (``export_phase.stream_program_count``)."""
+    from tiny_models import build
+
+    from blockskip.export.families import lora_target_names
+    from blockskip.export.memory.export_phase import stream_program_count
+    from blockskip.runtime.backends.torch import blocks_to_run
+
+    root = request.getfixturevalue(case)
+    plan = Plan(**(FLUX_PLAN if case == "flux" else SANA_PLAN))
+    fam = (load_model("tiny-random") if case == "flux" else wrap_model(build("sana"), "sana")).family
+    trained = plan.trained_indices(fam.num_blocks)
+    count = stream_program_count(fam, trained, lora_target_names(fam, trained, plan.lora_targets),
+                                 blocks_to_run(trained, fam.num_blocks, plan.back_residual), plan)
+    assert count == len(list((root / "bundle" / "stream").glob("*.pte")))
+
+
 @pytest.mark.parametrize("who", ["native", "python"])
 def test_sigterm_ends_a_run_like_ctrl_c_and_it_resumes(who, flux, runner, tmp_path):
     """SIGTERM (how Android and service managers stop a process) ends a run with one line and exit code
@@ -265,3 +284,74 @@ def test_memory_check(flux, runner, tmp_path):
     assert "BLOCKSKIP_IGNORE_MEMORY_CHECK" in r.stderr
     env = {**os.environ, "BLOCKSKIP_IGNORE_MEMORY_CHECK": "1"}
     run_native(runner, bundle, cache, tmp_path / "o", "--stop-after", 0, env=env)
+
+
+# --------------------------------------------------------------------------------------------
+# byte-reproducible outputs, one run per folder (tests/test_run_folders.py: the Python side)
+
+
+def test_two_native_runs_write_the_same_bytes(flux, runner, tmp_path):
+    """A second native run (another process) writes the first's LoRA and checkpoint byte for byte, in the
+    canonical form; the LoRA is also the Python streamed span's, byte for byte (one header form)."""
+    from test_run_folders import assert_canonical, sha256
+
+    run_native(runner, flux / "bundle", flux / "cache", tmp_path / "o", "--quiet")
+    for rel in ("lora.safetensors", "checkpoint/checkpoint.safetensors"):
+        assert sha256(tmp_path / "o" / rel) == sha256(flux / "full" / rel), rel
+        assert_canonical(tmp_path / "o" / rel)
+    assert sha256(tmp_path / "o" / "lora.safetensors") == sha256(flux / "py" / "lora.safetensors")
+    with safe_open(tmp_path / "o" / "checkpoint" / "checkpoint.safetensors", "np") as f:
+        text = f.metadata()["log"]
+    log = json.loads(text)
+    assert "step_seconds" not in log and len(log["losses"]) == FLUX_PLAN["steps"]
+    assert text == json.dumps(log, sort_keys=True)  # as Python writes it
+
+
+def test_one_run_per_folder(flux, runner, tmp_path, capsys):
+    """A native run holds OUT and its cache: a second native run, or `device-train`, on either is refused
+    with one line naming its pid; the lock dies with the process."""
+    from test_run_folders import wait_for_locks
+
+    from blockskip.device_train import cli as device_cli
+
+    bundle, cache = _edited_copy(flux, tmp_path, plan=dict(steps=300, checkpoint_every=2))
+    out = tmp_path / "out"
+    proc = subprocess.Popen(command(runner, bundle, cache, out, "--quiet"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for_locks(proc, out, cache)
+        proc.send_signal(signal.SIGSTOP)  # holds the locks for as long as the test needs
+        assert proc.poll() is None
+        r = run_native(runner, bundle, cache, out, check=False)
+        _fails(r, f"output folder '{out}' is in use by another run (pid {proc.pid}); wait for it to end, or "
+                  "choose another output folder with -o")
+        r = run_native(runner, bundle, cache, tmp_path / "other", check=False)
+        _fails(r, f"cache folder '{cache}' is in use by another run (pid {proc.pid}); wait for it to end, or use "
+                  "another --cache folder")
+        assert device_cli.main(["train", str(bundle), "--cache", str(cache), "-o", str(out), "--backend",
+                                "executorch", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"device-train: error: output folder '{out}' is in use by another run (pid {proc.pid}); "
+                       "wait for it to end, or choose another output folder with -o"], err
+    finally:
+        proc.kill()
+        proc.wait()
+    run_native(runner, bundle, cache, out, "--stop-after", 0, "--quiet")  # released with the process
+    assert (out / ".blockskip.lock").read_text().strip() != str(proc.pid)
+
+
+def test_a_killed_runs_temporaries_are_removed(flux, runner, tmp_path):
+    """Taking the locks removes what atomic writes killed mid-way left (the runner's .NAME.XXXXXX.tmp and
+    Python's .NAME.xxxxxxxx.tmp) in OUT, OUT/checkpoint and the cache; nothing else."""
+    bundle, cache = _edited_copy(flux, tmp_path)
+    out = tmp_path / "out"
+    (out / "checkpoint").mkdir(parents=True)
+    temps = [out / ".lora.safetensors.Qx7Rt2.tmp", out / ".train_log.json.k2j4_9ab.tmp",
+             out / "checkpoint" / ".checkpoint.safetensors.aB3xY9.tmp", cache / ".entry_00001.safetensors.ZZ09ab.tmp",
+             cache / ".index.json.p0o9i8u7.tmp"]
+    kept = [out / "notes.tmp", out / ".hidden.tmp", out / "checkpoint" / ".x.12345.tmp", cache / "readme.txt"]
+    for p in temps + kept:
+        p.write_bytes(b"torn")
+    run_native(runner, bundle, cache, out, "--stop-after", 0, "--quiet")
+    assert [p for p in temps if p.exists()] == []
+    assert all(p.read_bytes() == b"torn" for p in kept)

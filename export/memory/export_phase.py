@@ -13,8 +13,8 @@ these stages, and its peak is the largest:
 * ``programs``: the kept parts while each stream program is lowered (``LOWERING_BYTES``).
 * ``encoder``: the kept parts while the photo encoder program is lowered, last: its weights are program
   constants, copied into the serialised program and the buffer it is written from, and with XNNPACK
-  into its delegate blob (``ENCODER_COPIES``), on top of what the earlier lowerings left behind
-  (``LOWERING_RESIDUE_BYTES``).
+  into its delegate blob (``ENCODER_COPIES``), on top of what each earlier lowering left behind
+  (``LOWERING_RESIDUE_BYTES`` a program).
 
 Everything is computed from the model's structure (its meta skeleton), no weights read, on top of the
 process before the export starts (the interpreter, torch, diffusers, the VAE module): ``blockskip-export``
@@ -46,8 +46,11 @@ LIBRARIES_BYTES = 500 * MIB
 #: one stream program's lowering (torch.export, to_edge, memory planning, serialisation, on fake inputs)
 #: above the kept parts, with what the lowerings before it left behind: 80-125 MiB measured
 LOWERING_BYTES = 130 * MIB
-#: what the stream programs' lowerings leave behind when the encoder is lowered (70-120 MiB measured)
-LOWERING_RESIDUE_BYTES = 120 * MIB
+#: what one program's lowering leaves behind, alive after it returns (``gc.collect`` and ``malloc_trim`` free
+#: none of it): the encoder is lowered after every stream program and sits on all of theirs. 70-120 MiB
+#: measured after FLUX.1-dev's 5 and SANA-1.6B's 4 programs, about 300 after SD3.5-medium's 9 (whose export
+#: measured 2300 MiB against 2112 predicted with a flat 120)
+LOWERING_RESIDUE_BYTES = 30 * MIB
 #: quantising a weight's row chunk: the float32 chunk, its quotient, rounded and clamped copies, and the
 #: allocator's cached frees (94 MiB measured over the block and its storage copy, FLUX.1-dev)
 QUANTISE_BYTES = 6 * 4 * ts.CHUNK
@@ -119,6 +122,17 @@ def _block_bytes(fam, sk: nn.Module, i: int, storage: str, weights_dtype: torch.
     return read, _nbytes(ts.block_specs(fam, sk, i, storage))
 
 
+def stream_program_count(fam, trained: list[int], targets: list[str], stop: int, plan: Plan) -> int:
+    """The programs a bundle's stream section lowers (``bundle_writer.stream_section``): each block shape's
+    forward (and VJP, streamed), the head's and the embed program (streamed)."""
+    from blockskip.export.stream_export import stream_layout
+
+    layout = stream_layout(fam, trained, targets, stop)
+    if plan.span != "streamed":
+        return len(layout.shapes)
+    return sum(len(shape.roles) for shape in layout.shapes.values()) + 2
+
+
 def not_modelled(plan: Plan, formats) -> str | None:
     """Why the export of ``plan`` in ``formats`` has no prediction, or None when it has one."""
     if "onnx" in formats:
@@ -164,7 +178,8 @@ def export_dry_run(spec: ModelSpec, plan: Plan, formats=("torch",), weights_dtyp
     stages = {"blocks": blocks, "embed": parts["embed"] + convert, "kept": kept}
     if any(f in PROGRAM_FORMATS for f in formats):
         stages.update(programs=kept + LOWERING_BYTES,
-                      encoder=kept + ENCODER_COPIES[delegate] * parts["encoder"] + LOWERING_RESIDUE_BYTES)
+                      encoder=kept + ENCODER_COPIES[delegate] * parts["encoder"]
+                      + LOWERING_RESIDUE_BYTES * stream_program_count(fam, trained, targets, stop, plan))
     base = LIBRARIES_BYTES if libraries is None else int(libraries)
     stages = {k: base + v for k, v in stages.items()}
     return ExportReport(max(stages.values()), stages, {"libraries": base, "block_read": read,
