@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from blockskip.runtime.backends import get_backend
 from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.checkpoint import CHECKPOINT
 from blockskip.runtime.errors import BlockSkipError
-from blockskip.runtime.files import sha256_file
+from blockskip.runtime.files import cache_lock, ensure_writable_dir, output_lock, sha256_file
 from blockskip.runtime.images import list_images, load_images
 from blockskip.runtime.memory import check_budget
 from blockskip.runtime.progress import Progress
@@ -56,7 +57,11 @@ def run_precompute(bundle_dir, images_dir, cache_dir, backend="torch", quiet=Fal
     if out_dir is not None:
         check_checkpoint_matches(out_dir, source, bundle, backend)
     check_budget(bundle, "precompute")
-    return be.precompute(bundle, images, cache_dir, source=source, progress=Progress(quiet))
+    with contextlib.ExitStack() as held:  # one run per folder: the cache, and OUT when training follows
+        held.enter_context(cache_lock(ensure_writable_dir(cache_dir, "cache folder")))
+        if out_dir is not None:
+            held.enter_context(output_lock(ensure_writable_dir(out_dir)))
+        return be.precompute(bundle, images, cache_dir, source=source, progress=Progress(quiet))
 
 
 def run_train(bundle_dir, cache_dir, out_dir, backend="torch", quiet=False, stop_after=None):

@@ -3,7 +3,10 @@
 Checkpoint (``OUT/checkpoint/checkpoint.safetensors``; torch, executorch, the streamed span and the
 native runner all write it, so each resumes the others' runs): float32 tensors ``param.<peft name>``,
 ``opt.exp_avg.<name>``, ``opt.exp_avg_sq.<name>``, ``opt.step.<name>`` ([1]), metadata ``step`` (the
-optimizer steps done) and ``log`` (JSON: losses, step seconds, the cache identity ...).
+optimizer steps done) and ``log`` (JSON: losses, the cache identity ..., no timings).
+
+Both are written with ``tensorfile.write_tensors`` (the canonical form), so identical runs write
+identical bytes.
 
 LoRA (``OUT/lora.safetensors``): ``transformer.<peft name without .default>``, lora_B multiplied by
 alpha/rank, metadata the bundle's ``lora.metadata`` (peft's config with alpha = rank), so

@@ -19,7 +19,8 @@ from blockskip.runtime.cache import ResidualCache
 from blockskip.runtime.checkpoint import write_lora
 from blockskip.runtime.contract import Trainer
 from blockskip.runtime.errors import BlockSkipError
-from blockskip.runtime.files import atomic_write, ensure_writable_dir
+from blockskip.runtime.files import atomic_write, cache_lock, ensure_writable_dir, output_lock
+from blockskip.runtime.formats import LOG_STEP_SECONDS
 from blockskip.runtime.memory import check_budget, peak_rss_mib, rss_bytes
 from blockskip.runtime.progress import Progress
 from blockskip.runtime.train_loop import run_steps
@@ -54,12 +55,26 @@ def refuse_other_run(path: Path, saved: dict, cache_source: str) -> None:
 def train(bundle: Bundle, cache_dir, out_dir, make_trainer: Callable[[Path], Trainer], *,
           progress: Progress | None = None, stop_after: int | None = None, extra_log: dict | None = None) -> dict:
     """Train the LoRA with the trainer ``make_trainer(out_dir)`` builds; resume from ``OUT/checkpoint``.
-    Returns the log (also written to ``OUT/train_log.json``)."""
+    Returns the log (also written to ``OUT/train_log.json``). Holds the output and cache folders' run
+    locks (``files.folder_lock``) throughout."""
+    ResidualCache(cache_dir).check_complete({"bundle": bundle.manifest_sha256})  # before OUT is made
+    out = ensure_writable_dir(out_dir)
+    with output_lock(out), cache_lock(cache_dir):  # one run per folder
+        return _train(bundle, cache_dir, out, make_trainer, progress=progress, stop_after=stop_after,
+                      extra_log=extra_log)
+
+
+def checkpoint_log(log: dict) -> dict:
+    """The log a checkpoint carries: no timings, so two identical runs write identical checkpoints."""
+    return {k: v for k, v in log.items() if k != LOG_STEP_SECONDS}
+
+
+def _train(bundle: Bundle, cache_dir, out: Path, make_trainer: Callable[[Path], Trainer], *,
+           progress: Progress | None, stop_after: int | None, extra_log: dict | None) -> dict:
     plan = bundle.plan
     progress = progress or Progress(quiet=True)
-    cache = ResidualCache(cache_dir)
+    cache = ResidualCache(cache_dir)  # again, now that no other run can change it
     cache.check_complete({"bundle": bundle.manifest_sha256})
-    out = ensure_writable_dir(out_dir)
     check_budget(bundle, "train")
     start_rss = rss_bytes()  # the runtime before training (the dry run's runtime overhead, measured)
     trainer = make_trainer(out)
@@ -71,8 +86,8 @@ def train(bundle: Bundle, cache_dir, out_dir, make_trainer: Callable[[Path], Tra
     if ckpt.exists():
         start, saved = trainer.load_checkpoint(ckpt)
         refuse_other_run(ckpt, saved, log["cache_source"])
-        log.update({k: v for k, v in saved.items() if k not in ("backend", "resumed_from")})
-        log["losses"], log["step_seconds"] = log["losses"][:start], log["step_seconds"][:start]
+        log.update({k: v for k, v in saved.items() if k not in ("backend", "resumed_from", LOG_STEP_SECONDS)})
+        log["losses"] = log["losses"][:start]  # step_seconds: this process's steps only
     log["resumed_from"] = start
     log.update(extra_log or {})
     if start:
@@ -111,7 +126,7 @@ def train(bundle: Bundle, cache_dir, out_dir, make_trainer: Callable[[Path], Tra
             check_lora_moves(trainer, lora, first["entry"], first["before"])
 
     def save(step: int) -> None:
-        trainer.save_checkpoint(ckpt, step, log)
+        trainer.save_checkpoint(ckpt, step, checkpoint_log(log))
 
     run_steps(cache, plan, log, bar, start=start, end=end, load_entry=lambda c, k: trainer.load_entry(c.path(k)),
               micro_step=checked_micro_step, update=update, save_checkpoint=save)

@@ -33,3 +33,7 @@ class CacheError(BlockSkipError):
 
 class OutputError(BlockSkipError):
     """An output folder cannot be created or written."""
+
+
+class FolderInUseError(OutputError):
+    """Another run holds the output or cache folder (its pid is in the message)."""

@@ -49,6 +49,14 @@ CHECKPOINT_DIR = "checkpoint"  # OUT/checkpoint/
 CHECKPOINT = "checkpoint.safetensors"  # the shared checkpoint in it
 LORA_FILE = "lora.safetensors"  # OUT/lora.safetensors
 TRAIN_LOG = "train_log.json"  # OUT/train_log.json
+LOCK_FILE = ".blockskip.lock"  # OUT/ and CACHE/: the run's advisory lock (flock), the holder's pid in it
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"  # an atomic write's temporary beside NAME: .NAME.<random>.tmp
+
+# Canonical safetensors files (the LoRA, the checkpoint, cache shards; runtime/tensorfile.py write_tensors,
+# device_train/native/safetensors.cpp): the header is json.dumps(header, sort_keys=True,
+# separators=(",", ":")) (every object's keys sorted, no spaces, ASCII with other characters escaped),
+# ``__metadata__`` only when there is metadata, the tensors' data in name order, the header padded with
+# spaces to a multiple of 8 bytes; so the same tensors and metadata are the same bytes.
 
 # file records (manifest "files", cache index "entries") and program records
 RECORD_FILE, RECORD_SHA256, RECORD_SIZE = "file", "sha256", "size"
@@ -100,7 +108,7 @@ PHOTO_MAX_PIXELS = 40_000_000  # width * height from the header above this is re
 # what formats.h declares, in this order
 CPP_NAMES = (
     "MANIFEST", "SCHEMA_VERSION", "CACHE_INDEX", "SHARD_PREFIX", "SHARD_DIGITS", "SHARD_SUFFIX", "CHECKPOINT_DIR",
-    "CHECKPOINT", "LORA_FILE", "TRAIN_LOG",
+    "CHECKPOINT", "LORA_FILE", "TRAIN_LOG", "LOCK_FILE", "TEMP_PREFIX", "TEMP_SUFFIX",
     "RECORD_FILE", "RECORD_SHA256", "RECORD_SIZE",
     "INDEX_SOURCE", "INDEX_SOURCE_SHA256", "INDEX_SCHEDULE", "INDEX_ENTRIES", "INDEX_MAX_RESIDENT_BLOCKS",
     "INDEX_PEAK_RSS_MIB", "INDEX_START_RSS_MIB", "SOURCE_BUNDLE", "SOURCE_IMAGES", "SCHEDULE_META", "SCHEDULE_ENTRIES",
@@ -423,11 +431,12 @@ class CacheIndex(TypedDict):
 
 @open_record
 class TrainLog(TypedDict):
-    """train_log.json; the checkpoint's ``log`` holds the same up to its step (without the end's keys)."""
+    """train_log.json; the checkpoint's ``log`` holds the same up to its step, without the end's keys and
+    without ``step_seconds`` (timings differ from run to run; the checkpoint does not)."""
     plan: _plan.Plan
     backend: str
     losses: list[float]
-    step_seconds: list[NonNeg]
+    step_seconds: NotRequired[list[NonNeg]]  # train_log.json: each step this process ran
     resumed_from: NonNegInt
     cache_source: Sha256
     peak_rss_mib: NotRequired[NonNeg]

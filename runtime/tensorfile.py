@@ -125,8 +125,61 @@ def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
     return TensorFile(path).arrays
 
 
-def write_tensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write float32/int tensors (names sorted, as safetensors orders them) with string metadata."""
-    from safetensors.numpy import save_file
+# numpy dtype -> safetensors dtype, for writing (a BF16 tensor is written from a torch tensor)
+_CODES = {np.dtype(t): code for t, code in (
+    (np.float64, "F64"), (np.float32, "F32"), (np.float16, "F16"), (np.int64, "I64"), (np.int32, "I32"),
+    (np.int16, "I16"), (np.int8, "I8"), (np.uint64, "U64"), (np.uint32, "U32"), (np.uint16, "U16"),
+    (np.uint8, "U8"), (np.bool_, "BOOL"))}
 
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
+
+def _as_array(name: str, t) -> tuple[str, np.ndarray]:
+    """(safetensors dtype, C-contiguous little-endian array holding the bytes) of a numpy array or a
+    torch tensor (bfloat16: its bits, as uint16)."""
+    if hasattr(t, "detach"):  # torch, without importing it here
+        t = t.detach().cpu().contiguous()
+        if str(t.dtype) == "torch.bfloat16":
+            import torch
+
+            return "BF16", t.view(torch.int16).numpy()
+        t = t.numpy()
+    a = np.asarray(t)
+    if not a.flags.c_contiguous:
+        a = a.copy(order="C")  # (ascontiguousarray would make a scalar 1-d)
+    code = _CODES.get(a.dtype.newbyteorder("="))
+    if code is None:
+        raise TypeError(f"tensor {name!r}: dtype {a.dtype} has no safetensors dtype")
+    return code, a.astype(a.dtype.newbyteorder("<"), copy=False)
+
+
+def canonical_header(entries: dict[str, dict], metadata: dict[str, str] | None) -> bytes:
+    """The header of a canonical file (``runtime.formats``, "canonical safetensors files"): JSON with
+    every object's keys sorted, no spaces, ASCII (other characters escaped), padded with spaces to a
+    multiple of 8 bytes; ``__metadata__`` only when there is metadata."""
+    header = dict(entries)
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return text + b" " * (-len(text) % 8)
+
+
+def write_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write numpy arrays or torch tensors (any dtype safetensors has; bfloat16 from torch) with string
+    metadata as a canonical safetensors file: the same tensors and metadata give the same bytes in every
+    process (the safetensors package writes its metadata in a per-process hash order). The data follows
+    in name order; each tensor's bytes are written from the array, without a copy of the whole file."""
+    if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("safetensors metadata must map strings to strings")
+    if "__metadata__" in tensors:
+        raise ValueError("a tensor cannot be named __metadata__")
+    arrays = {name: _as_array(name, tensors[name]) for name in sorted(tensors)}
+    entries, offset = {}, 0
+    for name, (code, a) in arrays.items():
+        entries[name] = {"dtype": code, "shape": [int(d) for d in a.shape], "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    header = canonical_header(entries, metadata)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for _, a in arrays.values():
+            if a.nbytes:
+                f.write(a.reshape(-1).view(np.uint8).data)

@@ -1,15 +1,21 @@
 #include "common.h"
 
 #include <dirent.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <set>
+
+#include "formats.h"
 
 namespace blockskip {
 
@@ -59,6 +65,93 @@ void remove_flat_dir(const std::string& path) {
   }
   ::rmdir(path.c_str());
 }
+
+// ------------------------------------------------------------------------------------------
+// one run per folder (runtime/files.py folder_lock)
+
+namespace {
+
+// An atomic write's temporary: TEMP_PREFIX NAME "." 6 or more of [A-Za-z0-9_] TEMP_SUFFIX (Python's
+// mkstemp: 8 of [a-z0-9_], ours: 6 of [A-Za-z0-9]).
+bool is_temp_name(const std::string& n) {
+  const std::string pre = formats::kTempPrefix, suf = formats::kTempSuffix;
+  if (n.size() <= pre.size() + suf.size() || n.compare(0, pre.size(), pre) != 0 ||
+      n.compare(n.size() - suf.size(), suf.size(), suf) != 0)
+    return false;
+  const std::string mid = n.substr(pre.size(), n.size() - pre.size() - suf.size());  // NAME.<random>
+  const size_t dot = mid.rfind('.');
+  if (dot == std::string::npos || dot == 0 || mid.size() - dot - 1 < 6) return false;
+  return std::all_of(mid.begin() + long(dot) + 1, mid.end(),
+                     [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; });
+}
+
+// The pid written in a lock file (its holder writes it just after taking the lock).
+std::string lock_holder(const std::string& lock) {
+  for (int i = 0; i < 20; ++i) {
+    std::ifstream f(lock);
+    std::string v;
+    if ((f >> v) && !v.empty() && std::all_of(v.begin(), v.end(), [](char c) { return c >= '0' && c <= '9'; }))
+      return v;
+    ::usleep(10000);
+  }
+  return "unknown";
+}
+
+}  // namespace
+
+void remove_stale_temps(const std::string& folder) {
+  if (DIR* d = ::opendir(folder.c_str())) {
+    while (dirent* e = ::readdir(d)) {
+      const std::string n = e->d_name;
+      struct stat s;
+      const std::string p = join(folder, n);
+      if (is_temp_name(n) && ::lstat(p.c_str(), &s) == 0 && S_ISREG(s.st_mode)) ::unlink(p.c_str());
+    }
+    ::closedir(d);
+  }
+}
+
+void lock_folder(const std::string& folder, const std::string& what, const std::string& hint,
+                 const std::vector<std::string>& temps) {
+  static std::set<std::string> held;  // real paths; a lock lasts until the process ends
+  std::string key = folder;
+  if (char* rp = ::realpath(folder.c_str(), nullptr)) {
+    key = rp;
+    std::free(rp);
+  }
+  if (held.count(key)) return;
+  const std::string lock = join(folder, formats::kLockFile);
+  const int fd = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0)
+    throw InputError("cannot create the lock file of " + what + " '" + folder + "' (" + std::strerror(errno) + "); " +
+                     hint);
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int e = errno;
+    ::close(fd);
+    if (e == EWOULDBLOCK || e == EAGAIN)
+      throw InputError(what + " '" + folder + "' is in use by another run (pid " + lock_holder(lock) +
+                       "); wait for it to end, or " + hint);
+    if (e == ENOLCK || e == EOPNOTSUPP || e == ENOSYS || e == EINVAL) {  // no flock here: go on unlocked
+      held.insert(key);
+      return;
+    }
+    throw InputError("cannot lock " + what + " '" + folder + "' (" + std::strerror(e) + "); " + hint);
+  }
+  const std::string pid = std::to_string(::getpid()) + "\n";
+  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, pid.data(), pid.size(), 0) != ssize_t(pid.size())) {
+    const int e = errno;
+    ::close(fd);
+    throw InputError("cannot write the lock file of " + what + " '" + folder + "' (" + std::strerror(e) + "); " + hint);
+  }
+  held.insert(key);  // the descriptor stays open: closing it would release the lock
+  for (const auto& sub : temps) remove_stale_temps(sub == "." ? folder : join(folder, sub));
+}
+
+void lock_output(const std::string& out) {
+  lock_folder(out, "output folder", "choose another output folder with -o", {".", formats::kCheckpointDir});
+}
+
+void lock_cache(const std::string& cache) { lock_folder(cache, "cache folder", "use another --cache folder"); }
 
 json::Value read_json(const std::string& path, const std::string& what) {
   try {

@@ -29,6 +29,19 @@ std::string join(const std::string& a, const std::string& b);
 void make_dirs(const std::string& path, const std::string& what);
 // Removes a folder and the files directly in it (the stash); errors ignored.
 void remove_flat_dir(const std::string& path);
+// Takes the run lock of `folder` (runtime/files.py folder_lock): an advisory flock on folder/LOCK_FILE,
+// which holds this process's pid and lasts until the process ends, however it ends. Another process
+// holding it is an InputError naming its pid (`what` names the folder, `hint` what to do instead).
+// Taking it removes the temporaries a killed run's atomic writes left in `temps` (subfolders of
+// `folder`, "." for itself). Taking a lock this process holds does nothing. `folder` must exist. On a
+// file system without flock the run goes on unlocked.
+void lock_folder(const std::string& folder, const std::string& what, const std::string& hint,
+                 const std::vector<std::string>& temps = {"."});
+// The run locks of an output folder (it and its checkpoint folder cleaned) and of a cache folder.
+void lock_output(const std::string& out);
+void lock_cache(const std::string& cache);
+// Removes the atomic-write temporaries (.NAME.XXXXXX.tmp) directly in `folder`.
+void remove_stale_temps(const std::string& folder);
 json::Value read_json(const std::string& path, const std::string& what);
 std::string shape_str(const std::vector<int64_t>& s);
 size_t numel(const std::vector<int64_t>& s);

@@ -33,7 +33,9 @@ struct Log {
   std::string cache_source, delegate, lora;  // lora: set once the LoRA is written
   Value extra = Value::object();             // what the run adds at the end (trainer info, peak RSS)
 
-  Value to_json() const {
+  // `timings`: with step_seconds (train_log.json); a checkpoint's log has none, so two identical runs
+  // write identical checkpoints
+  Value to_json(bool timings = true) const {
     Value v = Value::object();
     v.set("plan", plan);
     v.set("backend", Value::string("native"));
@@ -41,7 +43,7 @@ struct Log {
     for (double x : losses) l.push_back(Value::number(x));
     for (double x : step_seconds) s.push_back(Value::number(x));
     v.set(formats::kLogLosses, std::move(l));
-    v.set(formats::kLogStepSeconds, std::move(s));
+    if (timings) v.set(formats::kLogStepSeconds, std::move(s));
     v.set("resumed_from", Value::integer(resumed_from));
     v.set(formats::kLogCacheSource, Value::string(cache_source));
     v.set("delegate", Value::string(delegate));
@@ -50,12 +52,6 @@ struct Log {
     return v;
   }
 };
-
-std::string python_dumps(const Value& v) {
-  json::DumpOptions o;
-  o.python_separators = true;
-  return json::dump(v, o);
-}
 
 std::string number_text(double x) {
   if (std::isnan(x)) return "nan";
@@ -87,7 +83,7 @@ void save_checkpoint(const std::string& dir, std::vector<Param>& params, long lo
     ++i;
   }
   write_safetensors(join(dir, kCheckpoint), std::move(t),
-                    {{formats::kMetaStep, std::to_string(step)}, {formats::kMetaLog, python_dumps(log.to_json())}});
+                    {{formats::kMetaStep, std::to_string(step)}, {formats::kMetaLog, json::dump_python_sorted(log.to_json(false))}});
 }
 
 // Restores weights, optimizer state and the log; returns the step to continue from (0: none).
@@ -144,8 +140,7 @@ long long load_checkpoint(const std::string& dir, std::vector<Param>& params, Lo
     if (out.size() > size_t(step)) out.resize(size_t(step));
   };
   try {
-    numbers(formats::kLogLosses, log.losses);
-    numbers(formats::kLogStepSeconds, log.step_seconds);
+    numbers(formats::kLogLosses, log.losses);  // step_seconds: this process's steps only
   } catch (const json::Error& e) {
     throw InputError("checkpoint " + path + " has a malformed log (" + e.what() + "); delete it to start over");
   }
@@ -220,8 +215,11 @@ void check_checkpoint_source(const std::string& out, const std::string& source_s
 
 int train(const Options& opt) {
   Bundle b = load_bundle(opt.bundle, opt.verify);
-  Cache cache = load_cache(opt.cache, b);
+  load_cache(opt.cache, b);  // refused before OUT is made
   make_dirs(opt.out, "output folder");
+  lock_output(opt.out);  // one run per folder, until this process ends
+  lock_cache(opt.cache);
+  Cache cache = load_cache(opt.cache, b);  // again, now that no other run can change it
   check_budget(b.manifest, "train");
   const double start_rss_mib = double(rss_bytes()) / double(1 << 20);  // the runtime before training
   std::unique_ptr<Trainer> trainer = b.span == "streamed" ? make_streamed_trainer(b, opt.out) : make_resident_trainer(b);

@@ -363,6 +363,11 @@ std::string precompute(const PrecomputeOptions& opt) {
 
   // the cache: resume when it was computed from the same bundle and photos
   make_dirs(opt.cache, "cache folder");
+  lock_cache(opt.cache);  // one run per folder, until this process ends; and OUT when training follows
+  if (!opt.out.empty()) {
+    make_dirs(opt.out, "output folder");
+    lock_output(opt.out);
+  }
   const std::string ipath = join(opt.cache, formats::kCacheIndex);
   Value index;
   if (is_file(ipath)) {

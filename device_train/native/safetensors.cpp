@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "formats.h"
 #include "json.h"
 
 namespace blockskip {
@@ -222,8 +223,11 @@ std::string safetensors_bytes(std::vector<TensorOut> tensors,
     sizes.push_back(n * sizeof(float));
     offset += n * sizeof(float);
   }
+  // the canonical header (runtime/formats.py): Python's json.dumps(header, sort_keys=True,
+  // separators=(",", ":")), keys sorted at every level, ASCII, padded with spaces to a multiple of 8
   json::DumpOptions o;
-  o.ensure_ascii = false;
+  o.sort_keys = true;
+  o.ensure_ascii = true;
   std::string header = json::dump(h, o);
   while (header.size() % 8) header += ' ';  // keeps the data 8-byte aligned
   std::string out;
@@ -243,10 +247,11 @@ void atomic_write(const std::string& path, const void* data, size_t size) {
     dir = slash == 0 ? "/" : path.substr(0, slash);
     base = path.substr(slash + 1);
   }
-  std::string tmpl = (dir == "/" ? "" : dir) + "/." + base + ".XXXXXX.tmp";
+  const std::string suffix = formats::kTempSuffix;
+  std::string tmpl = (dir == "/" ? "" : dir) + "/" + formats::kTempPrefix + base + ".XXXXXX" + suffix;
   std::vector<char> name(tmpl.begin(), tmpl.end());
   name.push_back('\0');
-  int fd = mkstemps(name.data(), 4);
+  int fd = mkstemps(name.data(), int(suffix.size()));
   if (fd < 0) throw std::runtime_error("cannot write in " + dir + ": " + std::strerror(errno));
   std::string tmp(name.data());
   auto fail = [&](const std::string& what) {

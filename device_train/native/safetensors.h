@@ -65,12 +65,15 @@ struct TensorOut {
   const float* data = nullptr;  // float32, numel(shape) values
 };
 
-// The serialized file (header + data) for float32 tensors, in name order.
+// The serialized file (header + data) for float32 tensors, in name order, with the canonical header
+// (runtime/formats.py: keys sorted, no spaces, ASCII, padded to 8 bytes; no __metadata__ when empty):
+// the same tensors and metadata give the bytes runtime/tensorfile.py's write_tensors gives.
 std::string safetensors_bytes(std::vector<TensorOut> tensors,
                               const std::vector<std::pair<std::string, std::string>>& metadata);
 
-// Write `size` bytes to `path` atomically: a temporary file in the same folder, fsync, rename over
-// `path`, fsync the folder. A crash leaves the old file or the new one, never a torn one.
+// Write `size` bytes to `path` atomically: a temporary file in the same folder (.NAME.XXXXXX.tmp, which
+// the next run removes when it takes the folder's lock), fsync, rename over `path`, fsync the folder. A
+// crash leaves the old file or the new one, never a torn one.
 void atomic_write(const std::string& path, const void* data, size_t size);
 inline void atomic_write(const std::string& path, const std::string& data) {
   atomic_write(path, data.data(), data.size());

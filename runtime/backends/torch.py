@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
 from blockskip.runtime.backends.torch_families.latent import enable_tiling, encode_images
@@ -32,6 +32,7 @@ from blockskip.runtime.files import atomic_write
 from blockskip.runtime.memory import peak_rss_mib
 from blockskip.runtime.precompute import blocks_to_run, gaps, record_boundary, residual_gaps, valid_shard
 from blockskip.runtime.progress import Progress
+from blockskip.runtime.tensorfile import write_tensors
 
 torch_dtype = DTYPES.__getitem__
 
@@ -82,7 +83,7 @@ def precompute_with(bundle: Bundle, images: np.ndarray, cache_dir, *, source: di
         entries = compute_entries(store, latents, text, [schedule[k] for k in ks], plan,
                                   bundle.manifest["vae_factor"], bundle.trained, bar)
         for k, tensors in zip(ks, entries):
-            atomic_write(cache.root / cache.shard_name(k), lambda tmp, t=tensors: save_file(t, tmp))
+            atomic_write(cache.root / cache.shard_name(k), lambda tmp, t=tensors: write_tensors(tmp, t))
             cache.record(k)
             cache.flush()
             bar.update(1, entry=k)

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from blockskip.runtime.errors import BlockSkipError
 from blockskip.runtime.files import atomic_write
+from blockskip.runtime.tensorfile import write_tensors
 
 ADAPTER = "default"
 
@@ -72,7 +73,7 @@ def save_checkpoint(path: Path, model, opt: torch.optim.Optimizer, step: int, lo
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = checkpoint_tensors(model, opt)
     meta = {"step": str(step), "log": json.dumps(log, sort_keys=True)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: write_tensors(tmp, tensors, meta))
 
 
 def restore_checkpoint(path: Path, model, opt: torch.optim.Optimizer) -> tuple[int, dict]:
