@@ -125,7 +125,6 @@ class ProgramPeaks:
             self.get(traced, how, round_to)
         return self.mem[key]
 
-
     def encoder(self, encoder_spec: dict, shape: tuple, delegate: str) -> tuple[int, int]:
         """(arena, delegate workspace) of the photo encoder program for inputs of ``shape``."""
         from executorch import version as et_version
