@@ -20,7 +20,8 @@ then runs, for BlockSkip 50% (``split_for``) at s_max/2 crops of s_max photos, a
   sampling), bfloat16, with and without gradient checkpointing, and with an nf4 base (QLoRA), through
   the same torch runtime (peft LoRA layers).
 
-Each phase's measurement is its process's peak RSS (``wait4``'s ``ru_maxrss``); the prediction is the
+Each phase's measurement is its process's peak RSS (``wait4``'s ``ru_maxrss``, the phase started by a
+small launcher process: ``LAUNCHER``); the prediction is the
 dry run of the bundle's plan for that format (tensors, no device overhead) plus the process's RSS before
 the phase started (the interpreter and libraries, or the native runner's), and for the export the export
 phase's prediction (``export/memory/export_phase.py``). Prints a markdown table and writes it to
