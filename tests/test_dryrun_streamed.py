@@ -237,24 +237,17 @@ def test_the_encoder_stage_is_what_a_run_of_the_encoder_program_holds(tmp_path):
     (32 channels: +18%; XNNPACK's NHWC copies at its calls' boundaries and conv indirection buffers)."""
     pytest.importorskip("executorch.exir")
     import torch
-    from diffusers import AutoencoderDC
+    from tiny_models import tiny_vae
 
     from blockskip.export.graphs import EncoderGraph
     from blockskip.export.memory.dryrun import ModelSpec
     from blockskip.export.memory.streamed import ProgramPeaks, encoder_stage
     from blockskip.export.pte_export import inference_program
 
-    torch.manual_seed(0)
-    vae = AutoencoderDC(in_channels=3, latent_channels=8, attention_head_dim=8,
-                        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-                        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-                        encoder_block_out_channels=(128, 256, 256), decoder_block_out_channels=(8, 16, 16),
-                        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
-                        encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
-                        upsample_block_type="interpolate", downsample_block_type="pixel_unshuffle",
-                        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41).eval()
+    # SANA's DC-AE: 128 channels at full resolution, pixel-unshuffle downsampling
+    vae = tiny_vae("AutoencoderDC", 8, encoder_channels=(128, 256, 256), downsample="pixel_unshuffle").eval()
     enc_spec = {"class": "AutoencoderDC", "config": dict(vae.config), "scaling_factor": 0.41, "shift_factor": None}
-    side = 384  # SANA's DC-AE: 128 channels at full resolution, pixel-unshuffle downsampling
+    side = 384
     spec = ModelSpec(family=None, encoder_spec=enc_spec, prompt_shapes={}, vae_factor=4)
     cats = encoder_stage(spec, Plan(s_min=side // 2, s_max=side), 1, "xnnpack", ProgramPeaks(persist=False))
     assert cats["cache"] >= 3 * side * side * 4  # the photo

@@ -14,18 +14,9 @@ from blockskip.runtime.tiles import encode_photos, encode_tiled, tile_shapes, ti
 
 
 def _dc():
-    from diffusers import AutoencoderDC
+    from tiny_models import tiny_vae
 
-    torch.manual_seed(0)
-    kw = dict(in_channels=3, latent_channels=4, attention_head_dim=8,
-              encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-              decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-              encoder_block_out_channels=(8, 16, 16), decoder_block_out_channels=(8, 16, 16),
-              encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
-              encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
-              upsample_block_type="interpolate", downsample_block_type="Conv", decoder_norm_types="rms_norm",
-              decoder_act_fns="silu", scaling_factor=0.41)
-    vae = AutoencoderDC(**kw).eval()
+    vae = tiny_vae("AutoencoderDC", 4).eval()
     spec = {"class": "AutoencoderDC", "config": dict(vae.config), "scaling_factor": 0.41, "shift_factor": None}
     return vae, spec
 

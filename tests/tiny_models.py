@@ -41,8 +41,9 @@ def build(name: str, seed: int = 0):
     return model
 
 
-def tiny_vae(kind: str, latent_channels: int):
-    """A tiny VAE of the class each family ships with (FLUX and SD3: AutoencoderKL; SANA: DC-AE)."""
+def tiny_vae(kind: str, latent_channels: int, encoder_channels=(8, 16, 16), downsample: str = "Conv"):
+    """A tiny VAE of the class each family ships with (FLUX and SD3: AutoencoderKL; SANA: DC-AE; its
+    encoder's widths and downsampling may be given)."""
     from diffusers import AutoencoderDC, AutoencoderKL
 
     torch.manual_seed(0)
@@ -54,10 +55,10 @@ def tiny_vae(kind: str, latent_channels: int):
     return AutoencoderDC(in_channels=3, latent_channels=latent_channels, attention_head_dim=8,
                          encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
                          decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-                         encoder_block_out_channels=(8, 16, 16), decoder_block_out_channels=(8, 16, 16),
+                         encoder_block_out_channels=encoder_channels, decoder_block_out_channels=(8, 16, 16),
                          encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
                          encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
-                         upsample_block_type="interpolate", downsample_block_type="Conv",
+                         upsample_block_type="interpolate", downsample_block_type=downsample,
                          decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41)
 
 
