@@ -42,7 +42,8 @@ from blockskip.runtime.tensorfile import DTYPES
 
 # files
 MANIFEST = "manifest.json"  # the bundle's manifest
-SCHEMA_VERSION = 1  # manifest.json's schema_version
+SCHEMA_VERSION = 2  # manifest.json's schema_version (2: the manifest carries its integrity record)
+MANIFEST_SHA256 = "canonical_sha256"  # manifest.json: sha256 of the canonical form of the rest (manifest_digest)
 CACHE_INDEX = "index.json"  # the cache's index
 SHARD_PREFIX, SHARD_DIGITS, SHARD_SUFFIX = "entry_", 5, ".safetensors"  # shard k: entry_00007.safetensors
 CHECKPOINT_DIR = "checkpoint"  # OUT/checkpoint/
@@ -89,6 +90,7 @@ ADAM_STEP, ADAM_EXP_AVG, ADAM_EXP_AVG_SQ = "step", "exp_avg", "exp_avg_sq"  # Ad
 ADAMW_STATE = (ADAM_STEP, ADAM_EXP_AVG, ADAM_EXP_AVG_SQ)
 OPT_STEP, OPT_EXP_AVG, OPT_EXP_AVG_SQ = (f"{OPT}{k}." for k in ADAMW_STATE)
 META_STEP, META_LOG = "step", "log"  # checkpoint metadata: optimizer steps done, the run's log (JSON)
+META_SHA256 = "sha256"  # checkpoint metadata: sha256 of the file the same tensors and other metadata make
 
 # the train log (and the checkpoint's log)
 LOG_CACHE_SOURCE, LOG_LOSSES, LOG_STEP_SECONDS = "cache_source", "losses", "step_seconds"
@@ -105,9 +107,18 @@ SCHEDULE_RNG = RNG  # manifest schedule.rng / index schedule.meta.rng
 PHOTO_MIN_SIDE = 64  # a photo whose shorter side (as stored) is below this is refused
 PHOTO_MAX_PIXELS = 40_000_000  # width * height from the header above this is refused before decoding (whole Mpx)
 
+# bounds on what a manifest, index or checkpoint may ask for (a reader refuses more before any work)
+MAX_SAMPLES = 100_000  # schedule entries (K)
+MAX_IMAGES = 100_000  # photos in a cache
+MAX_STEPS = 10_000_000  # optimizer steps
+MAX_GRAD_ACCUM = 10_000  # micro-steps per optimizer step
+MAX_RANK = 4096  # LoRA rank
+MAX_SIDE = 16_384  # px: s_min, s_max, granularity
+MAX_JSON_DEPTH = 64  # nesting of a JSON document (the deepest declared one nests 10 levels)
+
 # what formats.h declares, in this order
 CPP_NAMES = (
-    "MANIFEST", "SCHEMA_VERSION", "CACHE_INDEX", "SHARD_PREFIX", "SHARD_DIGITS", "SHARD_SUFFIX", "CHECKPOINT_DIR",
+    "MANIFEST", "SCHEMA_VERSION", "MANIFEST_SHA256", "CACHE_INDEX", "SHARD_PREFIX", "SHARD_DIGITS", "SHARD_SUFFIX", "CHECKPOINT_DIR",
     "CHECKPOINT", "LORA_FILE", "TRAIN_LOG", "LOCK_FILE", "TEMP_PREFIX", "TEMP_SUFFIX",
     "RECORD_FILE", "RECORD_SHA256", "RECORD_SIZE",
     "INDEX_SOURCE", "INDEX_SOURCE_SHA256", "INDEX_SCHEDULE", "INDEX_ENTRIES", "INDEX_MAX_RESIDENT_BLOCKS",
@@ -115,10 +126,11 @@ CPP_NAMES = (
     "ENTRY_IN", "ENTRY_CONST", "ENTRY_DELTA", "ENTRY_TARGET", "STATE_HIDDEN",
     "STATE", "CONST", "GRAD", "WEIGHT", "LORA", "OUT", "GRAD_IN", "LORA_GRAD", "LOSS", "LOSS_SCALE",
     "EMBED", "TEXT",
-    "PARAM", "OPT", "OPT_STEP", "OPT_EXP_AVG", "OPT_EXP_AVG_SQ", "META_STEP", "META_LOG",
+    "PARAM", "OPT", "OPT_STEP", "OPT_EXP_AVG", "OPT_EXP_AVG_SQ", "META_STEP", "META_LOG", "META_SHA256",
     "LOG_CACHE_SOURCE", "LOG_LOSSES", "LOG_STEP_SECONDS",
     "LORA_PREFIX", "PEFT_ADAPTER", "LORA_A", "LORA_B", "LORA_META_FORMAT", "LORA_META_ADAPTER",
     "SCHEDULE_RNG", "PHOTO_MIN_SIDE", "PHOTO_MAX_PIXELS",
+    "MAX_SAMPLES", "MAX_IMAGES", "MAX_STEPS", "MAX_GRAD_ACCUM", "MAX_RANK", "MAX_SIDE", "MAX_JSON_DEPTH",
 )
 
 
@@ -144,6 +156,24 @@ def source_digest(source: dict | None) -> str:
     return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
 
 
+def canonical_json(obj) -> bytes:
+    """The canonical form of a JSON document: ``json.dumps(obj, sort_keys=True, separators=(",", ":"))``
+    (ASCII, other characters escaped; floats as Python's repr). The C++ runner writes the same bytes for a
+    document it parsed (json.h ``dump_canonical``)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The manifest's integrity record: sha256 of the canonical form of the manifest without
+    ``MANIFEST_SHA256``. The exporter writes it (``seal_manifest``); every reader checks it first."""
+    return hashlib.sha256(canonical_json({k: v for k, v in manifest.items() if k != MANIFEST_SHA256})).hexdigest()
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """``manifest`` with its integrity record (a changed manifest must be sealed again to be read)."""
+    return {**{k: v for k, v in manifest.items() if k != MANIFEST_SHA256}, MANIFEST_SHA256: manifest_digest(manifest)}
+
+
 # ------------------------------------------------------------------------------------------------
 # Declarations. Annotated[..., {...}] adds JSON Schema keywords; a class in OPEN may hold keys beyond
 # the declared ones (sections that vary by family, format or backend), every other record is closed.
@@ -155,6 +185,8 @@ NonNeg = Annotated[float, {"minimum": 0}]
 Positive = Annotated[float, {"exclusiveMinimum": 0}]
 Identifier = Annotated[str, {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}]
 Decimal = Annotated[str, {"pattern": "^(0|[1-9][0-9]*)$"}]
+Samples = Annotated[int, {"minimum": 1, "maximum": MAX_SAMPLES}]
+Side = Annotated[int, {"minimum": 1, "maximum": MAX_SIDE}]
 
 
 class JsonText:
@@ -185,10 +217,10 @@ class FileRecord(TypedDict):
 
 class ScheduleParams(TypedDict):
     """The patch schedule's parameters (``PatchSchedule.build`` takes them with the photos' count)."""
-    num_samples: PosInt
-    s_min: PosInt
-    s_max: PosInt
-    granularity: PosInt
+    num_samples: Samples
+    s_min: Side
+    s_max: Side
+    granularity: Side
     seed: NonNegInt
     patch_sampling: bool
     shift: Positive
@@ -224,7 +256,7 @@ class LoraMetadata(TypedDict):
 
 class LoraSection(TypedDict):
     """The LoRA: rank, alpha (scale alpha/rank), target modules, the LoRA file's metadata."""
-    rank: PosInt
+    rank: Annotated[int, {"minimum": 1, "maximum": MAX_RANK}]
     alpha: Positive
     targets: list[str]
     metadata: LoraMetadata
@@ -382,6 +414,7 @@ class Manifest(TypedDict):
     onnx: NotRequired[OnnxSection]
     memory: NotRequired[MemorySection]
     files: dict[str, FileRecord]
+    canonical_sha256: Annotated[Sha256, "sha256 of the canonical form of the manifest without this key"]
 
 
 # --- the cache -----------------------------------------------------------------------------------
@@ -394,10 +427,10 @@ class CacheSource(TypedDict):
 
 class ScheduleMeta(TypedDict):
     """The realised schedule's parameters (the manifest's, with the photos' count)."""
-    num_images: PosInt
-    s_min: PosInt
-    s_max: PosInt
-    granularity: PosInt
+    num_images: Annotated[int, {"minimum": 1, "maximum": MAX_IMAGES}]
+    s_min: Side
+    s_max: Side
+    granularity: Side
     seed: NonNegInt
     patch_sampling: bool
     shift: Positive
@@ -408,7 +441,7 @@ class ScheduleMeta(TypedDict):
 
 class RealisedSchedule(TypedDict):
     meta: ScheduleMeta
-    entries: list[ScheduleEntry]
+    entries: Annotated[list[ScheduleEntry], {"minItems": 1, "maxItems": MAX_SAMPLES}]
 
 
 class ShardRecord(TypedDict):
@@ -454,6 +487,7 @@ class CheckpointMetadata(TypedDict):
     """The checkpoint's safetensors metadata."""
     step: Decimal
     log: Annotated[str, JsonText(TrainLog)]
+    sha256: Annotated[Sha256, "sha256 of the file the same tensors and the other metadata make"]
 
 
 class TensorHeader(TypedDict):
@@ -473,12 +507,76 @@ class AdamWState(TypedDict):
 
 
 # ------------------------------------------------------------------------------------------------
+# Rules between values, which JSON Schema cannot say: each is (check, a, b), a and b paths into the
+# document (keys, array indices, "*" for every element or value). A rule whose path is absent is skipped
+# (the schema says what is required). The schema carries them as "x-rules"; runtime/schema_check.py and
+# device_train/native/schema.cpp check them after the schema.
+#   lt, le       every a < b, a <= b (numbers)
+#   eq           every a == b (JSON values)
+#   multiple_of  every a is a multiple of b (integers)
+#   index_into   every a (integer) indexes the array b
+#   key_in       every a (string; null skipped) is a key of the object b
+#   same_length  arrays a and b have as many elements
+#   keys_index   every key of object a (a decimal string) indexes the array b
+
+RULE_CHECKS = ("lt", "le", "eq", "multiple_of", "index_into", "key_in", "same_length", "keys_index")
+_PROGRAM_FILES = [["pte", "file"], ["pte", "data"], ["onnx", "file"]]
+RULES: dict[str, list[tuple[str, list, list]]] = {
+    "manifest": [
+        ("multiple_of", ["schedule", "s_min"], ["schedule", "granularity"]),
+        ("multiple_of", ["schedule", "s_max"], ["schedule", "granularity"]),
+        ("le", ["schedule", "s_min"], ["schedule", "s_max"]),
+        *[("eq", ["plan", p], ["schedule", q]) for p, q in (
+            ("s_min", "s_min"), ("s_max", "s_max"), ("num_samples", "num_samples"), ("seed", "seed"),
+            ("patch_sampling", "patch_sampling"), ("timestep_shift", "shift"))],
+        ("eq", ["lora", "rank"], ["plan", "lora_rank"]),
+        ("same_length", ["model", "block_kinds"], ["model", "blocks"]),
+        ("same_length", ["stream", "block_paths"], ["model", "blocks"]),
+        ("index_into", ["model", "trained", "*"], ["model", "blocks"]),
+        ("index_into", ["stream", "train", "*", 0], ["model", "blocks"]),
+        ("index_into", ["stream", "precompute", "*", 0], ["model", "blocks"]),
+        ("key_in", ["stream", "train", "*", 1], ["stream", "shapes"]),
+        ("key_in", ["stream", "precompute", "*", 1], ["stream", "shapes"]),
+        *[("key_in", a, ["files"]) for a in (
+            ["model", "blocks", "*"], ["model", "embed"], ["model", "head"], ["encoder", "file"], ["prompt"],
+            ["stream", "lora_init"], *[["stream", "shapes", "*", "programs", "*", *f] for f in _PROGRAM_FILES],
+            ["pte", "encoder", "programs", "*", "file"], ["onnx", "encoder", "programs", "*", "file"],
+            ["pte", "train", "file"], ["pte", "train", "data"], ["onnx", "train", "files", "*"])],
+    ],
+    "cache_index": [
+        ("multiple_of", ["schedule", "meta", "s_min"], ["schedule", "meta", "granularity"]),
+        ("multiple_of", ["schedule", "meta", "s_max"], ["schedule", "meta", "granularity"]),
+        ("le", ["schedule", "meta", "s_min"], ["schedule", "meta", "s_max"]),
+        ("lt", ["schedule", "entries", "*", "image"], ["schedule", "meta", "num_images"]),
+        ("le", ["schedule", "entries", "*", "t"], ["schedule", "meta", "T"]),
+        ("le", ["schedule", "entries", "*", "side"], ["schedule", "meta", "s_max"]),
+        ("keys_index", ["entries"], ["schedule", "entries"]),
+    ],
+}
+
+
+# ------------------------------------------------------------------------------------------------
 # JSON Schema from the declarations
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 FLOAT_DTYPES = ("F32", "F16", "BF16")  # cache entries: float32 or the plan's dtype
 _PLAN_ENUMS = {"span": _plan.SPANS, "storage": _plan.STORAGE, "weights": _plan.WEIGHTS, "stash": _plan.STASH,
                "optimizer": _plan.OPTIMIZERS, "base_quant": _plan.BASE_QUANT}
+# the plan's values' ranges (plan.validate refuses the same)
+def _range(lo, hi=None, exclusive=False) -> dict:
+    return {"exclusiveMinimum" if exclusive else "minimum": lo, **({"maximum": hi} if hi is not None else {})}
+
+
+_PLAN_RANGES = {"front_skip": _range(0), "back_skip": _range(0), "lora_rank": _range(1, MAX_RANK),
+                "s_min": _range(1, MAX_SIDE), "s_max": _range(1, MAX_SIDE), "num_samples": _range(1, MAX_SAMPLES),
+                "steps": _range(1, MAX_STEPS), "grad_accum": _range(1, MAX_GRAD_ACCUM), "seed": _range(0),
+                "checkpoint_every": _range(1), "precompute_chunk": _range(0, MAX_SAMPLES),
+                "lr": _range(0, exclusive=True), "lora_alpha": _range(0, exclusive=True), "weight_decay": _range(0), "timestep_shift": _range(0, exclusive=True),
+                "positions": {"enum": ["crop", "native"]}, "dtype": {"enum": ["float32", "bfloat16", "float16"]}}
+_RANGES = {_plan.Plan: _PLAN_RANGES,
+           ScheduleEntry: {"index": _range(0, MAX_SAMPLES - 1), "image": _range(0, MAX_IMAGES - 1), "t": _range(1),
+                           "sigma": {"exclusiveMinimum": 0, "maximum": 1}, "side": _range(1, MAX_SIDE),
+                           "top": _range(0, MAX_SIDE), "left": _range(0, MAX_SIDE), "noise_seed": _range(0)}}
 _SIMPLE = {str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null"}
 _DATACLASS_DOCS = {_plan.Plan: "The training plan: every field of runtime/plan.py's Plan, no other.",
                    ScheduleEntry: "One draw of the schedule (runtime/schedule.py's ScheduleEntry)."}
@@ -503,6 +601,8 @@ class _Builder:
                 for name, values in _PLAN_ENUMS.items():
                     nullable = type(None) in typing.get_args(hints[name])
                     props[name] = {"enum": list(values) + ([None] if nullable else [])}
+            for name, extra in _RANGES.get(cls, {}).items():
+                props[name] = {**props[name], **extra} if "enum" not in extra else extra
             out = {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
             return {"description": _DATACLASS_DOCS[cls], **out} if cls in _DATACLASS_DOCS else out
         hints = typing.get_type_hints(cls, include_extras=True)
@@ -579,6 +679,8 @@ def _document(kind: str, title: str, description: str, build) -> dict:
     b = _Builder()
     body = build(b)
     doc = {"$schema": DRAFT, "$id": f"{kind}.schema.json", "title": title, "description": description, **body}
+    if kind in RULES:
+        doc["x-rules"] = [{"check": c, "a": a, "b": b} for c, a, b in RULES[kind]]
     if b.defs:
         doc["$defs"] = {k: b.defs[k] for k in sorted(b.defs)}
     return doc
@@ -689,6 +791,8 @@ def safetensors_header(path: str | Path) -> dict:
 # The written files: docs/schemas/<kind>.schema.json and device_train/native/formats.h
 
 HEADER = Path("device_train") / "native" / "formats.h"
+SCHEMAS_HEADER = "schemas.h"  # beside HEADER: the schemas the C++ runner checks its inputs against
+NATIVE_KINDS = ("manifest", "cache_index", "cache_entry", "checkpoint")  # what the runner reads
 
 
 def schema_text(kind: str) -> str:
@@ -717,11 +821,27 @@ def cpp_header() -> str:
     return "\n".join(lines)
 
 
+def cpp_schemas() -> str:
+    """device_train/native/schemas.h: the JSON Schemas of what the runner reads, as C++ string constants
+    (``kSchema<Kind>``), so the runner checks its inputs against the same declarations."""
+    lines = ["// The JSON Schemas of the formats the runner reads. Generated from runtime/formats.py by",
+             "// `python -m blockskip.runtime.formats --write docs/schemas`; do not edit (docs/formats.md).",
+             "#pragma once", "", "namespace blockskip {", "namespace formats {", ""]
+    for kind in NATIVE_KINDS:
+        text = json.dumps(schema(kind), separators=(",", ":"))
+        if ")schema\"" in text:
+            raise ValueError(f"the {kind} schema holds the raw-string delimiter")
+        lines.append(f"inline constexpr char {_cpp_name('schema_' + kind)}[] = R\"schema({text})schema\";")
+    lines += ["", "}  // namespace formats", "}  // namespace blockskip", ""]
+    return "\n".join(lines)
+
+
 def outputs(schema_dir: str | Path, header: str | Path | None) -> dict[Path, str]:
     """Every generated file and its text."""
     out = {Path(schema_dir) / f"{k}.schema.json": schema_text(k) for k in KINDS}
     if header is not None:
         out[Path(header)] = cpp_header()
+        out[Path(header).parent / SCHEMAS_HEADER] = cpp_schemas()
     return out
 
 

@@ -6,7 +6,8 @@ namespace blockskip {
 namespace formats {
 
 inline constexpr char kManifest[] = "manifest.json";
-inline constexpr int kSchemaVersion = 1;
+inline constexpr int kSchemaVersion = 2;
+inline constexpr char kManifestSha256[] = "canonical_sha256";
 inline constexpr char kCacheIndex[] = "index.json";
 inline constexpr char kShardPrefix[] = "entry_";
 inline constexpr int kShardDigits = 5;
@@ -56,6 +57,7 @@ inline constexpr char kOptExpAvg[] = "opt.exp_avg.";
 inline constexpr char kOptExpAvgSq[] = "opt.exp_avg_sq.";
 inline constexpr char kMetaStep[] = "step";
 inline constexpr char kMetaLog[] = "log";
+inline constexpr char kMetaSha256[] = "sha256";
 inline constexpr char kLogCacheSource[] = "cache_source";
 inline constexpr char kLogLosses[] = "losses";
 inline constexpr char kLogStepSeconds[] = "step_seconds";
@@ -68,6 +70,13 @@ inline constexpr char kLoraMetaAdapter[] = "lora_adapter_metadata";
 inline constexpr char kScheduleRng[] = "splitmix64-v1";
 inline constexpr int kPhotoMinSide = 64;
 inline constexpr int kPhotoMaxPixels = 40000000;
+inline constexpr int kMaxSamples = 100000;
+inline constexpr int kMaxImages = 100000;
+inline constexpr int kMaxSteps = 10000000;
+inline constexpr int kMaxGradAccum = 10000;
+inline constexpr int kMaxRank = 4096;
+inline constexpr int kMaxSide = 16384;
+inline constexpr int kMaxJsonDepth = 64;
 
 }  // namespace formats
 }  // namespace blockskip
