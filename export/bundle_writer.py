@@ -34,13 +34,15 @@ from blockskip.runtime.backends.torch_families.base import tensor_names
 from blockskip.runtime.backends.torch_families.latent import ENCODER_PREFIXES
 from blockskip.runtime.backends.torch_io import tensor_at
 from blockskip.runtime.backends.torch_lora import lora_metadata
-from blockskip.runtime.bundle import SCHEMA_VERSION, file_record
+from blockskip.runtime.bundle import SCHEMA_VERSION, file_record, write_manifest
 from blockskip.runtime.errors import OutputError, PlanError
 from blockskip.runtime.files import ensure_writable_dir
+from blockskip.runtime.formats import seal_manifest
 from blockskip.runtime.memory import return_freed_memory
 from blockskip.runtime.plan import Plan
 from blockskip.runtime.profiles import Profile
 from blockskip.runtime.schedule import RNG as SCHEDULE_RNG
+from blockskip.runtime.schema_check import problem
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -210,7 +212,11 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
             **({"memory": memory} if memory else {}),
             "files": {rel: file_record(tmp, rel) for rel in files},
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_jsonable))
+        manifest = json.loads(json.dumps(manifest, default=_jsonable))
+        bad = problem("manifest", seal_manifest(manifest))
+        if bad:  # the exporter's own mistake: never write a bundle the device would refuse
+            raise RuntimeError(f"the manifest breaks its declared format: {bad}")
+        write_manifest(tmp / "manifest.json", manifest)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

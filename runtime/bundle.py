@@ -10,12 +10,21 @@ import json
 from pathlib import Path
 
 from blockskip.runtime.errors import BundleError
-from blockskip.runtime.files import sha256_file
-from blockskip.runtime.formats import MANIFEST, RECORD_SHA256, RECORD_SIZE, SCHEMA_VERSION
+from blockskip.runtime.files import atomic_write, sha256_file
+from blockskip.runtime.formats import (
+    MANIFEST,
+    MANIFEST_SHA256,
+    RECORD_SHA256,
+    RECORD_SIZE,
+    SCHEMA_VERSION,
+    manifest_digest,
+    seal_manifest,
+)
 from blockskip.runtime.plan import Plan
 from blockskip.runtime.schedule import PatchSchedule
+from blockskip.runtime.schema_check import check, load_json
 
-__all__ = ["SCHEMA_VERSION", "Bundle", "file_record", "safe_relpath"]
+__all__ = ["SCHEMA_VERSION", "Bundle", "file_record", "safe_relpath", "write_manifest"]
 
 
 def safe_relpath(root: Path, rel: str) -> Path:
@@ -31,16 +40,19 @@ class Bundle:
         mpath = self.root / MANIFEST
         if not mpath.is_file():
             raise BundleError(f"{str(self.root)!r} is not a bundle (no manifest.json); make one with blockskip-export")
-        try:
-            self.manifest = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{mpath} is not valid JSON ({e}); export the bundle again") from e
-        v = self.manifest.get("schema_version")
+        again = "export the bundle again"
+        m = load_json(mpath, BundleError, again)
+        if not isinstance(m, dict):
+            raise BundleError(f"{mpath} is not a manifest (a JSON object); {again}")
+        v = m.get("schema_version")
         if v != SCHEMA_VERSION:
-            raise BundleError(f"bundle schema version {v!r} is not supported (expected {SCHEMA_VERSION})")
-        for key in ("family", "plan", "schedule", "files", "model"):
-            if key not in self.manifest:
-                raise BundleError(f"manifest.json has no {key!r}; export the bundle again")
+            raise BundleError(f"bundle schema version {v!r} is not supported (this runtime reads version "
+                              f"{SCHEMA_VERSION}); export the bundle again with this version")
+        if m.get(MANIFEST_SHA256) != manifest_digest(m):
+            raise BundleError(f"{mpath} does not match its integrity record ({MANIFEST_SHA256}): it is corrupt or "
+                              f"was edited; {again}")
+        check("manifest", m, str(mpath), BundleError, again)
+        self.manifest = m
         self._verified: set[str] = set()
 
     @property
@@ -81,6 +93,14 @@ class Bundle:
     def verify_all(self) -> None:
         for rel in self.manifest["files"]:
             self.path(rel)
+
+
+def write_manifest(path: str | Path, manifest: dict) -> dict:
+    """Write ``manifest`` (plain JSON values) sealed with its integrity record, as the exporter does; returns
+    what was written. A tool that changes a manifest writes it with this, or readers refuse it."""
+    sealed = seal_manifest(manifest)
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(sealed, indent=1, allow_nan=False)))
+    return sealed
 
 
 def file_record(root: Path, rel: str) -> dict:

@@ -6,10 +6,10 @@ a cache made for other photos or another bundle is refused instead of silently r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from blockskip.runtime.errors import CacheError
+from blockskip.runtime.errors import BundleError, CacheError
 from blockskip.runtime.files import atomic_write_json, ensure_writable_dir, sha256_file
 from blockskip.runtime.formats import (
     CACHE_INDEX,
@@ -19,11 +19,17 @@ from blockskip.runtime.formats import (
     INDEX_SOURCE_SHA256,
     RECORD_FILE,
     RECORD_SHA256,
+    SCHEDULE_META,
     SOURCE_BUNDLE,
     shard_name,
     source_digest,
 )
 from blockskip.runtime.schedule import PatchSchedule
+from blockskip.runtime.schema_check import check, load_json
+from blockskip.runtime.tensorfile import first_nonfinite, read_header
+
+if TYPE_CHECKING:
+    from blockskip.runtime.bundle import Bundle
 
 
 class ResidualCache:
@@ -32,15 +38,19 @@ class ResidualCache:
         self.index_path = self.root / CACHE_INDEX
         self.index: dict = {}
         if self.index_path.is_file():
-            try:
-                self.index = json.loads(self.index_path.read_text())
-            except json.JSONDecodeError as e:
-                raise CacheError(f"{self.index_path} is corrupt ({e}); delete the cache folder and precompute again") from e
+            again = "delete the cache folder and precompute again"
+            index = load_json(self.index_path, CacheError, again)
+            check("cache_index", index, str(self.index_path), CacheError, again)
+            if index[INDEX_SOURCE_SHA256] != source_digest(index[INDEX_SOURCE]):
+                raise CacheError(f"{self.index_path}: {INDEX_SOURCE_SHA256} is not the digest of {INDEX_SOURCE} (the "
+                                 f"index was edited or is corrupt); {again}")
+            self.index = index
 
     @classmethod
     def create(cls, root, *, source: dict, schedule: PatchSchedule) -> ResidualCache:
         cache = cls(ensure_writable_dir(root, "cache folder"))
-        if cache.index and cache.index.get(INDEX_SOURCE) == source:
+        if cache.index and cache.index[INDEX_SOURCE] == source:
+            cache.check_schedule(schedule)
             return cache  # resume: keep the shards already written
         # the identity is stored, so every reader (the native runner too) takes it as written
         cache.index = {INDEX_SOURCE: source, INDEX_SOURCE_SHA256: source_digest(source),
@@ -55,9 +65,16 @@ class ResidualCache:
         return PatchSchedule.from_json(self.index[INDEX_SCHEDULE])
 
     def source_sha256(self) -> str:
-        """The cache's identity as recorded when it was written (derived for a cache from before that)."""
-        stored = self.index.get(INDEX_SOURCE_SHA256)
-        return stored if isinstance(stored, str) else source_digest(self.index.get(INDEX_SOURCE))
+        """The cache's identity as recorded when it was written."""
+        return self.index[INDEX_SOURCE_SHA256]
+
+    def check_schedule(self, schedule: PatchSchedule) -> None:
+        """The index's realised schedule must be the one the bundle makes for its photos (an index whose
+        schedule was cut or edited would train on part of the cache, or on entries nobody computed)."""
+        if self.index[INDEX_SCHEDULE] != schedule.to_json():
+            raise CacheError(f"{self.index_path}: its schedule is not the one the bundle makes for "
+                             f"{schedule.meta['num_images']} photos (edited or corrupt); delete the cache folder "
+                             "and precompute again")
 
     def shard_name(self, k: int) -> str:
         return shard_name(k)
@@ -77,23 +94,37 @@ class ResidualCache:
     def missing(self) -> list[int]:
         return [k for k in range(len(self.schedule)) if not self.has(k)]
 
-    def check_complete(self, source: dict | None = None) -> None:
+    def check_complete(self, bundle: Bundle | None = None) -> None:
+        """Every entry is written; with ``bundle``: the cache was computed for it, with its schedule."""
         if not self.index:
             raise CacheError(f"no cache in {str(self.root)!r}: run `device-train precompute` first")
-        if source is not None and self.index.get(INDEX_SOURCE, {}).get(SOURCE_BUNDLE) != source.get(SOURCE_BUNDLE):
-            raise CacheError("this cache was computed for another bundle; precompute again into a new folder")
+        if bundle is not None:
+            if self.index[INDEX_SOURCE][SOURCE_BUNDLE] != bundle.manifest_sha256:
+                raise CacheError("this cache was computed for another bundle; precompute again into a new folder")
+            self.check_schedule(bundle.schedule(self.index[INDEX_SCHEDULE][SCHEDULE_META]["num_images"]))
         miss = self.missing()
         if miss:
             raise CacheError(f"cache is incomplete ({len(miss)} of {len(self.schedule)} entries missing); "
                              "run `device-train precompute` again to finish it")
 
     def path(self, k: int) -> Path:
-        """Path of shard k after checking its sha256."""
+        """Path of shard k after checking its sha256, its header against the declared format and that every
+        value is finite."""
         rec = self.index[INDEX_ENTRIES].get(str(k))
         if rec is None:
             raise CacheError(f"cache entry {k} is missing; run `device-train precompute` again")
         p = self.root / rec[RECORD_FILE]
+        rebuild = "delete it and run `device-train precompute` again to rebuild it"
         if not p.is_file() or sha256_file(p) != rec[RECORD_SHA256]:
-            raise CacheError(f"cache shard {rec[RECORD_FILE]} does not match its recorded sha256 (corrupt); "
-                             f"delete it and run `device-train precompute` again to rebuild it")
+            raise CacheError(f"cache shard {rec[RECORD_FILE]} does not match its recorded sha256 (corrupt); {rebuild}")
+        try:
+            header, _ = read_header(p, metadata=True)
+            check("cache_entry", header, f"cache shard {rec[RECORD_FILE]}", CacheError, rebuild)
+            bad = first_nonfinite(p)
+        except BundleError as e:
+            raise CacheError(f"cache shard {rec[RECORD_FILE]}: {e}; {rebuild}") from e
+        if bad is not None:
+            raise CacheError(f"cache shard {rec[RECORD_FILE]} holds NaN or Inf values ({bad}): training on it would "
+                             f"make a NaN LoRA. Precompute the cache again; if it happens again, the photos or the "
+                             f"bundle produce them")
         return p

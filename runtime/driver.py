@@ -57,7 +57,7 @@ def train(bundle: Bundle, cache_dir, out_dir, make_trainer: Callable[[Path], Tra
     """Train the LoRA with the trainer ``make_trainer(out_dir)`` builds; resume from ``OUT/checkpoint``.
     Returns the log (also written to ``OUT/train_log.json``). Holds the output and cache folders' run
     locks (``files.folder_lock``) throughout."""
-    ResidualCache(cache_dir).check_complete({"bundle": bundle.manifest_sha256})  # before OUT is made
+    ResidualCache(cache_dir).check_complete(bundle)  # before OUT is made
     out = ensure_writable_dir(out_dir)
     with output_lock(out), cache_lock(cache_dir):  # one run per folder
         return _train(bundle, cache_dir, out, make_trainer, progress=progress, stop_after=stop_after,
@@ -74,7 +74,7 @@ def _train(bundle: Bundle, cache_dir, out: Path, make_trainer: Callable[[Path], 
     plan = bundle.plan
     progress = progress or Progress(quiet=True)
     cache = ResidualCache(cache_dir)  # again, now that no other run can change it
-    cache.check_complete({"bundle": bundle.manifest_sha256})
+    cache.check_complete(bundle)
     check_budget(bundle, "train")
     start_rss = rss_bytes()  # the runtime before training (the dry run's runtime overhead, measured)
     trainer = make_trainer(out)

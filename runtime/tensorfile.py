@@ -8,6 +8,7 @@ size and nothing else.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -59,6 +60,8 @@ class TensorFile:
         if not isinstance(header, dict):
             raise BundleError(f"{self.path} has a malformed safetensors header")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.header: dict[str, dict] = header  # name -> dtype, shape, data_offsets
+        self.data_start = 8 + hlen
         self.buffer = buf
         data = view[8 + hlen:]
         self.arrays: dict[str, np.ndarray] = {}
@@ -88,9 +91,10 @@ class TensorFile:
         return np.asarray(a, dtype=np.float32)
 
 
-def read_header(path: str | Path) -> tuple[dict[str, dict], int]:
+def read_header(path: str | Path, metadata: bool = False) -> tuple[dict[str, dict], int]:
     """A safetensors file's tensor entries (name -> dtype, shape, data_offsets) and the file offset their
-    data starts at, read without the data (a multi-GB model shard, read tensor by tensor)."""
+    data starts at, read without the data (a multi-GB model shard, read tensor by tensor). With
+    ``metadata`` the header keeps its ``__metadata__`` (when the file has one)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -104,11 +108,11 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], int]:
             header = json.loads(f.read(hlen))
     except OSError as e:
         raise BundleError(f"cannot read {path}: {e.strerror}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise BundleError(f"{path} has a malformed safetensors header ({e})") from e
     if not isinstance(header, dict):
         raise BundleError(f"{path} has a malformed safetensors header")
-    header.pop("__metadata__", None)
+    meta = header.pop("__metadata__", None)
     for name, rec in header.items():
         try:
             a, b = (int(x) for x in rec["data_offsets"])
@@ -118,7 +122,38 @@ def read_header(path: str | Path) -> tuple[dict[str, dict], int]:
         count = int(np.prod([int(d) for d in rec["shape"]])) if rec["shape"] else 1
         if not ok or b - a != count * np.dtype(DTYPES[rec["dtype"]][0]).itemsize:
             raise BundleError(f"{path}: tensor {name!r} lies outside the file or has the wrong size")
+    if metadata and meta is not None:
+        header["__metadata__"] = meta
     return header, 8 + hlen
+
+
+# floating dtype -> (the unsigned integer of its width, the exponent bits: all set means Inf or NaN)
+_EXPONENT = {"F32": (np.uint32, 0x7F800000), "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80),
+             "F64": (np.uint64, 0x7FF0000000000000)}
+
+
+def first_nonfinite(path: str | Path, chunk: int = 1 << 20) -> str | None:
+    """The first floating tensor (in name order) holding a NaN or an Inf, or None. Reads each tensor in
+    ``chunk``-byte pieces (a prefetching thread does not hold another copy of the file)."""
+    header, start = read_header(path)
+    with open(path, "rb") as f:
+        for name in sorted(header):
+            rec = header[name]
+            if rec["dtype"] not in _EXPONENT:
+                continue
+            uint, bits = _EXPONENT[rec["dtype"]]
+            item = np.dtype(uint).itemsize
+            a, b = rec["data_offsets"]
+            f.seek(start + a)
+            left, step = b - a, max(item, chunk // item * item)
+            while left > 0:
+                piece = f.read(min(step, left))
+                left -= len(piece)
+                if not piece or len(piece) % item:
+                    raise BundleError(f"{path} is truncated")
+                if np.any(np.frombuffer(piece, dtype=np.dtype(uint).newbyteorder("<")) & uint(bits) == uint(bits)):
+                    return name
+    return None
 
 
 def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
@@ -162,11 +197,7 @@ def canonical_header(entries: dict[str, dict], metadata: dict[str, str] | None) 
     return text + b" " * (-len(text) % 8)
 
 
-def write_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """Write numpy arrays or torch tensors (any dtype safetensors has; bfloat16 from torch) with string
-    metadata as a canonical safetensors file: the same tensors and metadata give the same bytes in every
-    process (the safetensors package writes its metadata in a per-process hash order). The data follows
-    in name order; each tensor's bytes are written from the array, without a copy of the whole file."""
+def _canonical(tensors: dict, metadata: dict[str, str] | None) -> tuple[bytes, dict]:
     if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("safetensors metadata must map strings to strings")
     if "__metadata__" in tensors:
@@ -176,7 +207,25 @@ def write_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | No
     for name, (code, a) in arrays.items():
         entries[name] = {"dtype": code, "shape": [int(d) for d in a.shape], "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
-    header = canonical_header(entries, metadata)
+    return canonical_header(entries, metadata), arrays
+
+
+def canonical_digest(tensors: dict, metadata: dict[str, str] | None = None) -> str:
+    """sha256 of the file ``write_tensors(path, tensors, metadata)`` writes, without writing it."""
+    header, arrays = _canonical(tensors, metadata)
+    h = hashlib.sha256(struct.pack("<Q", len(header)) + header)
+    for _, a in arrays.values():
+        if a.nbytes:
+            h.update(a.reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
+
+
+def write_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write numpy arrays or torch tensors (any dtype safetensors has; bfloat16 from torch) with string
+    metadata as a canonical safetensors file: the same tensors and metadata give the same bytes in every
+    process (the safetensors package writes its metadata in a per-process hash order). The data follows
+    in name order; each tensor's bytes are written from the array, without a copy of the whole file."""
+    header, arrays = _canonical(tensors, metadata)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)

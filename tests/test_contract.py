@@ -26,7 +26,10 @@ from blockskip.device_train.app import run_precompute  # noqa: E402
 from blockskip.export.bundle_writer import export_bundle  # noqa: E402
 from blockskip.export.families import wrap_model  # noqa: E402
 from blockskip.runtime.backends.torch import TorchTrainer  # noqa: E402
-from blockskip.runtime.bundle import Bundle  # noqa: E402
+from blockskip.runtime.bundle import (
+    Bundle,  # noqa: E402
+    write_manifest,
+)
 from blockskip.runtime.cache import source_digest  # noqa: E402
 from blockskip.runtime.driver import train as drive  # noqa: E402
 from blockskip.runtime.plan import Plan  # noqa: E402
@@ -201,7 +204,7 @@ def test_kill_9_anywhere_then_resume_is_bitwise_equal(name, bundles, tmp_path):
     m = json.loads((bundle / "manifest.json").read_text())
     # a longer run, so the kill lands inside it (the native runner and ort take milliseconds a step)
     m["plan"].update(steps=400 if name in ("native", "ort") else 24, checkpoint_every=2)
-    (bundle / "manifest.json").write_text(json.dumps(m))
+    write_manifest(bundle / "manifest.json", m)
     shutil.copytree(root / "cache", tmp_path / "cache")
     _retarget_cache(tmp_path / "cache", bundle)
     # the uninterrupted run, timed from its first checkpoint to its end: the kill lands inside that window

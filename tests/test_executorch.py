@@ -21,7 +21,10 @@ from blockskip.device_train.app import run_precompute, run_train  # noqa: E402
 from blockskip.export.bundle_writer import export_bundle  # noqa: E402
 from blockskip.export.families import load_model, wrap_model  # noqa: E402
 from blockskip.runtime.adamw import AdamW, AdamWConfig  # noqa: E402
-from blockskip.runtime.bundle import Bundle  # noqa: E402
+from blockskip.runtime.bundle import (
+    Bundle,  # noqa: E402
+    write_manifest,
+)
 from blockskip.runtime.plan import Plan  # noqa: E402
 from blockskip.runtime.profiles import load_profile  # noqa: E402
 from blockskip.runtime.tensorfile import read_tensors  # noqa: E402
@@ -139,7 +142,7 @@ def test_grad_accumulation_tracks_torch(streamed, tmp_path, photos):
     shutil.copytree(streamed / "bundle", tmp_path / "bundle")
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     manifest["plan"]["grad_accum"] = 2
-    (tmp_path / "bundle" / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(tmp_path / "bundle" / "manifest.json", manifest)
     run_precompute(tmp_path / "bundle", photos, tmp_path / "cache", quiet=True)
     et = run_train(tmp_path / "bundle", tmp_path / "cache", tmp_path / "et", backend="executorch", quiet=True)
     t = run_train(tmp_path / "bundle", tmp_path / "cache", tmp_path / "t", backend="torch", quiet=True)

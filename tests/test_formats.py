@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import export_and_precompute
 
-from blockskip.runtime import formats
+from blockskip.runtime import formats, schema_check
 from blockskip.runtime.plan import Plan
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -235,7 +235,7 @@ MUTATIONS = {
         "steps as text": _set("2", "plan", "steps"),
         "unknown plan field": _set(1, "plan", "not_a_field"),
         "another generator": _set("mt19937", "schedule", "rng"),
-        "schema version 2": _set(2, "schema_version"),
+        "another schema version": _set(formats.SCHEMA_VERSION + 1, "schema_version"),
         "no lora metadata format": _del("lora", "metadata", "format"),
         "stream.train pair of one": _set([[1]], "stream", "train"),
         "bad file digest": _first_file("sha256", "not-a-digest"),
@@ -299,6 +299,9 @@ def test_mutated_copies_fail(resident, kind, name):
     assert bad != doc
     with pytest.raises(jsonschema.ValidationError):
         formats.validate(kind, bad)
+    # the runtime's own checker (no jsonschema) accepts the original and refuses the copy too
+    assert schema_check.problem(kind, doc) is None
+    assert schema_check.problem(kind, bad) is not None
 
 
 def test_validate_refuses_an_unknown_kind():

@@ -19,7 +19,10 @@ pytest.importorskip("executorch.extension.training", reason="the native runner a
 from blockskip.device_train.app import run_precompute  # noqa: E402
 from blockskip.export.bundle_writer import export_bundle  # noqa: E402
 from blockskip.export.families import load_model  # noqa: E402
-from blockskip.runtime.bundle import Bundle  # noqa: E402
+from blockskip.runtime.bundle import (
+    Bundle,  # noqa: E402
+    write_manifest,
+)
 from blockskip.runtime.cache import ResidualCache, source_digest  # noqa: E402
 from blockskip.runtime.plan import Plan  # noqa: E402
 from blockskip.runtime.profiles import load_profile  # noqa: E402
@@ -257,8 +260,7 @@ def test_bad_inputs_are_refused(trained, runner, tmp_path):
     torch_only = tmp_path / "torch_only"
     torch_only.mkdir()
     m = json.loads((bundle / "manifest.json").read_text())
-    (torch_only / "manifest.json").write_text(json.dumps({**{k: v for k, v in m.items() if k != "pte"},
-                                                          "formats": ["torch"]}))
+    write_manifest(torch_only / "manifest.json", {**{k: v for k, v in m.items() if k != "pte"}, "formats": ["torch"]})
     fails(torch_only, cache, tmp_path / "o2", "--format pte")
     # a cache made for another bundle
     other = tmp_path / "other_cache"

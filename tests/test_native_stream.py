@@ -28,6 +28,7 @@ pytest.importorskip("executorch.extension.pybindings.portable_lib", reason="the 
 from blockskip.device_train.app import run_precompute, run_train  # noqa: E402
 from blockskip.export.bundle_writer import export_bundle  # noqa: E402
 from blockskip.export.families import load_model, wrap_model  # noqa: E402
+from blockskip.runtime.bundle import write_manifest
 from blockskip.runtime.cache import source_digest  # noqa: E402
 from blockskip.runtime.files import sha256_file  # noqa: E402
 from blockskip.runtime.plan import Plan  # noqa: E402
@@ -92,7 +93,7 @@ def _edited_copy(root: Path, dest: Path, plan: dict | None = None, memory: dict 
     m["plan"].update(plan or {})
     if memory is not None:
         m["memory"] = memory
-    (dest / "bundle" / "manifest.json").write_text(json.dumps(m))
+    write_manifest(dest / "bundle" / "manifest.json", m)
     shutil.copytree(root / "cache", dest / "cache")
     idx = json.loads((dest / "cache" / "index.json").read_text())
     idx["source"]["bundle"] = sha256_file(dest / "bundle" / "manifest.json")

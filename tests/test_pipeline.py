@@ -12,7 +12,7 @@ from blockskip.export.bundle_writer import export_bundle
 from blockskip.export.families import load_model
 from blockskip.runtime.backends.torch import TrainedSpan
 from blockskip.runtime.backends.torch_io import BlockStore
-from blockskip.runtime.bundle import Bundle
+from blockskip.runtime.bundle import Bundle, write_manifest
 from blockskip.runtime.cache import ResidualCache
 from blockskip.runtime.plan import Plan
 from blockskip.runtime.profiles import load_profile
@@ -42,9 +42,8 @@ def test_chunked_precompute_gives_the_same_cache(tiny_run, photos, tmp_path):
     m["plan"]["precompute_chunk"] = 2
     b2 = tmp_path / "bundle"
     shutil.copytree(root / "bundle", b2)
-    import json
 
-    (b2 / "manifest.json").write_text(json.dumps(m))
+    write_manifest(b2 / "manifest.json", m)
     run_precompute(b2, photos, tmp_path / "cache", quiet=True)
     for k in range(PLAN["num_samples"]):
         a = load_file(root / "cache" / f"entry_{k:05d}.safetensors")

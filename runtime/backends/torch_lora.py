@@ -8,9 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from blockskip.runtime.checkpoint import read_checkpoint, write_checkpoint
 from blockskip.runtime.errors import BlockSkipError
-from blockskip.runtime.files import atomic_write
-from blockskip.runtime.tensorfile import write_tensors
 
 ADAPTER = "default"
 
@@ -70,23 +69,13 @@ def checkpoint_tensors(model, opt: torch.optim.Optimizer) -> dict[str, torch.Ten
 
 def save_checkpoint(path: Path, model, opt: torch.optim.Optimizer, step: int, log: dict) -> None:
     """The shared checkpoint (``runtime.checkpoint``), from a peft model and its torch optimizer."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = checkpoint_tensors(model, opt)
-    meta = {"step": str(step), "log": json.dumps(log, sort_keys=True)}
-    atomic_write(path, lambda tmp: write_tensors(tmp, tensors, meta))
+    write_checkpoint(path, checkpoint_tensors(model, opt), step, log)
 
 
 def restore_checkpoint(path: Path, model, opt: torch.optim.Optimizer) -> tuple[int, dict]:
     """Restore LoRA weights and optimizer state; return (step, saved log)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata()
-        tensors = load_file(path)
-        step, saved = int(meta["step"]), json.loads(meta["log"])
-    except Exception as e:  # safetensors raises several types on a torn/corrupt file
-        raise BlockSkipError(f"checkpoint {path} is unreadable ({e}); delete it to start over") from e
+    _, step, saved = read_checkpoint(path)  # the declared format, the integrity record, finite values
+    tensors = load_file(path)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k, v in tensors.items():
