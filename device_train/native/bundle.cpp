@@ -1,7 +1,10 @@
 #include "bundle.h"
 
 #include "formats.h"
+#include "rng.h"
 #include "safetensors.h"
+#include "schema.h"
+#include "schemas.h"
 #include "sha256.h"
 
 namespace blockskip {
@@ -24,6 +27,55 @@ std::string Bundle::listed(const std::string& rel) const {
   return p;
 }
 
+namespace {
+
+const char kExportAgain[] = "export the bundle again";
+const char kPrecomputeAgain[] = "delete the cache folder and precompute again";
+
+}  // namespace
+
+void check_manifest(const Value& m, const std::string& path) {
+  if (!m.is_object()) throw FormatError(path + " is not a manifest (a JSON object); " + kExportAgain);
+  const Value* v = m.find("schema_version");
+  if (!v || !v->is_integer_token() || v->number_token() != std::to_string(formats::kSchemaVersion))
+    throw FormatError("bundle schema version " + (v ? json::dump(*v) : std::string("(none)")) +
+                      " is not supported (this runner reads version " + std::to_string(formats::kSchemaVersion) +
+                      "): the bundle was exported by another version; export it again with this version");
+  const Value* rec = m.find(formats::kManifestSha256);
+  bool intact = rec && rec->is_string();
+  if (intact) {
+    Value rest = m;
+    rest.erase(formats::kManifestSha256);
+    try {
+      intact = sha256_hex(json::dump_canonical(rest)) == rec->as_string();
+    } catch (const json::Error&) {
+      intact = false;  // a number out of range: not what the exporter wrote
+    }
+  }
+  if (!intact)
+    throw FormatError(path + " does not match its integrity record (" + formats::kManifestSha256 +
+                      "): it is corrupt or was edited; " + kExportAgain);
+  schema::check_document(formats::kSchemaManifest, m, path, kExportAgain);
+}
+
+Value read_cache_index(const std::string& ipath) {
+  Value idx = read_json(ipath, "cache index", kPrecomputeAgain);
+  schema::check_document(formats::kSchemaCacheIndex, idx, ipath, kPrecomputeAgain);
+  const Value& source = idx.at(formats::kIndexSource);
+  if (idx.at(formats::kIndexSourceSha256).as_string() != sha256_hex(json::dump_python_sorted(source)))
+    throw FormatError(ipath + ": " + formats::kIndexSourceSha256 + " is not the digest of " + formats::kIndexSource +
+                      " (the index was edited or is corrupt); " + kPrecomputeAgain);
+  return idx;
+}
+
+void check_cache_schedule(const Value& index, const Value& expected, const std::string& ipath) {
+  const Value& got = index.at(formats::kIndexSchedule);
+  if (!json::equal(got, expected))
+    throw FormatError(ipath + ": its schedule is not the one the bundle makes for " +
+                      got.at("meta").at("num_images").number_token() + " photos (edited or corrupt); " +
+                      kPrecomputeAgain);
+}
+
 Bundle load_bundle(const std::string& root, bool verify) {
   Bundle b;
   b.root = root;
@@ -31,7 +83,8 @@ Bundle load_bundle(const std::string& root, bool verify) {
   std::string mpath = join(root, formats::kManifest);
   if (!is_dir(root)) throw InputError("bundle folder '" + root + "' does not exist");
   if (!is_file(mpath)) throw InputError("'" + root + "' is not a bundle: it has no manifest.json (make one with blockskip-export)");
-  b.manifest = read_json(mpath, "bundle manifest");
+  b.manifest = read_json(mpath, "bundle manifest", kExportAgain);
+  check_manifest(b.manifest, mpath);
   b.manifest_sha256 = sha256_file(mpath);
   const Value& m = b.manifest;
   try {
@@ -81,21 +134,15 @@ Cache load_cache(const std::string& root, const Bundle& b) {
   std::string ipath = join(root, formats::kCacheIndex);
   if (!is_dir(root)) throw InputError("cache folder '" + root + "' does not exist: run `device-train precompute` first");
   if (!is_file(ipath)) throw InputError("no cache in '" + root + "': run `device-train precompute` first");
-  Value idx = read_json(ipath, "cache index");
+  Value idx = read_cache_index(ipath);
   try {
-    if (!idx.find(formats::kIndexSchedule)) throw InputError("no cache index in '" + root + "': run `device-train precompute` first");
-    const Value null;
-    const Value* source = idx.find(formats::kIndexSource);
-    // the identity as written into the index; a cache from before it was stored: sha256 of Python's
-    // json.dumps(source, sort_keys=True), which is how it was derived
-    const Value* stored = idx.find(formats::kIndexSourceSha256);
-    if (stored && stored->is_string() && stored->as_string().size() == 64)
-      c.source_sha256 = stored->as_string();
-    else
-      c.source_sha256 = sha256_hex(json::dump_python_sorted(source ? *source : null));
-    const Value* bundle_sha = source ? source->find(formats::kSourceBundle) : nullptr;
-    if (!bundle_sha || !bundle_sha->is_string() || bundle_sha->as_string() != b.manifest_sha256)
+    // the identity as written into the index (read_cache_index checked it is the digest of the source)
+    c.source_sha256 = idx.at(formats::kIndexSourceSha256).as_string();
+    if (idx.at(formats::kIndexSource).at(formats::kSourceBundle).as_string() != b.manifest_sha256)
       throw InputError("this cache was computed for another bundle; precompute again into a new folder");
+    const Value& sched = b.manifest.at("schedule");
+    const int64_t n = idx.at(formats::kIndexSchedule).at("meta").at("num_images").as_int("schedule.meta.num_images");
+    check_cache_schedule(idx, schedule_json(sched, n, build_schedule(sched, n)), ipath);
     size_t K = idx.at(formats::kIndexSchedule).at(formats::kScheduleEntries).as_array("schedule.entries").size();
     if (K == 0) throw InputError("the cache's schedule is empty; precompute again");
     const Value* entries = idx.find(formats::kIndexEntries);
@@ -129,18 +176,25 @@ Entry load_entry(const Cache& c, size_t k, bool verify) {
     try {
       return SafetensorsFile::read(c.files[k]);
     } catch (const std::exception& ex) {
-      throw InputError("cache entry " + std::to_string(k) + ": " + ex.what() + rebuild);
+      throw FormatError("cache entry " + std::to_string(k) + ": " + ex.what() + rebuild);
     }
   }();
   if (verify && sha256_hex(f.bytes().data(), f.bytes().size()) != c.digests[k])
-    throw InputError("cache shard " + c.files[k] + " does not match its recorded sha256 (corrupt)" + rebuild);
+    throw FormatError("cache shard " + c.files[k] + " does not match its recorded sha256 (corrupt)" + rebuild);
+  // its header against the declared format, and every value finite (a NaN in the cache makes a NaN LoRA)
+  schema::check_document(formats::kSchemaCacheEntry, f.header(), "cache shard " + c.files[k],
+                         "delete it and run `device-train precompute` again to rebuild it");
+  if (const std::string bad = f.first_nonfinite(); !bad.empty())
+    throw FormatError("cache shard " + c.files[k] + " holds NaN or Inf values (" + bad +
+                      "): training on it would make a NaN LoRA. Precompute the cache again; if it happens again, the "
+                      "photos or the bundle produce them");
   try {
     for (const auto& kv : f.tensors()) {
       const std::string& d = kv.second.dtype;
       if (d == "F32" || d == "F16" || d == "BF16") e.tensors[kv.first] = FTensor{kv.second.shape, f.to_floats(kv.first)};
     }
   } catch (const std::exception& ex) {
-    throw InputError(std::string("cache entry ") + std::to_string(k) + ": " + ex.what() + rebuild);
+    throw FormatError(std::string("cache entry ") + std::to_string(k) + ": " + ex.what() + rebuild);
   }
   return e;
 }

@@ -30,6 +30,19 @@ struct Bundle {
 
 Bundle load_bundle(const std::string& root, bool verify);
 
+// What a manifest passes before anything is taken from it (runtime/bundle.py, in the same order): a JSON
+// object, schema_version formats::kSchemaVersion, its integrity record (formats::kManifestSha256: sha256 of
+// the canonical form of the rest), then its schema and rules. FormatError naming `path` otherwise.
+void check_manifest(const json::Value& m, const std::string& path);
+
+// The cache's index.json read and checked (runtime/cache.py): its schema and rules, and source_sha256 the
+// digest of source. FormatError naming `ipath` otherwise.
+json::Value read_cache_index(const std::string& ipath);
+
+// The index's realised schedule must be exactly `expected`, the schedule the runner builds from the
+// manifest for the index's photo count (an index whose schedule was cut or edited is refused).
+void check_cache_schedule(const json::Value& index, const json::Value& expected, const std::string& ipath);
+
 struct Cache {
   std::string root;
   std::vector<std::string> files;    // shard per schedule entry

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <fstream>
 #include <set>
+#include <sstream>
 
 #include "formats.h"
 
@@ -153,11 +154,15 @@ void lock_output(const std::string& out) {
 
 void lock_cache(const std::string& cache) { lock_folder(cache, "cache folder", "use another --cache folder"); }
 
-json::Value read_json(const std::string& path, const std::string& what) {
+json::Value read_json(const std::string& path, const std::string& what, const std::string& advice) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw InputError(what + " " + path + " cannot be read" + (advice.empty() ? "" : "; " + advice));
+  std::stringstream ss;
+  ss << f.rdbuf();
   try {
-    return json::parse_file(path);
+    return json::parse(ss.str());
   } catch (const json::Error& e) {
-    throw InputError(what + ": " + e.what());
+    throw FormatError(what + " " + path + " is not valid JSON (" + e.what() + ")" + (advice.empty() ? "" : "; " + advice));
   }
 }
 

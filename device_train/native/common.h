@@ -20,6 +20,12 @@ struct UsageError : std::runtime_error {
 struct InputError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+// A damaged input: a document that breaks its declared format (schema.h), a file that does not match its
+// integrity record, non-finite values where numbers are read. Exit status 2, one line naming the file,
+// the key and what to do.
+struct FormatError : InputError {
+  using InputError::InputError;
+};
 
 bool is_file(const std::string& p);
 bool is_dir(const std::string& p);
@@ -42,7 +48,9 @@ void lock_output(const std::string& out);
 void lock_cache(const std::string& cache);
 // Removes the atomic-write temporaries (.NAME.XXXXXX.tmp) directly in `folder`.
 void remove_stale_temps(const std::string& folder);
-json::Value read_json(const std::string& path, const std::string& what);
+// A JSON document (json::parse: no duplicate keys, no NaN/Infinity, nesting bounded); a file that is not
+// one is a FormatError "<what> <path> is not valid JSON (...); <advice>".
+json::Value read_json(const std::string& path, const std::string& what, const std::string& advice = "");
 std::string shape_str(const std::vector<int64_t>& s);
 size_t numel(const std::vector<int64_t>& s);
 

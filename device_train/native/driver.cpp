@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <future>
@@ -15,6 +16,9 @@
 #include "json.h"
 #include "resident.h"
 #include "safetensors.h"
+#include "schema.h"
+#include "schemas.h"
+#include "sha256.h"
 #include "stream.h"
 #include "trainer.h"
 
@@ -82,9 +86,35 @@ void save_checkpoint(const std::string& dir, std::vector<Param>& params, long lo
     }
     ++i;
   }
-  write_safetensors(join(dir, kCheckpoint), std::move(t),
-                    {{formats::kMetaStep, std::to_string(step)}, {formats::kMetaLog, json::dump_python_sorted(log.to_json(false))}});
+  // never a checkpoint holding a NaN or an Inf: the last good one stays
+  for (const auto& x : t)
+    if (!std::all_of(x.data, x.data + numel(x.shape), [](float v) { return std::isfinite(v); }))
+      throw InputError("step " + std::to_string(step) + " made " + x.name + " non-finite; the checkpoint was not "
+                       "written (the last one is kept). Lower --lr when exporting, or check the cache");
+  // the integrity record: sha256 of the file the same tensors and the other metadata make
+  std::vector<std::pair<std::string, std::string>> meta = {
+      {formats::kMetaStep, std::to_string(step)}, {formats::kMetaLog, json::dump_python_sorted(log.to_json(false))}};
+  meta.emplace_back(formats::kMetaSha256, sha256_hex(safetensors_bytes(t, meta)));
+  write_safetensors(join(dir, kCheckpoint), std::move(t), meta);
 }
+
+}  // namespace
+
+void check_checkpoint_file(const SafetensorsFile& f, const std::string& path, const std::string& advice) {
+  Value header = f.header();
+  if (!header.find("__metadata__")) header.set("__metadata__", Value::object());  // as runtime/checkpoint.py reads it
+  schema::check_document(formats::kSchemaCheckpoint, header, "checkpoint " + path, advice);
+  if (f.canonical_sha256(formats::kMetaSha256) != *f.meta(formats::kMetaSha256))
+    throw FormatError("checkpoint " + path + " does not match its integrity record (" + formats::kMetaSha256 +
+                      "): it is corrupt; " + advice);
+  if (const std::string bad = f.first_nonfinite(); !bad.empty()) {
+    std::string a = advice;
+    if (!a.empty()) a[0] = char(std::toupper(static_cast<unsigned char>(a[0])));
+    throw FormatError("checkpoint " + path + " holds NaN or Inf values (" + bad + "); it cannot be resumed. " + a);
+  }
+}
+
+namespace {
 
 // Restores weights, optimizer state and the log; returns the step to continue from (0: none).
 long long load_checkpoint(const std::string& dir, std::vector<Param>& params, Log& log) {
@@ -94,9 +124,10 @@ long long load_checkpoint(const std::string& dir, std::vector<Param>& params, Lo
     try {
       return SafetensorsFile::read(path);
     } catch (const std::exception& e) {
-      throw InputError("checkpoint " + path + " is unreadable (" + e.what() + "); delete it to start over");
+      throw FormatError("checkpoint " + path + " is unreadable (" + e.what() + "); delete " + dir + " to start over");
     }
   }();
+  check_checkpoint_file(f, path, "delete " + dir + " to start over");
   const std::string* step_s = f.meta(formats::kMetaStep);
   const std::string* log_s = f.meta(formats::kMetaLog);
   if (!step_s || !log_s) throw InputError("checkpoint " + path + " has no step/log metadata; delete it to start over");
@@ -177,6 +208,9 @@ void save_lora(const std::string& path, const std::vector<Param>& params, const 
       data = scaled.back().data();
     }
     t.push_back({diffusers_name(p.name), p.shape, data});
+    if (!std::all_of(data, data + p.numel, [](float v) { return std::isfinite(v); }))
+      throw InputError("the trained LoRA holds NaN or Inf values (" + p.name + ", scaled by alpha/rank); it was not "
+                       "written. Lower --lr or lora_alpha when exporting");
   }
   write_safetensors(path, std::move(t), b.lora_metadata);
 }

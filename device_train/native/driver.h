@@ -20,6 +20,14 @@ struct Options {
 // cache (`source_sha256`: the cache's identity), before anything is written.
 void check_checkpoint_source(const std::string& out, const std::string& source_sha256);
 
+class SafetensorsFile;
+
+// What a checkpoint passes before anything is resumed from it (runtime/checkpoint.py): its header against
+// the declared format (the log in its metadata too), its integrity record (metadata formats::kMetaSha256:
+// sha256 of the canonical file the same tensors and the other metadata make) and every value finite.
+// FormatError naming `path` and ending with `advice` otherwise.
+void check_checkpoint_file(const SafetensorsFile& f, const std::string& path, const std::string& advice);
+
 // Exit status 0; throws InputError / std::exception on bad input or a failed run.
 int train(const Options& opt);
 

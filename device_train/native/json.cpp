@@ -7,6 +7,9 @@
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
+#include <unordered_set>
+
+#include "formats.h"
 
 namespace blockskip {
 namespace json {
@@ -137,6 +140,15 @@ Value& Value::set(const std::string& key, Value v) {
   return obj_.back().second;
 }
 
+void Value::append(std::string key, Value v) {
+  if (!is_object()) throw Error("append(\"" + key + "\") on " + type_name(type_));
+  obj_.emplace_back(std::move(key), std::move(v));
+}
+
+bool Value::is_integer_token() const {
+  return is_number() && text_.find_first_of(".eE") == std::string::npos;
+}
+
 bool Value::erase(const std::string& key) {
   if (!is_object()) return false;
   auto it = std::find_if(obj_.begin(), obj_.end(), [&](const auto& kv) { return kv.first == key; });
@@ -209,27 +221,30 @@ class Parser {
     return false;
   }
 
+  // `depth`: the containers around this value (a document's top-level object or array is at depth 0
+  // and nests 1 level); a container that would nest more than formats::kMaxJsonDepth levels is refused
   Value value(int depth) {
-    if (depth > 200) fail("JSON nested too deeply");
     ws();
     if (i_ >= s_.size()) fail("unexpected end of JSON");
     char c = s_[i_];
+    if ((c == '{' || c == '[') && depth >= formats::kMaxJsonDepth)
+      fail("JSON nested deeper than " + std::to_string(formats::kMaxJsonDepth) + " levels");
     if (c == '{') return object(depth);
     if (c == '[') return array(depth);
     if (c == '"') return Value::string(string());
     if (literal("true")) return Value::boolean(true);
     if (literal("false")) return Value::boolean(false);
     if (literal("null")) return Value();
-    // Python's json writes these for non-finite floats
-    if (literal("NaN")) return Value::number(std::nan(""));
-    if (literal("Infinity")) return Value::number(HUGE_VAL);
-    if (literal("-Infinity")) return Value::number(-HUGE_VAL);
+    // NaN, Infinity and -Infinity (what Python's json writes for non-finite floats) are not JSON
+    if (s_.compare(i_, 3, "NaN") == 0 || s_.compare(i_, 8, "Infinity") == 0 || s_.compare(i_, 9, "-Infinity") == 0)
+      fail("NaN and Infinity are not JSON numbers");
     if (c == '-' || (c >= '0' && c <= '9')) return number();
     fail(std::string("unexpected character '") + c + "'");
   }
 
   Value object(int depth) {
     Value v = Value::object();
+    std::unordered_set<std::string> keys;
     ++i_;  // {
     ws();
     if (i_ < s_.size() && s_[i_] == '}') {
@@ -239,12 +254,17 @@ class Parser {
     for (;;) {
       ws();
       if (i_ >= s_.size() || s_[i_] != '"') fail("expected a string key");
+      const size_t key_at = i_;
       std::string key = string();
+      if (!keys.insert(key).second) {
+        i_ = key_at;
+        fail("the key \"" + key + "\" appears twice in an object");
+      }
       ws();
       if (i_ >= s_.size() || s_[i_] != ':') fail("expected ':' after a key");
       ++i_;
       Value item = value(depth + 1);
-      v.set(key, std::move(item));  // a repeated key keeps the last value, as Python's json does
+      v.append(std::move(key), std::move(item));
       ws();
       if (i_ >= s_.size()) fail("unterminated object");
       if (s_[i_] == ',') {
@@ -322,7 +342,26 @@ class Parser {
       if (i_ >= s_.size()) fail("unterminated string");
       char c = s_[i_++];
       if (c == '"') return out;
-      if (static_cast<unsigned char>(c) < 0x20) fail("control character in a string");
+      const unsigned char u = static_cast<unsigned char>(c);
+      if (u < 0x20) fail("control character in a string");
+      if (u >= 0x80) {  // one UTF-8 sequence, as Python's decoder takes it (surrogates allowed: surrogatepass)
+        size_t n = 0;
+        unsigned char lo = 0x80, hi = 0xBF;
+        if (u >= 0xC2 && u <= 0xDF) n = 1;
+        else if (u == 0xE0) n = 2, lo = 0xA0;
+        else if (u >= 0xE1 && u <= 0xEF) n = 2;
+        else if (u == 0xF0) n = 3, lo = 0x90;
+        else if (u >= 0xF1 && u <= 0xF3) n = 3;
+        else if (u == 0xF4) n = 3, hi = 0x8F;
+        else fail("a string is not valid UTF-8");
+        out += c;
+        for (size_t k = 0; k < n; ++k, lo = 0x80, hi = 0xBF) {
+          const unsigned char cc = i_ < s_.size() ? static_cast<unsigned char>(s_[i_]) : 0;
+          if (cc < lo || cc > hi) fail("a string is not valid UTF-8");
+          out += s_[i_++];
+        }
+        continue;
+      }
       if (c != '\\') {
         out += c;
         continue;
@@ -523,7 +562,18 @@ void dump_value(std::string& out, const Value& v, const DumpOptions& o, int leve
   switch (v.type()) {
     case Value::Type::Null: out += "null"; return;
     case Value::Type::Bool: out += v.as_bool() ? "true" : "false"; return;
-    case Value::Type::Number: out += v.number_token(); return;
+    case Value::Type::Number:
+      if (!o.python_numbers) {
+        out += v.number_token();
+      } else if (v.is_integer_token()) {
+        const std::string& t = v.number_token();
+        out += t.find_first_not_of("-0") == std::string::npos ? "0" : t;  // -0 reads as the int 0
+      } else {
+        if (!o.allow_nan && !std::isfinite(v.as_double()))
+          throw Error("a number out of range (" + v.number_token() + ")");
+        out += format_double(v.as_double());
+      }
+      return;
     case Value::Type::String: dump_string(out, v.as_string(), o.ensure_ascii); return;
     case Value::Type::Array: {
       const auto& a = v.as_array();
@@ -582,6 +632,61 @@ std::string dump_python_sorted(const Value& v) {
   o.python_separators = true;
   o.ensure_ascii = true;
   return dump(v, o);
+}
+
+std::string dump_canonical(const Value& v) {
+  DumpOptions o;
+  o.sort_keys = true;
+  o.ensure_ascii = true;
+  o.python_numbers = true;
+  o.allow_nan = false;
+  return dump(v, o);
+}
+
+namespace {
+
+// An integer token's value when it fits int64.
+bool small_int(const Value& v, int64_t& out) {
+  if (!v.is_integer_token()) return false;
+  const std::string& t = v.number_token();
+  auto r = std::from_chars(t.data(), t.data() + t.size(), out);
+  return r.ec == std::errc() && r.ptr == t.data() + t.size();
+}
+
+}  // namespace
+
+bool equal(const Value& a, const Value& b) {
+  using T = Value::Type;
+  if (a.type() != b.type()) return false;
+  switch (a.type()) {
+    case T::Null: return true;
+    case T::Bool: return a.as_bool() == b.as_bool();
+    case T::String: return a.as_string() == b.as_string();
+    case T::Number: {
+      int64_t x = 0, y = 0;
+      if (small_int(a, x) && small_int(b, y)) return x == y;
+      if (a.is_integer_token() && b.is_integer_token()) {  // beyond int64: the same digits
+        auto digits = [](const std::string& t) { return t == "-0" ? std::string("0") : t; };
+        return digits(a.number_token()) == digits(b.number_token());
+      }
+      return a.as_double() == b.as_double();
+    }
+    case T::Array: {
+      if (a.size() != b.size()) return false;
+      for (size_t i = 0; i < a.size(); ++i)
+        if (!equal(a[i], b[i])) return false;
+      return true;
+    }
+    case T::Object: {
+      if (a.size() != b.size()) return false;
+      for (const auto& kv : a.as_object()) {
+        const Value* o = b.find(kv.first);
+        if (!o || !equal(kv.second, *o)) return false;
+      }
+      return true;
+    }
+  }
+  return false;
 }
 
 }  // namespace json

@@ -48,12 +48,15 @@ class Value {
   const std::vector<Value>& as_array(const std::string& what = "value") const;
   const std::vector<std::pair<std::string, Value>>& as_object(const std::string& what = "value") const;
   const std::string& number_token() const { return text_; }
+  // A number written without '.', 'e' or 'E' (JSON Schema's "integer"; Python's json reads it as an int).
+  bool is_integer_token() const;
 
   // Object access. find() returns nullptr when the key is absent (or this is not an object);
   // at() throws json::Error naming the key.
   const Value* find(const std::string& key) const;
   const Value& at(const std::string& key) const;
   Value& set(const std::string& key, Value v);  // replaces an existing key in place
+  void append(std::string key, Value v);         // adds a member without looking for the key
   bool erase(const std::string& key);
 
   // Array access.
@@ -78,12 +81,23 @@ struct DumpOptions {
   bool sort_keys = false;
   bool python_separators = false;  // ", " and ": " on one line, as Python's json.dumps default
   bool ensure_ascii = true;        // escape non-ASCII as \uXXXX, as Python's json.dumps default
+  bool python_numbers = false;     // numbers as Python writes what it read (see dump_canonical)
+  bool allow_nan = true;           // python_numbers: a non-finite number as Infinity (else json::Error)
 };
 
 std::string dump(const Value& v, const DumpOptions& opts = DumpOptions());
 
 // Python's json.dumps(v, sort_keys=True) byte for byte (for hashing what Python hashes).
 std::string dump_python_sorted(const Value& v);
+
+// The canonical form of a document (runtime/formats.py canonical_json): Python's json.dumps(v,
+// sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False) of the document Python's
+// json reads from the same text: integers as written (-0 as 0), other numbers as repr(float) of their
+// value. json::Error for a non-finite number.
+std::string dump_canonical(const Value& v);
+
+// Python's == between the values Python's json reads for `a` and `b` (numbers by value, 1 == 1.0).
+bool equal(const Value& a, const Value& b);
 
 // repr(float) of Python for a finite double (shortest round-trip digits).
 std::string format_double(double d);

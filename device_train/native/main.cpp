@@ -21,6 +21,7 @@
 
 #include <executorch/runtime/platform/platform.h>
 
+#include "bundle.h"
 #include "common.h"
 #include "driver.h"
 #include "images.h"
@@ -28,6 +29,8 @@
 #include "precompute.h"
 #include "rng.h"
 #include "safetensors.h"
+#include "schema.h"
+#include "schemas.h"
 
 namespace {
 
@@ -185,6 +188,58 @@ int photos_command(int argc, char** argv) {
   return 0;
 }
 
+// `check KIND FILE`: the checks the runner makes of what it reads, alone, so tests can hold its verdicts
+// against the Python runtime's: the schema and rules of KIND (+ the integrity record of a manifest or a
+// checkpoint). FILE: the JSON document (manifest, cache_index), or a safetensors file or its header as a
+// JSON document (cache_entry, checkpoint). Prints "ok" (exit 0) or the refusal (exit 2).
+int check_command(int argc, char** argv) {
+  if (argc != 4) throw UsageError("expected KIND FILE");
+  const std::string kind = argv[2], file = argv[3];
+  if (kind != "manifest" && kind != "cache_index" && kind != "cache_entry" && kind != "checkpoint")
+    throw UsageError("KIND must be manifest, cache_index, cache_entry or checkpoint, got '" + kind + "'");
+  try {
+    if (!blockskip::is_file(file)) throw InputError(file + " does not exist");
+    if (kind == "manifest") {
+      blockskip::check_manifest(blockskip::read_json(file, "bundle manifest", "export the bundle again"), file);
+    } else if (kind == "cache_index") {
+      const char* again = "delete the cache folder and precompute again";
+      blockskip::schema::check_document(blockskip::formats::kSchemaCacheIndex, blockskip::read_json(file, "cache index", again),
+                                        file, again);
+    } else {
+      char first = 0;
+      if (FILE* fp = std::fopen(file.c_str(), "rb")) {
+        int c;
+        while ((c = std::fgetc(fp)) != EOF && (c == ' ' || c == '\n' || c == '\t' || c == '\r')) {
+        }
+        first = c == EOF ? 0 : char(c);
+        std::fclose(fp);
+      }
+      const bool header_json = first == '{';
+      if (kind == "cache_entry") {
+        const char* again = "delete it and run `device-train precompute` again to rebuild it";
+        const json::Value h = header_json ? blockskip::read_json(file, "cache shard header", again)
+                                          : blockskip::SafetensorsFile::read(file).header();
+        blockskip::schema::check_document(blockskip::formats::kSchemaCacheEntry, h, "cache shard " + file, again);
+      } else {
+        const std::string again = "delete the checkpoint folder to start over";
+        if (header_json)
+          blockskip::schema::check_document(blockskip::formats::kSchemaCheckpoint,
+                                            blockskip::read_json(file, "checkpoint header", again),
+                                            "checkpoint " + file, again);
+        else
+          blockskip::check_checkpoint_file(blockskip::SafetensorsFile::read(file), file, again);
+      }
+    }
+  } catch (const UsageError&) {
+    throw;
+  } catch (const std::exception& e) {  // every refusal, and a file that is no safetensors file
+    std::printf("%s\n", e.what());
+    return 2;
+  }
+  std::printf("ok\n");
+  return 0;
+}
+
 // `mode`: "train", "run" or "precompute"; argv[first..] are its arguments.
 Options parse_args(int argc, char** argv, int first, const std::string& mode) {
   Options o;
@@ -270,6 +325,14 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
+  if (argc > 1 && std::string(argv[1]) == "check") {
+    try {
+      return check_command(argc, argv);
+    } catch (const UsageError& e) {
+      std::fprintf(stderr, "usage: %s check KIND FILE\n%s: error: %s\n", kProg, kProg, e.what());
+      return 2;
+    }
+  }
   if (argc > 1 && std::string(argv[1]) == "photos") {
     try {
       return photos_command(argc, argv);
@@ -298,6 +361,9 @@ int main(int argc, char** argv) {
   }
   try {
     return run_command(opt, mode);
+  } catch (const blockskip::FormatError& e) {  // a damaged input: exit status 2
+    std::fprintf(stderr, "%s: error: %s\n", kProg, e.what());
+    return 2;
   } catch (const InputError& e) {
     std::fprintf(stderr, "%s: error: %s\n", kProg, e.what());
     return 1;

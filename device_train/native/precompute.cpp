@@ -370,16 +370,20 @@ std::string precompute(const PrecomputeOptions& opt) {
   }
   const std::string ipath = join(opt.cache, formats::kCacheIndex);
   Value index;
+  Value realised = schedule_json(schedule_sec, int64_t(names.size()), schedule);
   if (is_file(ipath)) {
-    Value old = read_json(ipath, "cache index");
-    const Value* s = old.find(formats::kIndexSource);
-    if (s && json::dump_python_sorted(*s) == json::dump_python_sorted(source)) index = old;
+    // a damaged index is refused (runtime/cache.py): its entries' records could not be trusted
+    Value old = read_cache_index(ipath);
+    if (json::dump_python_sorted(old.at(formats::kIndexSource)) == json::dump_python_sorted(source)) {
+      check_cache_schedule(old, realised, ipath);
+      index = old;
+    }
   }
   if (!index.is_object()) {
     index = Value::object();
     index.set(formats::kIndexSource, source);
     index.set(formats::kIndexSourceSha256, Value::string(source_sha));
-    index.set(formats::kIndexSchedule, schedule_json(schedule_sec, int64_t(names.size()), schedule));
+    index.set(formats::kIndexSchedule, std::move(realised));
     index.set(formats::kIndexEntries, Value::object());
     write_index(ipath, index);
   }

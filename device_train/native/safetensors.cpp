@@ -11,6 +11,7 @@
 
 #include "formats.h"
 #include "json.h"
+#include "sha256.h"
 
 namespace blockskip {
 
@@ -100,6 +101,7 @@ SafetensorsFile SafetensorsFile::read(const std::string& path) {
     throw bad(std::string("header: ") + e.what());
   }
   if (!h.is_object()) throw bad("header is not a JSON object");
+  st.header_ = h;
   st.data_start_ = 8 + size_t(n);
   size_t data_size = b.size() - st.data_start_;
   for (const auto& kv : h.as_object()) {
@@ -187,6 +189,59 @@ std::vector<float> SafetensorsFile::to_floats(const std::string& name) const {
     }
   }
   return out;
+}
+
+std::string SafetensorsFile::first_nonfinite() const {
+  for (const auto& kv : tensors_) {  // std::map: name order
+    const TensorInfo& t = kv.second;
+    const uint8_t* p = bytes_.data() + data_start_ + t.begin;
+    const size_t n = t.numel();
+    bool bad = false;
+    if (t.dtype == "F32") {
+      for (size_t i = 0; i < n && !bad; ++i) {
+        uint32_t w;
+        std::memcpy(&w, p + 4 * i, 4);
+        bad = (w & 0x7F800000u) == 0x7F800000u;
+      }
+    } else if (t.dtype == "F16" || t.dtype == "BF16") {
+      const uint16_t e = t.dtype == "F16" ? 0x7C00u : 0x7F80u;
+      for (size_t i = 0; i < n && !bad; ++i) bad = (uint16_t(p[2 * i] | (p[2 * i + 1] << 8)) & e) == e;
+    } else if (t.dtype == "F64") {
+      for (size_t i = 0; i < n && !bad; ++i) {
+        uint64_t w;
+        std::memcpy(&w, p + 8 * i, 8);
+        bad = (w & 0x7FF0000000000000ull) == 0x7FF0000000000000ull;
+      }
+    }
+    if (bad) return kv.first;
+  }
+  return "";
+}
+
+std::string canonical_header(json::Value header) {
+  if (const json::Value* m = header.find("__metadata__"); m && m->is_object() && m->size() == 0)
+    header.erase("__metadata__");
+  std::string text = json::dump_canonical(header);
+  while (text.size() % 8) text += ' ';
+  return text;
+}
+
+std::string SafetensorsFile::canonical_sha256(const std::string& drop_key) const {
+  json::Value h = json::Value::object();
+  json::Value meta = json::Value::object();
+  for (const auto& kv : metadata_)
+    if (kv.first != drop_key) meta.set(kv.first, json::Value::string(kv.second));
+  for (const auto& kv : header_.as_object())
+    if (kv.first != "__metadata__") h.append(kv.first, kv.second);
+  h.append("__metadata__", std::move(meta));
+  const std::string text = canonical_header(std::move(h));
+  Sha256 sha;
+  uint8_t len[8];
+  for (int i = 0; i < 8; ++i) len[i] = uint8_t((uint64_t(text.size()) >> (8 * i)) & 0xFF);
+  sha.update(len, 8);
+  sha.update(reinterpret_cast<const uint8_t*>(text.data()), text.size());
+  sha.update(bytes_.data() + data_start_, bytes_.size() - data_start_);
+  return sha.hexdigest();
 }
 
 // ------------------------------------------------------------------------------------------

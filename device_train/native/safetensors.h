@@ -11,6 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include "json.h"
+
 namespace blockskip {
 
 struct SafetensorsError : std::runtime_error {
@@ -40,6 +42,14 @@ class SafetensorsFile {
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
   const std::vector<std::pair<std::string, std::string>>& metadata() const { return metadata_; }
   const std::string* meta(const std::string& key) const;  // nullptr if absent
+  // The header as read (tensor entries and __metadata__), for checking it against its schema.
+  const json::Value& header() const { return header_; }
+  // The first floating tensor (in name order) holding a NaN or an Inf, "" when none (every value of
+  // F32, F16, BF16 and F64 tensors looked at).
+  std::string first_nonfinite() const;
+  // sha256 of the canonical file (safetensors_bytes) that the same tensors and the metadata without
+  // `drop_key` make: the integrity record a checkpoint carries in its metadata (formats::kMetaSha256).
+  std::string canonical_sha256(const std::string& drop_key) const;
 
   // A float32 tensor's values (copied, so alignment never matters); throws if not F32.
   std::vector<float> floats(const std::string& name) const;
@@ -57,6 +67,7 @@ class SafetensorsFile {
   size_t data_start_ = 0;
   std::map<std::string, TensorInfo> tensors_;
   std::vector<std::pair<std::string, std::string>> metadata_;
+  json::Value header_;
 };
 
 struct TensorOut {
@@ -81,5 +92,9 @@ inline void atomic_write(const std::string& path, const std::string& data) {
 
 void write_safetensors(const std::string& path, std::vector<TensorOut> tensors,
                        const std::vector<std::pair<std::string, std::string>>& metadata);
+
+// The canonical header text for `header` (tensor entries and an optional __metadata__ object; an empty
+// __metadata__ is left out): sorted keys, no spaces, ASCII, padded with spaces to a multiple of 8 bytes.
+std::string canonical_header(json::Value header);
 
 }  // namespace blockskip
