@@ -24,6 +24,7 @@ from blockskip.runtime.bundle import (
     write_manifest,
 )
 from blockskip.runtime.cache import ResidualCache, source_digest  # noqa: E402
+from blockskip.runtime.errors import BlockSkipError  # noqa: E402
 from blockskip.runtime.plan import Plan  # noqa: E402
 from blockskip.runtime.profiles import load_profile  # noqa: E402
 
@@ -202,24 +203,25 @@ def test_schedule_and_noise_are_the_python_runtimes(runner, tmp_path):
     assert r.returncode == 2 and "--images" in r.stderr
 
 
-def test_the_cache_identity_is_read_as_stored(trained, runner, tmp_path):
-    """The index records the cache's identity when it is written; both runtimes take it as written (the
-    native runner no longer re-derives it from Python's JSON text), and a cache from before it was stored
-    still gets the derived one."""
+def test_the_cache_identity_is_checked(trained, runner, tmp_path):
+    """The index records the cache's identity when it is written, and both runtimes check it is the digest
+    of the source it records: an edited identity, or an index without one, is refused (exit 2), not
+    trained on."""
     index = json.loads((trained / "cache" / "index.json").read_text())
     assert index["source_sha256"] == source_digest(index["source"])
     cache = tmp_path / "cache"
     shutil.copytree(trained / "cache", cache)
     index["source_sha256"] = "ab" * 32  # a stored identity no derivation would give
     (cache / "index.json").write_text(json.dumps(index))
-    assert ResidualCache(cache).source_sha256() == "ab" * 32
-    run_native(runner, trained / "bundle", cache, tmp_path / "o", "--stop-after", 1)
-    assert json.loads((tmp_path / "o" / "train_log.json").read_text())["cache_source"] == "ab" * 32
+    with pytest.raises(BlockSkipError, match="source_sha256 is not the digest of source"):
+        ResidualCache(cache)
+    r = run_native(runner, trained / "bundle", cache, tmp_path / "o", "--stop-after", 1, check=False)
+    assert r.returncode == 2 and "source_sha256 is not the digest of source" in r.stderr, r.stderr
     del index["source_sha256"]  # written before the identity was stored
     (cache / "index.json").write_text(json.dumps(index))
-    run_native(runner, trained / "bundle", cache, tmp_path / "o2", "--stop-after", 1)
-    derived = json.loads((tmp_path / "o2" / "train_log.json").read_text())["cache_source"]
-    assert derived == source_digest(index["source"]) == ResidualCache(cache).source_sha256()
+    r = run_native(runner, trained / "bundle", cache, tmp_path / "o2", "--stop-after", 1, check=False)
+    assert r.returncode == 2 and "source_sha256 is missing" in r.stderr, r.stderr
+    assert not (tmp_path / "o" / "checkpoint").exists() and not (tmp_path / "o2" / "checkpoint").exists()
 
 
 def test_resume_equals_uninterrupted(trained, runner, tmp_path):
@@ -250,9 +252,9 @@ def test_bad_inputs_are_refused(trained, runner, tmp_path):
     r = subprocess.run([str(runner), str(bundle)], capture_output=True, text=True)
     assert r.returncode == 2 and "--cache" in r.stderr
 
-    def fails(b, c, out, needle, *extra):
+    def fails(b, c, out, needle, *extra, code=1):  # 2: a damaged input
         r = run_native(runner, b, c, out, *extra, check=False)
-        assert r.returncode == 1 and needle in r.stderr, r.stderr
+        assert r.returncode == code and needle in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
 
     fails(tmp_path / "nothing", cache, tmp_path / "o1", "does not exist")
@@ -277,7 +279,7 @@ def test_bad_inputs_are_refused(trained, runner, tmp_path):
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    fails(bundle, bad, tmp_path / "o4", "sha256")
+    fails(bundle, bad, tmp_path / "o4", "sha256", code=2)
     # a checkpoint of a run on other photos
     photos_cache = tmp_path / "photos_cache"
     shutil.copytree(cache, photos_cache)

@@ -274,7 +274,7 @@ def test_a_damaged_checkpoint_is_not_resumed(native_run, runner, tmp_path):
     step, log = int(t.metadata["step"]), json.loads(t.metadata["log"])
     write_tensors(ckpt, tensors, checkpoint_metadata(tensors, step, log))
     _refused(_train(runner, bundle, cache, out), f"holds NaN or Inf values ({name})")
-    assert "delete" in _train(runner, bundle, cache, out).stderr
+    assert "Delete " + str(out / "checkpoint") + " to start over" in _train(runner, bundle, cache, out).stderr
     # the check subcommand says the same
     rc, text = check(runner, "checkpoint", ckpt)
     assert rc == 2 and "NaN or Inf" in text
