@@ -130,6 +130,12 @@ def test_integrity_depth_and_duplicate_keys(docs, runner, tmp_path):
     # any layout of the same values is the same manifest (the record is over the canonical form)
     p.write_text(json.dumps(dict(reversed(list(manifest.items()))), indent=3, ensure_ascii=False))
     assert check(runner, "manifest", p) == (0, "ok")
+    # the canonical form is Python's, byte for byte: escapes of any character, floats as repr, big integers
+    odd = formats.seal_manifest({**manifest, "prompt_text": "caf\u00e9 \U0001f431 \x7f\t\"\\ \u2028",
+                                 "extra": [1e16, 1e-7, -0.0, 5e-324, 0.1 + 0.2, 12345678901234567890123, -0]})
+    for ensure_ascii in (True, False):
+        p.write_text(json.dumps(odd, ensure_ascii=ensure_ascii), encoding="utf-8")
+        assert check(runner, "manifest", p) == (0, "ok")
     # nested too deep, duplicate keys, NaN: not read at all
     deep = formats.seal_manifest({**manifest, "memory": {"x": json.loads("[" * 70 + "]" * 70)}})
     p.write_text(json.dumps(deep))
