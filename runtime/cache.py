@@ -107,6 +107,11 @@ class ResidualCache:
             raise CacheError(f"cache is incomplete ({len(miss)} of {len(self.schedule)} entries missing); "
                              "run `device-train precompute` again to finish it")
 
+    def verify(self) -> None:
+        """Check every shard (sha256, declared format, finite values) before training reads any."""
+        for k in range(len(self.schedule)):
+            self.path(k)
+
     def path(self, k: int) -> Path:
         """Path of shard k after checking its sha256, its header against the declared format and that every
         value is finite."""

@@ -75,6 +75,7 @@ def _train(bundle: Bundle, cache_dir, out: Path, make_trainer: Callable[[Path], 
     progress = progress or Progress(quiet=True)
     cache = ResidualCache(cache_dir)  # again, now that no other run can change it
     cache.check_complete(bundle)
+    cache.verify()  # every shard, before any work (a damaged one would otherwise stop the run midway)
     check_budget(bundle, "train")
     start_rss = rss_bytes()  # the runtime before training (the dry run's runtime overhead, measured)
     trainer = make_trainer(out)

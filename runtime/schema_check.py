@@ -336,6 +336,6 @@ def load_json(path: str | Path, error: type[BlockSkipError], advice: str):
     try:
         return parse_json(Path(path).read_bytes())
     except DocumentError as e:
-        raise error(f"{path} is not valid JSON ({e}); {advice}") from e
+        raise error(f"{path} is not valid JSON ({e}): it is corrupt; {advice}") from e
     except OSError as e:
         raise error(f"{path} cannot be read ({e.strerror}); {advice}") from e
