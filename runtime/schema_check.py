@@ -52,6 +52,13 @@ def _got(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _matches(pattern: str, text: str) -> bool:
+    """JSON Schema's (ECMAScript's) search: ``$`` matches only at the very end (Python's also before a
+    final newline)."""
+    m = re.search(pattern, text)
+    return m is not None and (not pattern.endswith("$") or m.end() == len(text))
+
+
 def _is_type(value, t: str) -> bool:
     if t == "integer":
         return isinstance(value, int) and not isinstance(value, bool)
@@ -134,7 +141,7 @@ class _Checker:
                     "exclusiveMaximum" in s and value >= s["exclusiveMaximum"]):
                 return self.fail(parts, s, value)
         if isinstance(value, str):
-            if "pattern" in s and not re.search(s["pattern"], value):
+            if "pattern" in s and not _matches(s["pattern"], value):
                 return self.fail(parts, s, value)
             if "contentSchema" in s:
                 try:
@@ -193,7 +200,7 @@ class _Checker:
                 if err := self.check(props[key], v, (*parts, key)):
                     return err
             for pat, sub in pats.items():
-                if re.search(pat, key):
+                if _matches(pat, key):
                     matched = True
                     if err := self.check(sub, v, (*parts, key)):
                         return err

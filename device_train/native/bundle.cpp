@@ -167,10 +167,11 @@ Cache load_cache(const std::string& root, const Bundle& b) {
   return c;
 }
 
-Entry load_entry(const Cache& c, size_t k, bool verify) {
-  Entry e;
-  e.index = k;
-  e.file = c.files[k];
+namespace {
+
+// Shard k read whole and checked: its sha256 (with `verify`), its header against the declared format and
+// every value finite (a NaN in the cache makes a NaN LoRA).
+SafetensorsFile read_shard(const Cache& c, size_t k, bool verify) {
   auto rebuild = "; delete it and run `device-train precompute` again to rebuild it";
   SafetensorsFile f = [&] {
     try {
@@ -181,13 +182,27 @@ Entry load_entry(const Cache& c, size_t k, bool verify) {
   }();
   if (verify && sha256_hex(f.bytes().data(), f.bytes().size()) != c.digests[k])
     throw FormatError("cache shard " + c.files[k] + " does not match its recorded sha256 (corrupt)" + rebuild);
-  // its header against the declared format, and every value finite (a NaN in the cache makes a NaN LoRA)
   schema::check_document(formats::kSchemaCacheEntry, f.header(), "cache shard " + c.files[k],
                          "delete it and run `device-train precompute` again to rebuild it");
   if (const std::string bad = f.first_nonfinite(); !bad.empty())
     throw FormatError("cache shard " + c.files[k] + " holds NaN or Inf values (" + bad +
                       "): training on it would make a NaN LoRA. Precompute the cache again; if it happens again, the "
                       "photos or the bundle produce them");
+  return f;
+}
+
+}  // namespace
+
+void verify_cache(const Cache& c, bool verify) {
+  for (size_t k = 0; k < c.files.size(); ++k) read_shard(c, k, verify);
+}
+
+Entry load_entry(const Cache& c, size_t k, bool verify) {
+  Entry e;
+  e.index = k;
+  e.file = c.files[k];
+  auto rebuild = "; delete it and run `device-train precompute` again to rebuild it";
+  SafetensorsFile f = read_shard(c, k, verify);
   try {
     for (const auto& kv : f.tensors()) {
       const std::string& d = kv.second.dtype;

@@ -58,8 +58,12 @@ struct Entry {
   FTensors tensors;  // every tensor of the shard, as float32
 };
 
-// Shard k read and checked against its sha256 (unless `verify` is false).
+// Shard k read and checked against its sha256 (unless `verify` is false), its declared format and for
+// non-finite values.
 Entry load_entry(const Cache& c, size_t k, bool verify);
+
+// Every shard checked as load_entry checks it, before training reads any (one shard in memory at a time).
+void verify_cache(const Cache& c, bool verify);
 
 // The entry order of the Python backends: [(s * grad_accum + j) % K for s in steps for j in grad_accum].
 std::vector<size_t> entry_order(size_t K, long long steps, long long grad_accum);

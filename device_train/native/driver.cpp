@@ -254,6 +254,7 @@ int train(const Options& opt) {
   lock_output(opt.out);  // one run per folder, until this process ends
   lock_cache(opt.cache);
   Cache cache = load_cache(opt.cache, b);  // again, now that no other run can change it
+  verify_cache(cache, opt.verify);         // every shard, before any work
   check_budget(b.manifest, "train");
   const double start_rss_mib = double(rss_bytes()) / double(1 << 20);  // the runtime before training
   std::unique_ptr<Trainer> trainer = b.span == "streamed" ? make_streamed_trainer(b, opt.out) : make_resident_trainer(b);
