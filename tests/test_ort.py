@@ -3,6 +3,8 @@ against the torch backend (every family, both spans) is the shared contract suit
 
 import importlib.metadata
 import json
+import shutil
+import struct
 
 import numpy as np
 import pytest
@@ -78,6 +80,37 @@ def test_device_train_cli_ort_end_to_end(tiny_ort, photos, capsys):
     loaded = {n.replace(".subject.", ".") for n, _ in full.named_parameters() if ".lora_" in n}
     assert loaded == {k.removeprefix("transformer.") for k in sd}
     assert any(v.abs().max() > 0 for k, v in sd.items() if ".lora_B." in k)  # it trained
+
+
+def test_a_changed_ort_checkpoint_is_refused(tiny_ort, photos, tmp_path, capsys):
+    """The ORT checkpoint carries an integrity record (step, log and LoRA values): a value changed behind its
+    back, or a NaN, is refused on resume with a typed error, and nothing is written."""
+    from onnxruntime.training import api
+
+    out = tmp_path / "out"
+    argv = ["--backend", "ort", "--quiet"]
+    assert device_cli.main(["run", str(tiny_ort / "bundle"), "--images", str(photos), "-o", str(out), *argv]) == 0
+    (out / "lora.safetensors").unlink()
+    ckpt = out / "checkpoint" / "ort_checkpoint"
+    name = Bundle(tiny_ort / "bundle").manifest["onnx"]["train"]["lora"][0]
+    values = np.ascontiguousarray(api.CheckpointState.load_checkpoint(str(ckpt)).parameters[name].data, np.float32)
+    data = ckpt.read_bytes()
+    at = data.index(values.tobytes())  # the LoRA tensor's bytes inside ORT's file
+    # (setting a value through ORT's Python API on a loaded checkpoint crashes ORT 1.19: change the bytes)
+    for what, new in (("an exponent bit", struct.pack("<I", struct.unpack_from("<I", data, at)[0] ^ 0x40000000)),
+                      ("a NaN", struct.pack("<f", float("nan")))):
+        changed = tmp_path / what.replace(" ", "-")
+        shutil.copytree(out, changed)
+        (changed / "checkpoint" / "ort_checkpoint").write_bytes(data[:at] + new + data[at + 4:])
+        capsys.readouterr()
+        rc = device_cli.main(["train", str(tiny_ort / "bundle"), "--cache", str(out / "cache"), "-o", str(changed),
+                              *argv])
+        err = capsys.readouterr().err
+        assert rc == 2 and "integrity record" in err and "Traceback" not in err, (what, err)
+        assert not (changed / "lora.safetensors").exists()
+    # the unchanged checkpoint resumes
+    assert device_cli.main(["train", str(tiny_ort / "bundle"), "--cache", str(out / "cache"), "-o", str(out),
+                            *argv]) == 0
 
 
 def test_torch_backend_refuses_onnx_only_bundle(tiny_ort, photos, tmp_path, capsys):

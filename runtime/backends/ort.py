@@ -15,6 +15,7 @@ plain ``onnxruntime`` package (both own the ``onnxruntime/`` folder).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from blockskip.runtime.backends.programs import ProgramBackend
 from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.errors import BlockSkipError, BundleError
 from blockskip.runtime.files import atomic_write
+from blockskip.runtime.formats import META_SHA256, canonical_json
 from blockskip.runtime.progress import Progress
 
 CHECKPOINT = "ort_checkpoint"  # inside OUT/checkpoint/
@@ -187,13 +189,24 @@ class OrtTrainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.state.properties["step"] = int(step)
         self.state.properties["log"] = json.dumps(log)
+        self.state.properties[META_SHA256] = _record(self.state, self.sec["lora"])
         atomic_write(path, lambda tmp: api.CheckpointState.save_checkpoint(self.state, tmp,
                                                                            include_optimizer_state=True))
 
     def load_checkpoint(self, path: Path) -> tuple[int, dict]:
-        log = _read_checkpoint_log(path)
+        log = _read_checkpoint_log(path, self.sec["lora"])
         self._open(path)
         return int(self.state.properties["step"]), log
+
+
+def _record(state, names) -> str:
+    """An ORT checkpoint's integrity record: sha256 over the canonical JSON of its step and log, then each
+    LoRA tensor's name and float32 bytes in name order (what ORT's Python API exposes of the file)."""
+    h = hashlib.sha256(canonical_json({"step": int(state.properties["step"]), "log": state.properties["log"]}))
+    for n in sorted(names):
+        h.update(n.encode() + b"\0")
+        h.update(np.ascontiguousarray(state.parameters[n].data, dtype=np.float32).tobytes())
+    return h.hexdigest()
 
 
 def checkpoint_source(path: Path) -> str | None:
@@ -201,13 +214,30 @@ def checkpoint_source(path: Path) -> str | None:
     return _read_checkpoint_log(path).get("cache_source")
 
 
-def _read_checkpoint_log(path: Path) -> dict:
+def _read_checkpoint_log(path: Path, names=None) -> dict:
+    """The log of an ORT checkpoint; with the LoRA's ``names``, after checking its integrity record and that
+    every LoRA value is finite."""
     _, api = _ort()
+    start_over = f"delete {Path(path).parent} to start over"
     try:
         st = api.CheckpointState.load_checkpoint(str(path))
-        return json.loads(st.properties["log"])
+        log = json.loads(st.properties["log"])
+        if names is not None:
+            recorded = st.properties[META_SHA256] if META_SHA256 in st.properties else None
+            actual = _record(st, names)
     except Exception as e:  # ORT raises plain RuntimeErrors on a torn/corrupt file
-        raise BlockSkipError(f"checkpoint {path} is unreadable ({e}); delete it to start over") from e
+        raise BlockSkipError(f"checkpoint {path} is unreadable ({e}); {start_over}") from e
+    if not isinstance(log, dict):
+        raise BlockSkipError(f"checkpoint {path} is unreadable (its log is not a JSON object); {start_over}")
+    if names is not None:
+        if recorded != actual:
+            raise BlockSkipError(f"checkpoint {path} does not match its integrity record ({META_SHA256}): it is "
+                                 f"corrupt; {start_over}")
+        bad = [n for n in names if not np.isfinite(np.asarray(st.parameters[n].data)).all()]
+        if bad:
+            raise BlockSkipError(f"checkpoint {path} holds NaN or Inf values ({bad[0]}); it cannot be resumed. "
+                                 f"Delete {Path(path).parent} to start over")
+    return log
 
 
 def make_trainer(bundle: Bundle, out: Path):
