@@ -88,6 +88,7 @@ def shard(change, k: int = 0):
         change(t)
         write_tensors(p, t)
         reseal_shard(w, k)
+        shutil.rmtree(w.out / formats.CHECKPOINT_DIR)  # train from the first step, reading the shards
     return damage
 
 
@@ -211,6 +212,7 @@ CASES = {
     "NaN in a shard": (shard(lambda t: t[sorted(n for n in t if n.startswith("in."))[0]].flat.__setitem__(0, np.nan)),
                        ["NaN", formats.shard_name(0)]),
     "Inf in a target": (shard(lambda t: t["target"].flat.__setitem__(3, np.inf), k=2), ["NaN or Inf", "target"]),
+    "a target whose loss overflows": (shard(lambda t: t["target"].__setitem__(..., 3e38)), ["non-finite loss"]),
     "a pickle as shard": (shard_bytes(_pickle_shard()), [formats.shard_name(0)]),
     "shard without its target": (shard(lambda t: t.pop("target")), ["target", "missing"]),
     "shard path is a folder": (lambda w: ((w.cache / formats.shard_name(1)).unlink(),
@@ -340,6 +342,30 @@ def test_mutated_manifests_are_refused_or_read_whole(good, tmp_path_factory, dat
     except BlockSkipError:
         return
     assert len(schedule) == b.manifest["schedule"]["num_samples"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_training_on_a_mutated_manifest_is_refused_or_runs(good, tmp_path_factory, data, capsys):
+    """The whole of ``device-train train`` on a resealed mutation (the cache re-pointed at it): a typed
+    refusal (exit 2) or a run that finishes, never an internal error."""
+    root = tmp_path_factory.mktemp("mutrun")
+    w = SimpleNamespace(bundle=root / "bundle", out=root / "out", cache=root / "out" / "cache")
+    shutil.copytree(good.bundle, w.bundle)
+    shutil.copytree(good.run, w.out)
+
+    def change(m):
+        new = _mutate(m, data)
+        m.clear()
+        m.update(new)
+
+    manifest(change)(w)
+    capsys.readouterr()
+    rc = train_main(["train", str(w.bundle), "--cache", str(w.cache), "-o", str(w.out), "--quiet"])
+    err = capsys.readouterr().err
+    assert "internal error" not in err and "Traceback" not in err, err
+    assert rc in (0, 2), err
+    assert (rc == 0) == (w.out / "lora.safetensors").is_file()
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
