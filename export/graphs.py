@@ -69,7 +69,7 @@ class SpanLossGraph(nn.Module):
 
 def encoder_inputs(lm, plan) -> list[tuple[str, tuple[int, ...]]]:
     """(file stem, input shape) of the photo encoder programs: one at s_max, or with ``vae_tiling`` one per
-    tile shape (``runtime.tiles``; DC-AE encoders only: the KL encoder's tiles are not yet programs)."""
+    tile shape (``runtime.tiles``: DC-AE and KL encoders)."""
     return encoder_program_inputs(lm.encoder_spec, lm.vae_factor, plan)
 
 
@@ -77,24 +77,24 @@ def encoder_program_inputs(encoder_spec: dict, vae_factor: int, plan) -> list[tu
     """``encoder_inputs`` from the encoder's spec (what the dry run has)."""
     from blockskip.runtime.backends.torch_families.latent import FIXED_ENCODERS
     from blockskip.runtime.errors import PlanError
-    from blockskip.runtime.tiles import tile_shapes
+    from blockskip.runtime.tiles import STRIDES, tile_shapes
 
     cls = encoder_spec["class"]
     if not plan.vae_tiling or cls in FIXED_ENCODERS:
         return [("encoder", (1, 3, plan.s_max, plan.s_max))]
-    if cls != "AutoencoderDC":
-        raise PlanError(f"--vae-tiling with a program format (pte, onnx) encodes DC-AE photos only; this model's "
-                        f"{cls} encodes untiled there (leave out --vae-tiling, or use --format torch)")
-    return [(f"encoder_{h}x{w}", (1, 3, h, w)) for h, w in tile_shapes(plan.s_max, vae_factor)]
+    if cls not in STRIDES:
+        raise PlanError(f"--vae-tiling with a program format (pte, onnx) encodes {' and '.join(STRIDES)} photos; this "
+                        f"model's {cls} encodes untiled there (leave out --vae-tiling, or use --format torch)")
+    return [(f"encoder_{h}x{w}", (1, 3, h, w)) for h, w in tile_shapes(plan.s_max, vae_factor, STRIDES[cls])]
 
 
 def encoder_section(lm, plan, programs: dict) -> dict:
     """The manifest's encoder record of a format: its programs by input shape, and the tiling."""
     rec = {"input": [1, 3, plan.s_max, plan.s_max], "programs": programs}
     if len(programs) > 1 or next(iter(programs)) != f"{plan.s_max}x{plan.s_max}":
-        from blockskip.runtime.tiles import STRIDE, TILE
+        from blockskip.runtime.tiles import TILE, stride_for
 
-        rec["tiles"] = {"tile": TILE, "stride": STRIDE, "ratio": lm.vae_factor}
+        rec["tiles"] = {"tile": TILE, "stride": stride_for(lm.encoder_spec["class"]), "ratio": lm.vae_factor}
     return rec
 
 

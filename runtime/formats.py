@@ -320,9 +320,10 @@ class Optimizer(TypedDict):
 
 
 class Tiles(TypedDict):
-    tile: PosInt
-    stride: PosInt
-    ratio: PosInt
+    """Tiled encoding: tiles of ``tile`` px every ``stride`` px, blended in latents ``ratio`` times smaller."""
+    tile: Side
+    stride: Side
+    ratio: Side
 
 
 @open_record
@@ -542,6 +543,11 @@ RULES: dict[str, list[tuple[str, list, list]]] = {
             ["stream", "lora_init"], *[["stream", "shapes", "*", "programs", "*", *f] for f in _PROGRAM_FILES],
             ["pte", "encoder", "programs", "*", "file"], ["onnx", "encoder", "programs", "*", "file"],
             ["pte", "train", "file"], ["pte", "train", "data"], ["onnx", "train", "files", "*"])],
+        *[r for fmt in ("pte", "onnx") for r in (
+            ("le", [fmt, "encoder", "tiles", "stride"], [fmt, "encoder", "tiles", "tile"]),
+            ("multiple_of", [fmt, "encoder", "tiles", "tile"], [fmt, "encoder", "tiles", "ratio"]),
+            ("multiple_of", [fmt, "encoder", "tiles", "stride"], [fmt, "encoder", "tiles", "ratio"]),
+            ("eq", [fmt, "encoder", "tiles", "ratio"], ["vae_factor"]))],
     ],
     "cache_index": [
         ("multiple_of", ["schedule", "meta", "s_min"], ["schedule", "meta", "granularity"]),

@@ -2,8 +2,10 @@
 
 A photo is encoded in overlapping square tiles, each by an encoder program of that tile's shape, and
 the latent tiles are blended linearly across their overlap: the same grid, order and in-place blending
-as diffusers' ``AutoencoderDC.tiled_encode``, which the torch backend runs, so both write the same cache.
-The encoder's activations are then those of one tile, not of the photo.
+as diffusers' tiled encode of ``AutoencoderDC`` and ``AutoencoderKL`` (its moments' means, blended, are
+the blended latents: the blend weights sum to one), which the torch backend runs, so both write the same
+cache. The encoder's activations are then those of one tile, not of the photo. The two encoders differ
+in the stride between tiles (``STRIDES``); the manifest's ``tiles`` record says which one a bundle uses.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ from collections.abc import Callable
 import numpy as np
 
 TILE = 256  # px (the torch backend's ``latent.TILE``)
-STRIDE = TILE * 7 // 8  # px between tile starts: 32 px overlap
+STRIDE = TILE * 7 // 8  # px between tile starts of a DC-AE encoder: 32 px overlap
+# px between tile starts per encoder class: diffusers' defaults (AutoencoderKL: tile_overlap_factor 0.25)
+STRIDES = {"AutoencoderDC": STRIDE, "AutoencoderKL": TILE * 3 // 4}
+
+
+def stride_for(encoder_class: str) -> int:
+    """The tile stride of an encoder class that encodes in tiles (KeyError for others)."""
+    return STRIDES[encoder_class]
 
 
 def tile_spans(size: int, ratio: int, tile: int = TILE, stride: int = STRIDE) -> list[tuple[int, int]]:
@@ -25,23 +34,24 @@ def tile_spans(size: int, ratio: int, tile: int = TILE, stride: int = STRIDE) ->
     return out
 
 
-def tile_shapes(size: int, ratio: int) -> list[tuple[int, int]]:
+def tile_shapes(size: int, ratio: int, stride: int = STRIDE) -> list[tuple[int, int]]:
     """The distinct (height, width) of the tiles of a ``size`` x ``size`` photo: one program each."""
-    lens = sorted({n for _, n in tile_spans(size, ratio)}, reverse=True)
+    lens = sorted({n for _, n in tile_spans(size, ratio, stride=stride)}, reverse=True)
     return [(h, w) for h in lens for w in lens]
 
 
-def _tile(image: np.ndarray, i: int, j: int, ratio: int) -> np.ndarray:
-    t = image[:, :, i:i + TILE, j:j + TILE]
+def _tile(image: np.ndarray, i: int, j: int, ratio: int, tile: int = TILE) -> np.ndarray:
+    t = image[:, :, i:i + tile, j:j + tile]
     ph, pw = (ratio - t.shape[2]) % ratio, (ratio - t.shape[3]) % ratio
     if ph or pw:
         t = np.pad(t, ((0, 0), (0, 0), (0, ph), (0, pw)))
     return np.ascontiguousarray(t, dtype=np.float32)
 
 
-def blend_tiles(rows: list[list[np.ndarray]], height: int, width: int, ratio: int) -> np.ndarray:
+def blend_tiles(rows: list[list[np.ndarray]], height: int, width: int, ratio: int, tile: int = TILE,
+                stride: int = STRIDE) -> np.ndarray:
     """Latent tiles (row-major, as ``tile_spans`` lays them out) -> the photo's latent."""
-    lat_tile, lat_stride = TILE // ratio, STRIDE // ratio
+    lat_tile, lat_stride = tile // ratio, stride // ratio
     blend = lat_tile - lat_stride
     out_rows = []
     for r, row in enumerate(rows):
@@ -62,12 +72,13 @@ def blend_tiles(rows: list[list[np.ndarray]], height: int, width: int, ratio: in
     return np.concatenate(out_rows, axis=2)[:, :, :height // ratio, :width // ratio]
 
 
-def encode_tiled(image: np.ndarray, encode: Callable[[np.ndarray], np.ndarray], ratio: int) -> np.ndarray:
+def encode_tiled(image: np.ndarray, encode: Callable[[np.ndarray], np.ndarray], ratio: int, tile: int = TILE,
+                 stride: int = STRIDE) -> np.ndarray:
     """[1,3,H,W] -> [1,C,H/ratio,W/ratio]; ``encode`` maps one tile [1,3,h,w] to its latent."""
     _, _, height, width = image.shape
-    rows = [[np.array(encode(_tile(image, i, j, ratio)), dtype=np.float32) for j, _ in tile_spans(width, ratio)]
-            for i, _ in tile_spans(height, ratio)]
-    return blend_tiles(rows, height, width, ratio)
+    rows = [[np.array(encode(_tile(image, i, j, ratio, tile)), dtype=np.float32)
+             for j, _ in tile_spans(width, ratio, tile, stride)] for i, _ in tile_spans(height, ratio, tile, stride)]
+    return blend_tiles(rows, height, width, ratio, tile, stride)
 
 
 def encode_photos(sec: dict, images: np.ndarray, load: Callable[[str], object],
@@ -96,20 +107,17 @@ def encode_photos(sec: dict, images: np.ndarray, load: Callable[[str], object],
                for im in images]
         del prog
         return np.concatenate(out)
-    if (tiles.get("tile"), tiles.get("stride")) != (TILE, STRIDE):
-        raise BlockSkipError(f"the bundle's encoder tiles ({tiles.get('tile')} px every {tiles.get('stride')}) are "
-                             f"not this runtime's ({TILE} every {STRIDE}); export it again")
-    ratio, (_, height, width) = int(tiles["ratio"]), want
-    grid = [(r, c, i, j, f"{hi}x{wj}") for r, (i, hi) in enumerate(tile_spans(height, ratio))
-            for c, (j, wj) in enumerate(tile_spans(width, ratio))]
+    tile, stride, ratio, (_, height, width) = int(tiles["tile"]), int(tiles["stride"]), int(tiles["ratio"]), want
+    grid = [(r, c, i, j, f"{hi}x{wj}") for r, (i, hi) in enumerate(tile_spans(height, ratio, tile, stride))
+            for c, (j, wj) in enumerate(tile_spans(width, ratio, tile, stride))]
     lat: dict[tuple[int, int, int], np.ndarray] = {}
     for key in dict.fromkeys(k for *_, k in grid):
         prog = program(key)
         for n, im in enumerate(images):
             for r, c, i, j, k in grid:
                 if k == key:
-                    lat[n, r, c] = np.array(run(prog, _tile(im[None], i, j, ratio)), dtype=np.float32)
+                    lat[n, r, c] = np.array(run(prog, _tile(im[None], i, j, ratio, tile)), dtype=np.float32)
         del prog
     n_rows, n_cols = grid[-1][0] + 1, grid[-1][1] + 1
     return np.concatenate([blend_tiles([[lat[n, r, c] for c in range(n_cols)] for r in range(n_rows)],
-                                       height, width, ratio) for n in range(len(images))])
+                                       height, width, ratio, tile, stride) for n in range(len(images))])

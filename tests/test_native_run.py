@@ -206,19 +206,21 @@ def test_bad_photos_are_refused_like_the_python_cli(runner, runs, tmp_path, caps
 
 
 @pytest.mark.slow  # a DC-AE model at 512 px: about a minute
-def test_tiled_encoder_cache_is_the_python_cache(runner, tmp_path):
-    """A bundle that encodes photos in tiles (DC-AE, --vae-tiling): four tile programs, each over every
-    photo, blended as runtime/tiles.py blends them; the shards are the Python precompute's, byte for byte."""
+@pytest.mark.parametrize("family,kind", [("sana", "AutoencoderDC"), ("flux", "AutoencoderKL")])
+def test_tiled_encoder_cache_is_the_python_cache(runner, tmp_path, family, kind):
+    """A bundle that encodes photos in tiles (DC-AE every 224 px, KL every 192 px, --vae-tiling): four tile
+    programs, each over every photo, blended as runtime/tiles.py blends them; the shards are the Python
+    precompute's."""
     import dataclasses
 
-    from test_tiles import _dc
+    from test_tiles import KINDS, _vae
     from tiny_models import build
 
     from blockskip.device_train.app import run_precompute
     from blockskip.export.families import wrap_model
 
-    vae, spec = _dc()
-    lm = dataclasses.replace(wrap_model(build("sana"), "sana"), encoder=vae, encoder_spec=spec, vae_factor=4)
+    vae, spec = _vae(kind)
+    lm = dataclasses.replace(wrap_model(build(family), family), encoder=vae, encoder_spec=spec, vae_factor=KINDS[kind])
     plan = Plan(front_skip=1, back_skip=1, s_min=256, s_max=512, num_samples=3, steps=2, vae_tiling=True, lora_rank=4)
     export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo of sks cat", tmp_path / "bundle", formats=["pte"])
     assert len(json.loads((tmp_path / "bundle" / "manifest.json").read_text())["pte"]["encoder"]["programs"]) == 4

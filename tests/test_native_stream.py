@@ -270,14 +270,16 @@ def test_refusals(flux, runner, tmp_path):
 
 
 def test_zero_learning_rate_is_refused(flux, runner, tmp_path):
+    """A learning rate of 0 would train nothing: the manifest's declared format refuses it (exit 2)."""
     bundle, cache = _edited_copy(flux, tmp_path, plan=dict(lr=0.0))
-    _fails(run_native(runner, bundle, cache, tmp_path / "o", check=False), "left every LoRA B at zero")
+    r = run_native(runner, bundle, cache, tmp_path / "o", check=False)
+    assert r.returncode == 2 and "plan.lr must be a number > 0" in r.stderr, r.stderr
     assert not (tmp_path / "o" / "checkpoint").exists()
 
 
 def test_memory_check(flux, runner, tmp_path):
     gib = 1 << 30
-    memory = {"phases": {"train": 1 << 50}, "alternatives": [
+    memory = {"profile_budget_bytes": 5 * gib, "phases": {"train": 1 << 50}, "alternatives": [
         {"option": "--huge", "phases": {"train": 1 << 49}}, {"option": "--weights streamed", "phases": {"train": gib}}]}
     bundle, cache = _edited_copy(flux, tmp_path, memory=memory)
     r = run_native(runner, bundle, cache, tmp_path / "o", check=False)

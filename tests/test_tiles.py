@@ -1,6 +1,6 @@
 """Tiled photo encoding on the program backends: the numpy tiling (runtime.tiles) reproduces diffusers'
-tiled DC-AE encode the torch backend runs, and the pte / onnx encoder programs of each tile shape give
-the same latents through it."""
+tiled DC-AE and KL encodes the torch backend runs, and the pte / onnx encoder programs of each tile shape
+give the same latents through it."""
 
 import types
 
@@ -10,14 +10,17 @@ import torch
 
 from blockskip.runtime.backends.torch_families.latent import enable_tiling, encode_images
 from blockskip.runtime.plan import Plan
-from blockskip.runtime.tiles import encode_photos, encode_tiled, tile_shapes, tile_spans
+from blockskip.runtime.tiles import TILE, encode_photos, encode_tiled, stride_for, tile_shapes, tile_spans
+
+KINDS = {"AutoencoderDC": 4, "AutoencoderKL": 2}  # the tiny encoders' compression ratios
 
 
-def _dc():
+def _vae(kind: str = "AutoencoderDC"):
     from tiny_models import tiny_vae
 
-    vae = tiny_vae("AutoencoderDC", 4).eval()
-    spec = {"class": "AutoencoderDC", "config": dict(vae.config), "scaling_factor": 0.41, "shift_factor": None}
+    vae = tiny_vae(kind, 4).eval()
+    spec = {"class": kind, "config": dict(vae.config), "scaling_factor": vae.config.scaling_factor,
+            "shift_factor": getattr(vae.config, "shift_factor", None)}
     return vae, spec
 
 
@@ -39,8 +42,10 @@ def test_tile_grid():
     assert tile_spans(200, 32) == [(0, 224)]  # a short edge is padded to the compression ratio
 
 
-def test_numpy_tiling_matches_diffusers_tiled_encode():
-    vae, spec = _dc()
+@pytest.mark.parametrize("kind", KINDS)
+def test_numpy_tiling_matches_diffusers_tiled_encode(kind):
+    vae, spec = _vae(kind)
+    ratio = KINDS[kind]
     x = torch.rand(1, 3, 512, 512) * 2 - 1
     ref = _torch_tiled(vae, spec, x)
     with torch.no_grad():
@@ -50,16 +55,18 @@ def test_numpy_tiling_matches_diffusers_tiled_encode():
         with torch.no_grad():
             return encode_images(vae, spec, torch.from_numpy(t)).numpy()
 
-    ours = encode_tiled(x.numpy(), tile, 4)
-    assert ours.shape == ref.shape == (1, 4, 128, 128)
+    ours = encode_tiled(x.numpy(), tile, ratio, TILE, stride_for(kind))
+    assert ours.shape == ref.shape == (1, 4, 512 // ratio, 512 // ratio)
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
     assert np.abs(untiled - ref).max() > 1e-3  # tiling changes the latents: the check above has teeth
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("fmt", ["onnx", "pte"])
-def test_tile_programs_give_the_torch_backends_latents(fmt, tmp_path):
-    vae, spec = _dc()
-    lm = types.SimpleNamespace(encoder=vae, encoder_spec=spec, vae_factor=4)
+def test_tile_programs_give_the_torch_backends_latents(fmt, kind, tmp_path):
+    vae, spec = _vae(kind)
+    ratio = KINDS[kind]
+    lm = types.SimpleNamespace(encoder=vae, encoder_spec=spec, vae_factor=ratio)
     plan = Plan(s_min=256, s_max=512, vae_tiling=True)
     files: list[str] = []
     if fmt == "onnx":
@@ -87,19 +94,25 @@ def test_tile_programs_give_the_torch_backends_latents(fmt, tmp_path):
         def run(p, x):
             return p.forward([torch.from_numpy(x)])[0].numpy()
 
-    assert sorted(sec["programs"]) == sorted(f"{h}x{w}" for h, w in tile_shapes(512, 4))
-    assert sec["tiles"]["ratio"] == 4 and len(files) == 4
+    assert sorted(sec["programs"]) == sorted(f"{h}x{w}" for h, w in tile_shapes(512, ratio, stride_for(kind)))
+    assert sec["tiles"] == {"tile": TILE, "stride": stride_for(kind), "ratio": ratio} and len(files) == 4
     x = torch.rand(2, 3, 512, 512) * 2 - 1
     got = encode_photos(sec, x.numpy(), load, run)
     ref = np.concatenate([_torch_tiled(vae, spec, x[i:i + 1]) for i in range(2)])
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_kl_encoder_tiling_is_refused_for_the_program_formats():
+def test_encoder_programs_by_class():
+    """KL encoders tile every 192 px (diffusers' overlap factor 0.25), DC-AE every 224; another class is
+    refused for tiling with what works."""
     from blockskip.export.graphs import encoder_inputs
     from blockskip.runtime.errors import PlanError
 
-    lm = types.SimpleNamespace(encoder=None, encoder_spec={"class": "AutoencoderKL"}, vae_factor=8)
-    with pytest.raises(PlanError, match="DC-AE"):
-        encoder_inputs(lm, Plan(s_min=256, s_max=512, vae_tiling=True))
-    assert encoder_inputs(lm, Plan(s_min=256, s_max=512)) == [("encoder", (1, 3, 512, 512))]
+    kl = types.SimpleNamespace(encoder=None, encoder_spec={"class": "AutoencoderKL"}, vae_factor=8)
+    assert tile_spans(1024, 8, TILE, stride_for("AutoencoderKL")) == [(s, 256) for s in range(0, 960, 192)] + [(960, 64)]
+    assert [s for _, s in encoder_inputs(kl, Plan(s_min=256, s_max=1024, vae_tiling=True))] == [
+        (1, 3, 256, 256), (1, 3, 256, 64), (1, 3, 64, 256), (1, 3, 64, 64)]
+    assert encoder_inputs(kl, Plan(s_min=256, s_max=512)) == [("encoder", (1, 3, 512, 512))]
+    other = types.SimpleNamespace(encoder=None, encoder_spec={"class": "AutoencoderTiny"}, vae_factor=8)
+    with pytest.raises(PlanError, match="AutoencoderKL"):
+        encoder_inputs(other, Plan(s_min=256, s_max=512, vae_tiling=True))

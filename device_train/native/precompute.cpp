@@ -32,7 +32,6 @@ using json::Value;
 namespace {
 
 using formats::kEmbed;  // the embed program's shape id and role
-constexpr int kTile = 256, kStride = kTile * 7 / 8;  // runtime/tiles.py TILE, STRIDE
 
 bool starts(const std::string& s, const char* p) { return s.rfind(p, 0) == 0; }
 
@@ -77,19 +76,25 @@ class Encoder {
 };
 
 // (start, padded length) of the tiles along one side (runtime/tiles.py tile_spans)
-std::vector<std::pair<int64_t, int64_t>> tile_spans(int64_t size, int64_t ratio) {
+// The manifest's tiles record (tile and stride in px, the encoder's compression ratio).
+struct Tiling {
+  int64_t tile = 0, stride = 0, ratio = 0;
+};
+
+std::vector<std::pair<int64_t, int64_t>> tile_spans(int64_t size, const Tiling& g) {
+  const int64_t ratio = g.ratio;
   std::vector<std::pair<int64_t, int64_t>> out;
-  for (int64_t s = 0; s < size; s += kStride) {
-    int64_t n = std::min<int64_t>(kTile, size - s);
+  for (int64_t s = 0; s < size; s += g.stride) {
+    int64_t n = std::min<int64_t>(g.tile, size - s);
     out.emplace_back(s, n + (ratio - n % ratio) % ratio);
   }
   return out;
 }
 
 // photo [3, S, S] -> the tile at (i, j), zero-padded to a multiple of `ratio`: [1, 3, th, tw]
-std::vector<float> tile_of(const float* photo, int64_t S, int64_t i, int64_t j, int64_t th, int64_t tw) {
+std::vector<float> tile_of(const float* photo, int64_t S, int64_t tile, int64_t i, int64_t j, int64_t th, int64_t tw) {
   std::vector<float> t(size_t(3 * th * tw), 0.0f);
-  const int64_t h = std::min<int64_t>(kTile, S - i), w = std::min<int64_t>(kTile, S - j);
+  const int64_t h = std::min<int64_t>(tile, S - i), w = std::min<int64_t>(tile, S - j);
   for (int64_t c = 0; c < 3; ++c)
     for (int64_t y = 0; y < h; ++y)
       std::copy(photo + (c * S + i + y) * S + j, photo + (c * S + i + y) * S + j + w, t.begin() + (c * th + y) * tw);
@@ -97,8 +102,8 @@ std::vector<float> tile_of(const float* photo, int64_t S, int64_t i, int64_t j, 
 }
 
 // runtime/tiles.py blend_tiles: rows of latent tiles (blended in place) -> the photo's latent
-Latent blend_tiles(std::vector<std::vector<Latent>>& rows, int64_t height, int64_t width, int64_t ratio) {
-  const int64_t lat_tile = kTile / ratio, lat_stride = kStride / ratio, blend = lat_tile - lat_stride;
+Latent blend_tiles(std::vector<std::vector<Latent>>& rows, int64_t height, int64_t width, const Tiling& g) {
+  const int64_t ratio = g.ratio, lat_tile = g.tile / ratio, lat_stride = g.stride / ratio, blend = lat_tile - lat_stride;
   for (size_t r = 0; r < rows.size(); ++r)
     for (size_t c = 0; c < rows[r].size(); ++c) {
       Latent& t = rows[r][c];
@@ -172,11 +177,10 @@ std::vector<Latent> encode_photos(const Bundle& b, const FTensor& photos) {
     }
     return out;
   }
-  if (tiles->at("tile").as_int("tiles.tile") != kTile || tiles->at("stride").as_int("tiles.stride") != kStride)
-    throw InputError("the bundle's encoder tiles are not this runner's (" + std::to_string(kTile) + " every " +
-                     std::to_string(kStride) + "); export it again");
-  const int64_t ratio = tiles->at("ratio").as_int("tiles.ratio");
-  const auto spans = tile_spans(S, ratio);
+  // the declared format checked tile, stride and ratio (positive, stride <= tile, both multiples of ratio)
+  const Tiling g{tiles->at("tile").as_int("tiles.tile"), tiles->at("stride").as_int("tiles.stride"),
+                 tiles->at("ratio").as_int("tiles.ratio")};
+  const auto spans = tile_spans(S, g);
   std::vector<std::string> keys;  // tile shapes in first-use order (row-major grid)
   for (const auto& r : spans)
     for (const auto& c : spans) {
@@ -191,11 +195,11 @@ std::vector<Latent> encode_photos(const Bundle& b, const FTensor& photos) {
       for (size_t r = 0; r < spans.size(); ++r)
         for (size_t c = 0; c < spans.size(); ++c) {
           if (std::to_string(spans[r].second) + "x" + std::to_string(spans[c].second) != key) continue;
-          auto t = tile_of(base + n * per, S, spans[r].first, spans[c].first, spans[r].second, spans[c].second);
+          auto t = tile_of(base + n * per, S, g.tile, spans[r].first, spans[c].first, spans[r].second, spans[c].second);
           lat[size_t(n)][r][c] = enc->run(t, spans[r].second, spans[c].second);
         }
   }
-  for (int64_t n = 0; n < N; ++n) out.push_back(blend_tiles(lat[size_t(n)], S, S, ratio));
+  for (int64_t n = 0; n < N; ++n) out.push_back(blend_tiles(lat[size_t(n)], S, S, g));
   return out;
 }
 

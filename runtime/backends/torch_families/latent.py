@@ -135,7 +135,7 @@ def build_encoder_skeleton(spec: dict) -> nn.Module:
         return getattr(diffusers, cls).from_config(spec["config"]).eval()
 
 
-from blockskip.runtime.tiles import STRIDE, TILE  # noqa: E402  (px: one tile's activations, not the photo's)
+from blockskip.runtime.tiles import STRIDES, TILE  # noqa: E402  (px: one tile's activations, not the photo's)
 
 
 def enable_tiling(encoder: nn.Module, spec: dict) -> None:
@@ -145,9 +145,10 @@ def enable_tiling(encoder: nn.Module, spec: dict) -> None:
         encoder.enable_tiling()
         encoder.tile_sample_min_size = TILE
         encoder.tile_latent_min_size = TILE // 2 ** (len(encoder.config.block_out_channels) - 1)
+        encoder.tile_overlap_factor = 1 - STRIDES[cls] / TILE  # the program backends' stride (runtime.tiles)
     elif cls == "AutoencoderDC":
         encoder.enable_tiling(tile_sample_min_height=TILE, tile_sample_min_width=TILE,
-                              tile_sample_stride_height=STRIDE, tile_sample_stride_width=STRIDE)
+                              tile_sample_stride_height=STRIDES[cls], tile_sample_stride_width=STRIDES[cls])
 
 
 def encode_images(encoder: nn.Module, spec: dict, images: torch.Tensor) -> torch.Tensor:
