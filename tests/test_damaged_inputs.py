@@ -298,7 +298,7 @@ def test_native_accepts_what_it_may(runner, work, name):
 
 # --- property-based: mutated JSON is refused with a typed error or read whole -------------------------------
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) |
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False) |
                     st.text(max_size=8), lambda inner: st.lists(inner, max_size=3) |
                     st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
 

@@ -182,6 +182,8 @@ def _mutation(draw, doc):
         try:
             for p in path[:-1]:
                 parent = parent[p]
+            if isinstance(parent, dict) and not isinstance(path[-1], str):
+                continue  # an earlier change made a list an object: JSON keys are strings
             if isinstance(parent, dict) and draw(st.booleans()) and path[-1] in parent:
                 del parent[path[-1]]
             else:
