@@ -330,6 +330,8 @@ def _no_constant(name):
 
 def parse_json(text: str | bytes):
     """A JSON document as the runner reads it; DocumentError when it is not one."""
+    if isinstance(text, bytes) and text.startswith(b"\xef\xbb\xbf"):
+        raise DocumentError("it starts with a byte-order mark (JSON is UTF-8 without one)")
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except RecursionError:

@@ -192,6 +192,7 @@ CASES = {
     "block file not listed": (manifest(lambda m: m["files"].pop(m["model"]["blocks"][0])), ["model.blocks[0]"]),
     "lr 0": (manifest(_set("plan", "lr", 0.0)), ["plan.lr"]),
     "a JSON array": (manifest_text(lambda s: "[1, 2]"), ["manifest"]),
+    "a byte-order mark": (manifest_text(lambda s: "\ufeff" + s), ["manifest.json"]),
     "duplicate key": (manifest_text(lambda s: s.replace("{", '{"family": "flux", ', 1)), ["twice"]),
     # manifest: its integrity record (not resealed)
     "lr bit flip": (manifest_text(_flip_lr), ["integrity"]),

@@ -239,7 +239,11 @@ class Parser {
     if (s_.compare(i_, 3, "NaN") == 0 || s_.compare(i_, 8, "Infinity") == 0 || s_.compare(i_, 9, "-Infinity") == 0)
       fail("NaN and Infinity are not JSON numbers");
     if (c == '-' || (c >= '0' && c <= '9')) return number();
-    fail(std::string("unexpected character '") + c + "'");
+    const unsigned char u = static_cast<unsigned char>(c);
+    if (u >= 0x20 && u < 0x7f) fail(std::string("unexpected character '") + c + "'");
+    char hex[8];
+    std::snprintf(hex, sizeof hex, "0x%02X", unsigned(u));
+    fail(std::string("unexpected byte ") + hex + (u == 0xEF && i_ == 0 ? " (a byte-order mark: JSON is UTF-8 without one)" : ""));
   }
 
   Value object(int depth) {
