@@ -59,8 +59,12 @@ class FakeStore(PartsStore):
         names = tensor_names(enc, ENCODER_PREFIXES[self.encoder_spec["class"]])
         shapes = dict(list(enc.named_parameters()) + list(enc.named_buffers()))
         old, self.dtype = self.dtype, torch.float32
-        materialize(enc, {n: self._empty(shapes[n].shape, shapes[n].dtype) for n in names})
+        tensors = {n: self._empty(shapes[n].shape, shapes[n].dtype) for n in names}
         self.dtype = old
+        materialize(enc, tensors)
+        if self.tracer is not None:  # the torch backend maps the encoder file: a weight is resident from its use
+            for t in list(enc.parameters()) + list(enc.buffers()):
+                self.tracer.defer(t, self.category)
         return enc.eval(), self.encoder_spec
 
     def load_prompt(self, dtype) -> dict:

@@ -30,6 +30,7 @@ class MemoryTracer(TorchDispatchMode):
         self.peak_by_cat: dict[str, int] = {}
         self.cat = "activations"
         self._marks: dict[str, int] = {}
+        self.deferred: dict[int, str] = {}  # storage key -> category: counted from its first use by an op
 
     # --- accounting ----------------------------------------------------------------------
     def _round(self, n: int) -> int:
@@ -59,7 +60,21 @@ class MemoryTracer(TorchDispatchMode):
             self.peak = self.current
             self.peak_by_cat = dict(self.by_cat)
 
+    def defer(self, t: torch.Tensor, cat: str) -> None:
+        """A tensor read from a memory-mapped file (safetensors' ``load_file`` maps the file privately): its
+        pages become resident when an op first reads it, so it counts from then on, not from the load."""
+        st = t.untyped_storage()
+        key = st._cdata
+        rec = self.live.pop(key, None)
+        if rec is not None:
+            self.current -= rec[0]
+            self.by_cat[rec[1]] -= rec[0]
+        else:
+            weakref.finalize(st, self._free, key)
+        self.deferred[key] = cat
+
     def _free(self, key: int) -> None:
+        self.deferred.pop(key, None)
         rec = self.live.pop(key, None)
         if rec is not None:
             self.current -= rec[0]
@@ -89,6 +104,12 @@ class MemoryTracer(TorchDispatchMode):
 
     # --- dispatch --------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.deferred:
+            for t in tree_flatten((args, kwargs))[0]:
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    cat = self.deferred.pop(t.untyped_storage()._cdata, None)
+                    if cat is not None:
+                        self.track(t, cat)
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
