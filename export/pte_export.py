@@ -298,12 +298,12 @@ class PteFormat:
         return write_program(et, root, f"{rel}.pte", files)
 
     def encoder(self, root: Path, lm, plan, files: list[str]) -> dict:
-        from blockskip.export.graphs import EncoderGraph, encoder_inputs, encoder_section
+        from blockskip.export.graphs import encoder_inputs, encoder_section
+        from blockskip.export.xnnpack_encoder import encoder_program
 
-        enc = EncoderGraph(lm.encoder.float(), lm.encoder_spec)
         programs = {}
         for stem, shape in encoder_inputs(lm, plan):
-            et = inference_program(enc, (torch.zeros(*shape),), self.delegate)
+            et = encoder_program(lm.encoder.float(), lm.encoder_spec, shape, self.delegate)
             programs[f"{shape[2]}x{shape[3]}"] = write_program(et, root, f"pte/{stem}.pte", files)
         return encoder_section(lm, plan, programs)
 

@@ -41,17 +41,20 @@ def build(name: str, seed: int = 0):
     return model
 
 
-def tiny_vae(kind: str, latent_channels: int, encoder_channels=(8, 16, 16), downsample: str = "Conv"):
+def tiny_vae(kind: str, latent_channels: int, encoder_channels=None, downsample: str = "Conv"):
     """A tiny VAE of the class each family ships with (FLUX and SD3: AutoencoderKL; SANA: DC-AE; its
-    encoder's widths and downsampling may be given)."""
+    encoder's widths may be given, one per level (KL: also the decoder's; 32 GroupNorm groups where the
+    widths allow, as the real ones), and DC-AE's downsampling)."""
     from diffusers import AutoencoderDC, AutoencoderKL
 
     torch.manual_seed(0)
     if kind == "AutoencoderKL":
-        return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                             latent_channels=latent_channels, norm_num_groups=4, layers_per_block=1,
-                             scaling_factor=0.5, shift_factor=0.1)
+        widths = tuple(encoder_channels or (8, 16))
+        return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(widths),
+                             up_block_types=("UpDecoderBlock2D",) * len(widths), block_out_channels=widths,
+                             latent_channels=latent_channels, norm_num_groups=32 if min(widths) % 32 == 0 else 4,
+                             layers_per_block=1, scaling_factor=0.5, shift_factor=0.1)
+    encoder_channels = encoder_channels or (8, 16, 16)
     return AutoencoderDC(in_channels=3, latent_channels=latent_channels, attention_head_dim=8,
                          encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
                          decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),

@@ -129,7 +129,7 @@ class ProgramPeaks:
         """(arena, delegate workspace) of the photo encoder program for inputs of ``shape``."""
         from executorch import version as et_version
 
-        key = hashlib.sha256(f"{LOWERING}|encoder|{delegate}|{tuple(shape)}|{et_version.__version__}|"
+        key = hashlib.sha256(f"{LOWERING}|{ENCODER_LOWERING}|{delegate}|{tuple(shape)}|{et_version.__version__}|"
                              f"{json.dumps(encoder_spec, sort_keys=True, default=str)}".encode()).hexdigest()
         if key not in self.mem or key + ":workspace" not in self.mem:
             self.mem[key], self.mem[key + ":workspace"] = encoder_program_bytes(encoder_spec, shape, delegate)
@@ -137,13 +137,20 @@ class ProgramPeaks:
         return self.mem[key], self.mem[key + ":workspace"]
 
 
+#: changes with how the export writes the encoder program or how its XNNPACK memory is counted
+ENCODER_LOWERING = "encoder-delegable-ops-1"
+
+
 def encoder_program_bytes(encoder_spec: dict, shape: tuple, delegate: str) -> tuple[int, int]:
     """(ExecuTorch arena, delegate workspace) of the photo encoder program, lowered as the export lowers it
-    (``pte_export``: the float32 encoder, its weights constants of the program) over zero weights: the
-    plan does not depend on their values. Seconds to a minute and the encoder's weights twice in memory
-    (SANA's DC-AE at 1024 px: 25 s, 552 MiB of weights), so ``ProgramPeaks`` keeps the result."""
-    from blockskip.export.graphs import EncoderGraph
-    from blockskip.export.pte_export import delegate_workspace_bytes, inference_program, planned_arena_bytes
+    (``xnnpack_encoder.encoder_program``: the float32 encoder, its weights constants of the program) over
+    zero weights: the plan does not depend on their values. Seconds to a minute and the encoder's weights
+    twice in memory (SANA's DC-AE at 1024 px: 25 s, 552 MiB of weights), so ``ProgramPeaks`` keeps the
+    result. With XNNPACK the workspace is what its calls hold beside the arena: the shared workspace as
+    XNNPACK's planner lays it out, grown call by call (``xnnpack_encoder.workspace_bytes``), and the
+    convolutions' indirection buffers (``xnnpack_encoder.indirection_bytes``)."""
+    from blockskip.export.pte_export import planned_arena_bytes
+    from blockskip.export.xnnpack_encoder import encoder_program, indirection_bytes, workspace_bytes
     from blockskip.runtime.backends.torch_families.latent import ENCODER_PREFIXES, build_encoder_skeleton
 
     enc = build_encoder_skeleton(encoder_spec)
@@ -155,8 +162,10 @@ def encoder_program_bytes(encoder_spec: dict, shape: tuple, delegate: str) -> tu
     with torch.no_grad():
         for t in list(enc.parameters()) + list(enc.buffers()):
             t.zero_()
-    prog = inference_program(EncoderGraph(enc.float().eval(), encoder_spec), (torch.zeros(*shape),), delegate)
-    return planned_arena_bytes(prog), delegate_workspace_bytes(prog)
+    prog = encoder_program(enc.float().eval(), encoder_spec, shape, delegate)
+    if delegate != "xnnpack":
+        return planned_arena_bytes(prog), 0
+    return planned_arena_bytes(prog), workspace_bytes(prog) + indirection_bytes(prog)
 
 
 _aten = torch.ops.aten
