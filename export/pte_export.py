@@ -217,6 +217,25 @@ def _nbytes(value) -> int:
     return 0
 
 
+def _call_workspace(mod) -> int:
+    """XNNPACK's workspace for one delegate call: the live bytes of the values computed inside it (neither
+    its inputs nor its outputs) at their most, in its node order, each freed after its last use."""
+    nodes = list(mod.original_module.graph_module.graph.nodes)
+    outputs = set(nodes[-1].all_input_nodes) if nodes and nodes[-1].op == "output" else set()
+    last = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
+    alive: dict = {}
+    live = largest = 0
+    for i, n in enumerate(nodes):
+        if n.op == "call_function" and n not in outputs:
+            alive[n] = _nbytes(n.meta.get("val"))
+            live += alive[n]
+            largest = max(largest, live)
+        for a in n.all_input_nodes:
+            if last[a] == i and a in alive:
+                live -= alive.pop(a)
+    return largest
+
+
 def delegate_workspace_bytes(et_program) -> int:
     """XNNPACK's workspace for the program: the values computed inside a delegate call (neither its inputs
     nor its outputs), which XNNPACK allocates itself, outside the program's memory plan. The backend's
@@ -226,24 +245,58 @@ def delegate_workspace_bytes(et_program) -> int:
     single block's VJP at 768 tokens: 586 MiB, the attention backward). 0 without delegate calls."""
     from executorch.exir.lowered_backend_module import LoweredBackendModule
 
-    largest = 0
-    for mod in et_program.exported_program().graph_module.children():
-        if not isinstance(mod, LoweredBackendModule):
+    return max((_call_workspace(mod) for mod in et_program.exported_program().graph_module.children()
+                if isinstance(mod, LoweredBackendModule)), default=0)
+
+
+def workspace_grow_points(et_program, align: int = 64) -> list[tuple[int, list[tuple[int, int]]]]:
+    """The delegate calls of the program's ``forward`` that need more workspace than every earlier one (the
+    only calls that can grow XNNPACK's shared workspace), in execution order: each call's need
+    (``_call_workspace``) and the arena it finds touched, as merged byte ranges [lo, hi) of the values
+    computed before it (their memory-planned ``mem_id``/``mem_offset``/``allocated_memory``, with the
+    planned buffers laid end to end, each rounded up to ``align``, as the native runner lays them in its
+    one arena). The call's own outputs are written after it grows the workspace: not counted."""
+    from executorch.exir.lowered_backend_module import LoweredBackendModule
+
+    sizes = next(list(p.non_const_buffer_sizes) for p in et_program.executorch_program.execution_plan
+                 if p.name == "forward")
+    base = [0]
+    for n in sizes[:-1]:
+        base.append(base[-1] + (int(n) + align - 1) // align * align)
+    gm = et_program.exported_program().graph_module
+    ranges: list[tuple[int, int]] = []
+    points: list[tuple[int, list[tuple[int, int]]]] = []
+    best = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
             continue
-        nodes = list(mod.original_module.graph_module.graph.nodes)
-        outputs = set(nodes[-1].all_input_nodes) if nodes and nodes[-1].op == "output" else set()
-        last = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
-        alive: dict = {}
-        live = 0
-        for i, n in enumerate(nodes):
-            if n.op == "call_function" and n not in outputs:
-                alive[n] = _nbytes(n.meta.get("val"))
-                live += alive[n]
-                largest = max(largest, live)
-            for a in n.all_input_nodes:
-                if last[a] == i and a in alive:
-                    live -= alive.pop(a)
-    return largest
+        if node.args and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "get_attr":
+            mod = getattr(gm, node.args[0].target, None)
+            if isinstance(mod, LoweredBackendModule):
+                need = _call_workspace(mod)
+                if need > best:
+                    best = need
+                    points.append((need, merged_ranges(ranges)))
+        specs = node.meta.get("spec")
+        for spec in specs if isinstance(specs, list | tuple) else [specs]:
+            mem_id, off = getattr(spec, "mem_id", None), getattr(spec, "mem_offset", None)
+            if mem_id is None or off is None or getattr(spec, "const", False) or mem_id >= len(base):
+                continue
+            lo = base[mem_id] + int(off)
+            ranges.append((lo, lo + int(spec.allocated_memory)))
+        ranges = merged_ranges(ranges)
+    return points
+
+
+def merged_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Byte ranges [lo, hi), sorted and merged where they overlap or touch; empty ones dropped."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(r for r in ranges if r[1] > r[0]):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def write_program(et_program, root: Path, rel: str, files: list[str]) -> dict:

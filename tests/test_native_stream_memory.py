@@ -19,15 +19,32 @@ pytest.importorskip("executorch.exir")
 from blockskip.export.memory.streamed import workspace_growth  # noqa: E402
 
 
-def test_workspace_growth_holds_old_and_new():
+def test_workspace_growth_holds_old_and_new_beside_the_touched_arena():
     mib = 1 << 20
     assert workspace_growth([]) == 0
-    assert workspace_growth([100 * mib]) == 100 * mib
-    # forward 124.58, head 6.56, VJP 146.46 MiB (SANA-1.6B): the VJP's grow holds both
-    assert workspace_growth([124 * mib, 6 * mib, 146 * mib]) == 270 * mib
+    # one program: its arena and its workspace
+    assert workspace_growth([(50 * mib, [(100 * mib, [])])]) == 150 * mib
+    # SANA-1.6B-like: the forward programs touch the arena through before the VJP grows the workspace
+    # (124 -> 146 MiB): both workspaces beside the forward's arena
+    sana = [(240 * mib, [(124 * mib, [(0, 10 * mib)])]), (20 * mib, [(6 * mib, [])]),
+            (245 * mib, [(146 * mib, [(0, 30 * mib)])])]
+    assert workspace_growth(sana) == (240 + 124 + 146) * mib
+    # FLUX.1-dev-like: the VJP grows early, with little of its large arena touched; the steady state (the
+    # largest arena with one workspace) is the most
+    flux = [(100 * mib, [(40 * mib, [])]), (800 * mib, [(80 * mib, [(0, 150 * mib)])])]
+    assert workspace_growth(flux) == (800 + 80) * mib
+    # the moment counts only what is touched: the earlier arena [0, 100) and the VJP's ranges beyond it
+    early = [(100 * mib, [(150 * mib, [])]),
+             (300 * mib, [(160 * mib, [(50 * mib, 120 * mib), (200 * mib, 300 * mib)]), (170 * mib, [(0, 300 * mib)])])]
+    assert workspace_growth(early) == (120 + 100 + 150 + 170) * mib
+    early[1][1][0] = (160 * mib, [(50 * mib, 120 * mib), (200 * mib, 250 * mib)])
+    assert workspace_growth(early) == (120 + 50 + 150 + 170) * mib
+    # a program grows it once, at its first call that needs more, to its largest call's need (the tiny
+    # span's VJP: estimated 78.91 then 79.69 MiB in two calls, grown once)
+    once = [(80 * mib, [(40 * mib, [])]), (130 * mib, [(79 * mib, [(0, 126 * mib)]), (80 * mib, [(0, 130 * mib)])])]
+    assert workspace_growth(once) == (126 + 40 + 80) * mib
     # the largest program first: never grown again
-    assert workspace_growth([146 * mib, 124 * mib, 6 * mib]) == 146 * mib
-    assert workspace_growth([10 * mib, 20 * mib, 30 * mib]) == 50 * mib
+    assert workspace_growth([(10 * mib, [(146 * mib, [])]), (10 * mib, [(124 * mib, [])])]) == (10 + 146) * mib
 
 
 def test_native_streamed_training_peak_is_the_dry_run(runner, tmp_path):

@@ -80,11 +80,20 @@ class ProgramPeaks:
 
     def __init__(self, persist: bool = True):
         self.mem: dict[str, int] = {}
+        # a program's workspace grow points (``pte_export.workspace_grow_points``), in a file of their own
+        self.grow: dict[str, list] = {}
         self.path = _cache_file() if persist else None
+        self.grow_path = self.path.with_name("program_growth.json") if self.path is not None else None
         if self.path is not None and self.path.is_file():
             try:
                 self.mem.update({k: int(v) for k, v in json.loads(self.path.read_text()).items()})
             except (OSError, ValueError):
+                pass
+        if self.grow_path is not None and self.grow_path.is_file():
+            try:
+                self.grow.update({k: [(int(n), [(int(a), int(b)) for a, b in r]) for n, r in v]
+                                  for k, v in json.loads(self.grow_path.read_text()).items()})
+            except (OSError, ValueError, TypeError):
                 pass
 
     def _save(self) -> None:
@@ -92,9 +101,10 @@ class ProgramPeaks:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.mem))
-            os.replace(tmp, self.path)
+            for path, data in ((self.path, self.mem), (self.grow_path, self.grow)):
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(data))
+                os.replace(tmp, path)
         except OSError:
             pass
 
@@ -107,9 +117,10 @@ class ProgramPeaks:
         key = self._key(traced, how, round_to)
         if key not in self.mem:
             if how.startswith("arena"):
-                arena, workspace = program_bytes(traced, how.split(":", 1)[1])
+                arena, workspace, grow = program_bytes(traced, how.split(":", 1)[1])
                 self.mem[key] = arena
                 self.mem[self._key(traced, "workspace" + how[len("arena"):], round_to)] = workspace
+                self.grow[self._key(traced, "grow" + how[len("arena"):], round_to)] = grow
             else:
                 self.mem[key] = live_peak(traced, round_to, onnx=how == "onnx")
             self._save()
@@ -124,6 +135,16 @@ class ProgramPeaks:
             self.mem.pop(self._key(traced, how, round_to), None)
             self.get(traced, how, round_to)
         return self.mem[key]
+
+    def grow_points(self, traced: se.Traced, how: str, round_to: int) -> list:
+        """The program's workspace grow points (``pte_export.workspace_grow_points``); none unless lowered."""
+        if not how.startswith("arena"):
+            return []
+        key = self._key(traced, "grow" + how[len("arena"):], round_to)
+        if key not in self.grow:
+            self.mem.pop(self._key(traced, how, round_to), None)
+            self.get(traced, how, round_to)
+        return self.grow[key]
 
     def encoder(self, encoder_spec: dict, shape: tuple, delegate: str) -> tuple[int, int]:
         """(arena, delegate workspace) of the photo encoder program for inputs of ``shape``."""
@@ -200,34 +221,57 @@ def live_peak(traced: se.Traced, round_to: int = 1, onnx: bool = False) -> int:
     return int(tr.peak)
 
 
-def program_bytes(traced: se.Traced, delegate: str = "none") -> tuple[int, int]:
-    """(ExecuTorch memory-planned arena, delegate workspace) of the program as the export lowers it
-    (inputs not planned). Lowered to XNNPACK the arena differs (the delegate calls group independent ops:
-    a block's q, k and v projections, so their dequantised weights live together) and the values inside a
-    delegate call are XNNPACK's own (``pte_export.delegate_workspace_bytes``)."""
-    from blockskip.export.pte_export import delegate_workspace_bytes, inference_program, planned_arena_bytes
+def program_bytes(traced: se.Traced, delegate: str = "none") -> tuple[int, int, list]:
+    """(ExecuTorch memory-planned arena, delegate workspace, workspace grow points) of the program as the
+    export lowers it (inputs not planned). Lowered to XNNPACK the arena differs (the delegate calls group
+    independent ops: a block's q, k and v projections, so their dequantised weights live together) and the
+    values inside a delegate call are XNNPACK's own (``pte_export.delegate_workspace_bytes``); the grow
+    points are ``pte_export.workspace_grow_points``."""
+    from blockskip.export.pte_export import (
+        delegate_workspace_bytes,
+        inference_program,
+        planned_arena_bytes,
+        workspace_grow_points,
+    )
 
     prog = inference_program(traced.gm, traced.example_args(fake=True), delegate, plan_inputs=False,
                              weights=traced.weight_positions())
-    return planned_arena_bytes(prog), delegate_workspace_bytes(prog)
+    return planned_arena_bytes(prog), delegate_workspace_bytes(prog), workspace_grow_points(prog)
 
 
-def workspace_growth(needs: list[int]) -> int:
-    """The most XNNPACK's shared workspace holds while programs of these workspace needs run for the first
-    time, in this order. A program that needs more than the workspace has grows it: XNNPACK allocates the
-    larger workspace (zero-filled, so resident at once) and frees the old one only after
-    (``initialize_workspace_values`` in its runtime.c), so the grow holds old + new while the program's
-    call starts. Measured by tracing the native runner's allocations at its peak RSS: SANA-1.6B's streamed
-    int8 step grew the workspace from the forward program's 124.58 MiB to the VJP's 146.46 MiB, both
-    resident at once (271.04 MiB allocated; the run's peak was 90 MiB above a dry run counting 146.46),
-    and a tiny FLUX-like span from 40.24 to 81.09 MiB. Counted per program (its largest call's need); the
-    calls inside one program are taken to grow it once."""
-    held = cur = 0
-    for need in needs:
-        if need > cur:
-            held = max(held, cur + need)
+def workspace_growth(programs: list[tuple[int, list]]) -> int:
+    """The most the programs' one arena and XNNPACK's shared workspace hold resident together while these
+    programs run for the first time, in this order; each program is (its planned arena, its workspace grow
+    points: ``pte_export.workspace_grow_points``). The native runner gives every program one arena (the
+    largest program's, from offset 0), resident only as far as programs have touched it; XNNPACK's
+    workspace is shared by every delegate call of every program and grown to the largest call's need. A
+    call that needs more than the workspace has grows it: XNNPACK allocates the larger workspace
+    (zero-filled, so resident at once) and frees the old one only after (``initialize_workspace_values``
+    in its runtime.c), so at that moment old + new are held beside the arena as far as it is touched
+    then: every earlier program's arena (taken as touched from 0 to its size) and the values the growing
+    program computed before that call (their planned ranges). A program is taken to grow it once, at its
+    first call that needs more than the workspace has, to its largest call's need: the per-call needs
+    are estimates, and the tiny span's VJP, estimated at 78.91 then 79.69 MiB in two calls, grew it once
+    (to 80.31 MiB). After the grows, the largest arena with the one workspace. Measured by tracing the native runner's allocations at its peak RSS: SANA-1.6B's
+    streamed int8 step grew the workspace from the forward program's 124.58 MiB to the VJP's 146.46 MiB
+    with the arena already touched through by the forward programs (244.7 MiB allocated, 240.6 resident;
+    the run's peak was 90 MiB above a dry run counting one workspace), and a tiny FLUX-like span from
+    40.24 to 81.09 MiB. FLUX.1-dev's single-block VJP grows it from the forward's 140.31 to 585.98 MiB at
+    its attention backward with 576 of its 816 MiB arena touched (the planned ranges, with the forward's
+    369 MiB below them): 1302 MiB then, under the steady 816 + 586; counting its whole arena with both
+    workspaces had predicted the measured step 7.4% over, the steady state predicts it 1.4% over."""
+    from blockskip.export.pte_export import merged_ranges
+
+    cur = touched = held = 0
+    for arena, points in programs:
+        ranges = next((r for need, r in points if need > cur), None)
+        if ranges is not None:
+            need = points[-1][0]
+            resident = sum(hi - lo for lo, hi in merged_ranges([(0, touched), *ranges]))
+            held = max(held, resident + cur + need)
             cur = need
-    return held
+        touched = max(touched, arena)
+    return max(held, touched + cur)
 
 
 def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt: str = "pte", num_images: int = 4,
@@ -259,11 +303,13 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
     layout = se.stream_layout(fam, trained, lora["targets"], stop)
     prog: dict[tuple[str, str], int] = {}
     work: dict[tuple[str, str], int] = {}  # a delegate's own workspace (XNNPACK), beside the arena
+    traced_of: dict[tuple[str, str], se.Traced] = {}
     lora_bytes = 0
     for sid, shape in layout.shapes.items():
         with_vjp = any(s == sid for _, s in layout.train)
         traced = se.trace_shape(fam, skeleton, shape, storage, lora, state, consts, fake=True, vjp=with_vjp)
         for role, t in traced.items():
+            traced_of[sid, role] = t
             prog[sid, role] = peaks.get(t, how, rt)
             work[sid, role] = peaks.workspace(t, how, rt)
         if with_vjp:
@@ -271,6 +317,7 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
             lo = {n: (s, d) for n, s, d in traced["forward"].inputs if n.startswith(se.LORA)}
             lora_bytes += n_blocks * _nbytes(lo, rt)
     head = se.trace_head(fam, skeleton, storage, state["hidden"], consts, target, fake=True)
+    traced_of["head", "head"] = head
     prog["head", "head"] = peaks.get(head, how, rt)
     work["head", "head"] = peaks.workspace(head, how, rt)
 
@@ -285,14 +332,16 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
     train_progs = [v for (sid, role), v in prog.items()
                    if sid == "head" or sid in {s for _, s in layout.train}]
     run_peak = max(train_progs)
-    # the delegate's workspace is shared by every loaded program and kept at the largest one's need; where a
-    # later program needs more, the old and the grown workspace are both held for a moment
-    # (``workspace_growth``). A step runs the forward programs in span order, the head, then the
-    # VJPs in reverse (the first step: an evaluation sweep before it, in the same order). Counted with the
-    # AdamW moments, which a fresh run's first step does not hold yet but a resumed run's does.
+    # the delegate's workspace is shared by every loaded program and kept at the largest one's need beside
+    # the largest arena; where a later program's call needs more, the old and the grown workspace are both
+    # held for a moment beside the arena as far as it is touched then (``workspace_growth``). A step runs
+    # the forward programs in span order, the head, then the VJPs in reverse (the first step: an evaluation
+    # sweep before it, in the same order). Counted with the AdamW moments, which a fresh run's first step
+    # does not hold yet but a resumed run's does. ``train_work``: what this adds to the largest arena.
     run_order = ([(s, "forward") for s in dict.fromkeys(s for _, s in layout.train)] + [("head", "head")]
                  + [(s, "vjp") for s in dict.fromkeys(s for _, s in reversed(layout.train))])
-    train_work = workspace_growth([work[k] for k in run_order])
+    grown = workspace_growth([(prog[k], peaks.grow_points(traced_of[k], how, rt)) for k in run_order])
+    train_work = max(max((work[k] for k in run_order), default=0), grown - run_peak)
     if fmt == "torch" and plan.stash == "memory" and layout.train:
         # the torch backend keeps the last block's autograd graph from the forward sweep through the head
         # (no recomputed forward in its VJP): bounded by that block's VJP peak
