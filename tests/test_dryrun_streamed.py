@@ -276,7 +276,7 @@ def test_the_encoder_stage_is_what_a_run_of_the_encoder_program_holds(tmp_path, 
     code = ("import sys, torch\n"
             "from executorch.extension.pybindings.portable_lib import _load_for_executorch\n"
             "from blockskip.runtime.memory import peak_rss_mib\n"
-            "io = torch.load(sys.argv[2]); x = io['photo']\n"
+            "io = torch.load(sys.argv[2], weights_only=True); x = io['photo']\n"
             "open('/proc/self/clear_refs', 'w').write('5'); before = peak_rss_mib()\n"
             "p = _load_for_executorch(sys.argv[1]); out = p.forward([x])[0]\n"
             "print((peak_rss_mib() - before) * 2**20, (out - io['eager']).abs().max().item())\n")
