@@ -31,14 +31,18 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank", type=int, default=None, help=f"LoRA rank (default {d.lora_rank}, or searched)")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
     g.add_argument("--targets", type=str, default=None, help="comma-separated LoRA target modules inside a block")
-    g.add_argument("--s-min", type=int, default=d.s_min, help="training resolution in px")
-    g.add_argument("--s-max", type=int, default=d.s_max, help="photo resolution in px")
+    g.add_argument("--s-min", type=int, default=None,
+                   help=f"training resolution in px (default: the model's, e.g. FLUX.1-dev 256; else {d.s_min}; "
+                        "searched down to half when the default does not fit)")
+    g.add_argument("--s-max", type=int, default=None,
+                   help=f"photo resolution in px (default: the model's, e.g. FLUX.1-dev 512; else {d.s_max})")
     g.add_argument("--no-patch-sampling", action="store_true", help="always resize the whole photo to s_min")
     g.add_argument("--no-residual", action="store_true",
                    help="ablation: drop the last m blocks instead of adding their precomputed residual")
     g.add_argument("--positions", choices=["crop", "native"], default=d.positions)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weights/activations dtype (default: the profile's, float32 on CPU)")
+                   help="weights/activations dtype (default: the model's when stored in bfloat16/float16, else "
+                        "the profile's; float32 for the program formats and a streamed span)")
     g.add_argument("--checkpointing", choices=["on", "off"], default=None,
                    help="recompute trained-block activations in backward (less memory, ~1/3 more time)")
     g.add_argument("--base-quant", choices=list(BASE_QUANT), default=None,
@@ -81,21 +85,66 @@ def _indices(text: str | None) -> list[int] | None:
         raise PlanError(f"--trained must be comma-separated block indices, e.g. 2,3,7 (got {text!r})") from None
 
 
-def plan_from_args(a, profile_dtype: str) -> Plan:
-    dtype = a.dtype or ("float32" if profile_dtype not in ("float32", "bfloat16", "float16") else profile_dtype)
+def plan_from_args(a, profile_dtype: str, defaults: dict | None = None) -> Plan:
+    """The plan the options describe; ``defaults``: the model's (``s_min``, ``s_max``, ``dtype``: a known
+    config's, or a folder's stored dtype), used where an option is not given."""
+    defaults = defaults or {}
+    d = Plan()
+    dtype = a.dtype or defaults.get("dtype") or profile_dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+        dtype = "float32"
+    s_max = a.s_max or defaults.get("s_max") or d.s_max
+    s_min = a.s_min or min(defaults.get("s_min") or d.s_min, s_max)
     return Plan(
         front_skip=a.front_skip or 0, back_skip=a.back_skip or 0,
         checkpointing=a.checkpointing == "on",
         trained=_indices(a.trained),
-        lora_rank=a.rank if a.rank is not None else Plan().lora_rank, lora_alpha=a.alpha,
+        lora_rank=a.rank if a.rank is not None else d.lora_rank, lora_alpha=a.alpha,
         lora_targets=[t.strip() for t in a.targets.split(",")] if a.targets else None,
-        s_min=a.s_min, s_max=a.s_max, patch_sampling=not a.no_patch_sampling,
+        s_min=s_min, s_max=s_max, patch_sampling=not a.no_patch_sampling,
         back_residual=not a.no_residual, positions=a.positions,
         dtype=dtype, base_quant=a.base_quant or "none", num_samples=a.samples, steps=a.steps, grad_accum=a.grad_accum, lr=a.lr, optimizer=a.optimizer, vae_tiling=a.vae_tiling,
         timestep_shift=a.shift, seed=a.seed, checkpoint_every=a.checkpoint_every,
         precompute_chunk=a.precompute_chunk, span=a.span or "resident", storage=a.storage, weights=a.weights,
         prefetch=not a.no_prefetch, stash=a.stash,
     )
+
+
+def model_defaults(model: str) -> dict:
+    """The plan defaults of ``--model``: a known config's (``blockskip.export.configs``), the built-in
+    model's, or a folder's stored dtype when it is bfloat16/float16 (planned as stored, not widened to the
+    profile's float32)."""
+    from blockskip.export.memory.specs import KNOWN
+    from blockskip.export.tiny import BUILTIN_MODELS
+
+    if model in KNOWN or model in BUILTIN_MODELS:
+        from blockskip.export.memory.specs import load_spec
+
+        return dict(load_spec(model)[1])
+    folder = Path(model) / "transformer"
+    if not folder.is_dir():
+        return {}
+    from blockskip.export.folder_weights import FolderWeights
+
+    try:
+        dt = str(FolderWeights(folder).stored_dtype()).removeprefix("torch.")
+    except Exception:  # unreadable shards: the loader says what is wrong
+        return {}
+    return {"dtype": dt} if dt in ("bfloat16", "float16") else {}
+
+
+def program_dtype(a, formats) -> str | None:
+    """float32 where the plan's backends compute in float32 (the program formats, a streamed span), else
+    None; refuses a --dtype they cannot run."""
+    from blockskip.runtime.errors import PlanError
+
+    if any(f != "torch" for f in formats) or a.span == "streamed":
+        if a.dtype not in (None, "float32"):
+            raise PlanError(f"--format {','.join(formats)} {'with a streamed span ' if a.span == 'streamed' else ''}"
+                            f"computes in float32; got --dtype {a.dtype} (use --storage to store the frozen "
+                            f"weights in fewer bits)")
+        return "float32"
+    return None
 
 
 def plan_format(formats, profile) -> str:
@@ -112,44 +161,65 @@ def plan_format(formats, profile) -> str:
     return next((f for f in ("pte", "onnx") if f in formats), "torch")
 
 
-def fit_plan(lm, plan: Plan, profile, a, fmt: str = "torch") -> tuple[Plan, dict | None]:
+def choose_plan(spec, plan: Plan, profile, a, fmt: str = "torch", log=lambda msg: None, on_search=lambda: None):
     """The profile's plan search over whatever the user did not fix (split, rank, base, checkpointing,
-    span, storage), for ``fmt``'s backend; with the chosen plan's predicted peaks for the bundle."""
+    span, storage, s_min down to half its default), for ``fmt``'s backend: (plan, the chosen candidate or
+    None when the options fix the plan, the search result or None). ``blockskip-export`` and
+    ``blockskip-plan`` both choose with it; ``on_search`` is called once the options are checked and a
+    search starts."""
     import dataclasses
-    import sys
 
-    from blockskip.export.memory.search import fixed_axes, require_fit, search
+    from blockskip.export.memory.search import fixed_axes, search
 
     if a.skip_ratio is not None:
-        plan = dataclasses.replace(plan, **ratio_split(lm, a))
-    plan.validate(lm.family.num_blocks, lm.granularity, lm.family.valid_targets())  # refuse bad input first
+        plan = dataclasses.replace(plan, **ratio_split(spec, a))
+    fam = spec.family
+    plan.validate(fam.num_blocks, spec.granularity, fam.valid_targets())  # refuse bad input first
     fixed_split = (a.front_skip is not None or a.back_skip is not None or a.trained is not None
                    or a.skip_ratio is not None)
     # a streamed span without --storage leaves the storage to the search (else the bundle would be float32)
     span_fixed = a.span == "resident" or (a.span == "streamed" and a.storage is not None)
-    if fixed_split and a.rank is not None and ((a.base_quant is not None and a.checkpointing is not None)
-                                               or span_fixed):
-        return plan, None  # fully specified: nothing to search
-    spec = lm.model_spec()
-    if plan.trained is not None:  # explicit indices: check them, the search has nothing to choose
-        from blockskip.export.memory.search import evaluate
-
-        best = evaluate(spec, plan, profile, fmt=fmt, delegate=a.delegate)
-        if not best.fits:
-            w = best.worst()
-            print(f"warning: --trained plan needs {w.peak / 2**30:.2f} GiB in {w.phase} "
-                  f"(budget {w.budget / 2**30:.2f} GiB)", file=sys.stderr)
-        return plan, memory_record(best)
-    kw = fixed_axes(lm.family.num_blocks, split=(plan.front_skip, plan.back_skip) if fixed_split else None,
-                    s_mins=[plan.s_min], rank=a.rank, base_quant=a.base_quant, checkpointing=a.checkpointing,
-                    model=lm.name, span=a.span, storage=a.storage)
-    print(f"fitting the plan to {profile.name} ({fmt}, budget {profile.budget_gib:.2f} GiB) ...", file=sys.stderr)
-    best = require_fit(search(spec, plan, profile, fmt=fmt, delegate=a.delegate, **kw), profile)
-    print(f"plan: {best.describe()}; predicted peak {best.peak / 2**30:.2f} GiB", file=sys.stderr)
-    p = best.plan
+    if plan.trained is not None or (fixed_split and a.rank is not None
+                                    and ((a.base_quant is not None and a.checkpointing is not None) or span_fixed)):
+        return plan, None, None  # fully specified (or explicit indices): nothing to search
+    s_mins = [a.s_min] if a.s_min else list(dict.fromkeys([plan.s_min, max(spec.granularity, plan.s_min // 2)]))
+    kw = fixed_axes(fam.num_blocks, split=(plan.front_skip, plan.back_skip) if fixed_split else None,
+                    s_mins=s_mins, rank=a.rank, base_quant=a.base_quant, checkpointing=a.checkpointing,
+                    model=spec.name, span=a.span, storage=a.storage)
+    on_search()
+    result = search(spec, plan, profile, fmt=fmt, delegate=a.delegate, log=log, **kw)
+    if result.best is None:
+        return plan, None, result
+    p = result.best.plan
     return dataclasses.replace(plan, front_skip=p.front_skip, back_skip=p.back_skip, lora_rank=p.lora_rank,
-                               base_quant=p.base_quant, checkpointing=p.checkpointing, vae_tiling=p.vae_tiling,
-                               span=p.span, storage=p.storage, dtype=p.dtype), memory_record(best)
+                               s_min=p.s_min, base_quant=p.base_quant, checkpointing=p.checkpointing,
+                               vae_tiling=p.vae_tiling, span=p.span, storage=p.storage,
+                               dtype=p.dtype), result.best, result
+
+
+def fit_plan(lm, plan: Plan, profile, a, fmt: str = "torch") -> tuple[Plan, dict | None]:
+    """``choose_plan`` for the export: the plan, with the chosen plan's predicted peaks for the bundle."""
+    import sys
+
+    from blockskip.export.memory.search import evaluate, require_fit
+
+    spec = lm.model_spec()
+    plan, best, result = choose_plan(spec, plan, profile, a, fmt, on_search=lambda: print(
+        f"fitting the plan to {profile.name} ({fmt}, budget {profile.budget_gib:.2f} GiB) ...", file=sys.stderr))
+    if result is not None:
+        best = require_fit(result, profile)
+        print(f"plan: {best.describe()}; predicted peak {best.peak / 2**30:.2f} GiB ("
+              + ", ".join(f"{r.phase} {r.peak / 2**30:.2f}" for r in best.reports)
+              + f"; budget {profile.budget_gib:.2f} GiB; written into the bundle's manifest)", file=sys.stderr)
+        return plan, memory_record(best)
+    if plan.trained is None:
+        return plan, None
+    best = evaluate(spec, plan, profile, fmt=fmt, delegate=a.delegate)  # explicit indices: check them
+    if not best.fits:
+        w = best.worst()
+        print(f"warning: --trained plan needs {w.peak / 2**30:.2f} GiB in {w.phase} "
+              f"(budget {w.budget / 2**30:.2f} GiB)", file=sys.stderr)
+    return plan, memory_record(best)
 
 
 def export_prediction(lm, plan: Plan, formats, delegate: str = "none"):
@@ -171,6 +241,7 @@ def memory_record(best) -> dict:
 
 
 def ratio_split(lm, a) -> dict:
+    """``lm``: a loaded model or a ``ModelSpec`` (its family and name)."""
     """--skip-ratio -> front_skip / back_skip, from the model's committed selection table if it has one."""
     import sys
 
@@ -250,8 +321,11 @@ def main(argv=None) -> int:
         formats = check_formats([f.strip() for f in a.format.split(",") if f.strip()])
         fmt = plan_format(formats, profile)  # refuses a format the profile's backends do not run
         # the program formats and a streamed span compute in float32 (fewer bits go to --storage)
-        f32 = a.model in BUILTIN_MODELS or any(f != "torch" for f in formats) or a.span == "streamed"
-        plan = plan_from_args(a, "float32" if f32 else profile.dtype)
+        f32 = a.model in BUILTIN_MODELS or program_dtype(a, formats) is not None
+        defaults = model_defaults(a.model)
+        if f32:
+            defaults["dtype"] = "float32"
+        plan = plan_from_args(a, "float32" if f32 else profile.dtype, defaults)
         check_plan_for(plan, "", formats, a.delegate)  # what a format refuses, before any work
         import torch
 

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 
+from blockskip.export.cli import add_plan_args, choose_plan, plan_from_args, program_dtype
 from blockskip.runtime.cli_util import run_cli
 
 EPILOG = """examples:
@@ -28,24 +29,9 @@ def main(argv=None) -> int:
                    help="the backend that will run the plan: torch, pte (ExecuTorch / the native runner) or onnx "
                         "(ONNX Runtime); default: the first the profile's backends run. Only plans that format "
                         "can run are proposed")
-    g = p.add_argument_group("plan (fixed when given, searched otherwise)")
-    g.add_argument("-n", "--front-skip", type=int)
-    g.add_argument("-m", "--back-skip", type=int)
-    g.add_argument("--rank", type=int)
-    g.add_argument("--s-min", type=int)
-    g.add_argument("--s-max", type=int)
-    g.add_argument("--base-quant", choices=["none", "int8", "nf4"])
-    g.add_argument("--checkpointing", choices=["on", "off"])
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--span", choices=["resident", "streamed"],
-                   help="resident: the whole trained span at once; streamed: one block at a time (searched: "
-                        "resident first, streamed when no resident plan fits)")
-    g.add_argument("--storage", choices=["float32", "float16", "bfloat16", "int8", "int4"],
-                   help="streamed span: the frozen weights' storage in the bundle (searched: bfloat16 > int8 > int4)")
-    g.add_argument("--vae-tiling", action="store_true", help="encode photos in tiles (otherwise only when needed)")
-    g.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
-    g.add_argument("--samples", "-K", type=int, default=2000, help="wanted cache samples K (capped by storage)")
-    g.add_argument("--precompute-chunk", type=int, default=1, help="samples per pass over the frozen blocks")
+    p.add_argument("--delegate", choices=["none", "xnnpack"], default="none",
+                   help="pte: the programs lowered to XNNPACK, as blockskip-export --delegate xnnpack writes them")
+    add_plan_args(p)  # the very plan options blockskip-export takes: one definition
     p.add_argument("--no-search", action="store_true", help="evaluate exactly the given plan")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of the breakdown against the budget")
@@ -57,11 +43,10 @@ def main(argv=None) -> int:
 def _run(a) -> int:
     t0 = time.time()
     from blockskip.export.memory.report import plot, table
-    from blockskip.export.memory.search import evaluate, fixed_axes, require_fit, search
+    from blockskip.export.memory.search import evaluate, require_fit
     from blockskip.export.memory.specs import load_spec
     from blockskip.export.memory.streamed import bundle_bytes, formats_for
     from blockskip.runtime.errors import PlanError
-    from blockskip.runtime.plan import Plan
     from blockskip.runtime.profiles import load_profile
 
     profile = load_profile(a.profile)
@@ -73,39 +58,36 @@ def _run(a) -> int:
         raise PlanError(f"profile {profile.name}'s backends ({', '.join(profile.backends)}) do not run --format "
                         f"{fmt}; use --format {' or '.join(runs)}")
     spec, defaults = load_spec(a.model)
-    s_max = a.s_max or defaults.get("s_max", 512)
-    dtype = a.dtype or defaults.get("dtype") or profile.dtype
-    if dtype not in ("float32", "bfloat16", "float16"):
-        dtype = "float32"
-    streamed = a.span == "streamed" or (a.span is None and a.storage is not None)
-    if fmt != "torch" or streamed:
-        if a.dtype not in (None, "float32"):
-            raise PlanError(f"--format {fmt} {'with a streamed span ' if streamed else ''}computes in float32; "
-                            f"got --dtype {a.dtype} (use --storage to store the frozen weights in fewer bits)")
-        dtype = "float32"
+    if a.model not in ("tiny", "tiny-random"):
+        from blockskip.export.cli import model_defaults
+
+        defaults = {**model_defaults(a.model), **defaults}
+    f32 = program_dtype(a, [fmt]) is not None
+    if f32:
+        defaults["dtype"] = "float32"
     if fmt != "torch" and (a.base_quant not in (None, "none") or a.checkpointing == "on"
                            or a.optimizer != "adamw"):
         raise PlanError(f"--base-quant, --checkpointing on and --optimizer adamw8bit are options of the torch "
                         f"backend; --format {fmt} runs a float32 resident span or a streamed one (--storage)")
-    base = Plan(front_skip=a.front_skip or 0, back_skip=a.back_skip or 0, s_min=a.s_min or defaults.get("s_min", s_max // 2),
-                s_max=s_max, dtype=dtype, num_samples=a.samples, precompute_chunk=a.precompute_chunk,
-                lora_rank=a.rank or 16, base_quant=a.base_quant or "none",
-                checkpointing=a.checkpointing == "on", vae_tiling=a.vae_tiling, optimizer=a.optimizer,
-                span="streamed" if streamed else "resident", storage=a.storage if streamed else None)
+    base = plan_from_args(a, "float32" if f32 else profile.dtype, defaults)
+    s_max = base.s_max
     say = (lambda m: None) if a.json else (lambda m: print(m, file=sys.stderr))
+    result = None
     if a.no_search:
-        best, nxt, result = evaluate(spec, base, profile, fmt=fmt), None, None
+        if a.skip_ratio is not None:
+            import dataclasses
+
+            from blockskip.export.cli import ratio_split
+
+            base = dataclasses.replace(base, **ratio_split(spec, a))
+        best, nxt = evaluate(spec, base, profile, fmt=fmt, delegate=a.delegate), None
     else:
-        split_given = a.front_skip is not None or a.back_skip is not None
-        say(f"searching plans for {a.model} on {profile.name} ({fmt}, budget {profile.budget_gib:.2f} GiB) ...")
-        kw = fixed_axes(spec.family.num_blocks,
-                        split=(a.front_skip or 0, a.back_skip or 0) if split_given else None,
-                        s_mins=[a.s_min] if a.s_min else [base.s_min, max(spec.granularity, base.s_min // 2)],
-                        rank=a.rank, base_quant=a.base_quant, checkpointing=a.checkpointing,
-                        model=getattr(spec, "name", None), span=a.span or ("streamed" if streamed else None),
-                        storage=a.storage)
-        result = search(spec, base, profile, log=say, fmt=fmt, **kw)
-        best, nxt = require_fit(result, profile), result.next_bigger
+        plan, best, result = choose_plan(spec, base, profile, a, fmt, log=say, on_search=lambda: say(
+            f"searching plans for {a.model} on {profile.name} ({fmt}, budget {profile.budget_gib:.2f} GiB) ..."))
+        if result is None:  # the options fix the plan
+            best, nxt = evaluate(spec, plan, profile, fmt=fmt, delegate=a.delegate), None
+        else:
+            best, nxt = require_fit(result, profile), result.next_bigger
     # K: as many samples as the storage budget holds (up to the wanted number)
     entry = best.reports[0].extra["cache_entry_bytes"]
     k_fit = max(1, int(profile.cache_budget_bytes // max(entry, 1)))

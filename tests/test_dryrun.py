@@ -189,3 +189,85 @@ def test_the_torch_encoder_stage_counts_each_weight_from_its_first_use(tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     grown = int(r.stdout.split()[-1])
     assert abs(grown - expected) < 0.05 * expected, (grown, expected, total, pre.encoder_by_cat)
+
+
+def _deep_spec(name: str):
+    """A tiny model of ``name``'s family with runs of several blocks of each shape (what composing needs)."""
+    from tiny_models import TINY_CONFIGS
+
+    from blockskip.export.memory.dryrun import ModelSpec
+    from blockskip.runtime.backends.torch_families import get_family
+
+    cfg = dict(TINY_CONFIGS[name])
+    if name == "flux":
+        cfg.update(num_layers=5, num_single_layers=6)
+    else:
+        cfg.update(num_layers=9)
+    fam = get_family({"flux": "flux", "sd35": "sd3", "sana": "sana"}[name], cfg)
+    text = cfg.get("joint_attention_dim") or cfg["caption_channels"]
+    prompt = {"prompt_embeds": (1, 8, text)}
+    if "pooled_projection_dim" in cfg:
+        prompt["pooled"] = (1, cfg["pooled_projection_dim"])
+    channels = cfg["in_channels"] // 4 if name == "flux" else cfg["in_channels"]
+    enc = {"class": "TinyAutoencoder", "config": {"factor": 4, "latent_channels": channels}}
+    return ModelSpec(fam, enc, prompt, 4, name)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd35", "sana"])
+@pytest.mark.parametrize("kw", [dict(), dict(front_skip=2, back_skip=1, checkpointing=True),
+                                dict(front_skip=1, base_quant="int8", grad_accum=2),
+                                dict(back_skip=2, base_quant="nf4", checkpointing=True)])
+def test_composed_training_trace_is_the_whole_trace(name, kw):
+    """The training trace composed from short spans (a block or two of each shape) equals the whole
+    span's trace to the byte: every phase, category and step peak."""
+    from blockskip.export.memory import dryrun as dr
+
+    spec = _deep_spec(name)
+    plan = Plan(s_min=32, s_max=64, num_samples=2, lora_rank=4, **kw)
+    trained = plan.trained_indices(spec.family.num_blocks)
+    groups = dr.train_groups(spec.family, trained)
+    assert max(len(g) for g in groups) > dr.COMPOSE_BLOCKS + 1  # the composition really extrapolates
+    lora = _lora(spec, plan)
+    whole = [r.to_dict() for r in dry_run(spec, plan, lora, train_steps=2, compose=False)]
+    composed = [r.to_dict() for r in dry_run(spec, plan, lora, train_steps=2)]
+    assert composed == whole
+
+
+def test_plan_and_export_take_the_same_plan_options(tmp_path):
+    """``blockskip-plan`` takes exactly the plan options ``blockskip-export`` takes (one definition), and the
+    same options give the same plan: a search over the built-in model with a pinned split, rank, LoRA
+    targets, alpha and no patch sampling ends in the plan the export writes into its bundle."""
+    import argparse
+
+    from blockskip.export.cli import add_plan_args
+
+    def plan_options(prog):
+        r = subprocess.run([sys.executable, "-m", prog, "--help"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    p = argparse.ArgumentParser()
+    add_plan_args(p)
+    opts = [o for a in p._actions for o in a.option_strings if o not in ("-h", "--help")]
+    for o in ("--skip-ratio", "--targets", "--alpha", "--no-patch-sampling", "--positions", "--no-residual",
+              "--steps"):
+        assert o in opts
+    for prog in ("blockskip.export.plan_cli", "blockskip.export.cli"):
+        text = plan_options(prog)
+        missing = [o for o in opts if o not in text]
+        assert not missing, (prog, missing)
+    args = ["--model", "tiny-random", "--profile", "desktop-cpu", "--skip-ratio", "0.33", "--rank", "4",
+            "--alpha", "2", "--targets", "attn.to_q,attn.to_v", "--no-patch-sampling", "--steps", "7",
+            "--s-min", "64", "--s-max", "128", "--samples", "4"]
+    r = subprocess.run([sys.executable, "-m", "blockskip.export.plan_cli", *args, "--json"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    planned = json.loads(r.stdout)["plan"]
+    r = subprocess.run([sys.executable, "-m", "blockskip.export.cli", *args, "--prompt", "a photo", "-o",
+                        str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    written = Bundle(tmp_path / "b").plan.to_dict()
+    for key in ("front_skip", "back_skip", "lora_rank", "lora_alpha", "lora_targets", "patch_sampling", "steps",
+                "s_min", "s_max", "span", "base_quant", "checkpointing", "dtype", "num_samples"):
+        assert planned[key] == written[key], key
+    assert planned["lora_targets"] == ["attn.to_q", "attn.to_v"] and planned["steps"] == 7

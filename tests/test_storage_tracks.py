@@ -160,3 +160,34 @@ def test_a_stream_conv_computes_conv2d_and_its_input_gradient(conv, storage):
     ops = {str(n.target) for n in make_fx(vjp)(x.detach(), g).graph.nodes if n.op == "call_function"}
     convolutions = {o for o in ops if "convolution" in o}
     assert bool(convolutions) == (conv == "3x3"), ops
+
+
+
+@pytest.mark.parametrize("name", ["flux", "sd35", "sana"])
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8", "int4"])
+def test_layout_from_shapes_is_what_store_tensors_writes(name, storage):
+    """The layout the dry run and the export read from shapes alone (``torch_stream.layout``) is the one
+    ``store_tensors`` writes from real tensors, name by name and in its order, for every block and the head."""
+    import torch
+
+    from blockskip.runtime.backends import torch_stream as ts
+    from blockskip.runtime.backends.torch_families import family_of_class, get_family
+
+    model = build(name)
+    fam = get_family(family_of_class(type(model).__name__), dict(model.config))
+    skeleton = fam.skeleton()
+    for i, path in enumerate(fam.block_paths()):
+        real = ts.store_tensors(model.get_submodule(path), storage)
+        assert list(ts.block_specs(fam, skeleton, i, storage).items()) == [
+            (k, (tuple(v.shape), v.dtype)) for k, v in real.items()], (name, storage, i)
+    head = torch.nn.Module()
+    for path in fam.head_prefixes:
+        obj = getattr(model, path)
+        if isinstance(obj, torch.nn.Module):
+            head.add_module(path, obj)
+        else:
+            head.register_parameter(path, obj)
+    real = ts.store_tensors(head, storage)
+    assert list(ts.head_specs(fam, skeleton, storage).items()) == [(k, (tuple(v.shape), v.dtype)) for k, v in real.items()]
+    if storage in ("int8", "int4"):  # quantised layouts really differ from the float one
+        assert any(k.endswith("_scale") for k in real)

@@ -7,6 +7,7 @@ prediction follows the code that runs on the device.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
@@ -110,10 +111,6 @@ def _overheads(profile, tensor_peak: int) -> int:
     return int(getattr(profile, "fixed_overhead_bytes", 0) + getattr(profile, "allocator_slack", 0.0) * tensor_peak)
 
 
-def _report(name, tracer: MemoryTracer, profile, extra=None) -> PhaseReport:
-    return _report_from(name, int(tracer.peak), tracer.peak_by_cat, profile, extra)
-
-
 def _report_from(name, peak: int, by_cat: dict, profile, extra=None) -> PhaseReport:
     cats = {c: int(by_cat.get(c, 0)) for c in CATEGORIES}
     ov = _overheads(profile, peak)
@@ -189,26 +186,66 @@ def trace_precompute(spec: ModelSpec, plan: Plan, trained: list[int], profile=No
     return out
 
 
-def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: int = 4,
-            train_steps: int = 1, precompute_memo: dict | None = None) -> list[PhaseReport]:
-    """Predict the peak memory of precompute, a training step and saving for ``plan``."""
+class TrainTrace(NamedTuple):
+    """A training trace: the train phase's peak and bytes per category, the peak after each step, the
+    save phase's, and the peak of each segment of the run (``_trace_train``)."""
+
+    peak: int
+    by_cat: dict
+    step_peaks: list
+    save_peak: int
+    save_by_cat: dict
+    segments: dict
+
+
+def _trace_train(spec: ModelSpec, plan: Plan, trained: list[int], lora: dict, entry_shapes: dict, profile,
+                 train_steps: int) -> TrainTrace:
+    """The torch backend's resident span over ``trained`` (any subset of the plan's, in order), traced:
+    its weights, LoRA and AdamW, ``train_steps`` steady-state steps, then saving. The run is cut into
+    segments, each with its peak: (step, "load", i) loading (and quantising) block i, (step, "fwd", i)
+    block i's forward and the residual added after it, (step, "bwd", i) its backward (from the gradient
+    of its output on, its recomputed forward included), (step, "head") the head, loss and the head's
+    backward, (step, "post") the rest of the step, the optimizer's included; step -1 is the setup.
+    Call it inside a ``FakeTensorMode``."""
     fam = spec.family
-    trained = plan.validate(fam.num_blocks, spec.granularity, fam.valid_targets())
     dtype = DTYPES[plan.dtype]
-    chunk = plan.precompute_chunk or plan.num_samples
-    reports = []
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        # 1. precompute
-        pre = trace_precompute(spec, plan, trained, profile, num_images, precompute_memo)
-        peak, by_cat, entry_shapes, entry_bytes = pre.peak, pre.by_cat, pre.entry_shapes, pre.entry_bytes
-        reports.append(_report_from("precompute", peak, by_cat, profile,
-                                    {"chunk": chunk, "cache_entry_bytes": entry_bytes,
-                                     "cache_storage_bytes": entry_bytes * plan.num_samples}))
-        # 2. training: trained span + head + LoRA + AdamW; step 2 has optimizer state
-        tr = MemoryTracer(_round_to(profile))
+    prefixes = tuple(fam.block_paths()[i] + "." for i in trained)
+    lora = {**lora, "targets": [t for t in lora["targets"] if t.startswith(prefixes)]}
+    tr = MemoryTracer(_round_to(profile))
+    step, backward = -1, False
+    run_block, head = fam.run_block, fam.head
+
+    def seg_block(model, i, state, consts):
+        if backward:  # a checkpointed block's forward, recomputed in its backward
+            return run_block(model, i, state, consts)
+        tr.set_segment((step, "fwd", i))
+        out = run_block(model, i, state, consts)
+        for t in out.values():
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(lambda g, i=i, s=step: tr.set_segment((s, "bwd", i)))
+        return out
+
+    def seg_head(model, state, consts):
+        tr.set_segment((step, "head"))
+        return head(model, state, consts)
+
+    fam.run_block, fam.head = seg_block, seg_head
+    try:
         with tr:
+            tr.set_segment((step, "setup"))
             store = FakeStore(fam, spec.encoder_spec, spec.prompt_shapes, dtype, tr)
             store.category = "trained_base"
+            load_block, load_part = store.load_block, store.load_part
+
+            def seg_load(i):
+                tr.set_segment((step, "load", i))
+                return load_block(i)
+
+            def seg_part(part):
+                tr.set_segment((step, "setup", part))
+                return load_part(part)
+
+            store.load_block, store.load_part = seg_load, seg_part
             # quantised base weights (base_quant) are made by ops, not loads: count them as trained_base
             with _rebinding_apply(), tr.category("trained_base"):
                 span = TrainedSpan(store, trained, lora, plan.seed, base_quant=plan.base_quant,
@@ -224,6 +261,7 @@ def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: i
                     return {k: torch.empty(s, dtype=d) for k, (s, d) in entry_shapes.items()}
 
             # AdamW state exists from step 2 on: create it first, then trace steady-state steps
+            tr.set_segment((step, "optimizer"))
             for p in span.params:
                 p.grad = torch.zeros_like(p)
             with tr.category("optimizer"):
@@ -231,26 +269,179 @@ def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: i
             opt.zero_grad(set_to_none=True)
             current, prefetched = fake_entry(), fake_entry()  # the step's entry + the one being prefetched
             step_peaks = []
-            for _ in range(train_steps):
+            for step in range(train_steps):
                 for _ in range(plan.grad_accum):
+                    tr.set_segment((step, "post"))
                     loss = span.loss(current)
+                    backward = True
                     (loss / plan.grad_accum).backward()
+                    backward = False
+                    tr.set_segment((step, "post"))
                     current, prefetched = prefetched, fake_entry()
                 with tr.category("optimizer"):
                     opt.step()
                 opt.zero_grad(set_to_none=True)
-                step_peaks.append(tr.peak)
-            ws = _quant_workspace(span.model, fam, trained, plan)
-            if ws:
-                tr.peak += ws
-                tr.peak_by_cat["activations"] = tr.peak_by_cat.get("activations", 0) + ws
-            reports.append(_report("train", tr, profile, {"step_peaks": step_peaks, "quant_workspace": ws,
-                                                          "trained_blocks": len(trained)}))
-            # 3. saving: LoRA copy + checkpoint copies while the model and optimizer stay resident
+                step_peaks.append(int(tr.peak))
+            train = (int(tr.peak), dict(tr.peak_by_cat))
+            segments = dict(tr.segment_peaks)
+            # saving: LoRA copy + checkpoint copies while the model and optimizer stay resident
+            tr.segment = None
             tr.reset_peak()
             with torch.no_grad():
                 ck = checkpoint_tensors(span.model, opt)
                 sd = lora_state_dict(span.model)
-            reports.append(_report("save", tr, profile))
+            out = TrainTrace(*train, step_peaks, int(tr.peak), dict(tr.peak_by_cat), segments)
             del ck, sd, span, opt, current, prefetched
+    finally:
+        del fam.run_block, fam.head  # the instance attributes: the class's methods again
+    return out
+
+
+#: blocks of each shape a composed training trace runs (``compose_train``): the first, a second (the
+#: first of a shape may differ: the span's first block computes no input gradient) and one more
+COMPOSE_BLOCKS = 2
+
+
+def _block_signature(fam, skeleton, i: int) -> tuple:
+    """What a trained block's memory depends on besides its place: its class, stored tensors, LoRA
+    targets and text-only targets."""
+    from blockskip.runtime.backends.torch_stream import layout
+
+    module = skeleton.get_submodule(fam.block_paths()[i])
+    return (type(module).__name__, tuple(layout(module, "float32").items()), tuple(fam.lora_targets(i)),
+            tuple(fam.text_output_only(i)))
+
+
+def train_groups(fam, trained: list[int], skeleton=None) -> list[list[int]] | None:
+    """The trained blocks as runs of one block signature, the last block a run of its own (its text-only
+    targets carry no LoRA); None when the span is not contiguous (then it is traced whole)."""
+    if any(b - a != 1 for a, b in zip(trained, trained[1:])):
+        return None
+    skeleton = skeleton if skeleton is not None else fam.skeleton()
+    groups: list[list[int]] = []
+    last = None
+    for i in trained[:-1]:
+        sig = _block_signature(fam, skeleton, i)
+        if groups and sig == last:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+        last = sig
+    return groups + [[trained[-1]]]
+
+
+def _roles(groups: list[list[int]], counts: list[int]) -> dict[int, list[tuple]]:
+    """Block -> its roles in a span running the first ``counts[j]`` blocks of each group: (group, "first"),
+    (group, "second"), (group, "last")."""
+    roles: dict[int, list[tuple]] = {}
+    for j, g in enumerate(groups):
+        run = g[:counts[j]]
+        for name, i in (("first", run[0]), ("second", run[min(1, len(run) - 1)]), ("last", run[-1])):
+            roles.setdefault(i, []).append((j, name))
+    return roles
+
+
+def _role_segments(segments: dict, roles: dict[int, list[tuple]]) -> dict:
+    """Segment peaks keyed by role instead of block: a block segment counts for each role its block has."""
+    out: dict = {}
+    for key, rec in segments.items():
+        if len(key) == 3:
+            for role in roles.get(key[2], []):
+                out[(key[0], key[1], role)] = rec
+        else:
+            out[key] = rec
+    return out
+
+
+def compose_train(spec: ModelSpec, plan: Plan, trained: list[int], lora: dict, entry_shapes: dict, profile,
+                  train_steps: int, memo: dict | None = None, skeleton=None) -> TrainTrace:
+    """The training trace of the whole span, composed from short ones. The span's blocks come in a few
+    shapes (FLUX.1-dev: 19 double and 38 single blocks); a block's tensors, saved activations, LoRA,
+    gradients and AdamW state do not depend on where it sits, so the bytes live at any point of the run
+    are affine in the count of each shape, and so is every segment's peak (``_trace_train``). Trace a
+    span with ``COMPOSE_BLOCKS`` blocks of each shape and the last block, then once more with one block
+    more of each shape, and extrapolate each segment's peak to the whole span's counts; the peak is the
+    largest segment's. Inside a run of equal blocks a segment's peak is affine in the block's place, so it
+    is largest at an end of the run: the first, second (the span's first block is unlike the others: it
+    computes no input gradient) and last block of each run stand for all of them. Equal to the whole
+    span's trace to the byte (tested on every family, quantised, checkpointed, accumulating); the short
+    traces are memoised in ``memo``, and splits whose spans have the same shapes share them."""
+    groups = train_groups(spec.family, trained, skeleton)
+    if groups is None or all(len(g) <= COMPOSE_BLOCKS + 1 for g in groups):
+        return _trace_train(spec, plan, trained, lora, entry_shapes, profile, train_steps)
+    counts = [min(len(g), COMPOSE_BLOCKS) for g in groups]
+
+    def sub(extra: int | None) -> tuple[list[int], list[int]]:
+        c = [n + (1 if j == extra else 0) for j, n in enumerate(counts)]
+        return [i for j, g in enumerate(groups) for i in g[:c[j]]], c
+
+    def traced(extra: int | None) -> tuple[TrainTrace, dict]:
+        blocks, c = sub(extra)
+        key = ("train", tuple(blocks), repr(dataclasses.replace(plan, front_skip=0, back_skip=0)),
+               tuple(sorted(entry_shapes.items(), key=str)), _round_to(profile), train_steps, lora["rank"],
+               lora.get("alpha"), tuple(t for t in lora["targets"] if t.startswith(
+                   tuple(spec.family.block_paths()[i] + "." for i in blocks))))
+        hit = memo.get(key) if memo is not None else None
+        if hit is None:
+            hit = _trace_train(spec, plan, blocks, lora, entry_shapes, profile, train_steps)
+            if memo is not None:
+                memo[key] = hit
+        return hit, _role_segments(hit.segments, _roles(groups, c))
+
+    base, base_roles = traced(None)
+    more = [(traced(j), len(g) - counts[j]) for j, g in enumerate(groups) if len(g) > counts[j]]
+
+    def comb(get):
+        return get(base, base_roles) + sum(k * (get(t, r) - get(base, base_roles)) for (t, r), k in more)
+
+    segs = {}
+    for key in base_roles:  # in the order they first ran
+        value = comb(lambda t, r, key=key: r[key][0])
+        cats = {c: comb(lambda t, r, key=key, c=c: r[key][1].get(c, 0)) for c in CATEGORIES}
+        segs[key] = (value, cats)
+
+    def top(keys):
+        best = None
+        for k in keys:  # the first of equal peaks, as the tracer keeps it
+            if best is None or segs[k][0] > segs[best][0]:
+                best = k
+        return segs[best]
+
+    peak, by_cat = top(list(segs))
+    step_peaks = [top([k for k in segs if k[0] <= s])[0] for s in range(train_steps)]
+    save_peak = comb(lambda t, r: t.save_peak)
+    save_by_cat = {c: comb(lambda t, r, c=c: t.save_by_cat.get(c, 0)) for c in CATEGORIES}
+    return TrainTrace(peak, by_cat, step_peaks, save_peak, save_by_cat, segs)
+
+
+def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: int = 4,
+            train_steps: int = 1, precompute_memo: dict | None = None, compose: bool = True,
+            skeleton=None) -> list[PhaseReport]:
+    """Predict the peak memory of precompute, a training step and saving for ``plan``. ``compose``: the
+    training trace composed from short spans (``compose_train``), else the whole span traced."""
+    fam = spec.family
+    trained = plan.validate(fam.num_blocks, spec.granularity, fam.valid_targets())
+    chunk = plan.precompute_chunk or plan.num_samples
+    reports = []
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        # 1. precompute
+        pre = trace_precompute(spec, plan, trained, profile, num_images, precompute_memo)
+        peak, by_cat, entry_shapes, entry_bytes = pre.peak, pre.by_cat, pre.entry_shapes, pre.entry_bytes
+        reports.append(_report_from("precompute", peak, by_cat, profile,
+                                    {"chunk": chunk, "cache_entry_bytes": entry_bytes,
+                                     "cache_storage_bytes": entry_bytes * plan.num_samples}))
+        # 2. training: trained span + head + LoRA + AdamW; step 2 has optimizer state
+        tt = (compose_train(spec, plan, trained, lora, entry_shapes, profile, train_steps, precompute_memo,
+                            skeleton) if compose
+              else _trace_train(spec, plan, trained, lora, entry_shapes, profile, train_steps))
+        peak, by_cat = tt.peak, dict(tt.by_cat)
+        ws = _quant_workspace(skeleton if skeleton is not None else fam.skeleton(), fam, trained, plan)
+        if ws:
+            peak += ws
+            by_cat["activations"] = by_cat.get("activations", 0) + ws
+        reports.append(_report_from("train", peak, by_cat, profile, {"step_peaks": tt.step_peaks,
+                                                                      "quant_workspace": ws,
+                                                                      "trained_blocks": len(trained)}))
+        # 3. saving: LoRA copy + checkpoint copies while the model and optimizer stay resident
+        reports.append(_report_from("save", tt.save_peak, tt.save_by_cat, profile))
     return reports

@@ -88,7 +88,8 @@ def evaluate(spec: ModelSpec, plan: Plan, profile, num_images: int = 4, memo: di
 
         return Candidate(plan, streamed_dry_run(spec, plan, lora, profile, fmt, num_images=num_images, exact=exact,
                                                 precompute_memo=memo, skeleton=skeleton, delegate=delegate))
-    return Candidate(plan, dry_run(spec, plan, lora, profile, num_images=num_images, precompute_memo=memo))
+    return Candidate(plan, dry_run(spec, plan, lora, profile, num_images=num_images, precompute_memo=memo,
+                                   skeleton=skeleton))
 
 
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.5}  # bytes per Linear weight element, scales left out (a lower bound)
@@ -195,7 +196,7 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
                 log(f"  over  >{c.peak / 2**30:7.2f} GiB  skip n={plan.front_skip} m={plan.back_skip}, "
                     f"s_min={plan.s_min}, base={plan.base_quant}: the weights alone do not fit")
             return c
-        return traced(plan)
+        return traced(plan, skeleton=skeleton)
 
     def trace_streamed(**kw) -> Candidate:
         plan = dataclasses.replace(base, trained=None, span="streamed", dtype="float32", base_quant="none",

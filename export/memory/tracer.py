@@ -31,6 +31,19 @@ class MemoryTracer(TorchDispatchMode):
         self.cat = "activations"
         self._marks: dict[str, int] = {}
         self.deferred: dict[int, str] = {}  # storage key -> category: counted from its first use by an op
+        # the peak of each segment of the run (``segment``), with its bytes per category; off unless used
+        self.segment = None
+        self.segment_peaks: dict = {}
+
+    def set_segment(self, key) -> None:
+        """From now on the live bytes count towards segment ``key`` (its peak starts at the current bytes)."""
+        self.segment = key
+        self._note_segment()
+
+    def _note_segment(self) -> None:
+        rec = self.segment_peaks.get(self.segment)
+        if rec is None or self.current > rec[0]:
+            self.segment_peaks[self.segment] = (self.current, dict(self.by_cat))
 
     # --- accounting ----------------------------------------------------------------------
     def _round(self, n: int) -> int:
@@ -59,6 +72,8 @@ class MemoryTracer(TorchDispatchMode):
         if self.current > self.peak:
             self.peak = self.current
             self.peak_by_cat = dict(self.by_cat)
+        if self.segment is not None:
+            self._note_segment()
 
     def defer(self, t: torch.Tensor, cat: str) -> None:
         """A tensor read from a memory-mapped file (safetensors' ``load_file`` maps the file privately): its

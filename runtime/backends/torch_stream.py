@@ -384,15 +384,44 @@ def head_parts(fam: TorchFamily, model: nn.Module) -> nn.Module:
     return m
 
 
+def weight_layout(shape: tuple, storage: str) -> dict[str, tuple]:
+    """What ``quantise`` (or the float cast) stores for a Linear/Conv weight of ``shape``: suffix
+    (``weight``, ``weight_q8``, ...) -> (shape, dtype), computed from the shape alone."""
+    shape = tuple(int(d) for d in shape)
+    if storage in FLOAT_STORAGE:
+        return {"weight": (shape, FLOAT_STORAGE[storage])}
+    out_ch, row = shape[0], math.prod(shape[1:])
+    g = int4_group(row) if storage == "int4" else None
+    if g is None:
+        return {"weight_q8": (shape, torch.int8), "weight_scale": ((out_ch,), torch.float32)}
+    return {"weight_q4": ((out_ch, row // 2), torch.uint8), "weight_scale": ((out_ch, row // g), torch.float32)}
+
+
+def layout(module: nn.Module, storage: str) -> dict[str, tuple]:
+    """``store_tensors``' layout of ``module`` (relative name -> (shape, dtype)), in its order, from the
+    module's shapes alone: no tensor is made, so a 57-block skeleton takes milliseconds, not seconds."""
+    if storage not in STORAGE:
+        raise ValueError(f"unknown storage {storage!r}; choose from {', '.join(STORAGE)}")
+    out: dict[str, tuple] = {}
+    weights: set[str] = set()
+    for path, mod in module.named_modules():
+        if isinstance(mod, nn.Linear | nn.Conv2d):
+            pre = f"{path}." if path else ""
+            out.update({pre + k: v for k, v in weight_layout(mod.weight.shape, storage).items()})
+            weights.add(pre + "weight")
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if name not in weights:
+            out[name] = (tuple(t.shape), torch.float32 if t.is_floating_point() else t.dtype)
+    return out
+
+
 def block_specs(fam: TorchFamily, skeleton: nn.Module, i: int, storage: str) -> dict[str, tuple]:
     """Stored-tensor layout (relative name -> (shape, dtype)) of block i."""
-    stored = store_tensors(skeleton.get_submodule(fam.block_paths()[i]), storage)
-    return {k: (tuple(v.shape), v.dtype) for k, v in stored.items()}
+    return layout(skeleton.get_submodule(fam.block_paths()[i]), storage)
 
 
 def head_specs(fam: TorchFamily, skeleton: nn.Module, storage: str) -> dict[str, tuple]:
-    stored = store_tensors(head_parts(fam, skeleton), storage)
-    return {k: (tuple(v.shape), v.dtype) for k, v in stored.items()}
+    return layout(head_parts(fam, skeleton), storage)
 
 
 def shape_module(fam: TorchFamily, skeleton: nn.Module, block: int, targets: list[str], storage: str,
