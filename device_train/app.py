@@ -9,7 +9,14 @@ from blockskip.runtime.backends import get_backend
 from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.checkpoint import CHECKPOINT
 from blockskip.runtime.errors import BlockSkipError
-from blockskip.runtime.files import cache_lock, ensure_writable_dir, output_lock, sha256_file
+from blockskip.runtime.files import (
+    atomic_write_json,
+    cache_lock,
+    ensure_writable_dir,
+    output_lock,
+    sha256_file,
+)
+from blockskip.runtime.formats import TRAIN_LOG
 from blockskip.runtime.images import list_images, load_images
 from blockskip.runtime.memory import check_budget
 from blockskip.runtime.progress import Progress
@@ -64,10 +71,20 @@ def run_precompute(bundle_dir, images_dir, cache_dir, backend="torch", quiet=Fal
         return be.precompute(bundle, images, cache_dir, source=source, progress=Progress(quiet))
 
 
-def run_train(bundle_dir, cache_dir, out_dir, backend="torch", quiet=False, stop_after=None):
+def run_train(bundle_dir, cache_dir, out_dir, backend="torch", quiet=False, stop_after=None,
+              lora_format: str = "diffusers"):
+    """Train; then write the LoRA layouts ``lora_format`` asks for beside ``OUT/lora.safetensors``
+    (``runtime.lora_layouts``; their paths in the log's ``lora_files``)."""
+    from blockskip.runtime.lora_layouts import formats_of, write_layouts
+
+    formats_of(lora_format)  # an unknown layout is refused before any work
     bundle = Bundle(bundle_dir)
     be = get_backend(backend)
-    return be.train(bundle, cache_dir, out_dir, progress=Progress(quiet), stop_after=stop_after)
+    log = be.train(bundle, cache_dir, out_dir, progress=Progress(quiet), stop_after=stop_after)
+    if log.get("lora"):
+        log["lora_files"] = write_layouts(log["lora"], bundle.family, lora_format)
+        atomic_write_json(Path(out_dir) / TRAIN_LOG, log)
+    return log
 
 
 def default_cache(out_dir) -> Path:

@@ -7,11 +7,13 @@ import sys
 
 from blockskip.runtime.cli_util import run_cli
 from blockskip.runtime.formats import PHOTO_MIN_SIDE
+from blockskip.runtime.lora_layouts import FAMILIES, FORMATS
 
 EPILOG = """examples:
   device-train run bundle --images photos/ -o out          # precompute + train, resumable
   device-train precompute bundle --images photos/ --cache out/cache
-  device-train train bundle --cache out/cache -o out
+  device-train train bundle --cache out/cache -o out --lora-format all
+  device-train convert-lora out/lora.safetensors --family flux --format kohya -o out/lora_kohya.safetensors
 Your photos never leave the device: only the bundle comes from the desktop."""
 
 
@@ -40,12 +42,29 @@ def main(argv=None) -> int:
                              "checkpoint, so either resumes the other's run")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         sp.add_argument("--debug", action="store_true", help="show tracebacks")
+        return sp
 
-    common(sub.add_parser("run", help="precompute then train (resumes where it stopped)", epilog=EPILOG,
-                          formatter_class=argparse.RawDescriptionHelpFormatter), images=True, out=True)
+    def lora_format(sp):
+        sp.add_argument("--lora-format", default="diffusers", choices=(*FORMATS, "all"),
+                        help="LoRA layouts to write: diffusers (OUT/lora.safetensors, always written), kohya "
+                             "(lora_unet_* keys with .alpha: OUT/lora_kohya.safetensors), comfy (the original "
+                             "checkpoint's names, as ComfyUI loads them: OUT/lora_comfy.safetensors) or all")
+        return sp
+
+    lora_format(common(sub.add_parser("run", help="precompute then train (resumes where it stopped)", epilog=EPILOG,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter), images=True, out=True))
     common(sub.add_parser("precompute", help="encode photos and precompute the frozen segments"), images=True)
-    common(sub.add_parser("train", help="train the LoRA from a finished cache"), out=True)
+    lora_format(common(sub.add_parser("train", help="train the LoRA from a finished cache"), out=True))
+    cv = sub.add_parser("convert-lora", help="write a LoRA (diffusers naming, as device-train writes it) in "
+                                             "another layout")
+    cv.add_argument("lora", help="LoRA safetensors written by device-train (or the native runner)")
+    cv.add_argument("--family", required=True, choices=FAMILIES, help="model family of the bundle it was trained on")
+    cv.add_argument("--format", required=True, choices=[f for f in FORMATS if f != "diffusers"], help="layout to write")
+    cv.add_argument("-o", "--output", required=True, help="output safetensors file")
+    cv.add_argument("--debug", action="store_true", help="show tracebacks")
     a = p.parse_args(argv)
+    if a.cmd == "convert-lora":
+        return run_cli(lambda: _convert(a), a.debug, "device-train")
 
     def go():
         from blockskip.device_train.app import default_cache, run_precompute, run_train
@@ -67,13 +86,26 @@ def main(argv=None) -> int:
             run_precompute(a.bundle, a.images, cache, a.backend, a.quiet,
                            out_dir=a.output if a.cmd == "run" else None)
         if a.cmd in ("run", "train"):
-            log = run_train(a.bundle, cache, a.output, a.backend, a.quiet)
-            print(f"LoRA written to {log['lora']}  (final loss {log['losses'][-1]:.4f}, "
+            log = run_train(a.bundle, cache, a.output, a.backend, a.quiet, lora_format=a.lora_format)
+            extra = "".join(f", {f}: {path}" for f, path in log.get("lora_files", {}).items() if f != "diffusers")
+            print(f"LoRA written to {log['lora']}{extra}  (final loss {log['losses'][-1]:.4f}, "
                   f"peak RSS {log['peak_rss_mib']:.0f} MiB; log {a.output}/train_log.json)")
         else:
             print(f"cache ready in {cache}")
 
     return run_cli(go, a.debug, "device-train")
+
+
+def _convert(a) -> None:
+    from pathlib import Path
+
+    from blockskip.runtime.errors import BlockSkipError
+    from blockskip.runtime.lora_layouts import convert_file
+
+    if not Path(a.lora).is_file():
+        raise BlockSkipError(f"LoRA file {a.lora!r} not found")
+    convert_file(a.lora, a.output, a.family, a.format)
+    print(f"{a.format} LoRA written to {a.output}")
 
 
 if __name__ == "__main__":
