@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 from blockskip.runtime.backends import get_backend
@@ -56,7 +57,17 @@ def check_checkpoint_matches(out_dir, source: dict, bundle: Bundle, backend: str
     refuse_other_run(ckpt, saved, source_digest(source))
 
 
-def run_precompute(bundle_dir, images_dir, cache_dir, backend="torch", quiet=False, out_dir=None):
+def run_precompute(bundle_dir, images_dir, cache_dir, backend="torch", quiet=False, out_dir=None, events=None):
+    """Encode the photos and precompute the cache; ``events``: a ``runtime.events.EventLog``."""
+    progress = Progress(quiet, events)
+    t0 = time.perf_counter()
+    progress.event("phase_start", phase="precompute")
+    out = _precompute(bundle_dir, images_dir, cache_dir, backend, progress, out_dir)
+    progress.event("phase_end", phase="precompute", seconds=time.perf_counter() - t0)
+    return out
+
+
+def _precompute(bundle_dir, images_dir, cache_dir, backend, progress: Progress, out_dir):
     bundle = Bundle(bundle_dir)
     source = image_source(bundle, images_dir)
     _, images = load_images(images_dir, bundle.plan.s_max)
@@ -68,11 +79,11 @@ def run_precompute(bundle_dir, images_dir, cache_dir, backend="torch", quiet=Fal
         held.enter_context(cache_lock(ensure_writable_dir(cache_dir, "cache folder")))
         if out_dir is not None:
             held.enter_context(output_lock(ensure_writable_dir(out_dir)))
-        return be.precompute(bundle, images, cache_dir, source=source, progress=Progress(quiet))
+        return be.precompute(bundle, images, cache_dir, source=source, progress=progress)
 
 
 def run_train(bundle_dir, cache_dir, out_dir, backend="torch", quiet=False, stop_after=None,
-              lora_format: str = "diffusers"):
+              lora_format: str = "diffusers", events=None):
     """Train; then write the LoRA layouts ``lora_format`` asks for beside ``OUT/lora.safetensors``
     (``runtime.lora_layouts``; their paths in the log's ``lora_files``)."""
     from blockskip.runtime.lora_layouts import formats_of, write_layouts
@@ -80,10 +91,14 @@ def run_train(bundle_dir, cache_dir, out_dir, backend="torch", quiet=False, stop
     formats_of(lora_format)  # an unknown layout is refused before any work
     bundle = Bundle(bundle_dir)
     be = get_backend(backend)
-    log = be.train(bundle, cache_dir, out_dir, progress=Progress(quiet), stop_after=stop_after)
+    progress = Progress(quiet, events)
+    t0 = time.perf_counter()
+    progress.event("phase_start", phase="train")
+    log = be.train(bundle, cache_dir, out_dir, progress=progress, stop_after=stop_after)
     if log.get("lora"):
         log["lora_files"] = write_layouts(log["lora"], bundle.family, lora_format)
         atomic_write_json(Path(out_dir) / TRAIN_LOG, log)
+    progress.event("phase_end", phase="train", seconds=time.perf_counter() - t0)
     return log
 
 

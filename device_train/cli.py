@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from blockskip.runtime.cli_util import run_cli
-from blockskip.runtime.formats import PHOTO_MIN_SIDE
+from blockskip.runtime.formats import PHOTO_MIN_SIDE, TRAIN_LOG
 from blockskip.runtime.lora_layouts import FAMILIES, FORMATS
 
 EPILOG = """examples:
@@ -41,6 +42,10 @@ def main(argv=None) -> int:
                              "a bundle exported with --format pte). torch and executorch share the "
                              "checkpoint, so either resumes the other's run")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--events", metavar="FILE", default=None,
+                        help="write the run's events as JSON lines to FILE ('-': stdout, and the messages go "
+                             "to stderr): phases, precompute progress, steps (loss, seconds, peak RSS, ETA), "
+                             "checkpoints, errors and the outputs (docs/events.md)")
         sp.add_argument("--debug", action="store_true", help="show tracebacks")
         return sp
 
@@ -66,6 +71,33 @@ def main(argv=None) -> int:
     if a.cmd == "convert-lora":
         return run_cli(lambda: _convert(a), a.debug, "device-train")
 
+    events = None
+
+    def go_with_events():
+        from blockskip.runtime.errors import BlockSkipError
+        from blockskip.runtime.events import EventLog
+
+        nonlocal events
+        if a.events is None:
+            return go()
+        events = EventLog(a.events)
+        try:
+            return go()
+        except BlockSkipError as e:
+            events.emit("error", kind=type(e).__name__, message=str(e))
+            raise
+        except KeyboardInterrupt:
+            events.emit("error", kind="interrupted", message="stopped by the user")
+            raise
+        except Exception as e:
+            events.emit("error", kind="internal", message=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            events.close()
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr if a.events == "-" else sys.stdout)
+
     def go():
         from blockskip.device_train.app import default_cache, run_precompute, run_train
         from blockskip.runtime.errors import BlockSkipError
@@ -82,23 +114,27 @@ def main(argv=None) -> int:
             if a.cmd == "precompute":
                 raise BlockSkipError("precompute needs --cache FOLDER")
             cache = default_cache(a.output)
+        outputs = {"cache": str(cache)}
         if a.cmd in ("run", "precompute"):
             run_precompute(a.bundle, a.images, cache, a.backend, a.quiet,
-                           out_dir=a.output if a.cmd == "run" else None)
+                           out_dir=a.output if a.cmd == "run" else None, events=events)
         if a.cmd in ("run", "train"):
-            log = run_train(a.bundle, cache, a.output, a.backend, a.quiet, lora_format=a.lora_format)
-            extra = "".join(f", {f}: {path}" for f, path in log.get("lora_files", {}).items() if f != "diffusers")
-            print(f"LoRA written to {log['lora']}{extra}  (final loss {log['losses'][-1]:.4f}, "
-                  f"peak RSS {log['peak_rss_mib']:.0f} MiB; log {a.output}/train_log.json)")
+            log = run_train(a.bundle, cache, a.output, a.backend, a.quiet, lora_format=a.lora_format, events=events)
+            files = log.get("lora_files", {})
+            extra = "".join(f", {f}: {path}" for f, path in files.items() if f != "diffusers")
+            outputs.update({("lora" if f == "diffusers" else f"lora_{f}"): path for f, path in files.items()})
+            outputs["train_log"] = str(Path(a.output) / TRAIN_LOG)
+            say(f"LoRA written to {log['lora']}{extra}  (final loss {log['losses'][-1]:.4f}, "
+                f"peak RSS {log['peak_rss_mib']:.0f} MiB; log {a.output}/train_log.json)")
         else:
-            print(f"cache ready in {cache}")
+            say(f"cache ready in {cache}")
+        if events is not None:
+            events.emit("done", outputs=outputs)
 
-    return run_cli(go, a.debug, "device-train")
+    return run_cli(go_with_events, a.debug, "device-train")
 
 
 def _convert(a) -> None:
-    from pathlib import Path
-
     from blockskip.runtime.errors import BlockSkipError
     from blockskip.runtime.lora_layouts import convert_file
 

@@ -128,6 +128,7 @@ def _train(bundle: Bundle, cache_dir, out: Path, make_trainer: Callable[[Path], 
 
     def save(step: int) -> None:
         trainer.save_checkpoint(ckpt, step, checkpoint_log(log))
+        progress.event("checkpoint", step=step, path=str(ckpt))
 
     run_steps(cache, plan, log, bar, start=start, end=end, load_entry=lambda c, k: trainer.load_entry(c.path(k)),
               micro_step=checked_micro_step, update=update, save_checkpoint=save)

@@ -12,7 +12,8 @@ The formats (``docs/formats.md`` says what each key means and who writes and rea
 * ``optimizer``: the AdamW hyper-parameters of a training program (``pte.train.optimizer``,
   ``onnx.train.optimizer``); the per-parameter state (:class:`AdamWState`) lives in the checkpoint;
 * ``train_log``: ``OUT/train_log.json``, and the checkpoint's ``log`` metadata;
-* ``lora``: ``OUT/lora.safetensors``, diffusers-named LoRA tensors and peft's metadata.
+* ``lora``: ``OUT/lora.safetensors``, diffusers-named LoRA tensors and peft's metadata;
+* ``event``: one line of a run's ``--events`` file (JSON lines: phases, progress, steps, errors, outputs).
 
 ``python -m blockskip.runtime.formats --write docs/schemas`` writes ``<kind>.schema.json`` for each and
 ``device_train/native/formats.h`` (the shared names as C++ constants); ``--check`` says whether the
@@ -484,6 +485,72 @@ class TrainLog(TypedDict):
     blocks_loaded: NotRequired[list[str]]
 
 
+# --- run events (device-train --events FILE, blockskip-train-native --events FILE) -----------------
+# One JSON object a line, flushed as it happens, so an app can follow a run without parsing a terminal.
+EVENT_PHASES = ("precompute", "train")
+
+
+class PhaseStartEvent(TypedDict):
+    """A phase begins."""
+    event: Literal["phase_start"]
+    time: Annotated[NonNeg, "seconds since the Unix epoch"]
+    phase: Literal[EVENT_PHASES]
+
+
+class PhaseEndEvent(TypedDict):
+    """A phase finished (its outputs are written)."""
+    event: Literal["phase_end"]
+    time: NonNeg
+    phase: Literal[EVENT_PHASES]
+    seconds: Annotated[NonNeg, "the phase's wall time"]
+
+
+class PrecomputeProgressEvent(TypedDict):
+    """Precompute did one more unit of work (a block pass or a written entry) of ``total``."""
+    event: Literal["precompute_progress"]
+    time: NonNeg
+    done: NonNegInt
+    total: NonNegInt
+
+
+class StepEvent(TypedDict):
+    """An optimizer step finished."""
+    event: Literal["step"]
+    time: NonNeg
+    step: PosInt
+    steps: PosInt
+    loss: float
+    step_seconds: NonNeg
+    peak_rss_mib: NonNeg
+    eta_seconds: Annotated[NonNeg, "the steps left times the mean step time so far"]
+
+
+class CheckpointEvent(TypedDict):
+    """The checkpoint was written (atomically) after ``step`` steps."""
+    event: Literal["checkpoint"]
+    time: NonNeg
+    step: PosInt
+    path: str
+
+
+class ErrorEvent(TypedDict):
+    """The run stopped: ``kind`` is the typed error's class (``internal`` for an unexpected one)."""
+    event: Literal["error"]
+    time: NonNeg
+    kind: str
+    message: str
+
+
+class DoneEvent(TypedDict):
+    """The command succeeded: what it wrote (``lora``, ``lora_kohya``, ``lora_comfy``, ``train_log``, ``cache``)."""
+    event: Literal["done"]
+    time: NonNeg
+    outputs: dict[str, str]
+
+
+EVENTS = (PhaseStartEvent, PhaseEndEvent, PrecomputeProgressEvent, StepEvent, CheckpointEvent, ErrorEvent, DoneEvent)
+
+
 class CheckpointMetadata(TypedDict):
     """The checkpoint's safetensors metadata."""
     step: Decimal
@@ -748,6 +815,8 @@ SPECS: dict[str, tuple[str, str, Any]] = {
                   lambda b: b.ref(TrainLog)),
     "lora": ("lora.safetensors header", "The trained LoRA (the safetensors header): diffusers names, "
              "float32, peft's metadata.", _lora),
+    "event": ("run event", "One line of device-train's (or the native runner's) --events file.",
+              lambda b: {"oneOf": [b.ref(e) for e in EVENTS]}),
 }
 KINDS = tuple(SPECS)
 

@@ -36,7 +36,8 @@ def run_steps(cache: ResidualCache, plan, log: dict, bar, *, start: int, end: in
             update()
             log["losses"].append(total)
             log["step_seconds"].append(time.perf_counter() - t0)
-            bar.update(1, loss=f"{total:.4f}", peak=f"{peak_rss_mib():.0f}MiB")
+            bar.update(1, loss=f"{total:.4f}", peak=f"{peak_rss_mib():.0f}MiB", _loss=total,
+                       _seconds=log["step_seconds"][-1])
             if (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.steps:
                 save_checkpoint(step + 1)
         if nxt is not None:

@@ -51,3 +51,54 @@ def test_convert_refuses_a_missing_file(tmp_path, capsys):
     assert device_cli.main(["convert-lora", str(tmp_path / "none.safetensors"), "--family", "flux",
                             "--format", "kohya", "-o", str(tmp_path / "x.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+# --- --events -----------------------------------------------------------------------------------------
+
+def read_events(path: Path) -> list[dict]:
+    from blockskip.runtime.formats import validate
+
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    for e in lines:
+        validate("event", e)
+    times = [e["time"] for e in lines]
+    assert times == sorted(times)
+    return lines
+
+
+def test_events_of_precompute_and_train_are_complete(prepared, photos, tmp_path):
+    ev = tmp_path / "events.jsonl"
+    cache = tmp_path / "cache"
+    assert device_cli.main(["precompute", str(prepared / "bundle"), "--images", str(photos), "--cache", str(cache),
+                            "--quiet", "--events", str(ev)]) == 0
+    pre = read_events(ev)
+    assert [e["event"] for e in pre[:1] + pre[-2:]] == ["phase_start", "phase_end", "done"]
+    progress = [e for e in pre if e["event"] == "precompute_progress"]
+    assert progress and progress[-1]["done"] == progress[-1]["total"]
+    assert [e["done"] for e in progress] == list(range(1, len(progress) + 1))
+    assert pre[-1]["outputs"] == {"cache": str(cache)}
+
+    ev.unlink()
+    out = tmp_path / "out"
+    assert device_cli.main(["train", str(prepared / "bundle"), "--cache", str(cache), "-o", str(out), "--quiet",
+                            "--lora-format", "kohya", "--events", str(ev)]) == 0
+    tr = read_events(ev)
+    kinds = [e["event"] for e in tr]
+    assert kinds[0] == "phase_start" and kinds[-2:] == ["phase_end", "done"]
+    steps = [e for e in tr if e["event"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, PLAN["steps"] + 1))
+    log = json.loads((out / "train_log.json").read_text())
+    assert [e["loss"] for e in steps] == log["losses"]
+    assert steps[-1]["eta_seconds"] == 0 and all(e["peak_rss_mib"] > 0 for e in steps)
+    assert [e["step"] for e in tr if e["event"] == "checkpoint"] == [2, 3]
+    done = tr[-1]["outputs"]
+    assert set(done) == {"cache", "lora", "lora_kohya", "train_log"}
+    assert all(Path(p).exists() for p in done.values())
+
+
+def test_events_on_stdout_and_a_typed_error(prepared, tmp_path, capsys):
+    rc = device_cli.main(["train", str(prepared / "bundle"), "--cache", str(tmp_path / "nothing"), "-o",
+                          str(tmp_path / "out"), "--quiet", "--events", "-"])
+    assert rc == 2
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert lines[-1]["event"] == "error" and lines[-1]["kind"] == "CacheError"
