@@ -29,6 +29,10 @@ from blockskip.runtime.train_loop import run_steps
 CHECKPOINT_OWNERS = {"checkpoint.safetensors": ("torch", "executorch", "native"), "ort_checkpoint": ("ort",)}
 
 
+# train log: the first cache entry's loss with the LoRA at zero (before the first update)
+LOSS_WITHOUT_LORA = "entry0_loss_without_lora"
+
+
 class NumericsError(BlockSkipError):
     """A step produced NaN/Inf, or the LoRA does not change the model."""
 
@@ -112,6 +116,8 @@ def _train(bundle: Bundle, cache_dir, out: Path, make_trainer: Callable[[Path], 
         if start == 0 and "entry" not in first:  # the loss of the first entry before any update
             first["entry"] = entry
             first["before"] = ev(entry) if ev is not None else None
+            if first["before"] is not None:  # kept in the checkpoint's log: a resumed run checks against it
+                log[LOSS_WITHOUT_LORA] = first["before"]
         return micro_step(entry)
 
     def update() -> None:
@@ -143,6 +149,14 @@ def _train(bundle: Bundle, cache_dir, out: Path, make_trainer: Callable[[Path], 
         if not any(np.any(a != 0) for n, a in lora.items() if ".lora_B." in n):
             raise NumericsError("training finished with an all-zero LoRA (it would change nothing); "
                                 "not writing it. Check --lr and the cache")
+        if ev is not None and log.get(LOSS_WITHOUT_LORA) is not None:
+            # the trained LoRA against none, on the first entry: equal losses mean the span's output did
+            # not change (a LoRA too small to matter, or one that does not reach the output)
+            after = ev(first["entry"] if "entry" in first else trainer.load_entry(cache.path(0)))
+            if after == log[LOSS_WITHOUT_LORA]:
+                raise NumericsError(
+                    f"the trained LoRA does not change the model's output on cache entry 0 (loss {after} with "
+                    f"and without it); not writing it. Raise --lr when exporting, or export the bundle again")
         write_lora(out / "lora.safetensors", lora, bundle.manifest["lora"])
         log["lora"] = str(out / "lora.safetensors")
     close = getattr(trainer, "close", None)
