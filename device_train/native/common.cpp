@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -291,6 +292,38 @@ void check_budget(const json::Value& manifest, const std::string& phase) {
                    " MiB, this process holds " + mib(held) + " MiB and " + mib(double(have)) +
                    " MiB more are available (" + source + ")" + hint +
                    ". Set BLOCKSKIP_IGNORE_MEMORY_CHECK=1 to run anyway");
+}
+
+namespace {
+FILE* g_events = nullptr;
+}
+
+void events_open(const std::string& path) {
+  if (path == "-") {
+    // the events keep the process's stdout; everything else printed to stdout goes to stderr
+    std::fflush(stdout);
+    const int fd = dup(1);
+    if (fd < 0 || dup2(2, 1) < 0) throw InputError("--events -: cannot separate the events from the messages");
+    g_events = fdopen(fd, "w");
+  } else {
+    g_events = std::fopen(path.c_str(), "a");  // a resumed run continues its log
+  }
+  if (!g_events) throw InputError("cannot open the events file " + path + " (" + std::strerror(errno) + ")");
+}
+
+bool events_on() { return g_events != nullptr; }
+
+void emit_event(const std::string& kind, json::Value fields) {
+  if (!g_events) return;
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  json::Value e = json::Value::object();
+  e.set("event", json::Value::string(kind));
+  e.set("time", json::Value::number(double(ts.tv_sec) + double(ts.tv_nsec) * 1e-9));
+  for (const auto& kv : fields.as_object("event fields")) e.append(kv.first, kv.second);
+  const std::string line = json::dump(e) + "\n";
+  std::fwrite(line.data(), 1, line.size(), g_events);
+  std::fflush(g_events);
 }
 
 }  // namespace blockskip

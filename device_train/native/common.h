@@ -70,4 +70,12 @@ long long peak_rss_bytes();
 // allowance when smaller), naming an `alternatives` entry that fits. BLOCKSKIP_IGNORE_MEMORY_CHECK skips it.
 void check_budget(const json::Value& manifest, const std::string& phase);
 
+// The run's events as JSON lines (--events FILE; "-": stdout, and the runner's messages then go to
+// stderr): one `event` record of runtime/formats.py a line (docs/schemas/event.schema.json,
+// docs/events.md), flushed as it happens. Without events_open nothing is written.
+void events_open(const std::string& path);
+bool events_on();
+// Writes {"event": kind, "time": now, ...fields}; `fields` is an object.
+void emit_event(const std::string& kind, json::Value fields = json::Value::object());
+
 }  // namespace blockskip

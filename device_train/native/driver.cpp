@@ -333,7 +333,26 @@ int train(const Options& opt) {
       std::printf("step %lld/%lld  loss %.6f  %.3f s\n", step + 1, steps, total, dt);
       std::fflush(stdout);
     }
-    if ((step + 1) % b.checkpoint_every == 0 || step + 1 == steps) save_checkpoint(ckpt_dir, params, step + 1, log);
+    if (events_on()) {
+      double mean = 0.0;
+      for (double x : log.step_seconds) mean += x;
+      mean /= double(log.step_seconds.size());
+      Value e = Value::object();
+      e.set("step", Value::integer(step + 1));
+      e.set("steps", Value::integer(steps));
+      e.set("loss", Value::number(total));
+      e.set("step_seconds", Value::number(dt));
+      e.set("peak_rss_mib", Value::number(double(peak_rss_bytes()) / double(1 << 20)));
+      e.set("eta_seconds", Value::number(double(steps - step - 1) * mean));
+      emit_event("step", e);
+    }
+    if ((step + 1) % b.checkpoint_every == 0 || step + 1 == steps) {
+      save_checkpoint(ckpt_dir, params, step + 1, log);
+      Value e = Value::object();
+      e.set("step", Value::integer(step + 1));
+      e.set("path", Value::string(join(ckpt_dir, formats::kCheckpoint)));
+      emit_event("checkpoint", e);
+    }
   }
   if (next.valid()) {
     try {

@@ -11,6 +11,7 @@ namespace blockskip {
 struct Options {
   std::string bundle, cache, out;
   std::string images;  // run / precompute: the photo folder
+  std::string events;  // --events FILE ("-": stdout); empty: none
   long long stop_after = -1;
   bool quiet = false;
   bool verify = true;

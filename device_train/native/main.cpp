@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -24,6 +25,7 @@
 #include "bundle.h"
 #include "common.h"
 #include "driver.h"
+#include "formats.h"
 #include "images.h"
 #include "json.h"
 #include "precompute.h"
@@ -88,6 +90,7 @@ const char* kUsage =
     "  --stop-after N    stop after step N (a later run resumes from the last checkpoint)\n"
     "  --quiet           no progress lines\n"
     "  --no-verify       check file sizes only, not sha256 digests\n"
+    "  --events FILE     the run's events as JSON lines ('-': stdout; the messages go to stderr; docs/events.md)\n"
     "  -h, --help        show this help and exit\n"
     "\n"
     "A run resumes from OUT/checkpoint/checkpoint.safetensors when it is there, and precompute keeps\n"
@@ -266,6 +269,8 @@ Options parse_args(int argc, char** argv, int first, const std::string& mode) {
       o.stop_after = parse_count("--stop-after", value("--stop-after"));
     } else if (a == "--quiet" || a == "-q") {
       o.quiet = true;
+    } else if (is("--events")) {
+      o.events = value("--events");
     } else if (a == "--no-verify") {
       o.verify = false;
     } else if (a.size() > 1 && a[0] == '-') {
@@ -283,18 +288,60 @@ Options parse_args(int argc, char** argv, int first, const std::string& mode) {
   return o;
 }
 
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+blockskip::json::Value phase(const char* name, double seconds = -1.0) {
+  auto v = blockskip::json::Value::object();
+  v.set("phase", blockskip::json::Value::string(name));
+  if (seconds >= 0.0) v.set("seconds", blockskip::json::Value::number(seconds));
+  return v;
+}
+
 int run_command(const Options& opt, const std::string& mode) {
+  using blockskip::emit_event;
+  using blockskip::json::Value;
+  Value outputs = Value::object();
+  outputs.set("cache", Value::string(opt.cache));
   if (mode != "train") {
     blockskip::PrecomputeOptions p;
     p.bundle = opt.bundle, p.images = opt.images, p.cache = opt.cache, p.quiet = opt.quiet, p.verify = opt.verify;
     if (mode == "run") p.out = opt.out;
+    const auto t0 = std::chrono::steady_clock::now();
+    emit_event("phase_start", phase("precompute"));
     blockskip::precompute(p);
+    emit_event("phase_end", phase("precompute", seconds_since(t0)));
     if (mode == "precompute") {
       std::printf("cache ready in %s\n", opt.cache.c_str());
+      Value done = Value::object();
+      done.set("outputs", outputs);
+      emit_event("done", done);
       return 0;
     }
   }
-  return blockskip::train(opt);
+  const auto t0 = std::chrono::steady_clock::now();
+  emit_event("phase_start", phase("train"));
+  const int rc = blockskip::train(opt);
+  emit_event("phase_end", phase("train", seconds_since(t0)));
+  const std::string lora = blockskip::join(opt.out, blockskip::formats::kLoraFile);
+  if (blockskip::is_file(lora)) outputs.set("lora", Value::string(lora));
+  outputs.set("train_log", Value::string(blockskip::join(opt.out, blockskip::formats::kTrainLog)));
+  Value done = Value::object();
+  done.set("outputs", outputs);
+  emit_event("done", done);
+  return rc;
+}
+
+// The error event of a failed run: `kind` is the error's type (FormatError: a damaged input; InputError:
+// one the user can fix; internal: anything else).
+int fail(const char* kind, const std::exception& e, int rc) {
+  std::fprintf(stderr, "%s: error: %s\n", kProg, e.what());
+  auto v = blockskip::json::Value::object();
+  v.set("kind", blockskip::json::Value::string(kind));
+  v.set("message", blockskip::json::Value::string(e.what()));
+  blockskip::emit_event("error", v);
+  return rc;
 }
 
 // ExecuTorch's log lines: errors always, the runtime's info/debug chatter only when
@@ -360,15 +407,13 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
+    if (!opt.events.empty()) blockskip::events_open(opt.events);
     return run_command(opt, mode);
   } catch (const blockskip::FormatError& e) {  // a damaged input: exit status 2
-    std::fprintf(stderr, "%s: error: %s\n", kProg, e.what());
-    return 2;
+    return fail("FormatError", e, 2);
   } catch (const InputError& e) {
-    std::fprintf(stderr, "%s: error: %s\n", kProg, e.what());
-    return 1;
+    return fail("InputError", e, 1);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "%s: error: %s\n", kProg, e.what());
-    return 1;
+    return fail("internal", e, 1);
   }
 }

@@ -521,6 +521,12 @@ std::string precompute(const PrecomputeOptions& opt) {
       ++done;
     }
     if (!opt.quiet) std::printf("precompute: %zu of %zu entries written\n", done, todo.size());
+    if (events_on()) {
+      Value e = Value::object();
+      e.set("done", Value::integer(int64_t(done)));
+      e.set("total", Value::integer(int64_t(todo.size())));
+      emit_event("precompute_progress", e);
+    }
     std::fflush(stdout);
   }
   weights.close();
