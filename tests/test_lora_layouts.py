@@ -179,3 +179,8 @@ def test_unknown_module_and_format_are_refused():
                           "transformer.x_embedder.lora_B.weight": np.zeros((2, 1), np.float32)}, "flux", "kohya")
     with pytest.raises(BlockSkipError, match="unknown LoRA format"):
         L.formats_of("a1111")
+
+
+def test_the_native_header_is_generated_from_the_declaration():
+    root = Path(__file__).resolve().parents[1]
+    assert (root / L.HEADER).read_text() == L.cpp_header(), "run python -m blockskip.runtime.lora_layouts --write"

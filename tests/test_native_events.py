@@ -1,6 +1,8 @@
 """``blockskip-train-native --events FILE``: the native runner's events are the same records as
 ``device-train``'s (``docs/schemas/event.schema.json``): they parse, validate and are complete, and with
-``--events -`` stdout holds nothing else."""
+``--events -`` stdout holds nothing else. ``--lora-format all``: the runner's kohya and comfy files are
+the bytes ``device-train convert-lora`` makes of its ``lora.safetensors`` (one mapping,
+``runtime/lora_layouts.py``, generated into ``lora_layouts.h``)."""
 
 import json
 import subprocess
@@ -13,6 +15,7 @@ pytest.importorskip("executorch.extension.pybindings.portable_lib", reason="the 
 from blockskip.export.bundle_writer import export_bundle  # noqa: E402
 from blockskip.export.families import load_model  # noqa: E402
 from blockskip.runtime.formats import validate  # noqa: E402
+from blockskip.runtime.lora_layouts import convert_file  # noqa: E402
 from blockskip.runtime.plan import Plan  # noqa: E402
 from blockskip.runtime.profiles import load_profile  # noqa: E402
 
@@ -32,7 +35,7 @@ def test_native_run_events(runner, photos, tmp_path):
                   tmp_path / "bundle", formats=["pte"])
     out = tmp_path / "out"
     r = subprocess.run([str(runner), "run", str(tmp_path / "bundle"), "--images", str(photos), "-o", str(out),
-                        "--events", "-"], capture_output=True, text=True, timeout=600)
+                        "--events", "-", "--lora-format", "all"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 3/3" in r.stderr  # the messages moved to stderr
     events = parse(r.stdout)
@@ -50,7 +53,12 @@ def test_native_run_events(runner, photos, tmp_path):
     assert steps[-1]["eta_seconds"] == 0 and all(e["peak_rss_mib"] > 0 for e in steps)
     assert [e["step"] for e in events if e["event"] == "checkpoint"] == [2, 3]
     done = events[-1]["outputs"]
-    assert set(done) == {"cache", "lora", "train_log"} and all(Path(p).exists() for p in done.values())
+    assert set(done) == {"cache", "lora", "lora_kohya", "lora_comfy", "train_log"}
+    assert all(Path(p).exists() for p in done.values())
+    family = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["family"]
+    for fmt in ("kohya", "comfy"):
+        convert_file(out / "lora.safetensors", tmp_path / f"{fmt}.safetensors", family, fmt)
+        assert Path(done[f"lora_{fmt}"]).read_bytes() == (tmp_path / f"{fmt}.safetensors").read_bytes()
 
     # a refused run ends with its typed error (an events file is appended to)
     ev = tmp_path / "events.jsonl"

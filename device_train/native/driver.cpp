@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <future>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "common.h"
 #include "formats.h"
 #include "json.h"
+#include "lora_layouts.h"
 #include "resident.h"
 #include "safetensors.h"
 #include "schema.h"
@@ -215,6 +217,92 @@ void save_lora(const std::string& path, const std::vector<Param>& params, const 
   write_safetensors(path, std::move(t), b.lora_metadata);
 }
 
+// The LoRA in the kohya or ComfyUI layout (runtime/lora_layouts.py, whose declaration generated
+// lora_layouts.h): per fused Linear of the original checkpoint, A stacked and B block-diagonal over its
+// parts (zeros where the LoRA has none), alpha = the fused rank. The bytes runtime/lora_layouts.py's
+// convert_file writes from OUT/lora.safetensors.
+void save_lora_layout(const std::string& path, const std::vector<Param>& params, const Bundle& b,
+                      const std::string& layout) {
+  const std::string family = b.manifest.at("family").as_string("family");
+  struct Got {
+    const lora_layouts::Fused* fused = nullptr;
+    std::map<int, std::pair<const Param*, const Param*>> parts;  // part index -> (A, B)
+  };
+  std::map<std::string, Got> groups;  // original module (block prefix and index included)
+  for (const auto& a : params) {
+    if (a.name.find(formats::kLoraA) == std::string::npos) continue;
+    const std::string module = a.name.substr(0, a.name.find(formats::kLoraA));
+    std::string b_name = a.name;
+    b_name.replace(b_name.find(formats::kLoraA), std::string(formats::kLoraA).size(), formats::kLoraB);
+    auto bp = std::find_if(params.begin(), params.end(), [&](const Param& p) { return p.name == b_name; });
+    if (bp == params.end()) throw InputError("LoRA " + module + " has lora_A but no lora_B");
+    bool placed = false;
+    for (const auto& f : lora_layouts::kFused) {
+      const std::string pre = std::string(f.diffusers_block) + ".";
+      if (family != f.family || module.compare(0, pre.size(), pre) != 0) continue;
+      const size_t dot = module.find('.', pre.size());
+      const std::string index = module.substr(pre.size(), dot - pre.size());
+      if (dot == std::string::npos || index.empty() ||
+          !std::all_of(index.begin(), index.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)); }))
+        continue;
+      for (int j = 0; j < f.num_parts && !placed; ++j) {
+        if (module.substr(dot + 1) != f.parts[j].module) continue;
+        Got& g = groups[std::string(f.original_block) + "." + index + "." + f.original];
+        g.fused = &f;
+        g.parts[j] = {&a, &*bp};
+        placed = true;
+      }
+      if (placed) break;
+    }
+    if (!placed)
+      throw InputError("LoRA module " + module + " has no place in the original " + family + " checkpoint layout");
+  }
+  const float scale = static_cast<float>(b.lora_scale);
+  std::vector<std::vector<float>> store;
+  store.reserve(groups.size() * 3);
+  std::vector<TensorOut> t;
+  for (const auto& [orig, g] : groups) {
+    const lora_layouts::Fused& f = *g.fused;
+    const Param& a0 = *g.parts.begin()->second.first;
+    const Param& b0 = *g.parts.begin()->second.second;
+    const int64_t rank = a0.shape.at(0), fan_in = a0.shape.at(1);
+    const int64_t unit = b0.shape.at(0) / f.parts[g.parts.begin()->first].width;
+    int64_t rows_total = 0;
+    for (int j = 0; j < f.num_parts; ++j) rows_total += f.parts[j].width * unit;
+    const int64_t n = f.num_parts, cols = n * rank;
+    std::vector<float> down(size_t(n * rank * fan_in), 0.0f), up(size_t(rows_total * cols), 0.0f);
+    int64_t row = 0;
+    for (int j = 0; j < f.num_parts; ++j) {
+      const int64_t rows = f.parts[j].width * unit;
+      auto it = g.parts.find(j);
+      if (it != g.parts.end()) {
+        const Param& pa = *it->second.first;
+        const Param& pb = *it->second.second;
+        if (pa.shape != a0.shape || pb.shape.at(1) != rank || pb.shape.at(0) != rows)
+          throw InputError("the LoRA parts of " + orig + " differ in rank or size; they cannot be fused");
+        std::copy(pa.data, pa.data + pa.numel, down.begin() + j * rank * fan_in);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < rank; ++c) up[size_t((row + r) * cols + j * rank + c)] = pb.data[r * rank + c] * scale;
+      }
+      row += rows;
+    }
+    std::string stem = orig;
+    if (layout == "kohya") {
+      std::replace(stem.begin(), stem.end(), '.', '_');
+      stem = lora_layouts::kKohyaPrefix + stem;
+    } else {
+      stem = lora_layouts::kComfyPrefix + stem;
+    }
+    store.push_back(std::move(down));
+    t.push_back({stem + ".lora_down.weight", {n * rank, fan_in}, store.back().data()});
+    store.push_back(std::move(up));
+    t.push_back({stem + ".lora_up.weight", {rows_total, cols}, store.back().data()});
+    store.push_back({float(cols)});
+    t.push_back({stem + ".alpha", {}, store.back().data()});
+  }
+  write_safetensors(path, std::move(t), {{"blockskip_family", family}, {"blockskip_layout", layout}, {"format", "pt"}});
+}
+
 void write_log(const std::string& path, const Log& log) {
   json::DumpOptions o;
   o.indent = 1;
@@ -370,6 +458,10 @@ int train(const Options& opt) {
     std::string lora = join(opt.out, formats::kLoraFile);
     save_lora(lora, params, b);
     log.lora = lora;
+    for (const char* layout : {"kohya", "comfy"})
+      if (opt.lora_format == layout || opt.lora_format == "all")
+        save_lora_layout(join(opt.out, layout == std::string("kohya") ? lora_layouts::kKohyaFile : lora_layouts::kComfyFile),
+                         params, b, layout);
     if (!opt.quiet) std::printf("LoRA: %s\n", lora.c_str());
   } else if (!opt.quiet) {
     std::printf("stopped after step %lld of %lld; run again to resume\n", end, steps);

@@ -12,6 +12,7 @@ struct Options {
   std::string bundle, cache, out;
   std::string images;  // run / precompute: the photo folder
   std::string events;  // --events FILE ("-": stdout); empty: none
+  std::string lora_format = "diffusers";  // --lora-format: diffusers, kohya, comfy or all (lora.safetensors always)
   long long stop_after = -1;
   bool quiet = false;
   bool verify = true;

@@ -28,6 +28,7 @@
 #include "formats.h"
 #include "images.h"
 #include "json.h"
+#include "lora_layouts.h"
 #include "precompute.h"
 #include "rng.h"
 #include "safetensors.h"
@@ -90,6 +91,8 @@ const char* kUsage =
     "  --stop-after N    stop after step N (a later run resumes from the last checkpoint)\n"
     "  --quiet           no progress lines\n"
     "  --no-verify       check file sizes only, not sha256 digests\n"
+    "  --lora-format F   also write the LoRA as kohya (lora_kohya.safetensors), comfy (lora_comfy.safetensors)\n"
+    "                    or all; lora.safetensors (diffusers naming) is always written\n"
     "  --events FILE     the run's events as JSON lines ('-': stdout; the messages go to stderr; docs/events.md)\n"
     "  -h, --help        show this help and exit\n"
     "\n"
@@ -269,6 +272,10 @@ Options parse_args(int argc, char** argv, int first, const std::string& mode) {
       o.stop_after = parse_count("--stop-after", value("--stop-after"));
     } else if (a == "--quiet" || a == "-q") {
       o.quiet = true;
+    } else if (mode != "precompute" && is("--lora-format")) {
+      o.lora_format = value("--lora-format");
+      if (o.lora_format != "diffusers" && o.lora_format != "kohya" && o.lora_format != "comfy" && o.lora_format != "all")
+        throw UsageError("--lora-format: choose diffusers, kohya, comfy or all");
     } else if (is("--events")) {
       o.events = value("--events");
     } else if (a == "--no-verify") {
@@ -325,7 +332,15 @@ int run_command(const Options& opt, const std::string& mode) {
   const int rc = blockskip::train(opt);
   emit_event("phase_end", phase("train", seconds_since(t0)));
   const std::string lora = blockskip::join(opt.out, blockskip::formats::kLoraFile);
-  if (blockskip::is_file(lora)) outputs.set("lora", Value::string(lora));
+  if (blockskip::is_file(lora)) {
+    outputs.set("lora", Value::string(lora));
+    for (const auto& [key, file] : {std::pair<const char*, const char*>{"lora_kohya", blockskip::lora_layouts::kKohyaFile},
+                                    {"lora_comfy", blockskip::lora_layouts::kComfyFile}}) {
+      const std::string path = blockskip::join(opt.out, file);
+      if ((opt.lora_format == "all" || "lora_" + opt.lora_format == key) && blockskip::is_file(path))
+        outputs.set(key, Value::string(path));
+    }
+  }
   outputs.set("train_log", Value::string(blockskip::join(opt.out, blockskip::formats::kTrainLog)));
   Value done = Value::object();
   done.set("outputs", outputs);
