@@ -208,10 +208,15 @@ def fit_plan(lm, plan: Plan, profile, a, fmt: str = "torch") -> tuple[Plan, dict
         f"fitting the plan to {profile.name} ({fmt}, budget {profile.budget_gib:.2f} GiB) ...", file=sys.stderr))
     if result is not None:
         best = require_fit(result, profile)
+        record = memory_record(best, profile, fmt)
+        sec = record.get("seconds", {})
         print(f"plan: {best.describe()}; predicted peak {best.peak / 2**30:.2f} GiB ("
               + ", ".join(f"{r.phase} {r.peak / 2**30:.2f}" for r in best.reports)
-              + f"; budget {profile.budget_gib:.2f} GiB; written into the bundle's manifest)", file=sys.stderr)
-        return plan, memory_record(best)
+              + f"; budget {profile.budget_gib:.2f} GiB)"
+              + (f"; predicted time {sec.get('train_per_step', 0):.3g} s a step, "
+                 f"{sec.get('precompute_per_sample', 0):.3g} s a precomputed sample" if sec else "")
+              + " (written into the bundle's manifest)", file=sys.stderr)
+        return plan, record
     if plan.trained is None:
         return plan, None
     best = evaluate(spec, plan, profile, fmt=fmt, delegate=a.delegate)  # explicit indices: check them
@@ -219,7 +224,7 @@ def fit_plan(lm, plan: Plan, profile, a, fmt: str = "torch") -> tuple[Plan, dict
         w = best.worst()
         print(f"warning: --trained plan needs {w.peak / 2**30:.2f} GiB in {w.phase} "
               f"(budget {w.budget / 2**30:.2f} GiB)", file=sys.stderr)
-    return plan, memory_record(best)
+    return plan, memory_record(best, profile, fmt)
 
 
 def export_prediction(lm, plan: Plan, formats, delegate: str = "none"):
@@ -234,10 +239,16 @@ def export_prediction(lm, plan: Plan, formats, delegate: str = "none"):
                           delegate=delegate)
 
 
-def memory_record(best) -> dict:
-    """The dry run's peaks as the bundle records them (the device checks them before each phase)."""
-    return {"profile_budget_bytes": best.reports[0].budget,
-            "phases": {r.phase: int(r.peak) for r in best.reports}}
+def memory_record(best, profile=None, fmt: str = "torch") -> dict:
+    """The dry run's peaks as the bundle records them (the device checks them before each phase), and
+    its time per phase unit when the profile has time figures (the device compares its own)."""
+    from blockskip.export.memory.dryrun import timing
+
+    out = {"profile_budget_bytes": best.reports[0].budget, "phases": {r.phase: int(r.peak) for r in best.reports}}
+    times = timing(best.reports, profile, fmt)
+    if times:
+        out["seconds"] = {k: round(v, 6) for k, v in times.items()}
+    return out
 
 
 def ratio_split(lm, a) -> dict:

@@ -32,12 +32,59 @@ def main(argv=None) -> int:
     p.add_argument("--delegate", choices=["none", "xnnpack"], default="none",
                    help="pte: the programs lowered to XNNPACK, as blockskip-export --delegate xnnpack writes them")
     add_plan_args(p)  # the very plan options blockskip-export takes: one definition
+    p.add_argument("--photos", type=int, default=4, help="photos the user trains on (the time total; default 4)")
+    p.add_argument("--calibrate", nargs="?", const="calibrated.toml", metavar="FILE.toml",
+                   help="measure this machine's matmul throughput, memory bandwidth and eager-op overhead (a few "
+                        "seconds) and write them into a copy of --profile (default desktop-cpu) at FILE.toml "
+                        "(default ./calibrated.toml); then plan with --profile FILE.toml")
     p.add_argument("--no-search", action="store_true", help="evaluate exactly the given plan")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of the breakdown against the budget")
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
+    if a.calibrate is not None:
+        return run_cli(lambda: _calibrate(a), a.debug, "blockskip-plan")
     return run_cli(lambda: _run(a), a.debug, "blockskip-plan")
+
+
+def _calibrate(a) -> int:
+    """``--calibrate``: this machine's figures into a copy of the profile's TOML."""
+    import re
+    from pathlib import Path
+
+    from blockskip.export.memory.cost import calibrate
+    from blockskip.runtime.profiles import load_profile, parse_profile
+
+    src = load_profile(a.profile if a.profile != "snapdragon8" else "desktop-cpu")
+    text = Path(src.source).read_text() if Path(src.source).is_file() else None
+    if text is None:
+        from importlib import resources
+
+        text = (resources.files("blockskip.profiles") / f"{src.name}.toml").read_text()
+    print(f"calibrating this machine (profile {src.name} as the base) ...", file=sys.stderr)
+    fig = calibrate(log=lambda m: print(m, file=sys.stderr))
+    name = f"{src.name}-calibrated"
+    text = re.sub(r'(?m)^name\s*=.*$', f'name = "{name}"', text, count=1)
+    text = re.sub(r'(?m)^bandwidth_gbs\s*=.*$', f"bandwidth_gbs = {fig['bandwidth_gbs']}  # measured: "
+                  "blockskip-plan --calibrate (torch copy, bytes read + written)", text, count=1)
+    # drop earlier time tables, then append the measured ones
+    text = re.sub(r"(?ms)^\[compute\.(throughput|op_overhead_us)\].*?(?=^\[|\Z)", "", text)
+    rates = ", ".join(f"{k} = {v}" for k, v in fig["throughput"]["cpu"].items())
+    text = text.replace("[compute.dtypes]", "[compute.throughput]\n# measured: blockskip-plan --calibrate "
+                        f"(2048 x 2048 matmul, torch's threads; GFLOP/s)\ncpu = {{ {rates} }}\n\n"
+                        "[compute.op_overhead_us]\n# measured: blockskip-plan --calibrate (eager torch, a small "
+                        f"forward and backward, per dispatched op)\ntorch = {fig['op_overhead_us']['torch']}\n"
+                        f"program = {_program_overhead(src)}\n\n[compute.dtypes]", 1)
+    out = Path(a.calibrate)
+    parse_profile(text, str(out))  # what is written loads
+    out.write_text(text)
+    print(f"wrote {out} (profile {name}); plan with --profile {out}", file=sys.stderr)
+    return 0
+
+
+def _program_overhead(profile) -> float:
+    """The program runtimes' per-op overhead is not measured by ``--calibrate``: the base profile's."""
+    return profile.op_overhead_us.get("program", 1.0)
 
 
 def _run(a) -> int:
@@ -93,10 +140,15 @@ def _run(a) -> int:
     k_fit = max(1, int(profile.cache_budget_bytes // max(entry, 1)))
     K = min(a.samples, k_fit)
     best.plan.num_samples = K
+    from blockskip.export.memory.dryrun import timing, total_seconds
+
+    times = timing(best.reports, profile, fmt)
     out = {
         "model": a.model, "profile": profile.name, "format": fmt, "budget_bytes": profile.budget_bytes,
         "plan": best.plan.to_dict(), "fits": best.fits,
         "phases": [r.to_dict() for r in best.reports],
+        "predicted_seconds": {**times, "total": total_seconds(times, best.plan, a.photos), "photos": a.photos}
+        if times else None,
         "cache": {"entry_bytes": entry, "samples": K, "storage_bytes": entry * K,
                   "storage_budget_bytes": profile.cache_budget_bytes},
         "next_bigger": None if nxt is None else {"plan": nxt.plan.to_dict(), "phase": nxt.worst().phase,
@@ -122,6 +174,15 @@ def _run(a) -> int:
     print(f"plan: skip n={n} m={m} ({(n + m) / L:.0%}: training {L - n - m} blocks), s_min {bp.s_min}, "
           f"LoRA rank {bp.lora_rank}, {how}" + (", VAE tiling on" if bp.vae_tiling else ""))
     print(table(best.reports))
+    if times:
+        from blockskip.export.memory.cost import engine_for
+
+        print(f"time (predicted, {profile.name} {engine_for(fmt, profile)} roofline): precompute "
+              f"{_dur(times.get('precompute_per_photo', 0))} a photo + {_dur(times.get('precompute_per_sample', 0))} "
+              f"a sample; train {_dur(times.get('train_per_step', 0))} a step; {a.photos} photos, K={K}, "
+              f"{bp.steps} steps: {_dur(out['predicted_seconds']['total'])}")
+    else:
+        print(f"time: profile {profile.name} has no [compute.throughput] figures (blockskip-plan --calibrate)")
     print(f"cache: {K} samples x {entry / 2**20:.1f} MiB = {entry * K / 2**30:.2f} GiB "
           f"(storage budget {profile.cache_budget_gib:.1f} GiB{', caps K' if k_fit < a.samples else ''})")
     print(f"bundle: {out['bundle_weights_bytes'] / 2**30:.2f} GiB of block and head weights "
@@ -138,6 +199,16 @@ def _run(a) -> int:
         print(f"chart: {a.plot}")
     print(f"({out['traced_plans']} plans traced in {out['seconds']} s, no memory allocated)")
     return 0 if best.fits else 3
+
+
+def _dur(sec: float) -> str:
+    if sec < 1:
+        return f"{sec * 1000:.0f} ms"
+    if sec < 120:
+        return f"{sec:.1f} s"
+    if sec < 7200:
+        return f"{sec / 60:.1f} min"
+    return f"{sec / 3600:.1f} h"
 
 
 def _export(model: str, spec, plan, fmt: str) -> dict | None:

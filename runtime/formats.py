@@ -387,6 +387,9 @@ class MemorySection(TypedDict):
     profile_budget_bytes: NonNegInt
     phases: dict[str, NonNegInt]
     alternatives: NotRequired[list[MemoryAlternative]]
+    #: the predicted seconds per unit of each phase on the profile (``precompute_per_photo``,
+    #: ``precompute_per_sample``, ``train_per_step``, ``save_per_checkpoint``), when it has time figures
+    seconds: NotRequired[dict[str, NonNeg]]
 
 
 @open_record

@@ -29,6 +29,9 @@ DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")
 ENGINES = ("cpu", "gpu", "npu")
 #: runtime backends a profile may list in ``backends.available``.
 BACKENDS = ("executorch-xnnpack", "onnxruntime-training", "torch-cpu", "torch-cuda")
+#: how ops are run, for their per-op overhead (``[compute.op_overhead_us]``): eager torch ops, or a
+#: runtime executing a lowered program (ExecuTorch, ONNX Runtime)
+RUNTIMES = ("torch", "program")
 
 # --------------------------------------------------------------------------------------------------
 # schema: dotted field -> (kind, check). A check returns None when the value is fine, else a phrase
@@ -244,6 +247,8 @@ def validate(raw: dict, text: str) -> list[tuple[int, str]]:
             if prefix == ("compute", "dtypes"):
                 if k not in ENGINES:
                     add(path, f"unknown engine {dotted} (engines: {', '.join(ENGINES)})")
+            elif dotted in ("compute.throughput", "compute.op_overhead_us"):
+                continue  # optional, checked below
             elif dotted in TABLES:
                 if isinstance(v, dict):
                     walk(v, path)
@@ -287,6 +292,36 @@ def validate(raw: dict, text: str) -> list[tuple[int, str]]:
             continue
         if check is not None and (msg := check(v)) is not None:
             add(path, f"{dotted} must {msg}")
+
+    # optional time figures: [compute.throughput] engine -> {dtype: GFLOP/s}, [compute.op_overhead_us]
+    found, rates = get(("compute", "throughput"))
+    if found:
+        if not isinstance(rates, dict):
+            add(("compute", "throughput"), f"compute.throughput must be a table (got {_type_name(rates)} {rates!r})")
+        else:
+            for e, v in rates.items():
+                path = ("compute", "throughput", e)
+                if e not in ENGINES:
+                    add(path, f"unknown engine compute.throughput.{e} (engines: {', '.join(ENGINES)})")
+                elif not isinstance(v, dict) or not v:
+                    add(path, f"compute.throughput.{e} must be a table of dtype = GFLOP/s (got {v!r})")
+                else:
+                    for dt, x in v.items():
+                        if dt not in DTYPES:
+                            add(path, f"compute.throughput.{e}.{dt}: unknown dtype (dtypes: {', '.join(DTYPES)})")
+                        elif not _kind_ok(NUMBER, x) or not math.isfinite(x) or x <= 0:
+                            add(path, f"compute.throughput.{e}.{dt} must be a positive number (GFLOP/s; got {x!r})")
+    found, over = get(("compute", "op_overhead_us"))
+    if found:
+        if not isinstance(over, dict):
+            add(("compute", "op_overhead_us"), f"compute.op_overhead_us must be a table (got {_type_name(over)} {over!r})")
+        else:
+            for r, x in over.items():
+                path = ("compute", "op_overhead_us", r)
+                if r not in RUNTIMES:
+                    add(path, f"unknown runtime compute.op_overhead_us.{r} (runtimes: {', '.join(RUNTIMES)})")
+                elif not _kind_ok(NUMBER, x) or not math.isfinite(x) or x < 0:
+                    add(path, f"compute.op_overhead_us.{r} must be a number >= 0 (microseconds; got {x!r})")
 
     # [compute.dtypes]
     found, engines = get(("compute", "dtypes"))
@@ -346,6 +381,9 @@ class Profile:
     storage_read_mbs: float = 0.0
     dtypes: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
     source: str = ""  # where it was loaded from, for messages
+    # time figures (optional): engine -> dtype -> GFLOP/s; runtime -> microseconds per op
+    throughput: dict[str, dict[str, float]] = field(default_factory=dict, hash=False)
+    op_overhead_us: dict[str, float] = field(default_factory=dict, hash=False)
 
     @property
     def budget_bytes(self) -> int:
@@ -398,6 +436,8 @@ def _from_raw(raw: dict, source: str) -> Profile:
         storage_read_mbs=float(s["read_mbs"]),
         dtypes={e: tuple(v) for e, v in c["dtypes"].items()},
         source=source,
+        throughput={e: {d: float(x) for d, x in v.items()} for e, v in c.get("throughput", {}).items()},
+        op_overhead_us={r: float(x) for r, x in c.get("op_overhead_us", {}).items()},
     )
 
 

@@ -8,6 +8,7 @@ prediction follows the code that runs on the device.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
@@ -49,6 +50,9 @@ class PhaseReport:
     peak: int  # tensor_peak + overhead
     budget: int
     extra: dict = field(default_factory=dict)
+    # the phase's ops (``cost.op_cost``) by unit (``photo``, ``sample``, ``step``) and the bytes it reads
+    # from storage per unit: what the time prediction is computed from (``timing``)
+    cost: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def headroom(self) -> int:
@@ -60,9 +64,35 @@ class PhaseReport:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("cost")
         d["headroom"] = self.headroom
         d["fits"] = self.fits
         return d
+
+
+def timing(reports: list[PhaseReport], profile, fmt: str) -> dict[str, float]:
+    """Predicted seconds per unit of each phase on ``profile`` (``cost.seconds``: a roofline per op, plus
+    the storage reads): precompute per photo (encoding) and per sample (the frozen blocks), train per
+    optimizer step, save per checkpoint. Empty without a profile that has throughput figures."""
+    from blockskip.export.memory.cost import engine_for, read_seconds, seconds
+
+    if profile is None or not getattr(profile, "throughput", None):
+        return {}
+    engine = engine_for(fmt, profile)
+    runtime = "torch" if fmt == "torch" else "program"
+    out = {}
+    for r in reports:
+        for unit, (cost, read) in r.cost.items():
+            out[f"{r.phase}_per_{unit}"] = seconds(cost, profile, engine, runtime) + read_seconds(read, profile)
+    return out
+
+
+def total_seconds(times: dict[str, float], plan: Plan, photos: int) -> float:
+    """The whole run: ``photos`` photos encoded, K samples precomputed, the plan's steps, a checkpoint
+    every ``checkpoint_every`` steps and the LoRA at the end."""
+    saves = plan.steps // max(1, plan.checkpoint_every) + 1
+    return (photos * times.get("precompute_per_photo", 0.0) + plan.num_samples * times.get("precompute_per_sample", 0.0)
+            + plan.steps * times.get("train_per_step", 0.0) + saves * times.get("save_per_checkpoint", 0.0))
 
 
 @dataclass
@@ -147,6 +177,9 @@ class PrecomputeTrace(NamedTuple):
     encoder_by_cat: dict
     blocks_peak: int
     blocks_by_cat: dict
+    encoder_cost: Counter | None = None  # the ops encoding the ``num_images`` photos (``cost.op_cost``)
+    blocks_cost: Counter | None = None  # the ops of one chunk: prompt, embed, the frozen blocks
+    chunk: int = 1
 
 
 def trace_precompute(spec: ModelSpec, plan: Plan, trained: list[int], profile=None, num_images: int = 4,
@@ -166,12 +199,14 @@ def trace_precompute(spec: ModelSpec, plan: Plan, trained: list[int], profile=No
                                    s_max=plan.s_max, granularity=spec.granularity, seed=plan.seed,
                                    patch_sampling=plan.patch_sampling, shift=plan.timestep_shift)
     tr = MemoryTracer(_round_to(profile))
+    tr.cost = Counter()
     with tr:
         store = FakeStore(fam, spec.encoder_spec, spec.prompt_shapes, dtype, tr)
         with tr.category("cache"):
             images = torch.empty(num_images, 3, plan.s_max, plan.s_max)
         latents = encode_latents(store, images, dtype, plan.vae_tiling)
         enc = (int(tr.peak), dict(tr.peak_by_cat))
+        enc_cost, tr.cost = tr.cost, Counter()
         tr.reset_peak()
         text = prompt_text(store, dtype)
         entries = compute_entries(store, latents, text, schedule.entries[:chunk], plan, spec.vae_factor, trained)
@@ -180,7 +215,8 @@ def trace_precompute(spec: ModelSpec, plan: Plan, trained: list[int], profile=No
         del entries, latents, text, images
     blocks = (int(tr.peak), dict(tr.peak_by_cat))
     top = max(enc, blocks, key=lambda x: x[0])
-    out = PrecomputeTrace(top[0], top[1], entry_shapes, entry_bytes, *enc, *blocks)
+    out = PrecomputeTrace(top[0], top[1], entry_shapes, entry_bytes, *enc, *blocks, enc_cost, tr.cost,
+                          min(chunk, len(schedule.entries)))
     if memo is not None:
         memo[key] = out
     return out
@@ -196,6 +232,7 @@ class TrainTrace(NamedTuple):
     save_peak: int
     save_by_cat: dict
     segments: dict
+    step_cost: Counter  # the ops of one optimizer step (``cost.op_cost``)
 
 
 def _trace_train(spec: ModelSpec, plan: Plan, trained: list[int], lora: dict, entry_shapes: dict, profile,
@@ -270,6 +307,8 @@ def _trace_train(spec: ModelSpec, plan: Plan, trained: list[int], lora: dict, en
             current, prefetched = fake_entry(), fake_entry()  # the step's entry + the one being prefetched
             step_peaks = []
             for step in range(train_steps):
+                if step == train_steps - 1:  # the steady state's ops: the time prediction
+                    tr.cost = Counter()
                 for _ in range(plan.grad_accum):
                     tr.set_segment((step, "post"))
                     loss = span.loss(current)
@@ -284,13 +323,14 @@ def _trace_train(spec: ModelSpec, plan: Plan, trained: list[int], lora: dict, en
                 step_peaks.append(int(tr.peak))
             train = (int(tr.peak), dict(tr.peak_by_cat))
             segments = dict(tr.segment_peaks)
+            step_cost, tr.cost = tr.cost, None
             # saving: LoRA copy + checkpoint copies while the model and optimizer stay resident
             tr.segment = None
             tr.reset_peak()
             with torch.no_grad():
                 ck = checkpoint_tensors(span.model, opt)
                 sd = lora_state_dict(span.model)
-            out = TrainTrace(*train, step_peaks, int(tr.peak), dict(tr.peak_by_cat), segments)
+            out = TrainTrace(*train, step_peaks, int(tr.peak), dict(tr.peak_by_cat), segments, step_cost)
             del ck, sd, span, opt, current, prefetched
     finally:
         del fam.run_block, fam.head  # the instance attributes: the class's methods again
@@ -411,7 +451,10 @@ def compose_train(spec: ModelSpec, plan: Plan, trained: list[int], lora: dict, e
     step_peaks = [top([k for k in segs if k[0] <= s])[0] for s in range(train_steps)]
     save_peak = comb(lambda t, r: t.save_peak)
     save_by_cat = {c: comb(lambda t, r, c=c: t.save_by_cat.get(c, 0)) for c in CATEGORIES}
-    return TrainTrace(peak, by_cat, step_peaks, save_peak, save_by_cat, segs)
+    from blockskip.export.memory.cost import combine
+
+    cost = combine(base.step_cost, [(t.step_cost, k) for (t, _), k in more])
+    return TrainTrace(peak, by_cat, step_peaks, save_peak, save_by_cat, segs, cost)
 
 
 def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: int = 4,
@@ -430,6 +473,7 @@ def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: i
         reports.append(_report_from("precompute", peak, by_cat, profile,
                                     {"chunk": chunk, "cache_entry_bytes": entry_bytes,
                                      "cache_storage_bytes": entry_bytes * plan.num_samples}))
+        reports[-1].cost = precompute_cost(spec, plan, trained, pre, num_images, entry_bytes, plan.storage_dtype)
         # 2. training: trained span + head + LoRA + AdamW; step 2 has optimizer state
         tt = (compose_train(spec, plan, trained, lora, entry_shapes, profile, train_steps, precompute_memo,
                             skeleton) if compose
@@ -442,6 +486,31 @@ def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: i
         reports.append(_report_from("train", peak, by_cat, profile, {"step_peaks": tt.step_peaks,
                                                                       "quant_workspace": ws,
                                                                       "trained_blocks": len(trained)}))
+        # the step's ops; each micro-step reads a cache entry
+        reports[-1].cost = {"step": (tt.step_cost, entry_bytes * plan.grad_accum)}
         # 3. saving: LoRA copy + checkpoint copies while the model and optimizer stay resident
         reports.append(_report_from("save", tt.save_peak, tt.save_by_cat, profile))
+        lora_bytes = tt.by_cat.get("lora", 0)
+        reports[-1].cost = {"checkpoint": (Counter(), 4 * lora_bytes)}  # LoRA + AdamW moments written
+    for r in reports:
+        r.extra["seconds"] = {k: round(v, 4) for k, v in timing([r], profile, "torch").items()}
     return reports
+
+
+def precompute_cost(spec: ModelSpec, plan: Plan, trained: list[int], pre: PrecomputeTrace, num_images: int,
+                    entry_bytes: int, storage: str) -> dict:
+    """Precompute's ops and storage reads per photo (the encoder) and per sample (a chunk's prompt, embed
+    and frozen blocks shared by its samples; each pass over the frozen blocks reads them from the bundle
+    in ``storage`` layout; each sample's entry is written)."""
+    from blockskip.export.memory.cost import scaled
+    from blockskip.export.memory.streamed import _nbytes
+    from blockskip.runtime.backends import torch_stream as ts
+    from blockskip.runtime.backends.torch import blocks_to_run
+
+    fam = spec.family
+    skeleton = fam.skeleton()
+    stop = blocks_to_run(trained, fam.num_blocks, plan.back_residual)
+    frozen = sum(_nbytes(ts.block_specs(fam, skeleton, i, storage)) for i in range(stop))
+    chunk = max(1, pre.chunk)
+    return {"photo": (scaled(pre.encoder_cost or {}, 1 / num_images), 0),
+            "sample": (scaled(pre.blocks_cost or {}, 1 / chunk), frozen / chunk + entry_bytes)}

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -89,6 +90,14 @@ class ProgramPeaks:
                 self.mem.update({k: int(v) for k, v in json.loads(self.path.read_text()).items()})
             except (OSError, ValueError):
                 pass
+        self.costs: dict[str, Counter] = {}
+        self.cost_path = self.path.with_name("program_costs.json") if self.path is not None else None
+        if self.cost_path is not None and self.cost_path.is_file():
+            try:
+                self.costs.update({k: Counter({(str(d), int(f), int(b)): n for d, f, b, n in v})
+                                   for k, v in json.loads(self.cost_path.read_text()).items()})
+            except (OSError, ValueError, TypeError):
+                pass
         if self.grow_path is not None and self.grow_path.is_file():
             try:
                 self.grow.update({k: [(int(n), [(int(a), int(b)) for a, b in r]) for n, r in v]
@@ -145,6 +154,27 @@ class ProgramPeaks:
             self.mem.pop(self._key(traced, how, round_to), None)
             self.get(traced, how, round_to)
         return self.grow[key]
+
+    def cost(self, traced: se.Traced) -> Counter:
+        """The program's ops (``cost.op_cost``: dtype, FLOPs, bytes), running its graph on fake inputs;
+        memoised like the peaks (``program_costs.json``)."""
+        key = self._key(traced, "cost", 1)
+        if key not in self.costs:
+            from blockskip.export.memory.cost import CostCounter
+
+            args = traced.example_args(fake=True)
+            counter = CostCounter()
+            with args[0].fake_mode, counter:
+                torch.fx.Interpreter(traced.gm, garbage_collect_values=True).run(*args)
+            self.costs[key] = counter.cost
+            if self.cost_path is not None:
+                try:
+                    tmp = self.cost_path.with_suffix(f".{os.getpid()}.tmp")
+                    tmp.write_text(json.dumps({k: [[*kk, n] for kk, n in v.items()] for k, v in self.costs.items()}))
+                    os.replace(tmp, self.cost_path)
+                except OSError:
+                    pass
+        return self.costs[key]
 
     def encoder(self, encoder_spec: dict, shape: tuple, delegate: str) -> tuple[int, int]:
         """(arena, delegate workspace) of the photo encoder program for inputs of ``shape``."""
@@ -382,6 +412,23 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
     # saving: the checkpoint's copies (LoRA, AdamW moments) and the LoRA file, no program running
     save = {**cats, "activations": 0, "lora": 2 * lora_bytes, "optimizer": 4 * lora_bytes}
     reports.append(_report_from("save", sum(save.values()), save, profile))
+    # time: precompute as the torch trace computes it (the same blocks, embed and encoder); a step runs
+    # each trained block's forward program, the head, each VJP program (recomputing the forward), and
+    # reads each trained block's weights in each sweep (streamed weights), its cache entry, and the stash
+    # when it spills to disk
+    from blockskip.export.memory.cost import combine
+    from blockskip.export.memory.dryrun import precompute_cost, timing
+
+    reports[0].cost = precompute_cost(spec, plan, trained, pre, num_images, entry_bytes, storage)
+    step = combine(Counter(), [(peaks.cost(traced_of[sid, role]), 1) for _, sid in layout.train
+                               for role in ("forward", "vjp")] + [(peaks.cost(head), 1)])
+    read = (2 * sum(train_w) if plan.weights != "resident" else 0) + entry32 * plan.grad_accum
+    if plan.stash == "disk":
+        read += 2 * state_bytes * len(trained)
+    reports[1].cost = {"step": (step, read)}
+    reports[2].cost = {"checkpoint": (Counter(), 4 * lora_bytes)}
+    for r in reports:
+        r.extra["seconds"] = {k: round(v, 4) for k, v in timing([r], profile, fmt).items()}
     return reports
 
 

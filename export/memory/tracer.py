@@ -34,6 +34,8 @@ class MemoryTracer(TorchDispatchMode):
         # the peak of each segment of the run (``segment``), with its bytes per category; off unless used
         self.segment = None
         self.segment_peaks: dict = {}
+        # the cost of each op run while it is a Counter (``cost.op_cost``: the time prediction); off if None
+        self.cost = None
 
     def set_segment(self, key) -> None:
         """From now on the live bytes count towards segment ``key`` (its peak starts at the current bytes)."""
@@ -129,4 +131,8 @@ class MemoryTracer(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self.track(t)
+        if self.cost is not None:
+            from blockskip.export.memory.cost import op_cost
+
+            self.cost[op_cost(func, args, kwargs, out)] += 1
         return out
