@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import build
@@ -129,10 +130,26 @@ def test_select_cli(tmp_path, capsys):
 
 
 def test_features_and_cosine():
-    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    """Pixel features: the 32x32 image, mean-centred; cosine: pairwise, equal to numpy's; a mildly
+    perturbed copy stays closer than an unrelated image."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
     f = image_features(x, "pixels")
-    c = cosine(f, f)
-    torch.testing.assert_close(torch.diagonal(c), torch.ones(3))
+    assert f.shape == (3, 3 * 32 * 32)
+    # independent reference: 2x2 block means, flattened, minus the per-image mean
+    ref = x.numpy().reshape(3, 3, 32, 2, 32, 2).mean(axis=(3, 5)).reshape(3, -1)
+    ref = ref - ref.mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(f.numpy(), ref, rtol=1e-5, atol=1e-6)
+    assert (f[0] - f[1]).abs().max() > 0.1  # different images, different features
+    near = image_features(x + 0.1 * torch.randn(x.shape, generator=g), "pixels")
+    c = cosine(f, near)
+    assert c.shape == (3, 3)
+    a, b = f.numpy().astype(np.float64), near.numpy().astype(np.float64)
+    want = (a @ b.T) / np.outer(np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1))
+    np.testing.assert_allclose(c.numpy(), want, rtol=1e-5, atol=1e-6)
+    for i in range(3):  # each image is closest to its own perturbed copy, by a clear margin
+        others = [c[i, j].item() for j in range(3) if j != i]
+        assert c[i, i] > 0.9 and max(others) < c[i, i] - 0.5, c
 
 
 def test_effnet_features_are_offline_imagenet_features():
