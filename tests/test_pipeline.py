@@ -28,12 +28,10 @@ def tiny_run(tmp_path_factory, photos):
     return root, log
 
 
-def test_precompute_keeps_one_block_resident(tiny_run, photos, tmp_path, monkeypatch):
-    """Watched from outside the store: whenever precompute runs a block, only that block's weights
-    are materialised in the model (every other block's parameters are back on the meta device)."""
+def watch_resident_blocks(monkeypatch) -> list:
+    """(block run, blocks whose parameters are materialised) at every block a BlockStore runs."""
     from blockskip.runtime.backends import torch_io
 
-    root, _ = tiny_run
     seen = []
     run = torch_io.BlockStore.run_block
 
@@ -45,6 +43,14 @@ def test_precompute_keeps_one_block_resident(tiny_run, photos, tmp_path, monkeyp
         return run(self, i, state, consts)
 
     monkeypatch.setattr(torch_io.BlockStore, "run_block", watching)
+    return seen
+
+
+def test_precompute_keeps_one_block_resident(tiny_run, photos, tmp_path, monkeypatch):
+    """Watched from outside the store: whenever precompute runs a block, only that block's weights
+    are materialised in the model (every other block's parameters are back on the meta device)."""
+    root, _ = tiny_run
+    seen = watch_resident_blocks(monkeypatch)
     run_precompute(root / "bundle", photos, tmp_path / "cache", quiet=True)
     assert len(seen) >= PLAN["num_samples"] * 6  # every block ran (back skip: the residual needs all 6)
     assert all(live == {i} for i, live in seen), [s for s in seen if s[1] != {s[0]}][:3]
@@ -230,7 +236,7 @@ def test_tiny_latent_mapping_is_a_projection():
 
 
 @pytest.mark.parametrize("name", ["flux", "sd3", "sd35", "sana"])
-def test_streaming_and_never_loaded_per_family(name, photos, tmp_path):
+def test_streaming_and_never_loaded_per_family(name, photos, tmp_path, monkeypatch):
     from tiny_models import build
 
     from blockskip.export.families import wrap_model
@@ -239,8 +245,10 @@ def test_streaming_and_never_loaded_per_family(name, photos, tmp_path):
     g = lm.granularity
     plan = Plan(front_skip=1, back_skip=1, s_min=4 * g, s_max=8 * g, num_samples=3, steps=2)
     export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo", tmp_path / "b")
+    seen = watch_resident_blocks(monkeypatch)
     run_precompute(tmp_path / "b", photos, tmp_path / "c", quiet=True)
-    assert ResidualCache(tmp_path / "c").index["max_resident_blocks"] == 1
+    assert seen and all(live == {i} for i, live in seen), [s for s in seen if s[1] != {s[0]}][:3]
+    monkeypatch.undo()
     bundle = Bundle(tmp_path / "b")
     for i, rel in enumerate(bundle.manifest["model"]["blocks"]):
         if i not in bundle.trained:
