@@ -20,6 +20,7 @@ from blockskip.runtime.checkpoint import write_lora
 from blockskip.runtime.contract import Trainer
 from blockskip.runtime.errors import BlockSkipError
 from blockskip.runtime.files import atomic_write, cache_lock, ensure_writable_dir, output_lock
+from blockskip.runtime.formats import LOG_LOSS_WITHOUT_LORA as LOSS_WITHOUT_LORA
 from blockskip.runtime.formats import LOG_STEP_SECONDS
 from blockskip.runtime.memory import check_budget, peak_rss_mib, rss_bytes
 from blockskip.runtime.progress import Progress
@@ -27,10 +28,6 @@ from blockskip.runtime.train_loop import run_steps
 
 # checkpoint file -> the backends that write (and resume) it
 CHECKPOINT_OWNERS = {"checkpoint.safetensors": ("torch", "executorch", "native"), "ort_checkpoint": ("ort",)}
-
-
-# train log: the first cache entry's loss with the LoRA at zero (before the first update)
-LOSS_WITHOUT_LORA = "entry0_loss_without_lora"
 
 
 class NumericsError(BlockSkipError):

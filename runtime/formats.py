@@ -95,6 +95,7 @@ META_SHA256 = "sha256"  # checkpoint metadata: sha256 of the file the same tenso
 
 # the train log (and the checkpoint's log)
 LOG_CACHE_SOURCE, LOG_LOSSES, LOG_STEP_SECONDS = "cache_source", "losses", "step_seconds"
+LOG_LOSS_WITHOUT_LORA = "entry0_loss_without_lora"  # the first entry's loss before any update (the no-op check)
 
 # the LoRA file
 LORA_PREFIX = "transformer."  # diffusers name = LORA_PREFIX + peft name without PEFT_ADAPTER's "default."
@@ -128,7 +129,7 @@ CPP_NAMES = (
     "STATE", "CONST", "GRAD", "WEIGHT", "LORA", "OUT", "GRAD_IN", "LORA_GRAD", "LOSS", "LOSS_SCALE",
     "EMBED", "TEXT",
     "PARAM", "OPT", "OPT_STEP", "OPT_EXP_AVG", "OPT_EXP_AVG_SQ", "META_STEP", "META_LOG", "META_SHA256",
-    "LOG_CACHE_SOURCE", "LOG_LOSSES", "LOG_STEP_SECONDS",
+    "LOG_CACHE_SOURCE", "LOG_LOSSES", "LOG_STEP_SECONDS", "LOG_LOSS_WITHOUT_LORA",
     "LORA_PREFIX", "PEFT_ADAPTER", "LORA_A", "LORA_B", "LORA_META_FORMAT", "LORA_META_ADAPTER",
     "SCHEDULE_RNG", "PHOTO_MIN_SIDE", "PHOTO_MAX_PIXELS",
     "MAX_SAMPLES", "MAX_IMAGES", "MAX_STEPS", "MAX_GRAD_ACCUM", "MAX_RANK", "MAX_SIDE", "MAX_JSON_DEPTH",
@@ -480,6 +481,7 @@ class TrainLog(TypedDict):
     peak_rss_mib: NotRequired[NonNeg]
     start_rss_mib: NotRequired[NonNeg]
     lora: NotRequired[str]
+    entry0_loss_without_lora: NotRequired[float]  # the first cache entry's loss with the LoRA at zero
     span: NotRequired[Literal[_plan.SPANS]]
     storage: NotRequired[str]
     block_backend: NotRequired[str]

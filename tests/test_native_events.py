@@ -67,3 +67,26 @@ def test_native_run_events(runner, photos, tmp_path):
     assert r.returncode != 0
     last = parse(ev.read_text())[-1]
     assert last["event"] == "error" and last["kind"] in ("InputError", "FormatError") and last["message"]
+
+
+def test_native_refuses_a_lora_that_changes_nothing(runner, photos, tmp_path, monkeypatch):
+    """A run whose LoRA is too small to matter (lr 1e-30) finishes its steps with the first-step check
+    out of the way (Python, executorch backend: the shared checkpoint); the native runner resuming the
+    finished checkpoint checks the trained LoRA against the loss without LoRA in its log and refuses."""
+    from blockskip.device_train import cli as device_cli
+    from blockskip.runtime import driver
+
+    export_bundle(load_model("tiny-random"), Plan(**{**PLAN, "lr": 1e-30}), load_profile("desktop-cpu"),
+                  "a photo of sks cat", tmp_path / "bundle", formats=["pte"])
+    monkeypatch.setattr(driver, "check_lora_moves", lambda *a: None)
+    out = tmp_path / "out"
+    assert device_cli.main(["run", str(tmp_path / "bundle"), "--images", str(photos), "-o", str(out),
+                            "--backend", "executorch", "--quiet"]) == 2
+    assert (out / "checkpoint" / "checkpoint.safetensors").is_file() and not (out / "lora.safetensors").exists()
+    ev = tmp_path / "events.jsonl"
+    r = subprocess.run([str(runner), "train", str(tmp_path / "bundle"), "--cache", str(out / "cache"), "-o", str(out),
+                        "--events", str(ev)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "does not change the model's output" in r.stderr, r.stderr[-2000:]
+    last = parse(ev.read_text())[-1]
+    assert last["event"] == "error" and last["kind"] == "InputError"
+    assert not (out / "lora.safetensors").exists()

@@ -38,6 +38,8 @@ struct Log {
   long long resumed_from = 0;
   std::string cache_source, delegate, lora;  // lora: set once the LoRA is written
   Value extra = Value::object();             // what the run adds at the end (trainer info, peak RSS)
+  bool has_loss_without_lora = false;        // the first entry's loss before any update (the no-op check)
+  double loss_without_lora = 0.0;
 
   // `timings`: with step_seconds (train_log.json); a checkpoint's log has none, so two identical runs
   // write identical checkpoints
@@ -54,6 +56,7 @@ struct Log {
     v.set(formats::kLogCacheSource, Value::string(cache_source));
     v.set("delegate", Value::string(delegate));
     for (const auto& kv : extra.as_object()) v.set(kv.first, kv.second);
+    if (has_loss_without_lora) v.set(formats::kLogLossWithoutLora, Value::number(loss_without_lora));
     if (!lora.empty()) v.set("lora", Value::string(lora));
     return v;
   }
@@ -174,6 +177,10 @@ long long load_checkpoint(const std::string& dir, std::vector<Param>& params, Lo
   };
   try {
     numbers(formats::kLogLosses, log.losses);  // step_seconds: this process's steps only
+    if (const Value* w = saved.find(formats::kLogLossWithoutLora)) {
+      log.loss_without_lora = w->as_double(formats::kLogLossWithoutLora);
+      log.has_loss_without_lora = true;
+    }
   } catch (const json::Error& e) {
     throw InputError("checkpoint " + path + " has a malformed log (" + e.what() + "); delete it to start over");
   }
@@ -391,6 +398,8 @@ int train(const Options& opt) {
         first_taken = true;
         first = e;
         first_loss = trainer->eval_loss(*e);
+        log.loss_without_lora = first_loss;  // kept in the checkpoint's log: a resumed run checks against it
+        log.has_loss_without_lora = true;
       }
       const double loss = trainer->loss_and_grad(*e, scale);
       if (!std::isfinite(loss))
@@ -455,6 +464,17 @@ int train(const Options& opt) {
     if (!any_lora_b_nonzero(params))
       throw InputError("training finished with an all-zero LoRA (it would change nothing); not writing it. "
                        "Check --lr and the cache");
+    if (log.has_loss_without_lora) {
+      // the trained LoRA against none, on the first entry (runtime/driver.py): equal losses mean the
+      // span's output did not change
+      Entry e = load_entry(cache, order.at(0), opt.verify);
+      trainer->check_entry(e);
+      const double after = trainer->eval_loss(e);
+      if (after == log.loss_without_lora)
+        throw InputError("the trained LoRA does not change the model's output on cache entry 0 (loss " +
+                         number_text(after) + " with and without it); not writing it. Raise --lr when exporting, "
+                         "or export the bundle again");
+    }
     std::string lora = join(opt.out, formats::kLoraFile);
     save_lora(lora, params, b);
     log.lora = lora;

@@ -61,6 +61,7 @@ inline constexpr char kMetaSha256[] = "sha256";
 inline constexpr char kLogCacheSource[] = "cache_source";
 inline constexpr char kLogLosses[] = "losses";
 inline constexpr char kLogStepSeconds[] = "step_seconds";
+inline constexpr char kLogLossWithoutLora[] = "entry0_loss_without_lora";
 inline constexpr char kLoraPrefix[] = "transformer.";
 inline constexpr char kPeftAdapter[] = ".default.";
 inline constexpr char kLoraA[] = ".lora_A.";
