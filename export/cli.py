@@ -72,6 +72,10 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     g.add_argument("--precompute-chunk", type=int, default=d.precompute_chunk)
+    g.add_argument("--max-minutes", type=float, default=None,
+                   help="time budget of the whole run on the profile's device (photos encoded, K samples "
+                        "precomputed, the steps): the search then also needs the plan's predicted time within it")
+    g.add_argument("--photos", type=int, default=4, help="photos the user trains on, for the run's time (default 4)")
 
 
 def _indices(text: str | None) -> list[int] | None:
@@ -179,7 +183,7 @@ def choose_plan(spec, plan: Plan, profile, a, fmt: str = "torch", log=lambda msg
                    or a.skip_ratio is not None)
     # a streamed span without --storage leaves the storage to the search (else the bundle would be float32)
     span_fixed = a.span == "resident" or (a.span == "streamed" and a.storage is not None)
-    if plan.trained is not None or (fixed_split and a.rank is not None
+    if plan.trained is not None or (fixed_split and a.rank is not None and a.max_minutes is None
                                     and ((a.base_quant is not None and a.checkpointing is not None) or span_fixed)):
         return plan, None, None  # fully specified (or explicit indices): nothing to search
     s_mins = [a.s_min] if a.s_min else list(dict.fromkeys([plan.s_min, max(spec.granularity, plan.s_min // 2)]))
@@ -187,7 +191,8 @@ def choose_plan(spec, plan: Plan, profile, a, fmt: str = "torch", log=lambda msg
                     s_mins=s_mins, rank=a.rank, base_quant=a.base_quant, checkpointing=a.checkpointing,
                     model=spec.name, span=a.span, storage=a.storage)
     on_search()
-    result = search(spec, plan, profile, fmt=fmt, delegate=a.delegate, log=log, **kw)
+    result = search(spec, plan, profile, fmt=fmt, delegate=a.delegate, log=log,
+                    max_seconds=None if a.max_minutes is None else a.max_minutes * 60, photos=a.photos, **kw)
     if result.best is None:
         return plan, None, result
     p = result.best.plan

@@ -32,7 +32,6 @@ def main(argv=None) -> int:
     p.add_argument("--delegate", choices=["none", "xnnpack"], default="none",
                    help="pte: the programs lowered to XNNPACK, as blockskip-export --delegate xnnpack writes them")
     add_plan_args(p)  # the very plan options blockskip-export takes: one definition
-    p.add_argument("--photos", type=int, default=4, help="photos the user trains on (the time total; default 4)")
     p.add_argument("--calibrate", nargs="?", const="calibrated.toml", metavar="FILE.toml",
                    help="measure this machine's matmul throughput, memory bandwidth and eager-op overhead (a few "
                         "seconds) and write them into a copy of --profile (default desktop-cpu) at FILE.toml "

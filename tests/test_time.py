@@ -115,3 +115,30 @@ def test_calibrate_writes_a_profile_that_loads(tmp_path):
     p = load_profile(out)
     assert p.name == "desktop-cpu-calibrated" and p.throughput["cpu"]["float32"] > 0.5
     assert p.op_overhead_us["torch"] > 0 and p.bandwidth_gbs > 0.1
+
+
+def _plan(*args):
+    r = subprocess.run([sys.executable, "-m", "blockskip.export.plan_cli", "--model", "tiny-random", "--profile",
+                        "desktop-cpu", "--s-max", "128", "--samples", "8", "--steps", "200", *args],
+                       capture_output=True, text=True, timeout=600)
+    return r
+
+
+def test_a_time_budget_moves_the_search_to_a_faster_plan():
+    """--max-minutes: the plan the search picks without it is too slow for a budget just under its own
+    predicted run; with it the search skips more blocks or trains smaller crops, and the plan it picks is
+    predicted within the budget. An impossible budget is refused with the fastest plan's time."""
+    free = _plan("--json")
+    assert free.returncode == 0, free.stderr
+    out = json.loads(free.stdout)
+    total = out["predicted_seconds"]["total"]
+    budget = 0.9 * total
+    r = _plan("--json", "--max-minutes", str(budget / 60))
+    assert r.returncode == 0, r.stderr
+    fast = json.loads(r.stdout)
+    assert fast["predicted_seconds"]["total"] <= budget
+    p, q = out["plan"], fast["plan"]
+    assert (q["front_skip"] + q["back_skip"], -q["s_min"]) > (p["front_skip"] + p["back_skip"], -p["s_min"])
+    r = _plan("--max-minutes", "0.00001")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "no plan fits" in r.stderr and "minutes" in r.stderr

@@ -45,14 +45,20 @@ def split_for(num_blocks: int, ratio: float, table: dict | None = None) -> tuple
 class Candidate:
     plan: Plan
     reports: list[PhaseReport]
+    seconds: float | None = None  # the whole run's predicted time (``dryrun.total_seconds``), if asked for
+    max_seconds: float | None = None  # the time budget it must fit too
 
     @property
     def peak(self) -> int:
         return max(r.peak for r in self.reports)
 
     @property
+    def fits_time(self) -> bool:
+        return self.max_seconds is None or (self.seconds is not None and self.seconds <= self.max_seconds)
+
+    @property
     def fits(self) -> bool:
-        return all(r.fits for r in self.reports)
+        return all(r.fits for r in self.reports) and self.fits_time
 
     def worst(self) -> PhaseReport:
         return max(self.reports, key=lambda r: r.peak - r.budget)
@@ -130,10 +136,13 @@ STREAMED_RATIOS = (0.5, 0.6, 0.7, 0.8)
 def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, ranks=(16, 4), quants=QUANTS,
            checkpointing=(False, True), split_table: dict | None = None, fmt: str = "torch",
            spans=("resident", "streamed"), storages=STORAGES, streamed_ratios=STREAMED_RATIOS,
-           log=lambda msg: None, delegate: str = "none") -> SearchResult:
+           log=lambda msg: None, delegate: str = "none", max_seconds: float | None = None,
+           photos: int = 4) -> SearchResult:
     """The most capable plan ``fmt``'s backend can run inside the profile's budget: a resident span first
     (torch: any frozen base and checkpointing; pte/onnx: float32, unquantised) at splits that skip no more
-    than the streamed span's first split, else a block-streamed span."""
+    than the streamed span's first split, else a block-streamed span. ``max_seconds``: a plan fits only
+    if its whole run (``photos`` photos, K samples, the plan's steps) is also predicted within it, so a
+    time budget moves the search to more skipped blocks and smaller crops, as memory does."""
     L = spec.family.num_blocks
     s_mins = sorted(set(s_mins or [base.s_min]), reverse=True)
     if fmt != "torch":  # the program formats hold a resident span whole, in float32, unquantised
@@ -157,24 +166,35 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
     enc = spec.encoder_spec["class"]
     can_tile = enc == "AutoencoderDC" or (fmt == "torch" and enc not in FIXED_ENCODERS)
 
+    def timed(c: Candidate) -> Candidate:
+        if max_seconds is not None:
+            from blockskip.export.memory.dryrun import timing, total_seconds
+
+            c.seconds, c.max_seconds = total_seconds(timing(c.reports, profile, fmt), c.plan, photos), max_seconds
+        return c
+
+    def memory_fits(c: Candidate) -> bool:
+        return all(r.fits for r in c.reports)
+
     def traced(plan: Plan, **ev) -> Candidate:
         """The plan's dry run; when the photo encoder is what breaks the budget, encoded in tiles instead
         (precompute only; training is unchanged)."""
-        c = evaluate(spec, plan, profile, memo=memo, fmt=fmt, delegate=delegate, **ev)
-        if not c.fits and c.worst().phase == "precompute" and not plan.vae_tiling and can_tile:
-            c = evaluate(spec, dataclasses.replace(plan, vae_tiling=True), profile, memo=memo, fmt=fmt,
-                         delegate=delegate, **ev)
+        c = timed(evaluate(spec, plan, profile, memo=memo, fmt=fmt, delegate=delegate, **ev))
+        if not memory_fits(c) and c.worst().phase == "precompute" and not plan.vae_tiling and can_tile:
+            c = timed(evaluate(spec, dataclasses.replace(plan, vae_tiling=True), profile, memo=memo, fmt=fmt,
+                               delegate=delegate, **ev))
         result.traced.append(c)
-        log(f"  {'fits ' if c.fits else 'over '} {c.peak / 2**30:7.2f} GiB  {c.describe()}")
+        when = "" if c.seconds is None else f", {c.seconds / 60:.1f} min"
+        log(f"  {'fits ' if c.fits else 'over '} {c.peak / 2**30:7.2f} GiB{when}  {c.describe()}")
         return c
 
     def exact(plan: Plan) -> Candidate:
         """The plan with its programs' planned arenas (the photo encoder's too), tiled if that is what
         the encoder program needs."""
-        c = evaluate(spec, plan, profile, memo=memo, fmt=fmt, exact=True, skeleton=skeleton, delegate=delegate)
-        if not c.fits and c.worst().phase == "precompute" and not plan.vae_tiling and can_tile:
-            c = evaluate(spec, dataclasses.replace(plan, vae_tiling=True), profile, memo=memo, fmt=fmt, exact=True,
-                         skeleton=skeleton, delegate=delegate)
+        c = timed(evaluate(spec, plan, profile, memo=memo, fmt=fmt, exact=True, skeleton=skeleton, delegate=delegate))
+        if not memory_fits(c) and c.worst().phase == "precompute" and not plan.vae_tiling and can_tile:
+            c = timed(evaluate(spec, dataclasses.replace(plan, vae_tiling=True), profile, memo=memo, fmt=fmt,
+                               exact=True, skeleton=skeleton, delegate=delegate))
         return c
     skeleton = spec.family.skeleton()
     fixed = getattr(profile, "fixed_overhead_bytes", 0)
@@ -299,6 +319,13 @@ def require_fit(result: SearchResult, profile) -> Candidate:
     s = result.smallest
     if s is None:
         raise PlanError("no candidate plan is valid for this model; give the split explicitly with -n/-m")
+    timed = [c for c in result.traced if c.seconds is not None and all(r.fits for r in c.reports)]
+    if timed:  # plans fit in memory, none in time
+        fast = min(timed, key=lambda c: c.seconds)
+        raise PlanError(
+            f"no plan fits {fast.max_seconds / 60:.1f} minutes on {profile.name}: the fastest traced plan that fits "
+            f"in memory ({fast.describe()}) is predicted at {fast.seconds / 60:.1f} min for {fast.plan.steps} steps "
+            f"and K={fast.plan.num_samples}; allow more time or ask for fewer --steps / --samples")
     hint = ("a smaller s_max (the photos are encoded at s_max)" if s.worst().phase == "precompute"
             else "a smaller s_min, or skip more blocks")
     raise PlanError(
