@@ -482,6 +482,7 @@ class TrainLog(TypedDict):
     start_rss_mib: NotRequired[NonNeg]
     lora: NotRequired[str]
     entry0_loss_without_lora: NotRequired[float]  # the first cache entry's loss with the LoRA at zero
+    lora_files: NotRequired[dict[str, str]]  # device-train: each LoRA layout written and its path
     span: NotRequired[Literal[_plan.SPANS]]
     storage: NotRequired[str]
     block_backend: NotRequired[str]
