@@ -21,7 +21,7 @@ from blockskip.runtime.contract import Trainer
 from blockskip.runtime.errors import BlockSkipError
 from blockskip.runtime.files import atomic_write, cache_lock, ensure_writable_dir, output_lock
 from blockskip.runtime.formats import LOG_LOSS_WITHOUT_LORA as LOSS_WITHOUT_LORA
-from blockskip.runtime.formats import LOG_STEP_SECONDS
+from blockskip.runtime.formats import LOG_PREDICTED_STEP_SECONDS, LOG_STEP_SECONDS
 from blockskip.runtime.memory import check_budget, peak_rss_mib, rss_bytes
 from blockskip.runtime.progress import Progress
 from blockskip.runtime.train_loop import run_steps
@@ -94,6 +94,12 @@ def _train(bundle: Bundle, cache_dir, out: Path, make_trainer: Callable[[Path], 
     log.update(extra_log or {})
     if start:
         progress.log(f"resuming from step {start} ({ckpt.parent})")
+    predicted = (bundle.manifest.get("memory") or {}).get("seconds", {}).get("train_per_step")
+    if predicted:  # what the export promised for the profile's device: the ETA until steps are measured
+        left = plan.steps - start
+        progress.log(f"predicted for {bundle.manifest.get('profile', {}).get('name', 'the profile')}: "
+                     f"{predicted:.3g} s a step, {left * predicted / 60:.1f} min for {left} steps "
+                     f"(the bar's ETA follows the measured steps)")
     bar = progress.bar(plan.steps, "train", initial=start)
     end = plan.steps if stop_after is None else max(start, min(plan.steps, stop_after))
     first: dict = {}
@@ -138,6 +144,11 @@ def _train(bundle: Bundle, cache_dir, out: Path, make_trainer: Callable[[Path], 
     bar.close()
     log["peak_rss_mib"] = peak_rss_mib()
     log["start_rss_mib"] = start_rss / 2**20
+    if predicted and log[LOG_STEP_SECONDS]:
+        measured = float(np.median(log[LOG_STEP_SECONDS]))
+        log[LOG_PREDICTED_STEP_SECONDS] = predicted
+        progress.log(f"step time: measured {measured:.3g} s (median), predicted {predicted:.3g} s "
+                     f"({measured / predicted - 1:+.0%})")
     info = getattr(trainer, "info", None)
     if info is not None:
         log.update(info())

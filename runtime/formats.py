@@ -95,6 +95,8 @@ META_SHA256 = "sha256"  # checkpoint metadata: sha256 of the file the same tenso
 
 # the train log (and the checkpoint's log)
 LOG_CACHE_SOURCE, LOG_LOSSES, LOG_STEP_SECONDS = "cache_source", "losses", "step_seconds"
+#: train_log.json: the step time the export predicted for the profile's device (``memory.seconds``)
+LOG_PREDICTED_STEP_SECONDS = "predicted_step_seconds"
 LOG_LOSS_WITHOUT_LORA = "entry0_loss_without_lora"  # the first entry's loss before any update (the no-op check)
 
 # the LoRA file
@@ -129,7 +131,7 @@ CPP_NAMES = (
     "STATE", "CONST", "GRAD", "WEIGHT", "LORA", "OUT", "GRAD_IN", "LORA_GRAD", "LOSS", "LOSS_SCALE",
     "EMBED", "TEXT",
     "PARAM", "OPT", "OPT_STEP", "OPT_EXP_AVG", "OPT_EXP_AVG_SQ", "META_STEP", "META_LOG", "META_SHA256",
-    "LOG_CACHE_SOURCE", "LOG_LOSSES", "LOG_STEP_SECONDS", "LOG_LOSS_WITHOUT_LORA",
+    "LOG_CACHE_SOURCE", "LOG_LOSSES", "LOG_STEP_SECONDS", "LOG_LOSS_WITHOUT_LORA", "LOG_PREDICTED_STEP_SECONDS",
     "LORA_PREFIX", "PEFT_ADAPTER", "LORA_A", "LORA_B", "LORA_META_FORMAT", "LORA_META_ADAPTER",
     "SCHEDULE_RNG", "PHOTO_MIN_SIDE", "PHOTO_MAX_PIXELS",
     "MAX_SAMPLES", "MAX_IMAGES", "MAX_STEPS", "MAX_GRAD_ACCUM", "MAX_RANK", "MAX_SIDE", "MAX_JSON_DEPTH",
@@ -476,6 +478,7 @@ class TrainLog(TypedDict):
     backend: str
     losses: list[float]
     step_seconds: NotRequired[list[NonNeg]]  # train_log.json: each step this process ran
+    predicted_step_seconds: NotRequired[NonNeg]  # train_log.json: the export's prediction (memory.seconds)
     resumed_from: NonNegInt
     cache_source: Sha256
     peak_rss_mib: NotRequired[NonNeg]

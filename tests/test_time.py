@@ -142,3 +142,27 @@ def test_a_time_budget_moves_the_search_to_a_faster_plan():
     r = _plan("--max-minutes", "0.00001")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "no plan fits" in r.stderr and "minutes" in r.stderr
+
+
+def test_the_device_compares_its_step_time_with_the_prediction(tmp_path, photos):
+    """The export writes its predicted seconds into the manifest; device-train prints the prediction
+    before training and keeps it next to the measured step times in its log."""
+    from blockskip.runtime.bundle import Bundle
+
+    def run(*argv):
+        r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    run("-m", "blockskip.export.cli", "--model", "tiny-random", "--profile", "desktop-cpu", "--prompt", "a photo",
+        "-n", "1", "-m", "1", "--s-min", "64", "--s-max", "128", "--samples", "2", "--steps", "3", "-o",
+        str(tmp_path / "b"))
+    sec = Bundle(tmp_path / "b").manifest["memory"]["seconds"]
+    assert sec["train_per_step"] > 0 and sec["precompute_per_sample"] > 0
+    run("-m", "blockskip.device_train.cli", "precompute", str(tmp_path / "b"), "--images", str(photos), "--cache",
+        str(tmp_path / "c"))
+    r = run("-m", "blockskip.device_train.cli", "train", str(tmp_path / "b"), "--cache", str(tmp_path / "c"), "-o",
+            str(tmp_path / "o"))
+    assert f"{sec['train_per_step']:.3g} s a step" in r.stderr and "step time: measured" in r.stderr
+    log = json.loads((tmp_path / "o" / "train_log.json").read_text())
+    assert log["predicted_step_seconds"] == sec["train_per_step"] and len(log["step_seconds"]) == 3

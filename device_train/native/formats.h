@@ -62,6 +62,7 @@ inline constexpr char kLogCacheSource[] = "cache_source";
 inline constexpr char kLogLosses[] = "losses";
 inline constexpr char kLogStepSeconds[] = "step_seconds";
 inline constexpr char kLogLossWithoutLora[] = "entry0_loss_without_lora";
+inline constexpr char kLogPredictedStepSeconds[] = "predicted_step_seconds";
 inline constexpr char kLoraPrefix[] = "transformer.";
 inline constexpr char kPeftAdapter[] = ".default.";
 inline constexpr char kLoraA[] = ".lora_A.";
