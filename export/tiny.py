@@ -4,7 +4,7 @@
   ``FluxTransformer2DModel`` (3 double + 6 single blocks, width 192, 7.6 M parameters) with the fixed
   ``PatchDCTAutoencoder`` latent mapping (64 px image <-> 16 x 16 x 16 latent) and the weightless
   ``WordTextEncoder``; weights in ``export/weights/tiny-flux.safetensors``, made by
-  ``python -m blockskip.export.pretrain_tiny`` (the exact command is in the file's metadata).
+  ``python -m tools.pretrain_tiny`` (the exact command is in the file's metadata).
 * ``tiny-random``: a seeded random FLUX-architecture DiT with 6 small blocks, the seeded
   ``TinyAutoencoder`` and ``TinyTextEncoder``; fast, for tests and benchmarks of the mechanics.
 """
@@ -49,7 +49,7 @@ def weights_metadata(path: Path = WEIGHTS) -> dict:
 
     if not path.is_file():
         raise ModelError(f"the built-in tiny model's weights are missing ({path}); reinstall the package or "
-                         "recreate them with python -m blockskip.export.pretrain_tiny")
+                         "recreate them with python -m tools.pretrain_tiny")
     with safe_open(str(path), "pt") as f:
         return dict(f.metadata() or {})
 
@@ -94,7 +94,7 @@ def build_pretrained_encoder() -> PatchDCTAutoencoder:
 
 
 def build_text_encoder():
-    from blockskip.export.tiny_data import WordTextEncoder
+    from blockskip.export.text_encoder import WordTextEncoder
 
     return WordTextEncoder(**TEXT)
 

@@ -44,8 +44,8 @@ def test_loads_as_a_diffusers_flux_model_with_its_mapping(lm):
 
 def test_it_learned_its_data(lm):
     """On fresh captioned data the pretrained model's flow-matching loss is far below an untrained one's."""
-    from blockskip.export.pretrain_tiny import build_model, predict
-    from blockskip.export.tiny_data import TinyCaptionData
+    from tools.pretrain_tiny import build_model, predict
+    from tools.tiny_data import TinyCaptionData
 
     x, caps = TinyCaptionData(64, seed=12345).batch(0, 16)
     with torch.no_grad():

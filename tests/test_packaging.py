@@ -14,7 +14,7 @@ def test_wheel_installs_and_imports(tmp_path):
     wheel = next((tmp_path / "whl").glob("dit_blockskip-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "blockskip/profiles/snapdragon8.toml" in names
-    assert not any(n.startswith(("tests/", "bench/")) for n in names)
+    assert not any(n.startswith(("tests/", "bench/", "tools/")) for n in names)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = ("import blockskip.runtime, blockskip.export.cli, blockskip.device_train.cli;"

@@ -10,7 +10,7 @@ from blockskip.runtime.backends.torch_families.latent import (
     encode_images,
 )
 
-tiny_data = pytest.importorskip("blockskip.export.tiny_data")
+tiny_data = pytest.importorskip("tools.tiny_data")
 
 
 def test_dct_rows_are_orthonormal_and_decode_is_the_least_squares_inverse():

@@ -1,6 +1,6 @@
 """Pretrain the built-in tiny text-to-image DiT on CPU, offline, reproducibly from a seed.
 
-    python -m blockskip.export.pretrain_tiny --out export/weights/tiny-flux.safetensors --minutes 55 --seed 0 --threads 1
+    python -m tools.pretrain_tiny --out export/weights/tiny-flux.safetensors --minutes 55 --seed 0 --threads 1
 
 The model is a diffusers ``FluxTransformer2DModel`` of a few million parameters (``TINY_CONFIG``) that
 denoises ``PatchDCTAutoencoder`` latents (16 channels, 1/4 of the image side; FLUX's 2 x 2 packing
@@ -42,7 +42,6 @@ import numpy as np
 import torch
 
 from blockskip.export.tiny import LATENT, TEXT, TINY_CONFIG
-from blockskip.export.tiny_data import GRID_CAPTIONS, TinyCaptionData, WordTextEncoder
 from blockskip.runtime.backends.torch_families.base import (
     CropGeometry,
     crop_coords,
@@ -51,6 +50,7 @@ from blockskip.runtime.backends.torch_families.base import (
 )
 from blockskip.runtime.backends.torch_families.latent import PatchDCTAutoencoder
 from blockskip.runtime.schedule import shift_sigma
+from tools.tiny_data import GRID_CAPTIONS, TinyCaptionData, WordTextEncoder
 
 MAX_BYTES = 20 * 2**20
 CAPTION_DROP = 0.1
@@ -164,7 +164,7 @@ def lr_at(step: int, total: int, lr: float, warmup: int, final: float = 0.1) -> 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m blockskip.export.pretrain_tiny",
+        prog="python -m tools.pretrain_tiny",
         description="Pretrain the built-in tiny FLUX-architecture text-to-image model on bundled data (CPU).")
     p.add_argument("--out", type=Path, default=Path("export/weights/tiny-flux.safetensors"),
                    help="weights file; <stem>.loss.json and <stem>.samples.png are written beside it")
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.minutes is None and args.steps is None:
         args.minutes = 45.0
-    command = "python -m blockskip.export.pretrain_tiny " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m tools.pretrain_tiny " + shlex.join(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     torch.manual_seed(args.seed)
     from diffusers.utils import logging as dlogging

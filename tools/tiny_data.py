@@ -1,4 +1,4 @@
-"""Captioned pretraining data for the built-in tiny model, and its text encoder.
+"""Captioned pretraining data for the built-in tiny model (research tooling; not shipped).
 
 Everything comes from code or from images that ship inside packages, so pretraining runs offline and is
 reproducible from a seed:
@@ -16,18 +16,21 @@ reproducible from a seed:
 
 ``TinyCaptionData(size, seed).batch(step, n)`` is a pure function of (seed, step, n): the same call
 always gives the same images and captions, so a run can be repeated or resumed. ``WordTextEncoder``
-turns a caption into FLUX-style text inputs (per-token embeddings and a pooled vector).
+turns a caption into FLUX-style text inputs (per-token embeddings and a pooled vector); it ships with the
+model in ``blockskip.export.text_encoder`` and is re-exported here.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import re
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from blockskip.export.text_encoder import WordTextEncoder, words_of
+
+__all__ = ["GRID_CAPTIONS", "TinyCaptionData", "WordTextEncoder", "render_scene", "words_of"]
 
 COLOURS = {
     "red": (220, 35, 35), "green": (40, 165, 60), "blue": (35, 70, 215), "yellow": (240, 215, 40),
@@ -312,44 +315,3 @@ class TinyCaptionData:
         while True:
             yield self.batch(step, 1)
             step += 1
-
-
-def words_of(prompt: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", prompt.lower())
-
-
-class WordTextEncoder:
-    """Deterministic text encoder: no weights, any word.
-
-    Token i of a caption is ``(w(word_i) + b(word_{i-1} word_i) + p(i)) / sqrt(3)``, where w, b and p
-    are unit-variance Gaussian vectors seeded from the SHA-256 of the word, the word pair and the
-    position; the pair and position terms let the transformer tell "red circle on a blue background"
-    from "blue circle on a red background" (FLUX gives text tokens no positions of their own). Unused
-    tokens are zero. The pooled vector is the sum of per-word vectors divided by sqrt(#words).
-    """
-
-    def __init__(self, dim: int = 64, pooled_dim: int = 64, tokens: int = 16):
-        self.dim, self.pooled_dim, self.tokens = dim, pooled_dim, tokens
-
-    @staticmethod
-    @functools.lru_cache(maxsize=65536)
-    def _vec(key: str, dim: int) -> torch.Tensor:
-        seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % (2**63)
-        return torch.randn(dim, generator=torch.Generator().manual_seed(seed))
-
-    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        emb = torch.zeros(len(prompts), self.tokens, self.dim)
-        pooled = torch.zeros(len(prompts), self.pooled_dim)
-        for j, prompt in enumerate(prompts):
-            words = words_of(prompt)[: self.tokens] or [""]
-            prev = "<s>"
-            for i, w in enumerate(words):
-                emb[j, i] = (self._vec("w:" + w, self.dim) + self._vec(f"b:{prev} {w}", self.dim)
-                             + self._vec(f"p:{i}", self.dim)) / 3**0.5
-                pooled[j] += self._vec("pool:" + w, self.pooled_dim)
-                prev = w
-            pooled[j] /= len(words) ** 0.5
-        return {"prompt_embeds": emb, "pooled": pooled}
-
-    def __call__(self, prompt: str) -> dict[str, torch.Tensor]:
-        return self.encode([prompt])
