@@ -1,6 +1,9 @@
 # dit-blockskip: two commands on a fresh machine.
 #   make demo   export the built-in tiny model and train a LoRA on device (offline)
+#   make check  the fast tier (under 3 minutes): units, schema, schedule, plan, CLI errors, one
+#               equivalence test per Python backend on the smallest model; run it before each commit
 #   make test   run the test suite (builds the native runner first)
+#   make lint   ruff check, ruff format --check and mypy (what .ci/run runs before make test)
 #   make native build the native ExecuTorch training runner into build/native
 #   make native-aarch64   cross-build it for Linux aarch64 into build/native-aarch64 (needs Debian's
 #               g++-aarch64-linux-gnu; the tests run it under qemu-aarch64 from qemu-user)
@@ -20,7 +23,7 @@ DEMO_PROMPT ?= a photo of sks cat
 # BlockSkip: 3 of the 9 blocks skipped as the selection table splits them; 64 px crops of 128 px photos
 DEMO_PLAN ?= --skip-ratio 0.33 --rank 16 --samples 64 --steps 300 --lr 1e-3
 
-.PHONY: demo test lint venv clean native native-aarch64 stb
+.PHONY: demo test check lint venv clean native native-aarch64 stb
 
 venv: $(STAMP)
 
@@ -82,8 +85,22 @@ $(ET_ARM)/executorch/lib:
 test: venv native
 	$(BIN)/python -m pytest -q
 
+# the fast tier: the slow tests (marked `slow`) and the end-to-end files are left to make test
+CHECK_TESTS ?= tests/test_schedule.py tests/test_profiles.py tests/test_cli_errors.py \
+	tests/test_lean_runtime.py tests/test_tiny_latent_data.py tests/test_rng.py tests/test_tiles.py \
+	tests/test_positions.py tests/test_lint.py \
+	"tests/test_contract.py::test_one_step_equals_the_torch_resident_step"
+check: venv
+	$(BIN)/python -m pytest -q -m "not slow" $(CHECK_TESTS)
+
+# mypy checks the installed package names (blockskip.runtime -> runtime/, ...): package-dir maps them,
+# so their folders are linked under build/mypy/blockskip (pyproject's [tool.mypy] mypy_path)
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	mkdir -p build/mypy/blockskip
+	for d in runtime device_train export profiles; do ln -sfn ../../../$$d build/mypy/blockskip/$$d; done
+	$(BIN)/mypy -p blockskip.runtime -p blockskip.device_train -p blockskip.export
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
