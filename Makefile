@@ -1,6 +1,6 @@
 # dit-blockskip: two commands on a fresh machine.
 #   make demo   export the built-in tiny model and train a LoRA on device (offline)
-#   make check  the fast tier (under 3 minutes): units, schema, schedule, plan, CLI errors, one
+#   make check  the fast tier (about 1 minute 10 s on 2 cores): units, formats and schemas, schedule, CLI errors, one
 #               equivalence test per Python backend on the smallest model; run it before each commit
 #   make test   run the test suite (builds the native runner first)
 #   make lint   ruff check, ruff format --check and mypy (what .ci/run runs before make test)
@@ -88,7 +88,7 @@ test: venv native
 # the fast tier: the slow tests (marked `slow`) and the end-to-end files are left to make test
 CHECK_TESTS ?= tests/test_schedule.py tests/test_profiles.py tests/test_cli_errors.py \
 	tests/test_lean_runtime.py tests/test_tiny_latent_data.py tests/test_rng.py tests/test_tiles.py::test_tile_grid \
-	tests/test_positions.py tests/test_lint.py \
+	tests/test_positions.py tests/test_formats.py tests/test_lint.py \
 	$(foreach b,torch ort executorch,"tests/test_contract.py::test_one_step_equals_the_torch_resident_step[$(b)-flux-resident]")
 check: venv
 	$(BIN)/python -m pytest -q -m "not slow" $(CHECK_TESTS)
