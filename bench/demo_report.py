@@ -57,10 +57,12 @@ def build(out: Path) -> str:
     base = baseline_rss_mib()
     measured = {"precompute": index.get("peak_rss_mib"), "train": log["peak_rss_mib"]}
     lines = [
-        "# dit-blockskip demo report", "",
+        "# dit-blockskip demo report",
+        "",
         f"Model `{model}`; plan: {describe(plan)}; profile `{profile.name}` (budget {profile.budget_gib:.1f} GiB).",
         "",
-        "## Memory: dry run vs measured", "",
+        "## Memory: dry run vs measured",
+        "",
         "| phase | dry run: tensors (MiB) | dry run: process (MiB) | measured peak RSS (MiB) | measured - baseline "
         "(MiB) | process error |",
         "|---|---|---|---|---|---|",
@@ -71,8 +73,10 @@ def build(out: Path) -> str:
         if m is None:
             lines.append(f"| {r.phase} | {r.tensor_peak / MIB:.1f} | {proc:.1f} | - | - | - |")
             continue
-        lines.append(f"| {r.phase} | {r.tensor_peak / MIB:.1f} | {proc:.1f} | {m:.1f} | {m - base:.1f} | "
-                     f"{(proc / m - 1) * 100:+.1f}% |")
+        lines.append(
+            f"| {r.phase} | {r.tensor_peak / MIB:.1f} | {proc:.1f} | {m:.1f} | {m - base:.1f} | "
+            f"{(proc / m - 1) * 100:+.1f}% |"
+        )
     non_tensor = {r.phase: measured[r.phase] - r.tensor_peak / MIB for r in reports if measured.get(r.phase)}
     lines += [
         "",
@@ -83,19 +87,29 @@ def build(out: Path) -> str:
         f"Baseline: a process importing the runtime, torch, diffusers and peft peaks at {base:.1f} MiB RSS; the "
         "rest is loading, LoRA injection and thread pools. At this scale the tensors are a few MiB, so the "
         "process figure is mostly the profile's constant; `python -m bench.memory_accuracy` checks the tensor "
-        "prediction on a larger model.", "",
-        "## Training", "",
+        "prediction on a larger model.",
+        "",
+        "## Training",
+        "",
         f"{len(log['losses'])} steps, median {median(log['step_seconds']) * 1000:.0f} ms/step, loss "
-        f"{mean(log['losses'][:10]):.4f} (first 10) -> {mean(log['losses'][-10:]):.4f} (last 10).", "",
-        "## Fidelity (blockskip-eval)", "",
+        f"{mean(log['losses'][:10]):.4f} (first 10) -> {mean(log['losses'][-10:]):.4f} (last 10).",
+        "",
+        "## Fidelity (blockskip-eval)",
+        "",
         f"Prompt `{scores['prompt']}`, seeds {scores['seeds']}, {scores['steps']} Euler steps, guidance "
-        f"{scores.get('cfg', 1.0)}, {scores['views']} held-out views.", "",
-        "| metric | before | after |", "|---|---|---|",
+        f"{scores.get('cfg', 1.0)}, {scores['views']} held-out views.",
+        "",
+        "| metric | before | after |",
+        "|---|---|---|",
     ]
     for k in scores["after"]:
         lines.append(f"| {k} | {scores['before'][k]:.4f} | {scores['after'][k]:.4f} |")
-    lines += ["", "Files: `run/lora.safetensors` (diffusers-named LoRA), `grid.png` (held-out views, samples "
-              "before, samples after), `eval.json`, `run/train_log.json`.", ""]
+    lines += [
+        "",
+        "Files: `run/lora.safetensors` (diffusers-named LoRA), `grid.png` (held-out views, samples "
+        "before, samples after), `eval.json`, `run/train_log.json`.",
+        "",
+    ]
     if (out / "run-pte" / "train_log.json").is_file():
         lines += pte_section(out, reports)
     return "\n".join(lines)
@@ -108,17 +122,21 @@ def pte_section(out: Path, torch_reports) -> list[str]:
     plan, profile, reports = dry_run(out / "bundle-pte", len(list((out / "photos").glob("*.png"))), fmt="pte")
     train = next(r for r in reports if r.phase == "train")
     lines = [
-        "## The phone path: ExecuTorch, block-streamed span, int8 weights", "",
+        "## The phone path: ExecuTorch, block-streamed span, int8 weights",
+        "",
         f"The same plan exported with `--format pte --span streamed --storage int8`: {describe(plan)}. "
         f"Precompute and training ran on the `executorch` backend ({log.get('block_backend', 'executorch')} "
         f"block programs, {log.get('weight_file_reads', '?')} block-file reads); the dry run for pte predicts "
         f"{train.tensor_peak / MIB:.1f} MiB of training tensors (torch resident span: "
         f"{next(r for r in torch_reports if r.phase == 'train').tensor_peak / MIB:.1f} MiB); peak RSS "
         f"{log['peak_rss_mib']:.0f} MiB (the Python process with torch and the ExecuTorch runtime; the native "
-        f"runner runs the same bundle without them).", "",
+        f"runner runs the same bundle without them).",
+        "",
         f"{len(log['losses'])} steps, median {median(log['step_seconds']) * 1000:.0f} ms/step, loss "
-        f"{mean(log['losses'][:10]):.4f} (first 10) -> {mean(log['losses'][-10:]):.4f} (last 10).", "",
-        "| metric | before | after (pte, streamed, int8) |", "|---|---|---|",
+        f"{mean(log['losses'][:10]):.4f} (first 10) -> {mean(log['losses'][-10:]):.4f} (last 10).",
+        "",
+        "| metric | before | after (pte, streamed, int8) |",
+        "|---|---|---|",
     ]
     for k in scores["after"]:
         lines.append(f"| {k} | {scores['before'][k]:.4f} | {scores['after'][k]:.4f} |")
@@ -128,9 +146,11 @@ def pte_section(out: Path, torch_reports) -> list[str]:
 
 def describe(plan) -> str:
     skip = f"n={plan.front_skip}, m={plan.back_skip}" if plan.trained is None else f"trained {plan.trained}"
-    return (f"{skip}, LoRA rank {plan.lora_rank}, s_min {plan.s_min} / s_max {plan.s_max}, "
-            f"{'patch sampling' if plan.patch_sampling else 'resize'}, K={plan.num_samples}, {plan.steps} steps, "
-            f"lr {plan.lr:g}")
+    return (
+        f"{skip}, LoRA rank {plan.lora_rank}, s_min {plan.s_min} / s_max {plan.s_max}, "
+        f"{'patch sampling' if plan.patch_sampling else 'resize'}, K={plan.num_samples}, {plan.steps} steps, "
+        f"lr {plan.lr:g}"
+    )
 
 
 def median(xs):

@@ -52,12 +52,21 @@ def write_folder(root: Path) -> int:
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(root / "transformer", max_shard_size="200MB")
     del model
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 32, 32),
-                        latent_channels=16, norm_num_groups=8, layers_per_block=1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        latent_channels=16,
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
     vae.save_pretrained(root / "vae")
-    save_file({"prompt_embeds": torch.randn(1, 512, 768), "pooled": torch.randn(1, 256)},
-              root / "prompt_embeds.safetensors")
+    save_file(
+        {"prompt_embeds": torch.randn(1, 512, 768), "pooled": torch.randn(1, 256)},
+        root / "prompt_embeds.safetensors",
+    )
     return params
 
 
@@ -69,21 +78,32 @@ def main(argv=None) -> int:
         root = Path(tmp) / "flux-like"
         params = write_folder(root)
         size = sum(p.stat().st_size for p in (root / "transformer").glob("*.safetensors"))
-        print(f"model folder: {params / 1e6:.0f}M parameters, transformer {size / 2**30:.2f} GiB in "
-              f"{len(list((root / 'transformer').glob('*.safetensors')))} shards", flush=True)
+        print(
+            f"model folder: {params / 1e6:.0f}M parameters, transformer {size / 2**30:.2f} GiB in "
+            f"{len(list((root / 'transformer').glob('*.safetensors')))} shards",
+            flush=True,
+        )
         print("| export | RSS before (MiB) | peak RSS (MiB) | peak above before (MiB) |")
         print("|---|---|---|---|")
         bundles = {}
         for mode in ("loaded", "streamed"):
             bundles[mode] = Path(tmp) / f"bundle-{mode}"
-            r = subprocess.run([sys.executable, "-c", RUN, str(root), mode, a.format, str(bundles[mode])],
-                               capture_output=True, text=True)
+            r = subprocess.run(
+                [sys.executable, "-c", RUN, str(root), mode, a.format, str(bundles[mode])],
+                capture_output=True,
+                text=True,
+            )
             if r.returncode != 0:
                 raise RuntimeError(f"{mode} export failed:\n{r.stderr[-3000:]}")
             m = json.loads(r.stdout.strip().splitlines()[-1])
-            print(f"| {mode} | {m['start']:.0f} | {m['peak']:.0f} | {m['peak'] - m['start']:.0f} |", flush=True)
-        same = all((bundles["loaded"] / p.relative_to(bundles["streamed"])).read_bytes() == p.read_bytes()
-                   for p in bundles["streamed"].rglob("*") if p.is_file())
+            print(
+                f"| {mode} | {m['start']:.0f} | {m['peak']:.0f} | {m['peak'] - m['start']:.0f} |", flush=True
+            )
+        same = all(
+            (bundles["loaded"] / p.relative_to(bundles["streamed"])).read_bytes() == p.read_bytes()
+            for p in bundles["streamed"].rglob("*")
+            if p.is_file()
+        )
         print(f"same bundle, byte for byte: {same}")
     return 0
 

@@ -17,8 +17,11 @@ def subject() -> np.ndarray:
 
         return data.chelsea()
     except ImportError:
-        print("warning: scikit-image is not installed (pip install 'dit-blockskip[data]'); using a drawn "
-              "stand-in subject instead of the chelsea cat", file=sys.stderr)
+        print(
+            "warning: scikit-image is not installed (pip install 'dit-blockskip[data]'); using a drawn "
+            "stand-in subject instead of the chelsea cat",
+            file=sys.stderr,
+        )
         yy, xx = np.mgrid[0:300, 0:400]
         img = np.zeros((300, 400, 3), np.uint8)
         img[..., 0] = (xx * 255 // 400).astype(np.uint8)
@@ -40,8 +43,14 @@ def _square(im: Image.Image, cx: float, cy: float, frac: float) -> Image.Image:
 def views(img: np.ndarray) -> list[Image.Image]:
     """Training views: the whole face at several scales and positions, and mirror images."""
     im = Image.fromarray(img)
-    spec = [(0.5, 0.5, 1.0), (0.45, 0.45, 0.85), (0.55, 0.5, 0.8), (0.5, 0.55, 0.9), (0.4, 0.5, 0.95),
-            (0.6, 0.45, 0.75)]
+    spec = [
+        (0.5, 0.5, 1.0),
+        (0.45, 0.45, 0.85),
+        (0.55, 0.5, 0.8),
+        (0.5, 0.55, 0.9),
+        (0.4, 0.5, 0.95),
+        (0.6, 0.45, 0.75),
+    ]
     out = [_square(im, *s) for s in spec]
     out += [v.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for v in out[:2]]
     return out

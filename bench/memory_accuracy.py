@@ -29,7 +29,9 @@ from pathlib import Path
 
 PLANS = {
     "LoRA full-res": dict(front_skip=0, back_skip=0, patch_sampling=False, half=False),
-    "LoRA + checkpointing": dict(front_skip=0, back_skip=0, patch_sampling=False, half=False, checkpointing=True),
+    "LoRA + checkpointing": dict(
+        front_skip=0, back_skip=0, patch_sampling=False, half=False, checkpointing=True
+    ),
     "BlockSkip 30% @ s_max/2": dict(ratio=0.3, half=True),
     "BlockSkip 50% @ s_max/2": dict(ratio=0.5, half=True),
     "BlockSkip 50% @ s_max/2, int8 base": dict(ratio=0.5, half=True, base_quant="int8"),
@@ -39,12 +41,30 @@ PLANS = {
 
 def model_config(small: bool) -> dict:
     if small:
-        return dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=64,
-                    num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=128,
-                    guidance_embeds=False, axes_dims_rope=(16, 24, 24))
-    return dict(patch_size=1, in_channels=64, num_layers=8, num_single_layers=16, attention_head_dim=64,
-                num_attention_heads=12, joint_attention_dim=768, pooled_projection_dim=256,
-                guidance_embeds=False, axes_dims_rope=(16, 24, 24))
+        return dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=2,
+            num_single_layers=4,
+            attention_head_dim=64,
+            num_attention_heads=4,
+            joint_attention_dim=256,
+            pooled_projection_dim=128,
+            guidance_embeds=False,
+            axes_dims_rope=(16, 24, 24),
+        )
+    return dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=8,
+        num_single_layers=16,
+        attention_head_dim=64,
+        num_attention_heads=12,
+        joint_attention_dim=768,
+        pooled_projection_dim=256,
+        guidance_embeds=False,
+        axes_dims_rope=(16, 24, 24),
+    )
 
 
 def run_one(name: str, spec: dict, small: bool, work: Path, photos: Path) -> dict:
@@ -61,7 +81,9 @@ def run_one(name: str, spec: dict, small: bool, work: Path, photos: Path) -> dic
 
     torch.manual_seed(0)
     # 8x latent mapping like a real VAE; 512 text tokens like FLUX's T5 at full size
-    lm = wrap_model(FluxTransformer2DModel(**model_config(small)), vae_factor=8, text_tokens=64 if small else 512)
+    lm = wrap_model(
+        FluxTransformer2DModel(**model_config(small)), vae_factor=8, text_tokens=64 if small else 512
+    )
     s_max = 256 if small else 512
     spec = dict(spec)
     if "ratio" in spec:
@@ -69,7 +91,9 @@ def run_one(name: str, spec: dict, small: bool, work: Path, photos: Path) -> dic
     half = spec.pop("half")
     plan = Plan(s_min=s_max // 2 if half else s_max, s_max=s_max, num_samples=2, lora_rank=16, **spec)
     prompt = lm.encode_prompt("a photo of sks")
-    mspec = ModelSpec(lm.family, lm.encoder_spec, {k: tuple(v.shape) for k, v in prompt.items()}, lm.vae_factor)
+    mspec = ModelSpec(
+        lm.family, lm.encoder_spec, {k: tuple(v.shape) for k, v in prompt.items()}, lm.vae_factor
+    )
     pred = evaluate(mspec, plan, None).reports[1].tensor_peak
     b, c = work / "bundle", work / "cache"
     shutil.rmtree(work, ignore_errors=True)
@@ -79,23 +103,37 @@ def run_one(name: str, spec: dict, small: bool, work: Path, photos: Path) -> dic
     out = {"plan": name, "predicted": pred}
     for mode in ("alloc", "rss"):
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-        code = ("import json,sys; from blockskip.export.memory.measure import measure_train_step as m; "
-                f"print(json.dumps(m(sys.argv[1], sys.argv[2], rss={mode == 'rss'})))")
-        r = subprocess.run([sys.executable, "-c", code, str(b), str(c)], capture_output=True, text=True, env=env,
-                           check=True)
+        code = (
+            "import json,sys; from blockskip.export.memory.measure import measure_train_step as m; "
+            f"print(json.dumps(m(sys.argv[1], sys.argv[2], rss={mode == 'rss'})))"
+        )
+        r = subprocess.run(
+            [sys.executable, "-c", code, str(b), str(c)], capture_output=True, text=True, env=env, check=True
+        )
         out[mode] = json.loads(r.stdout.strip().splitlines()[-1])
     shutil.rmtree(work, ignore_errors=True)
     return out
 
 
 STREAMED_BACKENDS = ("native", "executorch", "ort")
-NATIVE = Path(__file__).resolve().parents[1] / "build" / "native" / "device_train" / "native" / "blockskip-train-native"
+NATIVE = (
+    Path(__file__).resolve().parents[1]
+    / "build"
+    / "native"
+    / "device_train"
+    / "native"
+    / "blockskip-train-native"
+)
 # runs a backend's training in a fresh process with its libraries imported first (they are the runtime)
-RUN_PY = ("import sys, {mod}; from blockskip.device_train import cli; "
-          "sys.exit(cli.main(['train', sys.argv[1], '--cache', sys.argv[2], '-o', sys.argv[3], '--backend', "
-          "sys.argv[4], '--quiet']))")
-IMPORTS = {"executorch": "torch, executorch.extension.pybindings.portable_lib, blockskip.runtime.backends.executorch",
-           "ort": "onnxruntime, blockskip.runtime.backends.ort"}
+RUN_PY = (
+    "import sys, {mod}; from blockskip.device_train import cli; "
+    "sys.exit(cli.main(['train', sys.argv[1], '--cache', sys.argv[2], '-o', sys.argv[3], '--backend', "
+    "sys.argv[4], '--quiet']))"
+)
+IMPORTS = {
+    "executorch": "torch, executorch.extension.pybindings.portable_lib, blockskip.runtime.backends.executorch",
+    "ort": "onnxruntime, blockskip.runtime.backends.ort",
+}
 
 
 def run_streamed(small: bool, work: Path, photos: Path, backends, keep: bool = False) -> list[dict]:
@@ -111,14 +149,27 @@ def run_streamed(small: bool, work: Path, photos: Path, backends, keep: bool = F
     from blockskip.runtime.profiles import load_profile
 
     torch.manual_seed(0)
-    lm = wrap_model(FluxTransformer2DModel(**model_config(small)), vae_factor=8, text_tokens=64 if small else 512)
+    lm = wrap_model(
+        FluxTransformer2DModel(**model_config(small)), vae_factor=8, text_tokens=64 if small else 512
+    )
     params = sum(p.numel() for p in lm.transformer.parameters())
     s_max = 256 if small else 512
     n, m = split_for(lm.family.num_blocks, 0.5)
-    plan = Plan(front_skip=n, back_skip=m, s_min=s_max // 2, s_max=s_max, num_samples=2, steps=3, lora_rank=16,
-                span="streamed", storage="int8")
+    plan = Plan(
+        front_skip=n,
+        back_skip=m,
+        s_min=s_max // 2,
+        s_max=s_max,
+        num_samples=2,
+        steps=3,
+        lora_rank=16,
+        span="streamed",
+        storage="int8",
+    )
     prompt = lm.encode_prompt("a photo of sks")
-    mspec = ModelSpec(lm.family, lm.encoder_spec, {k: tuple(v.shape) for k, v in prompt.items()}, lm.vae_factor)
+    mspec = ModelSpec(
+        lm.family, lm.encoder_spec, {k: tuple(v.shape) for k, v in prompt.items()}, lm.vae_factor
+    )
     b, c = work / "bundle", work / "cache"
     formats = ["pte"] * any(x in backends for x in ("native", "executorch")) + ["onnx"] * ("ort" in backends)
     if not (keep and (c / "index.json").is_file()):
@@ -127,21 +178,36 @@ def run_streamed(small: bool, work: Path, photos: Path, backends, keep: bool = F
         run_precompute(b, photos, c, backend="executorch" if "pte" in formats else "ort", quiet=True)
     del lm
     rows = []
-    env = dict(os.environ, BLOCKSKIP_IGNORE_MEMORY_CHECK="1", MALLOC_MMAP_THRESHOLD_="65536",
-               MALLOC_TRIM_THRESHOLD_="0")
+    env = dict(
+        os.environ,
+        BLOCKSKIP_IGNORE_MEMORY_CHECK="1",
+        MALLOC_MMAP_THRESHOLD_="65536",
+        MALLOC_TRIM_THRESHOLD_="0",
+    )
     if "native" in backends and NATIVE.is_file():
         # native precompute from the photos: its whole-process peak against the dry run's precompute phase
         pc = work / "cache-native"
         shutil.rmtree(pc, ignore_errors=True)
-        r = subprocess.run([str(NATIVE), "precompute", str(b), "--images", str(photos), "--cache", str(pc), "--quiet"],
-                           capture_output=True, text=True, env=env)
+        r = subprocess.run(
+            [str(NATIVE), "precompute", str(b), "--images", str(photos), "--cache", str(pc), "--quiet"],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"native precompute failed:\n{r.stderr[-3000:]}")
         index = json.loads((pc / "index.json").read_text())
         pred = evaluate(mspec, plan, None, fmt="pte", exact=True).reports[0].tensor_peak
-        rows.append({"backend": "native precompute", "params": params, "tensors": pred,
-                     "start": index["start_rss_mib"] * 2**20, "peak": index["peak_rss_mib"] * 2**20,
-                     "step_seconds": float("nan")})
+        rows.append(
+            {
+                "backend": "native precompute",
+                "params": params,
+                "tensors": pred,
+                "start": index["start_rss_mib"] * 2**20,
+                "peak": index["peak_rss_mib"] * 2**20,
+                "step_seconds": float("nan"),
+            }
+        )
     for be in backends:
         fmt = "onnx" if be == "ort" else "pte"
         pred = evaluate(mspec, plan, None, fmt=fmt, exact=True).reports[1].tensor_peak
@@ -160,8 +226,16 @@ def run_streamed(small: bool, work: Path, photos: Path, backends, keep: bool = F
         if r.returncode != 0:
             raise RuntimeError(f"{be} failed:\n{r.stderr[-3000:]}")
         log = json.loads((out / "train_log.json").read_text())
-        rows.append({"backend": be, "params": params, "tensors": pred, "start": log["start_rss_mib"] * 2**20,
-                     "peak": log["peak_rss_mib"] * 2**20, "step_seconds": log["step_seconds"][-1]})
+        rows.append(
+            {
+                "backend": be,
+                "params": params,
+                "tensors": pred,
+                "start": log["start_rss_mib"] * 2**20,
+                "peak": log["peak_rss_mib"] * 2**20,
+                "step_seconds": log["step_seconds"][-1],
+            }
+        )
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
     return rows
@@ -170,25 +244,36 @@ def run_streamed(small: bool, work: Path, photos: Path, backends, keep: bool = F
 def _print_streamed(rows: list[dict]) -> None:
     mib = 2**20
     print(f"model: {rows[0]['params'] / 1e6:.0f}M parameters" if rows else "no rows")
-    print("| backend | dry run (MiB) | + runtime at start (MiB) | = predicted (MiB) | peak RSS (MiB) | error "
-          "| step (s) |")
+    print(
+        "| backend | dry run (MiB) | + runtime at start (MiB) | = predicted (MiB) | peak RSS (MiB) | error "
+        "| step (s) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         p = r["tensors"] + r["start"]
         step = "-" if r["step_seconds"] != r["step_seconds"] else f"{r['step_seconds']:.1f}"
-        print(f"| {r['backend']} | {r['tensors'] / mib:.1f} | {r['start'] / mib:.1f} | {p / mib:.1f} | "
-              f"{r['peak'] / mib:.1f} | {(p / r['peak'] - 1) * 100:+.2f}% | {step} |", flush=True)
+        print(
+            f"| {r['backend']} | {r['tensors'] / mib:.1f} | {r['start'] / mib:.1f} | {p / mib:.1f} | "
+            f"{r['peak'] / mib:.1f} | {(p / r['peak'] - 1) * 100:+.2f}% | {step} |",
+            flush=True,
+        )
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true")
-    ap.add_argument("--streamed", action="store_true", help="block-streamed rows on the block-program backends")
+    ap.add_argument(
+        "--streamed", action="store_true", help="block-streamed rows on the block-program backends"
+    )
     ap.add_argument("--backends", default=",".join(STREAMED_BACKENDS), help="with --streamed: which backends")
     ap.add_argument("--plans", nargs="*", default=list(PLANS))
     ap.add_argument("--json", metavar="FILE")
-    ap.add_argument("--work", metavar="DIR", help="with --streamed: keep the bundle and cache in DIR and reuse them "
-                    "on the next run (same model and plan)")
+    ap.add_argument(
+        "--work",
+        metavar="DIR",
+        help="with --streamed: keep the bundle and cache in DIR and reuse them "
+        "on the next run (same model and plan)",
+    )
     a = ap.parse_args(argv)
     from bench.make_demo_images import main as make_photos
 
@@ -224,8 +309,11 @@ def _print_row(r: dict, header: bool) -> None:
     alloc = r["alloc"]["live0"] + r["alloc"]["alloc_delta"]
     rss = r["rss"]["live0"] + r["rss"]["rss_delta"]
     p = r["predicted"]
-    print(f"| {r['plan']} | {p / mib:.1f} | {alloc / mib:.1f} | {(p / alloc - 1) * 100:+.2f}% | "
-          f"{rss / mib:.1f} | {(p / rss - 1) * 100:+.2f}% | {r['rss']['step_seconds']:.1f} |", flush=True)
+    print(
+        f"| {r['plan']} | {p / mib:.1f} | {alloc / mib:.1f} | {(p / alloc - 1) * 100:+.2f}% | "
+        f"{rss / mib:.1f} | {(p / rss - 1) * 100:+.2f}% | {r['rss']['step_seconds']:.1f} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,10 @@ def rows(model: str):
     L = spec.family.num_blocks
     s_max = d["s_max"]
     base = dict(s_max=s_max, dtype="bfloat16", num_samples=1, lora_rank=16)
-    plans = [("LoRA", dict(s_min=s_max, patch_sampling=False)),
-             ("LoRA + checkpointing", dict(s_min=s_max, patch_sampling=False, checkpointing=True))]
+    plans = [
+        ("LoRA", dict(s_min=s_max, patch_sampling=False)),
+        ("LoRA + checkpointing", dict(s_min=s_max, patch_sampling=False, checkpointing=True)),
+    ]
     for r in (0.3, 0.5):
         n, m = split_for(L, r)
         for q in ("none", "nf4"):
@@ -66,33 +68,65 @@ def streamed_rows(model: str):
     plans = [("streaming alone (no skip)", dict(s_min=s_max, patch_sampling=False))]
     for r in (0.3, 0.5):
         n, m = split_for(L, r)
-        plans.append((f"BlockSkip {int(r * 100)}% (n={n}, m={m})", dict(front_skip=n, back_skip=m, s_min=s_max // 2)))
+        plans.append(
+            (f"BlockSkip {int(r * 100)}% (n={n}, m={m})", dict(front_skip=n, back_skip=m, s_min=s_max // 2))
+        )
     for label, kw in plans:
         for storage in ("bfloat16", "int8", "int4"):
-            plan = Plan(s_max=s_max, num_samples=1, lora_rank=16, span="streamed", storage=storage,
-                        vae_tiling=spec.encoder_spec["class"] == "AutoencoderDC", **kw)
+            plan = Plan(
+                s_max=s_max,
+                num_samples=1,
+                lora_rank=16,
+                span="streamed",
+                storage=storage,
+                vae_tiling=spec.encoder_spec["class"] == "AutoencoderDC",
+                **kw,
+            )
             size = bundle_bytes(spec, plan, skel)
             for fmt in ("pte", "onnx"):
                 st = "float16" if (fmt == "onnx" and storage == "bfloat16") else storage
-                c = evaluate(spec, dataclasses.replace(plan, storage=st), profile, memo=memo, fmt=fmt, exact=True,
-                             skeleton=skel)
+                c = evaluate(
+                    spec,
+                    dataclasses.replace(plan, storage=st),
+                    profile,
+                    memo=memo,
+                    fmt=fmt,
+                    exact=True,
+                    skeleton=skel,
+                )
                 pre, train = c.reports[0], c.reports[1]
-                yield (model, profile.name, label, kw["s_min"], st, fmt, pre.peak, train.peak, c.fits, size,
-                       pre.extra["cache_entry_bytes"])
+                yield (
+                    model,
+                    profile.name,
+                    label,
+                    kw["s_min"],
+                    st,
+                    fmt,
+                    pre.peak,
+                    train.peak,
+                    c.fits,
+                    size,
+                    pre.extra["cache_entry_bytes"],
+                )
 
 
 def main_streamed() -> int:
     t0 = time.time()
     g = 2**30
-    print("| model | profile | plan | train px | storage | format | precompute (GiB) | train (GiB) | fits "
-          "| bundle weights (GiB) | cache entry (MiB) |")
+    print(
+        "| model | profile | plan | train px | storage | format | precompute (GiB) | train (GiB) | fits "
+        "| bundle weights (GiB) | cache entry (MiB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     models = [m for m in STREAMED if not sys.argv[2:] or m in sys.argv[2:]]
     for model in models:
         for row in streamed_rows(model):
             model_, prof, label, res, st, fmt, pre, train, fits, size, entry = row
-            print(f"| {model_} | {prof} | {label} | {res} | {st} | {fmt} | {pre / g:.2f} | **{train / g:.2f}** | "
-                  f"{'yes' if fits else 'no'} | {size / g:.2f} | {entry / 2**20:.1f} |", flush=True)
+            print(
+                f"| {model_} | {prof} | {label} | {res} | {st} | {fmt} | {pre / g:.2f} | **{train / g:.2f}** | "
+                f"{'yes' if fits else 'no'} | {size / g:.2f} | {entry / 2**20:.1f} |",
+                flush=True,
+            )
     print(f"\n({time.time() - t0:.0f} s)", file=sys.stderr)
     return 0
 
@@ -102,14 +136,19 @@ def main() -> int:
         return main_streamed()
     t0 = time.time()
     g = 2**30
-    print("| model | plan | train px | span base | LoRA+grads+optim | activations | train peak (GiB) "
-          "| precompute peak (GiB) |")
+    print(
+        "| model | plan | train px | span base | LoRA+grads+optim | activations | train peak (GiB) "
+        "| precompute peak (GiB) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for model in MODELS:
         for model_, label, res, t, peak, pre in rows(model):
             small = t["lora"] + t["gradients"] + t["optimizer"]
-            print(f"| {model_} | {label} | {res} | {t['trained_base'] / g:.2f} | {small / g:.2f} | "
-                  f"{t['activations'] / g:.2f} | **{peak / g:.2f}** | {pre / g:.2f} |", flush=True)
+            print(
+                f"| {model_} | {label} | {res} | {t['trained_base'] / g:.2f} | {small / g:.2f} | "
+                f"{t['activations'] / g:.2f} | **{peak / g:.2f}** | {pre / g:.2f} |",
+                flush=True,
+            )
     print(f"\n({time.time() - t0:.0f} s)", file=sys.stderr)
     return 0
 

@@ -21,8 +21,10 @@ from blockskip.runtime.backends.torch_quant import quantize_frozen
 def allocator_peak(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
     cur = peak = 0
     for e in events:
         cur += e.nbytes()
@@ -51,7 +53,9 @@ def main() -> int:
                 with tr:
                     run()
                 extra = allocator_peak(run) - tr.peak
-                print(f"| {str(dtype).split('.')[-1]} | {mode} | {o}x{i} | {extra / (i * o):.2f} |", flush=True)
+                print(
+                    f"| {str(dtype).split('.')[-1]} | {mode} | {o}x{i} | {extra / (i * o):.2f} |", flush=True
+                )
     return 0
 
 

@@ -29,8 +29,11 @@ def _config(model: str) -> dict:
     try:
         return json.loads((resources.files("blockskip.export") / "configs" / f"{model}.json").read_text())
     except FileNotFoundError:
-        names = sorted(p.name[:-5] for p in resources.files("blockskip.export").joinpath("configs").iterdir()
-                       if p.name.endswith(".json"))
+        names = sorted(
+            p.name[:-5]
+            for p in resources.files("blockskip.export").joinpath("configs").iterdir()
+            if p.name.endswith(".json")
+        )
         raise SystemExit(f"unknown model {model!r}; choose from {', '.join(names)}") from None
 
 
@@ -48,8 +51,9 @@ def _values(name: str, shape, dtype, seed: int):
     return (torch.randn(shape, generator=g) * 0.02).to(dtype)
 
 
-def write_folder(model: str, root: Path, dtype: str = "bfloat16", seed: int = 0, shard_gib: float = 2.0,
-                 log=print) -> Path:
+def write_folder(
+    model: str, root: Path, dtype: str = "bfloat16", seed: int = 0, shard_gib: float = 2.0, log=print
+) -> Path:
     import diffusers
     import torch
     from safetensors.torch import save_file
@@ -84,25 +88,32 @@ def write_folder(model: str, root: Path, dtype: str = "bfloat16", seed: int = 0,
     weight_map, written, t0 = {}, 0, time.time()
     for k, group in enumerate(shards):
         fname = f"diffusion_pytorch_model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        data = {name: _values(name, tuple(t.shape), tdt if t.is_floating_point() else t.dtype, seed)
-                for name, t in group}
+        data = {
+            name: _values(name, tuple(t.shape), tdt if t.is_floating_point() else t.dtype, seed)
+            for name, t in group
+        }
         save_file(data, out / fname, metadata={"format": "pt"})
         written += sum(v.numel() * v.element_size() for v in data.values())
         del data
         weight_map.update({name: fname for name, _ in group})
         rate = written / max(time.time() - t0, 1e-6)
-        log(f"transformer shard {k + 1}/{len(shards)}: {written / 2**30:.1f} of {total / 2**30:.1f} GiB, "
-            f"ETA {(total - written) / rate:.0f} s")
+        log(
+            f"transformer shard {k + 1}/{len(shards)}: {written / 2**30:.1f} of {total / 2**30:.1f} GiB, "
+            f"ETA {(total - written) / rate:.0f} s"
+        )
     (out / "diffusion_pytorch_model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": written}, "weight_map": weight_map}, indent=1))
+        json.dumps({"metadata": {"total_size": written}, "weight_map": weight_map}, indent=1)
+    )
     vae_cfg = {k: v for k, v in cfg["vae"].items() if not k.startswith("_")}
     torch.manual_seed(seed)
     vae = getattr(diffusers, cfg["vae"].get("_class_name", "AutoencoderKL")).from_config(vae_cfg)
     vae.save_pretrained(root / "vae")
     del vae
     g = torch.Generator().manual_seed(seed)
-    save_file({k: torch.randn(*v, generator=g).to(tdt) for k, v in cfg["prompt"].items()},
-              root / "prompt_embeds.safetensors")
+    save_file(
+        {k: torch.randn(*v, generator=g).to(tdt) for k, v in cfg["prompt"].items()},
+        root / "prompt_embeds.safetensors",
+    )
     done.write_text(json.dumps(stamp))
     log(f"{root}: {sum(p.numel() for _, p in tensors) / 1e9:.2f}B parameters in {len(shards)} shards")
     return root

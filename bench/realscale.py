@@ -48,14 +48,16 @@ S_MAX = {"flux-dev": 512, "sd35-medium": 1024, "sana-1.6b": 1024}
 #: runs a device-train command after its libraries are imported, printing its RSS then (the runtime): the
 #: torch backend's modules, peft, and the diffusers classes it builds (diffusers imports a class's module
 #: at its first use: 172 MiB with peft, after torch and diffusers themselves)
-WRAP = ("import sys, resource, torch, diffusers, peft, blockskip.device_train.cli as c\n"
-        "import blockskip.runtime.backends.torch, blockskip.runtime.backends.torch_stream\n"
-        "for k in ('FluxTransformer2DModel', 'SD3Transformer2DModel', 'SanaTransformer2DModel', 'AutoencoderKL',\n"
-        "          'AutoencoderDC'):\n"
-        "    getattr(diffusers, k)\n"
-        "from blockskip.runtime.memory import rss_bytes\n"
-        "print(f'START_RSS {rss_bytes()}', file=sys.stderr, flush=True)\n"
-        "sys.exit(c.main(sys.argv[1:]))")
+WRAP = (
+    "import sys, resource, torch, diffusers, peft, blockskip.device_train.cli as c\n"
+    "import blockskip.runtime.backends.torch, blockskip.runtime.backends.torch_stream\n"
+    "for k in ('FluxTransformer2DModel', 'SD3Transformer2DModel', 'SanaTransformer2DModel', 'AutoencoderKL',\n"
+    "          'AutoencoderDC'):\n"
+    "    getattr(diffusers, k)\n"
+    "from blockskip.runtime.memory import rss_bytes\n"
+    "print(f'START_RSS {rss_bytes()}', file=sys.stderr, flush=True)\n"
+    "sys.exit(c.main(sys.argv[1:]))"
+)
 
 
 def _photos(folder: Path, side: int, count: int) -> Path:
@@ -77,13 +79,15 @@ def _photos(folder: Path, side: int, count: int) -> Path:
 #: memory of the process it was forked from (Linux keeps the forking image's high-water mark across the
 #: exec): started from this one, which may have written a GB-sized shard, every phase measured at least
 #: that (SD3.5-medium's export: 3448 MiB measured, 1206 MiB by the export itself)
-LAUNCHER = ("import json, os, subprocess, sys\n"
-            "for line in sys.stdin:\n"
-            "    job = json.loads(line)\n"
-            "    with open(job['log'], 'w') as out:\n"
-            "        p = subprocess.Popen(job['cmd'], stdout=out, stderr=subprocess.STDOUT, env=job['env'])\n"
-            "        _, status, ru = os.wait4(p.pid, 0)\n"
-            "    print(json.dumps({'status': status, 'maxrss': ru.ru_maxrss}), flush=True)\n")
+LAUNCHER = (
+    "import json, os, subprocess, sys\n"
+    "for line in sys.stdin:\n"
+    "    job = json.loads(line)\n"
+    "    with open(job['log'], 'w') as out:\n"
+    "        p = subprocess.Popen(job['cmd'], stdout=out, stderr=subprocess.STDOUT, env=job['env'])\n"
+    "        _, status, ru = os.wait4(p.pid, 0)\n"
+    "    print(json.dumps({'status': status, 'maxrss': ru.ru_maxrss}), flush=True)\n"
+)
 
 
 class Phases:
@@ -92,13 +96,17 @@ class Phases:
 
     def __init__(self, total: int):
         self.total, self.done, self.t0 = total, 0, time.time()
-        self.launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, text=True)
+        self.launcher = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
 
     def run(self, label: str, cmd: list[str], log: Path) -> dict:
         left = self.total - self.done
         eta = "" if not self.done else f", ETA {(time.time() - self.t0) / self.done * left / 60:.0f} min"
-        print(f"[{(time.time() - self.t0) / 60:5.1f} min] {label} ({self.done + 1}/{self.total}{eta})", flush=True)
+        print(
+            f"[{(time.time() - self.t0) / 60:5.1f} min] {label} ({self.done + 1}/{self.total}{eta})",
+            flush=True,
+        )
         env = dict(os.environ, BLOCKSKIP_IGNORE_MEMORY_CHECK="1")
         t = time.time()
         self.launcher.stdin.write(json.dumps({"cmd": cmd, "log": str(log), "env": env}) + "\n")
@@ -111,8 +119,12 @@ class Phases:
         self.done += 1
         text = log.read_text()
         if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"{label} failed ({os.waitstatus_to_exitcode(status)}); see {log}:\n{text[-3000:]}")
-        start = next((int(line.split()[1]) for line in text.splitlines() if line.startswith("START_RSS ")), None)
+            raise RuntimeError(
+                f"{label} failed ({os.waitstatus_to_exitcode(status)}); see {log}:\n{text[-3000:]}"
+            )
+        start = next(
+            (int(line.split()[1]) for line in text.splitlines() if line.startswith("START_RSS ")), None
+        )
         return {"peak": got["maxrss"] * 1024, "start": start, "seconds": time.time() - t, "text": text}
 
     def close(self) -> None:
@@ -134,50 +146,145 @@ def _predicted(folder: Path, bundle: Path, fmt: str, num_images: int) -> dict[st
     manifest = json.loads((bundle / "manifest.json").read_text())
     plan = Plan.from_dict(manifest["plan"])
     delegate = manifest.get("pte", {}).get("delegate", "none")
-    return {r.phase: r.tensor_peak for r in evaluate(spec, plan, None, num_images=num_images, fmt=fmt,
-                                                     exact=fmt == "pte", delegate=delegate).reports}
+    return {
+        r.phase: r.tensor_peak
+        for r in evaluate(
+            spec, plan, None, num_images=num_images, fmt=fmt, exact=fmt == "pte", delegate=delegate
+        ).reports
+    }
 
 
-def run_path(name: str, folder: Path, photos: Path, work: Path, ph: Phases, export_args: list[str],
-             fmt: str, native: bool, keep: bool = False) -> list[dict]:
+def run_path(
+    name: str,
+    folder: Path,
+    photos: Path,
+    work: Path,
+    ph: Phases,
+    export_args: list[str],
+    fmt: str,
+    native: bool,
+    keep: bool = False,
+) -> list[dict]:
     """export, precompute and train of one configuration; its rows."""
     bundle, cache, out = work / f"{name}-bundle", work / f"{name}-cache", work / f"{name}-out"
     for d in (bundle, cache, out):
         shutil.rmtree(d, ignore_errors=True)
-    e = ph.run(f"{name}: export", [sys.executable, "-m", "blockskip.export.cli", "--model", str(folder), "--prompt",
-                                  PROMPT, "-o", str(bundle), *export_args], work / f"{name}-export.log")
-    pred_export = next((float(line.rsplit("predicted ", 1)[1].split()[0]) * 2**20 for line in e["text"].splitlines()
-                        if line.startswith("bundle written") and "predicted" in line), None)
+    e = ph.run(
+        f"{name}: export",
+        [
+            sys.executable,
+            "-m",
+            "blockskip.export.cli",
+            "--model",
+            str(folder),
+            "--prompt",
+            PROMPT,
+            "-o",
+            str(bundle),
+            *export_args,
+        ],
+        work / f"{name}-export.log",
+    )
+    pred_export = next(
+        (
+            float(line.rsplit("predicted ", 1)[1].split()[0]) * 2**20
+            for line in e["text"].splitlines()
+            if line.startswith("bundle written") and "predicted" in line
+        ),
+        None,
+    )
     manifest = json.loads((bundle / "manifest.json").read_text())
     plan = manifest["plan"]
-    desc = (f"n={plan['front_skip']} m={plan['back_skip']} {plan['s_min']}/{plan['s_max']} px r{plan['lora_rank']} "
-            + (f"streamed {plan['storage']}" if plan["span"] == "streamed" else
-               f"{plan['dtype']} base {plan['base_quant']}{' ckpt' if plan['checkpointing'] else ''}"))
+    desc = (
+        f"n={plan['front_skip']} m={plan['back_skip']} {plan['s_min']}/{plan['s_max']} px r{plan['lora_rank']} "
+        + (
+            f"streamed {plan['storage']}"
+            if plan["span"] == "streamed"
+            else f"{plan['dtype']} base {plan['base_quant']}{' ckpt' if plan['checkpointing'] else ''}"
+        )
+    )
     pred = _predicted(folder, bundle, fmt, len(list(photos.glob("photo_*.png"))))
     backend = "native" if native else "torch"
     if native:
-        p = ph.run(f"{name}: precompute", [str(NATIVE), "precompute", str(bundle), "--images", str(photos), "--cache",
-                                           str(cache), "--quiet"], work / f"{name}-precompute.log")
+        p = ph.run(
+            f"{name}: precompute",
+            [
+                str(NATIVE),
+                "precompute",
+                str(bundle),
+                "--images",
+                str(photos),
+                "--cache",
+                str(cache),
+                "--quiet",
+            ],
+            work / f"{name}-precompute.log",
+        )
         p["start"] = json.loads((cache / "index.json").read_text())["start_rss_mib"] * 2**20
-        t = ph.run(f"{name}: train", [str(NATIVE), str(bundle), "--cache", str(cache), "-o", str(out), "--quiet"],
-                   work / f"{name}-train.log")
+        t = ph.run(
+            f"{name}: train",
+            [str(NATIVE), str(bundle), "--cache", str(cache), "-o", str(out), "--quiet"],
+            work / f"{name}-train.log",
+        )
     else:
-        p = ph.run(f"{name}: precompute", _python(["precompute", str(bundle), "--images", str(photos), "--cache",
-                                                   str(cache), "--backend", "torch", "--quiet"]),
-                   work / f"{name}-precompute.log")
-        t = ph.run(f"{name}: train", _python(["train", str(bundle), "--cache", str(cache), "-o", str(out), "--backend",
-                                              "torch", "--quiet"]), work / f"{name}-train.log")
+        p = ph.run(
+            f"{name}: precompute",
+            _python(
+                [
+                    "precompute",
+                    str(bundle),
+                    "--images",
+                    str(photos),
+                    "--cache",
+                    str(cache),
+                    "--backend",
+                    "torch",
+                    "--quiet",
+                ]
+            ),
+            work / f"{name}-precompute.log",
+        )
+        t = ph.run(
+            f"{name}: train",
+            _python(
+                ["train", str(bundle), "--cache", str(cache), "-o", str(out), "--backend", "torch", "--quiet"]
+            ),
+            work / f"{name}-train.log",
+        )
     tlog = json.loads((out / "train_log.json").read_text())
     t["start"] = tlog.get("start_rss_mib", 0) * 2**20 if native else t["start"]
     steps = tlog["step_seconds"][1:] or tlog["step_seconds"]  # the first step warms up
-    rows = [{"config": name, "plan": desc, "backend": backend, "phase": "export", "predicted": pred_export,
-             "measured": e["peak"], "seconds": e["seconds"]},
-            {"config": name, "plan": desc, "backend": backend, "phase": "precompute",
-             "predicted": pred["precompute"] + p["start"], "measured": p["peak"],
-             "seconds": p["seconds"] / max(1, plan["num_samples"]), "per": "sample"},
-            {"config": name, "plan": desc, "backend": backend, "phase": "train",
-             "predicted": max(pred["train"], pred.get("save", 0)) + t["start"], "measured": t["peak"],
-             "seconds": statistics.median(steps), "per": "step"}]
+    rows = [
+        {
+            "config": name,
+            "plan": desc,
+            "backend": backend,
+            "phase": "export",
+            "predicted": pred_export,
+            "measured": e["peak"],
+            "seconds": e["seconds"],
+        },
+        {
+            "config": name,
+            "plan": desc,
+            "backend": backend,
+            "phase": "precompute",
+            "predicted": pred["precompute"] + p["start"],
+            "measured": p["peak"],
+            "seconds": p["seconds"] / max(1, plan["num_samples"]),
+            "per": "sample",
+        },
+        {
+            "config": name,
+            "plan": desc,
+            "backend": backend,
+            "phase": "train",
+            "predicted": max(pred["train"], pred.get("save", 0)) + t["start"],
+            "measured": t["peak"],
+            "seconds": statistics.median(steps),
+            "per": "step",
+        },
+    ]
     if not keep:
         shutil.rmtree(bundle, ignore_errors=True)  # real-size bundles are GBs
         shutil.rmtree(cache, ignore_errors=True)
@@ -186,16 +293,20 @@ def run_path(name: str, folder: Path, photos: Path, work: Path, ph: Phases, expo
 
 def table(rows: list[dict]) -> str:
     mib = 2**20
-    out = ["| model | configuration | plan | backend | phase | predicted (MiB) | measured (MiB) | error | s |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| model | configuration | plan | backend | phase | predicted (MiB) | measured (MiB) | error | s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         p, m = r.get("predicted"), r.get("measured")
         pred = f"{p / mib:.0f}" if p else "-"
         meas = f"{m / mib:.0f}" if m else r.get("note", "-")
         err = f"{(p / m - 1) * 100:+.1f}%" if p and m else "-"
         sec = f"{r['seconds']:.1f}" + (f" / {r['per']}" if r.get("per") else "") if r.get("seconds") else "-"
-        out.append(f"| {r['model']} | {r['config']} | {r['plan']} | {r['backend']} | {r['phase']} | {pred} | {meas} "
-                   f"| {err} | {sec} |")
+        out.append(
+            f"| {r['model']} | {r['config']} | {r['plan']} | {r['backend']} | {r['phase']} | {pred} | {meas} "
+            f"| {err} | {sec} |"
+        )
     return "\n".join(out)
 
 
@@ -207,21 +318,29 @@ def ratios(rows: list[dict]) -> list[str]:
         for base in ("lora", "lora-ckpt", "qlora"):
             if bs in train and base in train:
                 a, b = train[bs], train[base]
-                lines.append(f"{bs} / {base}: memory {a['measured'] / b['measured']:.2f}x, "
-                             f"time per step {a['seconds'] / b['seconds']:.2f}x")
+                lines.append(
+                    f"{bs} / {base}: memory {a['measured'] / b['measured']:.2f}x, "
+                    f"time per step {a['seconds'] / b['seconds']:.2f}x"
+                )
     return lines
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", choices=sorted(S_MAX))
-    ap.add_argument("--dir", default=os.path.join(os.path.expanduser("~"), ".cache", "blockskip", "realscale"),
-                    help="where the random folder (cached), photos and bundles go")
+    ap.add_argument(
+        "--dir",
+        default=os.path.join(os.path.expanduser("~"), ".cache", "blockskip", "realscale"),
+        help="where the random folder (cached), photos and bundles go",
+    )
     ap.add_argument("--photos", type=int, default=2, help="synthetic photos (each is encoded at s_max)")
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--only", default="blockskip-torch,blockskip-pte,lora,lora-ckpt,qlora",
-                    help="configurations to run (comma-separated)")
+    ap.add_argument(
+        "--only",
+        default="blockskip-torch,blockskip-pte,lora,lora-ckpt,qlora",
+        help="configurations to run (comma-separated)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the bundles and caches (GBs each)")
     a = ap.parse_args(argv)
     from bench.random_folder import write_folder
@@ -238,16 +357,56 @@ def main(argv=None) -> int:
     n, m = split_for(spec.family.num_blocks, 0.5)
     common = ["--samples", str(a.samples), "--steps", str(a.steps), "--rank", "16", "--force"]
     bs = ["-n", str(n), "-m", str(m), "--s-min", str(s_max // 2), "--s-max", str(s_max), *common]
-    full = ["-n", "0", "-m", "0", "--s-min", str(s_max), "--s-max", str(s_max), "--no-patch-sampling", "--dtype",
-            "bfloat16", "--span", "resident", *common]
+    full = [
+        "-n",
+        "0",
+        "-m",
+        "0",
+        "--s-min",
+        str(s_max),
+        "--s-max",
+        str(s_max),
+        "--no-patch-sampling",
+        "--dtype",
+        "bfloat16",
+        "--span",
+        "resident",
+        *common,
+    ]
     configs = {
         "blockskip-torch": (["--profile", "jetson-orin-nx-16gb", "--format", "torch", *bs], "torch", False),
-        "blockskip-pte": (["--profile", "snapdragon8", "--format", "pte", "--delegate", "xnnpack", "--span", "streamed",
-                           "--storage", "int8", *bs], "pte", True),
-        "lora": (["--profile", "desktop-cpu", *full, "--checkpointing", "off", "--base-quant", "none"], "torch", False),
-        "lora-ckpt": (["--profile", "desktop-cpu", *full, "--checkpointing", "on", "--base-quant", "none"], "torch",
-                      False),
-        "qlora": (["--profile", "desktop-cpu", *full, "--checkpointing", "on", "--base-quant", "nf4"], "torch", False),
+        "blockskip-pte": (
+            [
+                "--profile",
+                "snapdragon8",
+                "--format",
+                "pte",
+                "--delegate",
+                "xnnpack",
+                "--span",
+                "streamed",
+                "--storage",
+                "int8",
+                *bs,
+            ],
+            "pte",
+            True,
+        ),
+        "lora": (
+            ["--profile", "desktop-cpu", *full, "--checkpointing", "off", "--base-quant", "none"],
+            "torch",
+            False,
+        ),
+        "lora-ckpt": (
+            ["--profile", "desktop-cpu", *full, "--checkpointing", "on", "--base-quant", "none"],
+            "torch",
+            False,
+        ),
+        "qlora": (
+            ["--profile", "desktop-cpu", *full, "--checkpointing", "on", "--base-quant", "nf4"],
+            "torch",
+            False,
+        ),
     }
     chosen = [c for c in a.only.split(",") if c]
     unknown = [c for c in chosen if c not in configs]
@@ -260,12 +419,22 @@ def main(argv=None) -> int:
         if c.startswith("blockskip"):
             runnable.append(c)
             continue
-        need = _baseline_need(spec, n_blocks=spec.family.num_blocks, s_max=s_max, quant=c == "qlora",
-                              ckpt=c != "lora")
+        need = _baseline_need(
+            spec, n_blocks=spec.family.num_blocks, s_max=s_max, quant=c == "qlora", ckpt=c != "lora"
+        )
         if need > 0.8 * avail:
-            rows.append({"model": a.model, "config": c, "plan": "no skip, full res", "backend": "torch",
-                         "phase": "train", "predicted": need, "measured": None,
-                         "note": f"not run: needs {need / 2**30:.1f} GiB of {avail / 2**30:.0f}"})
+            rows.append(
+                {
+                    "model": a.model,
+                    "config": c,
+                    "plan": "no skip, full res",
+                    "backend": "torch",
+                    "phase": "train",
+                    "predicted": need,
+                    "measured": None,
+                    "note": f"not run: needs {need / 2**30:.1f} GiB of {avail / 2**30:.0f}",
+                }
+            )
         else:
             runnable.append(c)
     if not NATIVE.is_file() and "blockskip-pte" in runnable:
@@ -274,8 +443,12 @@ def main(argv=None) -> int:
     ph = Phases(3 * len(runnable))
     for c in runnable:
         args, fmt, native = configs[c]
-        got = [{"model": a.model, **r} for r in run_path(c, folder, photos, work, ph, args, fmt, native, a.keep)]
-        (work / f"{c}.rows.json").write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M"), "rows": got}))
+        got = [
+            {"model": a.model, **r} for r in run_path(c, folder, photos, work, ph, args, fmt, native, a.keep)
+        ]
+        (work / f"{c}.rows.json").write_text(
+            json.dumps({"when": time.strftime("%Y-%m-%d %H:%M"), "rows": got})
+        )
         rows.extend(got)
     ph.close()
     # configurations measured by an earlier run (--only) complete the table, marked with their date
@@ -295,8 +468,19 @@ def _baseline_need(spec, n_blocks: int, s_max: int, quant: bool, ckpt: bool) -> 
     from blockskip.export.memory.search import evaluate
     from blockskip.runtime.plan import Plan
 
-    plan = Plan(front_skip=0, back_skip=0, s_min=s_max, s_max=s_max, patch_sampling=False, dtype="bfloat16",
-                lora_rank=16, num_samples=2, steps=2, checkpointing=ckpt, base_quant="nf4" if quant else "none")
+    plan = Plan(
+        front_skip=0,
+        back_skip=0,
+        s_min=s_max,
+        s_max=s_max,
+        patch_sampling=False,
+        dtype="bfloat16",
+        lora_rank=16,
+        num_samples=2,
+        steps=2,
+        checkpointing=ckpt,
+        base_quant="nf4" if quant else "none",
+    )
     return max(r.tensor_peak for r in evaluate(spec, plan, None, fmt="torch").reports)
 
 

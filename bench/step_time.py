@@ -36,9 +36,18 @@ import tempfile
 import time
 from pathlib import Path
 
-MODEL = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=64,
-             num_attention_heads=12, joint_attention_dim=256, pooled_projection_dim=128,
-             guidance_embeds=False, axes_dims_rope=(16, 24, 24))
+MODEL = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=64,
+    num_attention_heads=12,
+    joint_attention_dim=256,
+    pooled_projection_dim=128,
+    guidance_embeds=False,
+    axes_dims_rope=(16, 24, 24),
+)
 PROMPT = "a photo of sks"
 
 
@@ -68,18 +77,38 @@ def build(work: Path, a) -> tuple[Path, Path, int]:
     torch.manual_seed(0)
     lm = wrap_model(FluxTransformer2DModel(**MODEL), name="bench-flux", vae_factor=4)
     n_params = sum(p.numel() for p in lm.transformer.parameters())
-    plan = Plan(front_skip=1, back_skip=1, s_min=a.s_min, s_max=a.s_max, num_samples=a.samples,
-                lora_rank=a.rank, dtype="float32", steps=a.warmup + a.steps, grad_accum=1)
+    plan = Plan(
+        front_skip=1,
+        back_skip=1,
+        s_min=a.s_min,
+        s_max=a.s_max,
+        num_samples=a.samples,
+        lora_rank=a.rank,
+        dtype="float32",
+        steps=a.warmup + a.steps,
+        grad_accum=1,
+    )
     bundle, cache = work / "bundle", work / "cache"
     t0 = time.perf_counter()
-    formats = ["torch"] + (["onnx"] if "ort" in a.backends else []) + (["pte"] if "executorch" in a.backends else [])
+    formats = (
+        ["torch"]
+        + (["onnx"] if "ort" in a.backends else [])
+        + (["pte"] if "executorch" in a.backends else [])
+    )
     with native_stderr_captured():  # the export's own capture covers ORT; this one the rest
         export_bundle(lm, plan, load_profile("desktop-cpu"), PROMPT, bundle, formats=formats)
         print(f"export ({' + '.join(formats)}): {time.perf_counter() - t0:.1f} s", flush=True)
         if "executorch-xnnpack" in a.backends:
             t0 = time.perf_counter()
-            export_bundle(lm, plan, load_profile("desktop-cpu"), PROMPT, work / "bundle-xnnpack", formats=["pte"],
-                          delegate="xnnpack")
+            export_bundle(
+                lm,
+                plan,
+                load_profile("desktop-cpu"),
+                PROMPT,
+                work / "bundle-xnnpack",
+                formats=["pte"],
+                delegate="xnnpack",
+            )
             print(f"export (pte, XNNPACK): {time.perf_counter() - t0:.1f} s", flush=True)
         if a.streamed:
             import dataclasses
@@ -90,8 +119,15 @@ def build(work: Path, a) -> tuple[Path, Path, int]:
             export_bundle(lm, sp, load_profile("desktop-cpu"), PROMPT, work / "bundle-streamed", formats=sfmt)
             print(f"export (streamed: {' + '.join(sfmt)}): {time.perf_counter() - t0:.1f} s", flush=True)
             if "executorch-xnnpack" in a.backends:
-                export_bundle(lm, sp, load_profile("desktop-cpu"), PROMPT, work / "bundle-streamed-xnnpack",
-                              formats=["pte"], delegate="xnnpack")
+                export_bundle(
+                    lm,
+                    sp,
+                    load_profile("desktop-cpu"),
+                    PROMPT,
+                    work / "bundle-streamed-xnnpack",
+                    formats=["pte"],
+                    delegate="xnnpack",
+                )
     del lm
     t0 = time.perf_counter()
     photos = write_photos(work / "photos", 3, a.s_max)
@@ -100,8 +136,13 @@ def build(work: Path, a) -> tuple[Path, Path, int]:
     if a.streamed:
         run_precompute(work / "bundle-streamed", photos, work / "cache-streamed", backend="torch", quiet=True)
         if "executorch-xnnpack" in a.backends:
-            run_precompute(work / "bundle-streamed-xnnpack", photos, work / "cache-streamed-xnnpack",
-                           backend="executorch", quiet=True)
+            run_precompute(
+                work / "bundle-streamed-xnnpack",
+                photos,
+                work / "cache-streamed-xnnpack",
+                backend="executorch",
+                quiet=True,
+            )
     return bundle, cache, n_params
 
 
@@ -129,11 +170,14 @@ def bench_torch(bundle_dir: Path, cache_dir: Path, a) -> dict:
     plan = bundle.plan
     cache = ResidualCache(cache_dir)
     entries = [load_file(cache.path(k)) for k in range(len(cache.schedule))]
-    span = TrainedSpan(BlockStore(bundle), bundle.trained, bundle.manifest["lora"], plan.seed,
-                       base_quant=plan.base_quant)
+    span = TrainedSpan(
+        BlockStore(bundle), bundle.trained, bundle.manifest["lora"], plan.seed, base_quant=plan.base_quant
+    )
     opt = make_optimizer(span.params, plan)
     lora_ids = {id(p) for p in span.params}
-    base = sum(p.numel() for p in span.model.parameters() if p.device.type != "meta" and id(p) not in lora_ids)
+    base = sum(
+        p.numel() for p in span.model.parameters() if p.device.type != "meta" and id(p) not in lora_ids
+    )
 
     def step(entry):
         loss = span.loss(entry)
@@ -145,9 +189,15 @@ def bench_torch(bundle_dir: Path, cache_dir: Path, a) -> dict:
 
     losses, secs = time_steps(step, entries, a.warmup, a.steps)
     e = entries[0]
-    return {"losses": losses, "secs": secs, "base": base, "lora": sum(p.numel() for p in span.params),
-            "img_tokens": e["in.hidden"].shape[1], "txt_tokens": e["in.encoder"].shape[1],
-            "trained": bundle.trained}
+    return {
+        "losses": losses,
+        "secs": secs,
+        "base": base,
+        "lora": sum(p.numel() for p in span.params),
+        "img_tokens": e["in.hidden"].shape[1],
+        "txt_tokens": e["in.encoder"].shape[1],
+        "trained": bundle.trained,
+    }
 
 
 def bench_ort(bundle_dir: Path, cache_dir: Path, a) -> dict:
@@ -225,36 +275,59 @@ def bench_native(bundle_dir: Path, cache_dir: Path, work: Path, a) -> dict | Non
     import os
     import subprocess
 
-    exe = Path(__file__).resolve().parents[1] / "build" / "native" / "device_train" / "native" / "blockskip-train-native"
+    exe = (
+        Path(__file__).resolve().parents[1]
+        / "build"
+        / "native"
+        / "device_train"
+        / "native"
+        / "blockskip-train-native"
+    )
     if not (exe.is_file() and os.access(exe, os.X_OK)):
         print("native runner not built (make native): no native row", flush=True)
         return None
     out = work / "native-out"
-    r = subprocess.run([str(exe), str(bundle_dir), "--cache", str(cache_dir), "-o", str(out), "--quiet"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(exe), str(bundle_dir), "--cache", str(cache_dir), "-o", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise RuntimeError(f"native runner failed:\n{r.stderr}")
     log = json.loads((out / "train_log.json").read_text())
-    return {"losses": log["losses"], "secs": log["step_seconds"][a.warmup:], "lora": 0}
+    return {"losses": log["losses"], "secs": log["step_seconds"][a.warmup :], "lora": 0}
 
 
 BACKENDS = ("torch", "ort", "executorch", "executorch-xnnpack")
-LABELS = {"torch": "torch (eager, AdamW)", "ort": "ort (ORT training 1.19.2)",
-          "executorch": "executorch (portable kernels)", "executorch-xnnpack": "executorch (XNNPACK)"}
+LABELS = {
+    "torch": "torch (eager, AdamW)",
+    "ort": "ort (ORT training 1.19.2)",
+    "executorch": "executorch (portable kernels)",
+    "executorch-xnnpack": "executorch (XNNPACK)",
+}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per backend (default 20)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="intra-op threads for both backends (default: torch.get_num_threads())")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="intra-op threads for both backends (default: torch.get_num_threads())",
+    )
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    ap.add_argument("--s-min", type=int, default=128, help="training crop side in px (default 128: 256 image tokens)")
+    ap.add_argument(
+        "--s-min", type=int, default=128, help="training crop side in px (default 128: 256 image tokens)"
+    )
     ap.add_argument("--s-max", type=int, default=256, help="photo side in px (default 256)")
     ap.add_argument("--samples", type=int, default=4, help="cache entries (default 4)")
-    ap.add_argument("--backends", default=",".join(BACKENDS),
-                    help=f"comma-separated, from {', '.join(BACKENDS)} (torch is always the reference)")
+    ap.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help=f"comma-separated, from {', '.join(BACKENDS)} (torch is always the reference)",
+    )
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep the bundle and cache there")
     ap.add_argument("--streamed", action="store_true", help="add the block-streamed span on every backend")
     a = ap.parse_args(argv)
@@ -292,8 +365,9 @@ def main(argv=None) -> int:
             sb, sc = work / "bundle-streamed", work / "cache-streamed"
             for name in a.backends:
                 if name == "executorch-xnnpack":
-                    results[name + " streamed"] = bench_streamed(name, work / "bundle-streamed-xnnpack",
-                                                                 work / "cache-streamed-xnnpack", a)
+                    results[name + " streamed"] = bench_streamed(
+                        name, work / "bundle-streamed-xnnpack", work / "cache-streamed-xnnpack", a
+                    )
                 else:
                     results[name + " streamed"] = bench_streamed(name, sb, sc, a)
             if "executorch" in a.backends:
@@ -308,17 +382,25 @@ def main(argv=None) -> int:
     t = results["torch"]
     print(f"threads: {a.threads} (torch intra-op = ORT intra-op)")
     print(f"model: FLUX-like, {n_params / 1e6:.1f}M parameters, 4 blocks; trained blocks {t['trained']}")
-    print(f"trained span: {t['base'] / 1e6:.1f}M frozen base parameters (trained blocks + head), "
-          f"{t['lora'] / 1e6:.2f}M LoRA parameters (rank {a.rank})")
-    print(f"tokens per step: {t['img_tokens']} image + {t['txt_tokens']} text ({a.s_min} px crops), float32, "
-          "grad_accum 1")
+    print(
+        f"trained span: {t['base'] / 1e6:.1f}M frozen base parameters (trained blocks + head), "
+        f"{t['lora'] / 1e6:.2f}M LoRA parameters (rank {a.rank})"
+    )
+    print(
+        f"tokens per step: {t['img_tokens']} image + {t['txt_tokens']} text ({a.s_min} px crops), float32, "
+        "grad_accum 1"
+    )
     for name, r in results.items():
         if name != "torch":
-            print(f"{name}: loss step 1 {r['losses'][0]:.6f} vs torch "
-                  f"{t['losses'][0]:.6f} (rel diff {abs(r['losses'][0] / t['losses'][0] - 1):.1e}), step "
-                  f"{len(r['losses'])} rel diff {abs(r['losses'][-1] / t['losses'][-1] - 1):.1e}")
+            print(
+                f"{name}: loss step 1 {r['losses'][0]:.6f} vs torch "
+                f"{t['losses'][0]:.6f} (rel diff {abs(r['losses'][0] / t['losses'][0] - 1):.1e}), step "
+                f"{len(r['losses'])} rel diff {abs(r['losses'][-1] / t['losses'][-1] - 1):.1e}"
+            )
     print(f"\n{a.steps} timed steps after {a.warmup} warm-up steps:\n")
-    print("| backend | span | median ms/step | mean ms/step | speed vs torch resident | streamed vs resident |")
+    print(
+        "| backend | span | median ms/step | mean ms/step | speed vs torch resident | streamed vs resident |"
+    )
     print("|---|---|---|---|---|---|")
     ref = statistics.median(t["secs"])
     for name, r in results.items():
@@ -327,8 +409,10 @@ def main(argv=None) -> int:
         res = results.get(base if base != "native" else "executorch")
         ratio = f"{statistics.median(res['secs']) / med:.2f}x" if streamed and res else ""
         label = LABELS.get(base, "native runner (C++, portable kernels)")
-        print(f"| {label} | {'streamed' if streamed else 'resident'} | {med * 1e3:.1f} | {mean * 1e3:.1f} | "
-              f"{ref / med:.2f}x | {ratio} |")
+        print(
+            f"| {label} | {'streamed' if streamed else 'resident'} | {med * 1e3:.1f} | {mean * 1e3:.1f} | "
+            f"{ref / med:.2f}x | {ratio} |"
+        )
     if a.keep:
         print(f"\nbundle and cache kept in {work}")
     print(f"\n({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)

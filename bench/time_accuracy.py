@@ -36,9 +36,13 @@ def calibrated_profile(log=print):
 
     base = load_profile("desktop-cpu")
     fig = calibrate(log=log)
-    return dataclasses.replace(base, name="desktop-cpu (calibrated)", bandwidth_gbs=fig["bandwidth_gbs"],
-                               throughput=fig["throughput"],
-                               op_overhead_us={**base.op_overhead_us, **fig["op_overhead_us"]})
+    return dataclasses.replace(
+        base,
+        name="desktop-cpu (calibrated)",
+        bandwidth_gbs=fig["bandwidth_gbs"],
+        throughput=fig["throughput"],
+        op_overhead_us={**base.op_overhead_us, **fig["op_overhead_us"]},
+    )
 
 
 def predict(spec, plan, profile, fmt: str, delegate: str = "none") -> float:
@@ -59,13 +63,23 @@ def _tiny(work: Path, a) -> list[dict]:
     from blockskip.runtime.profiles import load_profile
 
     lm = load_model("tiny")
-    plan = Plan(front_skip=2, back_skip=1, s_min=64, s_max=128, num_samples=4, lora_rank=16, steps=a.warmup + a.steps)
+    plan = Plan(
+        front_skip=2, back_skip=1, s_min=64, s_max=128, num_samples=4, lora_rank=16, steps=a.warmup + a.steps
+    )
     export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo of sks cat", work / "tiny-bundle")
-    run_precompute(work / "tiny-bundle", write_photos(work / "tiny-photos", 2, 128), work / "tiny-cache", quiet=True)
+    run_precompute(
+        work / "tiny-bundle", write_photos(work / "tiny-photos", 2, 128), work / "tiny-cache", quiet=True
+    )
     measured = min(bench_torch(work / "tiny-bundle", work / "tiny-cache", a)["secs"])
-    return [{"config": "tiny (built-in, 3 of 9 blocks skipped)", "backend": "torch", "span": "resident",
-             "predicted": predict(lm.model_spec(), Bundle(work / "tiny-bundle").plan, a.profile, "torch"),
-             "measured": measured}]
+    return [
+        {
+            "config": "tiny (built-in, 3 of 9 blocks skipped)",
+            "backend": "torch",
+            "span": "resident",
+            "predicted": predict(lm.model_spec(), Bundle(work / "tiny-bundle").plan, a.profile, "torch"),
+            "measured": measured,
+        }
+    ]
 
 
 def _flux63m(work: Path, a) -> list[dict]:
@@ -83,8 +97,16 @@ def _flux63m(work: Path, a) -> list[dict]:
     torch.manual_seed(0)
     lm = wrap_model(FluxTransformer2DModel(**MODEL), name="bench-flux", vae_factor=4)
     spec = lm.model_spec()
-    plan = Plan(front_skip=1, back_skip=1, s_min=128, s_max=256, num_samples=4, lora_rank=16,
-                steps=a.warmup + a.steps, grad_accum=1)
+    plan = Plan(
+        front_skip=1,
+        back_skip=1,
+        s_min=128,
+        s_max=256,
+        num_samples=4,
+        lora_rank=16,
+        steps=a.warmup + a.steps,
+        grad_accum=1,
+    )
     streamed = dataclasses.replace(plan, span="streamed", storage="float32")
     prof = load_profile("desktop-cpu")
     export_bundle(lm, plan, prof, PROMPT, work / "b-res")
@@ -93,22 +115,45 @@ def _flux63m(work: Path, a) -> list[dict]:
     del lm
     photos = write_photos(work / "photos", 2, 256)
     for b in ("res", "str", "pte"):
-        run_precompute(work / f"b-{b}", photos, work / f"c-{b}", quiet=True,
-                       backend="executorch" if b == "pte" else "torch")
+        run_precompute(
+            work / f"b-{b}",
+            photos,
+            work / f"c-{b}",
+            quiet=True,
+            backend="executorch" if b == "pte" else "torch",
+        )
     rows = []
     secs = bench_torch(work / "b-res", work / "c-res", a)["secs"]
-    rows.append({"config": "flux63m (bench.step_time model)", "backend": "torch", "span": "resident",
-                 "predicted": predict(spec, Bundle(work / "b-res").plan, a.profile, "torch"),
-                 "measured": min(secs)})
+    rows.append(
+        {
+            "config": "flux63m (bench.step_time model)",
+            "backend": "torch",
+            "span": "resident",
+            "predicted": predict(spec, Bundle(work / "b-res").plan, a.profile, "torch"),
+            "measured": min(secs),
+        }
+    )
     secs = bench_streamed("torch", work / "b-str", work / "c-str", a)["secs"]
-    rows.append({"config": "flux63m", "backend": "torch", "span": "streamed",
-                 "predicted": predict(spec, Bundle(work / "b-str").plan, a.profile, "torch"),
-                 "measured": min(secs)})
+    rows.append(
+        {
+            "config": "flux63m",
+            "backend": "torch",
+            "span": "streamed",
+            "predicted": predict(spec, Bundle(work / "b-str").plan, a.profile, "torch"),
+            "measured": min(secs),
+        }
+    )
     nat = bench_native(work / "b-pte", work / "c-pte", work, a)
     if nat is not None:
-        rows.append({"config": "flux63m", "backend": "native (pte, XNNPACK)", "span": "streamed",
-                     "predicted": predict(spec, Bundle(work / "b-pte").plan, a.profile, "pte", "xnnpack"),
-                     "measured": min(nat["secs"])})
+        rows.append(
+            {
+                "config": "flux63m",
+                "backend": "native (pte, XNNPACK)",
+                "span": "streamed",
+                "predicted": predict(spec, Bundle(work / "b-pte").plan, a.profile, "pte", "xnnpack"),
+                "measured": min(nat["secs"]),
+            }
+        )
     return rows
 
 
@@ -129,19 +174,31 @@ def _realscale(root: Path, a) -> list[dict]:
         delegate = bundle.manifest.get("pte", {}).get("delegate", "none") if fmt == "pte" else "none"
         spec, _ = load_spec(model)
         pred = predict(spec, bundle.plan, a.profile, fmt, delegate)
-        rows.append({"config": f"{model} ({config}, bench.realscale)", "backend": train[0]["backend"],
-                     "span": bundle.plan.span, "predicted": pred, "measured": train[0]["seconds"]})
+        rows.append(
+            {
+                "config": f"{model} ({config}, bench.realscale)",
+                "backend": train[0]["backend"],
+                "span": bundle.plan.span,
+                "predicted": pred,
+                "measured": train[0]["seconds"],
+            }
+        )
     return rows
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.time_accuracy", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.time_accuracy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per row (default 8)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--only", default="tiny,flux63m", help="configurations: tiny, flux63m (comma-separated)")
-    ap.add_argument("--realscale", metavar="DIR", help="also the training rows of bench.realscale runs in DIR")
+    ap.add_argument(
+        "--realscale", metavar="DIR", help="also the training rows of bench.realscale runs in DIR"
+    )
     ap.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     a = ap.parse_args(argv)
     t0 = time.time()
@@ -162,11 +219,15 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for r in rows:
         err = r["predicted"] / r["measured"] - 1
-        print(f"| {r['config']} | {r['backend']} | {r['span']} | {r['predicted']:.3g} | {r['measured']:.3g} | "
-              f"{err:+.0%} |")
+        print(
+            f"| {r['config']} | {r['backend']} | {r['span']} | {r['predicted']:.3g} | {r['measured']:.3g} | "
+            f"{err:+.0%} |"
+        )
     p = a.profile
-    print(f"\nprofile: {p.name}: matmul {p.throughput['cpu']} GFLOP/s, copy {p.bandwidth_gbs} GB/s, "
-          f"eager torch {p.op_overhead_us.get('torch')} us/op; {(time.time() - t0) / 60:.1f} min")
+    print(
+        f"\nprofile: {p.name}: matmul {p.throughput['cpu']} GFLOP/s, copy {p.bandwidth_gbs} GB/s, "
+        f"eager torch {p.op_overhead_us.get('torch')} us/op; {(time.time() - t0) / 60:.1f} min"
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -57,7 +57,9 @@ def check_checkpoint_matches(out_dir, source: dict, bundle: Bundle, backend: str
     refuse_other_run(ckpt, saved, source_digest(source))
 
 
-def run_precompute(bundle_dir, images_dir, cache_dir, backend="torch", quiet=False, out_dir=None, events=None):
+def run_precompute(
+    bundle_dir, images_dir, cache_dir, backend="torch", quiet=False, out_dir=None, events=None
+):
     """Encode the photos and precompute the cache; ``events``: a ``runtime.events.EventLog``."""
     progress = Progress(quiet, events)
     t0 = time.perf_counter()
@@ -82,8 +84,16 @@ def _precompute(bundle_dir, images_dir, cache_dir, backend, progress: Progress, 
         return be.precompute(bundle, images, cache_dir, source=source, progress=progress)
 
 
-def run_train(bundle_dir, cache_dir, out_dir, backend="torch", quiet=False, stop_after=None,
-              lora_format: str = "diffusers", events=None):
+def run_train(
+    bundle_dir,
+    cache_dir,
+    out_dir,
+    backend="torch",
+    quiet=False,
+    stop_after=None,
+    lora_format: str = "diffusers",
+    events=None,
+):
     """Train; then write the LoRA layouts ``lora_format`` asks for beside ``OUT/lora.safetensors``
     (``runtime.lora_layouts``; their paths in the log's ``lora_files``)."""
     from blockskip.runtime.lora_layouts import formats_of, write_layouts

@@ -23,48 +23,84 @@ TRAINING_MMAP_THRESHOLD = 64 << 10
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="device-train", description='Precompute the frozen segments for your photos, then train the LoRA on the device.', epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="device-train",
+        description="Precompute the frozen segments for your photos, then train the LoRA on the device.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp, images=False, out=False, cache=False):
         sp.add_argument("bundle", help="bundle folder written by blockskip-export")
         if images:
-            sp.add_argument("--images", required=True,
-                            help=f"folder of subject photos (PNG, JPEG or BMP; at least {PHOTO_MIN_SIDE} px)")
+            sp.add_argument(
+                "--images",
+                required=True,
+                help=f"folder of subject photos (PNG, JPEG or BMP; at least {PHOTO_MIN_SIDE} px)",
+            )
         if out:
             sp.add_argument("-o", "--output", required=True, help="output folder (LoRA, log, checkpoint)")
-        sp.add_argument("--cache", default=None if not cache else None,
-                        help="residual cache folder (default: OUTPUT/cache)")
-        sp.add_argument("--backend", default="torch",
-                        help="runtime backend: torch, ort (ONNX Runtime training; needs a bundle "
-                             "exported with --format onnx) or executorch (ExecuTorch training program; needs "
-                             "a bundle exported with --format pte). torch and executorch share the "
-                             "checkpoint, so either resumes the other's run")
+        sp.add_argument(
+            "--cache",
+            default=None if not cache else None,
+            help="residual cache folder (default: OUTPUT/cache)",
+        )
+        sp.add_argument(
+            "--backend",
+            default="torch",
+            help="runtime backend: torch, ort (ONNX Runtime training; needs a bundle "
+            "exported with --format onnx) or executorch (ExecuTorch training program; needs "
+            "a bundle exported with --format pte). torch and executorch share the "
+            "checkpoint, so either resumes the other's run",
+        )
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
-        sp.add_argument("--events", metavar="FILE", default=None,
-                        help="write the run's events as JSON lines to FILE ('-': stdout, and the messages go "
-                             "to stderr): phases, precompute progress, steps (loss, seconds, peak RSS, ETA), "
-                             "checkpoints, errors and the outputs (docs/events.md)")
+        sp.add_argument(
+            "--events",
+            metavar="FILE",
+            default=None,
+            help="write the run's events as JSON lines to FILE ('-': stdout, and the messages go "
+            "to stderr): phases, precompute progress, steps (loss, seconds, peak RSS, ETA), "
+            "checkpoints, errors and the outputs (docs/events.md)",
+        )
         sp.add_argument("--debug", action="store_true", help="show tracebacks")
         return sp
 
     def lora_format(sp):
-        sp.add_argument("--lora-format", default="diffusers", choices=(*FORMATS, "all"),
-                        help="LoRA layouts to write: diffusers (OUT/lora.safetensors, always written), kohya "
-                             "(lora_unet_* keys with .alpha: OUT/lora_kohya.safetensors), comfy (the original "
-                             "checkpoint's names, as ComfyUI loads them: OUT/lora_comfy.safetensors) or all")
+        sp.add_argument(
+            "--lora-format",
+            default="diffusers",
+            choices=(*FORMATS, "all"),
+            help="LoRA layouts to write: diffusers (OUT/lora.safetensors, always written), kohya "
+            "(lora_unet_* keys with .alpha: OUT/lora_kohya.safetensors), comfy (the original "
+            "checkpoint's names, as ComfyUI loads them: OUT/lora_comfy.safetensors) or all",
+        )
         return sp
 
-    lora_format(common(sub.add_parser("run", help="precompute then train (resumes where it stopped)", epilog=EPILOG,
-                                      formatter_class=argparse.RawDescriptionHelpFormatter), images=True, out=True))
+    lora_format(
+        common(
+            sub.add_parser(
+                "run",
+                help="precompute then train (resumes where it stopped)",
+                epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            ),
+            images=True,
+            out=True,
+        )
+    )
     common(sub.add_parser("precompute", help="encode photos and precompute the frozen segments"), images=True)
     lora_format(common(sub.add_parser("train", help="train the LoRA from a finished cache"), out=True))
-    cv = sub.add_parser("convert-lora", help="write a LoRA (diffusers naming, as device-train writes it) in "
-                                             "another layout")
+    cv = sub.add_parser(
+        "convert-lora", help="write a LoRA (diffusers naming, as device-train writes it) in another layout"
+    )
     cv.add_argument("lora", help="LoRA safetensors written by device-train (or the native runner)")
-    cv.add_argument("--family", required=True, choices=FAMILIES, help="model family of the bundle it was trained on")
-    cv.add_argument("--format", required=True, choices=[f for f in FORMATS if f != "diffusers"], help="layout to write")
+    cv.add_argument(
+        "--family", required=True, choices=FAMILIES, help="model family of the bundle it was trained on"
+    )
+    cv.add_argument(
+        "--format", required=True, choices=[f for f in FORMATS if f != "diffusers"], help="layout to write"
+    )
     cv.add_argument("-o", "--output", required=True, help="output safetensors file")
     cv.add_argument("--debug", action="store_true", help="show tracebacks")
     a = p.parse_args(argv)
@@ -116,16 +152,27 @@ def main(argv=None) -> int:
             cache = default_cache(a.output)
         outputs = {"cache": str(cache)}
         if a.cmd in ("run", "precompute"):
-            run_precompute(a.bundle, a.images, cache, a.backend, a.quiet,
-                           out_dir=a.output if a.cmd == "run" else None, events=events)
+            run_precompute(
+                a.bundle,
+                a.images,
+                cache,
+                a.backend,
+                a.quiet,
+                out_dir=a.output if a.cmd == "run" else None,
+                events=events,
+            )
         if a.cmd in ("run", "train"):
-            log = run_train(a.bundle, cache, a.output, a.backend, a.quiet, lora_format=a.lora_format, events=events)
+            log = run_train(
+                a.bundle, cache, a.output, a.backend, a.quiet, lora_format=a.lora_format, events=events
+            )
             files = log.get("lora_files", {})
             extra = "".join(f", {f}: {path}" for f, path in files.items() if f != "diffusers")
             outputs.update({("lora" if f == "diffusers" else f"lora_{f}"): path for f, path in files.items()})
             outputs["train_log"] = str(Path(a.output) / TRAIN_LOG)
-            say(f"LoRA written to {log['lora']}{extra}  (final loss {log['losses'][-1]:.4f}, "
-                f"peak RSS {log['peak_rss_mib']:.0f} MiB; log {a.output}/train_log.json)")
+            say(
+                f"LoRA written to {log['lora']}{extra}  (final loss {log['losses'][-1]:.4f}, "
+                f"peak RSS {log['peak_rss_mib']:.0f} MiB; log {a.output}/train_log.json)"
+            )
         else:
             say(f"cache ready in {cache}")
         if events is not None:

@@ -62,7 +62,9 @@ def check_output(out: Path, force: bool) -> None:
         raise OutputError(f"{str(out)!r} exists and is a file; choose a new folder with -o")
     if out.exists() and any(out.iterdir()):
         if not (out / "manifest.json").is_file():
-            raise OutputError(f"{str(out)!r} exists and is not a bundle; choose an empty or new folder with -o")
+            raise OutputError(
+                f"{str(out)!r} exists and is not a bundle; choose an empty or new folder with -o"
+            )
         if not force:
             raise OutputError(f"bundle {str(out)!r} already exists; pass --force to replace it")
     ensure_writable_dir(out.parent if str(out.parent) else Path("."), "output parent folder")
@@ -97,18 +99,31 @@ def plugins(formats, delegate: str = "none") -> list:
 def check_plan_for(plan: Plan, family: str, formats, delegate: str = "none") -> None:
     """Everything a format or the numerics refuse, before any work."""
     if plan.dtype == "float16" and family == "flux":
-        raise PlanError("FLUX overflows in float16 (its activations leave fp16's range and training turns to "
-                        "NaN); compute in bfloat16 or float32, and store weights in fewer bits with --storage")
+        raise PlanError(
+            "FLUX overflows in float16 (its activations leave fp16's range and training turns to "
+            "NaN); compute in bfloat16 or float32, and store weights in fewer bits with --storage"
+        )
     if plan.span == "streamed" and "torch" in formats and plan.dtype != "float32":
-        raise PlanError(f"--span streamed computes in float32; got --dtype {plan.dtype} (use --storage "
-                        f"{plan.dtype} to keep the frozen weights at that size)")
+        raise PlanError(
+            f"--span streamed computes in float32; got --dtype {plan.dtype} (use --storage "
+            f"{plan.dtype} to keep the frozen weights at that size)"
+        )
     for pl in plugins(formats, delegate):
         pl.check(plan)
 
 
-def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, out: str | os.PathLike,
-                  force: bool = False, formats=("torch",), log=None, delegate: str = "none",
-                  memory: dict | None = None) -> Path:
+def export_bundle(
+    lm: LoadedModel,
+    plan: Plan,
+    profile: Profile,
+    prompt: str,
+    out: str | os.PathLike,
+    force: bool = False,
+    formats=("torch",),
+    log=None,
+    delegate: str = "none",
+    memory: dict | None = None,
+) -> Path:
     """Write the bundle. ``formats``: any of "torch" (the torch backend runs the safetensors blocks),
     "onnx" (ONNX models for the ort backend) and "pte" (ExecuTorch programs for the executorch backend and
     the native runner; ``delegate`` "xnnpack" lowers them to XNNPACK). Every bundle holds the blocks it
@@ -121,8 +136,11 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
     log = log or (lambda msg: None)
     fam = lm.family
     trained = plan.validate(fam.num_blocks, lm.granularity, fam.valid_targets())
-    lora = {"rank": plan.lora_rank, "alpha": plan.alpha,
-            "targets": lora_target_names(fam, trained, plan.lora_targets)}
+    lora = {
+        "rank": plan.lora_rank,
+        "alpha": plan.alpha,
+        "targets": lora_target_names(fam, trained, plan.lora_targets),
+    }
     lora["metadata"] = lora_metadata(lora)
     check_output(out, force)
     check_plan_for(plan, fam.name, formats, delegate)
@@ -155,8 +173,12 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
             names = raw.load_block(i)
             stored = ts.store_tensors(raw.model.get_submodule(paths[i]), storage)
             raw.free(names)  # before the save, which copies the stored tensors once more
-            blocks[i] = _save(tmp, f"model/blocks/block_{i:03d}.safetensors",
-                              {f"{paths[i]}.{k}": v for k, v in stored.items()}, files)
+            blocks[i] = _save(
+                tmp,
+                f"model/blocks/block_{i:03d}.safetensors",
+                {f"{paths[i]}.{k}": v for k, v in stored.items()},
+                files,
+            )
             del stored
             return_freed_memory()
             log(f"blocks: {done}/{len(needed)} written (block {i})")
@@ -168,7 +190,9 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
         store.free(names)
         enc_state = {n: t for n, t in list(lm.encoder.named_parameters()) + list(lm.encoder.named_buffers())}
         enc_names = tensor_names(lm.encoder, ENCODER_PREFIXES[lm.encoder_spec["class"]])
-        enc_file = _save(tmp, "encoder/encoder.safetensors", {n: enc_state[n].float() for n in enc_names}, files)
+        enc_file = _save(
+            tmp, "encoder/encoder.safetensors", {n: enc_state[n].float() for n in enc_names}, files
+        )
         text = {k: _cast(v, dtype) for k, v in lm.encode_prompt(prompt).items()}
         log("initial LoRA")
         init = initial_lora(lm, trained, lora, plan.seed)
@@ -188,9 +212,16 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
             log(f"{pl.name}: photo encoder")
             sections[pl.name]["encoder"] = pl.encoder(tmp, lm, plan, files)
         prompt_file = _save(tmp, "text/prompt.safetensors", text, files)
-        schedule = dict(num_samples=plan.num_samples, s_min=plan.s_min, s_max=plan.s_max,
-                        granularity=lm.granularity, seed=plan.seed, patch_sampling=plan.patch_sampling,
-                        shift=plan.timestep_shift, rng=SCHEDULE_RNG)
+        schedule = dict(
+            num_samples=plan.num_samples,
+            s_min=plan.s_min,
+            s_max=plan.s_max,
+            granularity=lm.granularity,
+            seed=plan.seed,
+            patch_sampling=plan.patch_sampling,
+            shift=plan.timestep_shift,
+            rng=SCHEDULE_RNG,
+        )
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "family": fam.name,
@@ -201,9 +232,14 @@ def export_bundle(lm: LoadedModel, plan: Plan, profile: Profile, prompt: str, ou
             "plan": plan.to_dict(),
             "schedule": schedule,
             "vae_factor": lm.vae_factor,
-            "model": {"config": {k: _jsonable(v) for k, v in fam.config.items()},
-                      "blocks": blocks, "embed": embed, "head": head, "trained": trained,
-                      "block_kinds": [fam.block_kind(i) for i in range(fam.num_blocks)]},
+            "model": {
+                "config": {k: _jsonable(v) for k, v in fam.config.items()},
+                "blocks": blocks,
+                "embed": embed,
+                "head": head,
+                "trained": trained,
+                "block_kinds": [fam.block_kind(i) for i in range(fam.num_blocks)],
+            },
             "encoder": {**lm.encoder_spec, "file": enc_file},
             "lora": lora,
             "formats": formats,
@@ -241,8 +277,9 @@ def _head_view(fam, model) -> torch.nn.Module:
     return m
 
 
-def stream_section(root: Path, lm, plan: Plan, layout, lora: dict, entry: dict | None, fmts, files: list[str],
-                   log) -> dict:
+def stream_section(
+    root: Path, lm, plan: Plan, layout, lora: dict, entry: dict | None, fmts, files: list[str], log
+) -> dict:
     """The manifest's ``stream`` section; each shape's programs traced once (their calling convention is
     what every block backend feeds, the torch one too) and lowered by every program plug-in
     (``stream/<shape>.<role>.<ext>``). Traced on fake tensors: the lowering needs only the graph (a real
@@ -254,12 +291,18 @@ def stream_section(root: Path, lm, plan: Plan, layout, lora: dict, entry: dict |
     shapes: dict = {}
     entry_shapes = {k: (tuple(v.shape), torch.float32) for k, v in (entry or {}).items()}
     for sid, shape in layout.shapes.items():
-        rec = {"kind": shape.kind, "targets": shape.targets, "example_block": shape.example_block, "programs": {}}
+        rec = {
+            "kind": shape.kind,
+            "targets": shape.targets,
+            "example_block": shape.example_block,
+            "programs": {},
+        }
         if fmts or streamed:
             state, consts, _ = entry_io(entry_shapes)
             log(f"stream: tracing {sid} ({len(shape.blocks)} blocks)")
-            for role, traced in trace_shape(fam, skeleton, shape, storage, lora, state, consts, fake=True,
-                                            vjp=streamed).items():
+            for role, traced in trace_shape(
+                fam, skeleton, shape, storage, lora, state, consts, fake=True, vjp=streamed
+            ).items():
                 rec["programs"][role] = _lower_all(traced, root, f"stream/{sid}.{role}", fmts, files, log)
         shapes[sid] = rec
     head = {"kind": "head", "targets": [], "programs": {}}
@@ -268,8 +311,12 @@ def stream_section(root: Path, lm, plan: Plan, layout, lora: dict, entry: dict |
         traced = trace_head(fam, skeleton, storage, state["hidden"], consts, target, fake=True)
         head["programs"]["head"] = _lower_all(traced, root, "stream/head.head", fmts, files, log)
     shapes["head"] = head
-    return {"storage": storage, "shapes": shapes, "train": [[i, s] for i, s in layout.train],
-            "precompute": [[i, s] for i, s in layout.precompute]}
+    return {
+        "storage": storage,
+        "shapes": shapes,
+        "train": [[i, s] for i, s in layout.train],
+        "precompute": [[i, s] for i, s in layout.precompute],
+    }
 
 
 def embed_section(root: Path, lm, plan: Plan, weights: dict, text: dict, fmts, files: list[str], log) -> dict:
@@ -278,12 +325,21 @@ def embed_section(root: Path, lm, plan: Plan, weights: dict, text: dict, fmts, f
     log("stream: tracing the embed program")
     w = {n: t.float() for n, t in weights.items()}
     p = {n: t.float() for n, t in text.items()}
-    traced = trace_embed(fam, fam.skeleton(), {n: (tuple(t.shape), t.dtype) for n, t in w.items()},
-                         {n: (tuple(t.shape), t.dtype) for n, t in p.items()}, lm.latent_channels, plan,
-                         lm.vae_factor, example={**{WEIGHT + n: t for n, t in w.items()},
-                                                 **{TEXT + n: t for n, t in p.items()}})
-    return {"kind": EMBED, "targets": [], "programs": {EMBED: _lower_all(traced, root, f"stream/{EMBED}.{EMBED}",
-                                                                          fmts, files, log)}}
+    traced = trace_embed(
+        fam,
+        fam.skeleton(),
+        {n: (tuple(t.shape), t.dtype) for n, t in w.items()},
+        {n: (tuple(t.shape), t.dtype) for n, t in p.items()},
+        lm.latent_channels,
+        plan,
+        lm.vae_factor,
+        example={**{WEIGHT + n: t for n, t in w.items()}, **{TEXT + n: t for n, t in p.items()}},
+    )
+    return {
+        "kind": EMBED,
+        "targets": [],
+        "programs": {EMBED: _lower_all(traced, root, f"stream/{EMBED}.{EMBED}", fmts, files, log)},
+    }
 
 
 def _lower_all(traced, root: Path, rel: str, fmts, files: list[str], log) -> dict:

@@ -55,8 +55,19 @@ def heldout_loss(lm, views: torch.Tensor, text: dict, seeds=(0, 1), frame: int |
     return sum(losses) / len(losses)
 
 
-def evaluate(lm, lora: str | None, views: torch.Tensor, prompt: str, *, seeds=(0, 1, 2, 3), steps: int = 20,
-             size: int = 64, features: str = "effnet", contrast=CONTRAST_PROMPTS, log=lambda m: None):
+def evaluate(
+    lm,
+    lora: str | None,
+    views: torch.Tensor,
+    prompt: str,
+    *,
+    seeds=(0, 1, 2, 3),
+    steps: int = 20,
+    size: int = 64,
+    features: str = "effnet",
+    contrast=CONTRAST_PROMPTS,
+    log=lambda m: None,
+):
     """Scores and sample images without (``before``) and with (``after``) the LoRA."""
     from blockskip.export.features import image_features
     from blockskip.export.sampling import decode, lora_loaded, sample_latents, sampling_defaults
@@ -69,24 +80,61 @@ def evaluate(lm, lora: str | None, views: torch.Tensor, prompt: str, *, seeds=(0
     ref = image_features(views, features)
     text = lm.encode_prompt(prompt)
     others = [lm.encode_prompt(p) for p in contrast]
-    out: dict = {"prompt": prompt, "contrast_prompts": list(contrast), "seeds": list(seeds), "steps": steps,
-                 "size": size, "features": features, "views": len(views), **how}
+    out: dict = {
+        "prompt": prompt,
+        "contrast_prompts": list(contrast),
+        "seeds": list(seeds),
+        "steps": steps,
+        "size": size,
+        "features": features,
+        "views": len(views),
+        **how,
+    }
     images = {}
     for tag, path in (("before", None), ("after", lora)):
         with lora_loaded(model, path):
             log(f"{tag}: sampling {len(seeds)} seeds")
-            imgs = decode(lm.encoder, sample_latents(fam, model, text, latent_side=side, channels=c,
-                                                     seeds=list(seeds), steps=steps, uncond=uncond, **how))
+            imgs = decode(
+                lm.encoder,
+                sample_latents(
+                    fam,
+                    model,
+                    text,
+                    latent_side=side,
+                    channels=c,
+                    seeds=list(seeds),
+                    steps=steps,
+                    uncond=uncond,
+                    **how,
+                ),
+            )
             f = image_features(imgs, features)
             sens = []
             for o in others:
-                oi = decode(lm.encoder, sample_latents(fam, model, o, latent_side=side, channels=c,
-                                                       seeds=list(seeds), steps=steps, uncond=uncond, **how))
-                sens.append(float((1 - torch.nn.functional.cosine_similarity(f, image_features(oi, features))).mean()))
+                oi = decode(
+                    lm.encoder,
+                    sample_latents(
+                        fam,
+                        model,
+                        o,
+                        latent_side=side,
+                        channels=c,
+                        seeds=list(seeds),
+                        steps=steps,
+                        uncond=uncond,
+                        **how,
+                    ),
+                )
+                sens.append(
+                    float((1 - torch.nn.functional.cosine_similarity(f, image_features(oi, features))).mean())
+                )
             log(f"{tag}: held-out loss")
             out[tag] = {
-                "effnet_i" if features == "effnet" else f"{features}_i":
-                    float(torch.nn.functional.normalize(f, dim=1).mm(torch.nn.functional.normalize(ref, dim=1).T).mean()),
+                "effnet_i" if features == "effnet" else f"{features}_i": float(
+                    torch.nn.functional.normalize(f, dim=1)
+                    .mm(torch.nn.functional.normalize(ref, dim=1).T)
+                    .mean()
+                ),
                 "heldout_loss": heldout_loss(lm, views, text),
                 "prompt_sensitivity": sum(sens) / len(sens),
             }
@@ -105,12 +153,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="blockskip-eval",
         description="Score a LoRA against held-out views of its subject (EffNet-I, held-out flow-matching "
-                    "loss, prompt sensitivity), before vs after, and write a sample grid.",
+        "loss, prompt sensitivity), before vs after, and write a sample grid.",
         epilog="example:\n  blockskip-eval --model tiny --lora out/lora.safetensors --views demo/heldout "
-               "--prompt 'a photo of sks cat' --grid out/grid.png --json out/eval.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny",
-                   help="'tiny' (the built-in pretrained model), 'tiny-random' or a local diffusers folder")
+        "--prompt 'a photo of sks cat' --grid out/grid.png --json out/eval.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="'tiny' (the built-in pretrained model), 'tiny-random' or a local diffusers folder",
+    )
     p.add_argument("--lora", required=True, help="LoRA safetensors written by device-train")
     p.add_argument("--views", required=True, help="folder of held-out subject photos")
     p.add_argument("--prompt", required=True, help="the training prompt")
@@ -133,15 +185,27 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
         lm = load_model(a.model)
         views = load_views(a.views, a.size)
-        scores, images = evaluate(lm, a.lora, views, a.prompt, seeds=seeds, steps=a.steps, size=a.size,
-                                  features=a.features, log=lambda m: print(m, file=sys.stderr))
+        scores, images = evaluate(
+            lm,
+            a.lora,
+            views,
+            a.prompt,
+            seeds=seeds,
+            steps=a.steps,
+            size=a.size,
+            features=a.features,
+            log=lambda m: print(m, file=sys.stderr),
+        )
         key = next(k for k in scores["after"] if k.endswith("_i"))
         print("| metric | before | after |\n|---|---|---|")
         for k in (key, "heldout_loss", "prompt_sensitivity"):
             print(f"| {k} | {scores['before'][k]:.4f} | {scores['after'][k]:.4f} |")
         if a.grid:
-            save_grid([to_uint8(views[: len(seeds)]), to_uint8(images["before"]), to_uint8(images["after"])],
-                      a.grid, labels=["subject", "before", "after"])
+            save_grid(
+                [to_uint8(views[: len(seeds)]), to_uint8(images["before"]), to_uint8(images["after"])],
+                a.grid,
+                labels=["subject", "before", "after"],
+            )
             print(f"grid written to {a.grid}")
         if a.json:
             atomic_write(Path(a.json), lambda tmp: Path(tmp).write_text(json.dumps(scores, indent=1)))

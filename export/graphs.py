@@ -83,8 +83,10 @@ def encoder_program_inputs(encoder_spec: dict, vae_factor: int, plan) -> list[tu
     if not plan.vae_tiling or cls in FIXED_ENCODERS:
         return [("encoder", (1, 3, plan.s_max, plan.s_max))]
     if cls not in STRIDES:
-        raise PlanError(f"--vae-tiling with a program format (pte, onnx) encodes {' and '.join(STRIDES)} photos; this "
-                        f"model's {cls} encodes untiled there (leave out --vae-tiling, or use --format torch)")
+        raise PlanError(
+            f"--vae-tiling with a program format (pte, onnx) encodes {' and '.join(STRIDES)} photos; this "
+            f"model's {cls} encodes untiled there (leave out --vae-tiling, or use --format torch)"
+        )
     return [(f"encoder_{h}x{w}", (1, 3, h, w)) for h, w in tile_shapes(plan.s_max, vae_factor, STRIDES[cls])]
 
 
@@ -142,6 +144,14 @@ def initial_lora(lm, trained: list[int], lora: dict, seed: int) -> dict[str, tor
     from blockskip.export.memory.fake_store import FakeStore
     from blockskip.runtime.backends.torch import TrainedSpan
 
-    span = TrainedSpan(FakeStore(lm.family, lm.encoder_spec, {}, lm.param_dtype), trained, lora, seed, base_quant="none",
-                       checkpointing=False)
-    return {n: p.detach().float().contiguous().clone() for n, p in span.model.named_parameters() if ".lora_" in n}
+    span = TrainedSpan(
+        FakeStore(lm.family, lm.encoder_spec, {}, lm.param_dtype),
+        trained,
+        lora,
+        seed,
+        base_quant="none",
+        checkpointing=False,
+    )
+    return {
+        n: p.detach().float().contiguous().clone() for n, p in span.model.named_parameters() if ".lora_" in n
+    }

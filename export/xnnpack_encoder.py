@@ -44,7 +44,9 @@ def group_norm(x: torch.Tensor, num_groups: int, weight=None, bias=None, eps: fl
     def group_mean(v):  # (N, C, H, W) -> (N, C, 1, 1): the mean over each channel's group
         m = v.mean((2, 3), keepdim=True).reshape(n, num_groups, k, 1)
         g = m.mean((2, 3), keepdim=True)
-        return (m - m + g).reshape(n, c, 1, 1)  # broadcast back to the group's channels (expand is not delegated)
+        return (m - m + g).reshape(
+            n, c, 1, 1
+        )  # broadcast back to the group's channels (expand is not delegated)
 
     d = x - group_mean(x)
     scale = torch.rsqrt(group_mean(d * d) + eps)
@@ -73,8 +75,13 @@ class delegable_ops(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             q, k, v, *rest = args
             kw = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"), rest), **kwargs)
-            if (kw.get("attn_mask") is None and not kw.get("dropout_p") and not kw.get("is_causal")
-                    and not kw.get("enable_gqa") and q.shape[-3] == k.shape[-3]):
+            if (
+                kw.get("attn_mask") is None
+                and not kw.get("dropout_p")
+                and not kw.get("is_causal")
+                and not kw.get("enable_gqa")
+                and q.shape[-3] == k.shape[-3]
+            ):
                 return attention(q, k, v, kw.get("scale"))
         return func(*args, **kwargs)
 
@@ -109,9 +116,33 @@ def encoder_program(encoder: nn.Module, spec: dict, shape: tuple, delegate: str,
 
 #: elementwise ops whose output XNNPACK's memory planner puts in the buffer of an input it is the only
 #: reader of (``optimize_tensor_allocation_for_in_place_operations``, XNNPACK's runtime.c)
-IN_PLACE = {"abs", "add", "clamp", "div", "elu", "floor", "hardswish", "leaky_relu", "maximum", "minimum", "mul",
-            "neg", "sigmoid", "_softmax", "sqrt", "rsqrt", "sub", "view_copy", "_clone_dim_order", "clone",
-            "hardtanh", "relu", "tanh", "exp", "ceil"}
+IN_PLACE = {
+    "abs",
+    "add",
+    "clamp",
+    "div",
+    "elu",
+    "floor",
+    "hardswish",
+    "leaky_relu",
+    "maximum",
+    "minimum",
+    "mul",
+    "neg",
+    "sigmoid",
+    "_softmax",
+    "sqrt",
+    "rsqrt",
+    "sub",
+    "view_copy",
+    "_clone_dim_order",
+    "clone",
+    "hardtanh",
+    "relu",
+    "tanh",
+    "exp",
+    "ceil",
+}
 
 
 def _op(node) -> str:
@@ -154,8 +185,11 @@ def call_workspace(mod, reverse_ties: bool = False) -> int:
     offset: dict = {}
     arena = 0
     for i, cur in enumerate(placed):
-        live = sorted((offset[a], offset[a] + size[a]) for a in placed[:i]
-                      if last[a] >= first[cur] and last[cur] >= first[a])
+        live = sorted(
+            (offset[a], offset[a] + size[a])
+            for a in placed[:i]
+            if last[a] >= first[cur] and last[cur] >= first[a]
+        )
         merged: list[list[int]] = []
         for lo, hi in live:
             if merged and lo <= merged[-1][1]:
@@ -163,8 +197,9 @@ def call_workspace(mod, reverse_ties: bool = False) -> int:
             else:
                 merged.append([lo, hi])
         at_offset, best = (merged[-1][1] if merged else 0), None
-        gaps = ([(0, merged[0][0])] if merged else []) + [(merged[j][1], merged[j + 1][0] - merged[j][1])
-                                                          for j in range(len(merged) - 1)]
+        gaps = ([(0, merged[0][0])] if merged else []) + [
+            (merged[j][1], merged[j + 1][0] - merged[j][1]) for j in range(len(merged) - 1)
+        ]
         for lo, gap in gaps:
             if gap >= size[cur] and (best is None or gap < best):
                 at_offset, best = lo, gap

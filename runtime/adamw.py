@@ -32,7 +32,9 @@ class AdamWConfig:
 
 
 def _fma(a, b, c) -> np.ndarray:
-    return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(np.float32)
+    return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(
+        np.float32
+    )
 
 
 class AdamW:
@@ -48,8 +50,11 @@ class AdamW:
             g = np.asarray(grads[name], dtype=f32)
             st = self.state.get(name)
             if st is None:
-                st = self.state[name] = {"step": np.zeros(1, f32), "exp_avg": np.zeros_like(p, f32),
-                                         "exp_avg_sq": np.zeros_like(p, f32)}
+                st = self.state[name] = {
+                    "step": np.zeros(1, f32),
+                    "exp_avg": np.zeros_like(p, f32),
+                    "exp_avg_sq": np.zeros_like(p, f32),
+                }
             st["step"] += f32(1)
             t = float(st["step"][0])
             bc1, bc2 = 1.0 - c.beta1**t, 1.0 - c.beta2**t

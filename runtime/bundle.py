@@ -30,7 +30,9 @@ __all__ = ["SCHEMA_VERSION", "Bundle", "file_record", "safe_relpath", "write_man
 def safe_relpath(root: Path, rel: str) -> Path:
     p = Path(rel)
     if p.is_absolute() or ".." in p.parts:
-        raise BundleError(f"manifest path {rel!r} leaves the bundle; the bundle is malformed, export it again")
+        raise BundleError(
+            f"manifest path {rel!r} leaves the bundle; the bundle is malformed, export it again"
+        )
     return root / p
 
 
@@ -39,18 +41,24 @@ class Bundle:
         self.root = Path(root)
         mpath = self.root / MANIFEST
         if not mpath.is_file():
-            raise BundleError(f"{str(self.root)!r} is not a bundle (no manifest.json); make one with blockskip-export")
+            raise BundleError(
+                f"{str(self.root)!r} is not a bundle (no manifest.json); make one with blockskip-export"
+            )
         again = "export the bundle again"
         m = load_json(mpath, BundleError, again)
         if not isinstance(m, dict):
             raise BundleError(f"{mpath} is not a manifest (a JSON object); {again}")
         v = m.get("schema_version")
         if v != SCHEMA_VERSION:
-            raise BundleError(f"bundle schema version {v!r} is not supported (this runtime reads version "
-                              f"{SCHEMA_VERSION}); export the bundle again with this version")
+            raise BundleError(
+                f"bundle schema version {v!r} is not supported (this runtime reads version "
+                f"{SCHEMA_VERSION}); export the bundle again with this version"
+            )
         if m.get(MANIFEST_SHA256) != manifest_digest(m):
-            raise BundleError(f"{mpath} does not match its integrity record ({MANIFEST_SHA256}): it is corrupt or "
-                              f"was edited; {again}")
+            raise BundleError(
+                f"{mpath} does not match its integrity record ({MANIFEST_SHA256}): it is corrupt or "
+                f"was edited; {again}"
+            )
         check("manifest", m, str(mpath), BundleError, again)
         self.manifest = m
         self._verified: set[str] = set()
@@ -86,7 +94,9 @@ class Bundle:
         if verify and rel not in self._verified:
             rec = files[rel]
             if p.stat().st_size != rec[RECORD_SIZE] or sha256_file(p) != rec[RECORD_SHA256]:
-                raise BundleError(f"bundle file {rel!r} does not match its recorded sha256: it is corrupt; export again")
+                raise BundleError(
+                    f"bundle file {rel!r} does not match its recorded sha256: it is corrupt; export again"
+                )
             self._verified.add(rel)
         return p
 

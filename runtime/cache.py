@@ -42,8 +42,10 @@ class ResidualCache:
             index = load_json(self.index_path, CacheError, again)
             check("cache_index", index, str(self.index_path), CacheError, again)
             if index[INDEX_SOURCE_SHA256] != source_digest(index[INDEX_SOURCE]):
-                raise CacheError(f"{self.index_path}: {INDEX_SOURCE_SHA256} is not the digest of {INDEX_SOURCE} (the "
-                                 f"index was edited or is corrupt); {again}")
+                raise CacheError(
+                    f"{self.index_path}: {INDEX_SOURCE_SHA256} is not the digest of {INDEX_SOURCE} (the "
+                    f"index was edited or is corrupt); {again}"
+                )
             self.index = index
 
     @classmethod
@@ -53,8 +55,12 @@ class ResidualCache:
             cache.check_schedule(schedule)
             return cache  # resume: keep the shards already written
         # the identity is stored, so every reader (the native runner too) takes it as written
-        cache.index = {INDEX_SOURCE: source, INDEX_SOURCE_SHA256: source_digest(source),
-                       INDEX_SCHEDULE: schedule.to_json(), INDEX_ENTRIES: {}}
+        cache.index = {
+            INDEX_SOURCE: source,
+            INDEX_SOURCE_SHA256: source_digest(source),
+            INDEX_SCHEDULE: schedule.to_json(),
+            INDEX_ENTRIES: {},
+        }
         atomic_write_json(cache.index_path, cache.index)
         return cache
 
@@ -72,9 +78,11 @@ class ResidualCache:
         """The index's realised schedule must be the one the bundle makes for its photos (an index whose
         schedule was cut or edited would train on part of the cache, or on entries nobody computed)."""
         if self.index[INDEX_SCHEDULE] != schedule.to_json():
-            raise CacheError(f"{self.index_path}: its schedule is not the one the bundle makes for "
-                             f"{schedule.meta['num_images']} photos (edited or corrupt); delete the cache folder "
-                             "and precompute again")
+            raise CacheError(
+                f"{self.index_path}: its schedule is not the one the bundle makes for "
+                f"{schedule.meta['num_images']} photos (edited or corrupt); delete the cache folder "
+                "and precompute again"
+            )
 
     def shard_name(self, k: int) -> str:
         return shard_name(k)
@@ -100,12 +108,16 @@ class ResidualCache:
             raise CacheError(f"no cache in {str(self.root)!r}: run `device-train precompute` first")
         if bundle is not None:
             if self.index[INDEX_SOURCE][SOURCE_BUNDLE] != bundle.manifest_sha256:
-                raise CacheError("this cache was computed for another bundle; precompute again into a new folder")
+                raise CacheError(
+                    "this cache was computed for another bundle; precompute again into a new folder"
+                )
             self.check_schedule(bundle.schedule(self.index[INDEX_SCHEDULE][SCHEDULE_META]["num_images"]))
         miss = self.missing()
         if miss:
-            raise CacheError(f"cache is incomplete ({len(miss)} of {len(self.schedule)} entries missing); "
-                             "run `device-train precompute` again to finish it")
+            raise CacheError(
+                f"cache is incomplete ({len(miss)} of {len(self.schedule)} entries missing); "
+                "run `device-train precompute` again to finish it"
+            )
 
     def verify(self) -> None:
         """Check every shard (sha256, declared format, finite values) before training reads any."""
@@ -121,7 +133,9 @@ class ResidualCache:
         p = self.root / rec[RECORD_FILE]
         rebuild = "delete it and run `device-train precompute` again to rebuild it"
         if not p.is_file() or sha256_file(p) != rec[RECORD_SHA256]:
-            raise CacheError(f"cache shard {rec[RECORD_FILE]} does not match its recorded sha256 (corrupt); {rebuild}")
+            raise CacheError(
+                f"cache shard {rec[RECORD_FILE]} does not match its recorded sha256 (corrupt); {rebuild}"
+            )
         try:
             header, _ = read_header(p, metadata=True)
             check("cache_entry", header, f"cache shard {rec[RECORD_FILE]}", CacheError, rebuild)
@@ -129,7 +143,9 @@ class ResidualCache:
         except BundleError as e:
             raise CacheError(f"cache shard {rec[RECORD_FILE]}: {e}; {rebuild}") from e
         if bad is not None:
-            raise CacheError(f"cache shard {rec[RECORD_FILE]} holds NaN or Inf values ({bad}): training on it would "
-                             f"make a NaN LoRA. Precompute the cache again; if it happens again, the photos or the "
-                             f"bundle produce them")
+            raise CacheError(
+                f"cache shard {rec[RECORD_FILE]} holds NaN or Inf values ({bad}): training on it would "
+                f"make a NaN LoRA. Precompute the cache again; if it happens again, the photos or the "
+                f"bundle produce them"
+            )
         return p

@@ -40,7 +40,14 @@ from blockskip.runtime.formats import (
 from blockskip.runtime.schema_check import check
 from blockskip.runtime.tensorfile import TensorFile, canonical_digest, canonical_header, write_tensors
 
-__all__ = ["CHECKPOINT", "checkpoint_metadata", "diffusers_name", "read_checkpoint", "write_checkpoint", "write_lora"]
+__all__ = [
+    "CHECKPOINT",
+    "checkpoint_metadata",
+    "diffusers_name",
+    "read_checkpoint",
+    "write_checkpoint",
+    "write_lora",
+]
 
 
 def checkpoint_metadata(tensors: dict, step: int, log: dict) -> dict[str, str]:
@@ -72,15 +79,19 @@ def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], int, dict]:
     h = hashlib.sha256()
     text = canonical_header(entries, meta)
     h.update(struct.pack("<Q", len(text)) + text)
-    h.update(memoryview(f.buffer)[f.data_start:])
+    h.update(memoryview(f.buffer)[f.data_start :])
     if h.hexdigest() != f.metadata[META_SHA256]:
-        raise BlockSkipError(f"checkpoint {path} does not match its integrity record ({META_SHA256}): it is corrupt; "
-                             f"{start_over}")
+        raise BlockSkipError(
+            f"checkpoint {path} does not match its integrity record ({META_SHA256}): it is corrupt; "
+            f"{start_over}"
+        )
     for name in sorted(f.arrays):
         a = f.float32(name) if f.dtypes[name] in ("float32", "float16", "bfloat16", "float64") else None
         if a is not None and not np.isfinite(a).all():
-            raise BlockSkipError(f"checkpoint {path} holds NaN or Inf values ({name}); it cannot be resumed. "
-                                 f"{start_over[0].upper()}{start_over[1:]}")
+            raise BlockSkipError(
+                f"checkpoint {path} holds NaN or Inf values ({name}); it cannot be resumed. "
+                f"{start_over[0].upper()}{start_over[1:]}"
+            )
     return f.arrays, int(f.metadata[META_STEP]), json.loads(f.metadata[META_LOG])
 
 

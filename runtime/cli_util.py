@@ -38,6 +38,8 @@ def run_cli(fn: Callable[[], int | None], debug: bool, prog: str) -> int:
     except Exception as e:  # an unexpected failure: still one line unless --debug
         if debug:
             raise
-        print(f"{prog}: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"{prog}: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1

@@ -28,8 +28,9 @@ Arrays = dict[str, np.ndarray]
 class BlockBackend(Protocol):
     name: str
 
-    def forward(self, shape: str, state: Arrays, consts: Arrays, weights: Arrays, lora: Arrays, *,
-                keep: bool = False) -> Arrays:
+    def forward(
+        self, shape: str, state: Arrays, consts: Arrays, weights: Arrays, lora: Arrays, *, keep: bool = False
+    ) -> Arrays:
         """The block's next state (outputs that do not exist, like SD3's last text state, are absent).
 
         ``keep``: this block's ``vjp`` on the same arrays comes next (after the head): a backend may keep
@@ -38,13 +39,15 @@ class BlockBackend(Protocol):
         must not change the arrays in between."""
         ...
 
-    def vjp(self, shape: str, state: Arrays, consts: Arrays, grads: Arrays, weights: Arrays,
-            lora: Arrays) -> tuple[Arrays, Arrays]:
+    def vjp(
+        self, shape: str, state: Arrays, consts: Arrays, grads: Arrays, weights: Arrays, lora: Arrays
+    ) -> tuple[Arrays, Arrays]:
         """(gradient at each state input, gradient of each LoRA tensor) for the output gradients."""
         ...
 
-    def head(self, hidden: np.ndarray, consts: Arrays, target: np.ndarray, scale: float,
-             weights: Arrays) -> tuple[float, np.ndarray]:
+    def head(
+        self, hidden: np.ndarray, consts: Arrays, target: np.ndarray, scale: float, weights: Arrays
+    ) -> tuple[float, np.ndarray]:
         """(flow-matching loss times ``scale``, its gradient at ``hidden``)."""
         ...
 

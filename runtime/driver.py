@@ -43,26 +43,43 @@ def refuse_foreign_checkpoint(out_dir: Path, own_file: str) -> None:
             shared = f" (or the {' or '.join(also)} backend, which shares its checkpoint)" if also else ""
             raise BlockSkipError(
                 f"{ckpt_dir / name} was written by the {first} backend{shared}; resume with "
-                f"{' or '.join(f'--backend {x}' for x in owners if x != 'native')}, or use a new output folder (-o)")
+                f"{' or '.join(f'--backend {x}' for x in owners if x != 'native')}, or use a new output folder (-o)"
+            )
 
 
 def refuse_other_run(path: Path, saved: dict, cache_source: str) -> None:
     if saved.get("cache_source") != cache_source:
         raise BlockSkipError(
             f"{path} belongs to a training run on other photos or another bundle; use a new output "
-            f"folder (-o), or delete {path.parent} to start over")
+            f"folder (-o), or delete {path.parent} to start over"
+        )
 
 
-def train(bundle: Bundle, cache_dir, out_dir, make_trainer: Callable[[Path], Trainer], *,
-          progress: Progress | None = None, stop_after: int | None = None, extra_log: dict | None = None) -> dict:
+def train(
+    bundle: Bundle,
+    cache_dir,
+    out_dir,
+    make_trainer: Callable[[Path], Trainer],
+    *,
+    progress: Progress | None = None,
+    stop_after: int | None = None,
+    extra_log: dict | None = None,
+) -> dict:
     """Train the LoRA with the trainer ``make_trainer(out_dir)`` builds; resume from ``OUT/checkpoint``.
     Returns the log (also written to ``OUT/train_log.json``). Holds the output and cache folders' run
     locks (``files.folder_lock``) throughout."""
     ResidualCache(cache_dir).check_complete(bundle)  # before OUT is made
     out = ensure_writable_dir(out_dir)
     with output_lock(out), cache_lock(cache_dir):  # one run per folder
-        return _train(bundle, cache_dir, out, make_trainer, progress=progress, stop_after=stop_after,
-                      extra_log=extra_log)
+        return _train(
+            bundle,
+            cache_dir,
+            out,
+            make_trainer,
+            progress=progress,
+            stop_after=stop_after,
+            extra_log=extra_log,
+        )
 
 
 def checkpoint_log(log: dict) -> dict:
@@ -70,8 +87,16 @@ def checkpoint_log(log: dict) -> dict:
     return {k: v for k, v in log.items() if k != LOG_STEP_SECONDS}
 
 
-def _train(bundle: Bundle, cache_dir, out: Path, make_trainer: Callable[[Path], Trainer], *,
-           progress: Progress | None, stop_after: int | None, extra_log: dict | None) -> dict:
+def _train(
+    bundle: Bundle,
+    cache_dir,
+    out: Path,
+    make_trainer: Callable[[Path], Trainer],
+    *,
+    progress: Progress | None,
+    stop_after: int | None,
+    extra_log: dict | None,
+) -> dict:
     plan = bundle.plan
     progress = progress or Progress(quiet=True)
     cache = ResidualCache(cache_dir)  # again, now that no other run can change it
@@ -82,8 +107,14 @@ def _train(bundle: Bundle, cache_dir, out: Path, make_trainer: Callable[[Path], 
     trainer = make_trainer(out)
     refuse_foreign_checkpoint(out, trainer.checkpoint_file)
     ckpt = out / "checkpoint" / trainer.checkpoint_file
-    log: dict = {"plan": plan.to_dict(), "backend": trainer.backend, "losses": [], "step_seconds": [],
-                 "resumed_from": 0, "cache_source": cache.source_sha256()}
+    log: dict = {
+        "plan": plan.to_dict(),
+        "backend": trainer.backend,
+        "losses": [],
+        "step_seconds": [],
+        "resumed_from": 0,
+        "cache_source": cache.source_sha256(),
+    }
     start = 0
     if ckpt.exists():
         start, saved = trainer.load_checkpoint(ckpt)
@@ -97,9 +128,11 @@ def _train(bundle: Bundle, cache_dir, out: Path, make_trainer: Callable[[Path], 
     predicted = (bundle.manifest.get("memory") or {}).get("seconds", {}).get("train_per_step")
     if predicted:  # what the export promised for the profile's device: the ETA until steps are measured
         left = plan.steps - start
-        progress.log(f"predicted for {bundle.manifest.get('profile', {}).get('name', 'the profile')}: "
-                     f"{predicted:.3g} s a step, {left * predicted / 60:.1f} min for {left} steps "
-                     f"(the bar's ETA follows the measured steps)")
+        progress.log(
+            f"predicted for {bundle.manifest.get('profile', {}).get('name', 'the profile')}: "
+            f"{predicted:.3g} s a step, {left * predicted / 60:.1f} min for {left} steps "
+            f"(the bar's ETA follows the measured steps)"
+        )
     bar = progress.bar(plan.steps, "train", initial=start)
     end = plan.steps if stop_after is None else max(start, min(plan.steps, stop_after))
     first: dict = {}
@@ -110,7 +143,8 @@ def _train(bundle: Bundle, cache_dir, out: Path, make_trainer: Callable[[Path], 
             raise NumericsError(
                 f"step {len(log['losses']) + 1} produced a non-finite loss ({loss}); nothing was written over "
                 f"the last checkpoint. Check the photos and the cache (device-train precompute again), or "
-                f"lower --lr when exporting")
+                f"lower --lr when exporting"
+            )
         return loss
 
     ev = getattr(trainer, "eval_loss", None)
@@ -130,7 +164,8 @@ def _train(bundle: Bundle, cache_dir, out: Path, make_trainer: Callable[[Path], 
         if bad:
             raise NumericsError(
                 f"step {len(log['losses']) + 1} made the LoRA non-finite ({bad[0]}, ...); nothing was written "
-                f"over the last checkpoint. Lower --lr when exporting, or check the cache")
+                f"over the last checkpoint. Lower --lr when exporting, or check the cache"
+            )
         if "entry" in first and "checked" not in first:
             first["checked"] = True
             check_lora_moves(trainer, lora, first["entry"], first["before"])
@@ -139,24 +174,38 @@ def _train(bundle: Bundle, cache_dir, out: Path, make_trainer: Callable[[Path], 
         trainer.save_checkpoint(ckpt, step, checkpoint_log(log))
         progress.event("checkpoint", step=step, path=str(ckpt))
 
-    run_steps(cache, plan, log, bar, start=start, end=end, load_entry=lambda c, k: trainer.load_entry(c.path(k)),
-              micro_step=checked_micro_step, update=update, save_checkpoint=save)
+    run_steps(
+        cache,
+        plan,
+        log,
+        bar,
+        start=start,
+        end=end,
+        load_entry=lambda c, k: trainer.load_entry(c.path(k)),
+        micro_step=checked_micro_step,
+        update=update,
+        save_checkpoint=save,
+    )
     bar.close()
     log["peak_rss_mib"] = peak_rss_mib()
     log["start_rss_mib"] = start_rss / 2**20
     if predicted and log[LOG_STEP_SECONDS]:
         measured = float(np.median(log[LOG_STEP_SECONDS]))
         log[LOG_PREDICTED_STEP_SECONDS] = predicted
-        progress.log(f"step time: measured {measured:.3g} s (median), predicted {predicted:.3g} s "
-                     f"({measured / predicted - 1:+.0%})")
+        progress.log(
+            f"step time: measured {measured:.3g} s (median), predicted {predicted:.3g} s "
+            f"({measured / predicted - 1:+.0%})"
+        )
     info = getattr(trainer, "info", None)
     if info is not None:
         log.update(info())
     if end == plan.steps:
         lora = trainer.lora()
         if not any(np.any(a != 0) for n, a in lora.items() if ".lora_B." in n):
-            raise NumericsError("training finished with an all-zero LoRA (it would change nothing); "
-                                "not writing it. Check --lr and the cache")
+            raise NumericsError(
+                "training finished with an all-zero LoRA (it would change nothing); "
+                "not writing it. Check --lr and the cache"
+            )
         if ev is not None and log.get(LOSS_WITHOUT_LORA) is not None:
             # the trained LoRA against none, on the first entry: equal losses mean the span's output did
             # not change (a LoRA too small to matter, or one that does not reach the output)
@@ -164,7 +213,8 @@ def _train(bundle: Bundle, cache_dir, out: Path, make_trainer: Callable[[Path], 
             if after == log[LOSS_WITHOUT_LORA]:
                 raise NumericsError(
                     f"the trained LoRA does not change the model's output on cache entry 0 (loss {after} with "
-                    f"and without it); not writing it. Raise --lr when exporting, or export the bundle again")
+                    f"and without it); not writing it. Raise --lr when exporting, or export the bundle again"
+                )
         write_lora(out / "lora.safetensors", lora, bundle.manifest["lora"])
         log["lora"] = str(out / "lora.safetensors")
     close = getattr(trainer, "close", None)
@@ -178,9 +228,13 @@ def check_lora_moves(trainer: Trainer, lora: dict, entry: dict, loss_before: flo
     """After the first update: the LoRA must have left zero and must change the model's output (the
     first entry's loss, computed the same way before and after the update)."""
     if not any(np.any(a != 0) for n, a in lora.items() if ".lora_B." in n):
-        raise NumericsError("the first step left every LoRA B at zero: the LoRA gets no gradient. "
-                            "Check the bundle's LoRA targets and --lr")
+        raise NumericsError(
+            "the first step left every LoRA B at zero: the LoRA gets no gradient. "
+            "Check the bundle's LoRA targets and --lr"
+        )
     ev = getattr(trainer, "eval_loss", None)
     if ev is not None and loss_before is not None and ev(entry) == loss_before:
-        raise NumericsError("the first step changed the LoRA but not the loss: the LoRA does not reach the "
-                            "output; export the bundle again")
+        raise NumericsError(
+            "the first step changed the LoRA but not the loss: the LoRA does not reach the "
+            "output; export the bundle again"
+        )

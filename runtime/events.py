@@ -43,8 +43,15 @@ class EventBar:
         if self.desc == "train" and loss is not None:
             self.seconds.append(float(seconds or 0.0))
             eta = (self.total - self.done) * sum(self.seconds) / len(self.seconds)
-            self.events.emit("step", step=self.done, steps=self.total, loss=float(loss),
-                             step_seconds=float(seconds or 0.0), peak_rss_mib=peak_rss_mib(), eta_seconds=max(eta, 0.0))
+            self.events.emit(
+                "step",
+                step=self.done,
+                steps=self.total,
+                loss=float(loss),
+                step_seconds=float(seconds or 0.0),
+                peak_rss_mib=peak_rss_mib(),
+                eta_seconds=max(eta, 0.0),
+            )
         elif self.desc != "train":
             self.events.emit("precompute_progress", done=self.done, total=self.total)
         self.inner.update(n, **postfix)

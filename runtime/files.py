@@ -65,7 +65,9 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") ->
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"cannot create {what} {str(path)!r}: {e.strerror}; choose another path with -o") from e
+        raise OutputError(
+            f"cannot create {what} {str(path)!r}: {e.strerror}; choose another path with -o"
+        ) from e
     if not path.is_dir():
         raise OutputError(f"{what} {str(path)!r} exists and is not a folder; choose another path with -o")
     try:
@@ -73,7 +75,9 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") ->
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise OutputError(f"{what} {str(path)!r} is not writable ({e.strerror}); choose another path with -o") from e
+        raise OutputError(
+            f"{what} {str(path)!r} is not writable ({e.strerror}); choose another path with -o"
+        ) from e
     return path
 
 
@@ -116,7 +120,9 @@ def _holder(lock: str) -> str:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, what: str, hint: str, temps: tuple[str, ...] = (".",)) -> Iterator[Path]:
+def folder_lock(
+    folder: str | os.PathLike, what: str, hint: str, temps: tuple[str, ...] = (".",)
+) -> Iterator[Path]:
     """Hold ``folder``'s run lock: an advisory ``flock`` on ``folder/LOCK_FILE`` (``runtime.formats``),
     which holds this process's pid and is released when the process ends, however it ends. Another
     process holding it is a :class:`FolderInUseError` naming its pid (``what`` names the folder, ``hint``
@@ -146,14 +152,18 @@ def _take(folder: Path, what: str, hint: str, temps: tuple[str, ...]) -> int | N
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
-        raise OutputError(f"cannot create the lock file of {what} {str(folder)!r} ({e.strerror}); {hint}") from e
+        raise OutputError(
+            f"cannot create the lock file of {what} {str(folder)!r} ({e.strerror}); {hint}"
+        ) from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise FolderInUseError(f"{what} {str(folder)!r} is in use by another run (pid {_holder(lock)}); "
-                                   f"wait for it to end, or {hint}") from None
+            raise FolderInUseError(
+                f"{what} {str(folder)!r} is in use by another run (pid {_holder(lock)}); "
+                f"wait for it to end, or {hint}"
+            ) from None
         if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             return None  # no flock here
         raise OutputError(f"cannot lock {what} {str(folder)!r} ({e.strerror}); {hint}") from e
@@ -162,7 +172,9 @@ def _take(folder: Path, what: str, hint: str, temps: tuple[str, ...]) -> int | N
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except OSError as e:
         os.close(fd)
-        raise OutputError(f"cannot write the lock file of {what} {str(folder)!r} ({e.strerror}); {hint}") from e
+        raise OutputError(
+            f"cannot write the lock file of {what} {str(folder)!r} ({e.strerror}); {hint}"
+        ) from e
     for sub in temps:
         remove_stale_temps(folder / sub)
     return fd

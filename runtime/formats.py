@@ -44,7 +44,9 @@ from blockskip.runtime.tensorfile import DTYPES
 # files
 MANIFEST = "manifest.json"  # the bundle's manifest
 SCHEMA_VERSION = 2  # manifest.json's schema_version (2: the manifest carries its integrity record)
-MANIFEST_SHA256 = "canonical_sha256"  # manifest.json: sha256 of the canonical form of the rest (manifest_digest)
+MANIFEST_SHA256 = (
+    "canonical_sha256"  # manifest.json: sha256 of the canonical form of the rest (manifest_digest)
+)
 CACHE_INDEX = "index.json"  # the cache's index
 SHARD_PREFIX, SHARD_DIGITS, SHARD_SUFFIX = "entry_", 5, ".safetensors"  # shard k: entry_00007.safetensors
 CHECKPOINT_DIR = "checkpoint"  # OUT/checkpoint/
@@ -64,8 +66,16 @@ TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"  # an atomic write's temporary beside NAM
 RECORD_FILE, RECORD_SHA256, RECORD_SIZE = "file", "sha256", "size"
 
 # the cache index
-INDEX_SOURCE, INDEX_SOURCE_SHA256, INDEX_SCHEDULE, INDEX_ENTRIES = "source", "source_sha256", "schedule", "entries"
-INDEX_MAX_RESIDENT_BLOCKS, INDEX_PEAK_RSS_MIB = "max_resident_blocks", "peak_rss_mib"  # precompute's, optional
+INDEX_SOURCE, INDEX_SOURCE_SHA256, INDEX_SCHEDULE, INDEX_ENTRIES = (
+    "source",
+    "source_sha256",
+    "schedule",
+    "entries",
+)
+INDEX_MAX_RESIDENT_BLOCKS, INDEX_PEAK_RSS_MIB = (
+    "max_resident_blocks",
+    "peak_rss_mib",
+)  # precompute's, optional
 INDEX_START_RSS_MIB = "start_rss_mib"  # optional: the runner's RSS before precompute (native)
 SOURCE_BUNDLE, SOURCE_IMAGES = "bundle", "images"  # index source: manifest sha256, {photo name: sha256}
 SCHEDULE_META, SCHEDULE_ENTRIES = "meta", "entries"  # index schedule: parameters, one record per entry
@@ -81,7 +91,9 @@ STATE_HIDDEN = "hidden"  # the state the head reads
 STATE, CONST, GRAD, WEIGHT, LORA = "state.", "c.", "grad.", "w.", "lora."  # inputs
 OUT, GRAD_IN, LORA_GRAD = "out.", "grad_in.", "lora_grad."  # outputs
 LOSS, LOSS_SCALE = "loss", "loss_scale"
-EMBED = "embed"  # the embed program's shape id and role (precompute: a schedule entry's crop -> block 0's input)
+EMBED = (
+    "embed"  # the embed program's shape id and role (precompute: a schedule entry's crop -> block 0's input)
+)
 TEXT = "text."  # its prompt-embedding inputs (the bundle's prompt file)
 
 # the checkpoint
@@ -97,7 +109,9 @@ META_SHA256 = "sha256"  # checkpoint metadata: sha256 of the file the same tenso
 LOG_CACHE_SOURCE, LOG_LOSSES, LOG_STEP_SECONDS = "cache_source", "losses", "step_seconds"
 #: train_log.json: the step time the export predicted for the profile's device (``memory.seconds``)
 LOG_PREDICTED_STEP_SECONDS = "predicted_step_seconds"
-LOG_LOSS_WITHOUT_LORA = "entry0_loss_without_lora"  # the first entry's loss before any update (the no-op check)
+LOG_LOSS_WITHOUT_LORA = (
+    "entry0_loss_without_lora"  # the first entry's loss before any update (the no-op check)
+)
 
 # the LoRA file
 LORA_PREFIX = "transformer."  # diffusers name = LORA_PREFIX + peft name without PEFT_ADAPTER's "default."
@@ -109,7 +123,9 @@ SCHEDULE_RNG = RNG  # manifest schedule.rng / index schedule.meta.rng
 
 # photos (docs/formats.md "Photos"; runtime/images.py and device_train/native/images.cpp)
 PHOTO_MIN_SIDE = 64  # a photo whose shorter side (as stored) is below this is refused
-PHOTO_MAX_PIXELS = 40_000_000  # width * height from the header above this is refused before decoding (whole Mpx)
+PHOTO_MAX_PIXELS = (
+    40_000_000  # width * height from the header above this is refused before decoding (whole Mpx)
+)
 
 # bounds on what a manifest, index or checkpoint may ask for (a reader refuses more before any work)
 MAX_SAMPLES = 100_000  # schedule entries (K)
@@ -122,19 +138,80 @@ MAX_JSON_DEPTH = 64  # nesting of a JSON document (the deepest declared one nest
 
 # what formats.h declares, in this order
 CPP_NAMES = (
-    "MANIFEST", "SCHEMA_VERSION", "MANIFEST_SHA256", "CACHE_INDEX", "SHARD_PREFIX", "SHARD_DIGITS", "SHARD_SUFFIX", "CHECKPOINT_DIR",
-    "CHECKPOINT", "LORA_FILE", "TRAIN_LOG", "LOCK_FILE", "TEMP_PREFIX", "TEMP_SUFFIX",
-    "RECORD_FILE", "RECORD_SHA256", "RECORD_SIZE",
-    "INDEX_SOURCE", "INDEX_SOURCE_SHA256", "INDEX_SCHEDULE", "INDEX_ENTRIES", "INDEX_MAX_RESIDENT_BLOCKS",
-    "INDEX_PEAK_RSS_MIB", "INDEX_START_RSS_MIB", "SOURCE_BUNDLE", "SOURCE_IMAGES", "SCHEDULE_META", "SCHEDULE_ENTRIES",
-    "ENTRY_IN", "ENTRY_CONST", "ENTRY_DELTA", "ENTRY_TARGET", "STATE_HIDDEN",
-    "STATE", "CONST", "GRAD", "WEIGHT", "LORA", "OUT", "GRAD_IN", "LORA_GRAD", "LOSS", "LOSS_SCALE",
-    "EMBED", "TEXT",
-    "PARAM", "OPT", "OPT_STEP", "OPT_EXP_AVG", "OPT_EXP_AVG_SQ", "META_STEP", "META_LOG", "META_SHA256",
-    "LOG_CACHE_SOURCE", "LOG_LOSSES", "LOG_STEP_SECONDS", "LOG_LOSS_WITHOUT_LORA", "LOG_PREDICTED_STEP_SECONDS",
-    "LORA_PREFIX", "PEFT_ADAPTER", "LORA_A", "LORA_B", "LORA_META_FORMAT", "LORA_META_ADAPTER",
-    "SCHEDULE_RNG", "PHOTO_MIN_SIDE", "PHOTO_MAX_PIXELS",
-    "MAX_SAMPLES", "MAX_IMAGES", "MAX_STEPS", "MAX_GRAD_ACCUM", "MAX_RANK", "MAX_SIDE", "MAX_JSON_DEPTH",
+    "MANIFEST",
+    "SCHEMA_VERSION",
+    "MANIFEST_SHA256",
+    "CACHE_INDEX",
+    "SHARD_PREFIX",
+    "SHARD_DIGITS",
+    "SHARD_SUFFIX",
+    "CHECKPOINT_DIR",
+    "CHECKPOINT",
+    "LORA_FILE",
+    "TRAIN_LOG",
+    "LOCK_FILE",
+    "TEMP_PREFIX",
+    "TEMP_SUFFIX",
+    "RECORD_FILE",
+    "RECORD_SHA256",
+    "RECORD_SIZE",
+    "INDEX_SOURCE",
+    "INDEX_SOURCE_SHA256",
+    "INDEX_SCHEDULE",
+    "INDEX_ENTRIES",
+    "INDEX_MAX_RESIDENT_BLOCKS",
+    "INDEX_PEAK_RSS_MIB",
+    "INDEX_START_RSS_MIB",
+    "SOURCE_BUNDLE",
+    "SOURCE_IMAGES",
+    "SCHEDULE_META",
+    "SCHEDULE_ENTRIES",
+    "ENTRY_IN",
+    "ENTRY_CONST",
+    "ENTRY_DELTA",
+    "ENTRY_TARGET",
+    "STATE_HIDDEN",
+    "STATE",
+    "CONST",
+    "GRAD",
+    "WEIGHT",
+    "LORA",
+    "OUT",
+    "GRAD_IN",
+    "LORA_GRAD",
+    "LOSS",
+    "LOSS_SCALE",
+    "EMBED",
+    "TEXT",
+    "PARAM",
+    "OPT",
+    "OPT_STEP",
+    "OPT_EXP_AVG",
+    "OPT_EXP_AVG_SQ",
+    "META_STEP",
+    "META_LOG",
+    "META_SHA256",
+    "LOG_CACHE_SOURCE",
+    "LOG_LOSSES",
+    "LOG_STEP_SECONDS",
+    "LOG_LOSS_WITHOUT_LORA",
+    "LOG_PREDICTED_STEP_SECONDS",
+    "LORA_PREFIX",
+    "PEFT_ADAPTER",
+    "LORA_A",
+    "LORA_B",
+    "LORA_META_FORMAT",
+    "LORA_META_ADAPTER",
+    "SCHEDULE_RNG",
+    "PHOTO_MIN_SIDE",
+    "PHOTO_MAX_PIXELS",
+    "MAX_SAMPLES",
+    "MAX_IMAGES",
+    "MAX_STEPS",
+    "MAX_GRAD_ACCUM",
+    "MAX_RANK",
+    "MAX_SIDE",
+    "MAX_JSON_DEPTH",
 )
 
 
@@ -164,18 +241,25 @@ def canonical_json(obj) -> bytes:
     """The canonical form of a JSON document: ``json.dumps(obj, sort_keys=True, separators=(",", ":"))``
     (ASCII, other characters escaped; floats as Python's repr). The C++ runner writes the same bytes for a
     document it parsed (json.h ``dump_canonical``)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode(
+        "ascii"
+    )
 
 
 def manifest_digest(manifest: dict) -> str:
     """The manifest's integrity record: sha256 of the canonical form of the manifest without
     ``MANIFEST_SHA256``. The exporter writes it (``seal_manifest``); every reader checks it first."""
-    return hashlib.sha256(canonical_json({k: v for k, v in manifest.items() if k != MANIFEST_SHA256})).hexdigest()
+    return hashlib.sha256(
+        canonical_json({k: v for k, v in manifest.items() if k != MANIFEST_SHA256})
+    ).hexdigest()
 
 
 def seal_manifest(manifest: dict) -> dict:
     """``manifest`` with its integrity record (a changed manifest must be sealed again to be read)."""
-    return {**{k: v for k, v in manifest.items() if k != MANIFEST_SHA256}, MANIFEST_SHA256: manifest_digest(manifest)}
+    return {
+        **{k: v for k, v in manifest.items() if k != MANIFEST_SHA256},
+        MANIFEST_SHA256: manifest_digest(manifest),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,22 +289,27 @@ OPEN: dict[type, Any] = {}  # record -> the schema of its undeclared keys
 
 def open_record(cls=None, *, values: Any = True):
     """Mark a record as open (``values``: the schema of undeclared keys' values, ``True``: anything)."""
+
     def mark(c):
         OPEN[c] = values
         return c
+
     return mark(cls) if cls is not None else mark
 
 
 # --- manifest.json ------------------------------------------------------------------------------
 
+
 class FileRecord(TypedDict):
     """A file of the bundle (key: its path relative to the bundle): checked before it is used."""
+
     sha256: Sha256
     size: NonNegInt
 
 
 class ScheduleParams(TypedDict):
     """The patch schedule's parameters (``PatchSchedule.build`` takes them with the photos' count)."""
+
     num_samples: Samples
     s_min: Side
     s_max: Side
@@ -235,6 +324,7 @@ class ScheduleParams(TypedDict):
 @open_record
 class ModelSection(TypedDict):
     """The transformer: family config, one weight file per block (``null``: a block no phase runs)."""
+
     config: dict[str, Any]
     blocks: list[str | None]
     embed: str
@@ -243,23 +333,35 @@ class ModelSection(TypedDict):
     block_kinds: list[str]
 
 
-EncoderSection = open_record(TypedDict("EncoderSection", {"class": str, "config": dict[str, Any], "file": str}))
+EncoderSection = open_record(
+    TypedDict("EncoderSection", {"class": str, "config": dict[str, Any], "file": str})
+)
 EncoderSection.__doc__ = "The photo encoder (VAE stand-in): class, config and weight file."
 
-LoraAdapterConfig = open_record(TypedDict("LoraAdapterConfig", {
-    "transformer.r": PosInt, "transformer.lora_alpha": Positive, "transformer.target_modules": list[str]}))
+LoraAdapterConfig = open_record(
+    TypedDict(
+        "LoraAdapterConfig",
+        {
+            "transformer.r": PosInt,
+            "transformer.lora_alpha": Positive,
+            "transformer.target_modules": list[str],
+        },
+    )
+)
 LoraAdapterConfig.__doc__ = "peft's LoraConfig with a ``transformer.`` prefix (what load_lora_adapter reads)."
 
 
 @open_record(values={"type": "string"})
 class LoraMetadata(TypedDict):
     """safetensors metadata of the LoRA file (strings only)."""
+
     format: Literal["pt"]
     lora_adapter_metadata: Annotated[str, JsonText(LoraAdapterConfig)]
 
 
 class LoraSection(TypedDict):
     """The LoRA: rank, alpha (scale alpha/rank), target modules, the LoRA file's metadata."""
+
     rank: Annotated[int, {"minimum": 1, "maximum": MAX_RANK}]
     alpha: Positive
     targets: list[str]
@@ -268,6 +370,7 @@ class LoraSection(TypedDict):
 
 class ProgramIO(TypedDict):
     """One input or output of a program, in call order."""
+
     name: str
     shape: list[NonNegInt]
     dtype: str
@@ -275,6 +378,7 @@ class ProgramIO(TypedDict):
 
 class PteProgram(TypedDict):
     """An ExecuTorch program (``.pte``; ``data``: its ``.ptd`` of trainable weights)."""
+
     file: str
     arena_bytes: NonNegInt
     data: NotRequired[str]
@@ -282,12 +386,14 @@ class PteProgram(TypedDict):
 
 class OnnxProgram(TypedDict):
     """An ONNX model."""
+
     file: str
 
 
 @open_record
 class ProgramRecord(TypedDict):
     """A stream program's calling convention and its file in each program format."""
+
     inputs: list[ProgramIO]
     outputs: list[ProgramIO]
     pte: NotRequired[PteProgram]
@@ -297,6 +403,7 @@ class ProgramRecord(TypedDict):
 @open_record
 class BlockShape(TypedDict):
     """Blocks that share one program: kind, LoRA targets, programs by role (forward, vjp, head ...)."""
+
     kind: str
     targets: list[str]
     example_block: NotRequired[NonNegInt]
@@ -305,6 +412,7 @@ class BlockShape(TypedDict):
 
 class StreamSection(TypedDict):
     """Which block runs which shape's programs; the blocks' weight files are in ``model.blocks``."""
+
     storage: Literal[_plan.STORAGE]
     shapes: dict[str, BlockShape]
     train: list[tuple[NonNegInt, str]]
@@ -315,9 +423,12 @@ class StreamSection(TypedDict):
 
 class Optimizer(TypedDict):
     """AdamW's hyper-parameters as a training program was exported for (lr: ``plan.lr``)."""
+
     type: Literal["adamw"]
-    betas: tuple[Annotated[float, {"minimum": 0, "exclusiveMaximum": 1}],
-                 Annotated[float, {"minimum": 0, "exclusiveMaximum": 1}]]
+    betas: tuple[
+        Annotated[float, {"minimum": 0, "exclusiveMaximum": 1}],
+        Annotated[float, {"minimum": 0, "exclusiveMaximum": 1}],
+    ]
     eps: Positive
     weight_decay: NonNeg
     adam_mode: NotRequired[Literal[0]]
@@ -325,6 +436,7 @@ class Optimizer(TypedDict):
 
 class Tiles(TypedDict):
     """Tiled encoding: tiles of ``tile`` px every ``stride`` px, blended in latents ``ratio`` times smaller."""
+
     tile: Side
     stride: Side
     ratio: Side
@@ -333,6 +445,7 @@ class Tiles(TypedDict):
 @open_record
 class EncoderPrograms(TypedDict):
     """A format's photo encoder: programs by input size ``<H>x<W>``, tiling when there are several."""
+
     input: list[PosInt]
     programs: dict[Annotated[str, {"pattern": "^[0-9]+x[0-9]+$"}], PteProgram | OnnxProgram]
     tiles: NotRequired[Tiles]
@@ -340,6 +453,7 @@ class EncoderPrograms(TypedDict):
 
 class PteTrain(TypedDict):
     """The resident span's ExecuTorch training program: entry tensors in call order (then loss_scale)."""
+
     file: str
     data: str
     arena_bytes: NonNegInt
@@ -365,6 +479,7 @@ class OnnxTrainFiles(TypedDict):
 
 class OnnxTrain(TypedDict):
     """The resident span's ONNX Runtime training artifacts."""
+
     files: OnnxTrainFiles
     optimizer: Optimizer
     inputs: list[str]
@@ -387,6 +502,7 @@ class MemoryAlternative(TypedDict):
 
 class MemorySection(TypedDict):
     """The dry run's predicted peak per phase in bytes (checked before each phase on the device)."""
+
     profile_budget_bytes: NonNegInt
     phases: dict[str, NonNegInt]
     alternatives: NotRequired[list[MemoryAlternative]]
@@ -398,12 +514,14 @@ class MemorySection(TypedDict):
 @open_record
 class ProfileRecord(TypedDict):
     """The device profile the plan was fitted to (as the profile file says)."""
+
     name: str
 
 
 @open_record
 class Manifest(TypedDict):
     """A bundle's manifest.json."""
+
     schema_version: Literal[SCHEMA_VERSION]
     family: str
     source_model: str
@@ -427,14 +545,17 @@ class Manifest(TypedDict):
 
 # --- the cache -----------------------------------------------------------------------------------
 
+
 class CacheSource(TypedDict):
     """What a cache was computed from: the manifest's sha256 and each photo's (by file name)."""
+
     bundle: Sha256
     images: dict[str, Sha256]
 
 
 class ScheduleMeta(TypedDict):
     """The realised schedule's parameters (the manifest's, with the photos' count)."""
+
     num_images: Annotated[int, {"minimum": 1, "maximum": MAX_IMAGES}]
     s_min: Side
     s_max: Side
@@ -459,6 +580,7 @@ class ShardRecord(TypedDict):
 
 class CacheIndex(TypedDict):
     """A cache's index.json."""
+
     source: CacheSource
     source_sha256: Sha256
     schedule: RealisedSchedule
@@ -470,10 +592,12 @@ class CacheIndex(TypedDict):
 
 # --- train log, checkpoint metadata, LoRA file -----------------------------------------------
 
+
 @open_record
 class TrainLog(TypedDict):
     """train_log.json; the checkpoint's ``log`` holds the same up to its step, without the end's keys and
     without ``step_seconds`` (timings differ from run to run; the checkpoint does not)."""
+
     plan: _plan.Plan
     backend: str
     losses: list[float]
@@ -501,6 +625,7 @@ EVENT_PHASES = ("precompute", "train")
 
 class PhaseStartEvent(TypedDict):
     """A phase begins."""
+
     event: Literal["phase_start"]
     time: Annotated[NonNeg, "seconds since the Unix epoch"]
     phase: Literal[EVENT_PHASES]
@@ -508,6 +633,7 @@ class PhaseStartEvent(TypedDict):
 
 class PhaseEndEvent(TypedDict):
     """A phase finished (its outputs are written)."""
+
     event: Literal["phase_end"]
     time: NonNeg
     phase: Literal[EVENT_PHASES]
@@ -516,6 +642,7 @@ class PhaseEndEvent(TypedDict):
 
 class PrecomputeProgressEvent(TypedDict):
     """Precompute did one more unit of work (a block pass or a written entry) of ``total``."""
+
     event: Literal["precompute_progress"]
     time: NonNeg
     done: NonNegInt
@@ -524,6 +651,7 @@ class PrecomputeProgressEvent(TypedDict):
 
 class StepEvent(TypedDict):
     """An optimizer step finished."""
+
     event: Literal["step"]
     time: NonNeg
     step: PosInt
@@ -536,6 +664,7 @@ class StepEvent(TypedDict):
 
 class CheckpointEvent(TypedDict):
     """The checkpoint was written (atomically) after ``step`` steps."""
+
     event: Literal["checkpoint"]
     time: NonNeg
     step: PosInt
@@ -544,6 +673,7 @@ class CheckpointEvent(TypedDict):
 
 class ErrorEvent(TypedDict):
     """The run stopped: ``kind`` is the typed error's class (``internal`` for an unexpected one)."""
+
     event: Literal["error"]
     time: NonNeg
     kind: str
@@ -552,16 +682,26 @@ class ErrorEvent(TypedDict):
 
 class DoneEvent(TypedDict):
     """The command succeeded: what it wrote (``lora``, ``lora_kohya``, ``lora_comfy``, ``train_log``, ``cache``)."""
+
     event: Literal["done"]
     time: NonNeg
     outputs: dict[str, str]
 
 
-EVENTS = (PhaseStartEvent, PhaseEndEvent, PrecomputeProgressEvent, StepEvent, CheckpointEvent, ErrorEvent, DoneEvent)
+EVENTS = (
+    PhaseStartEvent,
+    PhaseEndEvent,
+    PrecomputeProgressEvent,
+    StepEvent,
+    CheckpointEvent,
+    ErrorEvent,
+    DoneEvent,
+)
 
 
 class CheckpointMetadata(TypedDict):
     """The checkpoint's safetensors metadata."""
+
     step: Decimal
     log: Annotated[str, JsonText(TrainLog)]
     sha256: Annotated[Sha256, "sha256 of the file the same tensors and the other metadata make"]
@@ -569,6 +709,7 @@ class CheckpointMetadata(TypedDict):
 
 class TensorHeader(TypedDict):
     """A tensor's entry in a safetensors header."""
+
     dtype: Literal[tuple(DTYPES)]
     shape: list[NonNegInt]
     data_offsets: tuple[NonNegInt, NonNegInt]
@@ -578,6 +719,7 @@ class AdamWState(TypedDict):
     """One LoRA tensor's AdamW state (``runtime.adamw.AdamW.state[name]``; in the checkpoint the float32
     tensors ``opt.<key>.<name>``): ``step`` [1] the updates applied, ``exp_avg`` and ``exp_avg_sq`` the
     moments, in the parameter's shape."""
+
     step: np.ndarray
     exp_avg: np.ndarray
     exp_avg_sq: np.ndarray
@@ -603,9 +745,17 @@ RULES: dict[str, list[tuple[str, list, list]]] = {
         ("multiple_of", ["schedule", "s_min"], ["schedule", "granularity"]),
         ("multiple_of", ["schedule", "s_max"], ["schedule", "granularity"]),
         ("le", ["schedule", "s_min"], ["schedule", "s_max"]),
-        *[("eq", ["plan", p], ["schedule", q]) for p, q in (
-            ("s_min", "s_min"), ("s_max", "s_max"), ("num_samples", "num_samples"), ("seed", "seed"),
-            ("patch_sampling", "patch_sampling"), ("timestep_shift", "shift"))],
+        *[
+            ("eq", ["plan", p], ["schedule", q])
+            for p, q in (
+                ("s_min", "s_min"),
+                ("s_max", "s_max"),
+                ("num_samples", "num_samples"),
+                ("seed", "seed"),
+                ("patch_sampling", "patch_sampling"),
+                ("timestep_shift", "shift"),
+            )
+        ],
         ("eq", ["lora", "rank"], ["plan", "lora_rank"]),
         ("same_length", ["model", "block_kinds"], ["model", "blocks"]),
         ("same_length", ["stream", "block_paths"], ["model", "blocks"]),
@@ -614,16 +764,33 @@ RULES: dict[str, list[tuple[str, list, list]]] = {
         ("index_into", ["stream", "precompute", "*", 0], ["model", "blocks"]),
         ("key_in", ["stream", "train", "*", 1], ["stream", "shapes"]),
         ("key_in", ["stream", "precompute", "*", 1], ["stream", "shapes"]),
-        *[("key_in", a, ["files"]) for a in (
-            ["model", "blocks", "*"], ["model", "embed"], ["model", "head"], ["encoder", "file"], ["prompt"],
-            ["stream", "lora_init"], *[["stream", "shapes", "*", "programs", "*", *f] for f in _PROGRAM_FILES],
-            ["pte", "encoder", "programs", "*", "file"], ["onnx", "encoder", "programs", "*", "file"],
-            ["pte", "train", "file"], ["pte", "train", "data"], ["onnx", "train", "files", "*"])],
-        *[r for fmt in ("pte", "onnx") for r in (
-            ("le", [fmt, "encoder", "tiles", "stride"], [fmt, "encoder", "tiles", "tile"]),
-            ("multiple_of", [fmt, "encoder", "tiles", "tile"], [fmt, "encoder", "tiles", "ratio"]),
-            ("multiple_of", [fmt, "encoder", "tiles", "stride"], [fmt, "encoder", "tiles", "ratio"]),
-            ("eq", [fmt, "encoder", "tiles", "ratio"], ["vae_factor"]))],
+        *[
+            ("key_in", a, ["files"])
+            for a in (
+                ["model", "blocks", "*"],
+                ["model", "embed"],
+                ["model", "head"],
+                ["encoder", "file"],
+                ["prompt"],
+                ["stream", "lora_init"],
+                *[["stream", "shapes", "*", "programs", "*", *f] for f in _PROGRAM_FILES],
+                ["pte", "encoder", "programs", "*", "file"],
+                ["onnx", "encoder", "programs", "*", "file"],
+                ["pte", "train", "file"],
+                ["pte", "train", "data"],
+                ["onnx", "train", "files", "*"],
+            )
+        ],
+        *[
+            r
+            for fmt in ("pte", "onnx")
+            for r in (
+                ("le", [fmt, "encoder", "tiles", "stride"], [fmt, "encoder", "tiles", "tile"]),
+                ("multiple_of", [fmt, "encoder", "tiles", "tile"], [fmt, "encoder", "tiles", "ratio"]),
+                ("multiple_of", [fmt, "encoder", "tiles", "stride"], [fmt, "encoder", "tiles", "ratio"]),
+                ("eq", [fmt, "encoder", "tiles", "ratio"], ["vae_factor"]),
+            )
+        ],
     ],
     "cache_index": [
         ("multiple_of", ["schedule", "meta", "s_min"], ["schedule", "meta", "granularity"]),
@@ -642,26 +809,58 @@ RULES: dict[str, list[tuple[str, list, list]]] = {
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 FLOAT_DTYPES = ("F32", "F16", "BF16")  # cache entries: float32 or the plan's dtype
-_PLAN_ENUMS = {"span": _plan.SPANS, "storage": _plan.STORAGE, "weights": _plan.WEIGHTS, "stash": _plan.STASH,
-               "optimizer": _plan.OPTIMIZERS, "base_quant": _plan.BASE_QUANT}
+_PLAN_ENUMS = {
+    "span": _plan.SPANS,
+    "storage": _plan.STORAGE,
+    "weights": _plan.WEIGHTS,
+    "stash": _plan.STASH,
+    "optimizer": _plan.OPTIMIZERS,
+    "base_quant": _plan.BASE_QUANT,
+}
+
+
 # the plan's values' ranges (plan.validate refuses the same)
 def _range(lo, hi=None, exclusive=False) -> dict:
     return {"exclusiveMinimum" if exclusive else "minimum": lo, **({"maximum": hi} if hi is not None else {})}
 
 
-_PLAN_RANGES = {"front_skip": _range(0), "back_skip": _range(0), "lora_rank": _range(1, MAX_RANK),
-                "s_min": _range(1, MAX_SIDE), "s_max": _range(1, MAX_SIDE), "num_samples": _range(1, MAX_SAMPLES),
-                "steps": _range(1, MAX_STEPS), "grad_accum": _range(1, MAX_GRAD_ACCUM), "seed": _range(0),
-                "checkpoint_every": _range(1), "precompute_chunk": _range(0, MAX_SAMPLES),
-                "lr": _range(0, exclusive=True), "lora_alpha": _range(0, exclusive=True), "weight_decay": _range(0), "timestep_shift": _range(0, exclusive=True),
-                "positions": {"enum": ["crop", "native"]}, "dtype": {"enum": ["float32", "bfloat16", "float16"]}}
-_RANGES = {_plan.Plan: _PLAN_RANGES,
-           ScheduleEntry: {"index": _range(0, MAX_SAMPLES - 1), "image": _range(0, MAX_IMAGES - 1), "t": _range(1),
-                           "sigma": {"exclusiveMinimum": 0, "maximum": 1}, "side": _range(1, MAX_SIDE),
-                           "top": _range(0, MAX_SIDE), "left": _range(0, MAX_SIDE), "noise_seed": _range(0)}}
+_PLAN_RANGES = {
+    "front_skip": _range(0),
+    "back_skip": _range(0),
+    "lora_rank": _range(1, MAX_RANK),
+    "s_min": _range(1, MAX_SIDE),
+    "s_max": _range(1, MAX_SIDE),
+    "num_samples": _range(1, MAX_SAMPLES),
+    "steps": _range(1, MAX_STEPS),
+    "grad_accum": _range(1, MAX_GRAD_ACCUM),
+    "seed": _range(0),
+    "checkpoint_every": _range(1),
+    "precompute_chunk": _range(0, MAX_SAMPLES),
+    "lr": _range(0, exclusive=True),
+    "lora_alpha": _range(0, exclusive=True),
+    "weight_decay": _range(0),
+    "timestep_shift": _range(0, exclusive=True),
+    "positions": {"enum": ["crop", "native"]},
+    "dtype": {"enum": ["float32", "bfloat16", "float16"]},
+}
+_RANGES = {
+    _plan.Plan: _PLAN_RANGES,
+    ScheduleEntry: {
+        "index": _range(0, MAX_SAMPLES - 1),
+        "image": _range(0, MAX_IMAGES - 1),
+        "t": _range(1),
+        "sigma": {"exclusiveMinimum": 0, "maximum": 1},
+        "side": _range(1, MAX_SIDE),
+        "top": _range(0, MAX_SIDE),
+        "left": _range(0, MAX_SIDE),
+        "noise_seed": _range(0),
+    },
+}
 _SIMPLE = {str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null"}
-_DATACLASS_DOCS = {_plan.Plan: "The training plan: every field of runtime/plan.py's Plan, no other.",
-                   ScheduleEntry: "One draw of the schedule (runtime/schedule.py's ScheduleEntry)."}
+_DATACLASS_DOCS = {
+    _plan.Plan: "The training plan: every field of runtime/plan.py's Plan, no other.",
+    ScheduleEntry: "One draw of the schedule (runtime/schedule.py's ScheduleEntry).",
+}
 
 
 class _Builder:
@@ -685,7 +884,12 @@ class _Builder:
                     props[name] = {"enum": list(values) + ([None] if nullable else [])}
             for name, extra in _RANGES.get(cls, {}).items():
                 props[name] = {**props[name], **extra} if "enum" not in extra else extra
-            out = {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+            out = {
+                "type": "object",
+                "properties": props,
+                "required": list(props),
+                "additionalProperties": False,
+            }
             return {"description": _DATACLASS_DOCS[cls], **out} if cls in _DATACLASS_DOCS else out
         hints = typing.get_type_hints(cls, include_extras=True)
         props = {k: self.schema(t) for k, t in hints.items()}
@@ -722,8 +926,12 @@ class _Builder:
         if origin is list:
             return {"type": "array", "items": self.schema(args[0])}
         if origin is tuple:
-            return {"type": "array", "prefixItems": [self.schema(a) for a in args], "minItems": len(args),
-                    "maxItems": len(args)}
+            return {
+                "type": "array",
+                "prefixItems": [self.schema(a) for a in args],
+                "minItems": len(args),
+                "maxItems": len(args),
+            }
         if origin is dict:
             out = {"type": "object"}
             key = self.schema(args[0])
@@ -768,10 +976,16 @@ def _document(kind: str, title: str, description: str, build) -> dict:
     return doc
 
 
-def _safetensors_header(tensors: dict[str, dict], named: dict[str, dict], metadata: dict,
-                        required: list[str], some: list[str]) -> dict:
-    out = {"type": "object", "properties": {"__metadata__": metadata, **named}, "patternProperties": tensors,
-           "required": required, "additionalProperties": False}
+def _safetensors_header(
+    tensors: dict[str, dict], named: dict[str, dict], metadata: dict, required: list[str], some: list[str]
+) -> dict:
+    out = {
+        "type": "object",
+        "properties": {"__metadata__": metadata, **named},
+        "patternProperties": tensors,
+        "required": required,
+        "additionalProperties": False,
+    }
     if some:
         out["allOf"] = [_some_name(p) for p in some]
     return out
@@ -783,26 +997,43 @@ _NAME = "[A-Za-z_][A-Za-z0-9_]*"
 def _cache_entry(b: _Builder) -> dict:
     f = b.tensor(FLOAT_DTYPES)
     return _safetensors_header(
-        {f"^{_re(ENTRY_IN)}{_NAME}$": f, f"^{_re(ENTRY_CONST)}{_NAME}$": f,
-            f"^{_re(ENTRY_DELTA)}(0|[1-9][0-9]*)\\.{_NAME}$": f},
-        {ENTRY_TARGET: f}, {"type": "object", "additionalProperties": {"type": "string"}},
-        [ENTRY_TARGET], [f"^{_re(ENTRY_IN)}"])
+        {
+            f"^{_re(ENTRY_IN)}{_NAME}$": f,
+            f"^{_re(ENTRY_CONST)}{_NAME}$": f,
+            f"^{_re(ENTRY_DELTA)}(0|[1-9][0-9]*)\\.{_NAME}$": f,
+        },
+        {ENTRY_TARGET: f},
+        {"type": "object", "additionalProperties": {"type": "string"}},
+        [ENTRY_TARGET],
+        [f"^{_re(ENTRY_IN)}"],
+    )
 
 
 def _checkpoint(b: _Builder) -> dict:
     floats = b.tensor(FLOAT_DTYPES)
     return _safetensors_header(
-        {f"^{_re(PARAM)}.+$": floats,
+        {
+            f"^{_re(PARAM)}.+$": floats,
             f"^{_re(OPT_STEP)}.+$": b.tensor(("F32", "I64"), [1]),  # I64: bitsandbytes' 8-bit AdamW
-            f"^{_re(OPT_EXP_AVG)}.+$": floats, f"^{_re(OPT_EXP_AVG_SQ)}.+$": floats,
-            f"^{_re(OPT)}{_NAME}\\..+$": b.tensor()},  # other optimizers' state (8-bit AdamW)
-        {}, b.ref(CheckpointMetadata), ["__metadata__"], [f"^{_re(PARAM)}"])
+            f"^{_re(OPT_EXP_AVG)}.+$": floats,
+            f"^{_re(OPT_EXP_AVG_SQ)}.+$": floats,
+            f"^{_re(OPT)}{_NAME}\\..+$": b.tensor(),
+        },  # other optimizers' state (8-bit AdamW)
+        {},
+        b.ref(CheckpointMetadata),
+        ["__metadata__"],
+        [f"^{_re(PARAM)}"],
+    )
 
 
 def _lora(b: _Builder) -> dict:
     return _safetensors_header(
-        {f"^{_re(LORA_PREFIX)}.+\\.lora_[AB]\\.weight$": b.tensor(("F32",))}, {}, b.ref(LoraMetadata),
-        ["__metadata__"], [f"^{_re(LORA_PREFIX)}"])
+        {f"^{_re(LORA_PREFIX)}.+\\.lora_[AB]\\.weight$": b.tensor(("F32",))},
+        {},
+        b.ref(LoraMetadata),
+        ["__metadata__"],
+        [f"^{_re(LORA_PREFIX)}"],
+    )
 
 
 def _re(s: str) -> str:
@@ -810,22 +1041,49 @@ def _re(s: str) -> str:
 
 
 SPECS: dict[str, tuple[str, str, Any]] = {
-    "manifest": ("manifest.json", "A bundle's manifest: what the exporter wrote and every reader takes.",
-                 lambda b: b.ref(Manifest)),
-    "cache_index": ("index.json", "A residual cache's index: identity, realised schedule, one shard per entry.",
-                    lambda b: b.ref(CacheIndex)),
-    "cache_entry": ("entry_<k>.safetensors header", "A cache shard (the safetensors header): in.<state>, "
-                    "c.<const>, delta.<block>.<state> and target, float32 or the plan's dtype.", _cache_entry),
-    "checkpoint": ("checkpoint.safetensors header", "The shared checkpoint (the safetensors header): "
-                   "param.<peft name>, opt.<state>.<peft name>, metadata step and log.", _checkpoint),
-    "optimizer": ("optimizer record", "AdamW's hyper-parameters of a training program (manifest "
-                  "pte.train.optimizer, onnx.train.optimizer).", lambda b: b.ref(Optimizer)),
-    "train_log": ("train_log.json", "A training run's log (also the checkpoint's log metadata).",
-                  lambda b: b.ref(TrainLog)),
-    "lora": ("lora.safetensors header", "The trained LoRA (the safetensors header): diffusers names, "
-             "float32, peft's metadata.", _lora),
-    "event": ("run event", "One line of device-train's (or the native runner's) --events file.",
-              lambda b: {"oneOf": [b.ref(e) for e in EVENTS]}),
+    "manifest": (
+        "manifest.json",
+        "A bundle's manifest: what the exporter wrote and every reader takes.",
+        lambda b: b.ref(Manifest),
+    ),
+    "cache_index": (
+        "index.json",
+        "A residual cache's index: identity, realised schedule, one shard per entry.",
+        lambda b: b.ref(CacheIndex),
+    ),
+    "cache_entry": (
+        "entry_<k>.safetensors header",
+        "A cache shard (the safetensors header): in.<state>, "
+        "c.<const>, delta.<block>.<state> and target, float32 or the plan's dtype.",
+        _cache_entry,
+    ),
+    "checkpoint": (
+        "checkpoint.safetensors header",
+        "The shared checkpoint (the safetensors header): "
+        "param.<peft name>, opt.<state>.<peft name>, metadata step and log.",
+        _checkpoint,
+    ),
+    "optimizer": (
+        "optimizer record",
+        "AdamW's hyper-parameters of a training program (manifest "
+        "pte.train.optimizer, onnx.train.optimizer).",
+        lambda b: b.ref(Optimizer),
+    ),
+    "train_log": (
+        "train_log.json",
+        "A training run's log (also the checkpoint's log metadata).",
+        lambda b: b.ref(TrainLog),
+    ),
+    "lora": (
+        "lora.safetensors header",
+        "The trained LoRA (the safetensors header): diffusers names, float32, peft's metadata.",
+        _lora,
+    ),
+    "event": (
+        "run event",
+        "One line of device-train's (or the native runner's) --events file.",
+        lambda b: {"oneOf": [b.ref(e) for e in EVENTS]},
+    ),
 }
 KINDS = tuple(SPECS)
 
@@ -839,8 +1097,10 @@ def schema(kind: str) -> dict:
 
 
 # the JSON documents inside string values: (kind, path to the string, $defs entry it holds)
-EMBEDDED = {"checkpoint": [(("__metadata__", META_LOG), "TrainLog")],
-            "lora": [(("__metadata__", LORA_META_ADAPTER), "LoraAdapterConfig")]}
+EMBEDDED = {
+    "checkpoint": [(("__metadata__", META_LOG), "TrainLog")],
+    "lora": [(("__metadata__", LORA_META_ADAPTER), "LoraAdapterConfig")],
+}
 
 
 def validate(kind: str, obj) -> None:
@@ -890,9 +1150,15 @@ def _cpp_name(name: str) -> str:
 def cpp_header() -> str:
     """device_train/native/formats.h: the names above as C++ constants."""
     g = globals()
-    lines = ["// The on-disk formats' names, shared with the Python runtime. Generated from runtime/formats.py",
-             "// by `python -m blockskip.runtime.formats --write docs/schemas`; do not edit (docs/formats.md).",
-             "#pragma once", "", "namespace blockskip {", "namespace formats {", ""]
+    lines = [
+        "// The on-disk formats' names, shared with the Python runtime. Generated from runtime/formats.py",
+        "// by `python -m blockskip.runtime.formats --write docs/schemas`; do not edit (docs/formats.md).",
+        "#pragma once",
+        "",
+        "namespace blockskip {",
+        "namespace formats {",
+        "",
+    ]
     for name in CPP_NAMES:
         v = g[name]
         if isinstance(v, bool) or not isinstance(v, int | str):
@@ -908,14 +1174,20 @@ def cpp_header() -> str:
 def cpp_schemas() -> str:
     """device_train/native/schemas.h: the JSON Schemas of what the runner reads, as C++ string constants
     (``kSchema<Kind>``), so the runner checks its inputs against the same declarations."""
-    lines = ["// The JSON Schemas of the formats the runner reads. Generated from runtime/formats.py by",
-             "// `python -m blockskip.runtime.formats --write docs/schemas`; do not edit (docs/formats.md).",
-             "#pragma once", "", "namespace blockskip {", "namespace formats {", ""]
+    lines = [
+        "// The JSON Schemas of the formats the runner reads. Generated from runtime/formats.py by",
+        "// `python -m blockskip.runtime.formats --write docs/schemas`; do not edit (docs/formats.md).",
+        "#pragma once",
+        "",
+        "namespace blockskip {",
+        "namespace formats {",
+        "",
+    ]
     for kind in NATIVE_KINDS:
         text = json.dumps(schema(kind), separators=(",", ":"))
-        if ")schema\"" in text:
+        if ')schema"' in text:
             raise ValueError(f"the {kind} schema holds the raw-string delimiter")
-        lines.append(f"inline constexpr char {_cpp_name('schema_' + kind)}[] = R\"schema({text})schema\";")
+        lines.append(f'inline constexpr char {_cpp_name("schema_" + kind)}[] = R"schema({text})schema";')
     lines += ["", "}  // namespace formats", "}  // namespace blockskip", ""]
     return "\n".join(lines)
 
@@ -930,13 +1202,18 @@ def outputs(schema_dir: str | Path, header: str | Path | None) -> dict[Path, str
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m blockskip.runtime.formats",
-                                 description="Write (or check) the formats' JSON Schemas and the C++ header.")
+    ap = argparse.ArgumentParser(
+        prog="python -m blockskip.runtime.formats",
+        description="Write (or check) the formats' JSON Schemas and the C++ header.",
+    )
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--write", metavar="DIR", help="write DIR/<kind>.schema.json and the header")
     g.add_argument("--check", metavar="DIR", help="exit 1 if DIR's schemas or the header are out of date")
-    ap.add_argument("--header", default=str(HEADER),
-                    help=f"the C++ header (default {HEADER}, relative to the current folder; '' for none)")
+    ap.add_argument(
+        "--header",
+        default=str(HEADER),
+        help=f"the C++ header (default {HEADER}, relative to the current folder; '' for none)",
+    )
     a = ap.parse_args(argv)
     files = outputs(a.write or a.check, a.header or None)
     if a.check:

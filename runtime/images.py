@@ -48,7 +48,9 @@ def list_images(folder: str | Path) -> list[Path]:
     """The photos of ``folder`` in name order; refuses the first entry (in that order) that cannot be used."""
     folder = Path(folder)
     if not folder.exists():
-        raise ImageError(f"image folder {str(folder)!r} does not exist; pass the folder of your photos with --images")
+        raise ImageError(
+            f"image folder {str(folder)!r} does not exist; pass the folder of your photos with --images"
+        )
     if not folder.is_dir():
         raise ImageError(f"{str(folder)!r} is not a folder; pass the folder of your photos with --images")
     root = os.path.realpath(folder)
@@ -56,15 +58,19 @@ def list_images(folder: str | Path) -> list[Path]:
     try:
         names = sorted(os.listdir(folder))
     except OSError as e:
-        raise ImageError(f"cannot list the image folder {str(folder)!r}: {e.strerror}; "
-                         "pass the folder of your photos with --images") from e
+        raise ImageError(
+            f"cannot list the image folder {str(folder)!r}: {e.strerror}; "
+            "pass the folder of your photos with --images"
+        ) from e
     for name in names:
         if name.startswith("."):
             continue
         ext = _suffix(name)
         path = folder / name
         if ext in REFUSED:
-            raise ImageError(f"{path}: {ext} photos are not supported; convert it to PNG or JPEG (or remove it)")
+            raise ImageError(
+                f"{path}: {ext} photos are not supported; convert it to PNG or JPEG (or remove it)"
+            )
         if ext not in SUPPORTED:
             continue
         if os.path.islink(path):
@@ -73,7 +79,9 @@ def list_images(folder: str | Path) -> list[Path]:
             except OSError:
                 raise ImageError(f"{path} is a broken link; copy the photo into the folder instead") from None
             if not _inside(real, root):
-                raise ImageError(f"{path} links outside the photo folder; copy the photo into the folder instead")
+                raise ImageError(
+                    f"{path} links outside the photo folder; copy the photo into the folder instead"
+                )
         try:
             regular = stat.S_ISREG(os.stat(path).st_mode)
         except OSError:
@@ -329,7 +337,8 @@ def _probe_bmp(d: bytes) -> _Header:
         if hsz == 56:  # stb_image reads the masks of this header from the wrong place
             head.unsupported = "BMP with a 56-byte header and bit fields is not supported"
         elif struct.unpack_from("<III", d, 54) != (0xFF0000, 0xFF00, 0xFF) or (
-                hsz > 40 and struct.unpack_from("<I", d, 66)[0] not in (0, 0xFF000000)):
+            hsz > 40 and struct.unpack_from("<I", d, 66)[0] not in (0, 0xFF000000)
+        ):
             head.unsupported = "BMP with unusual bit fields is not supported"
         else:
             head.alpha = hsz > 40 and struct.unpack_from("<I", d, 66)[0] == 0xFF000000
@@ -352,10 +361,14 @@ def _check(path: Path, data: bytes) -> _Header:
     if min(w, h) < MIN_SIDE:
         raise ImageError(f"{path} is too small ({w}x{h}); use photos of at least {MIN_SIDE} px")
     if w * h > MAX_PIXELS:
-        raise ImageError(f"{path} is too large ({w}x{h}, more than {MAX_PIXELS // 1_000_000} Mpx); downscale it first")
+        raise ImageError(
+            f"{path} is too large ({w}x{h}, more than {MAX_PIXELS // 1_000_000} Mpx); downscale it first"
+        )
     if head.kind == "JPEG" and head.jpeg_components == 4 and not head.jpeg_adobe_cmyk:
-        raise ImageError(f"{path} is a 4-channel JPEG other than Adobe CMYK (YCCK, or no Adobe marker); "
-                         "save it as an RGB JPEG or PNG")
+        raise ImageError(
+            f"{path} is a 4-channel JPEG other than Adobe CMYK (YCCK, or no Adobe marker); "
+            "save it as an RGB JPEG or PNG"
+        )
     if head.kind == "JPEG" and head.jpeg_precision != 8:
         raise ImageError(f"{path} is a {head.jpeg_precision}-bit JPEG; save it as an 8-bit JPEG or PNG")
     if head.unsupported:
@@ -386,8 +399,10 @@ def _to_rgb(path: Path, im, head: _Header) -> np.ndarray:
             gray[v == head.png_key[0]] = 255  # the transparent colour, composited on white
         return np.repeat(gray[..., None], 3, axis=2)
     if im.mode not in _MODES:  # e.g. a float or 32-bit integer image: no defined 8-bit reading
-        raise ImageError(f"{path} decodes to Pillow mode {im.mode!r}, which has no defined 8-bit RGB reading; "
-                         "save it as an 8-bit PNG or JPEG")
+        raise ImageError(
+            f"{path} decodes to Pillow mode {im.mode!r}, which has no defined 8-bit RGB reading; "
+            "save it as an 8-bit PNG or JPEG"
+        )
     if head.png_key is not None:  # gray or RGB with a transparent colour: our comparison, as stb_image's
         rgb = np.array(im.convert("RGB"), dtype=np.uint8)
         samples = rgb[..., :1] if head.png_color == 0 else rgb

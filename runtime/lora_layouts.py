@@ -30,7 +30,11 @@ from blockskip.runtime.errors import BlockSkipError
 FORMATS = ("diffusers", "kohya", "comfy")
 FAMILIES = ("flux", "sd3", "sana")
 #: file name of each layout in the output folder
-FILE_NAMES = {"diffusers": "lora.safetensors", "kohya": "lora_kohya.safetensors", "comfy": "lora_comfy.safetensors"}
+FILE_NAMES = {
+    "diffusers": "lora.safetensors",
+    "kohya": "lora_kohya.safetensors",
+    "comfy": "lora_comfy.safetensors",
+}
 PREFIX = {"diffusers": "transformer.", "kohya": "lora_unet_", "comfy": "diffusion_model."}
 
 
@@ -50,39 +54,59 @@ def _p(*names: str) -> tuple[Part, ...]:
 # family -> [(diffusers block prefix, original block prefix, {original module: parts in fused order})]
 ORIGINAL: dict[str, list[tuple[str, str, dict[str, tuple[Part, ...]]]]] = {
     "flux": [
-        ("transformer_blocks", "double_blocks", {
-            "img_attn.qkv": _p("attn.to_q", "attn.to_k", "attn.to_v"),
-            "img_attn.proj": _p("attn.to_out.0"),
-            "txt_attn.qkv": _p("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-            "txt_attn.proj": _p("attn.to_add_out"),
-            "img_mlp.0": _p("ff.net.0.proj"), "img_mlp.2": _p("ff.net.2"),
-            "txt_mlp.0": _p("ff_context.net.0.proj"), "txt_mlp.2": _p("ff_context.net.2"),
-        }),
-        ("single_transformer_blocks", "single_blocks", {
-            "linear1": (*_p("attn.to_q", "attn.to_k", "attn.to_v"), Part("proj_mlp", 4)),
-            "linear2": _p("proj_out"),
-        }),
+        (
+            "transformer_blocks",
+            "double_blocks",
+            {
+                "img_attn.qkv": _p("attn.to_q", "attn.to_k", "attn.to_v"),
+                "img_attn.proj": _p("attn.to_out.0"),
+                "txt_attn.qkv": _p("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+                "txt_attn.proj": _p("attn.to_add_out"),
+                "img_mlp.0": _p("ff.net.0.proj"),
+                "img_mlp.2": _p("ff.net.2"),
+                "txt_mlp.0": _p("ff_context.net.0.proj"),
+                "txt_mlp.2": _p("ff_context.net.2"),
+            },
+        ),
+        (
+            "single_transformer_blocks",
+            "single_blocks",
+            {
+                "linear1": (*_p("attn.to_q", "attn.to_k", "attn.to_v"), Part("proj_mlp", 4)),
+                "linear2": _p("proj_out"),
+            },
+        ),
     ],
     "sd3": [  # SD3 and SD3.5 (attn2: SD3.5's dual attention)
-        ("transformer_blocks", "joint_blocks", {
-            "x_block.attn.qkv": _p("attn.to_q", "attn.to_k", "attn.to_v"),
-            "x_block.attn.proj": _p("attn.to_out.0"),
-            "context_block.attn.qkv": _p("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-            "context_block.attn.proj": _p("attn.to_add_out"),
-            "x_block.mlp.fc1": _p("ff.net.0.proj"), "x_block.mlp.fc2": _p("ff.net.2"),
-            "context_block.mlp.fc1": _p("ff_context.net.0.proj"), "context_block.mlp.fc2": _p("ff_context.net.2"),
-            "x_block.attn2.qkv": _p("attn2.to_q", "attn2.to_k", "attn2.to_v"),
-            "x_block.attn2.proj": _p("attn2.to_out.0"),
-        }),
+        (
+            "transformer_blocks",
+            "joint_blocks",
+            {
+                "x_block.attn.qkv": _p("attn.to_q", "attn.to_k", "attn.to_v"),
+                "x_block.attn.proj": _p("attn.to_out.0"),
+                "context_block.attn.qkv": _p("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+                "context_block.attn.proj": _p("attn.to_add_out"),
+                "x_block.mlp.fc1": _p("ff.net.0.proj"),
+                "x_block.mlp.fc2": _p("ff.net.2"),
+                "context_block.mlp.fc1": _p("ff_context.net.0.proj"),
+                "context_block.mlp.fc2": _p("ff_context.net.2"),
+                "x_block.attn2.qkv": _p("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+                "x_block.attn2.proj": _p("attn2.to_out.0"),
+            },
+        ),
     ],
     "sana": [
-        ("transformer_blocks", "blocks", {
-            "attn.qkv": _p("attn1.to_q", "attn1.to_k", "attn1.to_v"),
-            "attn.proj": _p("attn1.to_out.0"),
-            "cross_attn.q_linear": _p("attn2.to_q"),
-            "cross_attn.kv_linear": _p("attn2.to_k", "attn2.to_v"),
-            "cross_attn.proj": _p("attn2.to_out.0"),
-        }),
+        (
+            "transformer_blocks",
+            "blocks",
+            {
+                "attn.qkv": _p("attn1.to_q", "attn1.to_k", "attn1.to_v"),
+                "attn.proj": _p("attn1.to_out.0"),
+                "cross_attn.q_linear": _p("attn2.to_q"),
+                "cross_attn.kv_linear": _p("attn2.to_k", "attn2.to_v"),
+                "cross_attn.proj": _p("attn2.to_out.0"),
+            },
+        ),
     ],
 }
 
@@ -91,7 +115,9 @@ _DIFFUSERS_KEY = re.compile(r"^transformer\.(.+)\.lora_([AB])\.weight$")
 
 def _family(family: str) -> list:
     if family not in ORIGINAL:
-        raise BlockSkipError(f"unknown family {family!r} for a LoRA layout; choose one of {', '.join(FAMILIES)}")
+        raise BlockSkipError(
+            f"unknown family {family!r} for a LoRA layout; choose one of {', '.join(FAMILIES)}"
+        )
     return ORIGINAL[family]
 
 
@@ -141,7 +167,9 @@ def from_diffusers(tensors: dict[str, np.ndarray], family: str, fmt: str) -> dic
     for key in tensors:
         m = _DIFFUSERS_KEY.match(key)
         if not m:
-            raise BlockSkipError(f"{key!r} is not a diffusers LoRA key (transformer.<module>.lora_A/B.weight)")
+            raise BlockSkipError(
+                f"{key!r} is not a diffusers LoRA key (transformer.<module>.lora_A/B.weight)"
+            )
         if m.group(2) == "B":
             continue
         module = m.group(1)
@@ -149,7 +177,10 @@ def from_diffusers(tensors: dict[str, np.ndarray], family: str, fmt: str) -> dic
         if b_key not in tensors:
             raise BlockSkipError(f"LoRA {module!r} has lora_A but no lora_B")
         orig, j = _locate(family, module)
-        pairs.setdefault(orig, {})[j] = (np.asarray(tensors[key], np.float32), np.asarray(tensors[b_key], np.float32))
+        pairs.setdefault(orig, {})[j] = (
+            np.asarray(tensors[key], np.float32),
+            np.asarray(tensors[b_key], np.float32),
+        )
     out: dict[str, np.ndarray] = {}
     for orig in sorted(pairs):
         down, up = _fuse(family, orig, pairs[orig])
@@ -160,7 +191,9 @@ def from_diffusers(tensors: dict[str, np.ndarray], family: str, fmt: str) -> dic
     return out
 
 
-def _fuse(family: str, orig: str, got: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def _fuse(
+    family: str, orig: str, got: dict[int, tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
     """A stacked, B block-diagonal over every part of the fused Linear (zeros where the LoRA has none)."""
     parts, _ = _parts_of(family, orig)
     (a0, b0), j0 = next(iter(got.values())), next(iter(got))
@@ -178,8 +211,8 @@ def _fuse(family: str, orig: str, got: dict[int, tuple[np.ndarray, np.ndarray]])
             a, b = got[j]
             if b.shape[0] != rows:
                 raise BlockSkipError(f"{orig}: part {part.module} has {b.shape[0]} outputs, expected {rows}")
-            down[j * rank:(j + 1) * rank] = a
-            up[row:row + rows, j * rank:(j + 1) * rank] = b
+            down[j * rank : (j + 1) * rank] = a
+            up[row : row + rows, j * rank : (j + 1) * rank] = b
         row += rows
     return down, up
 
@@ -195,9 +228,9 @@ def to_diffusers(tensors: dict[str, np.ndarray], family: str, fmt: str) -> dict[
             continue
         stem = key[: -len(".lora_down.weight")]
         if fmt == "kohya":
-            orig = _from_kohya_name(family, stem[len(PREFIX["kohya"]):])
+            orig = _from_kohya_name(family, stem[len(PREFIX["kohya"]) :])
         else:
-            orig = stem[len(PREFIX["comfy"]):]
+            orig = stem[len(PREFIX["comfy"]) :]
         down = np.asarray(tensors[key], np.float32)
         up = np.asarray(tensors[f"{stem}.lora_up.weight"], np.float32)
         parts, dblock = _parts_of(family, orig)
@@ -208,8 +241,8 @@ def to_diffusers(tensors: dict[str, np.ndarray], family: str, fmt: str) -> dict[
         row = 0
         for j, part in enumerate(parts):
             rows = part.width * unit
-            a = down[j * rank:(j + 1) * rank]
-            b = up[row:row + rows, j * rank:(j + 1) * rank]
+            a = down[j * rank : (j + 1) * rank]
+            b = up[row : row + rows, j * rank : (j + 1) * rank]
             row += rows
             if a.any() or b.any():
                 name = f"{PREFIX['diffusers']}{dblock}.{part.module}"
@@ -269,26 +302,44 @@ def cpp_header() -> str:
     import json
 
     q = json.dumps
-    lines = ["// The LoRA layouts' mapping (runtime/lora_layouts.py ORIGINAL) as C++ data. Generated by",
-             "// `python -m blockskip.runtime.lora_layouts --write`; do not edit (docs/events.md).",
-             "#pragma once", "", "namespace blockskip {", "namespace lora_layouts {", "",
-             "struct Part {", "  const char* module;  // diffusers module inside the block",
-             "  int width;            // output size in units of the fused Linear's q", "};", "",
-             "// One fused Linear of the original checkpoint and its diffusers parts, in fused order.",
-             "struct Fused {", "  const char* family;", "  const char* diffusers_block;  // e.g. transformer_blocks",
-             "  const char* original_block;   // e.g. double_blocks", "  const char* original;         // inside the block",
-             "  int num_parts;", f"  Part parts[{MAX_PARTS}];", "};", "",
-             f"inline constexpr char kKohyaPrefix[] = {q(PREFIX['kohya'])};",
-             f"inline constexpr char kComfyPrefix[] = {q(PREFIX['comfy'])};",
-             f"inline constexpr char kKohyaFile[] = {q(FILE_NAMES['kohya'])};",
-             f"inline constexpr char kComfyFile[] = {q(FILE_NAMES['comfy'])};", "",
-             "inline constexpr Fused kFused[] = {"]
+    lines = [
+        "// The LoRA layouts' mapping (runtime/lora_layouts.py ORIGINAL) as C++ data. Generated by",
+        "// `python -m blockskip.runtime.lora_layouts --write`; do not edit (docs/events.md).",
+        "#pragma once",
+        "",
+        "namespace blockskip {",
+        "namespace lora_layouts {",
+        "",
+        "struct Part {",
+        "  const char* module;  // diffusers module inside the block",
+        "  int width;            // output size in units of the fused Linear's q",
+        "};",
+        "",
+        "// One fused Linear of the original checkpoint and its diffusers parts, in fused order.",
+        "struct Fused {",
+        "  const char* family;",
+        "  const char* diffusers_block;  // e.g. transformer_blocks",
+        "  const char* original_block;   // e.g. double_blocks",
+        "  const char* original;         // inside the block",
+        "  int num_parts;",
+        f"  Part parts[{MAX_PARTS}];",
+        "};",
+        "",
+        f"inline constexpr char kKohyaPrefix[] = {q(PREFIX['kohya'])};",
+        f"inline constexpr char kComfyPrefix[] = {q(PREFIX['comfy'])};",
+        f"inline constexpr char kKohyaFile[] = {q(FILE_NAMES['kohya'])};",
+        f"inline constexpr char kComfyFile[] = {q(FILE_NAMES['comfy'])};",
+        "",
+        "inline constexpr Fused kFused[] = {",
+    ]
     for family, blocks in ORIGINAL.items():
         for dblock, oblock, table in blocks:
             for orig, parts in table.items():
                 assert len(parts) <= MAX_PARTS
                 ps = ", ".join(f"{{{q(p.module)}, {p.width}}}" for p in parts)
-                lines.append(f"    {{{q(family)}, {q(dblock)}, {q(oblock)}, {q(orig)}, {len(parts)}, {{{ps}}}}},")
+                lines.append(
+                    f"    {{{q(family)}, {q(dblock)}, {q(oblock)}, {q(orig)}, {len(parts)}, {{{ps}}}}},"
+                )
     lines += ["};", "", "}  // namespace lora_layouts", "}  // namespace blockskip", ""]
     return "\n".join(lines)
 
@@ -298,8 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     import sys
     from pathlib import Path
 
-    ap = argparse.ArgumentParser(prog="python -m blockskip.runtime.lora_layouts",
-                                 description=f"Write (or check) {HEADER}, the layouts' mapping for the native runner.")
+    ap = argparse.ArgumentParser(
+        prog="python -m blockskip.runtime.lora_layouts",
+        description=f"Write (or check) {HEADER}, the layouts' mapping for the native runner.",
+    )
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--write", action="store_true")
     g.add_argument("--check", action="store_true")

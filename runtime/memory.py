@@ -95,7 +95,10 @@ def cgroup_free_bytes() -> int | None:
             limit, used = _read_int(f"{base}/memory.max"), _read_int(f"{base}/memory.current")
         elif "memory" in controllers.split(","):
             base = f"/sys/fs/cgroup/memory{path.rstrip('/')}"
-            limit, used = _read_int(f"{base}/memory.limit_in_bytes"), _read_int(f"{base}/memory.usage_in_bytes")
+            limit, used = (
+                _read_int(f"{base}/memory.limit_in_bytes"),
+                _read_int(f"{base}/memory.usage_in_bytes"),
+            )
         else:
             continue
         if limit is not None and used is not None and limit < (1 << 60):
@@ -137,10 +140,16 @@ def check_budget(bundle, phase: str) -> None:
     if need <= have:
         return
     mib = 1 << 20
-    fits = [a for a in mem.get("alternatives", []) if int(a.get("phases", {}).get(phase, 1 << 62)) - held <= have]
-    hint = (f"; re-export with {fits[0]['option']} (predicted {int(fits[0]['phases'][phase]) / mib:.0f} MiB)"
-            if fits else "; free memory, or re-export with a smaller plan (blockskip-plan shows the options)")
+    fits = [
+        a for a in mem.get("alternatives", []) if int(a.get("phases", {}).get(phase, 1 << 62)) - held <= have
+    ]
+    hint = (
+        f"; re-export with {fits[0]['option']} (predicted {int(fits[0]['phases'][phase]) / mib:.0f} MiB)"
+        if fits
+        else "; free memory, or re-export with a smaller plan (blockskip-plan shows the options)"
+    )
     raise BlockSkipError(
         f"not enough memory for {phase}: this plan's predicted peak is {int(peak) / mib:.0f} MiB, this process "
         f"holds {held / mib:.0f} MiB and {have / mib:.0f} MiB more are available ({source}){hint}. "
-        f"Set BLOCKSKIP_IGNORE_MEMORY_CHECK=1 to run anyway")
+        f"Set BLOCKSKIP_IGNORE_MEMORY_CHECK=1 to run anyway"
+    )

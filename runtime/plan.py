@@ -34,7 +34,9 @@ class Plan:
     # bf16) or "nf4" (4-bit, ~1/7 of fp32); saves trained-span weight memory, costs quantisation error
     # in the frozen base (LoRA still trains in the plan dtype) and dequantise work in every step
     base_quant: str = "none"
-    checkpointing: bool = False  # recompute trained-block activations in backward: less memory, ~1/3 more time
+    checkpointing: bool = (
+        False  # recompute trained-block activations in backward: less memory, ~1/3 more time
+    )
     # "streamed": the trained span runs one block at a time (forward sweep keeping each block's input,
     # head, backward sweep of per-block VJP programs that recompute the block): memory ~ one block's
     # weights and activations instead of the whole span's; a second forward per block costs ~1/3 more
@@ -50,7 +52,9 @@ class Plan:
     num_samples: int = 16  # K: precomputed (image, t, crop, noise) draws; cache storage grows in K
     steps: int = 20  # optimizer steps
     grad_accum: int = 1  # micro-steps per optimizer step
-    vae_tiling: bool = False  # encode photos in 256 px tiles (real VAEs): precompute memory ~ a tile, not a photo
+    vae_tiling: bool = (
+        False  # encode photos in 256 px tiles (real VAEs): precompute memory ~ a tile, not a photo
+    )
     optimizer: str = "adamw"  # "adamw8bit" (bitsandbytes): 1/4 of AdamW's state memory, slower on CPU
     lr: float = 1e-4
     weight_decay: float = 1e-4
@@ -71,7 +75,9 @@ class Plan:
                 raise PlanError("--trained is empty: name at least one block index")
             bad = [i for i in idx if i < 0 or i >= num_blocks]
             if bad:
-                raise PlanError(f"trained block indices {bad} are out of range: valid are 0..{num_blocks - 1}")
+                raise PlanError(
+                    f"trained block indices {bad} are out of range: valid are 0..{num_blocks - 1}"
+                )
             return idx
         n, m = self.front_skip, self.back_skip
         if n < 0 or m < 0:
@@ -121,17 +127,24 @@ class Plan:
             raise PlanError(f"stash must be one of {', '.join(STASH)} (got {self.stash!r})")
         if self.span == "streamed":
             if self.base_quant != "none":
-                raise PlanError("--span streamed dequantises stored weights itself: use --storage int8/int4 "
-                                "instead of --base-quant")
+                raise PlanError(
+                    "--span streamed dequantises stored weights itself: use --storage int8/int4 "
+                    "instead of --base-quant"
+                )
             if self.checkpointing:
-                raise PlanError("--span streamed already recomputes each block in its backward; leave out "
-                                "--checkpointing")
+                raise PlanError(
+                    "--span streamed already recomputes each block in its backward; leave out --checkpointing"
+                )
             if self.optimizer != "adamw":
-                raise PlanError(f"--span streamed trains with AdamW; --optimizer {self.optimizer} is for the "
-                                "resident torch span")
+                raise PlanError(
+                    f"--span streamed trains with AdamW; --optimizer {self.optimizer} is for the "
+                    "resident torch span"
+                )
         elif self.storage in ("int8", "int4") and self.base_quant != "none":
-            raise PlanError("give either --storage int8/int4 (stored weights) or --base-quant (in-memory "
-                            "quantisation), not both")
+            raise PlanError(
+                "give either --storage int8/int4 (stored weights) or --base-quant (in-memory "
+                "quantisation), not both"
+            )
         if self.lora_targets is not None and valid_targets is not None:
             unknown = sorted(set(self.lora_targets) - valid_targets)
             if unknown:

@@ -51,8 +51,16 @@ def blocks_to_run(trained: list[int], num_blocks: int, back_residual: bool = Tru
     return max(trained[0], g[-1][1] if g else 0)
 
 
-def record_boundary(saved: dict, state: dict, i: int, trained: list[int], gap_list, num_blocks: int, before: bool,
-                    copy: Callable = np.copy) -> None:
+def record_boundary(
+    saved: dict,
+    state: dict,
+    i: int,
+    trained: list[int],
+    gap_list,
+    num_blocks: int,
+    before: bool,
+    copy: Callable = np.copy,
+) -> None:
     """Keep the exact input of the first trained block and the residual of every skipped span
     (``state`` before block ``i`` runs when ``before``, else after it). ``copy`` copies a tensor."""
     if before and i == trained[0]:
@@ -87,7 +95,7 @@ def crop_resize(latent: np.ndarray, e: ScheduleEntry, s_min: int, s_max: int, va
     is the sum, in input order, of its window's inputs times 1/(window length)."""
     f = vae_factor
     side, top, left, low = e.side // f, e.top // f, e.left // f, s_min // f
-    crop = np.asarray(latent[:, top:top + side, left:left + side], dtype=np.float64)
+    crop = np.asarray(latent[:, top : top + side, left : left + side], dtype=np.float64)
     if side != low:
         win = area_windows(side, low)
         rows = np.empty((crop.shape[0], side, low))
@@ -112,9 +120,12 @@ def sample_inputs(latent: np.ndarray, e: ScheduleEntry, s_min: int, s_max: int, 
     ``geom`` (float64 [top, left, side] of the crop in latent pixels)."""
     x0 = crop_resize(latent, e, s_min, s_max, vae_factor)
     f = vae_factor
-    return {"x0": x0, "noise": normals(e.noise_seed, x0.size).reshape(x0.shape),
-            "sigma": np.array([e.sigma], dtype=np.float32),
-            "geom": np.array([e.top // f, e.left // f, e.side // f], dtype=np.float64)}
+    return {
+        "x0": x0,
+        "noise": normals(e.noise_seed, x0.size).reshape(x0.shape),
+        "sigma": np.array([e.sigma], dtype=np.float32),
+        "geom": np.array([e.top // f, e.left // f, e.side // f], dtype=np.float64),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,16 +143,25 @@ def valid_shard(cache: ResidualCache, k: int) -> bool:
         return False  # corrupt: recompute it
 
 
-def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, backend, encode,
-               progress: Progress | None = None) -> ResidualCache:
+def precompute(
+    bundle: Bundle,
+    images: np.ndarray,
+    cache_dir,
+    *,
+    source: dict,
+    backend,
+    encode,
+    progress: Progress | None = None,
+) -> ResidualCache:
     """Write the cache for ``images`` [N, 3, S, S] with a program backend (``runtime.backends.programs``);
     ``encode(images)`` gives the photos' latents [N, C, L, L] (the bundle's encoder programs). Resumes:
     shards already written (and intact) are kept."""
     plan = bundle.plan
     spec = StreamSpec(bundle)
     if EMBED not in spec.shapes:
-        raise BundleError(f"bundle {bundle.root} has no embed program (it predates native precompute); "
-                          "export it again")
+        raise BundleError(
+            f"bundle {bundle.root} has no embed program (it predates native precompute); export it again"
+        )
     schedule = bundle.schedule(len(images))
     cache = ResidualCache.create(cache_dir, source=source, schedule=schedule)
     todo = [k for k in range(len(schedule)) if not valid_shard(cache, k)]
@@ -156,7 +176,9 @@ def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, b
     gap_list = residual_gaps(trained, num_blocks, plan.back_residual)
     order = [(i, s) for i, s in spec.precompute if i < stop]
     if [i for i, _ in order] != list(range(stop)):
-        raise BundleError("the bundle's stream section lacks precompute programs for some blocks; export it again")
+        raise BundleError(
+            "the bundle's stream section lacks precompute programs for some blocks; export it again"
+        )
     f = int(bundle.manifest["vae_factor"])
     latents = encode(images)
     prompt = TensorFile(bundle.path(bundle.manifest["prompt"]))
@@ -169,14 +191,17 @@ def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, b
     weights = WeightSource(spec, resident=False, prefetch=plan.prefetch)
     try:
         for c0 in range(0, len(todo), chunk):
-            ks = todo[c0:c0 + chunk]
+            ks = todo[c0 : c0 + chunk]
             states, consts, saved = [], [], []
             for k in ks:
                 e = schedule[k]
-                out = backend.run(EMBED, EMBED, {**consts_in, **sample_inputs(latents[e.image], e, plan.s_min,
-                                                                               plan.s_max, f)})
-                states.append({n[len(STATE):]: v for n, v in out.items() if n.startswith(STATE)})
-                consts.append({n[len(CONST):]: v for n, v in out.items() if n.startswith(CONST)})
+                out = backend.run(
+                    EMBED,
+                    EMBED,
+                    {**consts_in, **sample_inputs(latents[e.image], e, plan.s_min, plan.s_max, f)},
+                )
+                states.append({n[len(STATE) :]: v for n, v in out.items() if n.startswith(STATE)})
+                consts.append({n[len(CONST) :]: v for n, v in out.items() if n.startswith(CONST)})
                 saved.append({"target": out["target"]})
             weights.plan([i for i, _ in order])
             for i, sid in order:
@@ -192,7 +217,9 @@ def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, b
                     record_boundary(saved[j], states[j], stop, trained, gap_list, num_blocks, before=True)
             for j, k in enumerate(ks):
                 tensors = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in saved[j].items()}
-                tensors.update({f"c.{n}": np.ascontiguousarray(v, dtype=np.float32) for n, v in consts[j].items()})
+                tensors.update(
+                    {f"c.{n}": np.ascontiguousarray(v, dtype=np.float32) for n, v in consts[j].items()}
+                )
                 atomic_write(cache.root / cache.shard_name(k), lambda tmp, t=tensors: write_tensors(tmp, t))
                 cache.record(k)
                 cache.flush()
@@ -206,4 +233,3 @@ def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, b
     cache.index["peak_rss_mib"] = peak_rss_mib()  # this process's, up to the end of precompute
     cache.flush()
     return cache
-

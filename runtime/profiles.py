@@ -116,8 +116,9 @@ def _kind_ok(kind: Any, v: Any) -> bool:
 
 
 def _type_name(v: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "list",
-            dict: "table"}.get(type(v), type(v).__name__)
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "list", dict: "table"}.get(
+        type(v), type(v).__name__
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,8 +256,13 @@ def validate(raw: dict, text: str) -> list[tuple[int, str]]:
             elif dotted not in FIELDS:
                 scope = ".".join(prefix)
                 where = f"[{scope}]" if scope else "the top level"
-                allowed = sorted({f[len(scope) + 1:].split(".")[0] if scope else f.split(".")[0]
-                                  for f in (*FIELDS, *TABLES) if not scope or f.startswith(scope + ".")})
+                allowed = sorted(
+                    {
+                        f[len(scope) + 1 :].split(".")[0] if scope else f.split(".")[0]
+                        for f in (*FIELDS, *TABLES)
+                        if not scope or f.startswith(scope + ".")
+                    }
+                )
                 add(path, f"unknown field {dotted} (allowed in {where}: {', '.join(allowed)})")
 
     walk(raw, ())
@@ -297,7 +303,10 @@ def validate(raw: dict, text: str) -> list[tuple[int, str]]:
     found, rates = get(("compute", "throughput"))
     if found:
         if not isinstance(rates, dict):
-            add(("compute", "throughput"), f"compute.throughput must be a table (got {_type_name(rates)} {rates!r})")
+            add(
+                ("compute", "throughput"),
+                f"compute.throughput must be a table (got {_type_name(rates)} {rates!r})",
+            )
         else:
             for e, v in rates.items():
                 path = ("compute", "throughput", e)
@@ -308,13 +317,22 @@ def validate(raw: dict, text: str) -> list[tuple[int, str]]:
                 else:
                     for dt, x in v.items():
                         if dt not in DTYPES:
-                            add(path, f"compute.throughput.{e}.{dt}: unknown dtype (dtypes: {', '.join(DTYPES)})")
+                            add(
+                                path,
+                                f"compute.throughput.{e}.{dt}: unknown dtype (dtypes: {', '.join(DTYPES)})",
+                            )
                         elif not _kind_ok(NUMBER, x) or not math.isfinite(x) or x <= 0:
-                            add(path, f"compute.throughput.{e}.{dt} must be a positive number (GFLOP/s; got {x!r})")
+                            add(
+                                path,
+                                f"compute.throughput.{e}.{dt} must be a positive number (GFLOP/s; got {x!r})",
+                            )
     found, over = get(("compute", "op_overhead_us"))
     if found:
         if not isinstance(over, dict):
-            add(("compute", "op_overhead_us"), f"compute.op_overhead_us must be a table (got {_type_name(over)} {over!r})")
+            add(
+                ("compute", "op_overhead_us"),
+                f"compute.op_overhead_us must be a table (got {_type_name(over)} {over!r})",
+            )
         else:
             for r, x in over.items():
                 path = ("compute", "op_overhead_us", r)
@@ -344,16 +362,24 @@ def validate(raw: dict, text: str) -> list[tuple[int, str]]:
     if not problems:
         m = raw["memory"]
         if m["budget_gib"] > m["ram_gib"]:
-            add(("memory", "budget_gib"), "memory.budget_gib must be <= memory.ram_gib "
-                f"(got {m['budget_gib']} > {m['ram_gib']})")
+            add(
+                ("memory", "budget_gib"),
+                f"memory.budget_gib must be <= memory.ram_gib (got {m['budget_gib']} > {m['ram_gib']})",
+            )
         fixed_mib = m["runtime_overhead_mib"] + m["cuda_context_mib"] + m["safety_margin_mib"]
         if fixed_mib * MIB >= m["budget_gib"] * GIB:
-            add(("memory", "budget_gib"), "memory.budget_gib must exceed the fixed overheads "
-                f"(runtime_overhead_mib + cuda_context_mib + safety_margin_mib = {fixed_mib} MiB)")
+            add(
+                ("memory", "budget_gib"),
+                "memory.budget_gib must exceed the fixed overheads "
+                f"(runtime_overhead_mib + cuda_context_mib + safety_margin_mib = {fixed_mib} MiB)",
+            )
         default = raw["compute"]["default_dtype"]
         if not any(default in v for v in raw["compute"]["dtypes"].values()):
-            add(("compute", "default_dtype"), f"compute.default_dtype {default!r} must be listed by "
-                "at least one engine in [compute.dtypes]")
+            add(
+                ("compute", "default_dtype"),
+                f"compute.default_dtype {default!r} must be listed by "
+                "at least one engine in [compute.dtypes]",
+            )
     return [(line, msg) for _, line, msg in sorted(problems, key=lambda p: p[:2])]
 
 

@@ -69,9 +69,13 @@ class PatchSchedule:
         if num_images < 1:
             raise PlanError("the schedule needs at least one image")
         if not (0 < s_min <= s_max) or s_min % granularity or s_max % granularity:
-            raise PlanError(f"need 0 < s_min <= s_max, both multiples of {granularity} (got {s_min}, {s_max})")
+            raise PlanError(
+                f"need 0 < s_min <= s_max, both multiples of {granularity} (got {s_min}, {s_max})"
+            )
         if rng != RNG:
-            raise PlanError(f"the schedule's generator {rng!r} is not this runtime's ({RNG}); export the bundle again")
+            raise PlanError(
+                f"the schedule's generator {rng!r} is not this runtime's ({RNG}); export the bundle again"
+            )
         k_sched = counter_rng.key(seed, counter_rng.SCHEDULE_STREAM)
         entries = []
         for k in range(num_samples):
@@ -95,8 +99,16 @@ class PatchSchedule:
                 )
             )
         meta = dict(
-            num_images=num_images, s_min=s_min, s_max=s_max, granularity=granularity, seed=seed,
-            patch_sampling=patch_sampling, shift=shift, T=T, resize="area", rng=RNG,
+            num_images=num_images,
+            s_min=s_min,
+            s_max=s_max,
+            granularity=granularity,
+            seed=seed,
+            patch_sampling=patch_sampling,
+            shift=shift,
+            T=T,
+            resize="area",
+            rng=RNG,
         )
         return cls(entries, meta)
 

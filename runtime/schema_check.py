@@ -27,8 +27,15 @@ from blockskip.runtime.errors import BlockSkipError
 __all__ = ["DocumentError", "check", "load_json", "parse_json", "problem"]
 
 _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
-_A = {"object": "an object", "array": "an array", "string": "a string", "boolean": "true or false", "null": "null",
-      "integer": "an integer", "number": "a number"}
+_A = {
+    "object": "an object",
+    "array": "an array",
+    "string": "a string",
+    "boolean": "true or false",
+    "null": "null",
+    "integer": "an integer",
+    "number": "a number",
+}
 
 
 class DocumentError(Exception):
@@ -87,13 +94,21 @@ def _describe(s: dict, defs: dict) -> str:
     types = t if isinstance(t, list) else [t] if t else []
     words = " or ".join(_A[x] for x in types) or "a value"
     bounds = []
-    for key, op in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<")):
+    for key, op in (
+        ("minimum", ">="),
+        ("exclusiveMinimum", ">"),
+        ("maximum", "<="),
+        ("exclusiveMaximum", "<"),
+    ):
         if key in s:
             bounds.append(f"{op} {_fmt(s[key])}")
     if "minItems" in s or "maxItems" in s:
         lo, hi = s.get("minItems", 0), s.get("maxItems")
-        bounds.append(f"of {lo} items" if lo == hi else f"of at least {lo}" + (f" and at most {hi}" if hi else "")
-                      + " items")
+        bounds.append(
+            f"of {lo} items"
+            if lo == hi
+            else f"of at least {lo}" + (f" and at most {hi}" if hi else "") + " items"
+        )
     if "pattern" in s:
         bounds.append(f"matching {s['pattern']}")
     if "items" in s and types == ["array"]:
@@ -102,10 +117,15 @@ def _describe(s: dict, defs: dict) -> str:
 
 
 def _plural(words: str) -> str:
-    for one, many in (("an integer", "integers"), ("a number", "numbers"), ("a string", "strings"),
-                      ("an object", "objects"), ("an array", "arrays")):
+    for one, many in (
+        ("an integer", "integers"),
+        ("a number", "numbers"),
+        ("a string", "strings"),
+        ("an object", "objects"),
+        ("an array", "arrays"),
+    ):
         if words.startswith(one):
-            return many + words[len(one):]
+            return many + words[len(one) :]
     return words
 
 
@@ -136,9 +156,12 @@ class _Checker:
         if "enum" in s and not any(_same(value, v) for v in s["enum"]):
             return self.fail(parts, s, value)
         if _is_type(value, "number"):
-            if ("minimum" in s and value < s["minimum"]) or ("maximum" in s and value > s["maximum"]) or (
-                    "exclusiveMinimum" in s and value <= s["exclusiveMinimum"]) or (
-                    "exclusiveMaximum" in s and value >= s["exclusiveMaximum"]):
+            if (
+                ("minimum" in s and value < s["minimum"])
+                or ("maximum" in s and value > s["maximum"])
+                or ("exclusiveMinimum" in s and value <= s["exclusiveMinimum"])
+                or ("exclusiveMaximum" in s and value >= s["exclusiveMaximum"])
+            ):
                 return self.fail(parts, s, value)
         if isinstance(value, str):
             if "pattern" in s and not _matches(s["pattern"], value):
@@ -256,7 +279,7 @@ def _rule(check: str, a: list, b: list, doc) -> str | None:  # noqa: C901
     target = _select(doc, b)
     if not target:
         return None
-    (bp, bv), = target
+    ((bp, bv),) = target
     bn = _path(bp)
     for ap, av in _select(doc, a):
         an = _path(ap)

@@ -47,8 +47,22 @@ from blockskip.runtime.formats import (  # the programs' calling convention; the
 )
 from blockskip.runtime.tensorfile import TensorFile
 
-__all__ = ["CONST", "GRAD", "GRAD_IN", "LORA", "LORA_GRAD", "OUT", "STATE", "WEIGHT", "StreamSpec", "StreamedSpan",
-           "Stash", "WeightSource", "peft_name", "strip"]
+__all__ = [
+    "CONST",
+    "GRAD",
+    "GRAD_IN",
+    "LORA",
+    "LORA_GRAD",
+    "OUT",
+    "STATE",
+    "WEIGHT",
+    "StreamSpec",
+    "StreamedSpan",
+    "Stash",
+    "WeightSource",
+    "peft_name",
+    "strip",
+]
 
 
 class StreamSpec:
@@ -68,20 +82,31 @@ class StreamSpec:
         self.precompute: list[tuple[int, str]] = [(int(b), s) for b, s in sec["precompute"]]
         for _, s in self.train + self.precompute:
             if s not in self.shapes:
-                raise BundleError(f"the bundle's stream section names an unknown block shape {s!r}; export again")
+                raise BundleError(
+                    f"the bundle's stream section names an unknown block shape {s!r}; export again"
+                )
 
     def program(self, shape: str, role: str) -> dict:
         try:
             return self.shapes[shape]["programs"][role]
         except KeyError:
-            raise BundleError(f"the bundle has no {role} program for block shape {shape!r}; export again") from None
+            raise BundleError(
+                f"the bundle has no {role} program for block shape {shape!r}; export again"
+            ) from None
 
     def lora_rel(self, shape: str) -> list[str]:
-        return [r["name"][len(LORA):] for r in self.program(shape, "forward")["inputs"] if r["name"].startswith(LORA)]
+        return [
+            r["name"][len(LORA) :]
+            for r in self.program(shape, "forward")["inputs"]
+            if r["name"].startswith(LORA)
+        ]
 
     def lora_shapes(self, shape: str) -> dict[str, list[int]]:
-        return {r["name"][len(LORA):]: r["shape"] for r in self.program(shape, "forward")["inputs"]
-                if r["name"].startswith(LORA)}
+        return {
+            r["name"][len(LORA) :]: r["shape"]
+            for r in self.program(shape, "forward")["inputs"]
+            if r["name"].startswith(LORA)
+        }
 
     def block_file(self, i: int) -> str:
         rel = self.files[i] if i < len(self.files) else None
@@ -99,7 +124,7 @@ def peft_name(block_path: str, rel: str) -> str:
 def strip(arrays: dict[str, np.ndarray], prefix: str) -> Arrays:
     """Block-file tensors (full names) -> relative names."""
     p = prefix + "." if prefix else ""
-    return {k[len(p):]: v for k, v in arrays.items() if k.startswith(p)}
+    return {k[len(p) :]: v for k, v in arrays.items() if k.startswith(p)}
 
 
 class WeightSource:
@@ -211,7 +236,9 @@ class StreamedSpan:
             raise BundleError("the bundle's initial LoRA does not match its trained blocks; export it again")
         self.grads: dict[str, np.ndarray] | None = None
         o = plan
-        self.optimizer = AdamW(AdamWConfig(lr=o.lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=o.weight_decay))
+        self.optimizer = AdamW(
+            AdamWConfig(lr=o.lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=o.weight_decay)
+        )
         self.stash_dir = stash_dir if plan.stash == "disk" else None
         if self.stash_dir is not None and self.stash_dir.is_dir():  # a killed run's leftovers
             for old in self.stash_dir.glob("stash-*"):
@@ -226,8 +253,8 @@ class StreamedSpan:
         return {rel: self.params[p] for rel, p in names.items()}
 
     def loss_and_grad(self, entry: dict, scale: float) -> float:
-        state = {k[len(ENTRY_IN):]: v for k, v in entry.items() if k.startswith(ENTRY_IN)}
-        consts = {k[len(ENTRY_CONST):]: v for k, v in entry.items() if k.startswith(ENTRY_CONST)}
+        state = {k[len(ENTRY_IN) :]: v for k, v in entry.items() if k.startswith(ENTRY_IN)}
+        consts = {k[len(ENTRY_CONST) :]: v for k, v in entry.items() if k.startswith(ENTRY_CONST)}
         seq = [i for i, _, _ in self.blocks]
         self.weights.plan(seq + seq[::-1])
         folder = None
@@ -248,8 +275,12 @@ class StreamedSpan:
                     d = entry.get(delta_key(i + 1, name))
                     if d is not None:
                         state[name] = state[name] + d
-            loss, g_hidden = self.be.head(state[STATE_HIDDEN], consts, entry[ENTRY_TARGET], scale, self.head_w)
-            grads = {name: (g_hidden if name == STATE_HIDDEN else np.zeros_like(v)) for name, v in state.items()}
+            loss, g_hidden = self.be.head(
+                state[STATE_HIDDEN], consts, entry[ENTRY_TARGET], scale, self.head_w
+            )
+            grads = {
+                name: (g_hidden if name == STATE_HIDDEN else np.zeros_like(v)) for name, v in state.items()
+            }
             del state
             acc = self.grads if self.grads is not None else {}
             for k in range(len(self.blocks) - 1, -1, -1):
@@ -274,8 +305,8 @@ class StreamedSpan:
 
     def eval_loss(self, entry: dict) -> float:
         """The loss of one entry with the current LoRA (forward sweep and head only)."""
-        state = {k[len(ENTRY_IN):]: v for k, v in entry.items() if k.startswith(ENTRY_IN)}
-        consts = {k[len(ENTRY_CONST):]: v for k, v in entry.items() if k.startswith(ENTRY_CONST)}
+        state = {k[len(ENTRY_IN) :]: v for k, v in entry.items() if k.startswith(ENTRY_IN)}
+        consts = {k[len(ENTRY_CONST) :]: v for k, v in entry.items() if k.startswith(ENTRY_CONST)}
         self.weights.plan([i for i, _, _ in self.blocks])
         for i, sid, names in self.blocks:
             state = self.be.forward(sid, state, consts, self.weights.get(i), self._lora(names))
@@ -303,23 +334,31 @@ class StreamedSpan:
         return out
 
     def restore(self, tensors: dict[str, np.ndarray], path) -> None:
-        saved = {k[len(PARAM):] for k in tensors if k.startswith(PARAM)}
+        saved = {k[len(PARAM) :] for k in tensors if k.startswith(PARAM)}
         if saved != set(self.params):
             raise BlockSkipError(f"checkpoint {path} does not belong to this bundle's plan; use another -o")
         for n, p in self.params.items():
             v = tensors[PARAM + n]
             if v.shape != p.shape:
-                raise BlockSkipError(f"checkpoint {path} does not belong to this bundle's plan; use another -o")
+                raise BlockSkipError(
+                    f"checkpoint {path} does not belong to this bundle's plan; use another -o"
+                )
             p[...] = v
             keys = [opt_key(k, n) for k in ADAMW_STATE]
             if all(k in tensors for k in keys):
-                self.optimizer.state[n] = {"step": np.array(tensors[keys[0]], np.float32).reshape(1),
-                                           "exp_avg": np.array(tensors[keys[1]], np.float32),
-                                           "exp_avg_sq": np.array(tensors[keys[2]], np.float32)}
+                self.optimizer.state[n] = {
+                    "step": np.array(tensors[keys[0]], np.float32).reshape(1),
+                    "exp_avg": np.array(tensors[keys[1]], np.float32),
+                    "exp_avg_sq": np.array(tensors[keys[2]], np.float32),
+                }
 
     def info(self) -> dict:
-        return {"span": "streamed", "block_backend": self.be.name, "weight_file_reads": self.weights.reads,
-                "storage": self.spec.storage}
+        return {
+            "span": "streamed",
+            "block_backend": self.be.name,
+            "weight_file_reads": self.weights.reads,
+            "storage": self.spec.storage,
+        }
 
     def save_checkpoint(self, path: Path, step: int, log: dict) -> None:
         write_checkpoint(path, self.checkpoint_tensors(), step, log)
@@ -332,4 +371,3 @@ class StreamedSpan:
     def close(self) -> None:
         self.weights.close()
         self.be.release()
-

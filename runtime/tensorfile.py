@@ -19,8 +19,13 @@ from blockskip.runtime.errors import BundleError
 
 # safetensors dtype -> (numpy dtype, our dtype name)
 DTYPES = {
-    "F32": (np.float32, "float32"), "F16": (np.float16, "float16"), "BF16": (np.uint16, "bfloat16"),
-    "I8": (np.int8, "int8"), "U8": (np.uint8, "uint8"), "I32": (np.int32, "int32"), "I64": (np.int64, "int64"),
+    "F32": (np.float32, "float32"),
+    "F16": (np.float16, "float16"),
+    "BF16": (np.uint16, "bfloat16"),
+    "I8": (np.int8, "int8"),
+    "U8": (np.uint8, "uint8"),
+    "I32": (np.int32, "int32"),
+    "I64": (np.int64, "int64"),
     "F64": (np.float64, "float64"),
 }
 NAMES = {v[1]: k for k, v in DTYPES.items()}
@@ -63,7 +68,7 @@ class TensorFile:
         self.header: dict[str, dict] = header  # name -> dtype, shape, data_offsets
         self.data_start = 8 + hlen
         self.buffer = buf
-        data = view[8 + hlen:]
+        data = view[8 + hlen :]
         self.arrays: dict[str, np.ndarray] = {}
         self.dtypes: dict[str, str] = {}
         for name, rec in header.items():
@@ -116,7 +121,11 @@ def read_header(path: str | Path, metadata: bool = False) -> tuple[dict[str, dic
     for name, rec in header.items():
         try:
             a, b = (int(x) for x in rec["data_offsets"])
-            ok = rec["dtype"] in DTYPES and 0 <= a <= b <= size - 8 - hlen and all(int(d) >= 0 for d in rec["shape"])
+            ok = (
+                rec["dtype"] in DTYPES
+                and 0 <= a <= b <= size - 8 - hlen
+                and all(int(d) >= 0 for d in rec["shape"])
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{path}: tensor {name!r} has a malformed header entry ({e})") from e
         count = int(np.prod([int(d) for d in rec["shape"]])) if rec["shape"] else 1
@@ -128,8 +137,12 @@ def read_header(path: str | Path, metadata: bool = False) -> tuple[dict[str, dic
 
 
 # floating dtype -> (the unsigned integer of its width, the exponent bits: all set means Inf or NaN)
-_EXPONENT = {"F32": (np.uint32, 0x7F800000), "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80),
-             "F64": (np.uint64, 0x7FF0000000000000)}
+_EXPONENT = {
+    "F32": (np.uint32, 0x7F800000),
+    "F16": (np.uint16, 0x7C00),
+    "BF16": (np.uint16, 0x7F80),
+    "F64": (np.uint64, 0x7FF0000000000000),
+}
 
 
 def first_nonfinite(path: str | Path, chunk: int = 1 << 20) -> str | None:
@@ -151,7 +164,9 @@ def first_nonfinite(path: str | Path, chunk: int = 1 << 20) -> str | None:
                 left -= len(piece)
                 if not piece or len(piece) % item:
                     raise BundleError(f"{path} is truncated")
-                if np.any(np.frombuffer(piece, dtype=np.dtype(uint).newbyteorder("<")) & uint(bits) == uint(bits)):
+                if np.any(
+                    np.frombuffer(piece, dtype=np.dtype(uint).newbyteorder("<")) & uint(bits) == uint(bits)
+                ):
                     return name
     return None
 
@@ -161,10 +176,23 @@ def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
 
 
 # numpy dtype -> safetensors dtype, for writing (a BF16 tensor is written from a torch tensor)
-_CODES = {np.dtype(t): code for t, code in (
-    (np.float64, "F64"), (np.float32, "F32"), (np.float16, "F16"), (np.int64, "I64"), (np.int32, "I32"),
-    (np.int16, "I16"), (np.int8, "I8"), (np.uint64, "U64"), (np.uint32, "U32"), (np.uint16, "U16"),
-    (np.uint8, "U8"), (np.bool_, "BOOL"))}
+_CODES = {
+    np.dtype(t): code
+    for t, code in (
+        (np.float64, "F64"),
+        (np.float32, "F32"),
+        (np.float16, "F16"),
+        (np.int64, "I64"),
+        (np.int32, "I32"),
+        (np.int16, "I16"),
+        (np.int8, "I8"),
+        (np.uint64, "U64"),
+        (np.uint32, "U32"),
+        (np.uint16, "U16"),
+        (np.uint8, "U8"),
+        (np.bool_, "BOOL"),
+    )
+}
 
 
 def _as_array(name: str, t) -> tuple[str, np.ndarray]:
@@ -205,7 +233,11 @@ def _canonical(tensors: dict, metadata: dict[str, str] | None) -> tuple[bytes, d
     arrays = {name: _as_array(name, tensors[name]) for name in sorted(tensors)}
     entries, offset = {}, 0
     for name, (code, a) in arrays.items():
-        entries[name] = {"dtype": code, "shape": [int(d) for d in a.shape], "data_offsets": [offset, offset + a.nbytes]}
+        entries[name] = {
+            "dtype": code,
+            "shape": [int(d) for d in a.shape],
+            "data_offsets": [offset, offset + a.nbytes],
+        }
         offset += a.nbytes
     return canonical_header(entries, metadata), arrays
 

@@ -41,15 +41,16 @@ def tile_shapes(size: int, ratio: int, stride: int = STRIDE) -> list[tuple[int, 
 
 
 def _tile(image: np.ndarray, i: int, j: int, ratio: int, tile: int = TILE) -> np.ndarray:
-    t = image[:, :, i:i + tile, j:j + tile]
+    t = image[:, :, i : i + tile, j : j + tile]
     ph, pw = (ratio - t.shape[2]) % ratio, (ratio - t.shape[3]) % ratio
     if ph or pw:
         t = np.pad(t, ((0, 0), (0, 0), (0, ph), (0, pw)))
     return np.ascontiguousarray(t, dtype=np.float32)
 
 
-def blend_tiles(rows: list[list[np.ndarray]], height: int, width: int, ratio: int, tile: int = TILE,
-                stride: int = STRIDE) -> np.ndarray:
+def blend_tiles(
+    rows: list[list[np.ndarray]], height: int, width: int, ratio: int, tile: int = TILE, stride: int = STRIDE
+) -> np.ndarray:
     """Latent tiles (row-major, as ``tile_spans`` lays them out) -> the photo's latent."""
     lat_tile, lat_stride = tile // ratio, stride // ratio
     blend = lat_tile - lat_stride
@@ -69,20 +70,34 @@ def blend_tiles(rows: list[list[np.ndarray]], height: int, width: int, ratio: in
                     t[:, :, :, x] = a[:, :, :, -e + x] * (1 - x / e) + t[:, :, :, x] * (x / e)
             parts.append(t[:, :, :lat_stride, :lat_stride])
         out_rows.append(np.concatenate(parts, axis=3))
-    return np.concatenate(out_rows, axis=2)[:, :, :height // ratio, :width // ratio]
+    return np.concatenate(out_rows, axis=2)[:, :, : height // ratio, : width // ratio]
 
 
-def encode_tiled(image: np.ndarray, encode: Callable[[np.ndarray], np.ndarray], ratio: int, tile: int = TILE,
-                 stride: int = STRIDE) -> np.ndarray:
+def encode_tiled(
+    image: np.ndarray,
+    encode: Callable[[np.ndarray], np.ndarray],
+    ratio: int,
+    tile: int = TILE,
+    stride: int = STRIDE,
+) -> np.ndarray:
     """[1,3,H,W] -> [1,C,H/ratio,W/ratio]; ``encode`` maps one tile [1,3,h,w] to its latent."""
     _, _, height, width = image.shape
-    rows = [[np.array(encode(_tile(image, i, j, ratio, tile)), dtype=np.float32)
-             for j, _ in tile_spans(width, ratio, tile, stride)] for i, _ in tile_spans(height, ratio, tile, stride)]
+    rows = [
+        [
+            np.array(encode(_tile(image, i, j, ratio, tile)), dtype=np.float32)
+            for j, _ in tile_spans(width, ratio, tile, stride)
+        ]
+        for i, _ in tile_spans(height, ratio, tile, stride)
+    ]
     return blend_tiles(rows, height, width, ratio, tile, stride)
 
 
-def encode_photos(sec: dict, images: np.ndarray, load: Callable[[str], object],
-                  run: Callable[[object, np.ndarray], np.ndarray]) -> np.ndarray:
+def encode_photos(
+    sec: dict,
+    images: np.ndarray,
+    load: Callable[[str], object],
+    run: Callable[[object, np.ndarray], np.ndarray],
+) -> np.ndarray:
     """Photos [N,3,S,S] -> latents with a format's encoder programs (the manifest record ``sec``):
     ``load(relative file)`` opens a program, ``run(program, [1,3,h,w])`` runs it. In tiles when ``sec``
     says so: one tile shape at a time over every photo, so one program (its weights and its one-tile
@@ -93,7 +108,9 @@ def encode_photos(sec: dict, images: np.ndarray, load: Callable[[str], object],
     programs = sec.get("programs") or {f"{want[1]}x{want[2]}": {"file": sec["file"]}}
     for im in images:
         if list(im.shape) != want:
-            raise BlockSkipError(f"photo tensor {list(im.shape)} does not match the exported encoder input {want}")
+            raise BlockSkipError(
+                f"photo tensor {list(im.shape)} does not match the exported encoder input {want}"
+            )
 
     def program(key: str):
         if key not in programs:
@@ -103,13 +120,23 @@ def encode_photos(sec: dict, images: np.ndarray, load: Callable[[str], object],
     tiles = sec.get("tiles")
     if not tiles:
         prog = program(f"{want[1]}x{want[2]}")
-        out = [np.asarray(run(prog, np.ascontiguousarray(im[None], dtype=np.float32)), dtype=np.float32)
-               for im in images]
+        out = [
+            np.asarray(run(prog, np.ascontiguousarray(im[None], dtype=np.float32)), dtype=np.float32)
+            for im in images
+        ]
         del prog
         return np.concatenate(out)
-    tile, stride, ratio, (_, height, width) = int(tiles["tile"]), int(tiles["stride"]), int(tiles["ratio"]), want
-    grid = [(r, c, i, j, f"{hi}x{wj}") for r, (i, hi) in enumerate(tile_spans(height, ratio, tile, stride))
-            for c, (j, wj) in enumerate(tile_spans(width, ratio, tile, stride))]
+    tile, stride, ratio, (_, height, width) = (
+        int(tiles["tile"]),
+        int(tiles["stride"]),
+        int(tiles["ratio"]),
+        want,
+    )
+    grid = [
+        (r, c, i, j, f"{hi}x{wj}")
+        for r, (i, hi) in enumerate(tile_spans(height, ratio, tile, stride))
+        for c, (j, wj) in enumerate(tile_spans(width, ratio, tile, stride))
+    ]
     lat: dict[tuple[int, int, int], np.ndarray] = {}
     for key in dict.fromkeys(k for *_, k in grid):
         prog = program(key)
@@ -119,5 +146,16 @@ def encode_photos(sec: dict, images: np.ndarray, load: Callable[[str], object],
                     lat[n, r, c] = np.array(run(prog, _tile(im[None], i, j, ratio, tile)), dtype=np.float32)
         del prog
     n_rows, n_cols = grid[-1][0] + 1, grid[-1][1] + 1
-    return np.concatenate([blend_tiles([[lat[n, r, c] for c in range(n_cols)] for r in range(n_rows)],
-                                       height, width, ratio, tile, stride) for n in range(len(images))])
+    return np.concatenate(
+        [
+            blend_tiles(
+                [[lat[n, r, c] for c in range(n_cols)] for r in range(n_rows)],
+                height,
+                width,
+                ratio,
+                tile,
+                stride,
+            )
+            for n in range(len(images))
+        ]
+    )

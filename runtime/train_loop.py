@@ -15,8 +15,19 @@ def entry_order(num_entries: int, steps: int, grad_accum: int) -> list[int]:
     return [(s * grad_accum + j) % num_entries for s in range(steps) for j in range(grad_accum)]
 
 
-def run_steps(cache: ResidualCache, plan, log: dict, bar, *, start: int, end: int, load_entry, micro_step,
-              update, save_checkpoint) -> None:
+def run_steps(
+    cache: ResidualCache,
+    plan,
+    log: dict,
+    bar,
+    *,
+    start: int,
+    end: int,
+    load_entry,
+    micro_step,
+    update,
+    save_checkpoint,
+) -> None:
     """Optimizer steps [start, end). ``micro_step(entry)`` runs forward + backward of one entry (the
     backend scales its gradient by 1/grad_accum) and returns the unscaled loss; ``update()`` applies the
     optimizer; ``save_checkpoint(step)`` is called every ``checkpoint_every`` steps and at the last one.
@@ -36,8 +47,13 @@ def run_steps(cache: ResidualCache, plan, log: dict, bar, *, start: int, end: in
             update()
             log["losses"].append(total)
             log["step_seconds"].append(time.perf_counter() - t0)
-            bar.update(1, loss=f"{total:.4f}", peak=f"{peak_rss_mib():.0f}MiB", _loss=total,
-                       _seconds=log["step_seconds"][-1])
+            bar.update(
+                1,
+                loss=f"{total:.4f}",
+                peak=f"{peak_rss_mib():.0f}MiB",
+                _loss=total,
+                _seconds=log["step_seconds"][-1],
+            )
             if (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.steps:
                 save_checkpoint(step + 1)
         if nxt is not None:

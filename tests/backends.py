@@ -33,12 +33,26 @@ class Harness:
         return run_precompute(bundle_dir, photos, cache_dir, backend=self.backend, quiet=True)
 
     def train(self, bundle_dir, cache_dir, out_dir, stop_after=None) -> dict:
-        return run_train(bundle_dir, cache_dir, out_dir, backend=self.backend, quiet=True, stop_after=stop_after)
+        return run_train(
+            bundle_dir, cache_dir, out_dir, backend=self.backend, quiet=True, stop_after=stop_after
+        )
 
     def command(self, bundle_dir, cache_dir, out_dir) -> list[str]:
         """The training command line (a fresh process: the kill -9 test)."""
-        return [sys.executable, "-m", "blockskip.device_train.cli", "train", str(bundle_dir), "--cache",
-                str(cache_dir), "-o", str(out_dir), "--backend", self.backend, "--quiet"]
+        return [
+            sys.executable,
+            "-m",
+            "blockskip.device_train.cli",
+            "train",
+            str(bundle_dir),
+            "--cache",
+            str(cache_dir),
+            "-o",
+            str(out_dir),
+            "--backend",
+            self.backend,
+            "--quiet",
+        ]
 
     def trainer(self, bundle_dir, out_dir):
         from blockskip.runtime.backends import get_backend
@@ -71,8 +85,9 @@ class NativeHarness(Harness):
         import json
 
         extra = ["--stop-after", str(stop_after)] if stop_after is not None else []
-        r = subprocess.run(self.command(bundle_dir, cache_dir, out_dir) + extra, capture_output=True, text=True,
-                           timeout=600)
+        r = subprocess.run(
+            self.command(bundle_dir, cache_dir, out_dir) + extra, capture_output=True, text=True, timeout=600
+        )
         assert r.returncode == 0, f"native runner failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
         return json.loads((Path(out_dir) / "train_log.json").read_text())
 
@@ -80,7 +95,9 @@ class NativeHarness(Harness):
         return [str(NATIVE), str(bundle_dir), "--cache", str(cache_dir), "-o", str(out_dir), "--quiet"]
 
 
-HARNESSES = {h.name: h for h in (TorchHarness(), OrtHarness(), EtHarness(), XnnpackHarness(), NativeHarness())}
+HARNESSES = {
+    h.name: h for h in (TorchHarness(), OrtHarness(), EtHarness(), XnnpackHarness(), NativeHarness())
+}
 
 
 def native_available() -> bool:

@@ -39,7 +39,9 @@ def test_loads_as_a_diffusers_flux_model_with_its_mapping(lm):
         torch.testing.assert_close(lm.transformer.state_dict()[k], v.float())
     text = lm.encode_prompt("a red circle on a blue background")
     assert text["prompt_embeds"].shape == (1, tiny.TEXT["tokens"], 64)
-    assert not torch.equal(text["prompt_embeds"], lm.encode_prompt("a blue circle on a red background")["prompt_embeds"])
+    assert not torch.equal(
+        text["prompt_embeds"], lm.encode_prompt("a blue circle on a red background")["prompt_embeds"]
+    )
 
 
 def test_it_learned_its_data(lm):
@@ -66,8 +68,17 @@ def test_it_learned_its_data(lm):
 
 def _sample(lm, prompt, seeds=(0, 1)):
     how = sampling_defaults(lm)
-    lat = sample_latents(lm.family, lm.transformer, lm.encode_prompt(prompt), latent_side=16, channels=16,
-                         seeds=list(seeds), steps=12, uncond=lm.encode_prompt(""), **how)
+    lat = sample_latents(
+        lm.family,
+        lm.transformer,
+        lm.encode_prompt(prompt),
+        latent_side=16,
+        channels=16,
+        seeds=list(seeds),
+        steps=12,
+        uncond=lm.encode_prompt(""),
+        **how,
+    )
     return decode(lm.encoder, lat)
 
 
@@ -84,8 +95,17 @@ def test_guidance_needs_the_empty_prompt_and_cfg_one_is_plain(lm):
     with pytest.raises(ValueError, match="uncond"):
         sample_latents(lm.family, lm.transformer, t, latent_side=8, channels=16, seeds=[0], steps=2, cfg=2.0)
     a = sample_latents(lm.family, lm.transformer, t, latent_side=8, channels=16, seeds=[0], steps=2)
-    b = sample_latents(lm.family, lm.transformer, t, latent_side=8, channels=16, seeds=[0], steps=2, cfg=1.0,
-                       uncond=lm.encode_prompt(""))
+    b = sample_latents(
+        lm.family,
+        lm.transformer,
+        t,
+        latent_side=8,
+        channels=16,
+        seeds=[0],
+        steps=2,
+        cfg=1.0,
+        uncond=lm.encode_prompt(""),
+    )
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -105,14 +125,35 @@ def test_skip_ratio_takes_the_selection_table_split(tmp_path, monkeypatch, capsy
     table = {"model": "tiny", "num_blocks": 9, "ratios": {"0.3": {"front": 3, "back": 0, "scores": {}}}}
     monkeypatch.setattr(sel, "SELECTION_DIR", tmp_path / "sel")
     sel.write_table(table, tmp_path / "sel" / "tiny.json")
-    rc = cli.main(["--model", "tiny", "--profile", "desktop-cpu", "--prompt", "a photo of sks cat", "--skip-ratio",
-                   "0.3", "--rank", "4", "--base-quant", "none", "--checkpointing", "off", "--samples", "2",
-                   "-o", str(tmp_path / "b")])
+    rc = cli.main(
+        [
+            "--model",
+            "tiny",
+            "--profile",
+            "desktop-cpu",
+            "--prompt",
+            "a photo of sks cat",
+            "--skip-ratio",
+            "0.3",
+            "--rank",
+            "4",
+            "--base-quant",
+            "none",
+            "--checkpointing",
+            "off",
+            "--samples",
+            "2",
+            "-o",
+            str(tmp_path / "b"),
+        ]
+    )
     assert rc == 0
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert (manifest["plan"]["front_skip"], manifest["plan"]["back_skip"]) == (3, 0)
     assert "selection table" in capsys.readouterr().err
-    rc = cli.main(["--model", "tiny", "--prompt", "x", "--skip-ratio", "0.3", "-n", "1", "-o", str(tmp_path / "c")])
+    rc = cli.main(
+        ["--model", "tiny", "--prompt", "x", "--skip-ratio", "0.3", "-n", "1", "-o", str(tmp_path / "c")]
+    )
     assert rc == 2 and "--skip-ratio" in capsys.readouterr().err
 
 
@@ -127,4 +168,6 @@ def test_demo_photos_are_the_chelsea_views(tmp_path):
     held = sorted((tmp_path / "h").glob("*.png"))
     assert len(train) >= 6 and len(held) >= 3
     a = {np.asarray(Image.open(p)).tobytes() for p in train}
-    assert not a & {np.asarray(Image.open(p)).tobytes() for p in held}  # held-out views are not training views
+    assert not a & {
+        np.asarray(Image.open(p)).tobytes() for p in held
+    }  # held-out views are not training views

@@ -21,8 +21,22 @@ EXPORT = "blockskip-export"
 TRAIN = "device-train"
 MAINS = {EXPORT: export_main, TRAIN: train_main}
 MODULES = {EXPORT: "blockskip.export.cli", TRAIN: "blockskip.device_train.cli"}
-GOOD_EXPORT = ["--model", "tiny-random", "--profile", "desktop-cpu", "--prompt", "a photo of sks cat",
-               "-n", "1", "-m", "2", "--samples", "4", "--steps", "2"]
+GOOD_EXPORT = [
+    "--model",
+    "tiny-random",
+    "--profile",
+    "desktop-cpu",
+    "--prompt",
+    "a photo of sks cat",
+    "-n",
+    "1",
+    "-m",
+    "2",
+    "--samples",
+    "4",
+    "--steps",
+    "2",
+]
 
 
 def make_photos(folder: Path, n: int = 3, seed: int = 0) -> Path:
@@ -58,8 +72,9 @@ def call(prog: str, argv, capsys) -> tuple[int, str, str]:
 
 
 def run_sub(prog: str, argv) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", MODULES[prog], *map(str, argv)], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", MODULES[prog], *map(str, argv)], capture_output=True, text=True, timeout=120
+    )
 
 
 def assert_user_error(rc: int, err: str, prog: str, *words: str) -> str:
@@ -130,7 +145,9 @@ def test_export_debug_shows_the_traceback(tmp_path):
 
 
 def test_export_model_folder_that_does_not_exist(tmp_path, capsys):
-    rc, _, err = call(EXPORT, [*GOOD_EXPORT, "--model", tmp_path / "no-such-model", "-o", tmp_path / "b"], capsys)
+    rc, _, err = call(
+        EXPORT, [*GOOD_EXPORT, "--model", tmp_path / "no-such-model", "-o", tmp_path / "b"], capsys
+    )
     assert_user_error(rc, err, EXPORT, "no-such-model", "not a diffusers model folder", "--model tiny")
 
 
@@ -143,7 +160,9 @@ def test_export_folder_that_is_not_a_diffusers_model(tmp_path, capsys):
 
 def test_export_unsupported_transformer_class(tmp_path, capsys):
     (tmp_path / "m" / "transformer").mkdir(parents=True)
-    (tmp_path / "m" / "transformer" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    (tmp_path / "m" / "transformer" / "config.json").write_text(
+        json.dumps({"_class_name": "UNet2DConditionModel"})
+    )
     rc, _, err = call(EXPORT, [*GOOD_EXPORT, "--model", tmp_path / "m", "-o", tmp_path / "b"], capsys)
     assert_user_error(rc, err, EXPORT, "UNet2DConditionModel", "FluxTransformer2DModel")
 
@@ -159,7 +178,9 @@ def test_export_model_folder_with_a_corrupt_config(tmp_path, capsys):
 def test_export_model_folder_without_weights(tmp_path, capsys):
     """A config without weights is a ModelError, with no diffusers log lines before it."""
     (tmp_path / "m" / "transformer").mkdir(parents=True)
-    (tmp_path / "m" / "transformer" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
+    (tmp_path / "m" / "transformer" / "config.json").write_text(
+        json.dumps({"_class_name": "FluxTransformer2DModel"})
+    )
     rc, _, err = call(EXPORT, [*GOOD_EXPORT, "--model", tmp_path / "m", "-o", tmp_path / "b"], capsys)
     assert_user_error(rc, err, EXPORT, "transformer")
 
@@ -171,14 +192,17 @@ def test_export_plan_that_does_not_fit(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("extra,words", [
-    (["--s-min", "128", "--s-max", "64"], ["s_min (128)", "s_max (64)"]),
-    (["--s-min", "42"], ["s_min = 42", "granularity", "try 40"]),
-    (["--trained", "1,x"], ["--trained", "comma-separated"]),
-    (["--trained", "2,9"], ["[9]", "out of range", "0..5"]),
-    (["--targets", "bogus"], ["bogus", "attn.to_q"]),
-    (["--rank", "0"], ["rank"]),
-])
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--s-min", "128", "--s-max", "64"], ["s_min (128)", "s_max (64)"]),
+        (["--s-min", "42"], ["s_min = 42", "granularity", "try 40"]),
+        (["--trained", "1,x"], ["--trained", "comma-separated"]),
+        (["--trained", "2,9"], ["[9]", "out of range", "0..5"]),
+        (["--targets", "bogus"], ["bogus", "attn.to_q"]),
+        (["--rank", "0"], ["rank"]),
+    ],
+)
 def test_export_bad_plan_values(tmp_path, capsys, extra, words):
     rc, _, err = call(EXPORT, [*GOOD_EXPORT, *extra, "-o", tmp_path / "b"], capsys)
     assert_user_error(rc, err, EXPORT, *words)
@@ -227,23 +251,28 @@ def test_existing_bundle_needs_force_and_is_left_intact(bundle_copy, capsys):
 
 
 def test_train_missing_image_folder(work, tmp_path, capsys):
-    rc, _, err = call(TRAIN, ["run", work.bundle, "--images", tmp_path / "nope", "-o", tmp_path / "out", "--quiet"],
-                      capsys)
+    rc, _, err = call(
+        TRAIN, ["run", work.bundle, "--images", tmp_path / "nope", "-o", tmp_path / "out", "--quiet"], capsys
+    )
     assert_user_error(rc, err, TRAIN, "'" + str(tmp_path / "nope") + "'", "does not exist", "--images")
 
 
 def test_train_images_is_a_file(work, tmp_path, capsys):
     (tmp_path / "pic.png").write_bytes(b"x")
-    rc, _, err = call(TRAIN, ["run", work.bundle, "--images", tmp_path / "pic.png", "-o", tmp_path / "out",
-                              "--quiet"], capsys)
+    rc, _, err = call(
+        TRAIN,
+        ["run", work.bundle, "--images", tmp_path / "pic.png", "-o", tmp_path / "out", "--quiet"],
+        capsys,
+    )
     assert_user_error(rc, err, TRAIN, "not a folder", "--images")
 
 
 def test_train_empty_image_folder(work, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not a photo")
-    rc, _, err = call(TRAIN, ["run", work.bundle, "--images", tmp_path / "empty", "-o", tmp_path / "out", "--quiet"],
-                      capsys)
+    rc, _, err = call(
+        TRAIN, ["run", work.bundle, "--images", tmp_path / "empty", "-o", tmp_path / "out", "--quiet"], capsys
+    )
     assert_user_error(rc, err, TRAIN, "no images", ".png")
 
 
@@ -254,8 +283,11 @@ def test_corrupt_photo_is_named_and_nothing_written_is_lost(work, run_copy, tmp_
     rc, _, err = call(TRAIN, ["run", work.bundle, "--images", photos, "-o", run_copy, "--quiet"], capsys)
     assert_user_error(rc, err, TRAIN, "x.png", "cannot read image", "remove or replace")
     assert tree_digest(run_copy) == before  # cache index, shards, checkpoint and LoRA all kept
-    rc, _, err = call(TRAIN, ["precompute", work.bundle, "--images", photos, "--cache", run_copy / "cache",
-                              "--quiet"], capsys)
+    rc, _, err = call(
+        TRAIN,
+        ["precompute", work.bundle, "--images", photos, "--cache", run_copy / "cache", "--quiet"],
+        capsys,
+    )
     assert_user_error(rc, err, TRAIN, "x.png")
     assert tree_digest(run_copy) == before
 
@@ -265,8 +297,9 @@ def test_too_small_photo(work, tmp_path, capsys):
 
     photos = make_photos(tmp_path / "photos", n=1)
     Image.new("RGB", (4, 300)).save(photos / "sliver.png")
-    rc, _, err = call(TRAIN, ["precompute", work.bundle, "--images", photos, "--cache", tmp_path / "c", "--quiet"],
-                      capsys)
+    rc, _, err = call(
+        TRAIN, ["precompute", work.bundle, "--images", photos, "--cache", tmp_path / "c", "--quiet"], capsys
+    )
     assert_user_error(rc, err, TRAIN, "sliver.png", "too small")
 
 
@@ -276,15 +309,17 @@ def test_too_small_photo(work, tmp_path, capsys):
 
 def test_bundle_folder_without_manifest(work, tmp_path, capsys):
     (tmp_path / "b").mkdir()
-    rc, _, err = call(TRAIN, ["run", tmp_path / "b", "--images", work.photos, "-o", tmp_path / "out", "--quiet"],
-                      capsys)
+    rc, _, err = call(
+        TRAIN, ["run", tmp_path / "b", "--images", work.photos, "-o", tmp_path / "out", "--quiet"], capsys
+    )
     assert_user_error(rc, err, TRAIN, "not a bundle", "manifest.json", "blockskip-export")
 
 
 def test_bundle_manifest_not_json(bundle_copy, work, tmp_path, capsys):
     (bundle_copy / "manifest.json").write_text("{torn")
-    rc, _, err = call(TRAIN, ["run", bundle_copy, "--images", work.photos, "-o", tmp_path / "out", "--quiet"],
-                      capsys)
+    rc, _, err = call(
+        TRAIN, ["run", bundle_copy, "--images", work.photos, "-o", tmp_path / "out", "--quiet"], capsys
+    )
     assert_user_error(rc, err, TRAIN, "manifest.json", "not valid JSON")
 
 
@@ -307,19 +342,24 @@ def test_altered_bundle_file_is_refused_by_name(work, bundle_copy, tmp_path, cap
     else:
         path.write_bytes(path.read_bytes() + b"\0")
     # train from the (complete) cache: the manifest is unchanged, so the cache is accepted
-    rc, _, err = call(TRAIN, ["train", bundle_copy, "--cache", work.cache, "-o", tmp_path / "out", "--quiet"],
-                      capsys)
+    rc, _, err = call(
+        TRAIN, ["train", bundle_copy, "--cache", work.cache, "-o", tmp_path / "out", "--quiet"], capsys
+    )
     assert_user_error(rc, err, TRAIN, repr(rel), "sha256")
     assert not (tmp_path / "out" / "lora.safetensors").exists()
     # precompute into a fresh cache reads every block and refuses too
-    rc, _, err = call(TRAIN, ["run", bundle_copy, "--images", work.photos, "-o", tmp_path / "out2", "--quiet"],
-                      capsys)
+    rc, _, err = call(
+        TRAIN, ["run", bundle_copy, "--images", work.photos, "-o", tmp_path / "out2", "--quiet"], capsys
+    )
     assert_user_error(rc, err, TRAIN, repr(rel), "sha256")
 
 
 def test_unknown_backend(work, tmp_path, capsys):
-    rc, _, err = call(TRAIN, ["run", work.bundle, "--images", work.photos, "-o", tmp_path / "out", "--backend",
-                              "onnx", "--quiet"], capsys)
+    rc, _, err = call(
+        TRAIN,
+        ["run", work.bundle, "--images", work.photos, "-o", tmp_path / "out", "--backend", "onnx", "--quiet"],
+        capsys,
+    )
     assert_user_error(rc, err, TRAIN, "'onnx'", "available", "torch")
 
 
@@ -333,29 +373,38 @@ def test_precompute_needs_cache(work, capsys):
 
 
 def test_train_without_cache(work, tmp_path, capsys):
-    rc, _, err = call(TRAIN, ["train", work.bundle, "--cache", tmp_path / "nocache", "-o", tmp_path / "out",
-                              "--quiet"], capsys)
+    rc, _, err = call(
+        TRAIN,
+        ["train", work.bundle, "--cache", tmp_path / "nocache", "-o", tmp_path / "out", "--quiet"],
+        capsys,
+    )
     assert_user_error(rc, err, TRAIN, "device-train precompute")
 
 
 def test_train_with_incomplete_cache(work, tmp_path, capsys):
     cache = Path(shutil.copytree(work.cache, tmp_path / "cache"))
     (cache / "entry_00003.safetensors").unlink()
-    rc, _, err = call(TRAIN, ["train", work.bundle, "--cache", cache, "-o", tmp_path / "out", "--quiet"], capsys)
+    rc, _, err = call(
+        TRAIN, ["train", work.bundle, "--cache", cache, "-o", tmp_path / "out", "--quiet"], capsys
+    )
     assert_user_error(rc, err, TRAIN, "incomplete", "1 of 4", "precompute")
 
 
 def test_train_with_corrupt_cache_index(work, tmp_path, capsys):
     cache = Path(shutil.copytree(work.cache, tmp_path / "cache"))
     (cache / "index.json").write_text('{"source": ')
-    rc, _, err = call(TRAIN, ["train", work.bundle, "--cache", cache, "-o", tmp_path / "out", "--quiet"], capsys)
+    rc, _, err = call(
+        TRAIN, ["train", work.bundle, "--cache", cache, "-o", tmp_path / "out", "--quiet"], capsys
+    )
     assert_user_error(rc, err, TRAIN, "index.json", "corrupt")
 
 
 def test_cache_of_another_bundle_is_refused(work, tmp_path, capsys):
     other = tmp_path / "other"
     assert export_main([*GOOD_EXPORT, "--seed", "3", "-o", str(other)]) == 0
-    rc, _, err = call(TRAIN, ["train", other, "--cache", work.cache, "-o", tmp_path / "out", "--quiet"], capsys)
+    rc, _, err = call(
+        TRAIN, ["train", other, "--cache", work.cache, "-o", tmp_path / "out", "--quiet"], capsys
+    )
     assert_user_error(rc, err, TRAIN, "another bundle")
 
 
@@ -370,12 +419,15 @@ def test_altered_cache_shard_is_detected_then_rebuilt(work, tmp_path, capsys):
     flip_byte(shard)
     others = {p.name: digest(p) for p in cache.glob("entry_*.safetensors") if p != shard}
 
-    rc, _, err = call(TRAIN, ["train", work.bundle, "--cache", cache, "-o", tmp_path / "out", "--quiet"], capsys)
+    rc, _, err = call(
+        TRAIN, ["train", work.bundle, "--cache", cache, "-o", tmp_path / "out", "--quiet"], capsys
+    )
     assert_user_error(rc, err, TRAIN, "entry_00000.safetensors", "sha256", "device-train precompute")
     assert not (tmp_path / "out" / "lora.safetensors").exists()
 
-    rc, out, err = call(TRAIN, ["precompute", work.bundle, "--images", work.photos, "--cache", cache, "--quiet"],
-                        capsys)
+    rc, out, err = call(
+        TRAIN, ["precompute", work.bundle, "--images", work.photos, "--cache", cache, "--quiet"], capsys
+    )
     assert rc == 0, err
     assert "cache ready" in out
     new_index = json.loads((cache / "index.json").read_text())
@@ -387,7 +439,9 @@ def test_altered_cache_shard_is_detected_then_rebuilt(work, tmp_path, capsys):
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-5)
 
-    rc, out, err = call(TRAIN, ["train", work.bundle, "--cache", cache, "-o", tmp_path / "out", "--quiet"], capsys)
+    rc, out, err = call(
+        TRAIN, ["train", work.bundle, "--cache", cache, "-o", tmp_path / "out", "--quiet"], capsys
+    )
     assert rc == 0, err
     assert "LoRA written" in out
     a, b = load_file(work.run / "lora.safetensors"), load_file(tmp_path / "out" / "lora.safetensors")
@@ -400,8 +454,11 @@ def test_altered_cache_shard_is_detected_then_rebuilt(work, tmp_path, capsys):
 def test_output_under_a_regular_file(work, tmp_path, capsys, cmd):
     (tmp_path / "afile").write_text("x")
     out = tmp_path / "afile" / "sub"
-    argv = ["run", work.bundle, "--images", work.photos, "-o", out] if cmd == "run" else \
-        ["train", work.bundle, "--cache", work.cache, "-o", out]
+    argv = (
+        ["run", work.bundle, "--images", work.photos, "-o", out]
+        if cmd == "run"
+        else ["train", work.bundle, "--cache", work.cache, "-o", out]
+    )
     rc, _, err = call(TRAIN, [*argv, "--quiet"], capsys)
     assert_user_error(rc, err, TRAIN, "cannot create", "afile", "-o")
     assert (tmp_path / "afile").read_text() == "x"
@@ -409,8 +466,9 @@ def test_output_under_a_regular_file(work, tmp_path, capsys, cmd):
 
 def test_output_that_is_a_file(work, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
-    rc, _, err = call(TRAIN, ["train", work.bundle, "--cache", work.cache, "-o", tmp_path / "afile", "--quiet"],
-                      capsys)
+    rc, _, err = call(
+        TRAIN, ["train", work.bundle, "--cache", work.cache, "-o", tmp_path / "afile", "--quiet"], capsys
+    )
     assert_user_error(rc, err, TRAIN, "afile", "-o")
     assert (tmp_path / "afile").read_text() == "x"
 

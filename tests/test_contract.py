@@ -35,8 +35,17 @@ from blockskip.runtime.driver import train as drive  # noqa: E402
 from blockskip.runtime.plan import Plan  # noqa: E402
 from blockskip.runtime.profiles import load_profile  # noqa: E402
 
-PLAN = dict(s_min=32, s_max=64, num_samples=6, steps=10, lr=3e-3, weight_decay=0.05, lora_rank=4,
-            lora_alpha=8.0, checkpoint_every=3)
+PLAN = dict(
+    s_min=32,
+    s_max=64,
+    num_samples=6,
+    steps=10,
+    lr=3e-3,
+    weight_decay=0.05,
+    lora_rank=4,
+    lora_alpha=8.0,
+    checkpoint_every=3,
+)
 # tiny model -> (front skip, back skip, storage of the streamed bundle): a trained middle with a residual
 # after it; the storages cover every layout (int8, int4 with a conv and an int8 fallback, float16)
 FAMILIES = {"flux": (1, 2, "int8"), "sd3": (1, 1, "float16"), "sd35": (1, 1, "int4"), "sana": (1, 1, "int4")}
@@ -59,10 +68,19 @@ def bundles(tmp_path_factory, photos):
         if key not in made:
             n, m, storage = FAMILIES[family]
             root = tmp_path_factory.mktemp(f"{family}-{span}-{delegate}")
-            plan = Plan(front_skip=n, back_skip=m, span=span, storage=storage if span == "streamed" else None, **PLAN)
+            plan = Plan(
+                front_skip=n, back_skip=m, span=span, storage=storage if span == "streamed" else None, **PLAN
+            )
             formats = ["torch", "onnx", "pte"] if delegate == "none" else ["torch", "pte"]
-            export_bundle(wrap_model(build(family), family), plan, load_profile("desktop-cpu"), "a photo of sks cat",
-                          root / "bundle", formats=formats, delegate=delegate)
+            export_bundle(
+                wrap_model(build(family), family),
+                plan,
+                load_profile("desktop-cpu"),
+                "a photo of sks cat",
+                root / "bundle",
+                formats=formats,
+                delegate=delegate,
+            )
             run_precompute(root / "bundle", photos, root / "cache", quiet=True)
             made[key] = root
         return made[key]
@@ -109,7 +127,10 @@ def test_one_step_equals_the_torch_resident_step(case, bundles, tmp_path):
     set_lora(ours, lora)
     set_lora(ref, lora)
     entry = root / "cache" / "entry_00000.safetensors"
-    loss, loss_ref = ours.loss_and_grad(ours.load_entry(entry), 1.0), ref.loss_and_grad(ref.load_entry(entry), 1.0)
+    loss, loss_ref = (
+        ours.loss_and_grad(ours.load_entry(entry), 1.0),
+        ref.loss_and_grad(ref.load_entry(entry), 1.0),
+    )
     assert abs(loss - loss_ref) <= 1e-5 * abs(loss_ref), (loss, loss_ref)
     g, g_ref = grads_of(ours), grads_of(ref)
     assert set(g) == set(g_ref) == set(lora)
@@ -209,11 +230,16 @@ def test_kill_9_anywhere_then_resume_is_bitwise_equal(name, bundles, tmp_path):
     _retarget_cache(tmp_path / "cache", bundle)
     # the uninterrupted run, timed from its first checkpoint to its end: the kill lands inside that window
     # on any machine, however fast it runs the steps
-    rest_s = _run_after_first_checkpoint(h.command(bundle, tmp_path / "cache", tmp_path / "a"), tmp_path / "a")
+    rest_s = _run_after_first_checkpoint(
+        h.command(bundle, tmp_path / "cache", tmp_path / "a"), tmp_path / "a"
+    )
     assert rest_s > 0.0, rest_s
     rnd = random.Random(name)
-    _run_after_first_checkpoint(h.command(bundle, tmp_path / "cache", tmp_path / "b"), tmp_path / "b",
-                                kill_after=rnd.uniform(0.05, 0.6) * rest_s)
+    _run_after_first_checkpoint(
+        h.command(bundle, tmp_path / "cache", tmp_path / "b"),
+        tmp_path / "b",
+        kill_after=rnd.uniform(0.05, 0.6) * rest_s,
+    )
     assert not (tmp_path / "b" / "lora.safetensors").exists(), "the run ended before the kill; make it longer"
     log = h.train(bundle, tmp_path / "cache", tmp_path / "b")
     assert log["resumed_from"] > 0
@@ -264,13 +290,24 @@ def test_checkpoint_of_other_photos_is_refused(name, bundles, photos, tmp_path, 
     other = write_photos(tmp_path / "other", n=2, size=(130, 140))
     run_precompute(root / "bundle", other, tmp_path / "cache2", quiet=True)
     if h.python:
-        rc = device_cli.main(["train", str(root / "bundle"), "--cache", str(tmp_path / "cache2"), "-o",
-                              str(tmp_path / "o"), "--backend", h.backend])
+        rc = device_cli.main(
+            [
+                "train",
+                str(root / "bundle"),
+                "--cache",
+                str(tmp_path / "cache2"),
+                "-o",
+                str(tmp_path / "o"),
+                "--backend",
+                h.backend,
+            ]
+        )
         err = capsys.readouterr().err
         assert rc == 2 and "other photos" in err and "Traceback" not in err, err
     else:
-        r = subprocess.run(h.command(root / "bundle", tmp_path / "cache2", tmp_path / "o"), capture_output=True,
-                           text=True)
+        r = subprocess.run(
+            h.command(root / "bundle", tmp_path / "cache2", tmp_path / "o"), capture_output=True, text=True
+        )
         assert r.returncode == 1 and "other photos" in r.stderr, r.stderr
 
 
@@ -283,8 +320,18 @@ def test_a_checkpoint_of_another_backend_family_is_refused(name, bundles, tmp_pa
     foreign = "checkpoint.safetensors" if name == "ort" else "ort_checkpoint"
     (tmp_path / "o" / "checkpoint").mkdir(parents=True)
     (tmp_path / "o" / "checkpoint" / foreign).write_bytes(b"x")
-    rc = device_cli.main(["train", str(root / "bundle"), "--cache", str(root / "cache"), "-o", str(tmp_path / "o"),
-                          "--backend", name])
+    rc = device_cli.main(
+        [
+            "train",
+            str(root / "bundle"),
+            "--cache",
+            str(root / "cache"),
+            "-o",
+            str(tmp_path / "o"),
+            "--backend",
+            name,
+        ]
+    )
     err = capsys.readouterr().err
     want = "--backend torch" if foreign == "checkpoint.safetensors" else "--backend ort"
     assert rc == 2 and want in err and "Traceback" not in err, err

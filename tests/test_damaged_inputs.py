@@ -29,17 +29,37 @@ from blockskip.runtime.plan import Plan
 from blockskip.runtime.profiles import load_profile
 from blockskip.runtime.tensorfile import TensorFile, canonical_digest, write_tensors
 
-PLAN = dict(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=4, steps=2, checkpoint_every=1, lora_rank=4,
-            lr=3e-3, span="streamed", storage="int8")
+PLAN = dict(
+    front_skip=1,
+    back_skip=2,
+    s_min=32,
+    s_max=64,
+    num_samples=4,
+    steps=2,
+    checkpoint_every=1,
+    lora_rank=4,
+    lr=3e-3,
+    span="streamed",
+    storage="int8",
+)
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory, photos):
     """A streamed bundle (torch and pte), its cache and a finished run with its checkpoint: read-only."""
     root = tmp_path_factory.mktemp("damaged")
-    export_bundle(load_model("tiny-random"), Plan(**PLAN), load_profile("desktop-cpu"), "a photo of sks cat",
-                  root / "bundle", formats=["torch", "pte"])
-    assert train_main(["run", str(root / "bundle"), "--images", str(photos), "-o", str(root / "run"), "--quiet"]) == 0
+    export_bundle(
+        load_model("tiny-random"),
+        Plan(**PLAN),
+        load_profile("desktop-cpu"),
+        "a photo of sks cat",
+        root / "bundle",
+        formats=["torch", "pte"],
+    )
+    assert (
+        train_main(["run", str(root / "bundle"), "--images", str(photos), "-o", str(root / "run"), "--quiet"])
+        == 0
+    )
     ckpt = root / "run" / formats.CHECKPOINT_DIR / formats.CHECKPOINT
     assert ckpt.is_file() and (root / "run" / "cache" / formats.CACHE_INDEX).is_file()
     (root / "run" / "lora.safetensors").unlink()  # a finished run without its LoRA: train resumes at the end
@@ -47,6 +67,7 @@ def good(tmp_path_factory, photos):
 
 
 # --- damage -------------------------------------------------------------------------------------
+
 
 def manifest(change):
     def damage(w):
@@ -62,6 +83,7 @@ def manifest(change):
         d["source_sha256"] = formats.source_digest(d["source"])
         p.write_text(json.dumps(d))
         shutil.rmtree(w.out / formats.CHECKPOINT_DIR)  # a checkpoint of the old manifest's run
+
     return damage
 
 
@@ -69,6 +91,7 @@ def manifest_text(change):
     def damage(w):
         p = w.bundle / formats.MANIFEST
         p.write_text(change(p.read_text()))
+
     return damage
 
 
@@ -77,11 +100,13 @@ def index(change):
         p = w.cache / formats.CACHE_INDEX
         d = json.loads(p.read_text())
         p.write_text(json.dumps(d if change(d) is None else [d]))
+
     return damage
 
 
 def shard(change, k: int = 0):
     """Rewrite shard k with ``change(tensors)`` and record its new sha256 (as if precompute had made it)."""
+
     def damage(w):
         p = w.cache / formats.shard_name(k)
         t = {n: np.array(a) for n, a in TensorFile(p).arrays.items()}
@@ -89,6 +114,7 @@ def shard(change, k: int = 0):
         write_tensors(p, t)
         reseal_shard(w, k)
         shutil.rmtree(w.out / formats.CHECKPOINT_DIR)  # train from the first step, reading the shards
+
     return damage
 
 
@@ -105,6 +131,7 @@ def shard_bytes(data: bytes, k: int = 0):
     def damage(w):
         (w.cache / formats.shard_name(k)).write_bytes(data)
         reseal_shard(w, k)
+
     return damage
 
 
@@ -119,6 +146,7 @@ def checkpoint(change, reseal: bool = True):
             meta = {k: v for k, v in meta.items() if k != formats.META_SHA256}
             meta[formats.META_SHA256] = canonical_digest(t, meta)
         write_tensors(p, t, meta)
+
     return damage
 
 
@@ -128,6 +156,7 @@ def flip(rel_of, where: float):
         data = bytearray(p.read_bytes())
         data[int(len(data) * where)] ^= 0x40
         p.write_bytes(bytes(data))
+
     return damage
 
 
@@ -142,6 +171,7 @@ def _set(*path_value):
         for k in path[:-1]:
             d = d[k]
         d[path[-1]] = value
+
     return change
 
 
@@ -150,6 +180,7 @@ def _del(*path):
         for k in path[:-1]:
             d = d[k]
         del d[path[-1]]
+
     return change
 
 
@@ -181,53 +212,104 @@ CASES = {
     "lora_rank 0": (manifest(_set("plan", "lora_rank", 0)), ["plan.lora_rank"]),
     "lora.rank not the plan's": (manifest(_set("lora", "rank", 8)), ["lora.rank", "plan.lora_rank"]),
     "grad_accum 0": (manifest(_set("plan", "grad_accum", 0)), ["plan.grad_accum"]),
-    "num_samples 10**9": (manifest(_set("schedule", "num_samples", 10**9)), ["schedule.num_samples", "100000"]),
-    "s_min off the granularity": (manifest(lambda m: m["schedule"].update(s_min=m["schedule"]["granularity"] + 1)),
-                                  ["schedule.s_min"]),
-    "nested 200000 deep": (manifest_text(lambda s: s.replace('"prompt_text": ', f'"prompt_text": {_nested(200000)}, '
-                                                             '"x": ', 1)), ["nested"]),
+    "num_samples 10**9": (
+        manifest(_set("schedule", "num_samples", 10**9)),
+        ["schedule.num_samples", "100000"],
+    ),
+    "s_min off the granularity": (
+        manifest(lambda m: m["schedule"].update(s_min=m["schedule"]["granularity"] + 1)),
+        ["schedule.s_min"],
+    ),
+    "nested 200000 deep": (
+        manifest_text(lambda s: s.replace('"prompt_text": ', f'"prompt_text": {_nested(200000)}, "x": ', 1)),
+        ["nested"],
+    ),
     "trained block out of range": (manifest(_set("model", "trained", [0, 99])), ["model.trained[1]"]),
-    "stream shape unknown": (manifest(lambda m: m["stream"]["train"][0].__setitem__(1, "nope")),
-                             ["stream.train[0][1]", "stream.shapes"]),
-    "block file not listed": (manifest(lambda m: m["files"].pop(m["model"]["blocks"][0])), ["model.blocks[0]"]),
+    "stream shape unknown": (
+        manifest(lambda m: m["stream"]["train"][0].__setitem__(1, "nope")),
+        ["stream.train[0][1]", "stream.shapes"],
+    ),
+    "block file not listed": (
+        manifest(lambda m: m["files"].pop(m["model"]["blocks"][0])),
+        ["model.blocks[0]"],
+    ),
     "lr 0": (manifest(_set("plan", "lr", 0.0)), ["plan.lr"]),
     "a JSON array": (manifest_text(lambda s: "[1, 2]"), ["manifest"]),
     "a byte-order mark": (manifest_text(lambda s: "\ufeff" + s), ["manifest.json"]),
     "duplicate key": (manifest_text(lambda s: s.replace("{", '{"family": "flux", ', 1)), ["twice"]),
     # manifest: its integrity record (not resealed)
     "lr bit flip": (manifest_text(_flip_lr), ["integrity"]),
-    "integrity record removed": (manifest_text(lambda s: s.replace('"canonical_sha256"', '"canonical_sha"')),
-                                 ["integrity"]),
+    "integrity record removed": (
+        manifest_text(lambda s: s.replace('"canonical_sha256"', '"canonical_sha"')),
+        ["integrity"],
+    ),
     # the cache index
     "index a JSON array": (index(lambda d: True), ["index.json"]),
     "entry without sha256": (index(_del("entries", "0", "sha256")), ["entries.0.sha256", "missing"]),
-    "schedule cut in half": (index(lambda d: d["schedule"].__setitem__("entries", d["schedule"]["entries"][:2])),
-                             ["schedule"]),
+    "schedule cut in half": (
+        index(lambda d: d["schedule"].__setitem__("entries", d["schedule"]["entries"][:2])),
+        ["schedule"],
+    ),
     "schedule entry edited": (index(lambda d: d["schedule"]["entries"][1].__setitem__("t", 1)), ["schedule"]),
-    "image index out of range": (index(lambda d: d["schedule"]["entries"][0].__setitem__("image", 7)),
-                                 ["schedule.entries[0].image"]),
+    "image index out of range": (
+        index(lambda d: d["schedule"]["entries"][0].__setitem__("image", 7)),
+        ["schedule.entries[0].image"],
+    ),
     "identity edited": (index(lambda d: d.__setitem__("source_sha256", "0" * 64)), ["source_sha256"]),
-    "entry key beyond the schedule": (index(lambda d: d["entries"].__setitem__("9", d["entries"]["0"])),
-                                      ["entries"]),
+    "entry key beyond the schedule": (
+        index(lambda d: d["entries"].__setitem__("9", d["entries"]["0"])),
+        ["entries"],
+    ),
     # cache shards (their sha256 updated, as if precompute had written them)
-    "NaN in a shard": (shard(lambda t: t[sorted(n for n in t if n.startswith("in."))[0]].flat.__setitem__(0, np.nan)),
-                       ["NaN", formats.shard_name(0)]),
-    "Inf in a target": (shard(lambda t: t["target"].flat.__setitem__(3, np.inf), k=2), ["NaN or Inf", "target"]),
-    "a target whose loss overflows": (shard(lambda t: t["target"].__setitem__(..., 3e38)), ["non-finite loss"]),
+    "NaN in a shard": (
+        shard(lambda t: t[sorted(n for n in t if n.startswith("in."))[0]].flat.__setitem__(0, np.nan)),
+        ["NaN", formats.shard_name(0)],
+    ),
+    "Inf in a target": (
+        shard(lambda t: t["target"].flat.__setitem__(3, np.inf), k=2),
+        ["NaN or Inf", "target"],
+    ),
+    "a target whose loss overflows": (
+        shard(lambda t: t["target"].__setitem__(..., 3e38)),
+        ["non-finite loss"],
+    ),
     "a pickle as shard": (shard_bytes(_pickle_shard()), [formats.shard_name(0)]),
     "shard without its target": (shard(lambda t: t.pop("target")), ["target", "missing"]),
-    "shard path is a folder": (lambda w: ((w.cache / formats.shard_name(1)).unlink(),
-                                          (w.cache / formats.shard_name(1)).mkdir()), ["incomplete", "precompute"]),
+    "shard path is a folder": (
+        lambda w: ((w.cache / formats.shard_name(1)).unlink(), (w.cache / formats.shard_name(1)).mkdir()),
+        ["incomplete", "precompute"],
+    ),
     # checkpoints
-    "checkpoint bit flip": (flip(lambda w: w.out / formats.CHECKPOINT_DIR / formats.CHECKPOINT, 0.7), ["checkpoint"]),
-    "checkpoint exponent flip": (checkpoint(lambda t, m: t[first_param(t)].view(np.uint32).flat.__setitem__(
-        0, t[first_param(t)].view(np.uint32).flat[0] ^ 0x40000000), reseal=False), ["integrity"]),
-    "checkpoint NaN resealed": (checkpoint(lambda t, m: t[first_param(t)].flat.__setitem__(0, np.nan)), ["NaN"]),
+    "checkpoint bit flip": (
+        flip(lambda w: w.out / formats.CHECKPOINT_DIR / formats.CHECKPOINT, 0.7),
+        ["checkpoint"],
+    ),
+    "checkpoint exponent flip": (
+        checkpoint(
+            lambda t, m: (
+                t[first_param(t)]
+                .view(np.uint32)
+                .flat.__setitem__(0, t[first_param(t)].view(np.uint32).flat[0] ^ 0x40000000)
+            ),
+            reseal=False,
+        ),
+        ["integrity"],
+    ),
+    "checkpoint NaN resealed": (
+        checkpoint(lambda t, m: t[first_param(t)].flat.__setitem__(0, np.nan)),
+        ["NaN"],
+    ),
     "checkpoint step not a number": (checkpoint(lambda t, m: m.__setitem__("step", "two")), ["step"]),
-    "checkpoint truncated": (lambda w: (w.out / formats.CHECKPOINT_DIR / formats.CHECKPOINT).write_bytes(
-        (w.out / formats.CHECKPOINT_DIR / formats.CHECKPOINT).read_bytes()[:100]), ["checkpoint"]),
-    "checkpoint without its record": (checkpoint(lambda t, m: m.pop(formats.META_SHA256), reseal=False),
-                                      ["sha256"]),
+    "checkpoint truncated": (
+        lambda w: (w.out / formats.CHECKPOINT_DIR / formats.CHECKPOINT).write_bytes(
+            (w.out / formats.CHECKPOINT_DIR / formats.CHECKPOINT).read_bytes()[:100]
+        ),
+        ["checkpoint"],
+    ),
+    "checkpoint without its record": (
+        checkpoint(lambda t, m: m.pop(formats.META_SHA256), reseal=False),
+        ["sha256"],
+    ),
 }
 
 
@@ -262,8 +344,12 @@ def test_python_refuses_damaged_input(work, name, capsys):
 def test_native_refuses_damaged_input(runner, work, name):
     damage, words = CASES[name]
     damage(work)
-    r = subprocess.run([str(runner), "train", str(work.bundle), "--cache", str(work.cache), "-o", str(work.out)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [str(runner), "train", str(work.bundle), "--cache", str(work.cache), "-o", str(work.out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     line = _one_error_line(r.stderr, "blockskip-train-native")
     assert r.returncode in (1, 2), (r.returncode, line)
     for w in words:
@@ -284,24 +370,37 @@ def test_python_accepts_what_it_may(work, name, capsys):
     """Accepted copies train and write the LoRA (so each case above is refused for its damage, not for
     something else)."""
     ACCEPTED[name](work)
-    assert train_main(["train", str(work.bundle), "--cache", str(work.cache), "-o", str(work.out), "--quiet"]) == 0
+    assert (
+        train_main(["train", str(work.bundle), "--cache", str(work.cache), "-o", str(work.out), "--quiet"])
+        == 0
+    )
     assert (work.out / "lora.safetensors").is_file()
 
 
 @pytest.mark.parametrize("name", list(ACCEPTED))
 def test_native_accepts_what_it_may(runner, work, name):
     ACCEPTED[name](work)
-    r = subprocess.run([str(runner), "train", str(work.bundle), "--cache", str(work.cache), "-o", str(work.out)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [str(runner), "train", str(work.bundle), "--cache", str(work.cache), "-o", str(work.out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert (work.out / "lora.safetensors").is_file()
 
 
 # --- property-based: mutated JSON is refused with a typed error or read whole -------------------------------
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False) |
-                    st.text(max_size=8), lambda inner: st.lists(inner, max_size=3) |
-                    st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
 
 
 def _paths(doc, prefix=()):

@@ -19,8 +19,14 @@ from blockskip.runtime.plan import Plan
 from blockskip.runtime.profiles import load_profile, parse_profile
 
 
-@pytest.mark.parametrize("kw", [dict(front_skip=1, back_skip=2, s_min=64), dict(s_min=128, patch_sampling=False),
-                                dict(front_skip=1, back_skip=1, s_min=64, checkpointing=True)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(front_skip=1, back_skip=2, s_min=64),
+        dict(s_min=128, patch_sampling=False),
+        dict(front_skip=1, back_skip=1, s_min=64, checkpointing=True),
+    ],
+)
 def test_prediction_matches_the_cpu_allocator(kw, photos, tmp_path):
     plan = Plan(s_max=128, num_samples=2, **kw)
     export_bundle(load_model("tiny-random"), plan, load_profile("desktop-cpu"), "a photo", tmp_path / "b")
@@ -65,7 +71,9 @@ def test_profile_overheads_and_budget_are_applied():
     bare = dry_run(spec, plan, _lora(spec, plan))[1]
     dev = dry_run(spec, plan, _lora(spec, plan), prof)[1]
     assert dev.budget == prof.budget_bytes
-    assert dev.overhead == pytest.approx(prof.fixed_overhead_bytes + prof.allocator_slack * dev.tensor_peak, abs=1)
+    assert dev.overhead == pytest.approx(
+        prof.fixed_overhead_bytes + prof.allocator_slack * dev.tensor_peak, abs=1
+    )
     assert dev.peak == dev.tensor_peak + dev.overhead and dev.fits
     assert dev.tensor_peak >= bare.tensor_peak  # 64-byte rounding only adds
 
@@ -81,8 +89,15 @@ def test_search_picks_the_most_capable_fitting_plan_and_explains_the_next():
     assert roomy.best is not None and roomy.best.plan.front_skip == 0 and roomy.best.plan.back_skip == 0
     full = roomy.best.peak
     # a budget just below the no-skip plan forces skipping; the no-skip plan is reported as the next bigger
-    tight = search(spec, base, _profile((full - 1) / 2**20), ratios=(0.0, 0.5), ranks=(16,), quants=("none",),
-                   checkpointing=(False,))
+    tight = search(
+        spec,
+        base,
+        _profile((full - 1) / 2**20),
+        ratios=(0.0, 0.5),
+        ranks=(16,),
+        quants=("none",),
+        checkpointing=(False,),
+    )
     assert tight.best is not None and tight.best.plan.front_skip + tight.best.plan.back_skip > 0
     assert tight.best.fits and tight.next_bigger is not None and not tight.next_bigger.fits
     assert tight.best.peak < full <= tight.next_bigger.peak
@@ -91,8 +106,15 @@ def test_search_picks_the_most_capable_fitting_plan_and_explains_the_next():
 def test_budget_below_the_minimum_says_what_the_minimum_is():
     spec, _ = load_spec("tiny-random")
     prof = _profile(0.5)
-    res = search(spec, Plan(s_min=64, s_max=128, num_samples=2), prof, ratios=(0.5,), ranks=(4,),
-                 quants=("none",), checkpointing=(True,))
+    res = search(
+        spec,
+        Plan(s_min=64, s_max=128, num_samples=2),
+        prof,
+        ratios=(0.5,),
+        ranks=(4,),
+        quants=("none",),
+        checkpointing=(True,),
+    )
     assert res.best is None
     with pytest.raises(PlanError, match=r"smallest traced plan .* needs \d+\.\d+ GiB"):
         require_fit(res, prof)
@@ -112,9 +134,27 @@ def test_known_full_size_specs_build_without_weights():
 
 def test_plan_cli_json_and_plot(tmp_path):
     png = tmp_path / "chart.png"
-    r = subprocess.run([sys.executable, "-m", "blockskip.export.plan_cli", "--model", "tiny-random", "--profile",
-                        "desktop-cpu", "--json", "--plot", str(png), "--s-min", "64", "--s-max", "128"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blockskip.export.plan_cli",
+            "--model",
+            "tiny-random",
+            "--profile",
+            "desktop-cpu",
+            "--json",
+            "--plot",
+            str(png),
+            "--s-min",
+            "64",
+            "--s-max",
+            "128",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["fits"] and [p["phase"] for p in out["phases"]] == ["precompute", "train", "save"]
@@ -125,18 +165,36 @@ def test_plan_cli_json_and_plot(tmp_path):
 def test_plan_cli_refuses_an_impossible_budget(tmp_path):
     prof = tmp_path / "tiny-budget.toml"
     prof.write_text(_profile_text(0.001))
-    r = subprocess.run([sys.executable, "-m", "blockskip.export.plan_cli", "--model", "tiny-random", "--profile",
-                        str(prof), "--s-min", "64", "--s-max", "128"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blockskip.export.plan_cli",
+            "--model",
+            "tiny-random",
+            "--profile",
+            str(prof),
+            "--s-min",
+            "64",
+            "--s-max",
+            "128",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "no plan fits" in r.stderr and "smallest traced plan" in r.stderr
 
 
 def _profile_text(budget_gib: float, backends=("torch-cpu",)) -> str:
-    return (f"name = 'tight'\ndescription = 'x'\n[memory]\nram_gib = 24.0\nbudget_gib = {budget_gib!r}\n"
-             "runtime_overhead_mib = 0.0\ncuda_context_mib = 0.0\nallocator_slack = 0.0\nsafety_margin_mib = 0.0\n"
-             "alloc_round_bytes = 64\nbandwidth_gbs = 50.0\n[storage]\ncache_budget_gib = 1.0\nread_mbs = 100.0\n"
-             "[compute]\ndefault_dtype = 'float32'\n[compute.dtypes]\ncpu = ['float32']\n"
-             f"[backends]\navailable = {list(backends)!r}\n")
+    return (
+        f"name = 'tight'\ndescription = 'x'\n[memory]\nram_gib = 24.0\nbudget_gib = {budget_gib!r}\n"
+        "runtime_overhead_mib = 0.0\ncuda_context_mib = 0.0\nallocator_slack = 0.0\nsafety_margin_mib = 0.0\n"
+        "alloc_round_bytes = 64\nbandwidth_gbs = 50.0\n[storage]\ncache_budget_gib = 1.0\nread_mbs = 100.0\n"
+        "[compute]\ndefault_dtype = 'float32'\n[compute.dtypes]\ncpu = ['float32']\n"
+        f"[backends]\navailable = {list(backends)!r}\n"
+    )
 
 
 def test_evaluate_flags_over_budget_phases():
@@ -161,7 +219,12 @@ def test_the_torch_encoder_stage_counts_each_weight_from_its_first_use(tmp_path)
 
     # a 128-channel first stage (SANA's) at full resolution, where the peak is; wide deep stages
     vae = tiny_vae("AutoencoderDC", 8, encoder_channels=(128, 512, 1024), downsample="pixel_unshuffle").eval()
-    enc_spec = {"class": "AutoencoderDC", "config": dict(vae.config), "scaling_factor": 0.41, "shift_factor": None}
+    enc_spec = {
+        "class": "AutoencoderDC",
+        "config": dict(vae.config),
+        "scaling_factor": 0.41,
+        "shift_factor": None,
+    }
     weights = {k: v.contiguous() for k, v in vae.encoder.state_dict().items()}
     save_file({f"encoder.{k}": v for k, v in weights.items()}, str(tmp_path / "e.safetensors"))
     total = sum(v.numel() * v.element_size() for v in weights.values())
@@ -174,18 +237,23 @@ def test_the_torch_encoder_stage_counts_each_weight_from_its_first_use(tmp_path)
         pre = trace_precompute(spec, plan, [2], None, num_images=1)
     expected = pre.encoder_peak - pre.encoder_by_cat.get("cache", 0)
     assert pre.encoder_by_cat["frozen_weights"] < total / 2  # the deep weights are not yet read at the peak
-    code = ("import json, resource, sys, torch\n"
-            "from safetensors.torch import load_file\n"
-            "from blockskip.runtime.backends.torch_families.base import materialize\n"
-            "from blockskip.runtime.backends.torch_families.latent import build_encoder_skeleton, encode_images\n"
-            "from blockskip.runtime.memory import rss_bytes\n"
-            "spec = json.loads(sys.argv[2]); enc = build_encoder_skeleton(spec)\n"
-            f"x = torch.rand(1, 3, {side}, {side}) * 2 - 1; before = rss_bytes()\n"
-            "materialize(enc, load_file(sys.argv[1]))\n"
-            "with torch.no_grad(): encode_images(enc.eval(), spec, x)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)\n")
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "e.safetensors"), json.dumps(enc_spec)],
-                       capture_output=True, text=True)
+    code = (
+        "import json, resource, sys, torch\n"
+        "from safetensors.torch import load_file\n"
+        "from blockskip.runtime.backends.torch_families.base import materialize\n"
+        "from blockskip.runtime.backends.torch_families.latent import build_encoder_skeleton, encode_images\n"
+        "from blockskip.runtime.memory import rss_bytes\n"
+        "spec = json.loads(sys.argv[2]); enc = build_encoder_skeleton(spec)\n"
+        f"x = torch.rand(1, 3, {side}, {side}) * 2 - 1; before = rss_bytes()\n"
+        "materialize(enc, load_file(sys.argv[1]))\n"
+        "with torch.no_grad(): encode_images(enc.eval(), spec, x)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "e.safetensors"), json.dumps(enc_spec)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     grown = int(r.stdout.split()[-1])
     assert abs(grown - expected) < 0.05 * expected, (grown, expected, total, pre.encoder_by_cat)
@@ -214,9 +282,15 @@ def _deep_spec(name: str):
 
 
 @pytest.mark.parametrize("name", ["flux", "sd35", "sana"])
-@pytest.mark.parametrize("kw", [dict(), dict(front_skip=2, back_skip=1, checkpointing=True),
-                                dict(front_skip=1, base_quant="int8", grad_accum=2),
-                                dict(back_skip=2, base_quant="nf4", checkpointing=True)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(front_skip=2, back_skip=1, checkpointing=True),
+        dict(front_skip=1, base_quant="int8", grad_accum=2),
+        dict(back_skip=2, base_quant="nf4", checkpointing=True),
+    ],
+)
 def test_composed_training_trace_is_the_whole_trace(name, kw):
     """The training trace composed from short spans (a block or two of each shape) equals the whole
     span's trace to the byte: every phase, category and step peak."""
@@ -232,7 +306,10 @@ def test_composed_training_trace_is_the_whole_trace(name, kw):
     composed = dry_run(spec, plan, lora, train_steps=2)
     assert [r.to_dict() for r in composed] == [r.to_dict() for r in whole]
     # the time prediction's ops (every op of a step: dtype, FLOPs, bytes) compose as exactly
-    assert composed[1].cost["step"][0] == whole[1].cost["step"][0] and sum(whole[1].cost["step"][0].values()) > 100
+    assert (
+        composed[1].cost["step"][0] == whole[1].cost["step"][0]
+        and sum(whole[1].cost["step"][0].values()) > 100
+    )
 
 
 def test_plan_and_export_take_the_same_plan_options(tmp_path):
@@ -244,32 +321,92 @@ def test_plan_and_export_take_the_same_plan_options(tmp_path):
     from blockskip.export.cli import add_plan_args
 
     def plan_options(prog):
-        r = subprocess.run([sys.executable, "-m", prog, "--help"], capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", prog, "--help"], capture_output=True, text=True, timeout=120
+        )
         assert r.returncode == 0, r.stderr
         return r.stdout
 
     p = argparse.ArgumentParser()
     add_plan_args(p)
     opts = [o for a in p._actions for o in a.option_strings if o not in ("-h", "--help")]
-    for o in ("--skip-ratio", "--targets", "--alpha", "--no-patch-sampling", "--positions", "--no-residual",
-              "--steps"):
+    for o in (
+        "--skip-ratio",
+        "--targets",
+        "--alpha",
+        "--no-patch-sampling",
+        "--positions",
+        "--no-residual",
+        "--steps",
+    ):
         assert o in opts
     for prog in ("blockskip.export.plan_cli", "blockskip.export.cli"):
         text = plan_options(prog)
         missing = [o for o in opts if o not in text]
         assert not missing, (prog, missing)
-    args = ["--model", "tiny-random", "--profile", "desktop-cpu", "--skip-ratio", "0.33", "--rank", "4",
-            "--alpha", "2", "--targets", "attn.to_q,attn.to_v", "--no-patch-sampling", "--steps", "7",
-            "--s-min", "64", "--s-max", "128", "--samples", "4"]
-    r = subprocess.run([sys.executable, "-m", "blockskip.export.plan_cli", *args, "--json"], capture_output=True,
-                       text=True, timeout=300)
+    args = [
+        "--model",
+        "tiny-random",
+        "--profile",
+        "desktop-cpu",
+        "--skip-ratio",
+        "0.33",
+        "--rank",
+        "4",
+        "--alpha",
+        "2",
+        "--targets",
+        "attn.to_q,attn.to_v",
+        "--no-patch-sampling",
+        "--steps",
+        "7",
+        "--s-min",
+        "64",
+        "--s-max",
+        "128",
+        "--samples",
+        "4",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "blockskip.export.plan_cli", *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     planned = json.loads(r.stdout)["plan"]
-    r = subprocess.run([sys.executable, "-m", "blockskip.export.cli", *args, "--prompt", "a photo", "-o",
-                        str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blockskip.export.cli",
+            *args,
+            "--prompt",
+            "a photo",
+            "-o",
+            str(tmp_path / "b"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     written = Bundle(tmp_path / "b").plan.to_dict()
-    for key in ("front_skip", "back_skip", "lora_rank", "lora_alpha", "lora_targets", "patch_sampling", "steps",
-                "s_min", "s_max", "span", "base_quant", "checkpointing", "dtype", "num_samples"):
+    for key in (
+        "front_skip",
+        "back_skip",
+        "lora_rank",
+        "lora_alpha",
+        "lora_targets",
+        "patch_sampling",
+        "steps",
+        "s_min",
+        "s_max",
+        "span",
+        "base_quant",
+        "checkpointing",
+        "dtype",
+        "num_samples",
+    ):
         assert planned[key] == written[key], key
     assert planned["lora_targets"] == ["attn.to_q", "attn.to_v"] and planned["steps"] == 7

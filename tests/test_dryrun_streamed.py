@@ -31,7 +31,9 @@ def test_formats_follow_the_profile_backends():
 
 def test_streamed_memory_follows_storage_split_and_stash():
     spec, _ = load_spec("tiny-random")
-    base = Plan(front_skip=1, back_skip=1, s_min=64, s_max=128, num_samples=2, span="streamed", storage="float32")
+    base = Plan(
+        front_skip=1, back_skip=1, s_min=64, s_max=128, num_samples=2, span="streamed", storage="float32"
+    )
     r32 = evaluate(spec, base, None, fmt="onnx").reports[1]
     r8 = evaluate(spec, dataclasses.replace(base, storage="int8"), None, fmt="onnx").reports[1]
     # int8 rows: a quarter of float32 bytes plus a float scale per row
@@ -59,7 +61,9 @@ def test_search_proposes_only_what_the_format_runs():
     streamed = evaluate(spec, Plan(**split, span="streamed", storage="int4"), _profile(1.0), fmt="pte").peak
     assert streamed < resident
     tight = _profile((streamed + resident) / 2 / GIB)
-    kw = dict(ratios=[2 / 9], streamed_ratios=[2 / 9], split_table={str(2 / 9): (1, 1)}, s_mins=[64], ranks=(4,))
+    kw = dict(
+        ratios=[2 / 9], streamed_ratios=[2 / 9], split_table={str(2 / 9): (1, 1)}, s_mins=[64], ranks=(4,)
+    )
     for fmt in ("pte", "onnx"):
         r = search(spec, Plan(**split), tight, fmt=fmt, **kw)
         assert r.best is not None and r.best.plan.span == "streamed", fmt
@@ -80,13 +84,28 @@ def pte_bundle(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("dry-pte")
     lm = wrap_model(build("flux"), "flux")
-    plan = Plan(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=2, lora_rank=4, span="streamed",
-                storage="int8")
+    plan = Plan(
+        front_skip=1,
+        back_skip=2,
+        s_min=32,
+        s_max=64,
+        num_samples=2,
+        lora_rank=4,
+        span="streamed",
+        storage="int8",
+    )
     bundles = {}
     for delegate in ("none", "xnnpack"):
         bundles[delegate] = root / f"b-{delegate}"
-        export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo", bundles[delegate], formats=["pte"],
-                      delegate=delegate)
+        export_bundle(
+            lm,
+            plan,
+            load_profile("desktop-cpu"),
+            "a photo",
+            bundles[delegate],
+            formats=["pte"],
+            delegate=delegate,
+        )
     return lm, plan, bundles
 
 
@@ -100,12 +119,17 @@ def test_pte_arenas_equal_the_exported_programs(pte_bundle, delegate):
     lm, plan, bundles = pte_bundle
     path = bundles[delegate]
     prompt = lm.encode_prompt("shape probe")
-    spec = ModelSpec(lm.family, lm.encoder_spec, {k: tuple(v.shape) for k, v in prompt.items()}, lm.vae_factor)
+    spec = ModelSpec(
+        lm.family, lm.encoder_spec, {k: tuple(v.shape) for k, v in prompt.items()}, lm.vae_factor
+    )
     exact = evaluate(spec, plan, None, fmt="pte", exact=True, delegate=delegate).reports[1].extra["programs"]
     live = evaluate(spec, plan, None, fmt="pte", exact=False).reports[1].extra["programs"]
     shapes = Bundle(path).manifest["stream"]["shapes"]
-    exported = {f"{sid}.{role}": p["pte"]["arena_bytes"] for sid, s in shapes.items()
-                for role, p in s["programs"].items()}
+    exported = {
+        f"{sid}.{role}": p["pte"]["arena_bytes"]
+        for sid, s in shapes.items()
+        for role, p in s["programs"].items()
+    }
     # precompute's embed program is not a training program (the precompute phase is the torch trace's)
     assert exported.pop("embed.embed") > 0
     assert exact == exported
@@ -121,9 +145,29 @@ def p_bytes(storage: str) -> float:
 def test_flux_dev_fits_the_phone_on_executorch():
     """The paper's 50% split at 256 px, block-streamed, whole process (runtime and margins included)
     inside 3 GiB of the snapdragon8 profile's 5.5."""
-    r = subprocess.run([sys.executable, "-m", "blockskip.export.plan_cli", "--model", "flux-dev", "--profile",
-                        "snapdragon8", "--format", "pte", "-n", "19", "-m", "10", "--rank", "16", "--json"],
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blockskip.export.plan_cli",
+            "--model",
+            "flux-dev",
+            "--profile",
+            "snapdragon8",
+            "--format",
+            "pte",
+            "-n",
+            "19",
+            "-m",
+            "10",
+            "--rank",
+            "16",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["format"] == "pte" and out["fits"]
@@ -137,25 +181,77 @@ def test_flux_dev_fits_the_phone_on_executorch():
     # the export on a desktop, streaming the bfloat16 release, holds about one double block (340M
     # parameters) read and stored, never the 12B model
     e = out["export"]
-    assert e["weights_dtype"] == "bfloat16" and e["peak"] < 2.0 * GIB and e["peak"] == max(e["stages"].values())
+    assert (
+        e["weights_dtype"] == "bfloat16" and e["peak"] < 2.0 * GIB and e["peak"] == max(e["stages"].values())
+    )
     assert 340e6 * p_bytes(p["storage"]) <= e["parts"]["block_read"] + e["parts"]["block_stored"] < 1.2 * GIB
 
 
 def test_plan_cli_refuses_a_format_the_profile_does_not_run():
-    r = subprocess.run([sys.executable, "-m", "blockskip.export.plan_cli", "--model", "tiny-random", "--profile",
-                        "snapdragon8", "--format", "torch"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blockskip.export.plan_cli",
+            "--model",
+            "tiny-random",
+            "--profile",
+            "snapdragon8",
+            "--format",
+            "torch",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "executorch-xnnpack" in r.stderr and "--format pte or onnx" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "blockskip.export.plan_cli", "--model", "tiny-random", "--profile",
-                        "snapdragon8", "--format", "pte", "--base-quant", "nf4"], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blockskip.export.plan_cli",
+            "--model",
+            "tiny-random",
+            "--profile",
+            "snapdragon8",
+            "--format",
+            "pte",
+            "--base-quant",
+            "nf4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "torch backend" in r.stderr
 
 
 def test_export_refuses_a_format_the_profile_does_not_run(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "blockskip.export.cli", "--model", "tiny-random", "--profile",
-                        "snapdragon8", "--prompt", "a photo", "--format", "torch", "-n", "1", "-m", "2",
-                        "-o", str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blockskip.export.cli",
+            "--model",
+            "tiny-random",
+            "--profile",
+            "snapdragon8",
+            "--prompt",
+            "a photo",
+            "--format",
+            "torch",
+            "-n",
+            "1",
+            "-m",
+            "2",
+            "-o",
+            str(tmp_path / "b"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "do not run --format torch" in r.stderr and not (tmp_path / "b").exists()
 
@@ -180,8 +276,15 @@ def test_xnnpack_dequantises_each_weight_where_it_is_used(monkeypatch, tmp_path)
     n, d = 6, 256
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(8, d, generator=g),) + sum(
-        ((torch.randint(-127, 128, (d, d), dtype=torch.int8, generator=g), torch.rand(d, generator=g) / (127 * 8))
-         for _ in range(n)), ())
+        (
+            (
+                torch.randint(-127, 128, (d, d), dtype=torch.int8, generator=g),
+                torch.rand(d, generator=g) / (127 * 8),
+            )
+            for _ in range(n)
+        ),
+        (),
+    )
     w32 = d * d * 4
     weights = tuple(range(1, len(args)))
     sunk = pe.inference_program(Chain(), args, "xnnpack", plan_inputs=False, weights=weights)
@@ -192,8 +295,9 @@ def test_xnnpack_dequantises_each_weight_where_it_is_used(monkeypatch, tmp_path)
     assert pe.planned_arena_bytes(sunk) < 3 * w32  # a weight and its scaled (then transposed) copy
     # as XNNPACK partitions on its own: the dequantisations of every weight in one call
     monkeypatch.setattr(pe, "_from_weights", lambda node, weights, memo: False)
-    hoisted = pe.planned_arena_bytes(pe.inference_program(Chain(), args, "xnnpack", plan_inputs=False,
-                                                          weights=weights))
+    hoisted = pe.planned_arena_bytes(
+        pe.inference_program(Chain(), args, "xnnpack", plan_inputs=False, weights=weights)
+    )
     assert hoisted >= n * w32
 
 
@@ -217,11 +321,13 @@ def test_xnnpack_workspace_is_what_a_run_holds_beside_the_arena(tmp_path):
     assert pe.delegate_workspace_bytes(pe.inference_program(Chain(), (x,), "none", plan_inputs=False)) == 0
     expected = pe.planned_arena_bytes(prog) + pe.delegate_workspace_bytes(prog)
     (tmp_path / "p.pte").write_bytes(prog.buffer)
-    code = ("import sys, torch\n"
-            "from executorch.extension.pybindings.portable_lib import _load_for_executorch\n"
-            "from blockskip.runtime.memory import rss_bytes\n"
-            "x = torch.randn(2048, 4096); p = _load_for_executorch(sys.argv[1])\n"
-            "before = rss_bytes(); out = p.forward([x]); print(rss_bytes() - before)\n")
+    code = (
+        "import sys, torch\n"
+        "from executorch.extension.pybindings.portable_lib import _load_for_executorch\n"
+        "from blockskip.runtime.memory import rss_bytes\n"
+        "x = torch.randn(2048, 4096); p = _load_for_executorch(sys.argv[1])\n"
+        "before = rss_bytes(); out = p.forward([x]); print(rss_bytes() - before)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "p.pte")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     grown = int(r.stdout.split()[-1])
@@ -230,7 +336,10 @@ def test_xnnpack_workspace_is_what_a_run_holds_beside_the_arena(tmp_path):
 
 #: (class, latent channels, encoder widths, ratio): SANA's DC-AE (128 channels at full resolution,
 #: pixel-unshuffle downsampling) and the KL encoder of SD3/3.5 and FLUX (GroupNorm, a mid-block attention)
-ENCODERS = {"dc-ae": ("AutoencoderDC", 8, (128, 256, 256), 4), "kl": ("AutoencoderKL", 16, (128, 128, 256, 256), 8)}
+ENCODERS = {
+    "dc-ae": ("AutoencoderDC", 8, (128, 256, 256), 4),
+    "kl": ("AutoencoderKL", 16, (128, 128, 256, 256), 8),
+}
 
 
 @pytest.mark.parametrize("kind", list(ENCODERS))
@@ -265,7 +374,9 @@ def test_the_encoder_stage_is_what_a_run_of_the_encoder_program_holds(tmp_path, 
     prog = encoder_program(vae, enc_spec, (1, 3, side, side), "xnnpack")
     gm = prog.exported_program().graph_module
     calls = sum(isinstance(m, LoweredBackendModule) for m in gm.children())
-    outside = {str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "group_norm" in str(n.target)}
+    outside = {
+        str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "group_norm" in str(n.target)
+    }
     if kind == "kl":
         assert calls <= 2 and not outside, (calls, outside)
     photo = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -273,15 +384,20 @@ def test_the_encoder_stage_is_what_a_run_of_the_encoder_program_holds(tmp_path, 
         eager = EncoderGraph(vae, enc_spec)(photo)
     (tmp_path / "e.pte").write_bytes(prog.buffer)
     torch.save({"photo": photo, "eager": eager}, tmp_path / "io.pt")
-    code = ("import sys, torch\n"
-            "from executorch.extension.pybindings.portable_lib import _load_for_executorch\n"
-            "from blockskip.runtime.memory import peak_rss_mib\n"
-            "io = torch.load(sys.argv[2], weights_only=True); x = io['photo']\n"
-            "open('/proc/self/clear_refs', 'w').write('5'); before = peak_rss_mib()\n"
-            "p = _load_for_executorch(sys.argv[1]); out = p.forward([x])[0]\n"
-            "print((peak_rss_mib() - before) * 2**20, (out - io['eager']).abs().max().item())\n")
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "e.pte"), str(tmp_path / "io.pt")],
-                       capture_output=True, text=True)
+    code = (
+        "import sys, torch\n"
+        "from executorch.extension.pybindings.portable_lib import _load_for_executorch\n"
+        "from blockskip.runtime.memory import peak_rss_mib\n"
+        "io = torch.load(sys.argv[2], weights_only=True); x = io['photo']\n"
+        "open('/proc/self/clear_refs', 'w').write('5'); before = peak_rss_mib()\n"
+        "p = _load_for_executorch(sys.argv[1]); out = p.forward([x])[0]\n"
+        "print((peak_rss_mib() - before) * 2**20, (out - io['eager']).abs().max().item())\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "e.pte"), str(tmp_path / "io.pt")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     grown, diff = (float(v) for v in r.stdout.split()[-2:])
     assert diff < 1e-4, diff
@@ -302,12 +418,22 @@ def test_the_delegable_encoder_ops_are_the_torch_ones():
     q, k, v = (torch.randn(2, 1, 30, 16, generator=g) for _ in range(3))
     mask = torch.rand(30, 30, generator=g) > 0.3
     with delegable_ops():
-        got = (F.group_norm(x, 32, w, b, 1e-6), F.group_norm(x.flatten(2), 8, eps=1e-5),
-               torch.nn.GroupNorm(16, 64)(x), F.scaled_dot_product_attention(q, k, v),
-               F.scaled_dot_product_attention(q, k, v, scale=0.3), F.scaled_dot_product_attention(q, k, v, mask))
-    want = (F.group_norm(x, 32, w, b, 1e-6), F.group_norm(x.flatten(2), 8, eps=1e-5), torch.nn.GroupNorm(16, 64)(x),
-            F.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, scale=0.3),
-            F.scaled_dot_product_attention(q, k, v, mask))
+        got = (
+            F.group_norm(x, 32, w, b, 1e-6),
+            F.group_norm(x.flatten(2), 8, eps=1e-5),
+            torch.nn.GroupNorm(16, 64)(x),
+            F.scaled_dot_product_attention(q, k, v),
+            F.scaled_dot_product_attention(q, k, v, scale=0.3),
+            F.scaled_dot_product_attention(q, k, v, mask),
+        )
+    want = (
+        F.group_norm(x, 32, w, b, 1e-6),
+        F.group_norm(x.flatten(2), 8, eps=1e-5),
+        torch.nn.GroupNorm(16, 64)(x),
+        F.scaled_dot_product_attention(q, k, v),
+        F.scaled_dot_product_attention(q, k, v, scale=0.3),
+        F.scaled_dot_product_attention(q, k, v, mask),
+    )
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 

@@ -64,14 +64,26 @@ def diffusers_forward(name, model, latent, sigma, text, guidance):
         kw = {}
         if TINY_CONFIGS[name]["guidance_embeds"]:
             kw["guidance"] = torch.full((1,), float(guidance))
-        out = model(hidden_states=fam.to_tokens(latent), encoder_hidden_states=text["prompt_embeds"],
-                    pooled_projections=text["pooled"], timestep=sigma, img_ids=img_ids.reshape(-1, 3),
-                    txt_ids=torch.zeros(text["prompt_embeds"].shape[1], 3, dtype=torch.long), **kw).sample
+        out = model(
+            hidden_states=fam.to_tokens(latent),
+            encoder_hidden_states=text["prompt_embeds"],
+            pooled_projections=text["pooled"],
+            timestep=sigma,
+            img_ids=img_ids.reshape(-1, 3),
+            txt_ids=torch.zeros(text["prompt_embeds"].shape[1], 3, dtype=torch.long),
+            **kw,
+        ).sample
         return fam.from_tokens(out, h, w)
     if FAMILY[name] == "sd3":
-        return model(hidden_states=latent, encoder_hidden_states=text["prompt_embeds"],
-                     pooled_projections=text["pooled"], timestep=sigma * 1000).sample
-    return model(hidden_states=latent, encoder_hidden_states=text["prompt_embeds"], timestep=sigma * 1000).sample
+        return model(
+            hidden_states=latent,
+            encoder_hidden_states=text["prompt_embeds"],
+            pooled_projections=text["pooled"],
+            timestep=sigma * 1000,
+        ).sample
+    return model(
+        hidden_states=latent, encoder_hidden_states=text["prompt_embeds"], timestep=sigma * 1000
+    ).sample
 
 
 def family_forward(fam, model, latent, sigma, text, geom, positions, guidance):
@@ -99,7 +111,9 @@ def test_segmented_forward_equals_diffusers(name):
     guidance = 2.5
     geom = CropGeometry(full=h, side=h, top=0, left=0, low=h)
     with torch.no_grad():
-        ours = fam.from_tokens(family_forward(fam, model, latent, sigma, text, geom, "native", guidance), h, h)
+        ours = fam.from_tokens(
+            family_forward(fam, model, latent, sigma, text, geom, "native", guidance), h, h
+        )
         ref = diffusers_forward(name, model, latent, sigma, text, guidance)
         # "crop" positions for the whole s_max photo at s_min == s_max are the native positions
         crop = fam.from_tokens(family_forward(fam, model, latent, sigma, text, geom, "crop", guidance), h, h)
@@ -149,13 +163,15 @@ class Run:
     def sample(self, k: int):
         """(x_t, target, sigma, geometry) of cache entry k, rebuilt exactly as precompute does."""
         e = self.cache.schedule[k]
-        return make_sample(self.latents[e.image], e, self.plan.s_min, self.plan.s_max,
-                           self.bundle.manifest["vae_factor"])
+        return make_sample(
+            self.latents[e.image], e, self.plan.s_min, self.plan.s_max, self.bundle.manifest["vae_factor"]
+        )
 
     def span(self, lora: dict | None = None, seed: int | None = None) -> TrainedSpan:
         lora = lora or self.bundle.manifest["lora"]
-        return TrainedSpan(BlockStore(self.bundle), self.bundle.trained, lora,
-                           self.plan.seed if seed is None else seed)
+        return TrainedSpan(
+            BlockStore(self.bundle), self.bundle.trained, lora, self.plan.seed if seed is None else seed
+        )
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +182,18 @@ def skip_runs(tmp_path_factory, photos):
         if (name, split) not in runs:
             L = _num_blocks(name)
             g = wrap_model(build(name)).granularity
-            plan = Plan(s_min=2 * g, s_max=4 * g, num_samples=3, steps=1, lora_rank=4, lora_alpha=8.0,
-                        timestep_shift=3.0, guidance=2.0, seed=3, **SPLITS[split](L))
+            plan = Plan(
+                s_min=2 * g,
+                s_max=4 * g,
+                num_samples=3,
+                steps=1,
+                lora_rank=4,
+                lora_alpha=8.0,
+                timestep_shift=3.0,
+                guidance=2.0,
+                seed=3,
+                **SPLITS[split](L),
+            )
             runs[name, split] = Run(name, tmp_path_factory.mktemp(f"{name}-{split}"), plan, photos)
         return runs[name, split]
 
@@ -175,7 +201,9 @@ def skip_runs(tmp_path_factory, photos):
 
 
 def _expected_trained(split: str, L: int) -> list[int]:
-    return {"n1m1": list(range(1, L - 1)), "n0m2": list(range(0, L - 2)), "gap": [0, 2], "first-only": [0]}[split]
+    return {"n1m1": list(range(1, L - 1)), "n0m2": list(range(0, L - 2)), "gap": [0, 2], "first-only": [0]}[
+        split
+    ]
 
 
 def _expected_delta_starts(trained: list[int], L: int) -> set[int]:
@@ -197,7 +225,9 @@ def test_blockskip_with_zero_lora_reproduces_full_model(name, split, skip_runs):
     trained = run.bundle.trained
     assert trained == _expected_trained(split, L)
     span = run.span()
-    assert span.params and all(p.abs().max() == 0 for n, p in span.model.named_parameters() if ".lora_B." in n)
+    assert span.params and all(
+        p.abs().max() == 0 for n, p in span.model.named_parameters() if ".lora_B." in n
+    )
     for k in range(len(run.cache.schedule)):
         entry = run.entry(k)
         # the cache holds exactly one residual per skipped span after the first trained block
@@ -209,8 +239,9 @@ def test_blockskip_with_zero_lora_reproduces_full_model(name, split, skip_runs):
             out = span.forward(entry)
             loss = span.loss(entry)
             # the residuals matter: without them the span gives another output
-            no_delta = span.forward({n: (torch.zeros_like(v) if n.startswith("delta.") else v)
-                                     for n, v in entry.items()})
+            no_delta = span.forward(
+                {n: (torch.zeros_like(v) if n.startswith("delta.") else v) for n, v in entry.items()}
+            )
         assert torch.isfinite(ref).all()
         assert _maxdiff(out, ref) <= ATOL, f"entry {k}"
         assert torch.equal(entry["target"], fam.to_tokens(target))
@@ -253,9 +284,23 @@ def full_runs(tmp_path_factory, photos):
     def get(name: str) -> Run:
         if name not in runs:
             g = wrap_model(build(name)).granularity
-            plan = Plan(front_skip=0, back_skip=0, s_min=4 * g, s_max=4 * g, patch_sampling=False,
-                        positions="native", num_samples=2, steps=2, lr=1e-2, weight_decay=0.0,
-                        lora_rank=3, lora_alpha=6.0, guidance=2.0, seed=5, checkpoint_every=100)
+            plan = Plan(
+                front_skip=0,
+                back_skip=0,
+                s_min=4 * g,
+                s_max=4 * g,
+                patch_sampling=False,
+                positions="native",
+                num_samples=2,
+                steps=2,
+                lr=1e-2,
+                weight_decay=0.0,
+                lora_rank=3,
+                lora_alpha=6.0,
+                guidance=2.0,
+                seed=5,
+                checkpoint_every=100,
+            )
             runs[name] = Run(name, tmp_path_factory.mktemp(f"{name}-full"), plan, photos)
         return runs[name]
 
@@ -270,7 +315,9 @@ def test_no_skip_loss_and_grads_equal_peft_on_full_model(name, full_runs):
     span = run.span()
     _randomize_lora_b(span.model, seed=11, std=0.05)
     ours = {n: p for n, p in span.model.named_parameters() if ".lora_" in n}
-    full, theirs = _peft_full_model(name, run.bundle.manifest["lora"], {n: p.detach() for n, p in ours.items()})
+    full, theirs = _peft_full_model(
+        name, run.bundle.manifest["lora"], {n: p.detach() for n, p in ours.items()}
+    )
     for k in range(len(run.cache.schedule)):
         entry = run.entry(k)
         x_t, target, sigma, geom = run.sample(k)
@@ -301,8 +348,11 @@ def test_no_skip_training_losses_equal_peft_adamw(name, full_runs, tmp_path):
     log = run_train(run.root / "bundle", run.root / "cache", tmp_path / "out", quiet=True)
     assert len(log["losses"]) == plan.steps == 2
     init = run.span()  # the training run's initial LoRA (A from the plan seed, B zero)
-    full, params = _peft_full_model(name, run.bundle.manifest["lora"],
-                                    {n: p.detach() for n, p in init.model.named_parameters() if ".lora_" in n})
+    full, params = _peft_full_model(
+        name,
+        run.bundle.manifest["lora"],
+        {n: p.detach() for n, p in init.model.named_parameters() if ".lora_" in n},
+    )
     init_p = {n: p.detach().clone() for n, p in params.items()}
     opt = torch.optim.AdamW(list(params.values()), lr=plan.lr, weight_decay=plan.weight_decay)
     ref = []
@@ -318,12 +368,19 @@ def test_no_skip_training_losses_equal_peft_adamw(name, full_runs, tmp_path):
     # and the saved LoRA (alpha/rank folded into B) is the reference's after the last step
     saved = load_file(tmp_path / "out" / "lora.safetensors")
     scale = plan.alpha / plan.lora_rank
-    assert {k.removeprefix("transformer.").replace(".lora_A.", ".lora_A.default.").replace(
-        ".lora_B.", ".lora_B.default.") for k in saved} == set(params)
+    assert {
+        k.removeprefix("transformer.")
+        .replace(".lora_A.", ".lora_A.default.")
+        .replace(".lora_B.", ".lora_B.default.")
+        for k in saved
+    } == set(params)
     moved = 0.0
     for k, v in saved.items():
-        n = k.removeprefix("transformer.").replace(".lora_A.", ".lora_A.default.").replace(
-            ".lora_B.", ".lora_B.default.")
+        n = (
+            k.removeprefix("transformer.")
+            .replace(".lora_A.", ".lora_A.default.")
+            .replace(".lora_B.", ".lora_B.default.")
+        )
         s = scale if ".lora_B." in n else 1.0
         want, update = params[n].detach() * s, (params[n].detach() - init_p[n]) * s
         # AdamW's first steps are ~lr * grad/|grad|, which amplifies rounding on ~zero gradients:
@@ -361,7 +418,9 @@ def test_every_lora_param_gets_a_gradient(name, split, skip_runs):
     lora = run.bundle.manifest["lora"]
     paths = run.fam.block_paths()
     # LoRA lives exactly on the trained blocks
-    assert {next(p for p in paths if t.startswith(p + ".")) for t in lora["targets"]} == {paths[i] for i in trained}
+    assert {next(p for p in paths if t.startswith(p + ".")) for t in lora["targets"]} == {
+        paths[i] for i in trained
+    }
     span = run.span()
     _randomize_lora_b(span.model, seed=13, std=1e-2)
     entry = run.entry(0)

@@ -29,8 +29,17 @@ from blockskip.runtime.plan import Plan  # noqa: E402
 from blockskip.runtime.profiles import load_profile  # noqa: E402
 from blockskip.runtime.tensorfile import read_tensors  # noqa: E402
 
-PLAN = dict(s_min=32, s_max=64, num_samples=6, steps=10, lr=3e-3, weight_decay=0.05, lora_rank=4,
-            lora_alpha=8.0, checkpoint_every=3)
+PLAN = dict(
+    s_min=32,
+    s_max=64,
+    num_samples=6,
+    steps=10,
+    lr=3e-3,
+    weight_decay=0.05,
+    lora_rank=4,
+    lora_alpha=8.0,
+    checkpoint_every=3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +47,14 @@ def streamed(tmp_path_factory, photos):
     """A streamed int8 flux bundle (torch + pte), its cache made by the torch backend."""
     root = tmp_path_factory.mktemp("et-flux")
     plan = Plan(front_skip=1, back_skip=2, span="streamed", storage="int8", **PLAN)
-    export_bundle(wrap_model(build("flux"), "flux"), plan, load_profile("desktop-cpu"), "a photo of sks cat",
-                  root / "bundle", formats=["torch", "pte"])
+    export_bundle(
+        wrap_model(build("flux"), "flux"),
+        plan,
+        load_profile("desktop-cpu"),
+        "a photo of sks cat",
+        root / "bundle",
+        formats=["torch", "pte"],
+    )
     run_precompute(root / "bundle", photos, root / "cache", quiet=True)
     return root
 
@@ -62,7 +77,9 @@ def test_adamw_matches_torch_over_steps():
         np.testing.assert_allclose(ours[n], ref[n].detach().numpy(), rtol=2e-7, atol=1e-9)
         st = topt.state[ref[n]]
         np.testing.assert_allclose(opt.state[n]["exp_avg"], st["exp_avg"].numpy(), rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(opt.state[n]["exp_avg_sq"], st["exp_avg_sq"].numpy(), rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(
+            opt.state[n]["exp_avg_sq"], st["exp_avg_sq"].numpy(), rtol=1e-6, atol=1e-12
+        )
         assert float(opt.state[n]["step"][0]) == float(st["step"]) == 7
 
 
@@ -104,14 +121,29 @@ def test_device_train_cli_end_to_end(streamed, photos, capfd):
     LoRA that loads into the full diffusers model with the torch backend's metadata."""
     root = streamed
     out = root / "out-cli"
-    rc = device_cli.main(["run", str(root / "bundle"), "--images", str(photos), "-o", str(out),
-                          "--backend", "executorch", "--quiet"])
+    rc = device_cli.main(
+        [
+            "run",
+            str(root / "bundle"),
+            "--images",
+            str(photos),
+            "-o",
+            str(out),
+            "--backend",
+            "executorch",
+            "--quiet",
+        ]
+    )
     captured = capfd.readouterr()
     assert rc == 0, captured.err
     for noise in ("torchao", "ExperimentalWarning", "Traceback"):
         assert noise not in captured.err, captured.err
     log = json.loads((out / "train_log.json").read_text())
-    assert log["backend"] == "executorch (streamed)" and log["span"] == "streamed" and len(log["losses"]) == PLAN["steps"]
+    assert (
+        log["backend"] == "executorch (streamed)"
+        and log["span"] == "streamed"
+        and len(log["losses"]) == PLAN["steps"]
+    )
     assert log["peak_rss_mib"] > 0
     path = out / "lora.safetensors"
     sd = load_file(path)
@@ -128,9 +160,25 @@ def test_device_train_cli_end_to_end(streamed, photos, capfd):
 def test_train_output_is_clean_in_a_fresh_process(streamed, tmp_path):
     """The loader warnings (torchao, experimental APIs) and the native runtime's cpuinfo lines (printed
     once per process, when its thread pool starts) stay out of device-train's output."""
-    r = subprocess.run([sys.executable, "-m", "blockskip.device_train.cli", "train", str(streamed / "bundle"), "--cache",
-                        str(streamed / "cache"), "-o", str(tmp_path / "o"), "--backend", "executorch", "--quiet"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blockskip.device_train.cli",
+            "train",
+            str(streamed / "bundle"),
+            "--cache",
+            str(streamed / "cache"),
+            "-o",
+            str(tmp_path / "o"),
+            "--backend",
+            "executorch",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "LoRA written to" in r.stdout
     assert r.stderr.strip() == "", r.stderr
@@ -154,14 +202,39 @@ def test_grad_accumulation_tracks_torch(streamed, tmp_path, photos):
 
 
 def test_executorch_backend_refuses_bundle_without_pte(photos, tmp_path, capsys):
-    export_bundle(load_model("tiny-random"), Plan(front_skip=1, back_skip=2, **PLAN), load_profile("desktop-cpu"),
-                  "a photo of sks cat", tmp_path / "bundle")
-    rc = device_cli.main(["run", str(tmp_path / "bundle"), "--images", str(photos), "-o", str(tmp_path / "o"),
-                          "--backend", "executorch"])
+    export_bundle(
+        load_model("tiny-random"),
+        Plan(front_skip=1, back_skip=2, **PLAN),
+        load_profile("desktop-cpu"),
+        "a photo of sks cat",
+        tmp_path / "bundle",
+    )
+    rc = device_cli.main(
+        [
+            "run",
+            str(tmp_path / "bundle"),
+            "--images",
+            str(photos),
+            "-o",
+            str(tmp_path / "o"),
+            "--backend",
+            "executorch",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "--format pte" in err and "Traceback" not in err, err
     run_precompute(tmp_path / "bundle", photos, tmp_path / "cache", quiet=True)
-    rc = device_cli.main(["train", str(tmp_path / "bundle"), "--cache", str(tmp_path / "cache"),
-                          "-o", str(tmp_path / "o"), "--backend", "executorch"])
+    rc = device_cli.main(
+        [
+            "train",
+            str(tmp_path / "bundle"),
+            "--cache",
+            str(tmp_path / "cache"),
+            "-o",
+            str(tmp_path / "o"),
+            "--backend",
+            "executorch",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "--format pte" in err and "Traceback" not in err, err

@@ -18,15 +18,20 @@ jsonschema = pytest.importorskip("jsonschema")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "docs" / "schemas"
-PLAN = dict(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=3, steps=2, checkpoint_every=1, lora_rank=4)
+PLAN = dict(
+    front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=3, steps=2, checkpoint_every=1, lora_rank=4
+)
 
 
 # --- the generated files ----------------------------------------------------------------------------
 
+
 def test_schema_files_are_up_to_date():
     """docs/schemas holds one file per format, each as the module writes it (else: run
     `python -m blockskip.runtime.formats --write docs/schemas`)."""
-    assert sorted(p.name for p in SCHEMAS.glob("*.schema.json")) == sorted(f"{k}.schema.json" for k in formats.KINDS)
+    assert sorted(p.name for p in SCHEMAS.glob("*.schema.json")) == sorted(
+        f"{k}.schema.json" for k in formats.KINDS
+    )
     for kind in formats.KINDS:
         assert (SCHEMAS / f"{kind}.schema.json").read_text() == formats.schema_text(kind), kind
 
@@ -72,17 +77,32 @@ def test_plan_schema_follows_the_plan():
 # --- the readers use the declared names --------------------------------------------------------------
 
 # literals the declaration owns: none of these readers spells them any more
-OWNED = ['"param.', '"opt.', '"in."', '"c."', '"delta.', '"target"', '"index.json"', '"checkpoint.safetensors"',
-         '"manifest.json"', '"state.', '"grad_in.', '"lora_grad.', '"lora."', '"source_sha256"']
+OWNED = [
+    '"param.',
+    '"opt.',
+    '"in."',
+    '"c."',
+    '"delta.',
+    '"target"',
+    '"index.json"',
+    '"checkpoint.safetensors"',
+    '"manifest.json"',
+    '"state.',
+    '"grad_in.',
+    '"lora_grad.',
+    '"lora."',
+    '"source_sha256"',
+]
 
 
-@pytest.mark.parametrize("rel", ["runtime/cache.py", "runtime/checkpoint.py", "runtime/stream.py",
-                                 "runtime/bundle.py"])
+@pytest.mark.parametrize(
+    "rel", ["runtime/cache.py", "runtime/checkpoint.py", "runtime/stream.py", "runtime/bundle.py"]
+)
 def test_python_readers_take_the_declared_names(rel):
     code = [line for line in (ROOT / rel).read_text().splitlines() if not line.lstrip().startswith("#")]
     body = "\n".join(code)
     assert "blockskip.runtime.formats import" in body
-    found = [lit for lit in OWNED if lit in body.replace("f\"", "\"")]
+    found = [lit for lit in OWNED if lit in body.replace('f"', '"')]
     assert not found, f"{rel} spells {found}; take them from runtime/formats.py"
 
 
@@ -99,14 +119,24 @@ def test_native_readers_take_the_declared_names(rel):
 
 # --- the cache's identity ---------------------------------------------------------------------------
 
+
 def test_source_digest_is_the_ascii_escaped_sorted_dump():
     source = {"images": {"b.png": "1" * 64, "café.png": "2" * 64}, "bundle": "3" * 64}
-    text = '{"bundle": "' + "3" * 64 + '", "images": {"b.png": "' + "1" * 64 + '", "caf\\u00e9.png": "' + "2" * 64 + '"}}'
+    text = (
+        '{"bundle": "'
+        + "3" * 64
+        + '", "images": {"b.png": "'
+        + "1" * 64
+        + '", "caf\\u00e9.png": "'
+        + "2" * 64
+        + '"}}'
+    )
     assert formats.source_digest(source) == hashlib.sha256(text.encode("ascii")).hexdigest()
     assert formats.source_digest(dict(reversed(source.items()))) == formats.source_digest(source)
 
 
 # --- files the Python runtime writes ----------------------------------------------------------------
+
 
 def _train(root: Path, plan: dict, photos: Path) -> Path:
     from blockskip.device_train.app import run_train
@@ -125,8 +155,9 @@ def resident(tmp_path_factory, photos) -> Path:
 @pytest.fixture(scope="module")
 def streamed(tmp_path_factory, photos) -> Path:
     """The same with a block-streamed span over int8 weights (runtime/stream.py writes the checkpoint)."""
-    return _train(tmp_path_factory.mktemp("formats-streamed"), {**PLAN, "span": "streamed", "storage": "int8"},
-                  photos)
+    return _train(
+        tmp_path_factory.mktemp("formats-streamed"), {**PLAN, "span": "streamed", "storage": "int8"}, photos
+    )
 
 
 def documents(root: Path) -> dict[str, object]:
@@ -149,15 +180,20 @@ def check_run(root: Path) -> dict:
     for k in range(len(index["schedule"]["entries"])):
         formats.validate("cache_entry", formats.safetensors_header(root / "cache" / formats.shard_name(k)))
     # the identity as documented: the manifest's bytes, the photos' bytes, the sorted dump
-    assert index["source"]["bundle"] == hashlib.sha256((root / "bundle" / formats.MANIFEST).read_bytes()).hexdigest()
-    assert index["source_sha256"] == formats.source_digest(index["source"]) == docs["train_log"]["cache_source"]
+    assert (
+        index["source"]["bundle"]
+        == hashlib.sha256((root / "bundle" / formats.MANIFEST).read_bytes()).hexdigest()
+    )
+    assert (
+        index["source_sha256"] == formats.source_digest(index["source"]) == docs["train_log"]["cache_source"]
+    )
     return docs
 
 
 def test_python_run_files_validate(resident):
     docs = check_run(resident)
     ckpt = docs["checkpoint"]
-    params = {k[len(formats.PARAM):] for k in ckpt if k.startswith(formats.PARAM)}
+    params = {k[len(formats.PARAM) :] for k in ckpt if k.startswith(formats.PARAM)}
     assert params and all(formats.opt_key(s, n) in ckpt for n in params for s in formats.ADAMW_STATE)
     assert json.loads(ckpt["__metadata__"]["log"])["cache_source"] == docs["train_log"]["cache_source"]
 
@@ -167,12 +203,14 @@ def test_python_streamed_run_files_validate(streamed):
     docs = check_run(streamed)
     assert docs["train_log"]["span"] == "streamed" and docs["manifest"]["stream"]["storage"] == "int8"
     ckpt = docs["checkpoint"]
-    params = {k[len(formats.PARAM):] for k in ckpt if k.startswith(formats.PARAM)}
+    params = {k[len(formats.PARAM) :] for k in ckpt if k.startswith(formats.PARAM)}
     assert {k for k in ckpt if k != "__metadata__"} == {formats.PARAM + n for n in params} | {
-        formats.opt_key(s, n) for n in params for s in formats.ADAMW_STATE}
+        formats.opt_key(s, n) for n in params for s in formats.ADAMW_STATE
+    }
 
 
 # --- mutated copies fail ---------------------------------------------------------------------------
+
 
 def _first(d: dict, prefix: str) -> str:
     return next(k for k in d if k.startswith(prefix))
@@ -183,6 +221,7 @@ def _del(*path):
         for key in path[:-1]:
             doc = doc[key]
         del doc[path[-1]]
+
     return f
 
 
@@ -191,13 +230,15 @@ def _set(value, *path):
         for key in path[:-1]:
             doc = doc[key]
         doc[path[-1]] = value
+
     return f
 
 
 def _rename(prefix, new):
     def f(doc):
         k = _first(doc, prefix)
-        doc[new + k[len(prefix):]] = doc.pop(k)
+        doc[new + k[len(prefix) :]] = doc.pop(k)
+
     return f
 
 
@@ -205,18 +246,21 @@ def _drop_all(prefix):
     def f(doc):
         for k in [k for k in doc if k.startswith(prefix)]:
             del doc[k]
+
     return f
 
 
 def _in_first_tensor(prefix, field, value):
     def f(doc):
         doc[_first(doc, prefix)][field] = value
+
     return f
 
 
 def _first_file(field, value):
     def f(doc):
         doc["files"][next(iter(doc["files"]))][field] = value
+
     return f
 
 
@@ -225,6 +269,7 @@ def _log(change):
         log = json.loads(doc["__metadata__"]["log"])
         change(log)
         doc["__metadata__"]["log"] = json.dumps(log)
+
     return f
 
 
@@ -246,7 +291,9 @@ MUTATIONS = {
         "no schedule": _del("schedule"),
         "entry key not a number": lambda d: d["entries"].update(a=d["entries"]["0"]),
         "shard outside the cache": lambda d: d["entries"]["0"].update(file="../entry_00000.safetensors"),
-        "photo digest a number": lambda d: d["source"]["images"].update({next(iter(d["source"]["images"])): 5}),
+        "photo digest a number": lambda d: d["source"]["images"].update(
+            {next(iter(d["source"]["images"])): 5}
+        ),
         "timestep as text": lambda d: d["schedule"]["entries"][0].update(t="1"),
         "unknown key": _set(True, "extra"),
     },
@@ -282,8 +329,15 @@ MUTATIONS = {
         "no format": _del("__metadata__", "format"),
         "metadata value a number": _set(1, "__metadata__", "format"),
         "adapter metadata not JSON": _set("{", "__metadata__", "lora_adapter_metadata"),
-        "adapter metadata without rank": lambda d: d["__metadata__"].update(lora_adapter_metadata=json.dumps(
-            {k: v for k, v in json.loads(d["__metadata__"]["lora_adapter_metadata"]).items() if k != "transformer.r"})),
+        "adapter metadata without rank": lambda d: d["__metadata__"].update(
+            lora_adapter_metadata=json.dumps(
+                {
+                    k: v
+                    for k, v in json.loads(d["__metadata__"]["lora_adapter_metadata"]).items()
+                    if k != "transformer.r"
+                }
+            )
+        ),
         "peft name": _rename(formats.LORA_PREFIX, ""),
         "float16 tensor": _in_first_tensor(formats.LORA_PREFIX, "dtype", "F16"),
     },

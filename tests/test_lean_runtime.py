@@ -90,7 +90,8 @@ def test_lean_runtime_works_without_torch(tmp_path):
 
     (tmp_path / "photos").mkdir()
     Image.fromarray((np.random.default_rng(0).random((70, 90, 3)) * 255).astype("uint8")).save(
-        tmp_path / "photos" / "a.png")
+        tmp_path / "photos" / "a.png"
+    )
     r = run_blocked(
         """
         import sys

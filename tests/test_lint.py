@@ -36,8 +36,7 @@ def _mypy(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "broken.py").write_text(source)
-    return _run("mypy", "--cache-dir", os.devnull, "-p", "blockskip.runtime.broken",
-                cwd=tmp_path)
+    return _run("mypy", "--cache-dir", os.devnull, "-p", "blockskip.runtime.broken", cwd=tmp_path)
 
 
 def test_mypy_fails_on_a_type_error_and_passes_the_fixed_file(tmp_path):

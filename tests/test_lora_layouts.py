@@ -49,15 +49,22 @@ def random_lora(model, family: str, rng, blocks=None, drop=()) -> dict[str, np.n
                         continue  # SD3 without attn2, a last block without text outputs
                     if not isinstance(lin, torch.nn.Linear):
                         continue
-                    out[f"transformer.{name}.lora_A.weight"] = rng.standard_normal((RANK, lin.in_features)).astype(np.float32)
-                    out[f"transformer.{name}.lora_B.weight"] = rng.standard_normal((lin.out_features, RANK)).astype(np.float32)
+                    out[f"transformer.{name}.lora_A.weight"] = rng.standard_normal(
+                        (RANK, lin.in_features)
+                    ).astype(np.float32)
+                    out[f"transformer.{name}.lora_B.weight"] = rng.standard_normal(
+                        (lin.out_features, RANK)
+                    ).astype(np.float32)
     assert out
     return out
 
 
 def deltas(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k[len("transformer."):-len(".lora_A.weight")]: sd[k.replace("lora_A", "lora_B")] @ sd[k]
-            for k in sd if k.endswith(".lora_A.weight")}
+    return {
+        k[len("transformer.") : -len(".lora_A.weight")]: sd[k.replace("lora_A", "lora_B")] @ sd[k]
+        for k in sd
+        if k.endswith(".lora_A.weight")
+    }
 
 
 def pipeline(name: str, model):
@@ -71,12 +78,27 @@ def pipeline(name: str, model):
     sched = FlowMatchEulerDiscreteScheduler()
     fam = FAMILY[name]
     if fam == "flux":
-        return FluxPipeline(scheduler=sched, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                            tokenizer_2=None, transformer=model)
+        return FluxPipeline(
+            scheduler=sched,
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            transformer=model,
+        )
     if fam == "sd3":
-        return StableDiffusion3Pipeline(transformer=model, scheduler=sched, vae=None, text_encoder=None,
-                                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-                                        tokenizer_3=None)
+        return StableDiffusion3Pipeline(
+            transformer=model,
+            scheduler=sched,
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
     return SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model, scheduler=sched)
 
 
@@ -106,8 +128,14 @@ def load_and_read(name: str, model, state: dict[str, np.ndarray]) -> tuple[dict[
             d = mod.lora_B["x"].weight @ mod.lora_A["x"].weight * mod.scaling["x"]
             got[mod_name] = d.detach().numpy()
     # the pipeline has no text encoder, so diffusers notes that no key is for one: not about our keys
-    bad = [m for m in rec.messages if "prefix='text_encoder" not in m
-           and any(w in m.lower() for w in ("unexpected", "missing", "unsupported", "incompatible", "not loaded"))]
+    bad = [
+        m
+        for m in rec.messages
+        if "prefix='text_encoder" not in m
+        and any(
+            w in m.lower() for w in ("unexpected", "missing", "unsupported", "incompatible", "not loaded")
+        )
+    ]
     return got, bad
 
 
@@ -131,8 +159,13 @@ def test_diffusers_layout_loads_into_the_pipeline(name):
 def test_kohya_flux_loads_through_diffusers_converter():
     model = build("flux")
     # the last trained block's text-only modules are not trained: its fused txt qkv has a zero q part
-    sd = random_lora(model, "flux", np.random.default_rng(1), blocks={"transformer_blocks"},
-                     drop=("1.attn.add_q_proj", "1.attn.to_add_out", "1.ff_context.net.0.proj", "1.ff_context.net.2"))
+    sd = random_lora(
+        model,
+        "flux",
+        np.random.default_rng(1),
+        blocks={"transformer_blocks"},
+        drop=("1.attn.add_q_proj", "1.attn.to_add_out", "1.ff_context.net.0.proj", "1.ff_context.net.2"),
+    )
     kohya = L.from_diffusers(sd, "flux", "kohya")
     assert all(k.startswith("lora_unet_double_blocks_") for k in kohya)
     assert "lora_unet_double_blocks_0_img_attn_qkv.alpha" in kohya
@@ -163,24 +196,33 @@ def test_round_trip_through_the_declared_mapping(name, fmt):
 
 def test_flux_fused_names_and_shapes():
     model = build("flux")
-    sd = random_lora(model, "flux", np.random.default_rng(3), blocks={"single_transformer_blocks"},
-                     drop=("proj_mlp",))
+    sd = random_lora(
+        model, "flux", np.random.default_rng(3), blocks={"single_transformer_blocks"}, drop=("proj_mlp",)
+    )
     comfy = L.from_diffusers(sd, "flux", "comfy")
     up = comfy["diffusion_model.single_blocks.0.linear1.lora_up.weight"]
     dim = model.single_transformer_blocks[0].attn.to_q.out_features
     assert up.shape == (3 * dim + 4 * dim, 4 * RANK)  # proj_mlp missing: zero rows keep linear1's size
-    assert not up[3 * dim:].any()
+    assert not up[3 * dim :].any()
     assert "diffusion_model.single_blocks.0.linear2.lora_down.weight" in comfy
 
 
 def test_unknown_module_and_format_are_refused():
     with pytest.raises(BlockSkipError, match="no place"):
-        L.from_diffusers({"transformer.x_embedder.lora_A.weight": np.zeros((1, 2), np.float32),
-                          "transformer.x_embedder.lora_B.weight": np.zeros((2, 1), np.float32)}, "flux", "kohya")
+        L.from_diffusers(
+            {
+                "transformer.x_embedder.lora_A.weight": np.zeros((1, 2), np.float32),
+                "transformer.x_embedder.lora_B.weight": np.zeros((2, 1), np.float32),
+            },
+            "flux",
+            "kohya",
+        )
     with pytest.raises(BlockSkipError, match="unknown LoRA format"):
         L.formats_of("a1111")
 
 
 def test_the_native_header_is_generated_from_the_declaration():
     root = Path(__file__).resolve().parents[1]
-    assert (root / L.HEADER).read_text() == L.cpp_header(), "run python -m blockskip.runtime.lora_layouts --write"
+    assert (root / L.HEADER).read_text() == L.cpp_header(), (
+        "run python -m blockskip.runtime.lora_layouts --write"
+    )

@@ -19,13 +19,23 @@ def test_flux_folder_with_autoencoder_kl(tmp_path, photos):
     root = tmp_path / "tiny-flux"
     build("flux").save_pretrained(root / "transformer")
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                        latent_channels=4, norm_num_groups=4, layers_per_block=1,
-                        scaling_factor=0.5, shift_factor=0.1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        scaling_factor=0.5,
+        shift_factor=0.1,
+    )
     vae.save_pretrained(root / "vae")
-    save_file({"prompt_embeds": torch.randn(1, 5, 24), "pooled": torch.randn(1, 12)},
-              root / "prompt_embeds.safetensors")
+    save_file(
+        {"prompt_embeds": torch.randn(1, 5, 24), "pooled": torch.randn(1, 12)},
+        root / "prompt_embeds.safetensors",
+    )
     lm = load_model(str(root))
     assert lm.family.name == "flux" and lm.vae_factor == 2 and lm.granularity == 4
     plan = Plan(front_skip=1, back_skip=1, s_min=16, s_max=32, num_samples=3, steps=2)
@@ -54,9 +64,17 @@ def test_tiled_vae_encoding_bounds_precompute_memory():
     from blockskip.runtime.backends.torch_families.latent import enable_tiling, encode_images
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                        latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=512).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=512,
+    ).eval()
     spec = {"class": "AutoencoderKL", "scaling_factor": 1.0, "shift_factor": None}
     x = torch.rand(1, 3, 512, 512) * 2 - 1
     peaks, outs = {}, {}

@@ -14,7 +14,9 @@ from conftest import BINARY  # noqa: F401  (other test modules import it from he
 from safetensors import safe_open
 from safetensors.numpy import load_file as load_np
 
-pytest.importorskip("executorch.extension.training", reason="the native runner and its reference need executorch")
+pytest.importorskip(
+    "executorch.extension.training", reason="the native runner and its reference need executorch"
+)
 
 from blockskip.device_train.app import run_precompute  # noqa: E402
 from blockskip.export.bundle_writer import export_bundle  # noqa: E402
@@ -30,14 +32,30 @@ from blockskip.runtime.profiles import load_profile  # noqa: E402
 
 # grad_accum 2 over 3 entries: the order wraps and every step sums two micro-steps; alpha/rank = 2 is
 # folded into lora_B on save; checkpoints every 2 steps for the resume test
-PLAN = dict(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=3, steps=6, grad_accum=2, lr=3e-3,
-            weight_decay=0.05, lora_rank=4, lora_alpha=8.0, checkpoint_every=2)
+PLAN = dict(
+    front_skip=1,
+    back_skip=2,
+    s_min=32,
+    s_max=64,
+    num_samples=3,
+    steps=6,
+    grad_accum=2,
+    lr=3e-3,
+    weight_decay=0.05,
+    lora_rank=4,
+    lora_alpha=8.0,
+    checkpoint_every=2,
+)
 XNN_PLAN = {**PLAN, "steps": 3, "grad_accum": 1, "num_samples": 2, "checkpoint_every": 3}
 
 
 def run_native(runner: Path, bundle, cache, out, *extra, check=True) -> subprocess.CompletedProcess:
-    r = subprocess.run([str(runner), str(bundle), "--cache", str(cache), "-o", str(out), *map(str, extra)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [str(runner), str(bundle), "--cache", str(cache), "-o", str(out), *map(str, extra)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check:
         assert r.returncode == 0, f"runner failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
     return r
@@ -72,8 +90,14 @@ def python_reference(bundle_dir: Path, cache_dir: Path, steps: int | None = None
             gsum = {k: v.clone() for k, v in g.items()} if gsum is None else {k: gsum[k] + g[k] for k in gsum}
         params = tm.named_parameters()  # alias the program's mutable weights
         if optim is None:
-            optim = torch.optim.AdamW(list(params.values()), lr=plan["lr"], betas=tuple(opt["betas"]),
-                                      eps=opt["eps"], weight_decay=opt["weight_decay"], foreach=False)
+            optim = torch.optim.AdamW(
+                list(params.values()),
+                lr=plan["lr"],
+                betas=tuple(opt["betas"]),
+                eps=opt["eps"],
+                weight_decay=opt["weight_decay"],
+                foreach=False,
+            )
         for k, p in params.items():
             p.grad = gsum[k]
         optim.step()
@@ -82,8 +106,15 @@ def python_reference(bundle_dir: Path, cache_dir: Path, steps: int | None = None
 
 
 def _export(root: Path, plan: dict, photos: Path, delegate: str = "none") -> Path:
-    export_bundle(load_model("tiny-random"), Plan(**plan), load_profile("desktop-cpu"), "a photo of sks cat",
-                  root / "bundle", formats=["torch", "pte"], delegate=delegate)
+    export_bundle(
+        load_model("tiny-random"),
+        Plan(**plan),
+        load_profile("desktop-cpu"),
+        "a photo of sks cat",
+        root / "bundle",
+        formats=["torch", "pte"],
+        delegate=delegate,
+    )
     run_precompute(root / "bundle", photos, root / "cache", quiet=True)
     return root
 
@@ -147,8 +178,11 @@ def test_lora_loads_into_diffusers(trained):
     assert loaded == {k.removeprefix("transformer.") for k in sd}  # no missing, no unexpected keys
     params = dict(full.named_parameters())
     for k, v in sd.items():
-        name = k.removeprefix("transformer.").replace(".lora_A.", ".lora_A.subject.").replace(
-            ".lora_B.", ".lora_B.subject.")
+        name = (
+            k.removeprefix("transformer.")
+            .replace(".lora_A.", ".lora_A.subject.")
+            .replace(".lora_B.", ".lora_B.subject.")
+        )
         np.testing.assert_array_equal(params[name].detach().numpy(), v)
 
 
@@ -188,10 +222,20 @@ def test_schedule_and_noise_are_the_python_runtimes(runner, tmp_path):
     from blockskip.runtime.rng import normals
 
     plan = Plan(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=40, timestep_shift=3.0, seed=11)
-    export_bundle(load_model("tiny-random"), plan, load_profile("desktop-cpu"), "a photo of sks cat", tmp_path / "b",
-                  formats=["torch"])
-    r = subprocess.run([str(runner), "schedule", str(tmp_path / "b"), "--images", "5", "--noise-values", "33"],
-                       capture_output=True, text=True, timeout=60)
+    export_bundle(
+        load_model("tiny-random"),
+        plan,
+        load_profile("desktop-cpu"),
+        "a photo of sks cat",
+        tmp_path / "b",
+        formats=["torch"],
+    )
+    r = subprocess.run(
+        [str(runner), "schedule", str(tmp_path / "b"), "--images", "5", "--noise-values", "33"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     ref = Bundle(tmp_path / "b").schedule(5).to_json()
@@ -199,7 +243,9 @@ def test_schedule_and_noise_are_the_python_runtimes(runner, tmp_path):
     assert len({e["image"] for e in got["entries"]}) == 5 and len({e["side"] for e in got["entries"]}) > 3
     for values, e in zip(got["noise_values"], got["entries"]):
         np.testing.assert_array_equal(np.array(values, dtype=np.float32), normals(e["noise_seed"], 33))
-    r = subprocess.run([str(runner), "schedule", str(tmp_path / "b")], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [str(runner), "schedule", str(tmp_path / "b")], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and "--images" in r.stderr
 
 
@@ -262,7 +308,9 @@ def test_bad_inputs_are_refused(trained, runner, tmp_path):
     torch_only = tmp_path / "torch_only"
     torch_only.mkdir()
     m = json.loads((bundle / "manifest.json").read_text())
-    write_manifest(torch_only / "manifest.json", {**{k: v for k, v in m.items() if k != "pte"}, "formats": ["torch"]})
+    write_manifest(
+        torch_only / "manifest.json", {**{k: v for k, v in m.items() if k != "pte"}, "formats": ["torch"]}
+    )
     fails(torch_only, cache, tmp_path / "o2", "--format pte")
     # a cache made for another bundle
     other = tmp_path / "other_cache"

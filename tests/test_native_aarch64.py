@@ -28,8 +28,21 @@ ROOT = Path(__file__).resolve().parents[1]
 X86 = ROOT / "build" / "native" / "device_train" / "native" / "blockskip-train-native"
 ARM = ROOT / "build" / "native-aarch64" / "device_train" / "native" / "blockskip-train-native"
 SYSROOT = Path("/usr/aarch64-linux-gnu")
-PLAN = dict(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=2, steps=3, checkpoint_every=3,
-            lora_rank=4, lora_alpha=8.0, lr=3e-3, weight_decay=0.05, span="streamed", storage="int8")
+PLAN = dict(
+    front_skip=1,
+    back_skip=2,
+    s_min=32,
+    s_max=64,
+    num_samples=2,
+    steps=3,
+    checkpoint_every=3,
+    lora_rank=4,
+    lora_alpha=8.0,
+    lr=3e-3,
+    weight_decay=0.05,
+    span="streamed",
+    storage="int8",
+)
 
 
 def _is_aarch64(path: Path) -> bool:
@@ -41,7 +54,9 @@ def _is_aarch64(path: Path) -> bool:
 def qemu() -> str:
     q = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
     if q is None or not SYSROOT.is_dir():
-        pytest.skip("needs qemu-aarch64 and the aarch64 C++ runtime (apt-get install qemu-user g++-aarch64-linux-gnu)")
+        pytest.skip(
+            "needs qemu-aarch64 and the aarch64 C++ runtime (apt-get install qemu-user g++-aarch64-linux-gnu)"
+        )
     if not ARM.is_file():
         pytest.skip("the aarch64 runner is not built: make native-aarch64")
     if not X86.is_file():
@@ -53,17 +68,32 @@ def qemu() -> str:
 def test_aarch64_run_gives_the_x86_cache_and_lora(qemu, tmp_path, photos):
     """``run`` from the photos on both CPUs: the photos read, encoded, embedded and run through the
     frozen blocks into the cache, then the span trained, all in the runner."""
-    export_bundle(load_model("tiny-random"), Plan(**PLAN), load_profile("desktop-cpu"), "a photo of sks cat",
-                  tmp_path / "b", formats=["pte"])
+    export_bundle(
+        load_model("tiny-random"),
+        Plan(**PLAN),
+        load_profile("desktop-cpu"),
+        "a photo of sks cat",
+        tmp_path / "b",
+        formats=["pte"],
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
     outs = {}
     for arch, cmd in (("x86", [str(X86)]), ("aarch64", [qemu, "-L", str(SYSROOT), str(ARM)])):
         out = tmp_path / f"out-{arch}"
-        r = subprocess.run(cmd + ["run", str(tmp_path / "b"), "--images", str(photos), "-o", str(out), "--quiet"],
-                           capture_output=True, text=True, timeout=900, env=env)
+        r = subprocess.run(
+            cmd + ["run", str(tmp_path / "b"), "--images", str(photos), "-o", str(out), "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
         assert r.returncode == 0, f"{arch} runner failed:\n{r.stderr[-3000:]}"
-        outs[arch] = (json.loads((out / "train_log.json").read_text()), load_np(out / "lora.safetensors"),
-                      json.loads((out / "cache" / "index.json").read_text()), out / "cache")
+        outs[arch] = (
+            json.loads((out / "train_log.json").read_text()),
+            load_np(out / "lora.safetensors"),
+            json.loads((out / "cache" / "index.json").read_text()),
+            out / "cache",
+        )
     (log_x, lora_x, idx_x, cache_x), (log_a, lora_a, idx_a, cache_a) = outs["x86"], outs["aarch64"]
     # the same cache: schedule exactly, tensors within 1e-5
     assert idx_a["schedule"] == idx_x["schedule"] and idx_a["source_sha256"] == idx_x["source_sha256"]
@@ -96,12 +126,35 @@ def test_aarch64_runner_draws_the_python_schedule_and_noise(qemu, tmp_path):
     from blockskip.runtime.rng import normals
 
     plan = Plan(**{**PLAN, "num_samples": 12, "seed": 5})
-    export_bundle(load_model("tiny-random"), plan, load_profile("desktop-cpu"), "a photo of sks cat", tmp_path / "b",
-                  formats=["torch"])
-    r = subprocess.run([qemu, "-L", str(SYSROOT), str(ARM), "schedule", str(tmp_path / "b"), "--images", "3",
-                        "--noise-values", "64"], capture_output=True, text=True, timeout=300)
+    export_bundle(
+        load_model("tiny-random"),
+        plan,
+        load_profile("desktop-cpu"),
+        "a photo of sks cat",
+        tmp_path / "b",
+        formats=["torch"],
+    )
+    r = subprocess.run(
+        [
+            qemu,
+            "-L",
+            str(SYSROOT),
+            str(ARM),
+            "schedule",
+            str(tmp_path / "b"),
+            "--images",
+            "3",
+            "--noise-values",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert got["entries"] == Bundle(tmp_path / "b").schedule(3).to_json()["entries"]
     for values, e in zip(got["noise_values"], got["entries"]):
-        np.testing.assert_allclose(np.array(values, dtype=np.float32), normals(e["noise_seed"], 64), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            np.array(values, dtype=np.float32), normals(e["noise_seed"], 64), rtol=0, atol=1e-6
+        )

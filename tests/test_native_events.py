@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("executorch.extension.pybindings.portable_lib", reason="the bundle's programs need executorch")
+pytest.importorskip(
+    "executorch.extension.pybindings.portable_lib", reason="the bundle's programs need executorch"
+)
 
 from blockskip.export.bundle_writer import export_bundle  # noqa: E402
 from blockskip.export.families import load_model  # noqa: E402
@@ -19,8 +21,20 @@ from blockskip.runtime.lora_layouts import convert_file  # noqa: E402
 from blockskip.runtime.plan import Plan  # noqa: E402
 from blockskip.runtime.profiles import load_profile  # noqa: E402
 
-PLAN = dict(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=4, steps=3, grad_accum=1, lr=3e-3,
-            lora_rank=4, lora_alpha=8.0, checkpoint_every=2, precompute_chunk=2)
+PLAN = dict(
+    front_skip=1,
+    back_skip=2,
+    s_min=32,
+    s_max=64,
+    num_samples=4,
+    steps=3,
+    grad_accum=1,
+    lr=3e-3,
+    lora_rank=4,
+    lora_alpha=8.0,
+    checkpoint_every=2,
+    precompute_chunk=2,
+)
 
 
 def parse(text: str) -> list[dict]:
@@ -31,11 +45,33 @@ def parse(text: str) -> list[dict]:
 
 
 def test_native_run_events(runner, photos, tmp_path):
-    export_bundle(load_model("tiny-random"), Plan(**PLAN), load_profile("desktop-cpu"), "a photo of sks cat",
-                  tmp_path / "bundle", formats=["pte"])
+    export_bundle(
+        load_model("tiny-random"),
+        Plan(**PLAN),
+        load_profile("desktop-cpu"),
+        "a photo of sks cat",
+        tmp_path / "bundle",
+        formats=["pte"],
+    )
     out = tmp_path / "out"
-    r = subprocess.run([str(runner), "run", str(tmp_path / "bundle"), "--images", str(photos), "-o", str(out),
-                        "--events", "-", "--lora-format", "all"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            str(runner),
+            "run",
+            str(tmp_path / "bundle"),
+            "--images",
+            str(photos),
+            "-o",
+            str(out),
+            "--events",
+            "-",
+            "--lora-format",
+            "all",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 3/3" in r.stderr  # the messages moved to stderr
     events = parse(r.stdout)
@@ -43,8 +79,12 @@ def test_native_run_events(runner, photos, tmp_path):
     assert kinds[0] == "phase_start" and events[0]["phase"] == "precompute"
     assert kinds[-2:] == ["phase_end", "done"]
     phases = [(e["event"], e["phase"]) for e in events if e["event"].startswith("phase_")]
-    assert phases == [("phase_start", "precompute"), ("phase_end", "precompute"), ("phase_start", "train"),
-                      ("phase_end", "train")]
+    assert phases == [
+        ("phase_start", "precompute"),
+        ("phase_end", "precompute"),
+        ("phase_start", "train"),
+        ("phase_end", "train"),
+    ]
     progress = [e for e in events if e["event"] == "precompute_progress"]
     assert progress and progress[-1]["done"] == progress[-1]["total"] == PLAN["num_samples"]
     steps = [e for e in events if e["event"] == "step"]
@@ -62,8 +102,22 @@ def test_native_run_events(runner, photos, tmp_path):
 
     # a refused run ends with its typed error (an events file is appended to)
     ev = tmp_path / "events.jsonl"
-    r = subprocess.run([str(runner), "train", str(tmp_path / "bundle"), "--cache", str(tmp_path / "none"), "-o",
-                        str(tmp_path / "out2"), "--events", str(ev)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            str(runner),
+            "train",
+            str(tmp_path / "bundle"),
+            "--cache",
+            str(tmp_path / "none"),
+            "-o",
+            str(tmp_path / "out2"),
+            "--events",
+            str(ev),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0
     last = parse(ev.read_text())[-1]
     assert last["event"] == "error" and last["kind"] in ("InputError", "FormatError") and last["message"]
@@ -76,16 +130,52 @@ def test_native_refuses_a_lora_that_changes_nothing(runner, photos, tmp_path, mo
     from blockskip.device_train import cli as device_cli
     from blockskip.runtime import driver
 
-    export_bundle(load_model("tiny-random"), Plan(**{**PLAN, "lr": 1e-30}), load_profile("desktop-cpu"),
-                  "a photo of sks cat", tmp_path / "bundle", formats=["pte"])
+    export_bundle(
+        load_model("tiny-random"),
+        Plan(**{**PLAN, "lr": 1e-30}),
+        load_profile("desktop-cpu"),
+        "a photo of sks cat",
+        tmp_path / "bundle",
+        formats=["pte"],
+    )
     monkeypatch.setattr(driver, "check_lora_moves", lambda *a: None)
     out = tmp_path / "out"
-    assert device_cli.main(["run", str(tmp_path / "bundle"), "--images", str(photos), "-o", str(out),
-                            "--backend", "executorch", "--quiet"]) == 2
-    assert (out / "checkpoint" / "checkpoint.safetensors").is_file() and not (out / "lora.safetensors").exists()
+    assert (
+        device_cli.main(
+            [
+                "run",
+                str(tmp_path / "bundle"),
+                "--images",
+                str(photos),
+                "-o",
+                str(out),
+                "--backend",
+                "executorch",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert (out / "checkpoint" / "checkpoint.safetensors").is_file() and not (
+        out / "lora.safetensors"
+    ).exists()
     ev = tmp_path / "events.jsonl"
-    r = subprocess.run([str(runner), "train", str(tmp_path / "bundle"), "--cache", str(out / "cache"), "-o", str(out),
-                        "--events", str(ev)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            str(runner),
+            "train",
+            str(tmp_path / "bundle"),
+            "--cache",
+            str(out / "cache"),
+            "-o",
+            str(out),
+            "--events",
+            str(ev),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1 and "does not change the model's output" in r.stderr, r.stderr[-2000:]
     last = parse(ev.read_text())[-1]
     assert last["event"] == "error" and last["kind"] == "InputError"

@@ -19,7 +19,9 @@ import pytest
 from conftest import write_photos
 from safetensors.numpy import load_file as load_np
 
-pytest.importorskip("executorch.extension.pybindings.portable_lib", reason="the reference run needs executorch")
+pytest.importorskip(
+    "executorch.extension.pybindings.portable_lib", reason="the reference run needs executorch"
+)
 
 from blockskip.device_train import cli as device_cli  # noqa: E402
 from blockskip.export.bundle_writer import export_bundle  # noqa: E402
@@ -29,8 +31,21 @@ from blockskip.runtime.profiles import load_profile  # noqa: E402
 
 # a resident span (the joint training program) and a block-streamed one (int8 storage); a front span,
 # a trained middle and a back span replaced by its residual; 3 photos, 6 entries, 4 steps
-BASE = dict(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=6, steps=4, grad_accum=1, lr=3e-3,
-            weight_decay=0.05, lora_rank=4, lora_alpha=8.0, checkpoint_every=2, precompute_chunk=4)
+BASE = dict(
+    front_skip=1,
+    back_skip=2,
+    s_min=32,
+    s_max=64,
+    num_samples=6,
+    steps=4,
+    grad_accum=1,
+    lr=3e-3,
+    weight_decay=0.05,
+    lora_rank=4,
+    lora_alpha=8.0,
+    checkpoint_every=2,
+    precompute_chunk=4,
+)
 PLANS = {"resident": BASE, "streamed": {**BASE, "span": "streamed", "storage": "int8"}}
 
 
@@ -42,12 +57,32 @@ def runs(runner, tmp_path_factory, photos):
     def get(span: str) -> Path:
         if span not in made:
             root = tmp_path_factory.mktemp(f"native-run-{span}")
-            export_bundle(load_model("tiny-random"), Plan(**PLANS[span]), load_profile("desktop-cpu"),
-                          "a photo of sks cat", root / "bundle", formats=["pte"])
+            export_bundle(
+                load_model("tiny-random"),
+                Plan(**PLANS[span]),
+                load_profile("desktop-cpu"),
+                "a photo of sks cat",
+                root / "bundle",
+                formats=["pte"],
+            )
             r = native(runner, "run", root / "bundle", "--images", photos, "-o", root / "native")
             assert "precompute:" in r.stdout and "step 4/4" in r.stdout, r.stdout
-            assert device_cli.main(["run", str(root / "bundle"), "--images", str(photos), "-o", str(root / "python"),
-                                    "--backend", "executorch", "--quiet"]) == 0
+            assert (
+                device_cli.main(
+                    [
+                        "run",
+                        str(root / "bundle"),
+                        "--images",
+                        str(photos),
+                        "-o",
+                        str(root / "python"),
+                        "--backend",
+                        "executorch",
+                        "--quiet",
+                    ]
+                )
+                == 0
+            )
             made[span] = root
         return made[span]
 
@@ -55,7 +90,9 @@ def runs(runner, tmp_path_factory, photos):
 
 
 def native(runner: Path, *args, check: bool = True, env: dict | None = None, timeout: int = 600):
-    r = subprocess.run([str(runner), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    r = subprocess.run(
+        [str(runner), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
     if check:
         assert r.returncode == 0, f"runner failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     return r
@@ -108,8 +145,13 @@ def test_no_python_is_involved(runner, runs, tmp_path, photos):
     no Python library is mapped into it."""
     root = runs("streamed")
     shutil.copytree(root / "native" / "cache", tmp_path / "out" / "cache")  # precompute is covered above
-    proc = subprocess.Popen([str(runner), "run", str(root / "bundle"), "--images", str(photos), "-o",
-                             str(tmp_path / "out")], env={}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(runner), "run", str(root / "bundle"), "--images", str(photos), "-o", str(tmp_path / "out")],
+        env={},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen_maps, children = "", set()
     while proc.poll() is None:
         try:
@@ -138,8 +180,11 @@ def test_kill_9_anywhere_then_run_again_is_bitwise_equal(runner, runs, tmp_path,
     rng = random.Random(0)
     kills = 0
     for _ in range(40):
-        proc = subprocess.Popen([str(runner), "run", str(root / "bundle"), "--images", str(photos), "-o", str(out),
-                                 "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [str(runner), "run", str(root / "bundle"), "--images", str(photos), "-o", str(out), "--quiet"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         time.sleep(rng.uniform(0.02, 0.45) * whole)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
@@ -154,7 +199,9 @@ def test_kill_9_anywhere_then_run_again_is_bitwise_equal(runner, runs, tmp_path,
     assert (out / "lora.safetensors").read_bytes() == (ref / "lora.safetensors").read_bytes()
     ia = json.loads((out / "cache" / "index.json").read_text())
     ib = json.loads((ref / "cache" / "index.json").read_text())
-    assert {k: v["sha256"] for k, v in ia["entries"].items()} == {k: v["sha256"] for k, v in ib["entries"].items()}
+    assert {k: v["sha256"] for k, v in ia["entries"].items()} == {
+        k: v["sha256"] for k, v in ib["entries"].items()
+    }
 
 
 def test_bad_photos_are_refused_like_the_python_cli(runner, runs, tmp_path, capsys):
@@ -195,10 +242,28 @@ def test_bad_photos_are_refused_like_the_python_cli(runner, runs, tmp_path, caps
         r = native(runner, "run", root / "bundle", "--images", folder, "-o", out, check=False)
         assert r.returncode == 1, (name, r.stderr)
         got = r.stderr.strip().removeprefix("blockskip-train-native: error: ")
-        assert device_cli.main(["run", str(root / "bundle"), "--images", str(folder), "-o", str(out),
-                                "--backend", "executorch", "--quiet"]) != 0
+        assert (
+            device_cli.main(
+                [
+                    "run",
+                    str(root / "bundle"),
+                    "--images",
+                    str(folder),
+                    "-o",
+                    str(out),
+                    "--backend",
+                    "executorch",
+                    "--quiet",
+                ]
+            )
+            != 0
+        )
         want = capsys.readouterr().err.strip().splitlines()[-1].removeprefix("device-train: error: ")
-        assert got.split(": ")[0] == want.split(": ")[0] and got.endswith(want.split("; ")[-1]), (name, got, want)
+        assert got.split(": ")[0] == want.split(": ")[0] and got.endswith(want.split("; ")[-1]), (
+            name,
+            got,
+            want,
+        )
         if "cannot read image" not in want:
             assert got == want, name
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -220,13 +285,24 @@ def test_tiled_encoder_cache_is_the_python_cache(runner, tmp_path, family, kind)
     from blockskip.export.families import wrap_model
 
     vae, spec = _vae(kind)
-    lm = dataclasses.replace(wrap_model(build(family), family), encoder=vae, encoder_spec=spec, vae_factor=KINDS[kind])
-    plan = Plan(front_skip=1, back_skip=1, s_min=256, s_max=512, num_samples=3, steps=2, vae_tiling=True, lora_rank=4)
-    export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo of sks cat", tmp_path / "bundle", formats=["pte"])
-    assert len(json.loads((tmp_path / "bundle" / "manifest.json").read_text())["pte"]["encoder"]["programs"]) == 4
+    lm = dataclasses.replace(
+        wrap_model(build(family), family), encoder=vae, encoder_spec=spec, vae_factor=KINDS[kind]
+    )
+    plan = Plan(
+        front_skip=1, back_skip=1, s_min=256, s_max=512, num_samples=3, steps=2, vae_tiling=True, lora_rank=4
+    )
+    export_bundle(
+        lm, plan, load_profile("desktop-cpu"), "a photo of sks cat", tmp_path / "bundle", formats=["pte"]
+    )
+    assert (
+        len(json.loads((tmp_path / "bundle" / "manifest.json").read_text())["pte"]["encoder"]["programs"])
+        == 4
+    )
     photos = write_photos(tmp_path / "photos", n=2, size=(520, 600))
     run_precompute(tmp_path / "bundle", photos, tmp_path / "py", backend="executorch", quiet=True)
-    native(runner, "precompute", tmp_path / "bundle", "--images", photos, "--cache", tmp_path / "nat", "--quiet")
+    native(
+        runner, "precompute", tmp_path / "bundle", "--images", photos, "--cache", tmp_path / "nat", "--quiet"
+    )
     a = json.loads((tmp_path / "nat" / "index.json").read_text())
     b = json.loads((tmp_path / "py" / "index.json").read_text())
     assert a["schedule"] == b["schedule"]

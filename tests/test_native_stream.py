@@ -35,10 +35,29 @@ from blockskip.runtime.plan import Plan  # noqa: E402
 from blockskip.runtime.profiles import load_profile  # noqa: E402
 
 COMMON = dict(s_min=32, s_max=64, lora_rank=4, lr=3e-3, weight_decay=0.05, span="streamed")
-FLUX_PLAN = dict(front_skip=1, back_skip=2, num_samples=4, steps=6, checkpoint_every=2, lora_alpha=8.0,
-                 storage="int8", **COMMON)
-SANA_PLAN = dict(front_skip=1, back_skip=1, num_samples=3, steps=4, grad_accum=2, checkpoint_every=2,
-                 storage="int4", weights="resident", stash="disk", prefetch=False, **COMMON)
+FLUX_PLAN = dict(
+    front_skip=1,
+    back_skip=2,
+    num_samples=4,
+    steps=6,
+    checkpoint_every=2,
+    lora_alpha=8.0,
+    storage="int8",
+    **COMMON,
+)
+SANA_PLAN = dict(
+    front_skip=1,
+    back_skip=1,
+    num_samples=3,
+    steps=4,
+    grad_accum=2,
+    checkpoint_every=2,
+    storage="int4",
+    weights="resident",
+    stash="disk",
+    prefetch=False,
+    **COMMON,
+)
 
 
 def command(runner, bundle, cache, out, *extra) -> list[str]:
@@ -46,8 +65,9 @@ def command(runner, bundle, cache, out, *extra) -> list[str]:
 
 
 def run_native(runner, bundle, cache, out, *extra, check=True, env=None) -> subprocess.CompletedProcess:
-    r = subprocess.run(command(runner, bundle, cache, out, *extra), capture_output=True, text=True, timeout=300,
-                       env=env)
+    r = subprocess.run(
+        command(runner, bundle, cache, out, *extra), capture_output=True, text=True, timeout=300, env=env
+    )
     if check:
         assert r.returncode == 0, f"runner failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
     return r
@@ -66,8 +86,14 @@ def _same_lora(a: Path, b: Path) -> None:
 
 def _setup(root: Path, model, plan: dict, photos: Path, runner) -> Path:
     """Export, precompute, the Python ExecuTorch streamed run (root/py) and a native run (root/full)."""
-    export_bundle(model, Plan(**plan), load_profile("desktop-cpu"), "a photo of sks cat", root / "bundle",
-                  formats=["torch", "pte"])
+    export_bundle(
+        model,
+        Plan(**plan),
+        load_profile("desktop-cpu"),
+        "a photo of sks cat",
+        root / "bundle",
+        formats=["torch", "pte"],
+    )
     run_precompute(root / "bundle", photos, root / "cache", quiet=True)
     run_train(root / "bundle", root / "cache", root / "py", backend="executorch", quiet=True)
     run_native(runner, root / "bundle", root / "cache", root / "full")
@@ -76,17 +102,23 @@ def _setup(root: Path, model, plan: dict, photos: Path, runner) -> Path:
 
 @pytest.fixture(scope="module")
 def flux(runner, tmp_path_factory, photos) -> Path:
-    return _setup(tmp_path_factory.mktemp("stream-flux"), load_model("tiny-random"), FLUX_PLAN, photos, runner)
+    return _setup(
+        tmp_path_factory.mktemp("stream-flux"), load_model("tiny-random"), FLUX_PLAN, photos, runner
+    )
 
 
 @pytest.fixture(scope="module")
 def sana(runner, tmp_path_factory, photos) -> Path:
     from tiny_models import build
 
-    return _setup(tmp_path_factory.mktemp("stream-sana"), wrap_model(build("sana"), "sana"), SANA_PLAN, photos, runner)
+    return _setup(
+        tmp_path_factory.mktemp("stream-sana"), wrap_model(build("sana"), "sana"), SANA_PLAN, photos, runner
+    )
 
 
-def _edited_copy(root: Path, dest: Path, plan: dict | None = None, memory: dict | None = None) -> tuple[Path, Path]:
+def _edited_copy(
+    root: Path, dest: Path, plan: dict | None = None, memory: dict | None = None
+) -> tuple[Path, Path]:
     """A copy of the bundle with its manifest edited and the cache re-labelled for it (same tensors)."""
     shutil.copytree(root / "bundle", dest / "bundle")
     m = json.loads((dest / "bundle" / "manifest.json").read_text())
@@ -143,8 +175,11 @@ def test_lora_loads_into_diffusers(flux):
     assert loaded == {k.removeprefix("transformer.") for k in sd}
     params = dict(full.named_parameters())
     for k, v in sd.items():
-        name = k.removeprefix("transformer.").replace(".lora_A.", ".lora_A.subject.").replace(
-            ".lora_B.", ".lora_B.subject.")
+        name = (
+            k.removeprefix("transformer.")
+            .replace(".lora_A.", ".lora_A.subject.")
+            .replace(".lora_B.", ".lora_B.subject.")
+        )
         np.testing.assert_array_equal(params[name].detach().numpy(), v)
     assert any(np.abs(v).max() > 0 for k, v in sd.items() if ".lora_B." in k)
 
@@ -167,8 +202,11 @@ def test_kill_9_anywhere_then_resume_is_bitwise_equal(flux, runner, tmp_path):
     bundle, cache = _edited_copy(flux, tmp_path, plan=dict(steps=300, checkpoint_every=2))
     run_native(runner, bundle, cache, tmp_path / "a", "--quiet")
     ckpt = tmp_path / "b" / "checkpoint" / "checkpoint.safetensors"
-    proc = subprocess.Popen(command(runner, bundle, cache, tmp_path / "b", "--quiet"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command(runner, bundle, cache, tmp_path / "b", "--quiet"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     t0 = time.time()
     while not ckpt.exists() and proc.poll() is None and time.time() - t0 < 120:
         time.sleep(0.002)
@@ -195,8 +233,13 @@ def test_the_export_dry_run_counts_the_stream_programs_it_lowers(case, request):
     plan = Plan(**(FLUX_PLAN if case == "flux" else SANA_PLAN))
     fam = (load_model("tiny-random") if case == "flux" else wrap_model(build("sana"), "sana")).family
     trained = plan.trained_indices(fam.num_blocks)
-    count = stream_program_count(fam, trained, lora_target_names(fam, trained, plan.lora_targets),
-                                 blocks_to_run(trained, fam.num_blocks, plan.back_residual), plan)
+    count = stream_program_count(
+        fam,
+        trained,
+        lora_target_names(fam, trained, plan.lora_targets),
+        blocks_to_run(trained, fam.num_blocks, plan.back_residual),
+        plan,
+    )
     assert count == len(list((root / "bundle" / "stream").glob("*.pte")))
 
 
@@ -211,8 +254,20 @@ def test_sigterm_ends_a_run_like_ctrl_c_and_it_resumes(who, flux, runner, tmp_pa
     def cmd(out):
         if who == "native":
             return command(runner, bundle, cache, out, "--quiet")
-        return [sys.executable, "-m", "blockskip.device_train.cli", "train", str(bundle), "--cache", str(cache), "-o",
-                str(out), "--backend", "executorch", "--quiet"]
+        return [
+            sys.executable,
+            "-m",
+            "blockskip.device_train.cli",
+            "train",
+            str(bundle),
+            "--cache",
+            str(cache),
+            "-o",
+            str(out),
+            "--backend",
+            "executorch",
+            "--quiet",
+        ]
 
     assert subprocess.run(cmd(tmp_path / "a"), capture_output=True, timeout=600).returncode == 0
     ckpt = tmp_path / "b" / "checkpoint" / "checkpoint.safetensors"
@@ -223,7 +278,9 @@ def test_sigterm_ends_a_run_like_ctrl_c_and_it_resumes(who, flux, runner, tmp_pa
     time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert not (tmp_path / "b" / "lora.safetensors").exists(), "the run ended before the signal; make it longer"
+    assert not (tmp_path / "b" / "lora.safetensors").exists(), (
+        "the run ended before the signal; make it longer"
+    )
     assert proc.returncode == 143, (proc.returncode, err)
     prog = "blockskip-train-native" if who == "native" else "device-train"
     assert err.strip().splitlines()[-1].startswith(f"{prog}: terminated; completed work is kept"), err
@@ -266,7 +323,9 @@ def test_refusals(flux, runner, tmp_path):
     idx["entries"]["0"]["sha256"] = sha256_file(shard)
     (nan_cache / "index.json").write_text(json.dumps(idx))
     _fails(run_native(runner, bundle, nan_cache, tmp_path / "o3", check=False), "non-finite loss")
-    assert not (tmp_path / "o3" / "checkpoint").exists() and not (tmp_path / "o3" / "lora.safetensors").exists()
+    assert (
+        not (tmp_path / "o3" / "checkpoint").exists() and not (tmp_path / "o3" / "lora.safetensors").exists()
+    )
 
 
 def test_zero_learning_rate_is_refused(flux, runner, tmp_path):
@@ -279,8 +338,14 @@ def test_zero_learning_rate_is_refused(flux, runner, tmp_path):
 
 def test_memory_check(flux, runner, tmp_path):
     gib = 1 << 30
-    memory = {"profile_budget_bytes": 5 * gib, "phases": {"train": 1 << 50}, "alternatives": [
-        {"option": "--huge", "phases": {"train": 1 << 49}}, {"option": "--weights streamed", "phases": {"train": gib}}]}
+    memory = {
+        "profile_budget_bytes": 5 * gib,
+        "phases": {"train": 1 << 50},
+        "alternatives": [
+            {"option": "--huge", "phases": {"train": 1 << 49}},
+            {"option": "--weights streamed", "phases": {"train": gib}},
+        ],
+    }
     bundle, cache = _edited_copy(flux, tmp_path, memory=memory)
     r = run_native(runner, bundle, cache, tmp_path / "o", check=False)
     _fails(r, "not enough memory for train")
@@ -320,23 +385,46 @@ def test_one_run_per_folder(flux, runner, tmp_path, capsys):
 
     bundle, cache = _edited_copy(flux, tmp_path, plan=dict(steps=300, checkpoint_every=2))
     out = tmp_path / "out"
-    proc = subprocess.Popen(command(runner, bundle, cache, out, "--quiet"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command(runner, bundle, cache, out, "--quiet"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         wait_for_locks(proc, out, cache)
         proc.send_signal(signal.SIGSTOP)  # holds the locks for as long as the test needs
         assert proc.poll() is None
         r = run_native(runner, bundle, cache, out, check=False)
-        _fails(r, f"output folder '{out}' is in use by another run (pid {proc.pid}); wait for it to end, or "
-                  "choose another output folder with -o")
+        _fails(
+            r,
+            f"output folder '{out}' is in use by another run (pid {proc.pid}); wait for it to end, or "
+            "choose another output folder with -o",
+        )
         r = run_native(runner, bundle, cache, tmp_path / "other", check=False)
-        _fails(r, f"cache folder '{cache}' is in use by another run (pid {proc.pid}); wait for it to end, or use "
-                  "another --cache folder")
-        assert device_cli.main(["train", str(bundle), "--cache", str(cache), "-o", str(out), "--backend",
-                                "executorch", "--quiet"]) == 2
+        _fails(
+            r,
+            f"cache folder '{cache}' is in use by another run (pid {proc.pid}); wait for it to end, or use "
+            "another --cache folder",
+        )
+        assert (
+            device_cli.main(
+                [
+                    "train",
+                    str(bundle),
+                    "--cache",
+                    str(cache),
+                    "-o",
+                    str(out),
+                    "--backend",
+                    "executorch",
+                    "--quiet",
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err.strip().splitlines()
-        assert err == [f"device-train: error: output folder '{out}' is in use by another run (pid {proc.pid}); "
-                       "wait for it to end, or choose another output folder with -o"], err
+        assert err == [
+            f"device-train: error: output folder '{out}' is in use by another run (pid {proc.pid}); "
+            "wait for it to end, or choose another output folder with -o"
+        ], err
     finally:
         proc.kill()
         proc.wait()
@@ -350,9 +438,13 @@ def test_a_killed_runs_temporaries_are_removed(flux, runner, tmp_path):
     bundle, cache = _edited_copy(flux, tmp_path)
     out = tmp_path / "out"
     (out / "checkpoint").mkdir(parents=True)
-    temps = [out / ".lora.safetensors.Qx7Rt2.tmp", out / ".train_log.json.k2j4_9ab.tmp",
-             out / "checkpoint" / ".checkpoint.safetensors.aB3xY9.tmp", cache / ".entry_00001.safetensors.ZZ09ab.tmp",
-             cache / ".index.json.p0o9i8u7.tmp"]
+    temps = [
+        out / ".lora.safetensors.Qx7Rt2.tmp",
+        out / ".train_log.json.k2j4_9ab.tmp",
+        out / "checkpoint" / ".checkpoint.safetensors.aB3xY9.tmp",
+        cache / ".entry_00001.safetensors.ZZ09ab.tmp",
+        cache / ".index.json.p0o9i8u7.tmp",
+    ]
     kept = [out / "notes.tmp", out / ".hidden.tmp", out / "checkpoint" / ".x.12345.tmp", cache / "readme.txt"]
     for p in temps + kept:
         p.write_bytes(b"torn")

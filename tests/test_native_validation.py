@@ -24,8 +24,19 @@ from blockskip.runtime.checkpoint import checkpoint_metadata
 from blockskip.runtime.plan import Plan
 from blockskip.runtime.tensorfile import TensorFile, write_tensors
 
-PLAN = dict(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=6, steps=4, grad_accum=1, lr=3e-3,
-            lora_rank=4, lora_alpha=8.0, checkpoint_every=2)
+PLAN = dict(
+    front_skip=1,
+    back_skip=2,
+    s_min=32,
+    s_max=64,
+    num_samples=6,
+    steps=4,
+    grad_accum=1,
+    lr=3e-3,
+    lora_rank=4,
+    lora_alpha=8.0,
+    checkpoint_every=2,
+)
 
 
 def check(runner: Path, kind: str, path: Path) -> tuple[int, str]:
@@ -39,8 +50,11 @@ def check(runner: Path, kind: str, path: Path) -> tuple[int, str]:
 def docs(tmp_path_factory, photos):
     """A manifest and a cache index the tiny pipeline wrote (torch bundle, Python precompute)."""
     root = export_and_precompute(tmp_path_factory.mktemp("validation"), Plan(**PLAN), photos)
-    return (json.loads((root / "bundle" / formats.MANIFEST).read_text()),
-            json.loads((root / "cache" / formats.CACHE_INDEX).read_text()), root)
+    return (
+        json.loads((root / "bundle" / formats.MANIFEST).read_text()),
+        json.loads((root / "cache" / formats.CACHE_INDEX).read_text()),
+        root,
+    )
 
 
 def _set(doc, path, value):
@@ -85,7 +99,12 @@ MUTATIONS = [
     ("cache_index", ["schedule", "entries", 3, "t"], 1001, "schedule.entries[3].t"),  # le T
     ("cache_index", ["schedule", "entries", 2, "side"], 4096, "schedule.entries[2].side"),  # le s_max
     ("cache_index", ["schedule", "meta", "s_min"], 33, "schedule.meta.s_min"),  # multiple_of
-    ("cache_index", ["entries", "99"], {"file": "entry_00099.safetensors", "sha256": "0" * 64}, "entries"),  # keys_index
+    (
+        "cache_index",
+        ["entries", "99"],
+        {"file": "entry_00099.safetensors", "sha256": "0" * 64},
+        "entries",
+    ),  # keys_index
     ("cache_index", ["entries", "01"], {"file": "entry_00001.safetensors", "sha256": "0" * 64}, "entries.01"),
     ("cache_index", ["schedule", "entries"], [], "schedule.entries"),
     ("cache_index", ["schedule", "entries", 0, "sigma"], 0, "schedule.entries[0].sigma"),
@@ -95,8 +114,11 @@ MUTATIONS = [
 ]
 
 
-@pytest.mark.parametrize("kind,path,value,key", MUTATIONS, ids=[f"{m[0]}:{'.'.join(map(str, m[1]))}={m[2]!r}"[:60]
-                                                                 for m in MUTATIONS])
+@pytest.mark.parametrize(
+    "kind,path,value,key",
+    MUTATIONS,
+    ids=[f"{m[0]}:{'.'.join(map(str, m[1]))}={m[2]!r}"[:60] for m in MUTATIONS],
+)
 def test_a_mutation_is_refused_naming_its_key(kind, path, value, key, docs, runner, tmp_path):
     manifest, index, _ = docs
     doc = _set(manifest if kind == "manifest" else index, path, value)
@@ -131,8 +153,13 @@ def test_integrity_depth_and_duplicate_keys(docs, runner, tmp_path):
     p.write_text(json.dumps(dict(reversed(list(manifest.items()))), indent=3, ensure_ascii=False))
     assert check(runner, "manifest", p) == (0, "ok")
     # the canonical form is Python's, byte for byte: escapes of any character, floats as repr, big integers
-    odd = formats.seal_manifest({**manifest, "prompt_text": "caf\u00e9 \U0001f431 \x7f\t\"\\ \u2028",
-                                 "extra": [1e16, 1e-7, -0.0, 5e-324, 0.1 + 0.2, 12345678901234567890123, -0]})
+    odd = formats.seal_manifest(
+        {
+            **manifest,
+            "prompt_text": 'caf\u00e9 \U0001f431 \x7f\t"\\ \u2028',
+            "extra": [1e16, 1e-7, -0.0, 5e-324, 0.1 + 0.2, 12345678901234567890123, -0],
+        }
+    )
     for ensure_ascii in (True, False):
         p.write_text(json.dumps(odd, ensure_ascii=ensure_ascii), encoding="utf-8")
         assert check(runner, "manifest", p) == (0, "ok")
@@ -153,11 +180,14 @@ def test_integrity_depth_and_duplicate_keys(docs, runner, tmp_path):
 # --- hypothesis: the runner's verdict is the Python runtime's --------------------------------------
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-10**20, max_value=10**20)
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**20), max_value=10**20)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-    max_leaves=6)
+    max_leaves=6,
+)
 
 
 def _paths(doc, prefix=()):
@@ -217,6 +247,7 @@ def test_the_verdict_is_the_python_runtimes(kind, docs, runner, tmp_path_factory
 
 # --- the train command refuses damaged inputs --------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def native_run(runner, tmp_path_factory, photos):
     """A pte bundle and a native run stopped after step 2 (a checkpoint at step 2, the cache): read-only."""
@@ -224,26 +255,55 @@ def native_run(runner, tmp_path_factory, photos):
     from blockskip.export.families import load_model
     from blockskip.runtime.profiles import load_profile
 
-    pytest.importorskip("executorch.extension.pybindings.portable_lib", reason="exporting pte needs executorch")
+    pytest.importorskip(
+        "executorch.extension.pybindings.portable_lib", reason="exporting pte needs executorch"
+    )
     root = tmp_path_factory.mktemp("native-damaged")
-    export_bundle(load_model("tiny-random"), Plan(**PLAN), load_profile("desktop-cpu"), "a photo of sks cat",
-                  root / "bundle", formats=["pte"])
-    r = subprocess.run([str(runner), "run", str(root / "bundle"), "--images", str(photos), "-o", str(root / "run"),
-                        "--stop-after", "2", "--quiet"], capture_output=True, text=True, timeout=600)
+    export_bundle(
+        load_model("tiny-random"),
+        Plan(**PLAN),
+        load_profile("desktop-cpu"),
+        "a photo of sks cat",
+        root / "bundle",
+        formats=["pte"],
+    )
+    r = subprocess.run(
+        [
+            str(runner),
+            "run",
+            str(root / "bundle"),
+            "--images",
+            str(photos),
+            "-o",
+            str(root / "run"),
+            "--stop-after",
+            "2",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     assert (root / "run" / "checkpoint" / "checkpoint.safetensors").is_file()
     return root
 
 
 def _train(runner, bundle, cache, out) -> subprocess.CompletedProcess:
-    return subprocess.run([str(runner), "train", str(bundle), "--cache", str(cache), "-o", str(out), "--quiet"],
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [str(runner), "train", str(bundle), "--cache", str(cache), "-o", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _refused(r: subprocess.CompletedProcess, needle: str) -> None:
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("blockskip-train-native: error: ") and needle in lines[0], r.stderr
+    assert (
+        len(lines) == 1 and lines[0].startswith("blockskip-train-native: error: ") and needle in lines[0]
+    ), r.stderr
 
 
 def _copy_run(native_run: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -325,8 +385,22 @@ def test_checkpoints_move_between_the_runtimes(native_run, runner, tmp_path):
     full = tmp_path / "full"
     assert _train(runner, bundle, cache, full).returncode == 0
     # native stopped at 2 -> Python to the end
-    assert device_cli.main(["train", str(bundle), "--cache", str(cache), "-o", str(out), "--backend", "executorch",
-                            "--quiet"]) == 0
+    assert (
+        device_cli.main(
+            [
+                "train",
+                str(bundle),
+                "--cache",
+                str(cache),
+                "-o",
+                str(out),
+                "--backend",
+                "executorch",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "train_log.json").read_text())["resumed_from"] == 2
     # Python's step-4 checkpoint -> the native runner resumes it (at the end: it writes the LoRA again)
     (out / "lora.safetensors").unlink()

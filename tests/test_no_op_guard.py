@@ -12,8 +12,18 @@ from blockskip.runtime import driver
 from blockskip.runtime.backends import torch as torch_backend
 from blockskip.runtime.plan import Plan
 
-PLAN = dict(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=4, steps=3, grad_accum=1,
-            lora_rank=4, lora_alpha=8.0, checkpoint_every=2)
+PLAN = dict(
+    front_skip=1,
+    back_skip=2,
+    s_min=32,
+    s_max=64,
+    num_samples=4,
+    steps=3,
+    grad_accum=1,
+    lora_rank=4,
+    lora_alpha=8.0,
+    checkpoint_every=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +35,19 @@ def tiny_lr(tmp_path_factory, photos) -> Path:
 
 def train(root: Path, out: Path, capsys) -> tuple[int, str, list[dict]]:
     ev = out.parent / f"{out.name}.events"
-    rc = device_cli.main(["train", str(root / "bundle"), "--cache", str(root / "cache"), "-o", str(out), "--quiet",
-                          "--events", str(ev)])
+    rc = device_cli.main(
+        [
+            "train",
+            str(root / "bundle"),
+            "--cache",
+            str(root / "cache"),
+            "-o",
+            str(out),
+            "--quiet",
+            "--events",
+            str(ev),
+        ]
+    )
     events = [json.loads(x) for x in ev.read_text().splitlines()]
     return rc, capsys.readouterr().err, events
 
@@ -46,7 +67,9 @@ def test_a_lora_that_does_not_change_the_loss_is_refused_at_the_first_step(tiny_
 
 
 def test_a_lora_left_at_zero_is_refused(tiny_lr, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(torch_backend.TorchTrainer, "update", lambda self: self.opt.zero_grad(set_to_none=True))
+    monkeypatch.setattr(
+        torch_backend.TorchTrainer, "update", lambda self: self.opt.zero_grad(set_to_none=True)
+    )
     out = tmp_path / "out"
     rc, err, events = train(tiny_lr, out, capsys)
     refused(rc, err, events, out, "left every LoRA B at zero")
@@ -62,5 +85,7 @@ def test_the_trained_lora_is_checked_against_none_after_training(tiny_lr, tmp_pa
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
     rc, err, events = train(tiny_lr, out, capsys)
     refused(rc, err, events, out, "does not change the model's output")
-    rerun = events[max(i for i, e in enumerate(events) if e["event"] == "phase_start"):]  # the file is appended to
+    rerun = events[
+        max(i for i, e in enumerate(events) if e["event"] == "phase_start") :
+    ]  # the file is appended to
     assert rerun[0]["event"] == "phase_start" and not any(e["event"] == "step" for e in rerun)

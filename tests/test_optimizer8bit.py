@@ -13,8 +13,17 @@ from blockskip.runtime.plan import Plan
 from blockskip.runtime.profiles import load_profile
 
 pytest.importorskip("bitsandbytes")
-PLAN = dict(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=4, steps=4, lr=1e-3, lora_rank=64,
-            checkpoint_every=2)
+PLAN = dict(
+    front_skip=1,
+    back_skip=2,
+    s_min=32,
+    s_max=64,
+    num_samples=4,
+    steps=4,
+    lr=1e-3,
+    lora_rank=64,
+    checkpoint_every=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +31,13 @@ def runs(tmp_path_factory, photos):
     root = tmp_path_factory.mktemp("opt8")
     logs = {}
     for opt in ("adamw", "adamw8bit"):
-        export_bundle(load_model("tiny-random"), Plan(**PLAN, optimizer=opt), load_profile("desktop-cpu"), "a photo",
-                      root / opt / "b")
+        export_bundle(
+            load_model("tiny-random"),
+            Plan(**PLAN, optimizer=opt),
+            load_profile("desktop-cpu"),
+            "a photo",
+            root / opt / "b",
+        )
         run_precompute(root / opt / "b", photos, root / opt / "c", quiet=True)
         logs[opt] = run_train(root / opt / "b", root / opt / "c", root / opt / "o", quiet=True)
     return root, logs
@@ -53,7 +67,11 @@ def test_dry_run_sees_the_8bit_state():
     for opt in ("adamw", "adamw8bit"):
         plan = Plan(**PLAN, optimizer=opt)
         trained = plan.trained_indices(spec.family.num_blocks)
-        lora = {"rank": plan.lora_rank, "alpha": plan.alpha, "targets": lora_target_names(spec.family, trained)}
+        lora = {
+            "rank": plan.lora_rank,
+            "alpha": plan.alpha,
+            "targets": lora_target_names(spec.family, trained),
+        }
         out[opt] = dry_run(spec, plan, lora)[1].tensors["optimizer"]
     # two fp32 moments vs two uint8 moments (+ block scales; tensors under 4096 elements stay 32-bit)
     assert out["adamw8bit"] < 0.5 * out["adamw"]

@@ -21,14 +21,31 @@ from blockskip.runtime.plan import Plan  # noqa: E402
 from blockskip.runtime.profiles import load_profile  # noqa: E402
 from blockskip.runtime.tensorfile import read_tensors  # noqa: E402
 
-PLAN = dict(s_min=32, s_max=64, num_samples=6, steps=10, lr=3e-3, weight_decay=0.05, lora_rank=4,
-            lora_alpha=8.0, checkpoint_every=3)
+PLAN = dict(
+    s_min=32,
+    s_max=64,
+    num_samples=6,
+    steps=10,
+    lr=3e-3,
+    weight_decay=0.05,
+    lora_rank=4,
+    lora_alpha=8.0,
+    checkpoint_every=3,
+)
+
+
 @pytest.fixture(scope="module")
 def tiny_ort(tmp_path_factory, photos):
     root = tmp_path_factory.mktemp("tiny-ort")
     plan = Plan(front_skip=1, back_skip=2, **PLAN)
-    export_bundle(load_model("tiny-random"), plan, load_profile("desktop-cpu"), "a photo of sks cat", root / "bundle",
-                  formats=["onnx"])
+    export_bundle(
+        load_model("tiny-random"),
+        plan,
+        load_profile("desktop-cpu"),
+        "a photo of sks cat",
+        root / "bundle",
+        formats=["onnx"],
+    )
     return root
 
 
@@ -65,8 +82,19 @@ def test_onnx_section_and_programs(tiny_ort):
 
 def test_device_train_cli_ort_end_to_end(tiny_ort, photos, capsys):
     root = tiny_ort
-    rc = device_cli.main(["run", str(root / "bundle"), "--images", str(photos), "-o", str(root / "out"),
-                          "--backend", "ort", "--quiet"])
+    rc = device_cli.main(
+        [
+            "run",
+            str(root / "bundle"),
+            "--images",
+            str(photos),
+            "-o",
+            str(root / "out"),
+            "--backend",
+            "ort",
+            "--quiet",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     log = json.loads((root / "out" / "train_log.json").read_text())
     assert log["backend"] == "ort" and len(log["losses"]) == PLAN["steps"]
@@ -89,61 +117,116 @@ def test_a_changed_ort_checkpoint_is_refused(tiny_ort, photos, tmp_path, capsys)
 
     out = tmp_path / "out"
     argv = ["--backend", "ort", "--quiet"]
-    assert device_cli.main(["run", str(tiny_ort / "bundle"), "--images", str(photos), "-o", str(out), *argv]) == 0
+    assert (
+        device_cli.main(["run", str(tiny_ort / "bundle"), "--images", str(photos), "-o", str(out), *argv])
+        == 0
+    )
     (out / "lora.safetensors").unlink()
     ckpt = out / "checkpoint" / "ort_checkpoint"
     name = Bundle(tiny_ort / "bundle").manifest["onnx"]["train"]["lora"][0]
-    values = np.ascontiguousarray(api.CheckpointState.load_checkpoint(str(ckpt)).parameters[name].data, np.float32)
+    values = np.ascontiguousarray(
+        api.CheckpointState.load_checkpoint(str(ckpt)).parameters[name].data, np.float32
+    )
     data = ckpt.read_bytes()
     at = data.index(values.tobytes())  # the LoRA tensor's bytes inside ORT's file
     # (setting a value through ORT's Python API on a loaded checkpoint crashes ORT 1.19: change the bytes)
-    for what, new in (("an exponent bit", struct.pack("<I", struct.unpack_from("<I", data, at)[0] ^ 0x40000000)),
-                      ("a NaN", struct.pack("<f", float("nan")))):
+    for what, new in (
+        ("an exponent bit", struct.pack("<I", struct.unpack_from("<I", data, at)[0] ^ 0x40000000)),
+        ("a NaN", struct.pack("<f", float("nan"))),
+    ):
         changed = tmp_path / what.replace(" ", "-")
         shutil.copytree(out, changed)
-        (changed / "checkpoint" / "ort_checkpoint").write_bytes(data[:at] + new + data[at + 4:])
+        (changed / "checkpoint" / "ort_checkpoint").write_bytes(data[:at] + new + data[at + 4 :])
         capsys.readouterr()
-        rc = device_cli.main(["train", str(tiny_ort / "bundle"), "--cache", str(out / "cache"), "-o", str(changed),
-                              *argv])
+        rc = device_cli.main(
+            ["train", str(tiny_ort / "bundle"), "--cache", str(out / "cache"), "-o", str(changed), *argv]
+        )
         err = capsys.readouterr().err
         assert rc == 2 and "integrity record" in err and "Traceback" not in err, (what, err)
         assert not (changed / "lora.safetensors").exists()
     # the unchanged checkpoint resumes
-    assert device_cli.main(["train", str(tiny_ort / "bundle"), "--cache", str(out / "cache"), "-o", str(out),
-                            *argv]) == 0
+    assert (
+        device_cli.main(
+            ["train", str(tiny_ort / "bundle"), "--cache", str(out / "cache"), "-o", str(out), *argv]
+        )
+        == 0
+    )
 
 
 def test_torch_backend_refuses_onnx_only_bundle(tiny_ort, photos, tmp_path, capsys):
-    rc = device_cli.main(["run", str(tiny_ort / "bundle"), "--images", str(photos), "-o", str(tmp_path / "o")])
+    rc = device_cli.main(
+        ["run", str(tiny_ort / "bundle"), "--images", str(photos), "-o", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "--backend ort" in err and "Traceback" not in err
 
 
 def test_ort_backend_refuses_torch_only_bundle(photos, tmp_path, capsys):
-    export_bundle(load_model("tiny-random"), Plan(front_skip=1, back_skip=2, **PLAN), load_profile("desktop-cpu"),
-                  "a photo of sks cat", tmp_path / "bundle")
-    rc = device_cli.main(["run", str(tmp_path / "bundle"), "--images", str(photos), "-o", str(tmp_path / "o"),
-                          "--backend", "ort"])
+    export_bundle(
+        load_model("tiny-random"),
+        Plan(front_skip=1, back_skip=2, **PLAN),
+        load_profile("desktop-cpu"),
+        "a photo of sks cat",
+        tmp_path / "bundle",
+    )
+    rc = device_cli.main(
+        [
+            "run",
+            str(tmp_path / "bundle"),
+            "--images",
+            str(photos),
+            "-o",
+            str(tmp_path / "o"),
+            "--backend",
+            "ort",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "--format onnx" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--dtype", "bfloat16"], "float32"),
-    (["--base-quant", "int8"], "--base-quant"),
-    (["--optimizer", "adamw8bit"], "AdamW"),
-    (["--span", "streamed", "--storage", "bfloat16"], "bfloat16"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dtype", "bfloat16"], "float32"),
+        (["--base-quant", "int8"], "--base-quant"),
+        (["--optimizer", "adamw8bit"], "AdamW"),
+        (["--span", "streamed", "--storage", "bfloat16"], "bfloat16"),
+    ],
+)
 def test_onnx_format_refuses_what_it_cannot_train(tmp_path, capsys, args, message):
-    rc = export_cli.main(["--model", "tiny-random", "--profile", "desktop-cpu", "--prompt", "x", "-o", str(tmp_path / "b"),
-                          "-n", "1", "-m", "2", "--rank", "4", "--checkpointing", "off", "--format", "onnx", *args])
+    rc = export_cli.main(
+        [
+            "--model",
+            "tiny-random",
+            "--profile",
+            "desktop-cpu",
+            "--prompt",
+            "x",
+            "-o",
+            str(tmp_path / "b"),
+            "-n",
+            "1",
+            "-m",
+            "2",
+            "--rank",
+            "4",
+            "--checkpointing",
+            "off",
+            "--format",
+            "onnx",
+            *args,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and message in err, err
     assert not (tmp_path / "b").exists()
 
 
 def test_unknown_format_is_refused(tmp_path, capsys):
-    rc = export_cli.main(["--model", "tiny-random", "--prompt", "x", "-o", str(tmp_path / "b"), "--format", "torch,tflite"])
+    rc = export_cli.main(
+        ["--model", "tiny-random", "--prompt", "x", "-o", str(tmp_path / "b"), "--format", "torch,tflite"]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "tflite" in err and "torch, onnx" in err
 
@@ -153,7 +236,6 @@ def test_plain_onnxruntime_is_not_installed_beside_the_training_package():
     importlib.metadata.distribution("onnxruntime-training-cpu")
     with pytest.raises(importlib.metadata.PackageNotFoundError):
         importlib.metadata.distribution("onnxruntime")
-
 
 
 def _weights_chain():
@@ -196,8 +278,11 @@ def _ort_order(proto, feed, tmp_path):
     s = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
     out = s.run(None, feed)
     events = json.loads(open(s.end_profiling()).read())
-    ran = [(e["args"]["op_name"], int(e["args"].get("output_size", 0))) for e in events
-           if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    ran = [
+        (e["args"]["op_name"], int(e["args"].get("output_size", 0)))
+        for e in events
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+    ]
     return out, ran
 
 
@@ -251,16 +336,22 @@ def _dead_buffer_graph():
     planner gives the later value a's buffer, which then stays allocated through the 32 MiB in between."""
     from onnx import TensorProto, helper
 
-    nodes = [helper.make_node("Mul", ["x", "x"], ["a"]),
-             helper.make_node("ReduceSum", ["a"], ["s"], keepdims=1),
-             helper.make_node("Concat", ["x", "x"], ["c"], axis=0),
-             helper.make_node("Add", ["c", "s"], ["c2"]),
-             helper.make_node("Mul", ["c2", "c2"], ["d"]),
-             helper.make_node("ReduceSum", ["d"], ["e"], keepdims=1),
-             helper.make_node("Mul", ["x", "e"], ["b"]),
-             helper.make_node("Add", ["b", "x"], ["out"])]
-    g = helper.make_graph(nodes, "dead_buffer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2048, 1024])],
-                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2048, 1024])])
+    nodes = [
+        helper.make_node("Mul", ["x", "x"], ["a"]),
+        helper.make_node("ReduceSum", ["a"], ["s"], keepdims=1),
+        helper.make_node("Concat", ["x", "x"], ["c"], axis=0),
+        helper.make_node("Add", ["c", "s"], ["c2"]),
+        helper.make_node("Mul", ["c2", "c2"], ["d"]),
+        helper.make_node("ReduceSum", ["d"], ["e"], keepdims=1),
+        helper.make_node("Mul", ["x", "e"], ["b"]),
+        helper.make_node("Add", ["b", "x"], ["out"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "dead_buffer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2048, 1024])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2048, 1024])],
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
 
@@ -280,8 +371,13 @@ def test_stream_sessions_free_each_value_at_its_last_use(tmp_path):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     peaks, sums = {}, {}
     for mode in ("ours", "reuse"):
-        r = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path), mode], capture_output=True, text=True,
-                           env=env, check=True)
+        r = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT, str(path), mode],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
         peaks[mode], sums[mode] = map(float, r.stdout.split()[-2:])
     assert sums["ours"] == sums["reuse"]
     assert 31.5 <= peaks["ours"] <= 34.0, peaks

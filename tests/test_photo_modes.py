@@ -32,7 +32,9 @@ def chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
-def raw_png(samples: np.ndarray, color: int, depth: int, before_idat: bytes = b"", after_idat: bytes = b"") -> bytes:
+def raw_png(
+    samples: np.ndarray, color: int, depth: int, before_idat: bytes = b"", after_idat: bytes = b""
+) -> bytes:
     """A PNG written here (not by Pillow): [h, w] or [h, w, c] samples of colour type ``color`` and bit
     depth ``depth``, filter 0, with extra chunks before and after the image data."""
     h, w = samples.shape[:2]
@@ -51,8 +53,14 @@ def raw_png(samples: np.ndarray, color: int, depth: int, before_idat: bytes = b"
             shifts = depth * np.arange(per - 1, -1, -1, dtype=np.uint32)
             data = (groups << shifts).sum(1).astype(np.uint8).tobytes()
         rows.append(b"\0" + data)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color, 0, 0, 0))
-            + before_idat + chunk(b"IDAT", zlib.compress(b"".join(rows))) + after_idat + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, color, 0, 0, 0))
+        + before_idat
+        + chunk(b"IDAT", zlib.compress(b"".join(rows)))
+        + after_idat
+        + chunk(b"IEND", b"")
+    )
 
 
 def on_white(rgba: np.ndarray) -> np.ndarray:
@@ -117,7 +125,9 @@ def test_exif_orientation_parser():
     six = struct.pack("<HH", 6, 0)
     assert exif_orientation(tiff_ifd0([(0x0112, 3, 1, six)])) == 6
     assert exif_orientation(tiff_ifd0([(0x0112, 3, 1, struct.pack(">HH", 8, 0))], ">")) == 8  # big-endian
-    assert exif_orientation(tiff_ifd0([(0x010F, 2, 4, b"Acme"), (0x0112, 3, 1, six)])) == 6  # not the first entry
+    assert (
+        exif_orientation(tiff_ifd0([(0x010F, 2, 4, b"Acme"), (0x0112, 3, 1, six)])) == 6
+    )  # not the first entry
     assert exif_orientation(tiff_ifd0([(0x010F, 2, 4, b"Acme")])) == 1  # no orientation
     assert exif_orientation(tiff_ifd0([(0x0112, 4, 1, struct.pack("<I", 6))])) == 1  # a LONG, not a SHORT
     assert exif_orientation(tiff_ifd0([(0x0112, 3, 2, six)])) == 1  # two values
@@ -226,46 +236,74 @@ def _mode_cases() -> dict[str, tuple[str, bytes, np.ndarray]]:
     levels = (rng.integers(0, 6, (h, w)) * 13000).astype(np.uint16)  # 0, 13000, ... 65000
     key16 = rep3((levels >> 8).astype(np.uint8))
     key16[levels == 26000] = 255
-    cases["gray16_transparent_colour"] = ("gray16_key.png", raw_png(levels, 0, 16, chunk(b"tRNS", struct.pack(">H", 26000))),
-                                          key16)
-    cases["gray16_alpha"] = ("la16.png", raw_png(v16[..., :2], 4, 16), on_white(np.dstack([rep3(hi[..., 0]), hi[..., 1]])))
+    cases["gray16_transparent_colour"] = (
+        "gray16_key.png",
+        raw_png(levels, 0, 16, chunk(b"tRNS", struct.pack(">H", 26000))),
+        key16,
+    )
+    cases["gray16_alpha"] = (
+        "la16.png",
+        raw_png(v16[..., :2], 4, 16),
+        on_white(np.dstack([rep3(hi[..., 0]), hi[..., 1]])),
+    )
     cases["rgb16"] = ("rgb16.png", raw_png(v16[..., :3], 2, 16), hi[..., :3])
     cases["rgba16"] = ("rgba16.png", raw_png(v16, 6, 16), on_white(hi))
 
     # alpha and transparency, composited on white
     cases["rgba"] = ("rgba.png", png_bytes(Image.fromarray(rgba, "RGBA")), on_white(rgba))
-    cases["gray_alpha"] = ("la.png", png_bytes(Image.fromarray(np.dstack([gray, alpha]), "LA")),
-                           on_white(np.dstack([rep3(gray), alpha])))
+    cases["gray_alpha"] = (
+        "la.png",
+        png_bytes(Image.fromarray(np.dstack([gray, alpha]), "LA")),
+        on_white(np.dstack([rep3(gray), alpha])),
+    )
     pal_img = Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=32)
     pal_rgb = np.asarray(pal_img.convert("RGB"))
     idx = np.asarray(pal_img)
     alphas = bytes(rng.integers(0, 256, 20, dtype=np.uint8))  # the first 20 entries; the rest opaque
     pal_alpha = np.full(256, 255, np.uint8)
     pal_alpha[:20] = np.frombuffer(alphas, np.uint8)
-    cases["palette_alphas"] = ("palette_alpha.png", png_bytes(pal_img, transparency=alphas),
-                               on_white(np.dstack([pal_rgb, pal_alpha[idx]])))
+    cases["palette_alphas"] = (
+        "palette_alpha.png",
+        png_bytes(pal_img, transparency=alphas),
+        on_white(np.dstack([pal_rgb, pal_alpha[idx]])),
+    )
     one = pal_rgb.copy()
     one[idx == 5] = 255
     cases["palette_one_transparent"] = ("palette_index.png", png_bytes(pal_img, transparency=5), one)
     g8 = (rng.integers(0, 5, (h, w)) * 60).astype(np.uint8)
     key8 = rep3(g8)
     key8[g8 == 120] = 255
-    cases["gray_transparent_colour"] = ("gray_key.png", raw_png(g8, 0, 8, chunk(b"tRNS", struct.pack(">H", 120))), key8)
+    cases["gray_transparent_colour"] = (
+        "gray_key.png",
+        raw_png(g8, 0, 8, chunk(b"tRNS", struct.pack(">H", 120))),
+        key8,
+    )
     g2 = rng.integers(0, 4, (h, w))
     key2 = rep3((g2 * 0x55).astype(np.uint8))
     key2[g2 == 1] = 255
-    cases["gray2_transparent_colour"] = ("gray2_key.png", raw_png(g2, 0, 2, chunk(b"tRNS", struct.pack(">H", 1))), key2)
+    cases["gray2_transparent_colour"] = (
+        "gray2_key.png",
+        raw_png(g2, 0, 2, chunk(b"tRNS", struct.pack(">H", 1))),
+        key2,
+    )
     g1 = rng.integers(0, 2, (h, w))
     key1 = rep3((g1 * 255).astype(np.uint8))
     key1[g1 == 0] = 255  # black is the transparent colour
-    cases["bilevel_transparent_colour"] = ("bilevel_key.png", raw_png(g1, 0, 1, chunk(b"tRNS", struct.pack(">H", 0))), key1)
+    cases["bilevel_transparent_colour"] = (
+        "bilevel_key.png",
+        raw_png(g1, 0, 1, chunk(b"tRNS", struct.pack(">H", 0))),
+        key1,
+    )
     c3 = (rng.integers(0, 3, (h, w, 3)) * 100).astype(np.uint8)
     key3 = c3.copy()
     key3[np.all(c3 == (100, 0, 200), axis=-1)] = 255
     c3[:4, :4] = (100, 0, 200)  # present for sure
     key3[:4, :4] = 255
-    cases["rgb_transparent_colour"] = ("rgb_key.png", raw_png(c3, 2, 8, chunk(b"tRNS", struct.pack(">HHH", 100, 0, 200))),
-                                       key3)
+    cases["rgb_transparent_colour"] = (
+        "rgb_key.png",
+        raw_png(c3, 2, 8, chunk(b"tRNS", struct.pack(">HHH", 100, 0, 200))),
+        key3,
+    )
 
     # BMP: a V5 header's alpha mask is alpha; a 40-byte header's fourth byte is reserved, not alpha
     cases["bmp_v5_alpha"] = ("v5_alpha.bmp", bmp_v5(rgba), on_white(rgba))
@@ -337,8 +375,10 @@ def test_modes_without_an_8_bit_reading_are_refused(mode):
     im = Image.new(mode, (70, 70))
     with pytest.raises(ImageError) as e:
         _to_rgb(Path("x.png"), im, _Header("PNG", 70, 70))
-    assert str(e.value) == (f"x.png decodes to Pillow mode {mode!r}, which has no defined 8-bit RGB reading; "
-                            "save it as an 8-bit PNG or JPEG")
+    assert str(e.value) == (
+        f"x.png decodes to Pillow mode {mode!r}, which has no defined 8-bit RGB reading; "
+        "save it as an 8-bit PNG or JPEG"
+    )
 
 
 def test_float_tiff_refused_on_both_sides(runner, tmp_path):
@@ -347,8 +387,9 @@ def test_float_tiff_refused_on_both_sides(runner, tmp_path):
     Image.fromarray(np.random.default_rng(0).random((80, 80), np.float32), "F").save(b, "TIFF")
     folder = tmp_path / "tif"
     path = one_photo(folder, "scan.tif", b.getvalue())
-    assert refusal(runner, folder, tmp_path) == (f"{path}: .tif photos are not supported; convert it to PNG or "
-                                                 "JPEG (or remove it)")
+    assert refusal(runner, folder, tmp_path) == (
+        f"{path}: .tif photos are not supported; convert it to PNG or JPEG (or remove it)"
+    )
     folder = tmp_path / "renamed"
     path = one_photo(folder, "scan.png", b.getvalue())
     assert refusal(runner, folder, tmp_path) == CANNOT.format(p=path) % "not a PNG, JPEG or BMP file"
@@ -371,24 +412,52 @@ def _refused_variants() -> dict[str, tuple[str, bytes, str]]:
     v56 = bytearray(bmp_v5(rgba))
     v56[14:18] = struct.pack("<I", 56)
     return {
-        "rgb16_transparent_colour": ("rgb16.png", raw_png(rgb16, 2, 16, trns(struct.pack(">HHH", 1, 2, 3))),
-                                     "16-bit RGB PNG with a transparent colour (tRNS) is not supported"),
-        "transparency_on_rgba": ("rgba.png", raw_png(rgba, 6, 8, trns(struct.pack(">HHH", 1, 2, 3))),
-                                 "PNG transparency chunk (tRNS) on an image with an alpha channel"),
-        "transparency_after_idat": ("gray.png", raw_png(g8, 0, 8, after_idat=trns(struct.pack(">H", 7))),
-                                    "PNG transparency chunk (tRNS) after the image data"),
-        "two_transparency_chunks": ("gray.png", raw_png(g8, 0, 8, trns(struct.pack(">H", 7)) * 2),
-                                    "PNG with more than one transparency chunk (tRNS)"),
-        "transparency_wrong_length": ("gray.png", raw_png(g8, 0, 8, trns(struct.pack(">HH", 7, 7))),
-                                      "PNG transparency chunk (tRNS) of the wrong length"),
-        "transparent_colour_out_of_range": ("gray.png", raw_png(g8, 0, 8, trns(struct.pack(">H", 256))),
-                                            "PNG transparent colour (tRNS) out of range for the bit depth"),
-        "palette_transparency_too_long": ("pal.png", pal_png[:plte_end] + trns(b"\x80" * 9) + pal_png[plte_end:],
-                                          "PNG transparency chunk (tRNS) longer than the palette"),
-        "palette_transparency_first": ("pal.png", pal_png[:plte] + trns(b"\x80") + pal_png[plte:],
-                                       "PNG transparency chunk (tRNS) before the palette"),
+        "rgb16_transparent_colour": (
+            "rgb16.png",
+            raw_png(rgb16, 2, 16, trns(struct.pack(">HHH", 1, 2, 3))),
+            "16-bit RGB PNG with a transparent colour (tRNS) is not supported",
+        ),
+        "transparency_on_rgba": (
+            "rgba.png",
+            raw_png(rgba, 6, 8, trns(struct.pack(">HHH", 1, 2, 3))),
+            "PNG transparency chunk (tRNS) on an image with an alpha channel",
+        ),
+        "transparency_after_idat": (
+            "gray.png",
+            raw_png(g8, 0, 8, after_idat=trns(struct.pack(">H", 7))),
+            "PNG transparency chunk (tRNS) after the image data",
+        ),
+        "two_transparency_chunks": (
+            "gray.png",
+            raw_png(g8, 0, 8, trns(struct.pack(">H", 7)) * 2),
+            "PNG with more than one transparency chunk (tRNS)",
+        ),
+        "transparency_wrong_length": (
+            "gray.png",
+            raw_png(g8, 0, 8, trns(struct.pack(">HH", 7, 7))),
+            "PNG transparency chunk (tRNS) of the wrong length",
+        ),
+        "transparent_colour_out_of_range": (
+            "gray.png",
+            raw_png(g8, 0, 8, trns(struct.pack(">H", 256))),
+            "PNG transparent colour (tRNS) out of range for the bit depth",
+        ),
+        "palette_transparency_too_long": (
+            "pal.png",
+            pal_png[:plte_end] + trns(b"\x80" * 9) + pal_png[plte_end:],
+            "PNG transparency chunk (tRNS) longer than the palette",
+        ),
+        "palette_transparency_first": (
+            "pal.png",
+            pal_png[:plte] + trns(b"\x80") + pal_png[plte:],
+            "PNG transparency chunk (tRNS) before the palette",
+        ),
         "bmp_unusual_alpha_mask": ("odd.bmp", bytes(v4), "BMP with unusual bit fields is not supported"),
-        "bmp_56_byte_header": ("v56.bmp", bytes(v56), "BMP with a 56-byte header and bit fields is not supported"),
+        "bmp_56_byte_header": (
+            "v56.bmp",
+            bytes(v56),
+            "BMP with a 56-byte header and bit fields is not supported",
+        ),
     }
 
 
@@ -405,8 +474,12 @@ def test_variants_refused_on_both_sides(runner, tmp_path, case):
 
 def _png_header_only(w: int, h: int) -> bytes:
     """A PNG that declares w x h and holds almost no data (a decompression bomb's header)."""
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _jpeg_declaring(w: int, h: int) -> bytes:
@@ -423,20 +496,26 @@ def _bmp_declaring(w: int, h: int) -> bytes:
     return b"BM" + struct.pack("<IHHI", 54, 0, 0, 54) + header + b"\0" * 64
 
 
-@pytest.mark.parametrize("name,content,wxh", [
-    ("bomb.png", _png_header_only(100_000, 100_000), "100000x100000"),
-    ("bomb.png", _png_header_only(2**31 - 1, 2**31 - 1), "2147483647x2147483647"),
-    ("bomb.png", _png_header_only(8000, 5001), "8000x5001"),  # one row over the limit
-    ("bomb.jpg", _jpeg_declaring(65535, 65535), "65535x65535"),
-    ("bomb.bmp", _bmp_declaring(50_000, 50_000), "50000x50000"),
-])
+@pytest.mark.parametrize(
+    "name,content,wxh",
+    [
+        ("bomb.png", _png_header_only(100_000, 100_000), "100000x100000"),
+        ("bomb.png", _png_header_only(2**31 - 1, 2**31 - 1), "2147483647x2147483647"),
+        ("bomb.png", _png_header_only(8000, 5001), "8000x5001"),  # one row over the limit
+        ("bomb.jpg", _jpeg_declaring(65535, 65535), "65535x65535"),
+        ("bomb.bmp", _bmp_declaring(50_000, 50_000), "50000x50000"),
+    ],
+)
 def test_decompression_bomb_refused_from_the_header(runner, tmp_path, name, content, wxh):
     """Refused from the declared size, before any decoding, with the typed message (never Pillow's
     DecompressionBombError or an allocation)."""
     folder = tmp_path / "photos"
     path = one_photo(folder, name, content)
     mpx = formats.PHOTO_MAX_PIXELS // 1_000_000
-    assert refusal(runner, folder, tmp_path) == f"{path} is too large ({wxh}, more than {mpx} Mpx); downscale it first"
+    assert (
+        refusal(runner, folder, tmp_path)
+        == f"{path} is too large ({wxh}, more than {mpx} Mpx); downscale it first"
+    )
 
 
 def test_pixel_limit_is_inclusive_and_declared_once(runner, tmp_path):
@@ -458,8 +537,9 @@ def test_pixel_limit_is_inclusive_and_declared_once(runner, tmp_path):
 def test_below_the_minimum_side_refused(runner, tmp_path, w, h):
     folder = tmp_path / "photos"
     path = one_photo(folder, "small.png", png_bytes(Image.fromarray(scene(h, w, 47))))
-    assert refusal(runner, folder, tmp_path) == (f"{path} is too small ({w}x{h}); use photos of at least "
-                                                 f"{formats.PHOTO_MIN_SIDE} px")
+    assert refusal(runner, folder, tmp_path) == (
+        f"{path} is too small ({w}x{h}); use photos of at least {formats.PHOTO_MIN_SIDE} px"
+    )
 
 
 def test_minimum_side_accepted_and_orientation_does_not_change_it(runner, tmp_path):
@@ -486,9 +566,13 @@ def bundle(tmp_path_factory) -> Path:
     from blockskip.runtime.profiles import load_profile
 
     root = tmp_path_factory.mktemp("photo-modes")
-    export_bundle(load_model("tiny-random"), Plan(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=2,
-                                                  steps=2), load_profile("desktop-cpu"), "a photo of sks cat",
-                  root / "bundle")
+    export_bundle(
+        load_model("tiny-random"),
+        Plan(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=2, steps=2),
+        load_profile("desktop-cpu"),
+        "a photo of sks cat",
+        root / "bundle",
+    )
     return root / "bundle"
 
 
@@ -522,6 +606,10 @@ def test_precompute_of_an_orientation_6_jpeg_equals_the_upright_png(bundle, tmp_
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    differs = any(not np.array_equal(a[k], b[k]) for a, b in zip(shards["phone"], shards["stored"], strict=True)
-                  for k in a if k.startswith(formats.ENTRY_IN) or k == formats.ENTRY_TARGET)
+    differs = any(
+        not np.array_equal(a[k], b[k])
+        for a, b in zip(shards["phone"], shards["stored"], strict=True)
+        for k in a
+        if k.startswith(formats.ENTRY_IN) or k == formats.ENTRY_TARGET
+    )
     assert differs  # the stored (sideways) pixels would have given another cache

@@ -42,8 +42,13 @@ def scene(h: int, w: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     u, v = xx / max(h, w), yy / max(h, w)
-    img = np.stack([128 + 90 * np.sin(2 * np.pi * (fx * u + fy * v) + ph)
-                    for fx, fy, ph in rng.random((3, 3)) * [2, 2, 6]], -1)
+    img = np.stack(
+        [
+            128 + 90 * np.sin(2 * np.pi * (fx * u + fy * v) + ph)
+            for fx, fy, ph in rng.random((3, 3)) * [2, 2, 6]
+        ],
+        -1,
+    )
     for _ in range(5):
         cy, cx, r = rng.random(3) * [h, w, min(h, w) / 3]
         img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.random(3) * 255
@@ -53,8 +58,13 @@ def scene(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 def native_photos(binary, folder: Path, size: int, out: Path, prefix=()) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
-    return subprocess.run([*map(str, prefix), str(binary), "photos", str(folder), "--size", str(size), "-o", str(out)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(
+        [*map(str, prefix), str(binary), "photos", str(folder), "--size", str(size), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 def native_load(binary, folder: Path, size: int, out: Path, prefix=()) -> tuple[list[str], np.ndarray]:
@@ -81,7 +91,7 @@ def refusal(binary, folder: Path, tmp_path: Path, size: int = 64) -> str:
     r = native_photos(binary, folder, size, out)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(PREFIX), (r.returncode, r.stderr)
-    assert lines[0][len(PREFIX):] == str(e.value)
+    assert lines[0][len(PREFIX) :] == str(e.value)
     assert not out.exists()
     return str(e.value)
 
@@ -97,7 +107,9 @@ def test_resize_matches_pillow_on_a_float_image(s, size):
     ours = resize_square(rgb, size)
     assert ours.shape == (size, size, 3) and ours.dtype == np.float64
     for c in range(3):
-        ref = np.asarray(Image.fromarray(rgb[..., c].astype(np.float32), "F").resize((size, size), Image.BICUBIC))
+        ref = np.asarray(
+            Image.fromarray(rgb[..., c].astype(np.float32), "F").resize((size, size), Image.BICUBIC)
+        )
         np.testing.assert_allclose(ours[..., c], ref, rtol=0, atol=2e-4)
     # and not what resizing the 8-bit image gives (rounded to whole levels)
     rounded = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC), np.float64)
@@ -112,8 +124,12 @@ def test_resize_reproduces_a_linear_ramp_at_half_size():
     ramp = np.tile(np.arange(s, dtype=np.uint8)[None, :, None], (s, 1, 3))
     out = resize_square(ramp, size)
     interior = slice(2, size - 2)
-    np.testing.assert_allclose(out[:, interior, 0], np.broadcast_to(2 * np.arange(size)[interior] + 0.5,
-                                                                    (size, size - 4)), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        out[:, interior, 0],
+        np.broadcast_to(2 * np.arange(size)[interior] + 0.5, (size, size - 4)),
+        rtol=0,
+        atol=1e-9,
+    )
     assert np.ptp(out[..., 0], axis=0).max() < 1e-9  # constant down the columns
     index, weight = resize_coeffs(s, size)
     np.testing.assert_allclose(weight.sum(1), 1.0, rtol=0, atol=1e-12)
@@ -137,7 +153,9 @@ def _png_variants(folder: Path) -> Path:
     a = scene(151, 203, 1)
     Image.fromarray(a).save(folder / "rgb_landscape.png")
     Image.fromarray(scene(211, 97, 2)).save(folder / "rgb_portrait.png")
-    rgba = np.dstack([scene(120, 130, 3), np.random.default_rng(3).integers(0, 256, (120, 130), dtype=np.uint8)])
+    rgba = np.dstack(
+        [scene(120, 130, 3), np.random.default_rng(3).integers(0, 256, (120, 130), dtype=np.uint8)]
+    )
     Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
     Image.fromarray(a).convert("L").save(folder / "gray.png")
     Image.fromarray(a).convert("LA").save(folder / "gray_alpha.png")
@@ -192,7 +210,9 @@ def test_jpeg_python_and_native_agree_within_the_decoders_difference(runner, tmp
         d = np.abs(py - cc)
         worst = max(worst, float(d.max()))
         means.append(float(d.mean()))
-        print(f"JPEG S={size}: max {d.max():.4f} ({d.max() * 127.5:.2f} levels), mean {d.mean() * 127.5:.3f} levels")
+        print(
+            f"JPEG S={size}: max {d.max():.4f} ({d.max() * 127.5:.2f} levels), mean {d.mean() * 127.5:.3f} levels"
+        )
     assert worst <= JPEG_MAX, worst * 127.5
     assert max(means) <= JPEG_MEAN, [m * 127.5 for m in means]
     assert worst > 0  # two decoders: if this ever reads 0 the bound above is stale
@@ -214,7 +234,9 @@ def test_jpeg_422_last_but_one_column(runner, tmp_path):
     d = np.abs(py - cc)[0]
     edge = d[:, :, w - 2]
     rest = np.delete(d, w - 2, axis=2)
-    print(f"4:2:2 portrait: column w-2 max {edge.max() * 127.5:.1f} levels; elsewhere max {rest.max() * 127.5:.2f}")
+    print(
+        f"4:2:2 portrait: column w-2 max {edge.max() * 127.5:.1f} levels; elsewhere max {rest.max() * 127.5:.2f}"
+    )
     assert rest.max() <= JPEG_MAX
     assert edge.max() > JPEG_MAX  # the stb behaviour documented in docs/formats.md; fails once stb fixes it
 
@@ -299,7 +321,7 @@ def _cases() -> dict[str, tuple[str, str, bytes]]:
     bad_crc[29] ^= 0xFF  # IHDR's checksum
     cmyk = _jpeg_bytes(good.convert("CMYK"))  # Pillow writes Adobe CMYK (APP14 transform 0): read
     app14 = _adobe_offset(cmyk)
-    unmarked = cmyk[:app14] + cmyk[app14 + 2 + struct.unpack_from(">H", cmyk, app14 + 2)[0]:]
+    unmarked = cmyk[:app14] + cmyk[app14 + 2 + struct.unpack_from(">H", cmyk, app14 + 2)[0] :]
     ycck = bytearray(cmyk)
     ycck[app14 + 4 + 11] = 2  # the segment's colour transform: YCCK
     four = "{p} is a 4-channel JPEG other than Adobe CMYK (YCCK, or no Adobe marker); save it as an RGB JPEG or PNG"
@@ -312,24 +334,50 @@ def _cases() -> dict[str, tuple[str, str, bytes]]:
         "truncated_jpeg": ("cut.jpg", cannot % "truncated", jpeg[: len(jpeg) * 6 // 10]),
         "jpeg_without_eoi": ("cut.jpg", cannot % "truncated", jpeg[:-2]),
         "truncated_bmp": ("cut.bmp", cannot % "truncated", bmp[:-300]),
-        "bad_png_checksum": ("crc.png", cannot % "bad checksum in a PNG chunk before the image data", bytes(bad_crc)),
-        "one_pixel": ("dot.png", "{p} is too small (1x1); use photos of at least 64 px", _png_bytes(Image.new("RGB", (1, 1)))),
-        "63x100": ("thin.png", "{p} is too small (63x100); use photos of at least 64 px",
-                   _png_bytes(Image.new("RGB", (63, 100)))),
-        "huge": ("huge.png", "{p} is too large (6400x6400, more than 40 Mpx); downscale it first",
-                 _png_bytes(Image.new("1", (6400, 6400)))),
-        "small_png16": ("deep.png", "{p} is too small (10x10); use photos of at least 64 px",  # order of checks
-                        _png_bytes(Image.fromarray(np.full((10, 10), 40000, np.uint16)))),
+        "bad_png_checksum": (
+            "crc.png",
+            cannot % "bad checksum in a PNG chunk before the image data",
+            bytes(bad_crc),
+        ),
+        "one_pixel": (
+            "dot.png",
+            "{p} is too small (1x1); use photos of at least 64 px",
+            _png_bytes(Image.new("RGB", (1, 1))),
+        ),
+        "63x100": (
+            "thin.png",
+            "{p} is too small (63x100); use photos of at least 64 px",
+            _png_bytes(Image.new("RGB", (63, 100))),
+        ),
+        "huge": (
+            "huge.png",
+            "{p} is too large (6400x6400, more than 40 Mpx); downscale it first",
+            _png_bytes(Image.new("1", (6400, 6400))),
+        ),
+        "small_png16": (
+            "deep.png",
+            "{p} is too small (10x10); use photos of at least 64 px",  # order of checks
+            _png_bytes(Image.fromarray(np.full((10, 10), 40000, np.uint16))),
+        ),
         "cmyk_without_adobe": ("print.jpg", four, unmarked),
         "ycck": ("print.jpg", four, bytes(ycck)),
         "jpeg12": ("deep.jpg", "{p} is a 12-bit JPEG; save it as an 8-bit JPEG or PNG", bytes(twelve)),
-        "arithmetic": ("arith.jpg", cannot % "JPEG coding process SOF9 is not supported (only baseline and progressive)",
-                       bytes(arith)),
+        "arithmetic": (
+            "arith.jpg",
+            cannot % "JPEG coding process SOF9 is not supported (only baseline and progressive)",
+            bytes(arith),
+        ),
         "rle_bmp": ("rle.bmp", cannot % "compressed BMP is not supported", bytes(rle)),
-        "webp": ("photo.webp", "{p}: .webp photos are not supported; convert it to PNG or JPEG (or remove it)",
-                 b"RIFF\x24\0\0\0WEBPVP8 "),
-        "heic": ("IMG_0001.HEIC", "{p}: .heic photos are not supported; convert it to PNG or JPEG (or remove it)",
-                 b"\0\0\0\x18ftypheic"),
+        "webp": (
+            "photo.webp",
+            "{p}: .webp photos are not supported; convert it to PNG or JPEG (or remove it)",
+            b"RIFF\x24\0\0\0WEBPVP8 ",
+        ),
+        "heic": (
+            "IMG_0001.HEIC",
+            "{p}: .heic photos are not supported; convert it to PNG or JPEG (or remove it)",
+            b"\0\0\0\x18ftypheic",
+        ),
     }
 
 
@@ -350,7 +398,10 @@ def test_refused_folders_and_entries(runner, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     msg = refusal(runner, empty, tmp_path)
-    assert msg == f"no images in {str(empty)!r} (looked for .bmp, .jpeg, .jpg, .png); add 3-10 photos of the subject"
+    assert (
+        msg
+        == f"no images in {str(empty)!r} (looked for .bmp, .jpeg, .jpg, .png); add 3-10 photos of the subject"
+    )
 
     others = tmp_path / "others"
     others.mkdir()
@@ -360,20 +411,31 @@ def test_refused_folders_and_entries(runner, tmp_path):
     assert refusal(runner, others, tmp_path).startswith(f"no images in {str(others)!r}")
 
     assert refusal(runner, tmp_path / "nope", tmp_path) == (
-        f"image folder {str(tmp_path / 'nope')!r} does not exist; pass the folder of your photos with --images")
+        f"image folder {str(tmp_path / 'nope')!r} does not exist; pass the folder of your photos with --images"
+    )
     (tmp_path / "file.png").write_bytes(b"x")
-    assert refusal(runner, tmp_path / "file.png", tmp_path).endswith("is not a folder; pass the folder of your "
-                                                                    "photos with --images")
+    assert refusal(runner, tmp_path / "file.png", tmp_path).endswith(
+        "is not a folder; pass the folder of your photos with --images"
+    )
 
     outside = tmp_path / "elsewhere.png"
     Image.fromarray(scene(80, 80)).save(outside)
     for name, make, expected in [
-        ("link.png", lambda p: os.symlink(outside, p),
-         "{p} links outside the photo folder; copy the photo into the folder instead"),
-        ("up.png", lambda p: os.symlink("../elsewhere.png", p),
-         "{p} links outside the photo folder; copy the photo into the folder instead"),
-        ("broken.jpg", lambda p: os.symlink(tmp_path / "missing.jpg", p),
-         "{p} is a broken link; copy the photo into the folder instead"),
+        (
+            "link.png",
+            lambda p: os.symlink(outside, p),
+            "{p} links outside the photo folder; copy the photo into the folder instead",
+        ),
+        (
+            "up.png",
+            lambda p: os.symlink("../elsewhere.png", p),
+            "{p} links outside the photo folder; copy the photo into the folder instead",
+        ),
+        (
+            "broken.jpg",
+            lambda p: os.symlink(tmp_path / "missing.jpg", p),
+            "{p} is a broken link; copy the photo into the folder instead",
+        ),
         ("album.png", lambda p: p.mkdir(), "{p} is not a file; remove it from the photo folder"),
     ]:
         folder = tmp_path / f"case-{name}"
@@ -412,9 +474,13 @@ def bundle(tmp_path_factory) -> Path:
     from blockskip.runtime.profiles import load_profile
 
     root = tmp_path_factory.mktemp("photo-cli")
-    export_bundle(load_model("tiny-random"), Plan(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=2,
-                                                  steps=2), load_profile("desktop-cpu"), "a photo of sks cat",
-                  root / "bundle")
+    export_bundle(
+        load_model("tiny-random"),
+        Plan(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=2, steps=2),
+        load_profile("desktop-cpu"),
+        "a photo of sks cat",
+        root / "bundle",
+    )
     return root / "bundle"
 
 
@@ -428,8 +494,9 @@ def test_precompute_refuses_the_folder_and_writes_no_cache(bundle, tmp_path, cap
     Image.fromarray(scene(90, 90, 1)).save(folder / "0_good.png")
     (folder / name).write_bytes(content)
     capsys.readouterr()
-    rc = train_main(["precompute", str(bundle), "--images", str(folder), "--cache", str(tmp_path / "cache"),
-                     "--quiet"])
+    rc = train_main(
+        ["precompute", str(bundle), "--images", str(folder), "--cache", str(tmp_path / "cache"), "--quiet"]
+    )
     err = capsys.readouterr().err
     assert rc != 0
     assert err.strip() == "device-train: error: " + expected.format(p=folder / name)
@@ -445,7 +512,9 @@ def test_aarch64_runner_reads_photos_as_python(runner, tmp_path):
     decodes it (stb_image's SIMD paths, SSE2 there and NEON here, give the same pixels)."""
     q = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
     if q is None or not SYSROOT.is_dir():
-        pytest.skip("needs qemu-aarch64 and the aarch64 C++ runtime (apt-get install qemu-user g++-aarch64-linux-gnu)")
+        pytest.skip(
+            "needs qemu-aarch64 and the aarch64 C++ runtime (apt-get install qemu-user g++-aarch64-linux-gnu)"
+        )
     if not ARM.is_file():
         pytest.skip("the aarch64 runner is not built: make native-aarch64")
     qemu = (q, "-L", SYSROOT)
@@ -473,4 +542,6 @@ def test_aarch64_runner_reads_photos_as_python(runner, tmp_path):
     (folder / "cut.png").write_bytes((folder / "rgb.png").read_bytes()[:300])
     r = native_photos(ARM, folder, 64, tmp_path / "x.safetensors", prefix=qemu)
     assert r.returncode == 1
-    assert r.stderr.strip() == f"{PREFIX}cannot read image {folder / 'cut.png'}: truncated; remove or replace it"
+    assert (
+        r.stderr.strip() == f"{PREFIX}cannot read image {folder / 'cut.png'}: truncated; remove or replace it"
+    )

@@ -17,8 +17,18 @@ from blockskip.runtime.cache import ResidualCache
 from blockskip.runtime.plan import Plan
 from blockskip.runtime.profiles import load_profile
 
-PLAN = dict(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=6, steps=6, lr=1e-2,
-            lora_rank=4, lora_alpha=8.0, checkpoint_every=2)
+PLAN = dict(
+    front_skip=1,
+    back_skip=2,
+    s_min=32,
+    s_max=64,
+    num_samples=6,
+    steps=6,
+    lr=1e-2,
+    lora_rank=4,
+    lora_alpha=8.0,
+    checkpoint_every=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +47,11 @@ def watch_resident_blocks(monkeypatch) -> list:
 
     def watching(self, i, state, consts):
         paths = self.family.block_paths()
-        live = {j for j, p in enumerate(paths)
-                if any(t.device.type != "meta" for t in self.model.get_submodule(p).parameters())}
+        live = {
+            j
+            for j, p in enumerate(paths)
+            if any(t.device.type != "meta" for t in self.model.get_submodule(p).parameters())
+        }
         seen.append((i, live))
         return run(self, i, state, consts)
 
@@ -114,8 +127,11 @@ def _load_saved_lora(span, path, scale):
     with torch.no_grad():
         for k, v in load_file(path).items():
             v = v / scale if ".lora_B." in k else v
-            name = k.removeprefix("transformer.").replace(".lora_A.", ".lora_A.default.").replace(
-                ".lora_B.", ".lora_B.default.")
+            name = (
+                k.removeprefix("transformer.")
+                .replace(".lora_A.", ".lora_A.default.")
+                .replace(".lora_B.", ".lora_B.default.")
+            )
             params[name].copy_(v)
 
 
@@ -134,8 +150,12 @@ def test_training_is_deterministic_and_learns(tiny_run, photos, tmp_path):
     shutil.copytree(root / "bundle", held)
     write_manifest(held / "manifest.json", m)
     run_precompute(held, photos, tmp_path / "held_cache", quiet=True)
-    entries = [load_file(tmp_path / "held_cache" / f"entry_{k:05d}.safetensors") for k in range(PLAN["num_samples"])]
-    assert not torch.equal(entries[0]["target"], load_file(root / "cache" / "entry_00000.safetensors")["target"])
+    entries = [
+        load_file(tmp_path / "held_cache" / f"entry_{k:05d}.safetensors") for k in range(PLAN["num_samples"])
+    ]
+    assert not torch.equal(
+        entries[0]["target"], load_file(root / "cache" / "entry_00000.safetensors")["target"]
+    )
     bundle = Bundle(root / "bundle")
     span = TrainedSpan(BlockStore(bundle), bundle.trained, bundle.manifest["lora"], seed=0)
     with torch.no_grad():
@@ -163,8 +183,11 @@ def test_lora_loads_into_diffusers_and_reproduces_training(tiny_run):
     with torch.no_grad():
         for k, v in sd.items():
             v = v / scale if ".lora_B." in k else v
-            name = k.removeprefix("transformer.").replace(".lora_A.", ".lora_A.default.").replace(
-                ".lora_B.", ".lora_B.default.")
+            name = (
+                k.removeprefix("transformer.")
+                .replace(".lora_A.", ".lora_A.default.")
+                .replace(".lora_B.", ".lora_B.default.")
+            )
             params[name].copy_(v)
     entry = load_file(root / "cache" / "entry_00000.safetensors")
     fam = store.family
@@ -214,8 +237,11 @@ def test_grad_accumulation_counts_micro_steps(photos, tmp_path):
     got = load_file(tmp_path / "o" / "lora.safetensors")
     assert len(got) == len(ref)
     for k, v in got.items():
-        name = k.removeprefix("transformer.").replace(".lora_A.", ".lora_A.default.").replace(
-            ".lora_B.", ".lora_B.default.")
+        name = (
+            k.removeprefix("transformer.")
+            .replace(".lora_A.", ".lora_A.default.")
+            .replace(".lora_B.", ".lora_B.default.")
+        )
         want = ref[name] * scale if ".lora_B." in k else ref[name]
         torch.testing.assert_close(v, want, rtol=1e-4, atol=1e-6)
     # the reference can tell: dropping the last micro-step of each step gives another LoRA
@@ -311,8 +337,11 @@ def test_without_the_back_residual_the_back_blocks_are_dropped(photos, tmp_path)
     fam, model = lm.family, lm.transformer
     consts = {n[2:]: v for n, v in entry.items() if n.startswith("c.")}
     with torch.no_grad():
-        ref = fam.head(model, run_span(fam, model, 1, 4, {n[3:]: v for n, v in entry.items() if n.startswith("in.")},
-                                       consts), consts)
+        ref = fam.head(
+            model,
+            run_span(fam, model, 1, 4, {n[3:]: v for n, v in entry.items() if n.startswith("in.")}, consts),
+            consts,
+        )
         got = span_forward(fam, model, [1, 2, 3], [(4, 6)], entry)
         with_delta = span_forward(fam, model, [1, 2, 3], [(4, 6)], entry1)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

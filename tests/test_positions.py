@@ -11,8 +11,10 @@ from blockskip.runtime.backends.torch_families.base import CropGeometry, crop_co
 def _embed(name, geom, positions):
     m = build(name)
     fam = get_family(FAMILY[name], dict(m.config))
-    text = {"prompt_embeds": torch.randn(1, 5, 24, generator=torch.Generator().manual_seed(0)),
-            "pooled": torch.randn(1, 12, generator=torch.Generator().manual_seed(1))}
+    text = {
+        "prompt_embeds": torch.randn(1, 5, 24, generator=torch.Generator().manual_seed(0)),
+        "pooled": torch.randn(1, 12, generator=torch.Generator().manual_seed(1)),
+    }
     lat = torch.randn(1, 4, geom.low, geom.low, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         t = fam.prepare_text(m, text)

@@ -16,9 +16,11 @@ def test_crop_resize_is_torchs_area_interpolation(side):
     f, s_min, s_max = 8, 256, 1024
     latent = rng.standard_normal((16, s_max // f, s_max // f)).astype(np.float32) * 3
     top, left = min(8, s_max // f - side), min(3, s_max // f - side)
-    e = ScheduleEntry(index=0, image=0, t=500, sigma=0.5, side=side * f, top=top * f, left=left * f, noise_seed=0)
+    e = ScheduleEntry(
+        index=0, image=0, t=500, sigma=0.5, side=side * f, top=top * f, left=left * f, noise_seed=0
+    )
     got = crop_resize(latent, e, s_min, s_max, f)
-    crop = torch.from_numpy(latent)[None, :, top:top + side, left:left + side]
+    crop = torch.from_numpy(latent)[None, :, top : top + side, left : left + side]
     ref = F.interpolate(crop.double(), size=(s_min // f, s_min // f), mode="area").float().numpy()
     assert got.shape == (1, 16, 32, 32) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)

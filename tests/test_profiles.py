@@ -20,13 +20,24 @@ from blockskip.runtime.profiles import (
     load_profile,
 )
 
-SHIPPED = ["desktop-cpu", "jetson-agx-orin-64gb", "jetson-orin-nano-8gb", "jetson-orin-nx-16gb",
-           "snapdragon8", "snapdragon8-gen2"]
+SHIPPED = [
+    "desktop-cpu",
+    "jetson-agx-orin-64gb",
+    "jetson-orin-nano-8gb",
+    "jetson-orin-nx-16gb",
+    "snapdragon8",
+    "snapdragon8-gen2",
+]
 ANDROID = ["snapdragon8", "snapdragon8-gen2"]
 JETSON = ["jetson-orin-nano-8gb", "jetson-orin-nx-16gb", "jetson-agx-orin-64gb"]
 # vendor figures (GB/s): Qualcomm product briefs (LPDDR5X 4800 / 4200 MHz), NVIDIA Jetson data sheets
-BANDWIDTH = {"snapdragon8": 76.8, "snapdragon8-gen2": 67.2, "jetson-orin-nano-8gb": 68.0,
-             "jetson-orin-nx-16gb": 102.4, "jetson-agx-orin-64gb": 204.8}
+BANDWIDTH = {
+    "snapdragon8": 76.8,
+    "snapdragon8-gen2": 67.2,
+    "jetson-orin-nano-8gb": 68.0,
+    "jetson-orin-nx-16gb": 102.4,
+    "jetson-agx-orin-64gb": 204.8,
+}
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
 
 # A valid profile in the documented layout; line numbers below refer to this text.
@@ -99,8 +110,9 @@ def test_shipped_profile_loads_and_validates(name):
     assert 0 < p.budget_gib <= p.ram_gib
     assert p.fixed_overhead_bytes < p.budget_bytes
     assert p.budget_bytes == int(p.budget_gib * GIB)
-    assert p.fixed_overhead_bytes == int((p.runtime_overhead_mib + p.cuda_context_mib
-                                          + p.safety_margin_mib) * MIB)
+    assert p.fixed_overhead_bytes == int(
+        (p.runtime_overhead_mib + p.cuda_context_mib + p.safety_margin_mib) * MIB
+    )
     assert 0 <= p.allocator_slack < 1
     assert p.alloc_round_bytes in (16, 64, 512)
     assert p.bandwidth_gbs > 0 and p.storage_read_mbs > 0 and p.cache_budget_gib > 0
@@ -217,8 +229,11 @@ def test_duplicate_key_is_a_syntax_error_with_its_line(tmp_path):
         ("gpu", 'gpu = "float16"', ["compute.dtypes.gpu must be a list"]),
         ("gpu", "gpu = []", ["compute.dtypes.gpu", "at least one dtype"]),
         ("gpu", 'dsp = ["int8"]', ["unknown engine compute.dtypes.dsp"]),
-        ("available", 'available = ["executorch", "torch-cpu"]',
-         ["backends.available", "unknown backend 'executorch'", "torch-cuda"]),
+        (
+            "available",
+            'available = ["executorch", "torch-cpu"]',
+            ["backends.available", "unknown backend 'executorch'", "torch-cuda"],
+        ),
         ("available", 'available = ["torch-cpu", "torch-cpu"]', ["backends.available", "not repeat"]),
         ("available", "available = []", ["backends.available", "at least one backend"]),
         ("cache_budget_gib", "cache_gib = 8.0", ["unknown field storage.cache_gib", "cache_budget_gib"]),
@@ -257,7 +272,9 @@ def test_missing_table(tmp_path):
 
 
 def test_table_of_the_wrong_type(tmp_path):
-    text = 'backends = 3\n' + GOOD.replace('[backends]\navailable = ["executorch-xnnpack", "onnxruntime-training"]\n', "")
+    text = "backends = 3\n" + GOOD.replace(
+        '[backends]\navailable = ["executorch-xnnpack", "onnxruntime-training"]\n', ""
+    )
     assert "line 1: backends must be a table (got integer 3)" in error_of(tmp_path, text)
     text = GOOD.replace("[compute.dtypes]", "dtypes = 3\n[other]")
     msg = error_of(tmp_path, text)
@@ -316,8 +333,10 @@ def test_key_lines_handles_comments_strings_arrays_and_dotted_keys():
 
 
 def test_inline_table_errors_point_at_the_enclosing_key(tmp_path):
-    text = GOOD.replace('[compute.dtypes]\ncpu = ["float32", "bfloat16"]\ngpu = ["float16", "int8"]\n',
-                        'dtypes = { cpu = ["float32"], gpu = ["fp8"] }\n')
+    text = GOOD.replace(
+        '[compute.dtypes]\ncpu = ["float32", "bfloat16"]\ngpu = ["float16", "int8"]\n',
+        'dtypes = { cpu = ["float32"], gpu = ["fp8"] }\n',
+    )
     msg = error_of(tmp_path, text)
     assert f"line {LINE['compute'] + 2}: compute.dtypes.gpu" in msg and "'fp8'" in msg
 
@@ -348,7 +367,9 @@ def test_profiles_module_imports_no_torch_or_numpy():
 
 
 def test_importing_the_profiles_module_does_not_import_torch():
-    code = ("import sys, blockskip.runtime.profiles as m; m.load_profile('desktop-cpu');"
-            "assert 'torch' not in sys.modules; print('ok')")
+    code = (
+        "import sys, blockskip.runtime.profiles as m; m.load_profile('desktop-cpu');"
+        "assert 'torch' not in sys.modules; print('ok')"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -29,8 +29,18 @@ from blockskip.runtime.bundle import Bundle  # noqa: E402
 from blockskip.runtime.errors import BlockSkipError, PlanError  # noqa: E402
 from blockskip.runtime.plan import Plan  # noqa: E402
 
-PLAN = dict(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=6, steps=8, lr=1e-2,
-            lora_rank=4, lora_alpha=8.0, checkpoint_every=4)
+PLAN = dict(
+    front_skip=1,
+    back_skip=2,
+    s_min=32,
+    s_max=64,
+    num_samples=6,
+    steps=8,
+    lr=1e-2,
+    lora_rank=4,
+    lora_alpha=8.0,
+    checkpoint_every=4,
+)
 MODES = ("none", "int8", "nf4")
 
 
@@ -61,9 +71,11 @@ def frozen_bytes(model: nn.Module) -> int:
 
 def linear_weight_bytes(model: nn.Module, prefixes: list[str]) -> int:
     """fp32 bytes of every linear weight under the prefixes (the part that gets quantised)."""
-    return sum(m.in_features * m.out_features * 4 for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and ".lora_" not in n
-               and any(n.startswith(p + ".") for p in prefixes))
+    return sum(
+        m.in_features * m.out_features * 4
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and ".lora_" not in n and any(n.startswith(p + ".") for p in prefixes)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +106,15 @@ def test_trained_linears_are_quantised_with_lora_on_top(runs, mode):
     model, paths = span.model, span.fam.block_paths()
     prefixes = [paths[i] for i in b.trained]
     mods = dict(model.named_modules())
-    under = {n: m for n, m in mods.items() if any(n.startswith(p + ".") for p in prefixes) and ".lora_" not in n}
+    under = {
+        n: m for n, m in mods.items() if any(n.startswith(p + ".") for p in prefixes) and ".lora_" not in n
+    }
     plain = [n for n, m in under.items() if type(m) is nn.Linear]
     assert not plain, f"unquantised linears left in the trained span: {plain}"
     q = {n: m for n, m in under.items() if isinstance(m, QLinear)}
-    assert any(n.endswith("norm1.linear") for n in q) and any(n.endswith("norm.linear") for n in q)  # adaLN too
+    assert any(n.endswith("norm1.linear") for n in q) and any(
+        n.endswith("norm.linear") for n in q
+    )  # adaLN too
     for n, m in q.items():
         inner = m.weight._data
         if mode == "int8":
@@ -113,8 +129,11 @@ def test_trained_linears_are_quantised_with_lora_on_top(runs, mode):
     assert trainable and all(".lora_" in n for n in trainable)
     assert {id(p) for p in span.params} == {id(p) for n, p in model.named_parameters() if p.requires_grad}
     # the skipped blocks were never loaded, and the head stays in the plan dtype
-    assert all(mods[p].proj_out.weight.device.type == "meta" for i, p in enumerate(paths)
-               if i not in b.trained and "single" in p)
+    assert all(
+        mods[p].proj_out.weight.device.type == "meta"
+        for i, p in enumerate(paths)
+        if i not in b.trained and "single" in p
+    )
     assert type(model.proj_out) is nn.Linear and model.proj_out.weight.dtype == torch.float32
 
 
@@ -143,11 +162,17 @@ def test_dry_run_predicts_the_smaller_trained_base(runs):
     for q in MODES:
         plan = Plan(**{**PLAN, "base_quant": q})
         trained = plan.validate(spec.family.num_blocks, spec.granularity, spec.family.valid_targets())
-        lora = {"rank": plan.lora_rank, "alpha": plan.alpha, "targets": lora_target_names(spec.family, trained)}
+        lora = {
+            "rank": plan.lora_rank,
+            "alpha": plan.alpha,
+            "targets": lora_target_names(spec.family, trained),
+        }
         train = next(r for r in dry_run(spec, plan, lora, num_images=3, train_steps=1) if r.phase == "train")
         base[q] = train.tensors["trained_base"]
         b = bundle_with(root, q)
-        real[q] = frozen_bytes(torch_backend.TrainedSpan(BlockStore(b), b.trained, b.manifest["lora"], 0).model)
+        real[q] = frozen_bytes(
+            torch_backend.TrainedSpan(BlockStore(b), b.trained, b.manifest["lora"], 0).model
+        )
     assert base == real  # the prediction is the bytes the real span holds, mode by mode
     assert base["none"] > base["int8"] > base["nf4"]
     model = load_model("tiny-random").transformer
@@ -211,7 +236,11 @@ def test_bitsandbytes_path_uses_peft_bnb_wrappers(mode):
                 p.normal_(0, 0.01)
     blk = model.single_transformer_blocks[0]  # block 2
     g = torch.Generator().manual_seed(0)
-    h, e, temb = torch.randn(1, 16, 64, generator=g), torch.randn(1, 8, 64, generator=g), torch.randn(1, 64, generator=g)
+    h, e, temb = (
+        torch.randn(1, 16, 64, generator=g),
+        torch.randn(1, 8, 64, generator=g),
+        torch.randn(1, 64, generator=g),
+    )
     rope = (torch.ones(24, 16), torch.zeros(24, 16))
     _, out = blk(hidden_states=h, encoder_hidden_states=e, temb=temb, image_rotary_emb=rope)
     out.pow(2).mean().backward()
@@ -226,13 +255,36 @@ def test_plan_and_cli_name_the_valid_modes(tmp_path):
     assert Plan(base_quant="nf4").validate(6, 8) == list(range(6))
     from blockskip.export.cli import main as export_main
 
-    rc = export_main(["--model", "tiny-random", "--profile", "desktop-cpu", "--prompt", "a photo", "-n", "1", "-m", "2",
-                      "--s-min", "32", "--s-max", "64", "--samples", "2", "--base-quant", "int8",
-                      "-o", str(tmp_path / "b")])
+    rc = export_main(
+        [
+            "--model",
+            "tiny-random",
+            "--profile",
+            "desktop-cpu",
+            "--prompt",
+            "a photo",
+            "-n",
+            "1",
+            "-m",
+            "2",
+            "--s-min",
+            "32",
+            "--s-max",
+            "64",
+            "--samples",
+            "2",
+            "--base-quant",
+            "int8",
+            "-o",
+            str(tmp_path / "b"),
+        ]
+    )
     assert rc == 0
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["plan"]["base_quant"] == "int8"
     with pytest.raises(SystemExit):
-        export_main(["--model", "tiny-random", "--prompt", "p", "-o", str(tmp_path / "c"), "--base-quant", "int4"])
+        export_main(
+            ["--model", "tiny-random", "--prompt", "p", "-o", str(tmp_path / "c"), "--base-quant", "int4"]
+        )
 
 
 def test_missing_library_says_what_to_install(monkeypatch):
@@ -256,8 +308,10 @@ def test_resume_with_a_quantised_base_equals_uninterrupted(runs, tmp_path):
     assert full["losses"] == pytest.approx(logs["nf4"]["losses"], rel=1e-5)
 
 
-@pytest.mark.parametrize("mode,dtype", [("int8", torch.float32), ("nf4", torch.float32), ("int8", torch.bfloat16),
-                                        ("nf4", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "mode,dtype",
+    [("int8", torch.float32), ("nf4", torch.float32), ("int8", torch.bfloat16), ("nf4", torch.bfloat16)],
+)
 def test_lora_on_the_quantised_base_equals_lora_on_its_dequantised_twin(mode, dtype):
     """Output and LoRA gradients through a quantised linear (bf16 4-bit: quanto's tinygemm kernel) are
     those of a plain linear holding the dequantised weight."""
@@ -286,7 +340,9 @@ def test_lora_on_the_quantised_base_equals_lora_on_its_dequantised_twin(mode, dt
     for m in (q, twin):
         y = m.blk(x)
         y.float().pow(2).mean().backward()
-        outs.append((y.detach().float(), {n: p.grad.float() for n, p in m.named_parameters() if ".lora_" in n}))
+        outs.append(
+            (y.detach().float(), {n: p.grad.float() for n, p in m.named_parameters() if ".lora_" in n})
+        )
     (yq, gq), (yt, gt) = outs
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(yq, yt, **tol)

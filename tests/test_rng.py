@@ -29,8 +29,12 @@ def ref_splitmix64(state: int, n: int) -> list[int]:
 
 def test_words_are_splitmix64_from_the_key():
     # the well-known first outputs of SplitMix64 from state 0
-    assert [int(w) for w in rng.words(0, 0, 4)] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F,
-                                                    0xF88BB8A8724C81EC]
+    assert [int(w) for w in rng.words(0, 0, 4)] == [
+        0xE220A8397B1DCDAF,
+        0x6E789E6AA1B965F4,
+        0x06C45D188009454F,
+        0xF88BB8A8724C81EC,
+    ]
     for seed, stream in ((0, 1), (7, 2), (2**32 - 1, 1), (123456789, 9)):
         k = rng.key(seed, stream)
         assert k == ref_mix(ref_mix(seed) ^ stream)
@@ -75,7 +79,7 @@ def test_schedule_draws_follow_the_documented_words():
     assert sched.meta["rng"] == "splitmix64-v1"
     k = rng.key(2024, rng.SCHEDULE_STREAM)
     for e in sched.entries:
-        w = ref_splitmix64(k, WORDS_PER_ENTRY * (e.index + 1))[WORDS_PER_ENTRY * e.index:]
+        w = ref_splitmix64(k, WORDS_PER_ENTRY * (e.index + 1))[WORDS_PER_ENTRY * e.index :]
         below = lambda x, n: ((x >> 32) * n) >> 32  # noqa: E731
         assert e.image == (e.index if e.index < 3 else below(w[0], 3))
         assert e.t == 1 + below(w[1], 1000)

@@ -34,7 +34,9 @@ from blockskip.runtime.files import TEMP_NAME, atomic_write, output_lock
 from blockskip.runtime.plan import Plan
 from blockskip.runtime.tensorfile import TensorFile, write_tensors
 
-PLAN = dict(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=3, steps=2, checkpoint_every=1, lora_rank=4)
+PLAN = dict(
+    front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=3, steps=2, checkpoint_every=1, lora_rank=4
+)
 
 
 def sha256(p: Path) -> str:
@@ -60,8 +62,12 @@ def assert_canonical(p: Path) -> None:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "blockskip.device_train.cli", *args], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "blockskip.device_train.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +78,15 @@ def tiny(tmp_path_factory, photos) -> Path:
 
 # --- the canonical writer ---------------------------------------------------------------------------
 
+
 def test_write_tensors_is_canonical_and_loads_everywhere(tmp_path):
-    arrays = {"b.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.float32(2.5).reshape(()),
-              "opt.step.x": np.array([3], np.int64), "empty": np.zeros((0, 4), np.float32),
-              "strided": np.arange(10, dtype=np.float32)[::2]}
+    arrays = {
+        "b.weight": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "a": np.float32(2.5).reshape(()),
+        "opt.step.x": np.array([3], np.int64),
+        "empty": np.zeros((0, 4), np.float32),
+        "strided": np.arange(10, dtype=np.float32)[::2],
+    }
     meta = {"step": "4", "log": json.dumps({"é": 1, "a": [1.5]}), "format": "pt"}
     write_tensors(tmp_path / "a.safetensors", arrays, meta)
     write_tensors(tmp_path / "b.safetensors", dict(reversed(arrays.items())), dict(reversed(meta.items())))
@@ -98,9 +109,14 @@ def test_write_tensors_is_canonical_and_loads_everywhere(tmp_path):
 
 def test_torch_tensors_keep_their_dtype(tmp_path):
     g = torch.Generator().manual_seed(0)
-    tensors = {"bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16), "f16": torch.randn(7, generator=g).half(),
-               "f32": torch.randn(2, 2, generator=g).t(), "grad": torch.randn(4, generator=g, requires_grad=True),
-               "step": torch.tensor(3.0).reshape(-1), "i8": torch.tensor([-3, 4], dtype=torch.int8)}
+    tensors = {
+        "bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(7, generator=g).half(),
+        "f32": torch.randn(2, 2, generator=g).t(),
+        "grad": torch.randn(4, generator=g, requires_grad=True),
+        "step": torch.tensor(3.0).reshape(-1),
+        "i8": torch.tensor([-3, 4], dtype=torch.int8),
+    }
     p = tmp_path / "t.safetensors"
     write_tensors(p, tensors)
     assert_canonical(p)
@@ -114,12 +130,21 @@ def test_torch_tensors_keep_their_dtype(tmp_path):
 
 # --- two identical runs, the same bytes ---------------------------------------------------------------
 
+
 def test_two_identical_torch_runs_write_the_same_bytes(tiny, photos, tmp_path):
     """Two `device-train` processes (torch backend) on one bundle: byte-identical LoRA and checkpoint;
     a precompute in another process writes the in-process precompute's shards, byte for byte."""
     root = tiny
     for out in ("a", "b"):
-        r = cli("train", str(root / "bundle"), "--cache", str(root / "cache"), "-o", str(tmp_path / out), "--quiet")
+        r = cli(
+            "train",
+            str(root / "bundle"),
+            "--cache",
+            str(root / "cache"),
+            "-o",
+            str(tmp_path / out),
+            "--quiet",
+        )
         assert r.returncode == 0, r.stderr
     for rel in (formats.LORA_FILE, f"{formats.CHECKPOINT_DIR}/{formats.CHECKPOINT}"):
         a, b = tmp_path / "a" / rel, tmp_path / "b" / rel
@@ -128,24 +153,42 @@ def test_two_identical_torch_runs_write_the_same_bytes(tiny, photos, tmp_path):
     with safe_open(tmp_path / "a" / formats.CHECKPOINT_DIR / formats.CHECKPOINT, "np") as f:
         log = json.loads(f.metadata()[formats.META_LOG])
     assert formats.LOG_STEP_SECONDS not in log and len(log[formats.LOG_LOSSES]) == PLAN["steps"]
-    assert len(json.loads((tmp_path / "a" / formats.TRAIN_LOG).read_text())[formats.LOG_STEP_SECONDS]) == PLAN["steps"]
+    assert (
+        len(json.loads((tmp_path / "a" / formats.TRAIN_LOG).read_text())[formats.LOG_STEP_SECONDS])
+        == PLAN["steps"]
+    )
     # the LoRA still loads into diffusers
     from blockskip.export.families import load_model
 
     full = load_model("tiny-random").transformer
-    full.load_lora_adapter(str(tmp_path / "a" / formats.LORA_FILE), adapter_name="subject", prefix="transformer")
+    full.load_lora_adapter(
+        str(tmp_path / "a" / formats.LORA_FILE), adapter_name="subject", prefix="transformer"
+    )
     assert any(".lora_A.subject." in n for n, _ in full.named_parameters())
     # the cache
-    r = cli("precompute", str(root / "bundle"), "--images", str(photos), "--cache", str(tmp_path / "cache"), "--quiet")
+    r = cli(
+        "precompute",
+        str(root / "bundle"),
+        "--images",
+        str(photos),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     index = json.loads((root / "cache" / formats.CACHE_INDEX).read_text())
     for k in range(PLAN["num_samples"]):
         name = formats.shard_name(k)
-        assert sha256(tmp_path / "cache" / name) == sha256(root / "cache" / name) == index["entries"][str(k)]["sha256"]
+        assert (
+            sha256(tmp_path / "cache" / name)
+            == sha256(root / "cache" / name)
+            == index["entries"][str(k)]["sha256"]
+        )
         assert_canonical(root / "cache" / name)
 
 
 # --- one run per folder --------------------------------------------------------------------------------
+
 
 def wait_for_locks(proc: subprocess.Popen, *folders: Path, timeout: float = 300) -> None:
     """Until ``proc`` holds the locks of ``folders`` (its pid written in each)."""
@@ -166,27 +209,57 @@ def test_a_second_run_on_the_folder_is_refused_with_the_pid(tiny, photos, tmp_pa
     the other way round: tests/test_native_stream.py.)"""
     root = tiny
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "blockskip.device_train.cli", "train", str(root / "bundle"),
-                             "--cache", str(root / "cache"), "-o", str(out), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "blockskip.device_train.cli",
+            "train",
+            str(root / "bundle"),
+            "--cache",
+            str(root / "cache"),
+            "-o",
+            str(out),
+            "--quiet",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_locks(proc, out, root / "cache")
         proc.send_signal(signal.SIGSTOP)  # holds the locks for as long as the test needs
         assert proc.poll() is None, "the run ended before it could be stopped"
         # the same output folder
-        code = device_cli.main(["train", str(root / "bundle"), "--cache", str(root / "cache"), "-o", str(out),
-                                "--quiet"])
+        code = device_cli.main(
+            ["train", str(root / "bundle"), "--cache", str(root / "cache"), "-o", str(out), "--quiet"]
+        )
         err = capsys.readouterr().err.strip().splitlines()
         assert code == FolderInUseError.exit_code == 2 and len(err) == 1, err
-        assert err[0] == (f"device-train: error: output folder {str(out)!r} is in use by another run (pid {proc.pid}); "
-                          "wait for it to end, or choose another output folder with -o")
+        assert err[0] == (
+            f"device-train: error: output folder {str(out)!r} is in use by another run (pid {proc.pid}); "
+            "wait for it to end, or choose another output folder with -o"
+        )
         # another output folder on the same cache
-        code = device_cli.main(["train", str(root / "bundle"), "--cache", str(root / "cache"), "-o",
-                                str(tmp_path / "other"), "--quiet"])
+        code = device_cli.main(
+            [
+                "train",
+                str(root / "bundle"),
+                "--cache",
+                str(root / "cache"),
+                "-o",
+                str(tmp_path / "other"),
+                "--quiet",
+            ]
+        )
         err = capsys.readouterr().err.strip()
-        assert code == 2 and f"cache folder {str(root / 'cache')!r} is in use by another run (pid {proc.pid})" in err
+        assert (
+            code == 2
+            and f"cache folder {str(root / 'cache')!r} is in use by another run (pid {proc.pid})" in err
+        )
         # a precompute into that cache
-        with pytest.raises(FolderInUseError, match=f"cache folder .* in use by another run \\(pid {proc.pid}\\)"):
+        with pytest.raises(
+            FolderInUseError, match=f"cache folder .* in use by another run \\(pid {proc.pid}\\)"
+        ):
             run_precompute(root / "bundle", photos, root / "cache", quiet=True)
     finally:
         proc.kill()
@@ -201,9 +274,14 @@ def test_taking_the_lock_removes_a_killed_runs_temporaries(tiny, tmp_path):
     run_train(root / "bundle", root / "cache", out, quiet=True)
     # what atomic writes killed mid-way leave: Python's names (mkstemp) and the native runner's (mkstemps)
     temps = []
-    for folder, name in ((out, formats.LORA_FILE), (out / formats.CHECKPOINT_DIR, formats.CHECKPOINT),
-                         (root / "cache", formats.shard_name(1))):
-        fd, tmp = tempfile.mkstemp(prefix=f"{formats.TEMP_PREFIX}{name}.", suffix=formats.TEMP_SUFFIX, dir=folder)
+    for folder, name in (
+        (out, formats.LORA_FILE),
+        (out / formats.CHECKPOINT_DIR, formats.CHECKPOINT),
+        (root / "cache", formats.shard_name(1)),
+    ):
+        fd, tmp = tempfile.mkstemp(
+            prefix=f"{formats.TEMP_PREFIX}{name}.", suffix=formats.TEMP_SUFFIX, dir=folder
+        )
         os.write(fd, b"torn")
         os.close(fd)
         temps += [Path(tmp), folder / f".{name}.aB3xY9.tmp"]

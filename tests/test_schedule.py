@@ -154,10 +154,32 @@ def test_every_image_is_used_when_there_are_enough_samples(kw):
 @FAST
 @given(schedules())
 # sigma(t = T) = shift / (1 + (shift - 1)) rounds above 1 for these shifts (found by this test)
-@example(dict(num_images=1, num_samples=2, s_min=32, s_max=64, granularity=16, seed=0,
-              patch_sampling=True, shift=0.1, T=1))
-@example(dict(num_images=1, num_samples=2, s_min=32, s_max=64, granularity=16, seed=0,
-              patch_sampling=True, shift=0.45, T=1))
+@example(
+    dict(
+        num_images=1,
+        num_samples=2,
+        s_min=32,
+        s_max=64,
+        granularity=16,
+        seed=0,
+        patch_sampling=True,
+        shift=0.1,
+        T=1,
+    )
+)
+@example(
+    dict(
+        num_images=1,
+        num_samples=2,
+        s_min=32,
+        s_max=64,
+        granularity=16,
+        seed=0,
+        patch_sampling=True,
+        shift=0.45,
+        T=1,
+    )
+)
 def test_sigma_is_in_unit_interval_and_increasing_in_t(kw):
     sched = PatchSchedule.build(**kw)
     for e in sched.entries:
@@ -174,8 +196,9 @@ def test_sigma_is_in_unit_interval_and_increasing_in_t(kw):
 @given(st.floats(0.05, 20.0), st.integers(2, 1000))
 def test_sigma_over_all_timesteps(shift, T):
     """Every timestep 1..T of one schedule build: sigma strictly increasing and in (0, 1]."""
-    sched = PatchSchedule.build(num_images=1, num_samples=1, s_min=8, s_max=8, granularity=8, seed=0,
-                                shift=shift, T=T)
+    sched = PatchSchedule.build(
+        num_images=1, num_samples=1, s_min=8, s_max=8, granularity=8, seed=0, shift=shift, T=T
+    )
     from blockskip.runtime.schedule import shift_sigma
 
     sig = [shift_sigma(t / T, shift) for t in range(1, T + 1)]
@@ -185,13 +208,16 @@ def test_sigma_over_all_timesteps(shift, T):
     assert sig[-1] == pytest.approx(1.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("bad", [
-    dict(num_images=0),
-    dict(s_min=128, s_max=64),
-    dict(s_min=0),
-    dict(s_min=24),  # not a multiple of 16
-    dict(s_max=72),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(num_images=0),
+        dict(s_min=128, s_max=64),
+        dict(s_min=0),
+        dict(s_min=24),  # not a multiple of 16
+        dict(s_max=72),
+    ],
+)
 def test_build_refuses_bad_sizes(bad):
     kw = dict(num_images=2, num_samples=4, s_min=32, s_max=64, granularity=16, seed=0) | bad
     with pytest.raises(PlanError):
@@ -272,10 +298,20 @@ def test_plan_refuses_empty_trained_list():
         Plan(trained=[]).validate(6, 16)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("lora_rank", 0), ("num_samples", 0), ("steps", 0), ("grad_accum", 0), ("checkpoint_every", 0),
-    ("precompute_chunk", -1), ("positions", "diagonal"), ("dtype", "int8"), ("timestep_shift", 0.0),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("lora_rank", 0),
+        ("num_samples", 0),
+        ("steps", 0),
+        ("grad_accum", 0),
+        ("checkpoint_every", 0),
+        ("precompute_chunk", -1),
+        ("positions", "diagonal"),
+        ("dtype", "int8"),
+        ("timestep_shift", 0.0),
+    ],
+)
 def test_plan_refuses_other_bad_fields(field, value):
     with pytest.raises(PlanError):
         Plan(**{field: value}).validate(6, 16)
@@ -290,4 +326,6 @@ def test_plan_dict_round_trip_and_unknown_fields():
 
 def test_a_schedule_of_another_generator_is_refused():
     with pytest.raises(PlanError, match="generator"):
-        PatchSchedule.build(num_images=2, num_samples=3, s_min=32, s_max=64, granularity=16, seed=0, rng="pcg64")
+        PatchSchedule.build(
+            num_images=2, num_samples=3, s_min=32, s_max=64, granularity=16, seed=0, rng="pcg64"
+        )

@@ -82,8 +82,15 @@ def test_sigmas_and_sampler_are_deterministic():
 @pytest.fixture(scope="module")
 def table():
     lm = load_model("tiny-random")
-    return sel.select(lm, ratios=[0.3, 0.5], prompts=["a red circle", "a photo of a cat"], seeds=[0], steps=3,
-                      features="pixels", size=32)
+    return sel.select(
+        lm,
+        ratios=[0.3, 0.5],
+        prompts=["a red circle", "a photo of a cat"],
+        seeds=[0],
+        steps=3,
+        features="pixels",
+        size=32,
+    )
 
 
 def test_selection_table_picks_the_argmin(table):
@@ -120,8 +127,22 @@ def test_shipped_selection_tables_match_their_models():
 
 def test_select_cli(tmp_path, capsys):
     out = tmp_path / "t.json"
-    rc = sel.main(["--ratios", "0.3", "--seeds", "0", "--steps", "2", "--size", "32", "--features", "pixels",
-                   "-o", str(out)])
+    rc = sel.main(
+        [
+            "--ratios",
+            "0.3",
+            "--seeds",
+            "0",
+            "--steps",
+            "2",
+            "--size",
+            "32",
+            "--features",
+            "pixels",
+            "-o",
+            str(out),
+        ]
+    )
     assert rc == 0
     assert json.loads(out.read_text())["ratios"]["0.3"]["front"] >= 0
     assert "| 0.3 |" in capsys.readouterr().out
@@ -166,8 +187,17 @@ def test_effnet_features_are_offline_imagenet_features():
 def test_evaluate_without_lora_is_unchanged_and_loss_is_a_real_mse():
     lm = load_model("tiny-random")
     views = torch.rand(2, 3, 32, 32) * 2 - 1
-    scores, images = evaluate(lm, None, views, "a photo of sks cat", seeds=[0], steps=2, size=32,
-                              features="pixels", contrast=["a red circle"])
+    scores, images = evaluate(
+        lm,
+        None,
+        views,
+        "a photo of sks cat",
+        seeds=[0],
+        steps=2,
+        size=32,
+        features="pixels",
+        contrast=["a red circle"],
+    )
     assert scores["before"] == scores["after"]
     torch.testing.assert_close(images["before"], images["after"])
     loss = heldout_loss(lm, views, lm.encode_prompt("a photo of sks cat"))

@@ -16,8 +16,20 @@ from blockskip.runtime.plan import Plan
 from blockskip.runtime.profiles import load_profile
 from blockskip.runtime.stream import StreamedSpan
 
-PLAN = dict(front_skip=1, back_skip=2, s_min=32, s_max=64, num_samples=6, steps=10, lr=3e-3, weight_decay=0.05,
-            lora_rank=4, lora_alpha=8.0, checkpoint_every=5, span="streamed")
+PLAN = dict(
+    front_skip=1,
+    back_skip=2,
+    s_min=32,
+    s_max=64,
+    num_samples=6,
+    steps=10,
+    lr=3e-3,
+    weight_decay=0.05,
+    lora_rank=4,
+    lora_alpha=8.0,
+    checkpoint_every=5,
+    span="streamed",
+)
 # stated tolerances: the largest relative loss difference over ten steps (measured on this tiny FLUX,
 # torch block backend: int8 4.7e-4, int4 1.1e-2; the tolerances leave about an 8x margin)
 TOLERANCE = {"int8": 5e-3, "int4": 8e-2}
@@ -28,8 +40,13 @@ def runs(tmp_path_factory, photos):
     out = {}
     for storage in ("float32", "int8", "int4"):
         root = tmp_path_factory.mktemp(f"storage-{storage}")
-        export_bundle(wrap_model(build("flux"), "flux"), Plan(storage=storage, **PLAN), load_profile("desktop-cpu"),
-                      "a photo of sks cat", root / "b")
+        export_bundle(
+            wrap_model(build("flux"), "flux"),
+            Plan(storage=storage, **PLAN),
+            load_profile("desktop-cpu"),
+            "a photo of sks cat",
+            root / "b",
+        )
         run_precompute(root / "b", photos, root / "c", quiet=True)
         bundle = Bundle(root / "b")
         log = drive(bundle, root / "c", root / "o", lambda o, b=bundle: StreamedSpan(b, TorchBlocks(b)))
@@ -59,8 +76,13 @@ def test_kept_forward_graph_gives_the_recomputed_vjp(tmp_path, photos):
     """The torch block backend keeps the last block's autograd graph from the forward sweep for its VJP
     (no recomputed forward): the gradients are those of the recomputing VJP, bit for bit, and a graph kept
     for other arrays is never used."""
-    export_bundle(wrap_model(build("flux"), "flux"), Plan(storage="int8", **PLAN), load_profile("desktop-cpu"),
-                  "a photo of sks cat", tmp_path / "b")
+    export_bundle(
+        wrap_model(build("flux"), "flux"),
+        Plan(storage="int8", **PLAN),
+        load_profile("desktop-cpu"),
+        "a photo of sks cat",
+        tmp_path / "b",
+    )
     run_precompute(tmp_path / "b", photos, tmp_path / "c", quiet=True)
     bundle = Bundle(tmp_path / "b")
     span = StreamedSpan(bundle, TorchBlocks(bundle))
@@ -114,15 +136,17 @@ def test_a_weight_bigger_than_a_chunk_quantises_row_by_row(storage):
     for k, v in quantise(w.float(), storage).items():
         assert torch.equal(v, whole[k]), k
     for i in torch.randint(0, w.shape[0], (6,), generator=g).tolist() + [0, w.shape[0] - 1]:
-        for k, v in quantise(w[i:i + 1], storage).items():
+        for k, v in quantise(w[i : i + 1], storage).items():
             assert torch.equal(v[0], whole[k][i]), (k, i)
 
 
-CONVS = {"1x1": dict(in_channels=6, out_channels=10, kernel_size=1),
-         "depthwise 3x3": dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6),
-         "depthwise unpadded": dict(in_channels=6, out_channels=6, kernel_size=3, groups=6, bias=False),
-         "patchify 2x2": dict(in_channels=4, out_channels=8, kernel_size=2, stride=2),
-         "3x3": dict(in_channels=4, out_channels=8, kernel_size=3, padding=1)}
+CONVS = {
+    "1x1": dict(in_channels=6, out_channels=10, kernel_size=1),
+    "depthwise 3x3": dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6),
+    "depthwise unpadded": dict(in_channels=6, out_channels=6, kernel_size=3, groups=6, bias=False),
+    "patchify 2x2": dict(in_channels=4, out_channels=8, kernel_size=2, stride=2),
+    "3x3": dict(in_channels=4, out_channels=8, kernel_size=3, padding=1),
+}
 
 
 @pytest.mark.parametrize("storage", ["float32", "int8", "int4"])
@@ -162,7 +186,6 @@ def test_a_stream_conv_computes_conv2d_and_its_input_gradient(conv, storage):
     assert bool(convolutions) == (conv == "3x3"), ops
 
 
-
 @pytest.mark.parametrize("name", ["flux", "sd35", "sana"])
 @pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8", "int4"])
 def test_layout_from_shapes_is_what_store_tensors_writes(name, storage):
@@ -179,7 +202,8 @@ def test_layout_from_shapes_is_what_store_tensors_writes(name, storage):
     for i, path in enumerate(fam.block_paths()):
         real = ts.store_tensors(model.get_submodule(path), storage)
         assert list(ts.block_specs(fam, skeleton, i, storage).items()) == [
-            (k, (tuple(v.shape), v.dtype)) for k, v in real.items()], (name, storage, i)
+            (k, (tuple(v.shape), v.dtype)) for k, v in real.items()
+        ], (name, storage, i)
     head = torch.nn.Module()
     for path in fam.head_prefixes:
         obj = getattr(model, path)
@@ -188,6 +212,8 @@ def test_layout_from_shapes_is_what_store_tensors_writes(name, storage):
         else:
             head.register_parameter(path, obj)
     real = ts.store_tensors(head, storage)
-    assert list(ts.head_specs(fam, skeleton, storage).items()) == [(k, (tuple(v.shape), v.dtype)) for k, v in real.items()]
+    assert list(ts.head_specs(fam, skeleton, storage).items()) == [
+        (k, (tuple(v.shape), v.dtype)) for k, v in real.items()
+    ]
     if storage in ("int8", "int4"):  # quantised layouts really differ from the float one
         assert any(k.endswith("_scale") for k in real)

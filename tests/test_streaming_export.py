@@ -57,7 +57,9 @@ def test_streamed_folder_export_equals_the_loaded_models(tmp_path, name, stores)
     assert (root / "transformer" / folder_weights.INDEX).is_file()
     assert len(list((root / "transformer").glob("*.safetensors"))) >= 3
     plan = Plan(front_skip=1, back_skip=1, **PLAN)
-    export_bundle(load_model(str(root)), plan, load_profile("desktop-cpu"), "a photo of sks", tmp_path / "loaded")
+    export_bundle(
+        load_model(str(root)), plan, load_profile("desktop-cpu"), "a photo of sks", tmp_path / "loaded"
+    )
     lm = load_model(str(root), stream=True)
     assert all(p.device.type == "meta" for p in lm.transformer.parameters())  # nothing of it in memory
     export_bundle(lm, plan, load_profile("desktop-cpu"), "a photo of sks", tmp_path / "streamed")
@@ -74,14 +76,23 @@ def test_streamed_span_programs_hold_one_block_at_a_time(tmp_path, stores, folde
     root = write_folder(tmp_path / "flux", "flux", max_shard_size="40KB", dtype=folder_dtype)
     plan = Plan(front_skip=1, back_skip=1, span="streamed", storage="int8", **PLAN)
     kw = dict(formats=["onnx"])
-    export_bundle(load_model(str(root)), plan, load_profile("desktop-cpu"), "a photo of sks", tmp_path / "loaded",
-                  **kw)
-    export_bundle(load_model(str(root), stream=True), plan, load_profile("desktop-cpu"), "a photo of sks",
-                  tmp_path / "streamed", **kw)
+    export_bundle(
+        load_model(str(root)), plan, load_profile("desktop-cpu"), "a photo of sks", tmp_path / "loaded", **kw
+    )
+    export_bundle(
+        load_model(str(root), stream=True),
+        plan,
+        load_profile("desktop-cpu"),
+        "a photo of sks",
+        tmp_path / "streamed",
+        **kw,
+    )
     _same_bundle(tmp_path / "loaded", tmp_path / "streamed")
     blocks = [s for s in stores if any(rel.startswith("model/blocks/") for rel in s.loaded)]
     assert blocks, "no block was read from the folder"
-    written = [b for b in json.loads((tmp_path / "streamed" / "manifest.json").read_text())["model"]["blocks"] if b]
+    written = [
+        b for b in json.loads((tmp_path / "streamed" / "manifest.json").read_text())["model"]["blocks"] if b
+    ]
     assert sum(1 for rel in blocks[0].loaded if rel.startswith("model/blocks/")) == len(written)
     assert max(s.max_resident for s in stores) == 1
     assert blocks[0].dtype is None  # as stored
@@ -108,7 +119,9 @@ def test_a_folder_missing_a_tensor_or_a_shard_is_refused(tmp_path):
     index.write_text(json.dumps(data))
     plan = Plan(front_skip=1, back_skip=1, **PLAN)
     with pytest.raises(ModelError, match="lack 1 tensor"):
-        export_bundle(load_model(str(root), stream=True), plan, load_profile("desktop-cpu"), "x", tmp_path / "b")
+        export_bundle(
+            load_model(str(root), stream=True), plan, load_profile("desktop-cpu"), "x", tmp_path / "b"
+        )
     data["weight_map"][name] = shard
     (root / "transformer" / shard).unlink()
     index.write_text(json.dumps(data))
@@ -159,9 +172,18 @@ def test_streaming_blocks_through_one_process_does_not_grow_it(tmp_path):
     from diffusers import FluxTransformer2DModel
 
     root = write_folder(tmp_path / "flux", "flux")
-    big = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=0, num_single_layers=8,
-                                 attention_head_dim=64, num_attention_heads=12, joint_attention_dim=24,
-                                 pooled_projection_dim=12, guidance_embeds=False, axes_dims_rope=(16, 24, 24))
+    big = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=0,
+        num_single_layers=8,
+        attention_head_dim=64,
+        num_attention_heads=12,
+        joint_attention_dim=24,
+        pooled_projection_dim=12,
+        guidance_embeds=False,
+        axes_dims_rope=(16, 24, 24),
+    )
     big.to(torch.bfloat16).save_pretrained(root / "transformer", max_shard_size="60MB")  # read as float32
     del big
     r = subprocess.run([sys.executable, "-c", _GROWTH, str(root)], capture_output=True, text=True, check=True)
@@ -183,12 +205,16 @@ def test_a_streamed_bundles_example_entry_is_traced_on_fake_tensors_with_the_rea
     text = lm.encode_prompt("a photo of sks")
     real, fake = example_entry(lm, plan, trained, text), example_entry(lm, plan, trained, text, fake=True)
     assert all(isinstance(t, FakeTensor) for t in fake.values())
-    assert {k: (t.shape, t.dtype) for k, t in fake.items()} == {k: (t.shape, t.dtype) for k, t in real.items()}
+    assert {k: (t.shape, t.dtype) for k, t in fake.items()} == {
+        k: (t.shape, t.dtype) for k, t in real.items()
+    }
     assert any(k.startswith("delta.") for k in real)  # the back residual: the frozen blocks really ran
 
 
-@pytest.mark.parametrize("storage,folder_dtype", [("int8", torch.bfloat16), ("bfloat16", torch.bfloat16),
-                                                  ("float32", torch.float32)])
+@pytest.mark.parametrize(
+    "storage,folder_dtype",
+    [("int8", torch.bfloat16), ("bfloat16", torch.bfloat16), ("float32", torch.float32)],
+)
 def test_the_export_dry_run_counts_what_the_export_reads_and_writes(tmp_path, stores, storage, folder_dtype):
     """The export phase's parts, predicted from the model's structure, are the bytes the streaming export
     really reads and keeps: the largest block read from the folder with its storage copy (what the bundle's
@@ -215,8 +241,11 @@ def test_the_export_dry_run_counts_what_the_export_reads_and_writes(tmp_path, st
     pairs = []
     for rel in filter(None, m["model"]["blocks"]):
         t = load_file(tmp_path / "b" / rel)
-        kept = sum(v.numel() * v.element_size() for k, v in t.items()
-                   if v.dtype == folder_dtype and not k.endswith("_scale"))
+        kept = sum(
+            v.numel() * v.element_size()
+            for k, v in t.items()
+            if v.dtype == folder_dtype and not k.endswith("_scale")
+        )
         pairs.append((reads[0].read_bytes[rel] - kept, nbytes(rel)))
     assert (got["block_read"], got["block_stored"]) == max(pairs, key=sum)
     assert got["encoder"] == nbytes(m["encoder"]["file"])

@@ -19,8 +19,12 @@ def _vae(kind: str = "AutoencoderDC"):
     from tiny_models import tiny_vae
 
     vae = tiny_vae(kind, 4).eval()
-    spec = {"class": kind, "config": dict(vae.config), "scaling_factor": vae.config.scaling_factor,
-            "shift_factor": getattr(vae.config, "shift_factor", None)}
+    spec = {
+        "class": kind,
+        "config": dict(vae.config),
+        "scaling_factor": vae.config.scaling_factor,
+        "shift_factor": getattr(vae.config, "shift_factor", None),
+    }
     return vae, spec
 
 
@@ -98,7 +102,7 @@ def test_tile_programs_give_the_torch_backends_latents(fmt, kind, tmp_path):
     assert sec["tiles"] == {"tile": TILE, "stride": stride_for(kind), "ratio": ratio} and len(files) == 4
     x = torch.rand(2, 3, 512, 512) * 2 - 1
     got = encode_photos(sec, x.numpy(), load, run)
-    ref = np.concatenate([_torch_tiled(vae, spec, x[i:i + 1]) for i in range(2)])
+    ref = np.concatenate([_torch_tiled(vae, spec, x[i : i + 1]) for i in range(2)])
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -109,9 +113,15 @@ def test_encoder_programs_by_class():
     from blockskip.runtime.errors import PlanError
 
     kl = types.SimpleNamespace(encoder=None, encoder_spec={"class": "AutoencoderKL"}, vae_factor=8)
-    assert tile_spans(1024, 8, TILE, stride_for("AutoencoderKL")) == [(s, 256) for s in range(0, 960, 192)] + [(960, 64)]
+    assert tile_spans(1024, 8, TILE, stride_for("AutoencoderKL")) == [
+        (s, 256) for s in range(0, 960, 192)
+    ] + [(960, 64)]
     assert [s for _, s in encoder_inputs(kl, Plan(s_min=256, s_max=1024, vae_tiling=True))] == [
-        (1, 3, 256, 256), (1, 3, 256, 64), (1, 3, 64, 256), (1, 3, 64, 64)]
+        (1, 3, 256, 256),
+        (1, 3, 256, 64),
+        (1, 3, 64, 256),
+        (1, 3, 64, 64),
+    ]
     assert encoder_inputs(kl, Plan(s_min=256, s_max=512)) == [("encoder", (1, 3, 512, 512))]
     other = types.SimpleNamespace(encoder=None, encoder_spec={"class": "AutoencoderTiny"}, vae_factor=8)
     with pytest.raises(PlanError, match="AutoencoderKL"):

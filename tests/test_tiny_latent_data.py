@@ -18,7 +18,9 @@ def test_dct_rows_are_orthonormal_and_decode_is_the_least_squares_inverse():
     w = ae.enc.weight.reshape(ae.latent_channels, -1).double()
     torch.testing.assert_close(w @ w.T, torch.eye(ae.latent_channels, dtype=torch.float64), atol=1e-6, rtol=0)
     z = torch.randn(2, ae.latent_channels, 4, 4)
-    torch.testing.assert_close(ae.encode(ae.decode(z)), z, atol=1e-4, rtol=1e-4)  # latents survive a round trip
+    torch.testing.assert_close(
+        ae.encode(ae.decode(z)), z, atol=1e-4, rtol=1e-4
+    )  # latents survive a round trip
     x = torch.rand(1, 3, 16, 16) * 2 - 1
     # decode(encode(x)) is the projection onto the kept frequencies: applying it twice changes nothing
     p = ae.decode(ae.encode(x))
@@ -32,7 +34,9 @@ def test_dct_keeps_smooth_images_and_normalises_photos():
     err = (ae.decode(ae.encode(smooth)) - smooth).abs().max()
     assert err < 0.05  # a smooth image lives in the low frequencies
     skimage = pytest.importorskip("skimage.data")
-    img = torch.from_numpy(skimage.astronaut()[:256, :256].astype(np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    img = torch.from_numpy(skimage.astronaut()[:256, :256].astype(np.float32) / 127.5 - 1).permute(2, 0, 1)[
+        None
+    ]
     with torch.no_grad():
         z = ae.encode(img)
     assert 0.3 < float(z.std()) < 3.0  # about unit scale on a natural photo

@@ -5,23 +5,74 @@ from __future__ import annotations
 import torch
 
 TINY_CONFIGS = {
-    "flux": dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=8,
-                 num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=12,
-                 guidance_embeds=False, axes_dims_rope=(2, 2, 4)),
-    "flux-guidance": dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
-                          num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=12,
-                          guidance_embeds=True, axes_dims_rope=(2, 2, 4)),
-    "sd3": dict(sample_size=16, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8,
-                num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=16,
-                pooled_projection_dim=12, out_channels=4, pos_embed_max_size=24),
-    "sd35": dict(sample_size=16, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8,
-                 num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=16,
-                 pooled_projection_dim=12, out_channels=4, pos_embed_max_size=24,
-                 dual_attention_layers=(0, 1), qk_norm="rms_norm"),
-    "sana": dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=4,
-                 num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
-                 caption_channels=24, mlp_ratio=2.5, sample_size=16, patch_size=1, norm_elementwise_affine=False,
-                 interpolation_scale=None),
+    "flux": dict(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        pooled_projection_dim=12,
+        guidance_embeds=False,
+        axes_dims_rope=(2, 2, 4),
+    ),
+    "flux-guidance": dict(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        pooled_projection_dim=12,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    ),
+    "sd3": dict(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=4,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        caption_projection_dim=16,
+        pooled_projection_dim=12,
+        out_channels=4,
+        pos_embed_max_size=24,
+    ),
+    "sd35": dict(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=4,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        caption_projection_dim=16,
+        pooled_projection_dim=12,
+        out_channels=4,
+        pos_embed_max_size=24,
+        dual_attention_layers=(0, 1),
+        qk_norm="rms_norm",
+    ),
+    "sana": dict(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=4,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=24,
+        mlp_ratio=2.5,
+        sample_size=16,
+        patch_size=1,
+        norm_elementwise_affine=False,
+        interpolation_scale=None,
+    ),
 }
 FAMILY = {"flux": "flux", "flux-guidance": "flux", "sd3": "sd3", "sd35": "sd3", "sana": "sana"}
 
@@ -29,8 +80,11 @@ FAMILY = {"flux": "flux", "flux-guidance": "flux", "sd3": "sd3", "sd35": "sd3", 
 def build(name: str, seed: int = 0):
     import diffusers
 
-    cls = {"flux": diffusers.FluxTransformer2DModel, "sd3": diffusers.SD3Transformer2DModel,
-           "sana": diffusers.SanaTransformer2DModel}[FAMILY[name]]
+    cls = {
+        "flux": diffusers.FluxTransformer2DModel,
+        "sd3": diffusers.SD3Transformer2DModel,
+        "sana": diffusers.SanaTransformer2DModel,
+    }[FAMILY[name]]
     torch.manual_seed(seed)
     model = cls(**TINY_CONFIGS[name]).eval()
     # random (not default-zero) adaLN/out weights so every path carries signal
@@ -50,26 +104,46 @@ def tiny_vae(kind: str, latent_channels: int, encoder_channels=None, downsample:
     torch.manual_seed(0)
     if kind == "AutoencoderKL":
         widths = tuple(encoder_channels or (8, 16))
-        return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(widths),
-                             up_block_types=("UpDecoderBlock2D",) * len(widths), block_out_channels=widths,
-                             latent_channels=latent_channels, norm_num_groups=32 if min(widths) % 32 == 0 else 4,
-                             layers_per_block=1, scaling_factor=0.5, shift_factor=0.1)
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(widths),
+            up_block_types=("UpDecoderBlock2D",) * len(widths),
+            block_out_channels=widths,
+            latent_channels=latent_channels,
+            norm_num_groups=32 if min(widths) % 32 == 0 else 4,
+            layers_per_block=1,
+            scaling_factor=0.5,
+            shift_factor=0.1,
+        )
     encoder_channels = encoder_channels or (8, 16, 16)
-    return AutoencoderDC(in_channels=3, latent_channels=latent_channels, attention_head_dim=8,
-                         encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-                         decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-                         encoder_block_out_channels=encoder_channels, decoder_block_out_channels=(8, 16, 16),
-                         encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
-                         encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
-                         upsample_block_type="interpolate", downsample_block_type=downsample,
-                         decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41)
+    return AutoencoderDC(
+        in_channels=3,
+        latent_channels=latent_channels,
+        attention_head_dim=8,
+        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=encoder_channels,
+        decoder_block_out_channels=(8, 16, 16),
+        encoder_layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1),
+        encoder_qkv_multiscales=((), (), (5,)),
+        decoder_qkv_multiscales=((), (), (5,)),
+        upsample_block_type="interpolate",
+        downsample_block_type=downsample,
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41,
+    )
 
 
 # tiny transformer -> (VAE class, latent channels, that VAE's downsampling, prompt embedding shapes)
-FOLDERS = {"flux": ("flux", "AutoencoderKL", 4, 2, {"prompt_embeds": (1, 5, 24), "pooled": (1, 12)}),
-           "sd3": ("sd3", "AutoencoderKL", 4, 2, {"prompt_embeds": (1, 5, 24), "pooled": (1, 12)}),
-           "sd35": ("sd35", "AutoencoderKL", 4, 2, {"prompt_embeds": (1, 5, 24), "pooled": (1, 12)}),
-           "sana": ("sana", "AutoencoderDC", 4, 4, {"prompt_embeds": (1, 5, 24)})}
+FOLDERS = {
+    "flux": ("flux", "AutoencoderKL", 4, 2, {"prompt_embeds": (1, 5, 24), "pooled": (1, 12)}),
+    "sd3": ("sd3", "AutoencoderKL", 4, 2, {"prompt_embeds": (1, 5, 24), "pooled": (1, 12)}),
+    "sd35": ("sd35", "AutoencoderKL", 4, 2, {"prompt_embeds": (1, 5, 24), "pooled": (1, 12)}),
+    "sana": ("sana", "AutoencoderDC", 4, 4, {"prompt_embeds": (1, 5, 24)}),
+}
 
 
 def write_folder(root, name: str, max_shard_size: str | None = None, dtype=torch.float32):
@@ -83,5 +157,7 @@ def write_folder(root, name: str, max_shard_size: str | None = None, dtype=torch
     build(tiny).to(dtype).save_pretrained(root / "transformer", **kw)
     tiny_vae(vae_cls, channels).save_pretrained(root / "vae")
     g = torch.Generator().manual_seed(1)
-    save_file({k: torch.randn(*v, generator=g) for k, v in prompt.items()}, root / "prompt_embeds.safetensors")
+    save_file(
+        {k: torch.randn(*v, generator=g) for k, v in prompt.items()}, root / "prompt_embeds.safetensors"
+    )
     return root

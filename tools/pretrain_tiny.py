@@ -92,21 +92,39 @@ def sample_sigmas(gen: torch.Generator, n: int, kind: str, shift: float) -> torc
 def predict(model, x_t, sigma, text, img_ids):
     """Latents [B,C,h,w] at noise sigma [B] -> predicted velocity eps - x0, same shape."""
     b, _, h, w = x_t.shape
-    out = model(hidden_states=pixel_unshuffle_tokens(x_t, 2, channels_last=False),
-                encoder_hidden_states=text["prompt_embeds"], pooled_projections=text["pooled"], timestep=sigma,
-                img_ids=img_ids, txt_ids=img_ids.new_zeros(text["prompt_embeds"].shape[1], 3),
-                return_dict=False)[0]
+    out = model(
+        hidden_states=pixel_unshuffle_tokens(x_t, 2, channels_last=False),
+        encoder_hidden_states=text["prompt_embeds"],
+        pooled_projections=text["pooled"],
+        timestep=sigma,
+        img_ids=img_ids,
+        txt_ids=img_ids.new_zeros(text["prompt_embeds"].shape[1], 3),
+        return_dict=False,
+    )[0]
     return pixel_shuffle_tokens(out, h, w, 2, channels_last=False)
 
 
 @torch.no_grad()
-def sample(model, text_encoder, latent, captions: list[str], seeds: list[int], size: int = 64, steps: int = 25,
-           cfg: float = 2.0, shift: float = 1.0) -> torch.Tensor:
+def sample(
+    model,
+    text_encoder,
+    latent,
+    captions: list[str],
+    seeds: list[int],
+    size: int = 64,
+    steps: int = 25,
+    cfg: float = 2.0,
+    shift: float = 1.0,
+) -> torch.Tensor:
     """Euler flow-matching sampler (sigma 1 -> 0) with classifier-free guidance; images [B,3,S,S] in [-1,1]."""
     dev = next(model.parameters()).device
     lat = size // latent.factor
-    x = torch.stack([torch.randn(latent.latent_channels, lat, lat, generator=torch.Generator().manual_seed(s))
-                     for s in seeds]).to(dev)
+    x = torch.stack(
+        [
+            torch.randn(latent.latent_channels, lat, lat, generator=torch.Generator().manual_seed(s))
+            for s in seeds
+        ]
+    ).to(dev)
     cond = _to(text_encoder.encode(captions), dev)
     uncond = _to(text_encoder.encode([""] * len(captions)), dev)
     ids = positions(np.random.default_rng(0), lat // 2, 0.0).to(dev)
@@ -125,8 +143,9 @@ def _to(text: dict, dev) -> dict:
     return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in text.items()}
 
 
-def save_grid(images: torch.Tensor, captions: list[str], per_caption: int, path: Path, cols: int = 4,
-              zoom: int = 2) -> None:
+def save_grid(
+    images: torch.Tensor, captions: list[str], per_caption: int, path: Path, cols: int = 4, zoom: int = 2
+) -> None:
     """Samples grouped per caption (per_caption side by side), captions printed under each group."""
     from PIL import Image, ImageDraw
 
@@ -165,33 +184,66 @@ def lr_at(step: int, total: int, lr: float, warmup: int, final: float = 0.1) -> 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m tools.pretrain_tiny",
-        description="Pretrain the built-in tiny FLUX-architecture text-to-image model on bundled data (CPU).")
-    p.add_argument("--out", type=Path, default=Path("export/weights/tiny-flux.safetensors"),
-                   help="weights file; <stem>.loss.json and <stem>.samples.png are written beside it")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="time budget: the step count is set from the first steps' speed (default 45 without --steps)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (exact; overrides the --minutes estimate)")
+        description="Pretrain the built-in tiny FLUX-architecture text-to-image model on bundled data (CPU).",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("export/weights/tiny-flux.safetensors"),
+        help="weights file; <stem>.loss.json and <stem>.samples.png are written beside it",
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="time budget: the step count is set from the first steps' speed (default 45 without --steps)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps (exact; overrides the --minutes estimate)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=16,
-                   help="images per step (16 learned fastest per CPU minute in trials; 32 and 64 were slower)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=16,
+        help="images per step (16 learned fastest per CPU minute in trials; 32 and 64 were slower)",
+    )
     p.add_argument("--size", type=int, default=64, help="image side in px (multiple of 8)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (ramped up from 0 over the first steps)")
+    p.add_argument(
+        "--ema", type=float, default=0.999, help="EMA decay (ramped up from 0 over the first steps)"
+    )
     p.add_argument("--timesteps", choices=["logit-normal", "uniform"], default="logit-normal")
     p.add_argument("--shift", type=float, default=1.0, help="timestep shift (as the runtime's --shift)")
-    p.add_argument("--crop-positions", type=float, default=0.5,
-                   help="fraction of batches with the RoPE positions of a crop of a 2x frame")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: all cores; use 1 when other jobs share the cores: "
-                        "torch's threads stall badly when a core is busy)")
-    p.add_argument("--device", default="cpu",
-                   help="torch device for the model (the recorded runs use cpu; data and noise are always made on "
-                        "the CPU, so another device changes only the arithmetic)")
+    p.add_argument(
+        "--crop-positions",
+        type=float,
+        default=0.5,
+        help="fraction of batches with the RoPE positions of a crop of a 2x frame",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: all cores; use 1 when other jobs share the cores: "
+        "torch's threads stall badly when a core is busy)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device for the model (the recorded runs use cpu; data and noise are always made on "
+        "the CPU, so another device changes only the arithmetic)",
+    )
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--val-every", type=int, default=100)
-    p.add_argument("--sample-every", type=int, default=0, help="also write <stem>.samples-<step>.png every N steps (0: only the final grid)")
+    p.add_argument(
+        "--sample-every",
+        type=int,
+        default=0,
+        help="also write <stem>.samples-<step>.png every N steps (0: only the final grid)",
+    )
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale of the sample grid")
     return p.parse_args(argv)
@@ -219,13 +271,19 @@ def main(argv=None) -> int:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.99),
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stem = out.with_suffix("")
-    print(f"tiny DiT: {n_params / 1e6:.2f} M parameters, {args.size} px images ({tokens}x{tokens} tokens), "
-          f"batch {args.batch}, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"tiny DiT: {n_params / 1e6:.2f} M parameters, {args.size} px images ({tokens}x{tokens} tokens), "
+        f"batch {args.batch}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
 
     # fixed validation batch: fixed images, captions, sigmas and noise
     vx, vcaps = TinyCaptionData(args.size, VAL_SEED).batch(0, 64)
@@ -280,8 +338,13 @@ def main(argv=None) -> int:
         sigma = sample_sigmas(gen, args.batch, args.timesteps, args.shift).to(dev)
         x0 = x0.to(dev)
         s = sigma[:, None, None, None]
-        pred = predict(model, (1 - s) * x0 + s * eps, sigma, _to(text_encoder.encode(caps), dev),
-                       positions(rng, tokens, args.crop_positions).to(dev))
+        pred = predict(
+            model,
+            (1 - s) * x0 + s * eps,
+            sigma,
+            _to(text_encoder.encode(caps), dev),
+            positions(rng, tokens, args.crop_positions).to(dev),
+        )
         loss = ((pred - (eps - x0)) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -300,8 +363,11 @@ def main(argv=None) -> int:
             curve["train_loss"].append(float(np.mean(window)))
             curve["lr"].append(lr)
             curve["elapsed_s"].append(round(el, 1))
-            print(f"step {step}/{total or '?'}  loss {np.mean(window):.4f}  lr {lr:.2e}  "
-                  f"{el / step:.2f} s/step  {el / 60:.1f} min", flush=True)
+            print(
+                f"step {step}/{total or '?'}  loss {np.mean(window):.4f}  lr {lr:.2e}  "
+                f"{el / step:.2f} s/step  {el / 60:.1f} min",
+                flush=True,
+            )
             window = []
         if step % args.val_every == 0 or step == total:
             vl = val_loss(model)
@@ -313,8 +379,10 @@ def main(argv=None) -> int:
 
     elapsed = time.time() - start
     final_val = val_loss(ema)
-    print(f"done: {step} steps in {elapsed / 60:.1f} min ({step / elapsed:.3f} steps/s); EMA val loss {final_val:.4f}",
-          flush=True)
+    print(
+        f"done: {step} steps in {elapsed / 60:.1f} min ({step / elapsed:.3f} steps/s); EMA val loss {final_val:.4f}",
+        flush=True,
+    )
     _write_samples(ema, text_encoder, latent, args, Path(f"{stem}.samples.png"))
 
     state = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
@@ -343,11 +411,18 @@ def main(argv=None) -> int:
     from safetensors.torch import save_file
 
     save_file(state, str(out), metadata=meta)
-    curve.update({k: v for k, v in meta.items() if k not in ("config", "text_encoder", "latent")},
-                 config=TINY_CONFIG, steps_per_s=step / elapsed, grid_captions=list(GRID_CAPTIONS))
+    curve.update(
+        {k: v for k, v in meta.items() if k not in ("config", "text_encoder", "latent")},
+        config=TINY_CONFIG,
+        steps_per_s=step / elapsed,
+        grid_captions=list(GRID_CAPTIONS),
+    )
     Path(f"{stem}.loss.json").write_text(json.dumps(curve, indent=1))
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {meta['dtype']}), {stem}.loss.json, "
-          f"{stem}.samples.png", flush=True)
+    print(
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {meta['dtype']}), {stem}.loss.json, "
+        f"{stem}.samples.png",
+        flush=True,
+    )
     return 0
 
 
@@ -373,8 +448,17 @@ def _write_samples(model, text_encoder, latent, args, path: Path) -> None:
     per = 2
     caps = [c for c in GRID_CAPTIONS for _ in range(per)]
     seeds = [1000 + i for i in range(len(caps))]
-    imgs = sample(model, text_encoder, latent, caps, seeds, size=args.size, steps=args.sample_steps, cfg=args.cfg,
-                  shift=args.shift)
+    imgs = sample(
+        model,
+        text_encoder,
+        latent,
+        caps,
+        seeds,
+        size=args.size,
+        steps=args.sample_steps,
+        cfg=args.cfg,
+        shift=args.shift,
+    )
     save_grid(imgs, list(GRID_CAPTIONS), per, path)
 
 

@@ -33,14 +33,28 @@ from blockskip.export.text_encoder import WordTextEncoder, words_of
 __all__ = ["GRID_CAPTIONS", "TinyCaptionData", "WordTextEncoder", "render_scene", "words_of"]
 
 COLOURS = {
-    "red": (220, 35, 35), "green": (40, 165, 60), "blue": (35, 70, 215), "yellow": (240, 215, 40),
-    "orange": (245, 135, 25), "purple": (125, 45, 170), "pink": (245, 125, 185), "white": (245, 245, 245),
-    "black": (15, 15, 15), "gray": (128, 128, 128), "brown": (115, 70, 35), "cyan": (40, 200, 215),
+    "red": (220, 35, 35),
+    "green": (40, 165, 60),
+    "blue": (35, 70, 215),
+    "yellow": (240, 215, 40),
+    "orange": (245, 135, 25),
+    "purple": (125, 45, 170),
+    "pink": (245, 125, 185),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+    "brown": (115, 70, 35),
+    "cyan": (40, 200, 215),
 }
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
 SIZES = {"small": (0.10, 0.15), "big": (0.30, 0.40), "": (0.12, 0.36)}  # radius / image side
-POSITIONS = {"on the left": (0.27, 0.5), "on the right": (0.73, 0.5), "at the top": (0.5, 0.27),
-             "at the bottom": (0.5, 0.73), "in the middle": (0.5, 0.5)}  # centre (x, y) / side
+POSITIONS = {
+    "on the left": (0.27, 0.5),
+    "on the right": (0.73, 0.5),
+    "at the top": (0.5, 0.27),
+    "at the bottom": (0.5, 0.73),
+    "in the middle": (0.5, 0.5),
+}  # centre (x, y) / side
 COUNTS = {2: "two", 3: "three", 4: "four"}
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -111,7 +125,9 @@ def _shape_polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[floa
     if kind == "diamond":
         return [(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)]
     if kind == "triangle":
-        return [(cx + r * np.cos(a), cy + 0.15 * r + r * np.sin(a)) for a in np.pi * (-0.5 + 2 / 3 * np.arange(3))]
+        return [
+            (cx + r * np.cos(a), cy + 0.15 * r + r * np.sin(a)) for a in np.pi * (-0.5 + 2 / 3 * np.arange(3))
+        ]
     if kind == "star":
         pts = []
         for i in range(10):
@@ -133,7 +149,11 @@ def _background(rng: np.random.Generator, big: int, avoid: set[str]) -> tuple[Im
     style = rng.choice(3, p=[0.6, 0.2, 0.2])
     c1 = str(rng.choice(names))
     if style == 0:
-        return Image.new("RGB", (big, big), _jitter(rng, COLOURS[c1])), f"{_article(c1)} {c1} background", {c1}
+        return (
+            Image.new("RGB", (big, big), _jitter(rng, COLOURS[c1])),
+            f"{_article(c1)} {c1} background",
+            {c1},
+        )
     c2 = str(rng.choice([c for c in names if c != c1]))
     a, b = np.array(_jitter(rng, COLOURS[c1]), float), np.array(_jitter(rng, COLOURS[c2]), float)
     coord = np.arange(big, dtype=float)
@@ -191,14 +211,18 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
         n = len(centres)
         for c in centres:
             _draw_shape(draw, shape, c[0] * big, c[1] * big, r * big, fill)
-        caption = (f"{COUNTS[n]} {colour} {shape}s on " if n > 1 else f"{_article(colour)} {colour} {shape} on ") + bg_desc
+        caption = (
+            f"{COUNTS[n]} {colour} {shape}s on " if n > 1 else f"{_article(colour)} {colour} {shape} on "
+        ) + bg_desc
     else:  # first named on the left, second on the right
         r = rng.uniform(0.13, 0.21)
         for k, (s, c) in enumerate(((shape, fill), (shape2, _jitter(rng, COLOURS[colour2])))):
             cx = (0.27 if k == 0 else 0.73) + rng.uniform(-0.04, 0.04)
             cy = rng.uniform(0.3, 0.7)
             _draw_shape(draw, s, cx * big, cy * big, r * big, c)
-        caption = f"{_article(colour)} {colour} {shape} and {_article(colour2)} {colour2} {shape2} on " + bg_desc
+        caption = (
+            f"{_article(colour)} {colour} {shape} and {_article(colour2)} {colour2} {shape2} on " + bg_desc
+        )
     img = bg.resize((size, size), Image.BOX)
     return np.asarray(img), caption
 

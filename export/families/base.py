@@ -37,8 +37,9 @@ class LoadedModel:
         if self.weights is not None:
             from blockskip.export.folder_weights import FolderStore
 
-            return FolderStore(self.family, self.weights,
-                               None if as_stored and self.dtype == torch.float32 else self.dtype)
+            return FolderStore(
+                self.family, self.weights, None if as_stored and self.dtype == torch.float32 else self.dtype
+            )
         from blockskip.export.graphs import ModelStore
 
         return ModelStore(self.family, self.transformer)
@@ -48,8 +49,13 @@ class LoadedModel:
         from blockskip.export.memory.dryrun import ModelSpec
 
         prompt = self.encode_prompt("shape probe")
-        return ModelSpec(self.family, self.encoder_spec, {k: tuple(v.shape) for k, v in prompt.items()},
-                         self.vae_factor, self.name)
+        return ModelSpec(
+            self.family,
+            self.encoder_spec,
+            {k: tuple(v.shape) for k, v in prompt.items()},
+            self.vae_factor,
+            self.name,
+        )
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -80,11 +86,15 @@ def lora_target_names(family: TorchFamily, trained: list[int], targets: list[str
             chosen = [t for t in chosen if t not in family.text_output_only(i)]
         names += [f"{paths[i]}.{t}" for t in chosen]
     if not names:
-        raise PlanError(f"no LoRA targets left in trained blocks {trained}; valid: {sorted(family.valid_targets())}")
+        raise PlanError(
+            f"no LoRA targets left in trained blocks {trained}; valid: {sorted(family.valid_targets())}"
+        )
     return names
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, stream: bool = False) -> LoadedModel:
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, stream: bool = False
+) -> LoadedModel:
     """``tiny`` (the pretrained built-in model), ``tiny-random`` (seeded random, for tests) or a local
     diffusers folder. ``stream``: a folder's transformer stays on disk (a meta skeleton; the export reads
     its tensors part by part, ``LoadedModel.store``); block selection and evaluation need it loaded."""
@@ -93,21 +103,39 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, str
 
         tr = tiny.load_pretrained_transformer(dtype)
         enc = tiny.build_pretrained_encoder()
-        return LoadedModel("tiny", get_family("flux", dict(tr.config)), tr, enc,
-                           {"class": "PatchDCTAutoencoder", "config": enc.config}, enc.factor,
-                           tiny.build_text_encoder())
+        return LoadedModel(
+            "tiny",
+            get_family("flux", dict(tr.config)),
+            tr,
+            enc,
+            {"class": "PatchDCTAutoencoder", "config": enc.config},
+            enc.factor,
+            tiny.build_text_encoder(),
+        )
     if spec == "tiny-random":
         from blockskip.export.tiny import TinyTextEncoder, build_tiny_encoder, build_tiny_transformer
 
         tr = build_tiny_transformer(seed, dtype)
         enc = build_tiny_encoder(seed)
-        return LoadedModel("tiny-random", get_family("flux", dict(tr.config)), tr, enc,
-                           {"class": "TinyAutoencoder", "config": enc.config}, enc.factor, TinyTextEncoder())
+        return LoadedModel(
+            "tiny-random",
+            get_family("flux", dict(tr.config)),
+            tr,
+            enc,
+            {"class": "TinyAutoencoder", "config": enc.config},
+            enc.factor,
+            TinyTextEncoder(),
+        )
     return _load_folder(Path(spec), dtype, stream)
 
 
-def wrap_model(transformer: torch.nn.Module, name: str = "in-memory", seed: int = 0, vae_factor: int | None = None,
-               text_tokens: int | None = None) -> LoadedModel:
+def wrap_model(
+    transformer: torch.nn.Module,
+    name: str = "in-memory",
+    seed: int = 0,
+    vae_factor: int | None = None,
+    text_tokens: int | None = None,
+) -> LoadedModel:
     """A LoadedModel for an in-memory diffusers transformer, with the tiny latent mapping and text encoder
     sized to it (tests and benchmarks)."""
     from blockskip.export.tiny import TinyTextEncoder
@@ -119,16 +147,26 @@ def wrap_model(transformer: torch.nn.Module, name: str = "in-memory", seed: int 
     factor = vae_factor or (4 if channels <= 48 else 8)
     enc = TinyAutoencoder(factor=factor, latent_channels=channels, seed=seed).eval()
     text_dim = cfg.get("joint_attention_dim") or cfg.get("caption_channels")
-    text = TinyTextEncoder(dim=text_dim, pooled_dim=cfg.get("pooled_projection_dim") or 1,
-                           **({"tokens": text_tokens} if text_tokens else {}))
+    text = TinyTextEncoder(
+        dim=text_dim,
+        pooled_dim=cfg.get("pooled_projection_dim") or 1,
+        **({"tokens": text_tokens} if text_tokens else {}),
+    )
     if family.name == "sana":
         base = text
 
         def text(prompt):  # SANA has no pooled embedding
             return {"prompt_embeds": base(prompt)["prompt_embeds"]}
 
-    return LoadedModel(name, family, transformer.eval(), enc, {"class": "TinyAutoencoder", "config": enc.config},
-                       factor, text)
+    return LoadedModel(
+        name,
+        family,
+        transformer.eval(),
+        enc,
+        {"class": "TinyAutoencoder", "config": enc.config},
+        factor,
+        text,
+    )
 
 
 def _load_folder(root: Path, dtype, stream: bool = False) -> LoadedModel:
@@ -163,8 +201,17 @@ def _load_folder(root: Path, dtype, stream: bool = False) -> LoadedModel:
     vae_key(vae_cls)  # refuse another class before loading it
     vae = _from_pretrained(getattr(diffusers, vae_cls), vae_dir, torch.float32)
     spec, factor = vae_spec(vae_cls, dict(vae.config))
-    return LoadedModel(root.name, family, tr, vae, spec, factor, _folder_prompt_encoder(root, fam_name, dtype),
-                       weights=weights, dtype=dtype)
+    return LoadedModel(
+        root.name,
+        family,
+        tr,
+        vae,
+        spec,
+        factor,
+        _folder_prompt_encoder(root, fam_name, dtype),
+        weights=weights,
+        dtype=dtype,
+    )
 
 
 #: the VAE classes a model folder may hold -> the config key whose length gives the encoder's downsampling
@@ -186,9 +233,15 @@ def vae_spec(cls_name: str, config: dict) -> tuple[dict, int]:
     key = vae_key(cls_name)
     channels = config.get(key)
     if not isinstance(channels, list | tuple) or not channels:
-        raise ModelError(f"the {cls_name} config has no {key} list; the model folder's vae/config.json is damaged")
-    spec = {"class": cls_name, "config": {k: v for k, v in config.items() if not k.startswith("_")},
-            "scaling_factor": config.get("scaling_factor", 1.0), "shift_factor": config.get("shift_factor")}
+        raise ModelError(
+            f"the {cls_name} config has no {key} list; the model folder's vae/config.json is damaged"
+        )
+    spec = {
+        "class": cls_name,
+        "config": {k: v for k, v in config.items() if not k.startswith("_")},
+        "scaling_factor": config.get("scaling_factor", 1.0),
+        "shift_factor": config.get("shift_factor"),
+    }
     return spec, 2 ** (len(channels) - 1)
 
 
@@ -206,8 +259,10 @@ def _from_pretrained(cls, folder: Path, dtype):
     from diffusers.utils import logging as dlogging
 
     if not any(folder.glob("*.safetensors")):
-        raise ModelError(f"no weights (*.safetensors) in {folder}; save the model with save_pretrained "
-                         "(safe_serialization) first")
+        raise ModelError(
+            f"no weights (*.safetensors) in {folder}; save the model with save_pretrained "
+            "(safe_serialization) first"
+        )
     level = dlogging.get_verbosity()
     dlogging.set_verbosity(dlogging.CRITICAL)  # our one-line error replaces diffusers' log lines
     try:
@@ -229,13 +284,17 @@ def _folder_prompt_encoder(root: Path, fam: str, dtype):
 
             return load_file(pre)
         if not (root / "text_encoder").is_dir():
-            raise ModelError(f"{str(root)!r} has no text_encoder/ and no prompt_embeds.safetensors to embed the prompt")
+            raise ModelError(
+                f"{str(root)!r} has no text_encoder/ and no prompt_embeds.safetensors to embed the prompt"
+            )
         import importlib
 
         import diffusers
 
         adapter = importlib.import_module(f"blockskip.export.families.{fam}")
-        pipe = getattr(diffusers, adapter.PIPELINE).from_pretrained(root, transformer=None, vae=None, torch_dtype=dtype)
+        pipe = getattr(diffusers, adapter.PIPELINE).from_pretrained(
+            root, transformer=None, vae=None, torch_dtype=dtype
+        )
         with torch.no_grad():
             return adapter.encode_prompt(pipe, prompt)
 

@@ -61,8 +61,12 @@ def op_cost(func, args, kwargs, out) -> tuple[str, int, int]:
     outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
     floats = [t for t in ins + outs if t.is_floating_point()]
     dtype = str((floats[0] if floats else (outs or ins or [torch.empty(())])[0]).dtype).removeprefix("torch.")
-    if getattr(func, "is_view", False) or func in (_aten.detach.default, _aten.alias.default,
-                                                   _aten._unsafe_view.default, _aten.lift_fresh.default):
+    if getattr(func, "is_view", False) or func in (
+        _aten.detach.default,
+        _aten.alias.default,
+        _aten._unsafe_view.default,
+        _aten.lift_fresh.default,
+    ):
         return dtype, 0, 0
     nbytes = sum(_numel(t) * t.element_size() for t in ins + outs)
     packet = func.overloadpacket
@@ -174,8 +178,10 @@ def calibrate(seconds_each: float = 1.0, log=lambda msg: None) -> dict:
         step()
     ops = sum(counter.cost.values())
     out["op_overhead_us"] = {"torch": round(1e6 / rate(step, ops), 2)}
-    log(f"  eager torch: {out['op_overhead_us']['torch']} us per op (a LoRA training step of a small "
-        f"FLUX transformer: {ops} ops)")
+    log(
+        f"  eager torch: {out['op_overhead_us']['torch']} us per op (a LoRA training step of a small "
+        f"FLUX transformer: {ops} ops)"
+    )
     return out
 
 
@@ -187,10 +193,20 @@ def _tiny_training_step():
     from blockskip.runtime.backends.torch_lora import inject_lora, lora_parameters
 
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
-                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                   pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "transformer_blocks" in n]
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=8,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+        axes_dims_rope=(2, 2, 4),
+    )
+    names = [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "transformer_blocks" in n
+    ]
     inject_lora(model, {"rank": 4, "alpha": 4.0, "targets": names})
     params = lora_parameters(model)
     hidden, text = torch.randn(1, 16, 8), torch.randn(1, 4, 16)
@@ -198,8 +214,15 @@ def _tiny_training_step():
     txt_ids = torch.zeros(4, 3)
 
     def step():
-        out = model(hidden_states=hidden, encoder_hidden_states=text, pooled_projections=torch.zeros(1, 8),
-                    timestep=torch.ones(1), img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+        out = model(
+            hidden_states=hidden,
+            encoder_hidden_states=text,
+            pooled_projections=torch.zeros(1, 8),
+            timestep=torch.ones(1),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            return_dict=False,
+        )[0]
         out.square().mean().backward()
         for p in params:
             p.grad = None

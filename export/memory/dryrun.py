@@ -36,9 +36,14 @@ GIB = 1024**3
 # Hidden workspace of quanto's quantised linears, bytes per weight element (largest weights measured by
 # `python -m bench.quant_workspace`): the kernels unpack / dequantise a weight inside one op, out of
 # the dispatcher's sight. The dry run adds it once, for the largest quantised weight of the span.
-QUANT_WORKSPACE = {("float32", "int8"): 7.74, ("float32", "nf4"): 4.92,
-                   ("bfloat16", "int8"): 3.91, ("bfloat16", "nf4"): 5.44,
-                   ("float16", "int8"): 3.91, ("float16", "nf4"): 5.44}
+QUANT_WORKSPACE = {
+    ("float32", "int8"): 7.74,
+    ("float32", "nf4"): 4.92,
+    ("bfloat16", "int8"): 3.91,
+    ("bfloat16", "nf4"): 5.44,
+    ("float16", "int8"): 3.91,
+    ("float16", "nf4"): 5.44,
+}
 
 
 @dataclass
@@ -83,7 +88,9 @@ def timing(reports: list[PhaseReport], profile, fmt: str) -> dict[str, float]:
     out = {}
     for r in reports:
         for unit, (cost, read) in r.cost.items():
-            out[f"{r.phase}_per_{unit}"] = seconds(cost, profile, engine, runtime) + read_seconds(read, profile)
+            out[f"{r.phase}_per_{unit}"] = seconds(cost, profile, engine, runtime) + read_seconds(
+                read, profile
+            )
     return out
 
 
@@ -91,8 +98,12 @@ def total_seconds(times: dict[str, float], plan: Plan, photos: int) -> float:
     """The whole run: ``photos`` photos encoded, K samples precomputed, the plan's steps, a checkpoint
     every ``checkpoint_every`` steps and the LoRA at the end."""
     saves = plan.steps // max(1, plan.checkpoint_every) + 1
-    return (photos * times.get("precompute_per_photo", 0.0) + plan.num_samples * times.get("precompute_per_sample", 0.0)
-            + plan.steps * times.get("train_per_step", 0.0) + saves * times.get("save_per_checkpoint", 0.0))
+    return (
+        photos * times.get("precompute_per_photo", 0.0)
+        + plan.num_samples * times.get("precompute_per_sample", 0.0)
+        + plan.steps * times.get("train_per_step", 0.0)
+        + saves * times.get("save_per_checkpoint", 0.0)
+    )
 
 
 @dataclass
@@ -138,7 +149,9 @@ def _rebinding_apply():
 def _overheads(profile, tensor_peak: int) -> int:
     if profile is None:
         return 0
-    return int(getattr(profile, "fixed_overhead_bytes", 0) + getattr(profile, "allocator_slack", 0.0) * tensor_peak)
+    return int(
+        getattr(profile, "fixed_overhead_bytes", 0) + getattr(profile, "allocator_slack", 0.0) * tensor_peak
+    )
 
 
 def _report_from(name, peak: int, by_cat: dict, profile, extra=None) -> PhaseReport:
@@ -182,22 +195,44 @@ class PrecomputeTrace(NamedTuple):
     chunk: int = 1
 
 
-def trace_precompute(spec: ModelSpec, plan: Plan, trained: list[int], profile=None, num_images: int = 4,
-                     memo: dict | None = None) -> PrecomputeTrace:
+def trace_precompute(
+    spec: ModelSpec,
+    plan: Plan,
+    trained: list[int],
+    profile=None,
+    num_images: int = 4,
+    memo: dict | None = None,
+) -> PrecomputeTrace:
     """The torch backend's precompute, traced: photos in memory, the encoder, then one frozen block at a
     time for a chunk of samples. It does not depend on LoRA, quantisation or checkpointing: a search
     traces it once per split (``memo``). Call it inside a ``FakeTensorMode``."""
     fam = spec.family
     dtype = DTYPES[plan.dtype]
     chunk = plan.precompute_chunk or plan.num_samples
-    key = (tuple(trained), plan.s_min, plan.s_max, chunk, plan.dtype, num_images, plan.positions,
-           plan.vae_tiling, _round_to(profile))
+    key = (
+        tuple(trained),
+        plan.s_min,
+        plan.s_max,
+        chunk,
+        plan.dtype,
+        num_images,
+        plan.positions,
+        plan.vae_tiling,
+        _round_to(profile),
+    )
     hit = memo.get(key) if memo is not None else None
     if hit is not None:
         return hit
-    schedule = PatchSchedule.build(num_images=num_images, num_samples=plan.num_samples, s_min=plan.s_min,
-                                   s_max=plan.s_max, granularity=spec.granularity, seed=plan.seed,
-                                   patch_sampling=plan.patch_sampling, shift=plan.timestep_shift)
+    schedule = PatchSchedule.build(
+        num_images=num_images,
+        num_samples=plan.num_samples,
+        s_min=plan.s_min,
+        s_max=plan.s_max,
+        granularity=spec.granularity,
+        seed=plan.seed,
+        patch_sampling=plan.patch_sampling,
+        shift=plan.timestep_shift,
+    )
     tr = MemoryTracer(_round_to(profile))
     tr.cost = Counter()
     with tr:
@@ -209,14 +244,25 @@ def trace_precompute(spec: ModelSpec, plan: Plan, trained: list[int], profile=No
         enc_cost, tr.cost = tr.cost, Counter()
         tr.reset_peak()
         text = prompt_text(store, dtype)
-        entries = compute_entries(store, latents, text, schedule.entries[:chunk], plan, spec.vae_factor, trained)
+        entries = compute_entries(
+            store, latents, text, schedule.entries[:chunk], plan, spec.vae_factor, trained
+        )
         entry_shapes = {k: (tuple(v.shape), v.dtype) for k, v in entries[0].items()}
         entry_bytes = sum(v.numel() * v.element_size() for v in entries[0].values())
         del entries, latents, text, images
     blocks = (int(tr.peak), dict(tr.peak_by_cat))
     top = max(enc, blocks, key=lambda x: x[0])
-    out = PrecomputeTrace(top[0], top[1], entry_shapes, entry_bytes, *enc, *blocks, enc_cost, tr.cost,
-                          min(chunk, len(schedule.entries)))
+    out = PrecomputeTrace(
+        top[0],
+        top[1],
+        entry_shapes,
+        entry_bytes,
+        *enc,
+        *blocks,
+        enc_cost,
+        tr.cost,
+        min(chunk, len(schedule.entries)),
+    )
     if memo is not None:
         memo[key] = out
     return out
@@ -235,8 +281,9 @@ class TrainTrace(NamedTuple):
     step_cost: Counter  # the ops of one optimizer step (``cost.op_cost``)
 
 
-def _trace_train(spec: ModelSpec, plan: Plan, trained: list[int], lora: dict, entry_shapes: dict, profile,
-                 train_steps: int) -> TrainTrace:
+def _trace_train(
+    spec: ModelSpec, plan: Plan, trained: list[int], lora: dict, entry_shapes: dict, profile, train_steps: int
+) -> TrainTrace:
     """The torch backend's resident span over ``trained`` (any subset of the plan's, in order), traced:
     its weights, LoRA and AdamW, ``train_steps`` steady-state steps, then saving. The run is cut into
     segments, each with its peak: (step, "load", i) loading (and quantising) block i, (step, "fwd", i)
@@ -285,8 +332,14 @@ def _trace_train(spec: ModelSpec, plan: Plan, trained: list[int], lora: dict, en
             store.load_block, store.load_part = seg_load, seg_part
             # quantised base weights (base_quant) are made by ops, not loads: count them as trained_base
             with _rebinding_apply(), tr.category("trained_base"):
-                span = TrainedSpan(store, trained, lora, plan.seed, base_quant=plan.base_quant,
-                                   checkpointing=plan.checkpointing)
+                span = TrainedSpan(
+                    store,
+                    trained,
+                    lora,
+                    plan.seed,
+                    base_quant=plan.base_quant,
+                    checkpointing=plan.checkpointing,
+                )
             for p in span.params:
                 tr.retag(p, "lora")
                 p.register_post_accumulate_grad_hook(lambda q: tr.retag(q.grad, "gradients"))
@@ -348,8 +401,12 @@ def _block_signature(fam, skeleton, i: int) -> tuple:
     from blockskip.runtime.backends.torch_stream import layout
 
     module = skeleton.get_submodule(fam.block_paths()[i])
-    return (type(module).__name__, tuple(layout(module, "float32").items()), tuple(fam.lora_targets(i)),
-            tuple(fam.text_output_only(i)))
+    return (
+        type(module).__name__,
+        tuple(layout(module, "float32").items()),
+        tuple(fam.lora_targets(i)),
+        tuple(fam.text_output_only(i)),
+    )
 
 
 def train_groups(fam, trained: list[int], skeleton=None) -> list[list[int]] | None:
@@ -375,7 +432,7 @@ def _roles(groups: list[list[int]], counts: list[int]) -> dict[int, list[tuple]]
     (group, "second"), (group, "last")."""
     roles: dict[int, list[tuple]] = {}
     for j, g in enumerate(groups):
-        run = g[:counts[j]]
+        run = g[: counts[j]]
         for name, i in (("first", run[0]), ("second", run[min(1, len(run) - 1)]), ("last", run[-1])):
             roles.setdefault(i, []).append((j, name))
     return roles
@@ -393,8 +450,17 @@ def _role_segments(segments: dict, roles: dict[int, list[tuple]]) -> dict:
     return out
 
 
-def compose_train(spec: ModelSpec, plan: Plan, trained: list[int], lora: dict, entry_shapes: dict, profile,
-                  train_steps: int, memo: dict | None = None, skeleton=None) -> TrainTrace:
+def compose_train(
+    spec: ModelSpec,
+    plan: Plan,
+    trained: list[int],
+    lora: dict,
+    entry_shapes: dict,
+    profile,
+    train_steps: int,
+    memo: dict | None = None,
+    skeleton=None,
+) -> TrainTrace:
     """The training trace of the whole span, composed from short ones. The span's blocks come in a few
     shapes (FLUX.1-dev: 19 double and 38 single blocks); a block's tensors, saved activations, LoRA,
     gradients and AdamW state do not depend on where it sits, so the bytes live at any point of the run
@@ -413,14 +479,25 @@ def compose_train(spec: ModelSpec, plan: Plan, trained: list[int], lora: dict, e
 
     def sub(extra: int | None) -> tuple[list[int], list[int]]:
         c = [n + (1 if j == extra else 0) for j, n in enumerate(counts)]
-        return [i for j, g in enumerate(groups) for i in g[:c[j]]], c
+        return [i for j, g in enumerate(groups) for i in g[: c[j]]], c
 
     def traced(extra: int | None) -> tuple[TrainTrace, dict]:
         blocks, c = sub(extra)
-        key = ("train", tuple(blocks), repr(dataclasses.replace(plan, front_skip=0, back_skip=0)),
-               tuple(sorted(entry_shapes.items(), key=str)), _round_to(profile), train_steps, lora["rank"],
-               lora.get("alpha"), tuple(t for t in lora["targets"] if t.startswith(
-                   tuple(spec.family.block_paths()[i] + "." for i in blocks))))
+        key = (
+            "train",
+            tuple(blocks),
+            repr(dataclasses.replace(plan, front_skip=0, back_skip=0)),
+            tuple(sorted(entry_shapes.items(), key=str)),
+            _round_to(profile),
+            train_steps,
+            lora["rank"],
+            lora.get("alpha"),
+            tuple(
+                t
+                for t in lora["targets"]
+                if t.startswith(tuple(spec.family.block_paths()[i] + "." for i in blocks))
+            ),
+        )
         hit = memo.get(key) if memo is not None else None
         if hit is None:
             hit = _trace_train(spec, plan, blocks, lora, entry_shapes, profile, train_steps)
@@ -457,9 +534,17 @@ def compose_train(spec: ModelSpec, plan: Plan, trained: list[int], lora: dict, e
     return TrainTrace(peak, by_cat, step_peaks, save_peak, save_by_cat, segs, cost)
 
 
-def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: int = 4,
-            train_steps: int = 1, precompute_memo: dict | None = None, compose: bool = True,
-            skeleton=None) -> list[PhaseReport]:
+def dry_run(
+    spec: ModelSpec,
+    plan: Plan,
+    lora: dict,
+    profile=None,
+    num_images: int = 4,
+    train_steps: int = 1,
+    precompute_memo: dict | None = None,
+    compose: bool = True,
+    skeleton=None,
+) -> list[PhaseReport]:
     """Predict the peak memory of precompute, a training step and saving for ``plan``. ``compose``: the
     training trace composed from short spans (``compose_train``), else the whole span traced."""
     fam = spec.family
@@ -470,22 +555,44 @@ def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: i
         # 1. precompute
         pre = trace_precompute(spec, plan, trained, profile, num_images, precompute_memo)
         peak, by_cat, entry_shapes, entry_bytes = pre.peak, pre.by_cat, pre.entry_shapes, pre.entry_bytes
-        reports.append(_report_from("precompute", peak, by_cat, profile,
-                                    {"chunk": chunk, "cache_entry_bytes": entry_bytes,
-                                     "cache_storage_bytes": entry_bytes * plan.num_samples}))
-        reports[-1].cost = precompute_cost(spec, plan, trained, pre, num_images, entry_bytes, plan.storage_dtype)
+        reports.append(
+            _report_from(
+                "precompute",
+                peak,
+                by_cat,
+                profile,
+                {
+                    "chunk": chunk,
+                    "cache_entry_bytes": entry_bytes,
+                    "cache_storage_bytes": entry_bytes * plan.num_samples,
+                },
+            )
+        )
+        reports[-1].cost = precompute_cost(
+            spec, plan, trained, pre, num_images, entry_bytes, plan.storage_dtype
+        )
         # 2. training: trained span + head + LoRA + AdamW; step 2 has optimizer state
-        tt = (compose_train(spec, plan, trained, lora, entry_shapes, profile, train_steps, precompute_memo,
-                            skeleton) if compose
-              else _trace_train(spec, plan, trained, lora, entry_shapes, profile, train_steps))
+        tt = (
+            compose_train(
+                spec, plan, trained, lora, entry_shapes, profile, train_steps, precompute_memo, skeleton
+            )
+            if compose
+            else _trace_train(spec, plan, trained, lora, entry_shapes, profile, train_steps)
+        )
         peak, by_cat = tt.peak, dict(tt.by_cat)
         ws = _quant_workspace(skeleton if skeleton is not None else fam.skeleton(), fam, trained, plan)
         if ws:
             peak += ws
             by_cat["activations"] = by_cat.get("activations", 0) + ws
-        reports.append(_report_from("train", peak, by_cat, profile, {"step_peaks": tt.step_peaks,
-                                                                      "quant_workspace": ws,
-                                                                      "trained_blocks": len(trained)}))
+        reports.append(
+            _report_from(
+                "train",
+                peak,
+                by_cat,
+                profile,
+                {"step_peaks": tt.step_peaks, "quant_workspace": ws, "trained_blocks": len(trained)},
+            )
+        )
         # the step's ops; each micro-step reads a cache entry
         reports[-1].cost = {"step": (tt.step_cost, entry_bytes * plan.grad_accum)}
         # 3. saving: LoRA copy + checkpoint copies while the model and optimizer stay resident
@@ -497,8 +604,15 @@ def dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, num_images: i
     return reports
 
 
-def precompute_cost(spec: ModelSpec, plan: Plan, trained: list[int], pre: PrecomputeTrace, num_images: int,
-                    entry_bytes: int, storage: str) -> dict:
+def precompute_cost(
+    spec: ModelSpec,
+    plan: Plan,
+    trained: list[int],
+    pre: PrecomputeTrace,
+    num_images: int,
+    entry_bytes: int,
+    storage: str,
+) -> dict:
     """Precompute's ops and storage reads per photo (the encoder) and per sample (a chunk's prompt, embed
     and frozen blocks shared by its samples; each pass over the frozen blocks reads them from the bundle
     in ``storage`` layout; each sample's entry is written)."""
@@ -512,5 +626,7 @@ def precompute_cost(spec: ModelSpec, plan: Plan, trained: list[int], pre: Precom
     stop = blocks_to_run(trained, fam.num_blocks, plan.back_residual)
     frozen = sum(_nbytes(ts.block_specs(fam, skeleton, i, storage)) for i in range(stop))
     chunk = max(1, pre.chunk)
-    return {"photo": (scaled(pre.encoder_cost or {}, 1 / num_images), 0),
-            "sample": (scaled(pre.blocks_cost or {}, 1 / chunk), frozen / chunk + entry_bytes)}
+    return {
+        "photo": (scaled(pre.encoder_cost or {}, 1 / num_images), 0),
+        "sample": (scaled(pre.blocks_cost or {}, 1 / chunk), frozen / chunk + entry_bytes),
+    }

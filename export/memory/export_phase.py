@@ -111,13 +111,17 @@ def _block_bytes(fam, sk: nn.Module, i: int, storage: str, weights_dtype: torch.
     any other tensor of a float32 folder (``torch_stream.store_tensors``); those count once, as stored."""
     path = fam.block_paths()[i]
     block = sk.get_submodule(path)
-    weights = {f"{n}.weight" if n else "weight" for n, mod in block.named_modules()
-               if isinstance(mod, nn.Linear | nn.Conv2d)}
+    weights = {
+        f"{n}.weight" if n else "weight"
+        for n, mod in block.named_modules()
+        if isinstance(mod, nn.Linear | nn.Conv2d)
+    }
     kept_weights = ts.FLOAT_STORAGE.get(storage) == weights_dtype
     read = 0
     for n, t in list(block.named_parameters()) + list(block.named_buffers()):
-        if (n in weights and kept_weights) or (n not in weights and (weights_dtype == torch.float32
-                                                                     or not t.is_floating_point())):
+        if (n in weights and kept_weights) or (
+            n not in weights and (weights_dtype == torch.float32 or not t.is_floating_point())
+        ):
             continue
         read += _tensor_bytes(block, [n], weights_dtype)
     return read, _nbytes(ts.block_specs(fam, sk, i, storage))
@@ -143,9 +147,16 @@ def not_modelled(plan: Plan, formats) -> str | None:
     return None
 
 
-def export_dry_run(spec: ModelSpec, plan: Plan, formats=("torch",), weights_dtype: torch.dtype = torch.bfloat16,
-                   lora_targets: list[str] | None = None, skeleton=None, libraries: int | None = None,
-                   delegate: str = "none") -> ExportReport:
+def export_dry_run(
+    spec: ModelSpec,
+    plan: Plan,
+    formats=("torch",),
+    weights_dtype: torch.dtype = torch.bfloat16,
+    lora_targets: list[str] | None = None,
+    skeleton=None,
+    libraries: int | None = None,
+    delegate: str = "none",
+) -> ExportReport:
     """Predict the whole-process peak of exporting ``plan``'s bundle in ``formats`` from a model folder whose
     transformer shards hold ``weights_dtype``. ``libraries``: the process's RSS before the export (measured
     by the export itself; else ``LIBRARIES_BYTES``)."""
@@ -161,8 +172,10 @@ def export_dry_run(spec: ModelSpec, plan: Plan, formats=("torch",), weights_dtyp
     trained = plan.validate(fam.num_blocks, spec.granularity, fam.valid_targets())
     storage = plan.storage_dtype
     stop = blocks_to_run(trained, fam.num_blocks, plan.back_residual)
-    read, stored = max((_block_bytes(fam, sk, i, storage, weights_dtype)
-                        for i in sorted(set(range(stop)) | set(trained))), key=sum)
+    read, stored = max(
+        (_block_bytes(fam, sk, i, storage, weights_dtype) for i in sorted(set(range(stop)) | set(trained))),
+        key=sum,
+    )
     blocks = read + stored + (QUANTISE_BYTES if storage in ("int8", "int4") else 0)
     targets = lora_targets or lora_target_names(fam, trained, plan.lora_targets)
     dtype = DTYPES[plan.dtype]
@@ -175,13 +188,21 @@ def export_dry_run(spec: ModelSpec, plan: Plan, formats=("torch",), weights_dtyp
     kept = sum(parts.values())
     embed_names = tensor_names(sk, fam.embed_prefixes)
     # reading an embed tensor in another dtype than stored holds both copies for a moment
-    convert = max((_tensor_bytes(sk, [n], weights_dtype) for n in embed_names), default=0) if weights_dtype != dtype else 0
+    convert = (
+        max((_tensor_bytes(sk, [n], weights_dtype) for n in embed_names), default=0)
+        if weights_dtype != dtype
+        else 0
+    )
     stages = {"blocks": blocks, "embed": parts["embed"] + convert, "kept": kept}
     if any(f in PROGRAM_FORMATS for f in formats):
-        stages.update(programs=kept + LOWERING_BYTES,
-                      encoder=kept + ENCODER_COPIES[delegate] * parts["encoder"]
-                      + LOWERING_RESIDUE_BYTES * stream_program_count(fam, trained, targets, stop, plan))
+        stages.update(
+            programs=kept + LOWERING_BYTES,
+            encoder=kept
+            + ENCODER_COPIES[delegate] * parts["encoder"]
+            + LOWERING_RESIDUE_BYTES * stream_program_count(fam, trained, targets, stop, plan),
+        )
     base = LIBRARIES_BYTES if libraries is None else int(libraries)
     stages = {k: base + v for k, v in stages.items()}
-    return ExportReport(max(stages.values()), stages, {"libraries": base, "block_read": read,
-                                                       "block_stored": stored, **parts})
+    return ExportReport(
+        max(stages.values()), stages, {"libraries": base, "block_read": read, "block_stored": stored, **parts}
+    )

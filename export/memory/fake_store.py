@@ -38,10 +38,17 @@ class FakeStore(PartsStore):
 
     def __init__(self, family: TorchFamily, encoder_spec: dict, prompt_shapes: dict, dtype, tracer=None):
         super().__init__(family)
-        self.encoder_spec, self.prompt_shapes, self.dtype, self.tracer = encoder_spec, prompt_shapes, dtype, tracer
+        self.encoder_spec, self.prompt_shapes, self.dtype, self.tracer = (
+            encoder_spec,
+            prompt_shapes,
+            dtype,
+            tracer,
+        )
         self.category = "frozen_weights"
-        self._shapes = {n: (t.shape, t.dtype) for n, t in
-                        list(self.model.named_parameters()) + list(self.model.named_buffers())}
+        self._shapes = {
+            n: (t.shape, t.dtype)
+            for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
+        }
 
     def _empty(self, shape, dtype):
         dt = self.dtype if dtype.is_floating_point else dtype
@@ -62,7 +69,9 @@ class FakeStore(PartsStore):
         tensors = {n: self._empty(shapes[n].shape, shapes[n].dtype) for n in names}
         self.dtype = old
         materialize(enc, tensors)
-        if self.tracer is not None:  # the torch backend maps the encoder file: a weight is resident from its use
+        if (
+            self.tracer is not None
+        ):  # the torch backend maps the encoder file: a weight is resident from its use
             for t in list(enc.parameters()) + list(enc.buffers()):
                 self.tracer.defer(t, self.category)
         return enc.eval(), self.encoder_spec

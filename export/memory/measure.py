@@ -68,9 +68,12 @@ def measure_train_step(bundle_dir, cache_dir, rss: bool = False) -> dict:
     step()
     gc.collect()
     state = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
-    live0 = _storage_bytes([p for p in span.model.parameters() if p.device.type != "meta"]
-                           + [b for b in span.model.buffers() if b.device.type != "meta"]
-                           + state + [t for e in entries for t in e.values()])
+    live0 = _storage_bytes(
+        [p for p in span.model.parameters() if p.device.type != "meta"]
+        + [b for b in span.model.buffers() if b.device.type != "meta"]
+        + state
+        + [t for e in entries for t in e.values()]
+    )
     out = {"live0": live0}
     if rss:
         with open("/proc/self/clear_refs", "w") as f:

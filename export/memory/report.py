@@ -5,8 +5,15 @@ from __future__ import annotations
 from blockskip.export.memory.dryrun import PhaseReport
 from blockskip.export.memory.tracer import CATEGORIES
 
-LABELS = {"frozen_weights": "frozen", "trained_base": "span base", "lora": "LoRA", "gradients": "grads",
-          "optimizer": "optim", "activations": "activ.", "cache": "cache buf"}
+LABELS = {
+    "frozen_weights": "frozen",
+    "trained_base": "span base",
+    "lora": "LoRA",
+    "gradients": "grads",
+    "optimizer": "optim",
+    "activations": "activ.",
+    "cache": "cache buf",
+}
 
 
 def _unit(reports: list[PhaseReport]) -> tuple[str, float]:

@@ -66,11 +66,15 @@ class Candidate:
     def describe(self) -> str:
         p = self.plan
         if p.span == "streamed":
-            return (f"skip n={p.front_skip} m={p.back_skip}, s_min={p.s_min}, rank={p.lora_rank}, streamed span, "
-                    f"{p.storage_dtype} weights" + (", VAE tiling" if p.vae_tiling else ""))
-        return (f"skip n={p.front_skip} m={p.back_skip}, s_min={p.s_min}, rank={p.lora_rank}, "
-                f"base={p.base_quant}, checkpointing={'on' if p.checkpointing else 'off'}"
-                + (", VAE tiling" if p.vae_tiling else ""))
+            return (
+                f"skip n={p.front_skip} m={p.back_skip}, s_min={p.s_min}, rank={p.lora_rank}, streamed span, "
+                f"{p.storage_dtype} weights" + (", VAE tiling" if p.vae_tiling else "")
+            )
+        return (
+            f"skip n={p.front_skip} m={p.back_skip}, s_min={p.s_min}, rank={p.lora_rank}, "
+            f"base={p.base_quant}, checkpointing={'on' if p.checkpointing else 'off'}"
+            + (", VAE tiling" if p.vae_tiling else "")
+        )
 
 
 @dataclass
@@ -81,21 +85,48 @@ class SearchResult:
     traced: list[Candidate] = field(default_factory=list)
 
 
-def evaluate(spec: ModelSpec, plan: Plan, profile, num_images: int = 4, memo: dict | None = None,
-             fmt: str = "torch", exact: bool = True, skeleton=None, delegate: str = "none") -> Candidate:
+def evaluate(
+    spec: ModelSpec,
+    plan: Plan,
+    profile,
+    num_images: int = 4,
+    memo: dict | None = None,
+    fmt: str = "torch",
+    exact: bool = True,
+    skeleton=None,
+    delegate: str = "none",
+) -> Candidate:
     """The dry run of ``plan`` run by ``fmt``'s backend (a streamed span: ``streamed.streamed_dry_run``;
     ``exact``: pte programs by their planned arenas)."""
     fam = spec.family
     trained = plan.validate(fam.num_blocks, spec.granularity, fam.valid_targets())
-    lora = {"rank": plan.lora_rank, "alpha": plan.alpha,
-            "targets": lora_target_names(fam, trained, plan.lora_targets)}
+    lora = {
+        "rank": plan.lora_rank,
+        "alpha": plan.alpha,
+        "targets": lora_target_names(fam, trained, plan.lora_targets),
+    }
     if plan.span == "streamed":
         from blockskip.export.memory.streamed import streamed_dry_run
 
-        return Candidate(plan, streamed_dry_run(spec, plan, lora, profile, fmt, num_images=num_images, exact=exact,
-                                                precompute_memo=memo, skeleton=skeleton, delegate=delegate))
-    return Candidate(plan, dry_run(spec, plan, lora, profile, num_images=num_images, precompute_memo=memo,
-                                   skeleton=skeleton))
+        return Candidate(
+            plan,
+            streamed_dry_run(
+                spec,
+                plan,
+                lora,
+                profile,
+                fmt,
+                num_images=num_images,
+                exact=exact,
+                precompute_memo=memo,
+                skeleton=skeleton,
+                delegate=delegate,
+            ),
+        )
+    return Candidate(
+        plan,
+        dry_run(spec, plan, lora, profile, num_images=num_images, precompute_memo=memo, skeleton=skeleton),
+    )
 
 
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.5}  # bytes per Linear weight element, scales left out (a lower bound)
@@ -119,9 +150,14 @@ def weights_lower_bound(spec: ModelSpec, plan: Plan, skeleton=None) -> int:
             continue
         for sub in mod.modules():
             for name, p in sub.named_parameters(recurse=False):
-                q = QUANT_BYTES.get(plan.base_quant) if isinstance(sub, nn.Linear) and name == "weight" else None
-                total += p.numel() * (q if q is not None and not prefix.startswith(("norm_out", "proj_out"))
-                                      else esize)
+                q = (
+                    QUANT_BYTES.get(plan.base_quant)
+                    if isinstance(sub, nn.Linear) and name == "weight"
+                    else None
+                )
+                total += p.numel() * (
+                    q if q is not None and not prefix.startswith(("norm_out", "proj_out")) else esize
+                )
     return int(total)
 
 
@@ -133,11 +169,26 @@ STORAGES = ("bfloat16", "int8", "int4")  # a streamed span's frozen weights, mos
 STREAMED_RATIOS = (0.5, 0.6, 0.7, 0.8)
 
 
-def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, ranks=(16, 4), quants=QUANTS,
-           checkpointing=(False, True), split_table: dict | None = None, fmt: str = "torch",
-           spans=("resident", "streamed"), storages=STORAGES, streamed_ratios=STREAMED_RATIOS,
-           log=lambda msg: None, delegate: str = "none", max_seconds: float | None = None,
-           photos: int = 4) -> SearchResult:
+def search(
+    spec: ModelSpec,
+    base: Plan,
+    profile,
+    *,
+    ratios=RATIOS,
+    s_mins=None,
+    ranks=(16, 4),
+    quants=QUANTS,
+    checkpointing=(False, True),
+    split_table: dict | None = None,
+    fmt: str = "torch",
+    spans=("resident", "streamed"),
+    storages=STORAGES,
+    streamed_ratios=STREAMED_RATIOS,
+    log=lambda msg: None,
+    delegate: str = "none",
+    max_seconds: float | None = None,
+    photos: int = 4,
+) -> SearchResult:
     """The most capable plan ``fmt``'s backend can run inside the profile's budget: a resident span first
     (torch: any frozen base and checkpointing; pte/onnx: float32, unquantised) at splits that skip no more
     than the streamed span's first split, else a block-streamed span. ``max_seconds``: a plan fits only
@@ -170,7 +221,10 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
         if max_seconds is not None:
             from blockskip.export.memory.dryrun import timing, total_seconds
 
-            c.seconds, c.max_seconds = total_seconds(timing(c.reports, profile, fmt), c.plan, photos), max_seconds
+            c.seconds, c.max_seconds = (
+                total_seconds(timing(c.reports, profile, fmt), c.plan, photos),
+                max_seconds,
+            )
         return c
 
     def memory_fits(c: Candidate) -> bool:
@@ -181,8 +235,17 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
         (precompute only; training is unchanged)."""
         c = timed(evaluate(spec, plan, profile, memo=memo, fmt=fmt, delegate=delegate, **ev))
         if not memory_fits(c) and c.worst().phase == "precompute" and not plan.vae_tiling and can_tile:
-            c = timed(evaluate(spec, dataclasses.replace(plan, vae_tiling=True), profile, memo=memo, fmt=fmt,
-                               delegate=delegate, **ev))
+            c = timed(
+                evaluate(
+                    spec,
+                    dataclasses.replace(plan, vae_tiling=True),
+                    profile,
+                    memo=memo,
+                    fmt=fmt,
+                    delegate=delegate,
+                    **ev,
+                )
+            )
         result.traced.append(c)
         when = "" if c.seconds is None else f", {c.seconds / 60:.1f} min"
         log(f"  {'fits ' if c.fits else 'over '} {c.peak / 2**30:7.2f} GiB{when}  {c.describe()}")
@@ -191,11 +254,26 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
     def exact(plan: Plan) -> Candidate:
         """The plan with its programs' planned arenas (the photo encoder's too), tiled if that is what
         the encoder program needs."""
-        c = timed(evaluate(spec, plan, profile, memo=memo, fmt=fmt, exact=True, skeleton=skeleton, delegate=delegate))
+        c = timed(
+            evaluate(
+                spec, plan, profile, memo=memo, fmt=fmt, exact=True, skeleton=skeleton, delegate=delegate
+            )
+        )
         if not memory_fits(c) and c.worst().phase == "precompute" and not plan.vae_tiling and can_tile:
-            c = timed(evaluate(spec, dataclasses.replace(plan, vae_tiling=True), profile, memo=memo, fmt=fmt,
-                               exact=True, skeleton=skeleton, delegate=delegate))
+            c = timed(
+                evaluate(
+                    spec,
+                    dataclasses.replace(plan, vae_tiling=True),
+                    profile,
+                    memo=memo,
+                    fmt=fmt,
+                    exact=True,
+                    skeleton=skeleton,
+                    delegate=delegate,
+                )
+            )
         return c
+
     skeleton = spec.family.skeleton()
     fixed = getattr(profile, "fixed_overhead_bytes", 0)
 
@@ -207,20 +285,37 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
         plan = dataclasses.replace(base, trained=None, **kw)
         lb = weights_lower_bound(spec, plan, skeleton)
         if lb + fixed > profile.budget_bytes:  # the weights alone do not fit: no need to trace
-            rep = PhaseReport("train", {"trained_base": lb}, lb, fixed, lb + fixed, profile.budget_bytes,
-                              {"lower_bound": True})
+            rep = PhaseReport(
+                "train",
+                {"trained_base": lb},
+                lb,
+                fixed,
+                lb + fixed,
+                profile.budget_bytes,
+                {"lower_bound": True},
+            )
             c = Candidate(plan, [rep])
             key = (plan.front_skip, plan.back_skip, plan.s_min, plan.base_quant)
             if key not in pruned:  # one line per split and base: rank and checkpointing do not change it
                 pruned.add(key)
-                log(f"  over  >{c.peak / 2**30:7.2f} GiB  skip n={plan.front_skip} m={plan.back_skip}, "
-                    f"s_min={plan.s_min}, base={plan.base_quant}: the weights alone do not fit")
+                log(
+                    f"  over  >{c.peak / 2**30:7.2f} GiB  skip n={plan.front_skip} m={plan.back_skip}, "
+                    f"s_min={plan.s_min}, base={plan.base_quant}: the weights alone do not fit"
+                )
             return c
         return traced(plan, skeleton=skeleton)
 
     def trace_streamed(**kw) -> Candidate:
-        plan = dataclasses.replace(base, trained=None, span="streamed", dtype="float32", base_quant="none",
-                                   checkpointing=False, optimizer="adamw", **kw)
+        plan = dataclasses.replace(
+            base,
+            trained=None,
+            span="streamed",
+            dtype="float32",
+            base_quant="none",
+            checkpointing=False,
+            optimizer="adamw",
+            **kw,
+        )
         return traced(plan, exact=False, skeleton=skeleton)
 
     if "resident" in spans:
@@ -234,8 +329,14 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
             res_ratios = [r for r in ratios if r <= min(streamed_ratios)]
         for (n, m), _ratio in split_pairs(res_ratios):
             for s_min in s_mins:
-                cheapest = trace(front_skip=n, back_skip=m, s_min=s_min, lora_rank=min(ranks),
-                                 base_quant=quants[-1], checkpointing=checkpointing[-1])
+                cheapest = trace(
+                    front_skip=n,
+                    back_skip=m,
+                    s_min=s_min,
+                    lora_rank=min(ranks),
+                    base_quant=quants[-1],
+                    checkpointing=checkpointing[-1],
+                )
                 note(cheapest)
                 if not cheapest.fits:
                     result.next_bigger = cheapest
@@ -244,8 +345,18 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
                     fitted = None
                     for ck in reversed(checkpointing):  # most memory-saving first
                         key = (rk, q, ck)
-                        c = cheapest if key == cheapest_key else trace(
-                            front_skip=n, back_skip=m, s_min=s_min, lora_rank=rk, base_quant=q, checkpointing=ck)
+                        c = (
+                            cheapest
+                            if key == cheapest_key
+                            else trace(
+                                front_skip=n,
+                                back_skip=m,
+                                s_min=s_min,
+                                lora_rank=rk,
+                                base_quant=q,
+                                checkpointing=ck,
+                            )
+                        )
                         if not c.fits:
                             result.next_bigger = c
                             break
@@ -259,16 +370,22 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
         result.next_bigger = None  # a resident plan is not a bigger one
         for (n, m), _ratio in split_pairs(streamed_ratios):
             for s_min in s_mins:
-                cheapest = trace_streamed(front_skip=n, back_skip=m, s_min=s_min, lora_rank=min(ranks),
-                                          storage=storages[-1])
+                cheapest = trace_streamed(
+                    front_skip=n, back_skip=m, s_min=s_min, lora_rank=min(ranks), storage=storages[-1]
+                )
                 note(cheapest)
                 if not cheapest.fits:
                     result.next_bigger = cheapest
                     continue
                 for rk, st in combos:
-                    c = cheapest if (rk, st) == (min(ranks), storages[-1]) else trace_streamed(
-                        front_skip=n, back_skip=m, s_min=s_min, lora_rank=rk, storage=st)
-                    if c.fits and fmt == "pte":  # check (and report) the plan with its programs' planned arenas
+                    c = (
+                        cheapest
+                        if (rk, st) == (min(ranks), storages[-1])
+                        else trace_streamed(front_skip=n, back_skip=m, s_min=s_min, lora_rank=rk, storage=st)
+                    )
+                    if (
+                        c.fits and fmt == "pte"
+                    ):  # check (and report) the plan with its programs' planned arenas
                         c = exact(c.plan)
                     if c.fits:
                         result.best = c
@@ -277,9 +394,18 @@ def search(spec: ModelSpec, base: Plan, profile, *, ratios=RATIOS, s_mins=None, 
     return result
 
 
-def fixed_axes(num_blocks: int, *, split: tuple[int, int] | None = None, s_mins=None, rank=None,
-               base_quant=None, checkpointing=None, model: str | None = None, span: str | None = None,
-               storage: str | None = None) -> dict:
+def fixed_axes(
+    num_blocks: int,
+    *,
+    split: tuple[int, int] | None = None,
+    s_mins=None,
+    rank=None,
+    base_quant=None,
+    checkpointing=None,
+    model: str | None = None,
+    span: str | None = None,
+    storage: str | None = None,
+) -> dict:
     """search() keyword arguments that pin what the user gave (None: leave that axis to the search).
     An unpinned split comes from the model's committed selection table (``blockskip-select``) for the
     ratios it covers."""
@@ -325,9 +451,13 @@ def require_fit(result: SearchResult, profile) -> Candidate:
         raise PlanError(
             f"no plan fits {fast.max_seconds / 60:.1f} minutes on {profile.name}: the fastest traced plan that fits "
             f"in memory ({fast.describe()}) is predicted at {fast.seconds / 60:.1f} min for {fast.plan.steps} steps "
-            f"and K={fast.plan.num_samples}; allow more time or ask for fewer --steps / --samples")
-    hint = ("a smaller s_max (the photos are encoded at s_max)" if s.worst().phase == "precompute"
-            else "a smaller s_min, or skip more blocks")
+            f"and K={fast.plan.num_samples}; allow more time or ask for fewer --steps / --samples"
+        )
+    hint = (
+        "a smaller s_max (the photos are encoded at s_max)"
+        if s.worst().phase == "precompute"
+        else "a smaller s_min, or skip more blocks"
+    )
     raise PlanError(
         f"no plan fits the {profile.name} budget of {profile.budget_gib:.2f} GiB: the smallest traced plan "
         f"({s.describe()}) needs {s.peak / 2**30:.2f} GiB in its {s.worst().phase} phase; raise the budget or "

@@ -13,9 +13,11 @@ from blockskip.runtime.backends.torch_families import family_of_class, get_famil
 from blockskip.runtime.errors import ModelError
 
 KNOWN = ("flux-dev", "sd3-medium", "sd35-medium", "sana-1.6b")
-DEFAULT_PROMPTS = {"flux": {"prompt_embeds": [1, 512, 4096], "pooled": [1, 768]},
-                   "sd3": {"prompt_embeds": [1, 333, 4096], "pooled": [1, 2048]},
-                   "sana": {"prompt_embeds": [1, 300, 2304]}}
+DEFAULT_PROMPTS = {
+    "flux": {"prompt_embeds": [1, 512, 4096], "pooled": [1, 768]},
+    "sd3": {"prompt_embeds": [1, 333, 4096], "pooled": [1, 2048]},
+    "sana": {"prompt_embeds": [1, 300, 2304]},
+}
 
 
 def _vae_spec(vae: dict) -> tuple[dict, int]:
@@ -43,19 +45,29 @@ def load_spec(model: str) -> tuple[ModelSpec, dict]:
         cfg = pretrained_config()
         fam = get_family("flux", cfg)
         enc = {"class": "PatchDCTAutoencoder", "config": dict(LATENT)}
-        prompt = {"prompt_embeds": (1, TEXT["tokens"], cfg["joint_attention_dim"]),
-                  "pooled": (1, cfg["pooled_projection_dim"])}
-        return ModelSpec(fam, enc, prompt, PatchDCTAutoencoder.factor, "tiny"), {"s_min": 64, "s_max": 128,
-                                                                                 "dtype": "float32"}
+        prompt = {
+            "prompt_embeds": (1, TEXT["tokens"], cfg["joint_attention_dim"]),
+            "pooled": (1, cfg["pooled_projection_dim"]),
+        }
+        return ModelSpec(fam, enc, prompt, PatchDCTAutoencoder.factor, "tiny"), {
+            "s_min": 64,
+            "s_max": 128,
+            "dtype": "float32",
+        }
     if model == "tiny-random":
         from blockskip.export.tiny import TEXT_TOKENS, TINY_FLUX, TINY_LATENT
 
         fam = get_family("flux", dict(TINY_FLUX))
         enc = {"class": "TinyAutoencoder", "config": dict(TINY_LATENT)}
-        prompt = {"prompt_embeds": (1, TEXT_TOKENS, TINY_FLUX["joint_attention_dim"]),
-                  "pooled": (1, TINY_FLUX["pooled_projection_dim"])}
-        return ModelSpec(fam, enc, prompt, TINY_LATENT["factor"], "tiny-random"), {"s_min": 64, "s_max": 128,
-                                                                                   "dtype": "float32"}
+        prompt = {
+            "prompt_embeds": (1, TEXT_TOKENS, TINY_FLUX["joint_attention_dim"]),
+            "pooled": (1, TINY_FLUX["pooled_projection_dim"]),
+        }
+        return ModelSpec(fam, enc, prompt, TINY_LATENT["factor"], "tiny-random"), {
+            "s_min": 64,
+            "s_max": 128,
+            "dtype": "float32",
+        }
     if model in KNOWN:
         d = json.loads((resources.files("blockskip.export") / "configs" / f"{model}.json").read_text())
         tr, vae, prompt, defaults = d["transformer"], d["vae"], d["prompt"], d.get("defaults", {})

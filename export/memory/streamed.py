@@ -42,8 +42,11 @@ from blockskip.runtime.backends.torch import blocks_to_run
 from blockskip.runtime.plan import Plan
 
 #: plan formats -> the profile backends (``[backends] available``) that run them
-FORMAT_BACKENDS = {"pte": ("executorch-xnnpack",), "onnx": ("onnxruntime-training",),
-                   "torch": ("torch-cpu", "torch-cuda")}
+FORMAT_BACKENDS = {
+    "pte": ("executorch-xnnpack",),
+    "onnx": ("onnxruntime-training",),
+    "torch": ("torch-cpu", "torch-cuda"),
+}
 
 
 def formats_for(profile) -> list[str]:
@@ -94,14 +97,22 @@ class ProgramPeaks:
         self.cost_path = self.path.with_name("program_costs.json") if self.path is not None else None
         if self.cost_path is not None and self.cost_path.is_file():
             try:
-                self.costs.update({k: Counter({(str(d), int(f), int(b)): n for d, f, b, n in v})
-                                   for k, v in json.loads(self.cost_path.read_text()).items()})
+                self.costs.update(
+                    {
+                        k: Counter({(str(d), int(f), int(b)): n for d, f, b, n in v})
+                        for k, v in json.loads(self.cost_path.read_text()).items()
+                    }
+                )
             except (OSError, ValueError, TypeError):
                 pass
         if self.grow_path is not None and self.grow_path.is_file():
             try:
-                self.grow.update({k: [(int(n), [(int(a), int(b)) for a, b in r]) for n, r in v]
-                                  for k, v in json.loads(self.grow_path.read_text()).items()})
+                self.grow.update(
+                    {
+                        k: [(int(n), [(int(a), int(b)) for a, b in r]) for n, r in v]
+                        for k, v in json.loads(self.grow_path.read_text()).items()
+                    }
+                )
             except (OSError, ValueError, TypeError):
                 pass
 
@@ -118,7 +129,9 @@ class ProgramPeaks:
             pass
 
     def _key(self, traced: se.Traced, how: str, round_to: int) -> str:
-        return hashlib.sha256(f"{LOWERING}|{how}|{round_to}|{traced.inputs}|{traced.gm.code}".encode()).hexdigest()
+        return hashlib.sha256(
+            f"{LOWERING}|{how}|{round_to}|{traced.inputs}|{traced.gm.code}".encode()
+        ).hexdigest()
 
     def get(self, traced: se.Traced, how: str, round_to: int) -> int:
         """``how``: "live", "onnx", or "arena:<delegate>" (the planned arena of the pte program lowered with
@@ -128,8 +141,8 @@ class ProgramPeaks:
             if how.startswith("arena"):
                 arena, workspace, grow = program_bytes(traced, how.split(":", 1)[1])
                 self.mem[key] = arena
-                self.mem[self._key(traced, "workspace" + how[len("arena"):], round_to)] = workspace
-                self.grow[self._key(traced, "grow" + how[len("arena"):], round_to)] = grow
+                self.mem[self._key(traced, "workspace" + how[len("arena") :], round_to)] = workspace
+                self.grow[self._key(traced, "grow" + how[len("arena") :], round_to)] = grow
             else:
                 self.mem[key] = live_peak(traced, round_to, onnx=how == "onnx")
             self._save()
@@ -139,7 +152,7 @@ class ProgramPeaks:
         """The delegate's workspace of the program (beside its arena); 0 unless lowered."""
         if not how.startswith("arena"):
             return 0
-        key = self._key(traced, "workspace" + how[len("arena"):], round_to)
+        key = self._key(traced, "workspace" + how[len("arena") :], round_to)
         if key not in self.mem:
             self.mem.pop(self._key(traced, how, round_to), None)
             self.get(traced, how, round_to)
@@ -149,7 +162,7 @@ class ProgramPeaks:
         """The program's workspace grow points (``pte_export.workspace_grow_points``); none unless lowered."""
         if not how.startswith("arena"):
             return []
-        key = self._key(traced, "grow" + how[len("arena"):], round_to)
+        key = self._key(traced, "grow" + how[len("arena") :], round_to)
         if key not in self.grow:
             self.mem.pop(self._key(traced, how, round_to), None)
             self.get(traced, how, round_to)
@@ -170,7 +183,9 @@ class ProgramPeaks:
             if self.cost_path is not None:
                 try:
                     tmp = self.cost_path.with_suffix(f".{os.getpid()}.tmp")
-                    tmp.write_text(json.dumps({k: [[*kk, n] for kk, n in v.items()] for k, v in self.costs.items()}))
+                    tmp.write_text(
+                        json.dumps({k: [[*kk, n] for kk, n in v.items()] for k, v in self.costs.items()})
+                    )
                     os.replace(tmp, self.cost_path)
                 except OSError:
                     pass
@@ -180,8 +195,10 @@ class ProgramPeaks:
         """(arena, delegate workspace) of the photo encoder program for inputs of ``shape``."""
         from executorch import version as et_version
 
-        key = hashlib.sha256(f"{LOWERING}|{ENCODER_LOWERING}|{delegate}|{tuple(shape)}|{et_version.__version__}|"
-                             f"{json.dumps(encoder_spec, sort_keys=True, default=str)}".encode()).hexdigest()
+        key = hashlib.sha256(
+            f"{LOWERING}|{ENCODER_LOWERING}|{delegate}|{tuple(shape)}|{et_version.__version__}|"
+            f"{json.dumps(encoder_spec, sort_keys=True, default=str)}".encode()
+        ).hexdigest()
         if key not in self.mem or key + ":workspace" not in self.mem:
             self.mem[key], self.mem[key + ":workspace"] = encoder_program_bytes(encoder_spec, shape, delegate)
             self._save()
@@ -222,9 +239,19 @@ def encoder_program_bytes(encoder_spec: dict, shape: tuple, delegate: str) -> tu
 _aten = torch.ops.aten
 #: ATen views that an ONNX graph computes as copies (Transpose, Slice, Gather, Expand, Split); ONNX Runtime
 #: aliases only Reshape, Squeeze, Unsqueeze and Flatten, which are the remaining views
-ONNX_COPIES = {_aten.permute.default, _aten.transpose.int, _aten.t.default, _aten.slice.Tensor, _aten.select.int,
-               _aten.expand.default, _aten.split.Tensor, _aten.split_with_sizes.default, _aten.unbind.int,
-               _aten.diagonal.default, _aten.as_strided.default}
+ONNX_COPIES = {
+    _aten.permute.default,
+    _aten.transpose.int,
+    _aten.t.default,
+    _aten.slice.Tensor,
+    _aten.select.int,
+    _aten.expand.default,
+    _aten.split.Tensor,
+    _aten.split_with_sizes.default,
+    _aten.unbind.int,
+    _aten.diagonal.default,
+    _aten.as_strided.default,
+}
 
 
 class _CopyingViews(torch.fx.Interpreter):
@@ -264,8 +291,13 @@ def program_bytes(traced: se.Traced, delegate: str = "none") -> tuple[int, int, 
         workspace_grow_points,
     )
 
-    prog = inference_program(traced.gm, traced.example_args(fake=True), delegate, plan_inputs=False,
-                             weights=traced.weight_positions())
+    prog = inference_program(
+        traced.gm,
+        traced.example_args(fake=True),
+        delegate,
+        plan_inputs=False,
+        weights=traced.weight_positions(),
+    )
     return planned_arena_bytes(prog), delegate_workspace_bytes(prog), workspace_grow_points(prog)
 
 
@@ -304,9 +336,19 @@ def workspace_growth(programs: list[tuple[int, list]]) -> int:
     return max(held, touched + cur)
 
 
-def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt: str = "pte", num_images: int = 4,
-                     exact: bool = False, precompute_memo: dict | None = None, peaks: ProgramPeaks | None = None,
-                     skeleton=None, delegate: str = "none") -> list[PhaseReport]:
+def streamed_dry_run(
+    spec: ModelSpec,
+    plan: Plan,
+    lora: dict,
+    profile=None,
+    fmt: str = "pte",
+    num_images: int = 4,
+    exact: bool = False,
+    precompute_memo: dict | None = None,
+    peaks: ProgramPeaks | None = None,
+    skeleton=None,
+    delegate: str = "none",
+) -> list[PhaseReport]:
     """Predict precompute, a training step and saving of a block-streamed plan run by ``fmt``'s backend.
     ``exact``: pte programs by their planned arena as lowered with ``delegate`` (slower: each program is
     lowered), else by the traced live peak."""
@@ -359,8 +401,9 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
     else:
         weights = max(train_w) * (2 if plan.prefetch and len(train_w) > 1 else 1)
     stash = state_bytes * (len(trained) if plan.stash == "memory" else 1)
-    train_progs = [v for (sid, role), v in prog.items()
-                   if sid == "head" or sid in {s for _, s in layout.train}]
+    train_progs = [
+        v for (sid, role), v in prog.items() if sid == "head" or sid in {s for _, s in layout.train}
+    ]
     run_peak = max(train_progs)
     # the delegate's workspace is shared by every loaded program and kept at the largest one's need beside
     # the largest arena; where a later program's call needs more, the old and the grown workspace are both
@@ -368,8 +411,11 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
     # the forward programs in span order, the head, then the VJPs in reverse (the first step: an evaluation
     # sweep before it, in the same order). Counted with the AdamW moments, which a fresh run's first step
     # does not hold yet but a resumed run's does. ``train_work``: what this adds to the largest arena.
-    run_order = ([(s, "forward") for s in dict.fromkeys(s for _, s in layout.train)] + [("head", "head")]
-                 + [(s, "vjp") for s in dict.fromkeys(s for _, s in reversed(layout.train))])
+    run_order = (
+        [(s, "forward") for s in dict.fromkeys(s for _, s in layout.train)]
+        + [("head", "head")]
+        + [(s, "vjp") for s in dict.fromkeys(s for _, s in reversed(layout.train))]
+    )
     grown = workspace_growth([(prog[k], peaks.grow_points(traced_of[k], how, rt)) for k in run_order])
     train_work = max(max((work[k] for k in run_order), default=0), grown - run_peak)
     if fmt == "torch" and plan.stash == "memory" and layout.train:
@@ -377,8 +423,14 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
         # (no recomputed forward in its VJP): bounded by that block's VJP peak
         run_peak = max(run_peak, prog[layout.train[-1][1], "vjp"] + prog["head", "head"])
     cats = dict.fromkeys(CATEGORIES, 0)
-    cats.update(lora=lora_bytes, gradients=lora_bytes, optimizer=2 * lora_bytes, frozen_weights=weights + head_w,
-                cache=2 * entry32 + stash, activations=2 * state_bytes + run_peak + train_work)
+    cats.update(
+        lora=lora_bytes,
+        gradients=lora_bytes,
+        optimizer=2 * lora_bytes,
+        frozen_weights=weights + head_w,
+        cache=2 * entry32 + stash,
+        activations=2 * state_bytes + run_peak + train_work,
+    )
     reports = []
 
     # precompute, blocks stage: the torch trace's (its eager blocks' activations stand for the forward
@@ -399,16 +451,42 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
         enc_cats = encoder_stage(spec, plan, num_images, delegate, peaks, rt)
     if sum(enc_cats.values()) > pre_total:
         pre_cats, pre_total = enc_cats, sum(enc_cats.values())
-    reports.append(_report_from("precompute", pre_total, pre_cats, profile,
-                                {"chunk": plan.precompute_chunk or plan.num_samples, "cache_entry_bytes": entry_bytes,
-                                 "cache_storage_bytes": entry_bytes * plan.num_samples}))
+    reports.append(
+        _report_from(
+            "precompute",
+            pre_total,
+            pre_cats,
+            profile,
+            {
+                "chunk": plan.precompute_chunk or plan.num_samples,
+                "cache_entry_bytes": entry_bytes,
+                "cache_storage_bytes": entry_bytes * plan.num_samples,
+            },
+        )
+    )
     total = sum(cats.values())
-    reports.append(_report_from("train", total, cats, profile, {
-        "span": "streamed", "format": fmt, "storage": storage, "trained_blocks": len(trained),
-        "programs": {f"{sid}.{role}": v for (sid, role), v in sorted(prog.items())}, "program_peak_kind": how,
-        "workspaces": {f"{sid}.{role}": v for (sid, role), v in sorted(work.items()) if v},
-        "weights_bytes": weights, "head_weights_bytes": head_w, "stash_bytes": stash, "state_bytes": state_bytes,
-        "lora_bytes": lora_bytes}))
+    reports.append(
+        _report_from(
+            "train",
+            total,
+            cats,
+            profile,
+            {
+                "span": "streamed",
+                "format": fmt,
+                "storage": storage,
+                "trained_blocks": len(trained),
+                "programs": {f"{sid}.{role}": v for (sid, role), v in sorted(prog.items())},
+                "program_peak_kind": how,
+                "workspaces": {f"{sid}.{role}": v for (sid, role), v in sorted(work.items()) if v},
+                "weights_bytes": weights,
+                "head_weights_bytes": head_w,
+                "stash_bytes": stash,
+                "state_bytes": state_bytes,
+                "lora_bytes": lora_bytes,
+            },
+        )
+    )
     # saving: the checkpoint's copies (LoRA, AdamW moments) and the LoRA file, no program running
     save = {**cats, "activations": 0, "lora": 2 * lora_bytes, "optimizer": 4 * lora_bytes}
     reports.append(_report_from("save", sum(save.values()), save, profile))
@@ -420,8 +498,11 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
     from blockskip.export.memory.dryrun import precompute_cost, timing
 
     reports[0].cost = precompute_cost(spec, plan, trained, pre, num_images, entry_bytes, storage)
-    step = combine(Counter(), [(peaks.cost(traced_of[sid, role]), 1) for _, sid in layout.train
-                               for role in ("forward", "vjp")] + [(peaks.cost(head), 1)])
+    step = combine(
+        Counter(),
+        [(peaks.cost(traced_of[sid, role]), 1) for _, sid in layout.train for role in ("forward", "vjp")]
+        + [(peaks.cost(head), 1)],
+    )
     read = (2 * sum(train_w) if plan.weights != "resident" else 0) + entry32 * plan.grad_accum
     if plan.stash == "disk":
         read += 2 * state_bytes * len(trained)
@@ -432,8 +513,9 @@ def streamed_dry_run(spec: ModelSpec, plan: Plan, lora: dict, profile=None, fmt:
     return reports
 
 
-def encoder_stage(spec: ModelSpec, plan: Plan, num_images: int, delegate: str, peaks: ProgramPeaks,
-                  round_to: int = 1) -> dict[str, int]:
+def encoder_stage(
+    spec: ModelSpec, plan: Plan, num_images: int, delegate: str, peaks: ProgramPeaks, round_to: int = 1
+) -> dict[str, int]:
     """Bytes per category while the pte backends encode the photos: the photos (float32), the encoder's
     float32 weights once (the program's constants, which XNNPACK packs), the latents, and the largest
     encoder program's arena and workspace (a fresh process running SANA-1.6B's DC-AE program at 1024 px
@@ -441,15 +523,24 @@ def encoder_stage(spec: ModelSpec, plan: Plan, num_images: int, delegate: str, p
     from blockskip.export.graphs import encoder_program_inputs
     from blockskip.export.memory.export_phase import _encoder_bytes
 
-    runs = [sum(peaks.encoder(spec.encoder_spec, shape, delegate))
-            for _, shape in encoder_program_inputs(spec.encoder_spec, spec.vae_factor, plan)]
+    runs = [
+        sum(peaks.encoder(spec.encoder_spec, shape, delegate))
+        for _, shape in encoder_program_inputs(spec.encoder_spec, spec.vae_factor, plan)
+    ]
     side = plan.s_max // spec.vae_factor
     channels = int(spec.encoder_spec.get("config", {}).get("latent_channels", 0) or 0)
     cats = dict.fromkeys(CATEGORIES, 0)
-    cats.update(frozen_weights=_encoder_bytes(spec.encoder_spec),
-                cache=_nbytes({"photos": ((num_images, 3, plan.s_max, plan.s_max), torch.float32),
-                               "latents": ((num_images, channels, side, side), torch.float32)}, round_to),
-                activations=max(runs))
+    cats.update(
+        frozen_weights=_encoder_bytes(spec.encoder_spec),
+        cache=_nbytes(
+            {
+                "photos": ((num_images, 3, plan.s_max, plan.s_max), torch.float32),
+                "latents": ((num_images, channels, side, side), torch.float32),
+            },
+            round_to,
+        ),
+        activations=max(runs),
+    )
     return cats
 
 
@@ -461,5 +552,6 @@ def bundle_bytes(spec: ModelSpec, plan: Plan, skeleton=None) -> int:
     storage = plan.storage_dtype
     trained = plan.trained_indices(fam.num_blocks)
     needed = set(range(blocks_to_run(trained, fam.num_blocks, plan.back_residual))) | set(trained)
-    return (sum(_nbytes(ts.block_specs(fam, skeleton, i, storage)) for i in sorted(needed))
-            + _nbytes(ts.head_specs(fam, skeleton, storage)))
+    return sum(_nbytes(ts.block_specs(fam, skeleton, i, storage)) for i in sorted(needed)) + _nbytes(
+        ts.head_specs(fam, skeleton, storage)
+    )

@@ -111,7 +111,9 @@ def encode_latents(bundle: Bundle, images: np.ndarray) -> np.ndarray:
         with _native_log():
             return prog.forward([torch.from_numpy(x)])[0].numpy()
 
-    return encode_photos(_section(bundle)["encoder"], images, lambda rel: _load_program(bundle.path(rel)), run)
+    return encode_photos(
+        _section(bundle)["encoder"], images, lambda rel: _load_program(bundle.path(rel)), run
+    )
 
 
 class EtPrograms(ProgramBackend):
@@ -136,12 +138,21 @@ class EtPrograms(ProgramBackend):
         return [o.numpy() for o in outs]
 
 
-def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None):
+def precompute(
+    bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None
+):
     from blockskip.runtime.precompute import precompute as run
 
     _section(bundle)
-    return run(bundle, images, cache_dir, source=source, backend=EtPrograms(bundle), progress=progress,
-               encode=lambda ims: encode_latents(bundle, ims))
+    return run(
+        bundle,
+        images,
+        cache_dir,
+        source=source,
+        backend=EtPrograms(bundle),
+        progress=progress,
+        encode=lambda ims: encode_latents(bundle, ims),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,11 +169,15 @@ class EtTrainer:
     def __init__(self, bundle: Bundle):
         self.bundle, self.sec = bundle, _section(bundle).get("train")
         if not self.sec:
-            raise BundleError(f"bundle {bundle.root} has no ExecuTorch training program (its span is "
-                              f"{bundle.plan.span}); export it again with --format pte")
+            raise BundleError(
+                f"bundle {bundle.root} has no ExecuTorch training program (its span is "
+                f"{bundle.plan.span}); export it again with --format pte"
+            )
         _, training_module = _et()
         if "data" not in self.sec:
-            raise BundleError(f"bundle {bundle.root} has no LoRA weights (.ptd) for its training program; export again")
+            raise BundleError(
+                f"bundle {bundle.root} has no LoRA weights (.ptd) for its training program; export again"
+            )
         program = _load_program(bundle.path(self.sec["file"]), bundle.path(self.sec["data"]))
         with quiet():
             self.module = training_module(program)
@@ -170,9 +185,18 @@ class EtTrainer:
         self.shapes = {n: list(s) for n, s in self.sec["shapes"].items()}
         opt = self.sec["optimizer"]
         if opt.get("type", "adamw") != "adamw":
-            raise BundleError(f"the training program was exported for optimizer {opt.get('type')!r}; expected adamw")
-        self.optimizer = AdamW(AdamWConfig(lr=bundle.plan.lr, beta1=opt["betas"][0], beta2=opt["betas"][1],
-                                           eps=opt["eps"], weight_decay=opt["weight_decay"]))
+            raise BundleError(
+                f"the training program was exported for optimizer {opt.get('type')!r}; expected adamw"
+            )
+        self.optimizer = AdamW(
+            AdamWConfig(
+                lr=bundle.plan.lr,
+                beta1=opt["betas"][0],
+                beta2=opt["betas"][1],
+                eps=opt["eps"],
+                weight_decay=opt["weight_decay"],
+            )
+        )
         self.grad_sum: dict[str, np.ndarray] | None = None
 
     def load_entry(self, path) -> dict:
@@ -190,8 +214,10 @@ class EtTrainer:
         for n in self.inputs[:-1]:
             t = torch.as_tensor(entry[n]).float().contiguous()
             if list(t.shape) != self.shapes[n]:
-                raise BlockSkipError(f"cache tensor {n} has shape {list(t.shape)}, the training program takes "
-                                     f"{self.shapes[n]}; the cache was made for another bundle")
+                raise BlockSkipError(
+                    f"cache tensor {n} has shape {list(t.shape)}, the training program takes "
+                    f"{self.shapes[n]}; the cache was made for another bundle"
+                )
             out.append(t)
         return out + [torch.tensor([scale], dtype=torch.float32)]
 
@@ -211,7 +237,9 @@ class EtTrainer:
         params = self.module.named_parameters()
         names = list(self.sec["lora"])
         if sorted(params) != sorted(names):
-            raise BundleError("the training program's parameters differ from the manifest's LoRA list; export again")
+            raise BundleError(
+                "the training program's parameters differ from the manifest's LoRA list; export again"
+            )
         return {n: params[n] for n in names}
 
     def loss_and_grad(self, entry: dict, scale: float = 1.0) -> float:
@@ -259,15 +287,18 @@ class EtTrainer:
         for n, p in params.items():
             v = tensors[f"param.{n}"]
             if list(v.shape) != list(p.shape):
-                raise BlockSkipError(f"checkpoint {path} does not belong to this bundle's plan; use another -o")
+                raise BlockSkipError(
+                    f"checkpoint {path} does not belong to this bundle's plan; use another -o"
+                )
             p.numpy()[...] = v
         self.optimizer.state = {}
         for n in params:
             keys = {k: f"opt.{k}.{n}" for k in ("step", "exp_avg", "exp_avg_sq")}
             if all(key in tensors for key in keys.values()):
-                self.optimizer.state[n] = {k: np.array(tensors[key], np.float32).reshape(-1 if k == "step" else
-                                                                                       tensors[key].shape)
-                                           for k, key in keys.items()}
+                self.optimizer.state[n] = {
+                    k: np.array(tensors[key], np.float32).reshape(-1 if k == "step" else tensors[key].shape)
+                    for k, key in keys.items()
+                }
         return step, log
 
     def info(self) -> dict:
@@ -282,10 +313,18 @@ def make_trainer(bundle: Bundle, out: Path):
     return EtTrainer(bundle)
 
 
-def train(bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = None, stop_after: int | None = None):
+def train(
+    bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = None, stop_after: int | None = None
+):
     """Train the LoRA with ExecuTorch; resume from ``out_dir/checkpoint`` if present. Returns the log dict."""
     from blockskip.runtime.driver import train as drive
 
     _section(bundle)
-    return drive(bundle, cache_dir, out_dir, lambda out: make_trainer(bundle, out), progress=progress,
-                 stop_after=stop_after)
+    return drive(
+        bundle,
+        cache_dir,
+        out_dir,
+        lambda out: make_trainer(bundle, out),
+        progress=progress,
+        stop_after=stop_after,
+    )

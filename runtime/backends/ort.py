@@ -92,7 +92,9 @@ class OrtPrograms(ProgramBackend):
         feed = {}
         for a, rec in zip(inputs, io["inputs"]):
             if rec["dtype"] == "bfloat16":  # numpy has no bfloat16: hand ORT the raw bits with the type
-                feed[rec["name"]] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(a), 16)
+                feed[rec["name"]] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                    np.ascontiguousarray(a), 16
+                )
             else:
                 feed[rec["name"]] = np.ascontiguousarray(a)
         return handle.run([r["name"] for r in io["outputs"]], feed)
@@ -107,16 +109,29 @@ def encode_latents(bundle: Bundle, images: np.ndarray) -> np.ndarray:
     here)."""
     from blockskip.runtime.tiles import encode_photos
 
-    return encode_photos(_section(bundle)["encoder"], images, lambda rel: _session(bundle.path(rel)),
-                         lambda sess, x: sess.run(None, {"images": x})[0])
+    return encode_photos(
+        _section(bundle)["encoder"],
+        images,
+        lambda rel: _session(bundle.path(rel)),
+        lambda sess, x: sess.run(None, {"images": x})[0],
+    )
 
 
-def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None):
+def precompute(
+    bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None
+):
     from blockskip.runtime.precompute import precompute as run
 
     _section(bundle)
-    return run(bundle, images, cache_dir, source=source, backend=OrtPrograms(bundle), progress=progress,
-               encode=lambda ims: encode_latents(bundle, ims))
+    return run(
+        bundle,
+        images,
+        cache_dir,
+        source=source,
+        backend=OrtPrograms(bundle),
+        progress=progress,
+        encode=lambda ims: encode_latents(bundle, ims),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,8 +150,10 @@ class OrtTrainer:
         self.bundle, self.threads = bundle, threads
         sec = _section(bundle).get("train")
         if not sec:
-            raise BundleError(f"bundle {bundle.root} has no ONNX Runtime training artifacts (its span is "
-                              f"{bundle.plan.span}); export it again with --format onnx")
+            raise BundleError(
+                f"bundle {bundle.root} has no ONNX Runtime training artifacts (its span is "
+                f"{bundle.plan.span}); export it again with --format onnx"
+            )
         self.sec = sec
         self.inputs = list(self.sec["inputs"])
         self._open(checkpoint)
@@ -150,8 +167,13 @@ class OrtTrainer:
         opts.log_severity_level = 3
         if self.threads:
             opts.intra_op_num_threads, opts.inter_op_num_threads = self.threads, 1
-        self.module = api.Module(str(self.bundle.path(files["training"])), self.state,
-                                 str(self.bundle.path(files["eval"])), device="cpu", session_options=opts)
+        self.module = api.Module(
+            str(self.bundle.path(files["training"])),
+            self.state,
+            str(self.bundle.path(files["eval"])),
+            device="cpu",
+            session_options=opts,
+        )
         self.optimizer = api.Optimizer(str(self.bundle.path(files["optimizer"])), self.module)
         self.optimizer.set_learning_rate(self.bundle.plan.lr)
         self.module.train()
@@ -165,8 +187,9 @@ class OrtTrainer:
         missing = [n for n in self.inputs[:-1] if n not in entry]
         if missing:
             raise BlockSkipError(f"cache entry lacks {missing}; the cache was made for another bundle")
-        return [np.ascontiguousarray(entry[n], dtype=np.float32) for n in self.inputs[:-1]] + \
-            [np.array([scale], np.float32)]
+        return [np.ascontiguousarray(entry[n], dtype=np.float32) for n in self.inputs[:-1]] + [
+            np.array([scale], np.float32)
+        ]
 
     def loss_and_grad(self, entry: dict, scale: float = 1.0) -> float:
         """Forward + backward of one entry; gradients accumulate until :meth:`update`. Returns the loss."""
@@ -190,8 +213,10 @@ class OrtTrainer:
         self.state.properties["step"] = int(step)
         self.state.properties["log"] = json.dumps(log)
         self.state.properties[META_SHA256] = _record(self.state, self.sec["lora"])
-        atomic_write(path, lambda tmp: api.CheckpointState.save_checkpoint(self.state, tmp,
-                                                                           include_optimizer_state=True))
+        atomic_write(
+            path,
+            lambda tmp: api.CheckpointState.save_checkpoint(self.state, tmp, include_optimizer_state=True),
+        )
 
     def load_checkpoint(self, path: Path) -> tuple[int, dict]:
         log = _read_checkpoint_log(path, self.sec["lora"])
@@ -202,7 +227,9 @@ class OrtTrainer:
 def _record(state, names) -> str:
     """An ORT checkpoint's integrity record: sha256 over the canonical JSON of its step and log, then each
     LoRA tensor's name and float32 bytes in name order (what ORT's Python API exposes of the file)."""
-    h = hashlib.sha256(canonical_json({"step": int(state.properties["step"]), "log": state.properties["log"]}))
+    h = hashlib.sha256(
+        canonical_json({"step": int(state.properties["step"]), "log": state.properties["log"]})
+    )
     for n in sorted(names):
         h.update(n.encode() + b"\0")
         h.update(np.ascontiguousarray(state.parameters[n].data, dtype=np.float32).tobytes())
@@ -231,12 +258,16 @@ def _read_checkpoint_log(path: Path, names=None) -> dict:
         raise BlockSkipError(f"checkpoint {path} is unreadable (its log is not a JSON object); {start_over}")
     if names is not None:
         if recorded != actual:
-            raise BlockSkipError(f"checkpoint {path} does not match its integrity record ({META_SHA256}): it is "
-                                 f"corrupt; {start_over}")
+            raise BlockSkipError(
+                f"checkpoint {path} does not match its integrity record ({META_SHA256}): it is "
+                f"corrupt; {start_over}"
+            )
         bad = [n for n in names if not np.isfinite(np.asarray(st.parameters[n].data)).all()]
         if bad:
-            raise BlockSkipError(f"checkpoint {path} holds NaN or Inf values ({bad[0]}); it cannot be resumed. "
-                                 f"Delete {Path(path).parent} to start over")
+            raise BlockSkipError(
+                f"checkpoint {path} holds NaN or Inf values ({bad[0]}); it cannot be resumed. "
+                f"Delete {Path(path).parent} to start over"
+            )
     return log
 
 
@@ -248,10 +279,18 @@ def make_trainer(bundle: Bundle, out: Path):
     return OrtTrainer(bundle)
 
 
-def train(bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = None, stop_after: int | None = None):
+def train(
+    bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = None, stop_after: int | None = None
+):
     """Train the LoRA with ORT; resume from ``out_dir/checkpoint`` if present. Returns the log dict."""
     from blockskip.runtime.driver import train as drive
 
     _section(bundle)
-    return drive(bundle, cache_dir, out_dir, lambda out: make_trainer(bundle, out), progress=progress,
-                 stop_after=stop_after)
+    return drive(
+        bundle,
+        cache_dir,
+        out_dir,
+        lambda out: make_trainer(bundle, out),
+        progress=progress,
+        stop_after=stop_after,
+    )

@@ -42,8 +42,10 @@ class ProgramBackend:
         if key not in self.loaded:
             rec = io.get(self.format)
             if not rec:
-                raise BundleError(f"the bundle has no {self.format} program for {role} of block shape {shape!r}; "
-                                  f"export it with --format {self.format}")
+                raise BundleError(
+                    f"the bundle has no {self.format} program for {role} of block shape {shape!r}; "
+                    f"export it with --format {self.format}"
+                )
             if not self.keep_loaded:
                 self.loaded.clear()  # drop the previous program (and its planned memory) first
             self.loaded[key] = self.load(self.bundle.path(rec["file"]))
@@ -56,11 +58,15 @@ class ProgramBackend:
         for rec in io["inputs"]:
             a = feed.get(rec["name"])
             if a is None:
-                raise BundleError(f"program {role} of {shape!r} needs input {rec['name']!r}, which the cache entry "
-                                  f"or the block's weights lack; the cache or bundle is from another export")
+                raise BundleError(
+                    f"program {role} of {shape!r} needs input {rec['name']!r}, which the cache entry "
+                    f"or the block's weights lack; the cache or bundle is from another export"
+                )
             if list(a.shape) != list(rec["shape"]):
-                raise BundleError(f"input {rec['name']!r} of {role} program {shape!r} has shape {list(a.shape)}, "
-                                  f"the program takes {rec['shape']}; the cache or bundle is from another export")
+                raise BundleError(
+                    f"input {rec['name']!r} of {role} program {shape!r} has shape {list(a.shape)}, "
+                    f"the program takes {rec['shape']}; the cache or bundle is from another export"
+                )
             args.append(a)
         outs = self.execute(handle, args, io)
         return {rec["name"]: o for rec, o in zip(io["outputs"], outs)}
@@ -76,16 +82,17 @@ class ProgramBackend:
             feed.update({prefix + k: v for k, v in (d or {}).items()})
         return feed
 
-    def forward(self, shape: str, state: Arrays, consts: Arrays, weights: Arrays, lora: Arrays, *,
-                keep: bool = False) -> Arrays:
+    def forward(
+        self, shape: str, state: Arrays, consts: Arrays, weights: Arrays, lora: Arrays, *, keep: bool = False
+    ) -> Arrays:
         # ``keep`` is a hint: the VJP programs recompute the forward (the arena is all a program holds)
         out = self.run(shape, "forward", self._feed(state, consts, None, weights, lora))
-        return {k[len(OUT):]: v for k, v in out.items()}
+        return {k[len(OUT) :]: v for k, v in out.items()}
 
     def vjp(self, shape, state, consts, grads, weights, lora):
         out = self.run(shape, "vjp", self._feed(state, consts, grads, weights, lora))
-        g_in = {k[len(GRAD_IN):]: v for k, v in out.items() if k.startswith(GRAD_IN)}
-        g_lora = {k[len(LORA_GRAD):]: v for k, v in out.items() if k.startswith(LORA_GRAD)}
+        g_in = {k[len(GRAD_IN) :]: v for k, v in out.items() if k.startswith(GRAD_IN)}
+        g_lora = {k[len(LORA_GRAD) :]: v for k, v in out.items() if k.startswith(LORA_GRAD)}
         return g_in, g_lora
 
     def head(self, hidden, consts, target, scale, weights):

@@ -50,16 +50,34 @@ def require_torch_format(bundle: Bundle) -> None:
         )
 
 
-def precompute(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None):
+def precompute(
+    bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None
+):
     require_torch_format(bundle)
     plan = bundle.plan
-    return precompute_with(bundle, images, cache_dir, source=source, progress=progress,
-                           make_store=lambda: BlockStore(bundle), dtype=torch_dtype(plan.dtype),
-                           encode=lambda store: encode_latents(store, images, torch_dtype(plan.dtype), plan.vae_tiling))
+    return precompute_with(
+        bundle,
+        images,
+        cache_dir,
+        source=source,
+        progress=progress,
+        make_store=lambda: BlockStore(bundle),
+        dtype=torch_dtype(plan.dtype),
+        encode=lambda store: encode_latents(store, images, torch_dtype(plan.dtype), plan.vae_tiling),
+    )
 
 
-def precompute_with(bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None,
-                    make_store, encode, dtype):
+def precompute_with(
+    bundle: Bundle,
+    images: np.ndarray,
+    cache_dir,
+    *,
+    source: dict,
+    progress: Progress | None,
+    make_store,
+    encode,
+    dtype,
+):
     """The precompute loop every backend shares: ``make_store()`` gives the BlockStore whose blocks it
     streams (safetensors, ORT sessions, ExecuTorch programs), ``encode(store)`` the photos' latents."""
     plan = bundle.plan
@@ -80,8 +98,16 @@ def precompute_with(bundle: Bundle, images: np.ndarray, cache_dir, *, source: di
     bar = progress.bar(len(todo) + passes * stop, "precompute")
     for c0 in range(0, len(todo), chunk):
         ks = todo[c0 : c0 + chunk]
-        entries = compute_entries(store, latents, text, [schedule[k] for k in ks], plan,
-                                  bundle.manifest["vae_factor"], bundle.trained, bar)
+        entries = compute_entries(
+            store,
+            latents,
+            text,
+            [schedule[k] for k in ks],
+            plan,
+            bundle.manifest["vae_factor"],
+            bundle.trained,
+            bar,
+        )
         for k, tensors in zip(ks, entries):
             atomic_write(cache.root / cache.shard_name(k), lambda tmp, t=tensors: write_tensors(tmp, t))
             cache.record(k)
@@ -119,8 +145,9 @@ def prompt_text(store: BlockStore, dtype) -> dict:
     return text
 
 
-def compute_entries(store: BlockStore, latents, text, entries, plan, vae_factor: int, trained: list[int],
-                    bar=None) -> list[dict]:
+def compute_entries(
+    store: BlockStore, latents, text, entries, plan, vae_factor: int, trained: list[int], bar=None
+) -> list[dict]:
     """Cache tensors for a chunk of schedule entries, streaming every block once (block-major)."""
     fam, model = store.family, store.model
     L = fam.num_blocks
@@ -171,7 +198,9 @@ def make_optimizer(params, plan) -> torch.optim.Optimizer:
         try:
             import bitsandbytes as bnb
         except ImportError as e:
-            raise BlockSkipError("optimizer adamw8bit needs bitsandbytes: pip install 'dit-blockskip[quant]'") from e
+            raise BlockSkipError(
+                "optimizer adamw8bit needs bitsandbytes: pip install 'dit-blockskip[quant]'"
+            ) from e
         return bnb.optim.AdamW8bit(params, lr=plan.lr, weight_decay=plan.weight_decay)
     return torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay, foreach=False)
 
@@ -179,8 +208,15 @@ def make_optimizer(params, plan) -> torch.optim.Optimizer:
 class TrainedSpan:
     """The trained blocks (LoRA on frozen base) + the residual adds + the head."""
 
-    def __init__(self, store: BlockStore, trained: list[int], lora: dict, seed: int, base_quant: str | None = None,
-                 checkpointing: bool | None = None):
+    def __init__(
+        self,
+        store: BlockStore,
+        trained: list[int],
+        lora: dict,
+        seed: int,
+        base_quant: str | None = None,
+        checkpointing: bool | None = None,
+    ):
         """``base_quant`` ("none", "int8", "nf4") and ``checkpointing`` (recompute each trained block's
         activations in backward): None means the bundle plan's (off without a bundle)."""
         self.store, self.fam, self.model = store, store.family, store.model
@@ -208,7 +244,9 @@ class TrainedSpan:
         return span_loss(self.forward(entry), entry)
 
 
-def span_forward(fam, model, trained: list[int], gap_list, entry: dict, checkpointing: bool = False) -> torch.Tensor:
+def span_forward(
+    fam, model, trained: list[int], gap_list, entry: dict, checkpointing: bool = False
+) -> torch.Tensor:
     """Cache entry -> head output: the trained blocks, each skipped span's residual added after it."""
     state = {n[3:]: v for n, v in entry.items() if n.startswith("in.")}
     consts = {n[2:]: v for n, v in entry.items() if n.startswith("c.")}
@@ -241,8 +279,9 @@ class TorchTrainer:
     def __init__(self, bundle: Bundle):
         plan = bundle.plan
         self.store = BlockStore(bundle)
-        self.span = TrainedSpan(self.store, bundle.trained, bundle.manifest["lora"], plan.seed,
-                                base_quant=plan.base_quant)
+        self.span = TrainedSpan(
+            self.store, bundle.trained, bundle.manifest["lora"], plan.seed, base_quant=plan.base_quant
+        )
         self.opt = make_optimizer(self.span.params, plan)
 
     def load_entry(self, path) -> dict:
@@ -262,7 +301,11 @@ class TorchTrainer:
         self.opt.zero_grad(set_to_none=True)
 
     def lora(self) -> dict:
-        return {n: p.detach().float().numpy().copy() for n, p in self.span.model.named_parameters() if ".lora_" in n}
+        return {
+            n: p.detach().float().numpy().copy()
+            for n, p in self.span.model.named_parameters()
+            if ".lora_" in n
+        }
 
     def info(self) -> dict:
         return {"blocks_loaded": [r for r in self.store.loaded if r.startswith("model/blocks/")]}
@@ -299,8 +342,14 @@ class TorchBlocks:
                 self.modules[shape] = ts.head_module(self.fam, self.skeleton, self.spec.storage)
             else:
                 rec = self.spec.shapes[shape]
-                self.modules[shape] = ts.shape_module(self.fam, self.skeleton, rec["example_block"], rec["targets"],
-                                                      self.spec.storage, self.lora_cfg)
+                self.modules[shape] = ts.shape_module(
+                    self.fam,
+                    self.skeleton,
+                    rec["example_block"],
+                    rec["targets"],
+                    self.spec.storage,
+                    self.lora_cfg,
+                )
         return self.modules[shape]
 
     @staticmethod
@@ -320,13 +369,27 @@ class TorchBlocks:
 
         self.kept = None
         if keep:  # the block's autograd graph stays for the VJP that follows (no recomputed forward)
-            graph = ts.block_graph(self.fam, self._module(shape), self._t(state), self._t(consts), self._t(weights),
-                                   self._t(lora))
+            graph = ts.block_graph(
+                self.fam,
+                self._module(shape),
+                self._t(state),
+                self._t(consts),
+                self._t(weights),
+                self._t(lora),
+            )
             self.kept = (shape, dict(state), dict(lora), graph)
             return self._np({k: v.detach() for k, v in graph[2].items()})
         with torch.no_grad():
-            return self._np(ts.block_forward(self.fam, self._module(shape), self._t(state), self._t(consts),
-                                             self._t(weights), self._t(lora)))
+            return self._np(
+                ts.block_forward(
+                    self.fam,
+                    self._module(shape),
+                    self._t(state),
+                    self._t(consts),
+                    self._t(weights),
+                    self._t(lora),
+                )
+            )
 
     def _kept_for(self, shape, state, lora):
         kept, self.kept = self.kept, None
@@ -340,17 +403,29 @@ class TorchBlocks:
 
         graph = self._kept_for(shape, state, lora)
         if graph is None:
-            graph = ts.block_graph(self.fam, self._module(shape), self._t(state), self._t(consts), self._t(weights),
-                                   self._t(lora))
+            graph = ts.block_graph(
+                self.fam,
+                self._module(shape),
+                self._t(state),
+                self._t(consts),
+                self._t(weights),
+                self._t(lora),
+            )
         g_in, g_lora = ts.graph_vjp(graph, self._t(grads))
         return self._np(g_in), self._np(g_lora)
 
     def head(self, hidden, consts, target, scale, weights):
         from blockskip.runtime.backends import torch_stream as ts
 
-        loss, g = ts.head_loss_grad(self.fam, self._module("head"), torch.from_numpy(hidden), self._t(consts),
-                                    torch.from_numpy(target), torch.tensor([scale], dtype=torch.float32),
-                                    self._t(weights))
+        loss, g = ts.head_loss_grad(
+            self.fam,
+            self._module("head"),
+            torch.from_numpy(hidden),
+            self._t(consts),
+            torch.from_numpy(target),
+            torch.tensor([scale], dtype=torch.float32),
+            self._t(weights),
+        )
         return float(loss.reshape(-1)[0]), g.numpy()
 
     def precompute_block(self, shape, state, consts, weights):
@@ -370,11 +445,19 @@ def make_trainer(bundle: Bundle, out: Path):
     return TorchTrainer(bundle)
 
 
-def train(bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = None, stop_after: int | None = None):
+def train(
+    bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = None, stop_after: int | None = None
+):
     """Train the LoRA; resume from ``out_dir/checkpoint`` if present. Returns the log dict."""
     from blockskip.runtime.driver import train as drive
 
     require_torch_format(bundle)
-    log = drive(bundle, cache_dir, out_dir, lambda out: make_trainer(bundle, out), progress=progress,
-                stop_after=stop_after)
+    log = drive(
+        bundle,
+        cache_dir,
+        out_dir,
+        lambda out: make_trainer(bundle, out),
+        progress=progress,
+        stop_after=stop_after,
+    )
     return log

@@ -61,7 +61,8 @@ class BlockStore:
 
     def resident_blocks(self) -> int:
         return sum(
-            1 for rel, refs in self._alive.items()
+            1
+            for rel, refs in self._alive.items()
             if rel.startswith("model/blocks/") and any(r() is not None for r in refs)
         )
 

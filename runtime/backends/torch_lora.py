@@ -17,8 +17,9 @@ ADAPTER = "default"
 def lora_config(lora: dict):
     from peft import LoraConfig
 
-    return LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], target_modules=list(lora["targets"]),
-                      init_lora_weights=True)
+    return LoraConfig(
+        r=lora["rank"], lora_alpha=lora["alpha"], target_modules=list(lora["targets"]), init_lora_weights=True
+    )
 
 
 def inject_lora(model: torch.nn.Module, lora: dict) -> None:
@@ -40,16 +41,22 @@ def lora_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def diffusers_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"transformer." + n.replace(f".{ADAPTER}.", "."): t.detach().contiguous().clone()
-            for n, t in tensors.items()}
+    return {
+        "transformer." + n.replace(f".{ADAPTER}.", "."): t.detach().contiguous().clone()
+        for n, t in tensors.items()
+    }
 
 
 def lora_metadata(lora: dict) -> dict[str, str]:
     """The safetensors metadata of a saved LoRA (peft's config with alpha = rank: the scale is folded)."""
     cfg = lora_config({**lora, "alpha": lora["rank"]}).to_dict()
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-    return {"format": "pt", "lora_adapter_metadata": json.dumps(
-        {f"transformer.{k}": v for k, v in cfg.items()}, sort_keys=True, default=str)}
+    return {
+        "format": "pt",
+        "lora_adapter_metadata": json.dumps(
+            {f"transformer.{k}": v for k, v in cfg.items()}, sort_keys=True, default=str
+        ),
+    }
 
 
 def checkpoint_tensors(model, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -81,7 +88,9 @@ def restore_checkpoint(path: Path, model, opt: torch.optim.Optimizer) -> tuple[i
         for k, v in tensors.items():
             if k.startswith("param."):
                 if k[6:] not in params or params[k[6:]].shape != v.shape:
-                    raise BlockSkipError(f"checkpoint {path} does not belong to this bundle's plan; use another -o")
+                    raise BlockSkipError(
+                        f"checkpoint {path} does not belong to this bundle's plan; use another -o"
+                    )
                 params[k[6:]].copy_(v)
     for n, p in params.items():
         if ".lora_" not in n:
@@ -91,7 +100,9 @@ def restore_checkpoint(path: Path, model, opt: torch.optim.Optimizer) -> tuple[i
             if key.startswith("opt.") and key.endswith("." + n) and key[4 : -len(n) - 1].isidentifier():
                 k = key[4 : -len(n) - 1]
                 if k == "step":  # torch's AdamW keeps a 0-d tensor, bitsandbytes a Python int
-                    st[k] = t.reshape(()).clone() if isinstance(opt, torch.optim.AdamW) else int(t.reshape(-1)[0])
+                    st[k] = (
+                        t.reshape(()).clone() if isinstance(opt, torch.optim.AdamW) else int(t.reshape(-1)[0])
+                    )
                 else:
                     st[k] = t.clone()
         if st:

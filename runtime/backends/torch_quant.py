@@ -84,8 +84,9 @@ def default_backend(weight: torch.Tensor) -> str:
     return "bnb" if weight.device.type == "cuda" and torch.cuda.is_available() else "quanto"
 
 
-def quantize_frozen(model: nn.Module, prefixes: list[str], mode: str, lora_targets: list[str],
-                    backend: str | None = None) -> dict[str, str]:
+def quantize_frozen(
+    model: nn.Module, prefixes: list[str], mode: str, lora_targets: list[str], backend: str | None = None
+) -> dict[str, str]:
     """Quantise the frozen ``nn.Linear`` weights under the block ``prefixes`` (e.g.
     ``"transformer_blocks.3"``) in place; return ``{module name: quantised class}``.
 
@@ -98,9 +99,15 @@ def quantize_frozen(model: nn.Module, prefixes: list[str], mode: str, lora_targe
         raise BlockSkipError(f"base_quant must be one of {', '.join(MODES)} (got {mode!r})")
     if mode == "none":
         return {}
-    names = [n for n, m in model.named_modules()
-             if _under(n, prefixes) and isinstance(m, nn.Linear) and not _is_quantised(m)
-             and m.weight is not None and m.weight.device.type != "meta"]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if _under(n, prefixes)
+        and isinstance(m, nn.Linear)
+        and not _is_quantised(m)
+        and m.weight is not None
+        and m.weight.device.type != "meta"
+    ]
     if not names:
         return {}
     backend = backend or default_backend(model.get_submodule(names[0]).weight)
@@ -112,8 +119,11 @@ def quantize_frozen(model: nn.Module, prefixes: list[str], mode: str, lora_targe
         raise BlockSkipError(f"unknown quantisation backend {backend!r}; valid: {', '.join(BACKENDS)}")
     modules = dict(model.named_modules())
     done = {n: type(modules[n]).__name__ for n in names}
-    missed = [t for t in lora_targets if _under(t, prefixes) and isinstance(modules.get(t), nn.Linear)
-              and not _is_quantised(modules[t])]
+    missed = [
+        t
+        for t in lora_targets
+        if _under(t, prefixes) and isinstance(modules.get(t), nn.Linear) and not _is_quantised(modules[t])
+    ]
     if missed:
         raise BlockSkipError(f"LoRA target(s) {missed} were left unquantised (not materialised?)")
     return done
@@ -155,7 +165,9 @@ def _freeze(q: nn.Module) -> None:
 
     qt, group = q.weight_qtype, q.weight_group_size
     scale, shift = q.optimizer(q.weight, qtype=qt, axis=0, group_size=group)
-    w = quantize_weight(q.weight, qtype=qt, axis=0, scale=scale, shift=shift, group_size=group, optimized=False)
+    w = quantize_weight(
+        q.weight, qtype=qt, axis=0, scale=scale, shift=shift, group_size=group, optimized=False
+    )
     if not isinstance(w._data, PackedTensor):
         w._data = PackedTensor.pack(w._data, qt.bits)
     q.weight = nn.Parameter(w, requires_grad=False)
@@ -167,12 +179,24 @@ def _bnb(model: nn.Module, names: list[str], mode: str) -> None:
         lin = model.get_submodule(name)
         w, has_bias = lin.weight, lin.bias is not None
         if mode == "int8":
-            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False,
-                                    threshold=6.0, device="meta")
+            q = bnb.nn.Linear8bitLt(
+                lin.in_features,
+                lin.out_features,
+                bias=has_bias,
+                has_fp16_weights=False,
+                threshold=6.0,
+                device="meta",
+            )
             q.weight = bnb.nn.Int8Params(w.data, requires_grad=False, has_fp16_weights=False)
         else:
-            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=w.dtype,
-                                  quant_type="nf4", device="meta")
+            q = bnb.nn.Linear4bit(
+                lin.in_features,
+                lin.out_features,
+                bias=has_bias,
+                compute_dtype=w.dtype,
+                quant_type="nf4",
+                device="meta",
+            )
             q.weight = bnb.nn.Params4bit(w.data, requires_grad=False, quant_type="nf4", module=q)
         if has_bias:
             q.bias = lin.bias

@@ -171,16 +171,19 @@ class _FrozenConv(torch.autograd.Function):
         x_shape, shape, stride, padding, dilation, groups = ctx.conf
         w = dequantise(ctx.saved_tensors).reshape(shape)
         # the input gradient as a transposed convolution (ONNX has ConvTranspose, not convolution_backward)
-        extra = tuple(x_shape[2 + d] - ((g.shape[2 + d] - 1) * stride[d] - 2 * padding[d]
-                                        + dilation[d] * (shape[2 + d] - 1) + 1) for d in range(2))
+        extra = tuple(
+            x_shape[2 + d]
+            - ((g.shape[2 + d] - 1) * stride[d] - 2 * padding[d] + dilation[d] * (shape[2 + d] - 1) + 1)
+            for d in range(2)
+        )
         gx = F.conv_transpose2d(g, w, None, stride, padding, extra, groups, dilation)
         return (gx,) + (None,) * (6 + len(ctx.saved_tensors))
 
 
 def _buffers(mod: nn.Module, specs: dict[str, tuple], prefix: str) -> None:
     for k, (shape, dtype) in specs.items():
-        if k.startswith(prefix) and "." not in k[len(prefix):]:
-            mod.register_buffer(k[len(prefix):], torch.empty(shape, dtype=dtype, device="meta"))
+        if k.startswith(prefix) and "." not in k[len(prefix) :]:
+            mod.register_buffer(k[len(prefix) :], torch.empty(shape, dtype=dtype, device="meta"))
 
 
 class StreamLinear(nn.Module):
@@ -199,7 +202,9 @@ class StreamLinear(nn.Module):
 
     def stored(self) -> tuple[torch.Tensor, ...]:
         b = self._buffers
-        return (b["weight"],) if "weight" in b else (b.get("weight_q8", b.get("weight_q4")), b["weight_scale"])
+        return (
+            (b["weight"],) if "weight" in b else (b.get("weight_q8", b.get("weight_q4")), b["weight_scale"])
+        )
 
     def forward(self, x):
         y = _FrozenLinear.apply(x, self.bias, *self.stored())
@@ -234,7 +239,7 @@ def _depthwise(x: torch.Tensor, w: torch.Tensor, kernel: tuple, padding: tuple) 
     out = None
     for i in range(kh):
         for j in range(kw):
-            term = xp[:, :, i:i + ho, j:j + wo] * w[:, i * kw + j].reshape(1, -1, 1, 1)
+            term = xp[:, :, i : i + ho, j : j + wo] * w[:, i * kw + j].reshape(1, -1, 1, 1)
             out = term if out is None else out + term
     return out
 
@@ -257,18 +262,35 @@ class StreamConv2d(StreamLinear):
         (o, c, kh, kw), stride, padding, dilation, groups = self.conf
         plain = not isinstance(padding, str) and tuple(dilation) == (1, 1)
         b, _, h, w = x.shape
-        if (plain and groups == 1 and tuple(padding) == (0, 0) and tuple(stride) == (kh, kw)
-                and h % kh == 0 and w % kw == 0):
-            p = x.reshape(b, c, h // kh, kh, w // kw, kw).permute(0, 2, 4, 1, 3, 5).reshape(b, h // kh, w // kw, -1)
+        if (
+            plain
+            and groups == 1
+            and tuple(padding) == (0, 0)
+            and tuple(stride) == (kh, kw)
+            and h % kh == 0
+            and w % kw == 0
+        ):
+            p = (
+                x.reshape(b, c, h // kh, kh, w // kw, kw)
+                .permute(0, 2, 4, 1, 3, 5)
+                .reshape(b, h // kh, w // kw, -1)
+            )
             return _FrozenLinear.apply(p, self.bias, *self.stored()).permute(0, 3, 1, 2)
-        if (plain and groups == o == x.shape[1] and c == 1 and tuple(stride) == (1, 1)
-                and padding[0] < kh and padding[1] < kw):
+        if (
+            plain
+            and groups == o == x.shape[1]
+            and c == 1
+            and tuple(stride) == (1, 1)
+            and padding[0] < kh
+            and padding[1] < kw
+        ):
             return _FrozenDepthwise.apply(x, self.bias, (kh, kw), tuple(padding), *self.stored())
         return _FrozenConv.apply(x, self.bias, *self.conf, *self.stored())
 
 
-def stream_module(module: nn.Module, specs: dict[str, tuple], targets: list[str], rank: int,
-                  scale: float) -> nn.Module:
+def stream_module(
+    module: nn.Module, specs: dict[str, tuple], targets: list[str], rank: int, scale: float
+) -> nn.Module:
     """A meta copy of ``module`` (a block, or the head parts) with Linear/Conv2d replaced by stand-ins.
 
     ``specs``: relative stored-tensor name -> (shape, dtype), i.e. ``store_tensors``' layout;
@@ -285,7 +307,9 @@ def stream_module(module: nn.Module, specs: dict[str, tuple], targets: list[str]
             new = StreamLinear(specs, pre, r, scale, tuple(mod.weight.shape))
         parent, _, leaf = path.rpartition(".")
         setattr(m.get_submodule(parent) if parent else m, leaf, new)
-    missing = sorted(set(targets) - {p for p, x in m.named_modules() if isinstance(x, StreamLinear) and x.rank})
+    missing = sorted(
+        set(targets) - {p for p, x in m.named_modules() if isinstance(x, StreamLinear) and x.rank}
+    )
     if missing:
         raise ValueError(f"LoRA targets {missing} are not Linear modules of this block")
     for p in m.parameters():
@@ -351,7 +375,7 @@ def graph_vjp(graph, grads: dict):
     wrt = list(xs.values()) + list(ls.values())
     g = torch.autograd.grad([out[k] for k in keys], wrt, [grads[k] for k in keys], allow_unused=True)
     g = [torch.zeros_like(w) if gi is None else gi for gi, w in zip(g, wrt)]
-    return dict(zip(xs, g[: len(xs)])), dict(zip(ls, g[len(xs):]))
+    return dict(zip(xs, g[: len(xs)])), dict(zip(ls, g[len(xs) :]))
 
 
 def block_vjp(fam: TorchFamily, module, state: dict, consts: dict, grads: dict, weights: dict, lora: dict):
@@ -361,8 +385,15 @@ def block_vjp(fam: TorchFamily, module, state: dict, consts: dict, grads: dict, 
     return graph_vjp(block_graph(fam, module, state, consts, weights, lora), grads)
 
 
-def head_loss_grad(fam: TorchFamily, module, hidden: torch.Tensor, consts: dict, target: torch.Tensor,
-                   scale: torch.Tensor, weights: dict):
+def head_loss_grad(
+    fam: TorchFamily,
+    module,
+    hidden: torch.Tensor,
+    consts: dict,
+    target: torch.Tensor,
+    scale: torch.Tensor,
+    weights: dict,
+):
     """(loss * scale, its gradient at the head's input) for the flow-matching MSE."""
     with torch.enable_grad():
         h = hidden.detach().requires_grad_()
@@ -376,11 +407,17 @@ def head_parts(fam: TorchFamily, model: nn.Module) -> nn.Module:
     """A module holding the head's submodules/parameters under their model names (meta copies)."""
     m = nn.Module()
     for path in fam.head_prefixes:
-        obj = model.get_submodule(path) if isinstance(getattr(model, path, None), nn.Module) else getattr(model, path)
+        obj = (
+            model.get_submodule(path)
+            if isinstance(getattr(model, path, None), nn.Module)
+            else getattr(model, path)
+        )
         if isinstance(obj, nn.Module):
             m.add_module(path, copy.deepcopy(obj).to("meta"))
         else:
-            m.register_parameter(path, nn.Parameter(torch.empty_like(obj, device="meta"), requires_grad=False))
+            m.register_parameter(
+                path, nn.Parameter(torch.empty_like(obj, device="meta"), requires_grad=False)
+            )
     return m
 
 
@@ -394,7 +431,10 @@ def weight_layout(shape: tuple, storage: str) -> dict[str, tuple]:
     g = int4_group(row) if storage == "int4" else None
     if g is None:
         return {"weight_q8": (shape, torch.int8), "weight_scale": ((out_ch,), torch.float32)}
-    return {"weight_q4": ((out_ch, row // 2), torch.uint8), "weight_scale": ((out_ch, row // g), torch.float32)}
+    return {
+        "weight_q4": ((out_ch, row // 2), torch.uint8),
+        "weight_scale": ((out_ch, row // g), torch.float32),
+    }
 
 
 def layout(module: nn.Module, storage: str) -> dict[str, tuple]:
@@ -424,8 +464,9 @@ def head_specs(fam: TorchFamily, skeleton: nn.Module, storage: str) -> dict[str,
     return layout(head_parts(fam, skeleton), storage)
 
 
-def shape_module(fam: TorchFamily, skeleton: nn.Module, block: int, targets: list[str], storage: str,
-                 lora: dict) -> nn.Module:
+def shape_module(
+    fam: TorchFamily, skeleton: nn.Module, block: int, targets: list[str], storage: str, lora: dict
+) -> nn.Module:
     """The stream module of a block shape: block ``block``'s structure, LoRA on ``targets``."""
     specs = block_specs(fam, skeleton, block, storage)
     module = skeleton.get_submodule(fam.block_paths()[block])

@@ -26,7 +26,11 @@ def get_family(name: str, config: dict) -> TorchFamily:
 
 
 def family_of_class(class_name: str) -> str:
-    table = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3", "SanaTransformer2DModel": "sana"}
+    table = {
+        "FluxTransformer2DModel": "flux",
+        "SD3Transformer2DModel": "sd3",
+        "SanaTransformer2DModel": "sana",
+    }
     if class_name not in table:
         raise ModelError(
             f"unsupported transformer class {class_name!r}; supported: {', '.join(sorted(table))}"

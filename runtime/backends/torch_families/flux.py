@@ -17,9 +17,18 @@ from blockskip.runtime.backends.torch_families.base import (
 )
 
 DOUBLE_TARGETS = [
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
 ]
 # Text queries and the text output path only change the text stream.
 DOUBLE_TEXT_ONLY = ["attn.add_q_proj", "attn.to_add_out", "ff_context.net.0.proj", "ff_context.net.2"]

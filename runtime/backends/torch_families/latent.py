@@ -44,18 +44,42 @@ class TinyAutoencoder(nn.Module):
 DCT_COLOURS = ((1 / 3**0.5,) * 3, (-1 / 6**0.5, -1 / 6**0.5, 2 / 6**0.5), (1 / 2**0.5, -1 / 2**0.5, 0.0))
 # The 16 2-D DCT frequencies (u = vertical, v = horizontal) of a 4 x 4 patch, lowest first: by u + v,
 # then by max(u, v), then vertical before horizontal. A colour keeps a prefix of this list.
-DCT_ORDER = ((0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (2, 0), (1, 2), (2, 1), (0, 3), (3, 0), (2, 2), (1, 3), (3, 1),
-             (2, 3), (3, 2), (3, 3))
+DCT_ORDER = (
+    (0, 0),
+    (0, 1),
+    (1, 0),
+    (1, 1),
+    (0, 2),
+    (2, 0),
+    (1, 2),
+    (2, 1),
+    (0, 3),
+    (3, 0),
+    (2, 2),
+    (1, 3),
+    (3, 1),
+    (2, 3),
+    (3, 2),
+    (3, 3),
+)
 # Standard deviation of each (colour, u, v) coefficient for images in [-1, 1]: geometric mean of the
 # values at 64 and 128 px over 320 random square crops (30-100 % of the short side, box-resized) of the
 # photos astronaut, coffee, rocket, stereo_motorcycle (scikit-image) and china, flower (scikit-learn),
 # symmetrised in (u, v) and rounded. Dividing by it gives latents of about unit variance.
 DCT_STD = (
     ((3.3, 0.65, 0.33, 0.20), (0.65, 0.33, 0.21, 0.14), (0.33, 0.21, 0.15, 0.12), (0.20, 0.14, 0.12, 0.095)),
-    ((1.2, 0.17, 0.079, 0.047), (0.17, 0.079, 0.049, 0.032), (0.079, 0.049, 0.035, 0.026),
-     (0.047, 0.032, 0.026, 0.021)),
-    ((1.1, 0.16, 0.075, 0.043), (0.16, 0.079, 0.048, 0.031), (0.075, 0.048, 0.035, 0.025),
-     (0.043, 0.031, 0.025, 0.020)),
+    (
+        (1.2, 0.17, 0.079, 0.047),
+        (0.17, 0.079, 0.049, 0.032),
+        (0.079, 0.049, 0.035, 0.026),
+        (0.047, 0.032, 0.026, 0.021),
+    ),
+    (
+        (1.1, 0.16, 0.075, 0.043),
+        (0.16, 0.079, 0.048, 0.031),
+        (0.075, 0.048, 0.035, 0.025),
+        (0.043, 0.031, 0.025, 0.020),
+    ),
 )
 # Mean of the DC coefficients (luma, blue-yellow, red-green) on the same crops (photos are a little dark
 # and warm); the other coefficients have mean ~0 by symmetry.
@@ -118,8 +142,12 @@ class PatchDCTAutoencoder(nn.Module):
 
 
 ENCODER_CLASSES = ("TinyAutoencoder", "PatchDCTAutoencoder", "AutoencoderKL", "AutoencoderDC")
-ENCODER_PREFIXES = {"TinyAutoencoder": ["enc"], "PatchDCTAutoencoder": ["enc", "latent_shift", "latent_scale"],
-                    "AutoencoderKL": ["encoder", "quant_conv"], "AutoencoderDC": ["encoder"]}
+ENCODER_PREFIXES = {
+    "TinyAutoencoder": ["enc"],
+    "PatchDCTAutoencoder": ["enc", "latent_shift", "latent_scale"],
+    "AutoencoderKL": ["encoder", "quant_conv"],
+    "AutoencoderDC": ["encoder"],
+}
 FIXED_ENCODERS = {"TinyAutoencoder": TinyAutoencoder, "PatchDCTAutoencoder": PatchDCTAutoencoder}
 
 
@@ -147,8 +175,12 @@ def enable_tiling(encoder: nn.Module, spec: dict) -> None:
         encoder.tile_latent_min_size = TILE // 2 ** (len(encoder.config.block_out_channels) - 1)
         encoder.tile_overlap_factor = 1 - STRIDES[cls] / TILE  # the program backends' stride (runtime.tiles)
     elif cls == "AutoencoderDC":
-        encoder.enable_tiling(tile_sample_min_height=TILE, tile_sample_min_width=TILE,
-                              tile_sample_stride_height=STRIDES[cls], tile_sample_stride_width=STRIDES[cls])
+        encoder.enable_tiling(
+            tile_sample_min_height=TILE,
+            tile_sample_min_width=TILE,
+            tile_sample_stride_height=STRIDES[cls],
+            tile_sample_stride_width=STRIDES[cls],
+        )
 
 
 def encode_images(encoder: nn.Module, spec: dict, images: torch.Tensor) -> torch.Tensor:

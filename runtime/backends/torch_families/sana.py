@@ -16,8 +16,16 @@ from blockskip.runtime.backends.torch_families.base import (
     pixel_unshuffle_tokens,
 )
 
-TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-           "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+TARGETS = [
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+]
 
 
 class SanaFamily(TorchFamily):
@@ -45,8 +53,9 @@ class SanaFamily(TorchFamily):
         hidden = model.patch_embed(latent)
         timestep = sigma.to(latent.dtype) * 1000
         if self.config.get("guidance_embeds", False):
-            t6, emb_t = model.time_embed(timestep, guidance=timestep.new_full(timestep.shape, guidance),
-                                         hidden_dtype=hidden.dtype)
+            t6, emb_t = model.time_embed(
+                timestep, guidance=timestep.new_full(timestep.shape, guidance), hidden_dtype=hidden.dtype
+            )
         else:
             t6, emb_t = model.time_embed(timestep, batch_size=latent.shape[0], hidden_dtype=hidden.dtype)
         return {"hidden": hidden}, {"timestep": t6, "embedded_timestep": emb_t, "encoder": text["encoder"]}

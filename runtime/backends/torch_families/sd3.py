@@ -20,8 +20,14 @@ from blockskip.runtime.backends.torch_families.base import (
 from blockskip.runtime.errors import PlanError
 
 IMAGE_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "ff.net.2"]
-TEXT_TARGETS = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-                "ff_context.net.0.proj", "ff_context.net.2"]
+TEXT_TARGETS = [
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+]
 TEXT_ONLY = ["attn.add_q_proj", "attn.to_add_out", "ff_context.net.0.proj", "ff_context.net.2"]
 DUAL_TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 
@@ -87,7 +93,9 @@ class SD3Family(TorchFamily):
         return {"hidden": hidden, "encoder": text["encoder"]}, {"temb": temb}
 
     def call_block(self, block, state, consts):
-        enc, hid = block(hidden_states=state["hidden"], encoder_hidden_states=state["encoder"], temb=consts["temb"])
+        enc, hid = block(
+            hidden_states=state["hidden"], encoder_hidden_states=state["encoder"], temb=consts["temb"]
+        )
         return {"hidden": hid, "encoder": enc}
 
     def head(self, model, state, consts):
