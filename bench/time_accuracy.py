@@ -158,28 +158,38 @@ def _flux63m(work: Path, a) -> list[dict]:
 
 
 def _realscale(root: Path, a) -> list[dict]:
-    """The train rows of ``bench.realscale`` runs under ``root``: their bundles' plans predicted."""
+    """The train rows of ``bench.realscale`` runs under ``root``: their plans (the bundle's manifest, or
+    the run's ``train_log.json`` once the bundle is removed, as realscale does without ``--keep``)
+    predicted against the step time they logged."""
     from blockskip.export.memory.specs import load_spec
     from blockskip.runtime.bundle import Bundle
+    from blockskip.runtime.plan import Plan
 
     rows = []
     for path in sorted(root.glob("*-runs/*.rows.json")):
         model, config = path.parent.name.removesuffix("-runs"), path.name.removesuffix(".rows.json")
-        bundle_dir = path.parent / f"{config}-bundle"
-        train = [r for r in json.loads(path.read_text())["rows"] if r["phase"] == "train"]
-        if not train or not (bundle_dir / "manifest.json").is_file():
+        record = json.loads(path.read_text())
+        train = [r for r in record["rows"] if r["phase"] == "train"]
+        bundle_dir, log = path.parent / f"{config}-bundle", path.parent / f"{config}-out" / "train_log.json"
+        if not train:
             continue
-        bundle = Bundle(bundle_dir)
-        fmt = "pte" if "pte" in bundle.manifest.get("formats", []) or "pte" in config else "torch"
-        delegate = bundle.manifest.get("pte", {}).get("delegate", "none") if fmt == "pte" else "none"
+        if (bundle_dir / "manifest.json").is_file():
+            bundle = Bundle(bundle_dir)
+            plan, formats = bundle.plan, bundle.manifest.get("formats", [])
+            delegate = bundle.manifest.get("pte", {}).get("delegate", "none")
+        elif log.is_file():
+            tlog = json.loads(log.read_text())
+            plan, formats, delegate = Plan.from_dict(tlog["plan"]), [], tlog.get("delegate") or "none"
+        else:
+            continue
+        fmt = "pte" if "pte" in formats or "pte" in config else "torch"
         spec, _ = load_spec(model)
-        pred = predict(spec, bundle.plan, a.profile, fmt, delegate)
         rows.append(
             {
-                "config": f"{model} ({config}, bench.realscale)",
+                "config": f"{model} ({config}, bench.realscale {record.get('when', '')})",
                 "backend": train[0]["backend"],
-                "span": bundle.plan.span,
-                "predicted": pred,
+                "span": plan.span,
+                "predicted": predict(spec, plan, a.profile, fmt, delegate if fmt == "pte" else "none"),
                 "measured": train[0]["seconds"],
             }
         )
@@ -192,8 +202,10 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per row (default 8)")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=16, help="timed optimizer steps per row (default 16)")
+    ap.add_argument(
+        "--warmup", type=int, default=4, help="untimed steps first (a step's first seconds run slow)"
+    )
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--only", default="tiny,flux63m", help="configurations: tiny, flux63m (comma-separated)")
     ap.add_argument(

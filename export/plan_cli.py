@@ -93,12 +93,13 @@ def _calibrate(a) -> int:
     # drop earlier time tables, then append the measured ones
     text = re.sub(r"(?ms)^\[compute\.(throughput|op_overhead_us)\].*?(?=^\[|\Z)", "", text)
     rates = ", ".join(f"{k} = {v}" for k, v in fig["throughput"]["cpu"].items())
+    peak = ", ".join(f"{k} {v}" for k, v in fig["peak"]["cpu"].items())
     text = text.replace(
         "[compute.dtypes]",
-        "[compute.throughput]\n# measured: blockskip-plan --calibrate "
-        f"(2048 x 2048 matmul, torch's threads; GFLOP/s)\ncpu = {{ {rates} }}\n\n"
-        "[compute.op_overhead_us]\n# measured: blockskip-plan --calibrate (eager torch, a small "
-        f"forward and backward, per dispatched op)\ntorch = {fig['op_overhead_us']['torch']}\n"
+        "[compute.throughput]\n# measured: blockskip-plan --calibrate (GFLOP/s a LoRA training step "
+        f"sustains: {fig['efficiency']:.0%} of the matmul peak, {peak})\ncpu = {{ {rates} }}\n\n"
+        "[compute.op_overhead_us]\n# measured: blockskip-plan --calibrate (eager torch: per op of "
+        f"a small LoRA training step)\ntorch = {fig['op_overhead_us']['torch']}\n"
         f"program = {_program_overhead(src)}\n\n[compute.dtypes]",
         1,
     )

@@ -129,8 +129,11 @@ class ProgramPeaks:
             pass
 
     def _key(self, traced: se.Traced, how: str, round_to: int) -> str:
+        from blockskip.export.memory.cost import COUNTING
+
+        version = f"{LOWERING}|{COUNTING}" if how == "cost" else LOWERING
         return hashlib.sha256(
-            f"{LOWERING}|{how}|{round_to}|{traced.inputs}|{traced.gm.code}".encode()
+            f"{version}|{how}|{round_to}|{traced.inputs}|{traced.gm.code}".encode()
         ).hexdigest()
 
     def get(self, traced: se.Traced, how: str, round_to: int) -> int:
@@ -503,11 +506,11 @@ def streamed_dry_run(
         [(peaks.cost(traced_of[sid, role]), 1) for _, sid in layout.train for role in ("forward", "vjp")]
         + [(peaks.cost(head), 1)],
     )
-    read = (2 * sum(train_w) if plan.weights != "resident" else 0) + entry32 * plan.grad_accum
-    if plan.stash == "disk":
-        read += 2 * state_bytes * len(trained)
-    reports[1].cost = {"step": (step, read)}
-    reports[2].cost = {"checkpoint": (Counter(), 4 * lora_bytes)}
+    weights = 2 * sum(train_w) if plan.weights != "resident" else 0
+    ahead = entry32 * plan.grad_accum + (weights if plan.prefetch else 0)  # read on a second thread
+    read = (0 if plan.prefetch else weights) + (2 * state_bytes * len(trained) if plan.stash == "disk" else 0)
+    reports[1].cost = {"step": (step, read, ahead)}
+    reports[2].cost = {"checkpoint": (Counter(), 4 * lora_bytes, 0)}
     for r in reports:
         r.extra["seconds"] = {k: round(v, 4) for k, v in timing([r], profile, fmt).items()}
     return reports

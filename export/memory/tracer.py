@@ -132,7 +132,8 @@ class MemoryTracer(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.track(t)
         if self.cost is not None:
-            from blockskip.export.memory.cost import op_cost
+            from blockskip.export.memory.cost import counted, op_cost
 
-            self.cost[op_cost(func, args, kwargs, out)] += 1
+            if counted(func):
+                self.cost[op_cost(func, args, kwargs, out)] += 1
         return out
