@@ -75,6 +75,19 @@ def test_profile_overheads_and_budget_are_applied():
         prof.fixed_overhead_bytes + prof.allocator_slack * dev.tensor_peak, abs=1
     )
     assert dev.peak == dev.tensor_peak + dev.overhead and dev.fits
+    # the safety margin is inside the overhead, reported apart from the process's own peak
+    assert dev.margin == int(prof.safety_margin_mib * 2**20) > 0
+    assert dev.process_peak == dev.peak - dev.margin
+    assert dev.to_dict()["process_peak"] == dev.process_peak
+    from blockskip.export.memory.report import table
+
+    head, _, row = table([dev]).splitlines()
+    cols = {  # fixed-width columns of 10 after the phase's 15
+        head[i : i + 10].strip(): float(row[i : i + 10]) for i in range(15, len(head), 10)
+    }
+    assert cols["margin"] == pytest.approx(prof.safety_margin_mib, abs=0.01)
+    assert cols["peak"] == pytest.approx(dev.process_peak / 2**20, abs=0.01)
+    assert cols["budget"] - cols["peak"] - cols["margin"] == pytest.approx(cols["headroom"], abs=0.03)
     assert dev.tensor_peak >= bare.tensor_peak  # 64-byte rounding only adds
 
 

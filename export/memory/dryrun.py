@@ -51,14 +51,20 @@ class PhaseReport:
     phase: str
     tensors: dict[str, int]  # bytes per category at the phase's peak
     tensor_peak: int  # bytes of live tensors at the peak
-    overhead: int  # fixed runtime overhead + allocator slack
-    peak: int  # tensor_peak + overhead
+    overhead: int  # fixed runtime overhead + allocator slack + the profile's safety margin
+    peak: int  # tensor_peak + overhead: what must stay within the budget
     budget: int
     extra: dict = field(default_factory=dict)
     # the phase's ops (``cost.op_cost``) by unit (``photo``, ``sample``, ``step``): (ops, bytes read or
-    # written in line with them, bytes read ahead on a second thread while they run)
-    # from storage per unit: what the time prediction is computed from (``timing``)
+    # written in line with them, bytes read ahead on a second thread while they run); what the time
+    # prediction is computed from (``timing``)
     cost: dict = field(default_factory=dict, repr=False, compare=False)
+    margin: int = 0  # the profile's safety margin, inside ``overhead``: kept free, not used by the process
+
+    @property
+    def process_peak(self) -> int:
+        """The process's predicted peak: ``peak`` less the safety margin."""
+        return self.peak - self.margin
 
     @property
     def headroom(self) -> int:
@@ -71,6 +77,7 @@ class PhaseReport:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("cost")
+        d["process_peak"] = self.process_peak
         d["headroom"] = self.headroom
         d["fits"] = self.fits
         return d
@@ -161,7 +168,8 @@ def _report_from(name, peak: int, by_cat: dict, profile, extra=None) -> PhaseRep
     cats = {c: int(by_cat.get(c, 0)) for c in CATEGORIES}
     ov = _overheads(profile, peak)
     budget = int(profile.budget_gib * GIB) if profile is not None else 0
-    return PhaseReport(name, cats, peak, ov, peak + ov, budget, extra or {})
+    margin = int(getattr(profile, "safety_margin_mib", 0.0) * 2**20) if profile is not None else 0
+    return PhaseReport(name, cats, peak, ov, peak + ov, budget, extra or {}, margin=margin)
 
 
 def _round_to(profile) -> int:

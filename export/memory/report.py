@@ -22,11 +22,20 @@ def _unit(reports: list[PhaseReport]) -> tuple[str, float]:
 
 def table(reports: list[PhaseReport]) -> str:
     unit, div = _unit(reports)
-    cols = [LABELS[c] for c in CATEGORIES] + ["runtime", "peak", "budget", "headroom"]
+    """Per phase: tensors by category, the runtime (fixed overhead and allocator slack), the process's
+    peak, the profile's safety margin kept free on top of it, the budget and the headroom left after
+    both (negative: over budget)."""
+    cols = [LABELS[c] for c in CATEGORIES] + ["runtime", "peak", "margin", "budget", "headroom"]
     head = f"{'phase (' + unit + ')':<15}" + "".join(f"{c:>10}" for c in cols)
     lines = [head, "-" * len(head)]
     for r in reports:
-        vals = [r.tensors.get(c, 0) for c in CATEGORIES] + [r.overhead, r.peak, r.budget, r.headroom]
+        vals = [r.tensors.get(c, 0) for c in CATEGORIES] + [
+            r.overhead - r.margin,
+            r.process_peak,
+            r.margin,
+            r.budget,
+            r.headroom,
+        ]
         row = f"{r.phase:<15}" + "".join(f"{v / div:>10.2f}" for v in vals)
         lines.append(row + ("" if r.fits else "   OVER BUDGET"))
     return "\n".join(lines)
@@ -47,7 +56,8 @@ def plot(reports: list[PhaseReport], path, title: str) -> None:
     x = range(len(reports))
     bottom = [0.0] * len(reports)
     parts = [(LABELS[c], [r.tensors.get(c, 0) / div for r in reports]) for c in CATEGORIES]
-    parts.append(("runtime + slack", [r.overhead / div for r in reports]))
+    parts.append(("runtime + slack", [(r.overhead - r.margin) / div for r in reports]))
+    parts.append(("safety margin", [r.margin / div for r in reports]))
     for label, vals in parts:
         if any(vals):
             ax.bar(x, vals, bottom=bottom, label=label)

@@ -293,6 +293,7 @@ def search(
                 lb + fixed,
                 profile.budget_bytes,
                 {"lower_bound": True},
+                margin=int(getattr(profile, "safety_margin_mib", 0.0) * 2**20),
             )
             c = Candidate(plan, [rep])
             key = (plan.front_skip, plan.back_skip, plan.s_min, plan.base_quant)
