@@ -22,9 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from blockskip.runtime.errors import BlockSkipError
 from blockskip.runtime.files import atomic_write
@@ -50,21 +53,21 @@ __all__ = [
 ]
 
 
-def checkpoint_metadata(tensors: dict, step: int, log: dict) -> dict[str, str]:
+def checkpoint_metadata(tensors: Mapping[str, object], step: int, log: dict[str, Any]) -> dict[str, str]:
     """The checkpoint's metadata: ``step``, ``log`` and the integrity record ``sha256`` (of the file the
     same tensors and the other two make)."""
     meta = {META_STEP: str(int(step)), META_LOG: json.dumps(log, sort_keys=True, allow_nan=False)}
     return {**meta, META_SHA256: canonical_digest(tensors, meta)}
 
 
-def write_checkpoint(path: Path, tensors: dict, step: int, log: dict) -> None:
+def write_checkpoint(path: Path, tensors: Mapping[str, object], step: int, log: dict[str, Any]) -> None:
     """Write the shared checkpoint atomically (numpy arrays or torch tensors), with its integrity record."""
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = checkpoint_metadata(tensors, step, log)
     atomic_write(path, lambda tmp: write_tensors(tmp, tensors, meta))
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], int, dict]:
+def read_checkpoint(path: Path) -> tuple[dict[str, npt.NDArray[Any]], int, dict[str, Any]]:
     """(tensors, step, log) after checking the file's declared format, its integrity record and that every
     value is finite; anything else is a clear error (a checkpoint is never resumed on trust)."""
     start_over = f"delete {Path(path).parent} to start over"
@@ -79,7 +82,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], int, dict]:
     h = hashlib.sha256()
     text = canonical_header(entries, meta)
     h.update(struct.pack("<Q", len(text)) + text)
-    h.update(memoryview(f.buffer)[f.data_start :])
+    h.update(f.buffer.data[f.data_start :])
     if h.hexdigest() != f.metadata[META_SHA256]:
         raise BlockSkipError(
             f"checkpoint {path} does not match its integrity record ({META_SHA256}): it is corrupt; "
@@ -99,10 +102,10 @@ def diffusers_name(peft: str) -> str:
     return LORA_PREFIX + peft.replace(PEFT_ADAPTER, ".")
 
 
-def write_lora(path: Path, tensors: dict[str, np.ndarray], lora: dict) -> None:
+def write_lora(path: Path, tensors: Mapping[str, npt.ArrayLike], lora: dict[str, Any]) -> None:
     """The LoRA file from peft-named float32 tensors and the bundle's ``lora`` section."""
     scale = np.float32(lora["alpha"] / lora["rank"])
-    out = {}
+    out: dict[str, npt.NDArray[np.float32]] = {}
     for name, t in tensors.items():
         a = np.asarray(t, dtype=np.float32)
         out[diffusers_name(name)] = a * scale if LORA_B in name else a

@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from blockskip.runtime.memory import peak_rss_mib
+
+if TYPE_CHECKING:
+    from blockskip.runtime.progress import Bar
 
 
 class EventLog:
@@ -18,7 +22,7 @@ class EventLog:
         self._own = path != "-"
         self._f = open(path, "a", encoding="utf-8") if self._own else sys.stdout  # noqa: SIM115 (closed in close)
 
-    def emit(self, event: str, **fields) -> None:
+    def emit(self, event: str, **fields: object) -> None:
         line = json.dumps({"event": event, "time": time.time(), **fields}, allow_nan=False)
         self._f.write(line + "\n")
         self._f.flush()
@@ -32,12 +36,12 @@ class EventBar:
     """A progress bar that also writes events: ``step`` for the training bar, ``precompute_progress``
     for the others. The training loop passes ``_loss`` and ``_seconds`` (kept out of the terminal bar)."""
 
-    def __init__(self, inner, events: EventLog, desc: str, total: int, initial: int):
+    def __init__(self, inner: Bar, events: EventLog, desc: str, total: int, initial: int):
         self.inner, self.events, self.desc, self.total = inner, events, desc, total
         self.done = initial
         self.seconds: list[float] = []
 
-    def update(self, n=1, **postfix):
+    def update(self, n: int = 1, **postfix: float | str) -> None:
         self.done += n
         loss, seconds = postfix.get("_loss"), postfix.get("_seconds")
         if self.desc == "train" and loss is not None:
@@ -56,5 +60,5 @@ class EventBar:
             self.events.emit("precompute_progress", done=self.done, total=self.total)
         self.inner.update(n, **postfix)
 
-    def close(self):
+    def close(self) -> None:
         self.inner.close()

@@ -14,13 +14,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from blockskip.runtime.errors import FolderInUseError, OutputError
 from blockskip.runtime.formats import CHECKPOINT_DIR, LOCK_FILE, TEMP_PREFIX, TEMP_SUFFIX
 
+StrPath = str | os.PathLike[str]
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+
+def sha256_file(path: StrPath, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -28,7 +31,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+def atomic_write(path: StrPath, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)``, fsync the file, then rename it over ``path`` (and fsync the folder).
 
     A crash leaves either the old file or the new one, never a torn one.
@@ -52,7 +55,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
+def atomic_write_json(path: StrPath, obj: object) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1, sort_keys=True)
@@ -60,7 +63,7 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write(path, write)
 
 
-def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+def ensure_writable_dir(path: StrPath, what: str = "output folder") -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -85,14 +88,21 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "output folder") ->
 # of [A-Za-z0-9])
 TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}.+\.[A-Za-z0-9_]{{6,}}{re.escape(TEMP_SUFFIX)}$")
 
-_held: dict[str, list] = {}  # real path of a locked folder -> [lock file descriptor, holds]
+
+@dataclass
+class _Hold:
+    fd: int | None  # the lock file's descriptor (None: no flock on that file system)
+    holds: int
+
+
+_held: dict[str, _Hold] = {}  # real path of a locked folder -> its lock
 _held_guard = threading.Lock()
 
 
-def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
+def remove_stale_temps(folder: StrPath) -> list[str]:
     """Remove what atomic writes killed mid-way left in ``folder`` (only while holding its lock); returns
     the names removed."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(folder)
     except OSError:
@@ -120,9 +130,7 @@ def _holder(lock: str) -> str:
 
 
 @contextlib.contextmanager
-def folder_lock(
-    folder: str | os.PathLike, what: str, hint: str, temps: tuple[str, ...] = (".",)
-) -> Iterator[Path]:
+def folder_lock(folder: StrPath, what: str, hint: str, temps: tuple[str, ...] = (".",)) -> Iterator[Path]:
     """Hold ``folder``'s run lock: an advisory ``flock`` on ``folder/LOCK_FILE`` (``runtime.formats``),
     which holds this process's pid and is released when the process ends, however it ends. Another
     process holding it is a :class:`FolderInUseError` naming its pid (``what`` names the folder, ``hint``
@@ -133,16 +141,16 @@ def folder_lock(
     key = os.path.realpath(folder)
     with _held_guard:
         if key in _held:
-            _held[key][1] += 1
+            _held[key].holds += 1
         else:
-            _held[key] = [_take(folder, what, hint, temps), 1]
+            _held[key] = _Hold(_take(folder, what, hint, temps), 1)
     try:
         yield folder
     finally:
         with _held_guard:
-            _held[key][1] -= 1
-            if _held[key][1] == 0:
-                fd = _held.pop(key)[0]
+            _held[key].holds -= 1
+            if _held[key].holds == 0:
+                fd = _held.pop(key).fd
                 if fd is not None:
                     os.close(fd)  # the only descriptor of the lock: closing it releases the lock
 
@@ -180,11 +188,11 @@ def _take(folder: Path, what: str, hint: str, temps: tuple[str, ...]) -> int | N
     return fd
 
 
-def output_lock(out: str | os.PathLike):
+def output_lock(out: StrPath) -> contextlib.AbstractContextManager[Path]:
     """The run lock of an output folder (it and its checkpoint folder are cleaned of temporaries)."""
     return folder_lock(out, "output folder", "choose another output folder with -o", (".", CHECKPOINT_DIR))
 
 
-def cache_lock(cache: str | os.PathLike):
+def cache_lock(cache: StrPath) -> contextlib.AbstractContextManager[Path]:
     """The run lock of a cache folder."""
     return folder_lock(cache, "cache folder", "use another --cache folder")

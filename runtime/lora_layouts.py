@@ -20,6 +20,7 @@ The mapping below is the one declaration of these layouts (``ORIGINAL``); conver
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -113,7 +114,7 @@ ORIGINAL: dict[str, list[tuple[str, str, dict[str, tuple[Part, ...]]]]] = {
 _DIFFUSERS_KEY = re.compile(r"^transformer\.(.+)\.lora_([AB])\.weight$")
 
 
-def _family(family: str) -> list:
+def _family(family: str) -> list[tuple[str, str, dict[str, tuple[Part, ...]]]]:
     if family not in ORIGINAL:
         raise BlockSkipError(
             f"unknown family {family!r} for a LoRA layout; choose one of {', '.join(FAMILIES)}"
@@ -260,7 +261,7 @@ def formats_of(choice: str) -> tuple[str, ...]:
     return (choice,)
 
 
-def convert_file(src, dst, family: str, fmt: str) -> None:
+def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], family: str, fmt: str) -> None:
     """Write ``dst`` in layout ``fmt`` from the diffusers-named LoRA file ``src`` (atomically)."""
     from blockskip.runtime.files import atomic_write
     from blockskip.runtime.tensorfile import read_tensors, write_tensors
@@ -274,7 +275,7 @@ def convert_file(src, dst, family: str, fmt: str) -> None:
     atomic_write(dst, lambda tmp: write_tensors(tmp, out, meta))
 
 
-def write_layouts(lora_path, family: str, choice: str) -> dict[str, str]:
+def write_layouts(lora_path: str | os.PathLike[str], family: str, choice: str) -> dict[str, str]:
     """Beside the diffusers LoRA ``lora_path``, write the other layouts ``--lora-format`` asks for;
     returns {layout: path} (the diffusers file included: it is always written)."""
     from pathlib import Path

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import resource
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from blockskip.runtime.bundle import Bundle
 
 
 def peak_rss_mib() -> float:
@@ -40,7 +45,7 @@ def return_freed_memory() -> None:
         _trim(0)
 
 
-_trim = None
+_trim: Callable[[int], object] | Literal[False] | None = None  # glibc's malloc_trim; False: none
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
@@ -123,7 +128,7 @@ def available_bytes() -> tuple[int, str]:
     return (avail if avail is not None else 1 << 62), source
 
 
-def check_budget(bundle, phase: str) -> None:
+def check_budget(bundle: Bundle, phase: str) -> None:
     """Stop before a phase whose predicted peak (the bundle's dry run) does not fit the memory that is
     available now, naming the plan's peak, what is available and a plan option that would fit."""
     import os

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from blockskip.runtime.errors import PlanError
 
@@ -63,7 +64,7 @@ class Plan:
     seed: int = 0
     checkpoint_every: int = 10  # optimizer steps between atomic checkpoints
     precompute_chunk: int = 0  # samples kept in memory per pass over the frozen blocks; 0 = all K
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def trained_indices(self, num_blocks: int) -> list[int]:
         """Validate against a model with ``num_blocks`` blocks; return sorted trained indices."""
@@ -162,11 +163,11 @@ class Plan:
     def alpha(self) -> float:
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> Plan:
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

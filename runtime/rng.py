@@ -22,6 +22,7 @@ noise. Specified in
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 GAMMA = 0x9E3779B97F4A7C15
 M1 = 0xBF58476D1CE4E5B9
@@ -31,7 +32,10 @@ SCHEDULE_STREAM = 1  # the patch schedule's draws
 NOISE_STREAM = 2  # a schedule entry's Gaussian noise (keyed by its noise_seed)
 
 
-def mix(z: np.ndarray) -> np.ndarray:
+U64 = npt.NDArray[np.uint64]
+
+
+def mix(z: U64 | np.uint64) -> U64:
     z = np.asarray(z, dtype=np.uint64)
     with np.errstate(over="ignore"):
         z = (z ^ (z >> np.uint64(30))) * np.uint64(M1)
@@ -44,14 +48,14 @@ def key(seed: int, stream: int) -> int:
     return int(mix(np.uint64(int(mix(np.uint64(seed & MASK))) ^ (stream & MASK))))
 
 
-def words(k: int, start: int, count: int) -> np.ndarray:
+def words(k: int, start: int, count: int) -> U64:
     """``word(k, i)`` for i in [start, start + count), as uint64."""
     i = np.arange(start, start + count, dtype=np.uint64) + np.uint64(1)
     with np.errstate(over="ignore"):
         return mix(np.uint64(k & MASK) + i * np.uint64(GAMMA))
 
 
-def below(w: np.ndarray | int, n: int) -> np.ndarray:
+def below(w: U64 | int, n: int) -> U64:
     """Integers in [0, n) from words ``w`` (1 <= n <= 2^32)."""
     if not 1 <= n <= 1 << 32:
         raise ValueError(f"below(): n must be in [1, 2^32], got {n}")
@@ -60,7 +64,7 @@ def below(w: np.ndarray | int, n: int) -> np.ndarray:
         return ((w >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32)
 
 
-def normals(seed: int, n: int) -> np.ndarray:
+def normals(seed: int, n: int) -> npt.NDArray[np.float32]:
     """``n`` standard normal float32 values of the noise sequence of ``seed``."""
     pairs = (n + 1) // 2
     w = words(key(seed, NOISE_STREAM), 0, 2 * pairs)

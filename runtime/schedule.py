@@ -15,6 +15,7 @@ take each photo once, in order), the timestep ``1 + below(w1, T)``, the crop ori
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from blockskip.runtime import rng as counter_rng
 from blockskip.runtime.errors import PlanError
@@ -47,7 +48,7 @@ def shift_sigma(u: float, shift: float) -> float:
 
 
 class PatchSchedule:
-    def __init__(self, entries: list[ScheduleEntry], meta: dict):
+    def __init__(self, entries: list[ScheduleEntry], meta: dict[str, Any]):
         self.entries = entries
         self.meta = meta
 
@@ -118,9 +119,9 @@ class PatchSchedule:
     def __getitem__(self, i: int) -> ScheduleEntry:
         return self.entries[i]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"meta": self.meta, "entries": [asdict(e) for e in self.entries]}
 
     @classmethod
-    def from_json(cls, d: dict) -> PatchSchedule:
+    def from_json(cls, d: dict[str, Any]) -> PatchSchedule:
         return cls([ScheduleEntry(**e) for e in d["entries"]], dict(d["meta"]))

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from blockskip.runtime.errors import BundleError
 
@@ -35,7 +39,7 @@ MAX_HEADER = 100 << 20
 class TensorFile:
     """All tensors of one safetensors file, read into memory (``arrays``: name -> numpy view)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         try:
             with open(self.path, "rb") as f:
@@ -44,7 +48,7 @@ class TensorFile:
                 # are first touched by readinto, which releases it, so a prefetching thread does not
                 # stall the step running beside it
                 buf = np.empty(size, dtype=np.uint8)
-                view = memoryview(buf)
+                view = buf.data  # a memoryview of its bytes
                 got = 0
                 while got < size:
                     n = f.readinto(view[got:])
@@ -65,11 +69,11 @@ class TensorFile:
         if not isinstance(header, dict):
             raise BundleError(f"{self.path} has a malformed safetensors header")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self.header: dict[str, dict] = header  # name -> dtype, shape, data_offsets
+        self.header: dict[str, dict[str, Any]] = header  # name -> dtype, shape, data_offsets
         self.data_start = 8 + hlen
         self.buffer = buf
         data = view[8 + hlen :]
-        self.arrays: dict[str, np.ndarray] = {}
+        self.arrays: dict[str, npt.NDArray[Any]] = {}
         self.dtypes: dict[str, str] = {}
         for name, rec in header.items():
             try:
@@ -88,7 +92,7 @@ class TensorFile:
     def nbytes(self) -> int:
         return len(self.buffer)
 
-    def float32(self, name: str) -> np.ndarray:
+    def float32(self, name: str) -> npt.NDArray[np.float32]:
         """One floating tensor as float32 (bfloat16 bits widened exactly)."""
         a = self.arrays[name]
         if self.dtypes[name] == "bfloat16":
@@ -96,7 +100,9 @@ class TensorFile:
         return np.asarray(a, dtype=np.float32)
 
 
-def read_header(path: str | Path, metadata: bool = False) -> tuple[dict[str, dict], int]:
+def read_header(
+    path: str | os.PathLike[str], metadata: bool = False
+) -> tuple[dict[str, dict[str, Any]], int]:
     """A safetensors file's tensor entries (name -> dtype, shape, data_offsets) and the file offset their
     data starts at, read without the data (a multi-GB model shard, read tensor by tensor). With
     ``metadata`` the header keeps its ``__metadata__`` (when the file has one)."""
@@ -145,7 +151,7 @@ _EXPONENT = {
 }
 
 
-def first_nonfinite(path: str | Path, chunk: int = 1 << 20) -> str | None:
+def first_nonfinite(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str | None:
     """The first floating tensor (in name order) holding a NaN or an Inf, or None. Reads each tensor in
     ``chunk``-byte pieces (a prefetching thread does not hold another copy of the file)."""
     header, start = read_header(path)
@@ -171,7 +177,7 @@ def first_nonfinite(path: str | Path, chunk: int = 1 << 20) -> str | None:
     return None
 
 
-def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
+def read_tensors(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[Any]]:
     return TensorFile(path).arrays
 
 
@@ -195,16 +201,16 @@ _CODES = {
 }
 
 
-def _as_array(name: str, t) -> tuple[str, np.ndarray]:
+def _as_array(name: str, t: object) -> tuple[str, npt.NDArray[Any]]:
     """(safetensors dtype, C-contiguous little-endian array holding the bytes) of a numpy array or a
     torch tensor (bfloat16: its bits, as uint16)."""
     if hasattr(t, "detach"):  # torch, without importing it here
-        t = t.detach().cpu().contiguous()
-        if str(t.dtype) == "torch.bfloat16":
+        tensor: Any = t.detach().cpu().contiguous()  # a torch.Tensor
+        if str(tensor.dtype) == "torch.bfloat16":
             import torch
 
-            return "BF16", t.view(torch.int16).numpy()
-        t = t.numpy()
+            return "BF16", tensor.view(torch.int16).numpy()
+        t = tensor.numpy()
     a = np.asarray(t)
     if not a.flags.c_contiguous:
         a = a.copy(order="C")  # (ascontiguousarray would make a scalar 1-d)
@@ -214,24 +220,27 @@ def _as_array(name: str, t) -> tuple[str, np.ndarray]:
     return code, a.astype(a.dtype.newbyteorder("<"), copy=False)
 
 
-def canonical_header(entries: dict[str, dict], metadata: dict[str, str] | None) -> bytes:
+def canonical_header(entries: Mapping[str, object], metadata: dict[str, str] | None) -> bytes:
     """The header of a canonical file (``runtime.formats``, "canonical safetensors files"): JSON with
     every object's keys sorted, no spaces, ASCII (other characters escaped), padded with spaces to a
     multiple of 8 bytes; ``__metadata__`` only when there is metadata."""
-    header = dict(entries)
+    header: dict[str, object] = dict(entries)
     if metadata:
         header["__metadata__"] = dict(metadata)
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     return text + b" " * (-len(text) % 8)
 
 
-def _canonical(tensors: dict, metadata: dict[str, str] | None) -> tuple[bytes, dict]:
+def _canonical(
+    tensors: Mapping[str, object], metadata: dict[str, str] | None
+) -> tuple[bytes, dict[str, tuple[str, npt.NDArray[Any]]]]:
     if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("safetensors metadata must map strings to strings")
     if "__metadata__" in tensors:
         raise ValueError("a tensor cannot be named __metadata__")
     arrays = {name: _as_array(name, tensors[name]) for name in sorted(tensors)}
-    entries, offset = {}, 0
+    entries: dict[str, dict[str, Any]] = {}
+    offset = 0
     for name, (code, a) in arrays.items():
         entries[name] = {
             "dtype": code,
@@ -242,7 +251,7 @@ def _canonical(tensors: dict, metadata: dict[str, str] | None) -> tuple[bytes, d
     return canonical_header(entries, metadata), arrays
 
 
-def canonical_digest(tensors: dict, metadata: dict[str, str] | None = None) -> str:
+def canonical_digest(tensors: Mapping[str, object], metadata: dict[str, str] | None = None) -> str:
     """sha256 of the file ``write_tensors(path, tensors, metadata)`` writes, without writing it."""
     header, arrays = _canonical(tensors, metadata)
     h = hashlib.sha256(struct.pack("<Q", len(header)) + header)
@@ -252,7 +261,9 @@ def canonical_digest(tensors: dict, metadata: dict[str, str] | None = None) -> s
     return h.hexdigest()
 
 
-def write_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+def write_tensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, object], metadata: dict[str, str] | None = None
+) -> None:
     """Write numpy arrays or torch tensors (any dtype safetensors has; bfloat16 from torch) with string
     metadata as a canonical safetensors file: the same tensors and metadata give the same bytes in every
     process (the safetensors package writes its metadata in a per-process hash order). The data follows

@@ -11,8 +11,13 @@ in the stride between tiles (``STRIDES``); the manifest's ``tiles`` record says 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+
+F32 = npt.NDArray[np.float32]
+Array = npt.NDArray[Any]  # any dtype: converted to float32 where read
 
 TILE = 256  # px (the torch backend's ``latent.TILE``)
 STRIDE = TILE * 7 // 8  # px between tile starts of a DC-AE encoder: 32 px overlap
@@ -40,7 +45,7 @@ def tile_shapes(size: int, ratio: int, stride: int = STRIDE) -> list[tuple[int, 
     return [(h, w) for h in lens for w in lens]
 
 
-def _tile(image: np.ndarray, i: int, j: int, ratio: int, tile: int = TILE) -> np.ndarray:
+def _tile(image: Array, i: int, j: int, ratio: int, tile: int = TILE) -> F32:
     t = image[:, :, i : i + tile, j : j + tile]
     ph, pw = (ratio - t.shape[2]) % ratio, (ratio - t.shape[3]) % ratio
     if ph or pw:
@@ -49,8 +54,8 @@ def _tile(image: np.ndarray, i: int, j: int, ratio: int, tile: int = TILE) -> np
 
 
 def blend_tiles(
-    rows: list[list[np.ndarray]], height: int, width: int, ratio: int, tile: int = TILE, stride: int = STRIDE
-) -> np.ndarray:
+    rows: list[list[F32]], height: int, width: int, ratio: int, tile: int = TILE, stride: int = STRIDE
+) -> F32:
     """Latent tiles (row-major, as ``tile_spans`` lays them out) -> the photo's latent."""
     lat_tile, lat_stride = tile // ratio, stride // ratio
     blend = lat_tile - lat_stride
@@ -74,12 +79,12 @@ def blend_tiles(
 
 
 def encode_tiled(
-    image: np.ndarray,
-    encode: Callable[[np.ndarray], np.ndarray],
+    image: Array,
+    encode: Callable[[F32], Array],
     ratio: int,
     tile: int = TILE,
     stride: int = STRIDE,
-) -> np.ndarray:
+) -> F32:
     """[1,3,H,W] -> [1,C,H/ratio,W/ratio]; ``encode`` maps one tile [1,3,h,w] to its latent."""
     _, _, height, width = image.shape
     rows = [
@@ -93,11 +98,11 @@ def encode_tiled(
 
 
 def encode_photos(
-    sec: dict,
-    images: np.ndarray,
+    sec: dict[str, Any],
+    images: Array,
     load: Callable[[str], object],
-    run: Callable[[object, np.ndarray], np.ndarray],
-) -> np.ndarray:
+    run: Callable[[object, F32], Array],
+) -> F32:
     """Photos [N,3,S,S] -> latents with a format's encoder programs (the manifest record ``sec``):
     ``load(relative file)`` opens a program, ``run(program, [1,3,h,w])`` runs it. In tiles when ``sec``
     says so: one tile shape at a time over every photo, so one program (its weights and its one-tile
@@ -112,7 +117,7 @@ def encode_photos(
                 f"photo tensor {list(im.shape)} does not match the exported encoder input {want}"
             )
 
-    def program(key: str):
+    def program(key: str) -> object:
         if key not in programs:
             raise BlockSkipError(f"the bundle has no encoder program for {key} px inputs; export it again")
         return load(programs[key]["file"])
@@ -137,7 +142,7 @@ def encode_photos(
         for r, (i, hi) in enumerate(tile_spans(height, ratio, tile, stride))
         for c, (j, wj) in enumerate(tile_spans(width, ratio, tile, stride))
     ]
-    lat: dict[tuple[int, int, int], np.ndarray] = {}
+    lat: dict[tuple[int, int, int], F32] = {}
     for key in dict.fromkeys(k for *_, k in grid):
         prog = program(key)
         for n, im in enumerate(images):
