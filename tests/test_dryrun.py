@@ -325,6 +325,38 @@ def test_composed_training_trace_is_the_whole_trace(name, kw):
     )
 
 
+@pytest.mark.parametrize("name", ["flux", "sd35", "sana"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(num_samples=6),
+        dict(num_samples=7, precompute_chunk=5, front_skip=3, back_skip=2, positions="full"),
+        dict(num_samples=5, front_skip=0, back_skip=0, dtype="bfloat16"),
+        dict(num_samples=4, front_skip=2, back_skip=3, back_residual=False),
+    ],
+)
+def test_composed_precompute_trace_is_the_whole_trace(name, kw):
+    """Precompute traced over a few samples and extrapolated to the chunk equals the chunk's whole trace:
+    the peaks (encoder, blocks, phase) with their bytes per category, the cache entry and the ops."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from blockskip.export.memory import dryrun as dr
+
+    spec = _deep_spec(name)
+    plan = Plan(s_min=32, s_max=64, lora_rank=4, **kw)
+    trained = plan.trained_indices(spec.family.num_blocks)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        # the first trace in a process also counts the encoder's constant buffers (torch.tensor of Python
+        # data, made fake once per process): trace once before comparing
+        dr.trace_precompute(spec, plan, trained, num_images=3, compose=False)
+        whole = dr.trace_precompute(spec, plan, trained, num_images=3, compose=False)
+        composed = dr.trace_precompute(spec, plan, trained, num_images=3)
+    assert whole.chunk > dr.COMPOSE_SAMPLES + 1  # the composition really extrapolates
+    assert composed == whole
+    assert whole.blocks_peak > whole.encoder_peak or name != "flux"  # the blocks' peak is what is composed
+    assert sum(whole.blocks_cost.values()) > 100
+
+
 def test_plan_and_export_take_the_same_plan_options(tmp_path):
     """``blockskip-plan`` takes exactly the plan options ``blockskip-export`` takes (one definition), and the
     same options give the same plan: a search over the built-in model with a pinned split, rank, LoRA

@@ -1,7 +1,7 @@
 """Trace every device phase on fake tensors: precompute, training steps, saving.
 
 The phases call the torch backend's own functions (``encode_latents``, ``prompt_text``,
-``compute_entries``, ``TrainedSpan``, AdamW, ``checkpoint_tensors``) over a ``FakeStore``, so the
+``embed_entries``, ``run_entries``, ``TrainedSpan``, AdamW, ``checkpoint_tensors``) over a ``FakeStore``, so the
 prediction follows the code that runs on the device.
 """
 
@@ -21,10 +21,11 @@ from blockskip.export.memory.fake_store import FakeStore
 from blockskip.export.memory.tracer import CATEGORIES, MemoryTracer
 from blockskip.runtime.backends.torch import (
     TrainedSpan,
-    compute_entries,
+    embed_entries,
     encode_latents,
     make_optimizer,
     prompt_text,
+    run_entries,
 )
 from blockskip.runtime.backends.torch_io import DTYPES
 from blockskip.runtime.backends.torch_lora import checkpoint_tensors, lora_state_dict
@@ -206,6 +207,11 @@ class PrecomputeTrace(NamedTuple):
     chunk: int = 1
 
 
+#: samples of a chunk a composed precompute trace streams the blocks over (``trace_precompute``): one run
+#: with this many, one with one more, extrapolated to the chunk
+COMPOSE_SAMPLES = 1
+
+
 def trace_precompute(
     spec: ModelSpec,
     plan: Plan,
@@ -213,12 +219,17 @@ def trace_precompute(
     profile=None,
     num_images: int = 4,
     memo: dict | None = None,
+    compose: bool = True,
 ) -> PrecomputeTrace:
     """The torch backend's precompute, traced: photos in memory, the encoder, then one frozen block at a
     time for a chunk of samples. It does not depend on LoRA, quantisation or checkpointing: a search
-    traces it once per split (``memo``). Call it inside a ``FakeTensorMode``."""
-    fam = spec.family
-    dtype = DTYPES[plan.dtype]
+    traces it once per split (``memo``). Call it inside a ``FakeTensorMode``.
+
+    ``compose``: the chunk's samples are embedded as the device does (their crops differ), but the blocks
+    are streamed over ``COMPOSE_SAMPLES`` of them and over one more, and each block's peak and the ops
+    are extrapolated to the chunk: every embedded sample has the same shapes, so the bytes live while a
+    block runs, and its ops, are affine in the count of samples. Equal to the whole trace to the byte
+    (tested on every family)."""
     chunk = plan.precompute_chunk or plan.num_samples
     key = (
         tuple(trained),
@@ -244,38 +255,96 @@ def trace_precompute(
         patch_sampling=plan.patch_sampling,
         shift=plan.timestep_shift,
     )
+    entries = schedule.entries[:chunk]
+    k = len(entries)
+
+    def run(samples, blocks: bool = True) -> dict:
+        return _precompute_run(spec, plan, trained, profile, num_images, samples, blocks)
+
+    if not compose or k <= COMPOSE_SAMPLES + 1:
+        whole = run(entries)
+        blocks, loop_cost = whole["blocks"], whole["loop_cost"]
+    else:
+        from blockskip.export.memory.cost import combine
+
+        whole = run(entries, blocks=False)  # the encoder, the prompt and every sample embedded
+        few, more = run(entries[:COMPOSE_SAMPLES]), run(entries[: COMPOSE_SAMPLES + 1])
+        steps = k - COMPOSE_SAMPLES
+        blocks = whole["head"]
+        for seg, (p0, cats0) in few["segments"].items():
+            p1, cats1 = more["segments"][seg]
+            peak = p0 + steps * (p1 - p0)
+            if peak > blocks[0]:
+                names = set(cats0) | set(cats1)
+                blocks = (
+                    peak,
+                    {c: cats0.get(c, 0) + steps * (cats1.get(c, 0) - cats0.get(c, 0)) for c in names},
+                )
+        loop_cost = combine(few["loop_cost"], [(more["loop_cost"], steps)])
+        whole = {**whole, "entry_shapes": few["entry_shapes"], "entry_bytes": few["entry_bytes"]}
+    top = max(whole["encoder"], blocks, key=lambda x: x[0])
+    out = PrecomputeTrace(
+        top[0],
+        top[1],
+        whole["entry_shapes"],
+        whole["entry_bytes"],
+        *whole["encoder"],
+        *blocks,
+        whole["encoder_cost"],
+        whole["head_cost"] + loop_cost,
+        k,
+    )
+    if memo is not None:
+        memo[key] = out
+    return out
+
+
+def _precompute_run(
+    spec: ModelSpec, plan: Plan, trained, profile, num_images: int, entries, blocks: bool
+) -> dict:
+    """One traced precompute of ``entries`` (``trace_precompute``): the encoder's peak and ops, the
+    prompt's and embedding's ("head"), then (``blocks``) the peak of each segment of streaming the blocks
+    over them (``("block", i)``: block i loaded and run; ``("after", i)``: from its release to the next
+    load, or to the cache tensors at the end), the blocks' ops, and the whole phase's peak after the
+    encoder."""
+    fam = spec.family
+    dtype = DTYPES[plan.dtype]
     tr = MemoryTracer(_round_to(profile))
     tr.cost = Counter()
+    out: dict = {}
     with tr:
         store = FakeStore(fam, spec.encoder_spec, spec.prompt_shapes, dtype, tr)
         with tr.category("cache"):
             images = torch.empty(num_images, 3, plan.s_max, plan.s_max)
         latents = encode_latents(store, images, dtype, plan.vae_tiling)
-        enc = (int(tr.peak), dict(tr.peak_by_cat))
-        enc_cost, tr.cost = tr.cost, Counter()
+        out["encoder"] = (int(tr.peak), dict(tr.peak_by_cat))
+        out["encoder_cost"], tr.cost = tr.cost, Counter()
         tr.reset_peak()
         text = prompt_text(store, dtype)
-        entries = compute_entries(
-            store, latents, text, schedule.entries[:chunk], plan, spec.vae_factor, trained
-        )
-        entry_shapes = {k: (tuple(v.shape), v.dtype) for k, v in entries[0].items()}
-        entry_bytes = sum(v.numel() * v.element_size() for v in entries[0].values())
-        del entries, latents, text, images
-    blocks = (int(tr.peak), dict(tr.peak_by_cat))
-    top = max(enc, blocks, key=lambda x: x[0])
-    out = PrecomputeTrace(
-        top[0],
-        top[1],
-        entry_shapes,
-        entry_bytes,
-        *enc,
-        *blocks,
-        enc_cost,
-        tr.cost,
-        min(chunk, len(schedule.entries)),
-    )
-    if memo is not None:
-        memo[key] = out
+        states, consts, targets = embed_entries(store, latents, text, entries, plan, spec.vae_factor)
+        out["head"] = (int(tr.peak), dict(tr.peak_by_cat))
+        out["head_cost"], tr.cost = tr.cost, Counter()
+        if blocks:
+            load_block = store.load_block
+
+            def seg_load(i):
+                tr.set_segment(("block", i))
+                return load_block(i)
+
+            class AfterBlock:  # run_entries' progress bar: the rest of the run after block i
+                def update(self, n, block):
+                    tr.set_segment(("after", block))
+
+            store.load_block = seg_load
+            tr.set_segment("entries")  # no block at all when the span starts at block 0
+            cached = run_entries(store, states, consts, targets, plan, trained, AfterBlock())
+            out["entry_shapes"] = {k: (tuple(v.shape), v.dtype) for k, v in cached[0].items()}
+            out["entry_bytes"] = sum(v.numel() * v.element_size() for v in cached[0].values())
+            del cached
+        del states, consts, targets, latents, text, images
+    out["blocks"] = (int(tr.peak), dict(tr.peak_by_cat))
+    out["segments"] = dict(tr.segment_peaks)
+    out["loop_cost"] = tr.cost
     return out
 
 
@@ -557,14 +626,15 @@ def dry_run(
     skeleton=None,
 ) -> list[PhaseReport]:
     """Predict the peak memory of precompute, a training step and saving for ``plan``. ``compose``: the
-    training trace composed from short spans (``compose_train``), else the whole span traced."""
+    training trace composed from short spans (``compose_train``) and precompute from a few samples
+    (``trace_precompute``), else the whole span and chunk traced."""
     fam = spec.family
     trained = plan.validate(fam.num_blocks, spec.granularity, fam.valid_targets())
     chunk = plan.precompute_chunk or plan.num_samples
     reports = []
     with FakeTensorMode(allow_non_fake_inputs=True):
         # 1. precompute
-        pre = trace_precompute(spec, plan, trained, profile, num_images, precompute_memo)
+        pre = trace_precompute(spec, plan, trained, profile, num_images, precompute_memo, compose)
         peak, by_cat, entry_shapes, entry_bytes = pre.peak, pre.by_cat, pre.entry_shapes, pre.entry_bytes
         reports.append(
             _report_from(

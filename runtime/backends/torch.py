@@ -149,9 +149,16 @@ def compute_entries(
     store: BlockStore, latents, text, entries, plan, vae_factor: int, trained: list[int], bar=None
 ) -> list[dict]:
     """Cache tensors for a chunk of schedule entries, streaming every block once (block-major)."""
+    states, consts, targets = embed_entries(store, latents, text, entries, plan, vae_factor)
+    return run_entries(store, states, consts, targets, plan, trained, bar)
+
+
+def embed_entries(
+    store: BlockStore, latents, text, entries, plan, vae_factor: int
+) -> tuple[list, list, list]:
+    """The first half of ``compute_entries``: each entry's noised crop embedded (its state, constants and
+    target tokens)."""
     fam, model = store.family, store.model
-    L = fam.num_blocks
-    gap_list = residual_gaps(trained, L, plan.back_residual)
     states, consts, targets = [], [], []
     with torch.no_grad():
         names = store.load_part("embed")
@@ -160,11 +167,23 @@ def compute_entries(
             st, cs = fam.embed(model, x_t, sigma, text, geom, plan.positions, plan.guidance)
             states.append(st), consts.append(cs), targets.append(fam.to_tokens(target))
         store.free(names)
-        saved: list[dict] = [{} for _ in entries]
+    return states, consts, targets
+
+
+def run_entries(
+    store: BlockStore, states: list, consts: list, targets: list, plan, trained, bar=None
+) -> list[dict]:
+    """The second half of ``compute_entries``: every block streamed once over the embedded entries
+    (``states`` is advanced in place), and each entry's cache tensors."""
+    L = store.family.num_blocks
+    gap_list = residual_gaps(trained, L, plan.back_residual)
+    count = len(states)
+    with torch.no_grad():
+        saved: list[dict] = [{} for _ in range(count)]
         stop = blocks_to_run(trained, L, plan.back_residual)
         for i in range(stop):
             names = store.load_block(i)
-            for j in range(len(entries)):
+            for j in range(count):
                 _record_boundary(saved[j], states[j], i, trained, gap_list, L, before=True)
                 states[j] = store.run_block(i, states[j], consts[j])
                 _record_boundary(saved[j], states[j], i, trained, gap_list, L, before=False)
@@ -173,10 +192,10 @@ def compute_entries(
             if bar is not None:
                 bar.update(1, block=i)
         if stop == trained[0]:  # nothing is skipped after the span: its exact input is all we need
-            for j in range(len(entries)):
+            for j in range(count):
                 _record_boundary(saved[j], states[j], stop, trained, gap_list, L, before=True)
     out = []
-    for j in range(len(entries)):
+    for j in range(count):
         tensors = dict(saved[j])
         tensors.update({f"c.{n}": v for n, v in consts[j].items()})
         tensors["target"] = targets[j]
