@@ -17,9 +17,13 @@ checkpoints move between backends.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
+
+F32 = npt.NDArray[np.float32]
 
 
 @dataclass
@@ -31,7 +35,7 @@ class AdamWConfig:
     weight_decay: float = 0.0
 
 
-def _fma(a, b, c) -> np.ndarray:
+def _fma(a: npt.ArrayLike, b: npt.ArrayLike, c: npt.ArrayLike) -> F32:
     return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(
         np.float32
     )
@@ -40,9 +44,9 @@ def _fma(a, b, c) -> np.ndarray:
 class AdamW:
     def __init__(self, cfg: AdamWConfig):
         self.cfg = cfg
-        self.state: dict[str, dict[str, np.ndarray]] = {}
+        self.state: dict[str, dict[str, F32]] = {}
 
-    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+    def step(self, params: Mapping[str, F32], grads: Mapping[str, npt.ArrayLike]) -> None:
         """Update every parameter in place (float32 arrays) with its gradient."""
         c = self.cfg
         f32 = np.float32

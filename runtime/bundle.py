@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from blockskip.runtime.errors import BundleError
 from blockskip.runtime.files import atomic_write, sha256_file
@@ -60,7 +61,7 @@ class Bundle:
                 f"was edited; {again}"
             )
         check("manifest", m, str(mpath), BundleError, again)
-        self.manifest = m
+        self.manifest: dict[str, Any] = m
         self._verified: set[str] = set()
 
     @property
@@ -69,7 +70,8 @@ class Bundle:
 
     @property
     def family(self) -> str:
-        return self.manifest["family"]
+        family: str = self.manifest["family"]
+        return family
 
     @property
     def plan(self) -> Plan:
@@ -105,7 +107,7 @@ class Bundle:
             self.path(rel)
 
 
-def write_manifest(path: str | Path, manifest: dict) -> dict:
+def write_manifest(path: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Write ``manifest`` (plain JSON values) sealed with its integrity record, as the exporter does; returns
     what was written. A tool that changes a manifest writes it with this, or readers refuse it."""
     sealed = seal_manifest(manifest)
@@ -113,6 +115,6 @@ def write_manifest(path: str | Path, manifest: dict) -> dict:
     return sealed
 
 
-def file_record(root: Path, rel: str) -> dict:
+def file_record(root: Path, rel: str) -> dict[str, Any]:
     p = safe_relpath(root, rel)
     return {RECORD_SHA256: sha256_file(p), RECORD_SIZE: p.stat().st_size}

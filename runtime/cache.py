@@ -7,7 +7,7 @@ a cache made for other photos or another bundle is refused instead of silently r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from blockskip.runtime.errors import BundleError, CacheError
 from blockskip.runtime.files import atomic_write_json, ensure_writable_dir, sha256_file
@@ -36,7 +36,7 @@ class ResidualCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.index_path = self.root / CACHE_INDEX
-        self.index: dict = {}
+        self.index: dict[str, Any] = {}
         if self.index_path.is_file():
             again = "delete the cache folder and precompute again"
             index = load_json(self.index_path, CacheError, again)
@@ -49,7 +49,7 @@ class ResidualCache:
             self.index = index
 
     @classmethod
-    def create(cls, root, *, source: dict, schedule: PatchSchedule) -> ResidualCache:
+    def create(cls, root: str | Path, *, source: dict[str, Any], schedule: PatchSchedule) -> ResidualCache:
         cache = cls(ensure_writable_dir(root, "cache folder"))
         if cache.index and cache.index[INDEX_SOURCE] == source:
             cache.check_schedule(schedule)
@@ -72,7 +72,8 @@ class ResidualCache:
 
     def source_sha256(self) -> str:
         """The cache's identity as recorded when it was written."""
-        return self.index[INDEX_SOURCE_SHA256]
+        digest: str = self.index[INDEX_SOURCE_SHA256]
+        return digest
 
     def check_schedule(self, schedule: PatchSchedule) -> None:
         """The index's realised schedule must be the one the bundle makes for its photos (an index whose
@@ -130,7 +131,7 @@ class ResidualCache:
         rec = self.index[INDEX_ENTRIES].get(str(k))
         if rec is None:
             raise CacheError(f"cache entry {k} is missing; run `device-train precompute` again")
-        p = self.root / rec[RECORD_FILE]
+        p: Path = self.root / rec[RECORD_FILE]
         rebuild = "delete it and run `device-train precompute` again to rebuild it"
         if not p.is_file() or sha256_file(p) != rec[RECORD_SHA256]:
             raise CacheError(

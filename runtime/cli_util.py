@@ -6,6 +6,8 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
+from types import FrameType
+from typing import NoReturn
 
 from blockskip.runtime.errors import BlockSkipError
 
@@ -15,7 +17,7 @@ class Terminated(KeyboardInterrupt):
     stops as on Ctrl-C (every file is written atomically, so the last checkpoint is whole)."""
 
 
-def _terminate(signum, frame):
+def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
     raise Terminated()
 
 

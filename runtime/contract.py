@@ -18,7 +18,7 @@ one block by relative name (``attn.to_q.weight_q8``), ``lora`` the block's LoRA 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -64,11 +64,11 @@ class Trainer(Protocol):
     backend: str  # what train_log.json records
     checkpoint_file: str  # its file name inside OUT/checkpoint/
 
-    def load_entry(self, path: Path) -> dict:
+    def load_entry(self, path: Path) -> dict[str, Any]:
         """One cache shard's tensors in the form ``loss_and_grad`` takes."""
         ...
 
-    def loss_and_grad(self, entry: dict, scale: float) -> float:
+    def loss_and_grad(self, entry: dict[str, Any], scale: float) -> float:
         """Forward and backward of one entry with the loss times ``scale``; gradients add up until
         ``update``. Returns the unscaled loss."""
         ...
@@ -81,10 +81,10 @@ class Trainer(Protocol):
         """The LoRA tensors by peft name, float32, as they are now (lora_B not yet scaled)."""
         ...
 
-    def save_checkpoint(self, path: Path, step: int, log: dict) -> None:
+    def save_checkpoint(self, path: Path, step: int, log: dict[str, Any]) -> None:
         """Write LoRA + optimizer state atomically to ``path``."""
         ...
 
-    def load_checkpoint(self, path: Path) -> tuple[int, dict]:
+    def load_checkpoint(self, path: Path) -> tuple[int, dict[str, Any]]:
         """Restore from ``path``; return (step, saved log)."""
         ...

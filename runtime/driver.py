@@ -11,13 +11,14 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.cache import ResidualCache
 from blockskip.runtime.checkpoint import write_lora
-from blockskip.runtime.contract import Trainer
+from blockskip.runtime.contract import Arrays, Trainer
 from blockskip.runtime.errors import BlockSkipError
 from blockskip.runtime.files import atomic_write, cache_lock, ensure_writable_dir, output_lock
 from blockskip.runtime.formats import LOG_LOSS_WITHOUT_LORA as LOSS_WITHOUT_LORA
@@ -47,7 +48,7 @@ def refuse_foreign_checkpoint(out_dir: Path, own_file: str) -> None:
             )
 
 
-def refuse_other_run(path: Path, saved: dict, cache_source: str) -> None:
+def refuse_other_run(path: Path, saved: dict[str, Any], cache_source: str) -> None:
     if saved.get("cache_source") != cache_source:
         raise BlockSkipError(
             f"{path} belongs to a training run on other photos or another bundle; use a new output "
@@ -57,14 +58,14 @@ def refuse_other_run(path: Path, saved: dict, cache_source: str) -> None:
 
 def train(
     bundle: Bundle,
-    cache_dir,
-    out_dir,
+    cache_dir: str | Path,
+    out_dir: str | Path,
     make_trainer: Callable[[Path], Trainer],
     *,
     progress: Progress | None = None,
     stop_after: int | None = None,
-    extra_log: dict | None = None,
-) -> dict:
+    extra_log: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train the LoRA with the trainer ``make_trainer(out_dir)`` builds; resume from ``OUT/checkpoint``.
     Returns the log (also written to ``OUT/train_log.json``). Holds the output and cache folders' run
     locks (``files.folder_lock``) throughout."""
@@ -82,21 +83,21 @@ def train(
         )
 
 
-def checkpoint_log(log: dict) -> dict:
+def checkpoint_log(log: dict[str, Any]) -> dict[str, Any]:
     """The log a checkpoint carries: no timings, so two identical runs write identical checkpoints."""
     return {k: v for k, v in log.items() if k != LOG_STEP_SECONDS}
 
 
 def _train(
     bundle: Bundle,
-    cache_dir,
+    cache_dir: str | Path,
     out: Path,
     make_trainer: Callable[[Path], Trainer],
     *,
     progress: Progress | None,
     stop_after: int | None,
-    extra_log: dict | None,
-) -> dict:
+    extra_log: dict[str, Any] | None,
+) -> dict[str, Any]:
     plan = bundle.plan
     progress = progress or Progress(quiet=True)
     cache = ResidualCache(cache_dir)  # again, now that no other run can change it
@@ -107,7 +108,7 @@ def _train(
     trainer = make_trainer(out)
     refuse_foreign_checkpoint(out, trainer.checkpoint_file)
     ckpt = out / "checkpoint" / trainer.checkpoint_file
-    log: dict = {
+    log: dict[str, Any] = {
         "plan": plan.to_dict(),
         "backend": trainer.backend,
         "losses": [],
@@ -135,9 +136,9 @@ def _train(
         )
     bar = progress.bar(plan.steps, "train", initial=start)
     end = plan.steps if stop_after is None else max(start, min(plan.steps, stop_after))
-    first: dict = {}
+    first: dict[str, Any] = {}
 
-    def micro_step(entry) -> float:
+    def micro_step(entry: dict[str, Any]) -> float:
         loss = trainer.loss_and_grad(entry, 1.0 / plan.grad_accum)
         if not math.isfinite(loss):
             raise NumericsError(
@@ -149,7 +150,7 @@ def _train(
 
     ev = getattr(trainer, "eval_loss", None)
 
-    def checked_micro_step(entry) -> float:
+    def checked_micro_step(entry: dict[str, Any]) -> float:
         if start == 0 and "entry" not in first:  # the loss of the first entry before any update
             first["entry"] = entry
             first["before"] = ev(entry) if ev is not None else None
@@ -224,7 +225,9 @@ def _train(
     return log
 
 
-def check_lora_moves(trainer: Trainer, lora: dict, entry: dict, loss_before: float | None) -> None:
+def check_lora_moves(
+    trainer: Trainer, lora: Arrays, entry: dict[str, Any], loss_before: float | None
+) -> None:
     """After the first update: the LoRA must have left zero and must change the model's output (the
     first entry's loss, computed the same way before and after the update)."""
     if not any(np.any(a != 0) for n, a in lora.items() if ".lora_B." in n):

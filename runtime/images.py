@@ -17,11 +17,15 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from blockskip.runtime.errors import ImageError
 from blockskip.runtime.formats import PHOTO_MAX_PIXELS, PHOTO_MIN_SIDE
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 SUPPORTED = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 # other image formats: refused with a message rather than silently left out
@@ -390,7 +394,7 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return ((c * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
 
 
-def _to_rgb(path: Path, im, head: _Header) -> np.ndarray:
+def _to_rgb(path: Path, im: Image.Image, head: _Header) -> np.ndarray:
     """[h, w, 3] uint8 of a decoded image (docs/formats.md, "Photos", "Decoding")."""
     if im.mode in _GRAY16 and head.kind == "PNG" and head.png_color == 0 and head.png_depth == 16:
         v = np.asarray(im)  # 0..65535

@@ -13,12 +13,16 @@ made by either is the same cache (within float rounding of the programs' kernels
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, cast
 
 import numpy as np
 
 from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.cache import ResidualCache
+from blockskip.runtime.contract import Arrays
 from blockskip.runtime.errors import BundleError, CacheError
 from blockskip.runtime.files import atomic_write
 from blockskip.runtime.formats import EMBED, TEXT
@@ -28,6 +32,23 @@ from blockskip.runtime.rng import normals
 from blockskip.runtime.schedule import ScheduleEntry
 from blockskip.runtime.stream import CONST, STATE, StreamSpec, WeightSource
 from blockskip.runtime.tensorfile import TensorFile, write_tensors
+
+
+class _Subtractable(Protocol):
+    def __sub__(self, other: Any, /) -> Any: ...
+
+
+Tensor = TypeVar("Tensor", bound=_Subtractable)  # numpy arrays here, torch tensors in the torch backend
+
+
+class ProgramRunner(Protocol):
+    """What precompute needs of a program backend (``runtime.backends.programs.ProgramBackend``)."""
+
+    def run(self, shape: str, role: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def precompute_block(self, shape: str, state: Arrays, consts: Arrays, weights: Arrays) -> Arrays: ...
+
+    def release(self) -> None: ...
 
 
 def gaps(trained: list[int], num_blocks: int) -> list[tuple[int, int]]:
@@ -52,14 +73,14 @@ def blocks_to_run(trained: list[int], num_blocks: int, back_residual: bool = Tru
 
 
 def record_boundary(
-    saved: dict,
-    state: dict,
+    saved: dict[str, Tensor],
+    state: Mapping[str, Tensor | None],
     i: int,
     trained: list[int],
-    gap_list,
+    gap_list: list[tuple[int, int]],
     num_blocks: int,
     before: bool,
-    copy: Callable = np.copy,
+    copy: Callable[[Tensor], Tensor] = np.copy,  # type: ignore[assignment]  # (numpy arrays: np.copy)
 ) -> None:
     """Keep the exact input of the first trained block and the residual of every skipped span
     (``state`` before block ``i`` runs when ``before``, else after it). ``copy`` copies a tensor."""
@@ -73,7 +94,8 @@ def record_boundary(
             keys = ["hidden"] if b == num_blocks else [n for n, v in state.items() if v is not None]
             for n in keys:
                 if f"tmp.{a}.{n}" in saved:
-                    saved[f"delta.{a}.{n}"] = state[n] - saved[f"tmp.{a}.{n}"]
+                    # (keys: the states present; the hidden state always is)
+                    saved[f"delta.{a}.{n}"] = cast(Tensor, state[n]) - saved[f"tmp.{a}.{n}"]
             for n in [x for x in saved if x.startswith(f"tmp.{a}.")]:
                 del saved[n]
 
@@ -115,7 +137,7 @@ def crop_resize(latent: np.ndarray, e: ScheduleEntry, s_min: int, s_max: int, va
     return crop.astype(np.float32)[None]
 
 
-def sample_inputs(latent: np.ndarray, e: ScheduleEntry, s_min: int, s_max: int, vae_factor: int) -> dict:
+def sample_inputs(latent: np.ndarray, e: ScheduleEntry, s_min: int, s_max: int, vae_factor: int) -> Arrays:
     """The embed program's per-entry inputs: the resized crop ``x0``, its ``noise``, ``sigma`` and
     ``geom`` (float64 [top, left, side] of the crop in latent pixels)."""
     x0 = crop_resize(latent, e, s_min, s_max, vae_factor)
@@ -146,11 +168,11 @@ def valid_shard(cache: ResidualCache, k: int) -> bool:
 def precompute(
     bundle: Bundle,
     images: np.ndarray,
-    cache_dir,
+    cache_dir: str | Path,
     *,
-    source: dict,
-    backend,
-    encode,
+    source: dict[str, Any],
+    backend: ProgramRunner,
+    encode: Callable[[np.ndarray], np.ndarray],
     progress: Progress | None = None,
 ) -> ResidualCache:
     """Write the cache for ``images`` [N, 3, S, S] with a program backend (``runtime.backends.programs``);
@@ -220,7 +242,9 @@ def precompute(
                 tensors.update(
                     {f"c.{n}": np.ascontiguousarray(v, dtype=np.float32) for n, v in consts[j].items()}
                 )
-                atomic_write(cache.root / cache.shard_name(k), lambda tmp, t=tensors: write_tensors(tmp, t))
+                atomic_write(
+                    cache.root / cache.shard_name(k), functools.partial(write_tensors, tensors=tensors)
+                )
                 cache.record(k)
                 cache.flush()
                 bar.update(1, entry=k)

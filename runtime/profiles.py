@@ -69,8 +69,8 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
     return check
 
 
-def _names_from(kind: str, choices: tuple[str, ...]) -> Callable[[list], str | None]:
-    def check(v: list) -> str | None:
+def _names_from(kind: str, choices: tuple[str, ...]) -> Callable[[list[object]], str | None]:
+    def check(v: list[object]) -> str | None:
         if not v:
             return f"list at least one {kind} (known: {', '.join(choices)})"
         for x in v:
@@ -221,7 +221,7 @@ def line_of(lines: dict[tuple[str, ...], int], path: tuple[str, ...]) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def validate(raw: dict, text: str) -> list[tuple[int, str]]:
+def validate(raw: dict[str, Any], text: str) -> list[tuple[int, str]]:
     """All schema problems of a parsed profile as (line, message): wrong fields first, then missing
     ones, each in file order."""
     lines = key_lines(text)
@@ -241,7 +241,7 @@ def validate(raw: dict, text: str) -> list[tuple[int, str]]:
         return True, node
 
     # unknown fields and tables
-    def walk(node: dict, prefix: tuple[str, ...]) -> None:
+    def walk(node: dict[str, Any], prefix: tuple[str, ...]) -> None:
         for k, v in node.items():
             path = (*prefix, k)
             dotted = ".".join(path)
@@ -396,7 +396,7 @@ class Profile:
     budget_gib: float
     dtype: str  # compute.default_dtype
     backends: tuple[str, ...]
-    raw: dict = field(hash=False, repr=False)
+    raw: dict[str, Any] = field(hash=False, repr=False)
     runtime_overhead_mib: float = 0.0
     cuda_context_mib: float = 0.0
     allocator_slack: float = 0.0
@@ -442,7 +442,7 @@ class Profile:
         return any(dtype in v for v in self.dtypes.values())
 
 
-def _from_raw(raw: dict, source: str) -> Profile:
+def _from_raw(raw: dict[str, Any], source: str) -> Profile:
     m, s, c = raw["memory"], raw["storage"], raw["compute"]
     return Profile(
         name=raw["name"],
@@ -467,7 +467,7 @@ def _from_raw(raw: dict, source: str) -> Profile:
     )
 
 
-def profile_of_bundle(manifest: dict) -> Profile:
+def profile_of_bundle(manifest: dict[str, Any]) -> Profile:
     """The profile a bundle was exported for (its manifest keeps the profile's full, validated table)."""
     return _from_raw(manifest["profile"], "the bundle's manifest")
 

@@ -19,7 +19,7 @@ import math
 import re
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from blockskip.runtime import formats
 from blockskip.runtime.errors import BlockSkipError
@@ -38,23 +38,28 @@ _A = {
 }
 
 
+Schema = dict[str, Any]  # a JSON Schema node (``true`` and ``false`` are nodes too)
+Parts = tuple[str | int, ...]  # the keys and indices leading to a value
+JsonPath = list[str | int]  # a rule's path: keys, indices and "*"
+
+
 class DocumentError(Exception):
     """A document does not have its declared form (the message names the key)."""
 
 
 @cache
-def _schema(kind: str) -> dict:
+def _schema(kind: str) -> Schema:
     return formats.schema(kind)
 
 
-def _path(parts: tuple) -> str:
+def _path(parts: Parts) -> str:
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or "the document"
 
 
-def _got(value) -> str:
+def _got(value: Any) -> str:
     text = json.dumps(value, allow_nan=True)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -66,7 +71,7 @@ def _matches(pattern: str, text: str) -> bool:
     return m is not None and (not pattern.endswith("$") or m.end() == len(text))
 
 
-def _is_type(value, t: str) -> bool:
+def _is_type(value: Any, t: str) -> bool:
     if t == "integer":
         return isinstance(value, int) and not isinstance(value, bool)
     if t == "number":
@@ -74,11 +79,11 @@ def _is_type(value, t: str) -> bool:
     return isinstance(value, _TYPES[t])
 
 
-def _fmt(v) -> str:
+def _fmt(v: Any) -> str:
     return json.dumps(v)
 
 
-def _describe(s: dict, defs: dict) -> str:
+def _describe(s: Schema, defs: dict[str, Schema]) -> str:
     """What a value of schema ``s`` may be, in words."""
     if "$ref" in s and len(s) == 1:
         return _describe(defs[s["$ref"].rsplit("/", 1)[1]], defs)
@@ -130,13 +135,13 @@ def _plural(words: str) -> str:
 
 
 class _Checker:
-    def __init__(self, schema: dict):
-        self.defs = schema.get("$defs", {})
+    def __init__(self, schema: Schema):
+        self.defs: dict[str, Schema] = schema.get("$defs", {})
 
-    def fail(self, parts: tuple, s: dict, value) -> str:
+    def fail(self, parts: Parts, s: Schema, value: Any) -> str:
         return f"{_path(parts)} must be {_describe(s, self.defs)} (got {_got(value)})"
 
-    def check(self, s: dict, value, parts: tuple) -> str | None:  # noqa: C901 (one branch per keyword)
+    def check(self, s: Schema | bool, value: Any, parts: Parts) -> str | None:  # noqa: C901 (one branch per keyword)
         if s is True or s == {}:
             return None
         if s is False:
@@ -201,13 +206,13 @@ class _Checker:
             return f"{_path(parts)} is not allowed here (got {_got(value)})"
         return None
 
-    def _type_fits(self, s: dict, value) -> bool:
+    def _type_fits(self, s: Schema, value: Any) -> bool:
         if "$ref" in s:
             s = {**self.defs[s["$ref"].rsplit("/", 1)[1]], **{k: v for k, v in s.items() if k != "$ref"}}
         t = s.get("type")
         return t is None or any(_is_type(value, x) for x in (t if isinstance(t, list) else [t]))
 
-    def _object(self, s: dict, value: dict, parts: tuple) -> str | None:
+    def _object(self, s: Schema, value: dict[str, Any], parts: Parts) -> str | None:
         for key in s.get("required", ()):
             if key not in value:
                 return f"{_path((*parts, key))} is missing"
@@ -235,7 +240,7 @@ class _Checker:
         return None
 
 
-def _same(a, b) -> bool:
+def _same(a: Any, b: Any) -> bool:
     """JSON equality (true is not 1)."""
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
@@ -251,11 +256,11 @@ def _same(a, b) -> bool:
 _MISSING = object()
 
 
-def _select(doc, path: list) -> list[tuple[tuple, Any]]:
+def _select(doc: Any, path: JsonPath) -> list[tuple[Parts, Any]]:
     """(concrete path, value) for every match of ``path`` ("*": every element or value)."""
-    out = [((), doc)]
+    out: list[tuple[Parts, Any]] = [((), doc)]
     for seg in path:
-        nxt = []
+        nxt: list[tuple[Parts, Any]] = []
         for parts, v in out:
             if seg == "*":
                 if isinstance(v, list):
@@ -271,11 +276,11 @@ def _select(doc, path: list) -> list[tuple[tuple, Any]]:
     return out
 
 
-def _number(v) -> bool:
+def _number(v: Any) -> bool:
     return _is_type(v, "number")
 
 
-def _rule(check: str, a: list, b: list, doc) -> str | None:  # noqa: C901
+def _rule(check: str, a: JsonPath, b: JsonPath, doc: Any) -> str | None:  # noqa: C901
     target = _select(doc, b)
     if not target:
         return None
@@ -307,7 +312,7 @@ def _rule(check: str, a: list, b: list, doc) -> str | None:  # noqa: C901
     return None
 
 
-def _depth(doc) -> int:
+def _depth(doc: Any) -> int:
     deepest, todo = 0, [(doc, 1)]
     while todo:
         v, d = todo.pop()
@@ -318,7 +323,7 @@ def _depth(doc) -> int:
     return deepest
 
 
-def problem(kind: str, doc) -> str | None:
+def problem(kind: str, doc: Any) -> str | None:
     """The first way ``doc`` breaks ``kind``'s schema or rules, as a sentence naming the key; None if none."""
     if _depth(doc) > formats.MAX_JSON_DEPTH:
         return f"nested deeper than {formats.MAX_JSON_DEPTH} levels"
@@ -331,15 +336,15 @@ def problem(kind: str, doc) -> str | None:
     return None
 
 
-def check(kind: str, doc, what: str, error: type[BlockSkipError], advice: str) -> None:
+def check(kind: str, doc: Any, what: str, error: type[BlockSkipError], advice: str) -> None:
     """Raise ``error("<what>: <problem>; <advice>")`` if ``doc`` breaks ``kind``'s declared form."""
     err = problem(kind, doc)
     if err:
         raise error(f"{what}: {err}; {advice}")
 
 
-def _no_duplicates(pairs):
-    out = {}
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
             raise DocumentError(f"the key {k!r} appears twice")
@@ -347,11 +352,11 @@ def _no_duplicates(pairs):
     return out
 
 
-def _no_constant(name):
+def _no_constant(name: str) -> NoReturn:
     raise DocumentError(f"{name} is not a JSON number")
 
 
-def parse_json(text: str | bytes):
+def parse_json(text: str | bytes) -> Any:
     """A JSON document as the runner reads it; DocumentError when it is not one."""
     if isinstance(text, bytes) and text.startswith(b"\xef\xbb\xbf"):
         raise DocumentError("it starts with a byte-order mark (JSON is UTF-8 without one)")
@@ -363,7 +368,7 @@ def parse_json(text: str | bytes):
         raise DocumentError(str(e)) from e
 
 
-def load_json(path: str | Path, error: type[BlockSkipError], advice: str):
+def load_json(path: str | Path, error: type[BlockSkipError], advice: str) -> Any:
     """Read the JSON document at ``path``; ``error`` names the file when it is not JSON or unreadable."""
     try:
         return parse_json(Path(path).read_bytes())

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -73,9 +74,9 @@ class StreamSpec:
         if not sec:
             raise BundleError(f"bundle {bundle.root} has no block-stream section; export it again")
         self.bundle = bundle
-        self.sec = sec
+        self.sec: dict[str, Any] = sec
         self.storage: str = sec["storage"]
-        self.shapes: dict[str, dict] = sec["shapes"]
+        self.shapes: dict[str, dict[str, Any]] = sec["shapes"]
         self.paths: list[str] = sec["block_paths"]
         self.files: list[str | None] = bundle.manifest["model"]["blocks"]
         self.train: list[tuple[int, str]] = [(int(b), s) for b, s in sec["train"]]
@@ -86,9 +87,10 @@ class StreamSpec:
                     f"the bundle's stream section names an unknown block shape {s!r}; export again"
                 )
 
-    def program(self, shape: str, role: str) -> dict:
+    def program(self, shape: str, role: str) -> dict[str, Any]:
         try:
-            return self.shapes[shape]["programs"][role]
+            record: dict[str, Any] = self.shapes[shape]["programs"][role]
+            return record
         except KeyError:
             raise BundleError(
                 f"the bundle has no {role} program for block shape {shape!r}; export again"
@@ -138,7 +140,7 @@ class WeightSource:
         self.spec, self.resident, self.prefetch = spec, resident, prefetch
         self.kept: dict[int, Arrays] = {}
         self.current: tuple[int, Arrays] | None = None
-        self.pending: tuple[int, Future] | None = None
+        self.pending: tuple[int, Future[Arrays]] | None = None
         self.order: list[int] = []
         self.pos = 0
         self.pool = ThreadPoolExecutor(1) if prefetch and not resident else None
@@ -224,7 +226,7 @@ class StreamedSpan:
         self.head_w = strip(TensorFile(bundle.path(bundle.manifest["model"]["head"])).arrays, "")
         init = TensorFile(bundle.path(self.spec.sec["lora_init"])).arrays
         self.params: dict[str, np.ndarray] = {k: np.array(v, dtype=np.float32) for k, v in init.items()}
-        self.blocks = []  # (block, shape, {rel: peft name})
+        self.blocks: list[tuple[int, str, dict[str, str]]] = []  # (block, shape, {rel: peft name})
         for i, sid in self.spec.train:
             names = {rel: peft_name(self.spec.paths[i], rel) for rel in self.spec.lora_rel(sid)}
             missing = [n for n in names.values() if n not in self.params]
@@ -245,14 +247,14 @@ class StreamedSpan:
                 shutil.rmtree(old, ignore_errors=True)
 
     # --- Trainer ---------------------------------------------------------------------------
-    def load_entry(self, path: Path) -> dict:
+    def load_entry(self, path: Path) -> Arrays:
         f = TensorFile(path)
         return {k: f.float32(k) for k in f.arrays}
 
     def _lora(self, names: dict[str, str]) -> Arrays:
         return {rel: self.params[p] for rel, p in names.items()}
 
-    def loss_and_grad(self, entry: dict, scale: float) -> float:
+    def loss_and_grad(self, entry: Arrays, scale: float) -> float:
         state = {k[len(ENTRY_IN) :]: v for k, v in entry.items() if k.startswith(ENTRY_IN)}
         consts = {k[len(ENTRY_CONST) :]: v for k, v in entry.items() if k.startswith(ENTRY_CONST)}
         seq = [i for i, _, _ in self.blocks]
@@ -303,7 +305,7 @@ class StreamedSpan:
                 shutil.rmtree(folder, ignore_errors=True)
         return float(loss) / scale
 
-    def eval_loss(self, entry: dict) -> float:
+    def eval_loss(self, entry: Arrays) -> float:
         """The loss of one entry with the current LoRA (forward sweep and head only)."""
         state = {k[len(ENTRY_IN) :]: v for k, v in entry.items() if k.startswith(ENTRY_IN)}
         consts = {k[len(ENTRY_CONST) :]: v for k, v in entry.items() if k.startswith(ENTRY_CONST)}
@@ -333,7 +335,7 @@ class StreamedSpan:
                 out[opt_key(k, n)] = np.array(v, dtype=np.float32).reshape(-1) if k == ADAM_STEP else v.copy()
         return out
 
-    def restore(self, tensors: dict[str, np.ndarray], path) -> None:
+    def restore(self, tensors: dict[str, np.ndarray], path: str | Path) -> None:
         saved = {k[len(PARAM) :] for k in tensors if k.startswith(PARAM)}
         if saved != set(self.params):
             raise BlockSkipError(f"checkpoint {path} does not belong to this bundle's plan; use another -o")
@@ -352,7 +354,7 @@ class StreamedSpan:
                     "exp_avg_sq": np.array(tensors[keys[2]], np.float32),
                 }
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         return {
             "span": "streamed",
             "block_backend": self.be.name,
@@ -360,10 +362,10 @@ class StreamedSpan:
             "storage": self.spec.storage,
         }
 
-    def save_checkpoint(self, path: Path, step: int, log: dict) -> None:
+    def save_checkpoint(self, path: Path, step: int, log: dict[str, Any]) -> None:
         write_checkpoint(path, self.checkpoint_tensors(), step, log)
 
-    def load_checkpoint(self, path: Path) -> tuple[int, dict]:
+    def load_checkpoint(self, path: Path) -> tuple[int, dict[str, Any]]:
         tensors, step, log = read_checkpoint(path)
         self.restore(tensors, path)
         return step, log

@@ -4,10 +4,16 @@ progress and checkpoints. Backends supply the micro-step, the update and the che
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from blockskip.runtime.cache import ResidualCache
 from blockskip.runtime.memory import peak_rss_mib
+from blockskip.runtime.plan import Plan
+from blockskip.runtime.progress import Bar
+
+Entry = TypeVar("Entry")  # what load_entry returns and micro_step takes
 
 
 def entry_order(num_entries: int, steps: int, grad_accum: int) -> list[int]:
@@ -17,16 +23,16 @@ def entry_order(num_entries: int, steps: int, grad_accum: int) -> list[int]:
 
 def run_steps(
     cache: ResidualCache,
-    plan,
-    log: dict,
-    bar,
+    plan: Plan,
+    log: dict[str, Any],
+    bar: Bar,
     *,
     start: int,
     end: int,
-    load_entry,
-    micro_step,
-    update,
-    save_checkpoint,
+    load_entry: Callable[[ResidualCache, int], Entry],
+    micro_step: Callable[[Entry], float],
+    update: Callable[[], object],
+    save_checkpoint: Callable[[int], object],
 ) -> None:
     """Optimizer steps [start, end). ``micro_step(entry)`` runs forward + backward of one entry (the
     backend scales its gradient by 1/grad_accum) and returns the unscaled loss; ``update()`` applies the
@@ -35,11 +41,12 @@ def run_steps(
     order = entry_order(len(cache.schedule), plan.steps, plan.grad_accum)
     pos = start * plan.grad_accum
     with ThreadPoolExecutor(1) as pool:
-        nxt = pool.submit(load_entry, cache, order[pos]) if pos < len(order) else None
+        nxt: Future[Entry] | None = pool.submit(load_entry, cache, order[pos]) if pos < len(order) else None
         for step in range(start, end):
             t0 = time.perf_counter()
             total = 0.0
             for _ in range(plan.grad_accum):
+                assert nxt is not None, "a step past the plan's last"
                 entry = nxt.result()
                 pos += 1
                 nxt = pool.submit(load_entry, cache, order[pos]) if pos < len(order) else None  # prefetch
