@@ -29,8 +29,9 @@ import struct
 import sys
 import types
 import typing
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, NotRequired, Required, TypedDict
+from typing import Annotated, Any, Literal, NotRequired, Required, TypedDict, TypeVar, overload
 
 import numpy as np
 
@@ -230,14 +231,14 @@ def opt_key(state: str, name: str) -> str:
     return f"{OPT}{state}.{name}"
 
 
-def source_digest(source: dict | None) -> str:
+def source_digest(source: dict[str, Any] | None) -> str:
     """A cache's identity: sha256 of ``json.dumps(source, sort_keys=True)`` (ASCII-escaped), ``source``
     being ``{"bundle": sha256 of manifest.json, "images": {photo name: sha256}}``. Written into the
     index with the cache (``source_sha256``); readers take the stored value."""
     return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
 
 
-def canonical_json(obj) -> bytes:
+def canonical_json(obj: object) -> bytes:
     """The canonical form of a JSON document: ``json.dumps(obj, sort_keys=True, separators=(",", ":"))``
     (ASCII, other characters escaped; floats as Python's repr). The C++ runner writes the same bytes for a
     document it parsed (json.h ``dump_canonical``)."""
@@ -246,7 +247,7 @@ def canonical_json(obj) -> bytes:
     )
 
 
-def manifest_digest(manifest: dict) -> str:
+def manifest_digest(manifest: dict[str, Any]) -> str:
     """The manifest's integrity record: sha256 of the canonical form of the manifest without
     ``MANIFEST_SHA256``. The exporter writes it (``seal_manifest``); every reader checks it first."""
     return hashlib.sha256(
@@ -254,7 +255,7 @@ def manifest_digest(manifest: dict) -> str:
     ).hexdigest()
 
 
-def seal_manifest(manifest: dict) -> dict:
+def seal_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     """``manifest`` with its integrity record (a changed manifest must be sealed again to be read)."""
     return {
         **{k: v for k, v in manifest.items() if k != MANIFEST_SHA256},
@@ -284,13 +285,18 @@ class JsonText:
         self.of = of
 
 
-OPEN: dict[type, Any] = {}  # record -> the schema of its undeclared keys
+OPEN: dict[object, Any] = {}  # record -> the schema of its undeclared keys
+_Record = TypeVar("_Record")
 
 
-def open_record(cls=None, *, values: Any = True):
+@overload
+def open_record(cls: _Record, *, values: Any = True) -> _Record: ...
+@overload
+def open_record(cls: None = None, *, values: Any = True) -> Callable[[_Record], _Record]: ...
+def open_record(cls: _Record | None = None, *, values: Any = True) -> _Record | Callable[[_Record], _Record]:
     """Mark a record as open (``values``: the schema of undeclared keys' values, ``True``: anything)."""
 
-    def mark(c):
+    def mark(c: _Record) -> _Record:
         OPEN[c] = values
         return c
 
@@ -317,7 +323,7 @@ class ScheduleParams(TypedDict):
     seed: NonNegInt
     patch_sampling: bool
     shift: Positive
-    rng: Literal[RNG]
+    rng: Literal[RNG]  # type: ignore[valid-type]  # (a constant: the schema reads its value)
     T: NotRequired[PosInt]
 
 
@@ -333,21 +339,19 @@ class ModelSection(TypedDict):
     block_kinds: list[str]
 
 
-EncoderSection = open_record(
-    TypedDict("EncoderSection", {"class": str, "config": dict[str, Any], "file": str})
-)
+EncoderSection = TypedDict("EncoderSection", {"class": str, "config": dict[str, Any], "file": str})
+open_record(EncoderSection)
 EncoderSection.__doc__ = "The photo encoder (VAE stand-in): class, config and weight file."
 
-LoraAdapterConfig = open_record(
-    TypedDict(
-        "LoraAdapterConfig",
-        {
-            "transformer.r": PosInt,
-            "transformer.lora_alpha": Positive,
-            "transformer.target_modules": list[str],
-        },
-    )
+LoraAdapterConfig = TypedDict(
+    "LoraAdapterConfig",
+    {
+        "transformer.r": PosInt,
+        "transformer.lora_alpha": Positive,
+        "transformer.target_modules": list[str],
+    },
 )
+open_record(LoraAdapterConfig)
 LoraAdapterConfig.__doc__ = "peft's LoraConfig with a ``transformer.`` prefix (what load_lora_adapter reads)."
 
 
@@ -413,7 +417,7 @@ class BlockShape(TypedDict):
 class StreamSection(TypedDict):
     """Which block runs which shape's programs; the blocks' weight files are in ``model.blocks``."""
 
-    storage: Literal[_plan.STORAGE]
+    storage: Literal[_plan.STORAGE]  # type: ignore[valid-type]  # (a constant: the schema reads its value)
     shapes: dict[str, BlockShape]
     train: list[tuple[NonNegInt, str]]
     precompute: list[tuple[NonNegInt, str]]
@@ -522,7 +526,7 @@ class ProfileRecord(TypedDict):
 class Manifest(TypedDict):
     """A bundle's manifest.json."""
 
-    schema_version: Literal[SCHEMA_VERSION]
+    schema_version: Literal[SCHEMA_VERSION]  # type: ignore[valid-type]  # (a constant: the schema reads its value)
     family: str
     source_model: str
     profile: ProfileRecord
@@ -565,7 +569,7 @@ class ScheduleMeta(TypedDict):
     shift: Positive
     T: PosInt
     resize: Literal["area"]
-    rng: Literal[RNG]
+    rng: Literal[RNG]  # type: ignore[valid-type]  # (a constant: the schema reads its value)
 
 
 class RealisedSchedule(TypedDict):
@@ -610,7 +614,7 @@ class TrainLog(TypedDict):
     lora: NotRequired[str]
     entry0_loss_without_lora: NotRequired[float]  # the first cache entry's loss with the LoRA at zero
     lora_files: NotRequired[dict[str, str]]  # device-train: each LoRA layout written and its path
-    span: NotRequired[Literal[_plan.SPANS]]
+    span: NotRequired[Literal[_plan.SPANS]]  # type: ignore[valid-type]  # (a constant: the schema reads its value)
     storage: NotRequired[str]
     block_backend: NotRequired[str]
     weight_file_reads: NotRequired[NonNegInt]
@@ -628,7 +632,7 @@ class PhaseStartEvent(TypedDict):
 
     event: Literal["phase_start"]
     time: Annotated[NonNeg, "seconds since the Unix epoch"]
-    phase: Literal[EVENT_PHASES]
+    phase: Literal[EVENT_PHASES]  # type: ignore[valid-type]  # (a constant: the schema reads its value)
 
 
 class PhaseEndEvent(TypedDict):
@@ -636,7 +640,7 @@ class PhaseEndEvent(TypedDict):
 
     event: Literal["phase_end"]
     time: NonNeg
-    phase: Literal[EVENT_PHASES]
+    phase: Literal[EVENT_PHASES]  # type: ignore[valid-type]  # (a constant: the schema reads its value)
     seconds: Annotated[NonNeg, "the phase's wall time"]
 
 
@@ -710,7 +714,7 @@ class CheckpointMetadata(TypedDict):
 class TensorHeader(TypedDict):
     """A tensor's entry in a safetensors header."""
 
-    dtype: Literal[tuple(DTYPES)]
+    dtype: Literal[tuple(DTYPES)]  # type: ignore[valid-type]  # (a constant: the schema reads its value)
     shape: list[NonNegInt]
     data_offsets: tuple[NonNegInt, NonNegInt]
 
@@ -740,7 +744,7 @@ class AdamWState(TypedDict):
 
 RULE_CHECKS = ("lt", "le", "eq", "multiple_of", "index_into", "key_in", "same_length", "keys_index")
 _PROGRAM_FILES = [["pte", "file"], ["pte", "data"], ["onnx", "file"]]
-RULES: dict[str, list[tuple[str, list, list]]] = {
+RULES: dict[str, list[tuple[str, Sequence[str | int], Sequence[str | int]]]] = {
     "manifest": [
         ("multiple_of", ["schedule", "s_min"], ["schedule", "granularity"]),
         ("multiple_of", ["schedule", "s_max"], ["schedule", "granularity"]),
@@ -820,11 +824,11 @@ _PLAN_ENUMS = {
 
 
 # the plan's values' ranges (plan.validate refuses the same)
-def _range(lo, hi=None, exclusive=False) -> dict:
+def _range(lo: float, hi: float | None = None, exclusive: bool = False) -> dict[str, float]:
     return {"exclusiveMinimum" if exclusive else "minimum": lo, **({"maximum": hi} if hi is not None else {})}
 
 
-_PLAN_RANGES = {
+_PLAN_RANGES: dict[str, dict[str, Any]] = {
     "front_skip": _range(0),
     "back_skip": _range(0),
     "lora_rank": _range(1, MAX_RANK),
@@ -843,7 +847,7 @@ _PLAN_RANGES = {
     "positions": {"enum": ["crop", "native"]},
     "dtype": {"enum": ["float32", "bfloat16", "float16"]},
 }
-_RANGES = {
+_RANGES: dict[type, dict[str, dict[str, Any]]] = {
     _plan.Plan: _PLAN_RANGES,
     ScheduleEntry: {
         "index": _range(0, MAX_SAMPLES - 1),
@@ -864,17 +868,17 @@ _DATACLASS_DOCS = {
 
 
 class _Builder:
-    def __init__(self):
-        self.defs: dict[str, dict] = {}
+    def __init__(self) -> None:
+        self.defs: dict[str, dict[str, Any]] = {}
 
-    def ref(self, cls) -> dict:
+    def ref(self, cls: type) -> dict[str, Any]:
         name = cls.__name__
         if name not in self.defs:
             self.defs[name] = {}  # recursion guard
             self.defs[name] = self.record(cls)
         return {"$ref": f"#/$defs/{name}"}
 
-    def record(self, cls) -> dict:
+    def record(self, cls: type) -> dict[str, Any]:
         if dataclasses.is_dataclass(cls):
             hints = typing.get_type_hints(cls, vars(sys.modules[cls.__module__]), include_extras=True)
             props = {f.name: self.schema(hints[f.name]) for f in dataclasses.fields(cls)}
@@ -884,7 +888,7 @@ class _Builder:
                     props[name] = {"enum": list(values) + ([None] if nullable else [])}
             for name, extra in _RANGES.get(cls, {}).items():
                 props[name] = {**props[name], **extra} if "enum" not in extra else extra
-            out = {
+            out: dict[str, Any] = {
                 "type": "object",
                 "properties": props,
                 "required": list(props),
@@ -893,8 +897,8 @@ class _Builder:
             return {"description": _DATACLASS_DOCS[cls], **out} if cls in _DATACLASS_DOCS else out
         hints = typing.get_type_hints(cls, include_extras=True)
         props = {k: self.schema(t) for k, t in hints.items()}
-        required = [k for k in hints if k in cls.__required_keys__]
-        out: dict = {"type": "object", "properties": props, "required": required}
+        required = [k for k in hints if k in cls.__required_keys__]  # type: ignore[attr-defined]  # (a TypedDict)
+        out = {"type": "object", "properties": props, "required": required}
         extra = OPEN.get(cls, False)
         if extra is not True:
             out["additionalProperties"] = extra
@@ -902,7 +906,7 @@ class _Builder:
             out = {"description": " ".join(cls.__doc__.replace("``", "`").split()), **out}
         return out
 
-    def schema(self, tp) -> dict:
+    def schema(self, tp: Any) -> dict[str, Any]:  # tp: a type expression
         origin, args = typing.get_origin(tp), typing.get_args(tp)
         if origin is Annotated:
             out = dict(self.schema(args[0]))
@@ -950,9 +954,11 @@ class _Builder:
             return self.ref(tp)
         raise TypeError(f"no JSON Schema for {tp!r}")
 
-    def tensor(self, dtypes=None, shape=None) -> dict:
+    def tensor(
+        self, dtypes: Iterable[str] | None = None, shape: Iterable[int] | None = None
+    ) -> dict[str, Any]:
         out = self.ref(TensorHeader)
-        props = {}
+        props: dict[str, Any] = {}
         if dtypes is not None:
             props["dtype"] = {"enum": list(dtypes)}
         if shape is not None:
@@ -960,12 +966,14 @@ class _Builder:
         return {**out, "properties": props} if props else out
 
 
-def _some_name(pattern: str) -> dict:
+def _some_name(pattern: str) -> dict[str, Any]:
     """At least one key matches ``pattern``."""
     return {"not": {"propertyNames": {"not": {"pattern": pattern}}}}
 
 
-def _document(kind: str, title: str, description: str, build) -> dict:
+def _document(
+    kind: str, title: str, description: str, build: Callable[[_Builder], dict[str, Any]]
+) -> dict[str, Any]:
     b = _Builder()
     body = build(b)
     doc = {"$schema": DRAFT, "$id": f"{kind}.schema.json", "title": title, "description": description, **body}
@@ -977,9 +985,13 @@ def _document(kind: str, title: str, description: str, build) -> dict:
 
 
 def _safetensors_header(
-    tensors: dict[str, dict], named: dict[str, dict], metadata: dict, required: list[str], some: list[str]
-) -> dict:
-    out = {
+    tensors: dict[str, dict[str, Any]],
+    named: dict[str, dict[str, Any]],
+    metadata: dict[str, Any],
+    required: list[str],
+    some: list[str],
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "type": "object",
         "properties": {"__metadata__": metadata, **named},
         "patternProperties": tensors,
@@ -994,7 +1006,7 @@ def _safetensors_header(
 _NAME = "[A-Za-z_][A-Za-z0-9_]*"
 
 
-def _cache_entry(b: _Builder) -> dict:
+def _cache_entry(b: _Builder) -> dict[str, Any]:
     f = b.tensor(FLOAT_DTYPES)
     return _safetensors_header(
         {
@@ -1009,7 +1021,7 @@ def _cache_entry(b: _Builder) -> dict:
     )
 
 
-def _checkpoint(b: _Builder) -> dict:
+def _checkpoint(b: _Builder) -> dict[str, Any]:
     floats = b.tensor(FLOAT_DTYPES)
     return _safetensors_header(
         {
@@ -1026,7 +1038,7 @@ def _checkpoint(b: _Builder) -> dict:
     )
 
 
-def _lora(b: _Builder) -> dict:
+def _lora(b: _Builder) -> dict[str, Any]:
     return _safetensors_header(
         {f"^{_re(LORA_PREFIX)}.+\\.lora_[AB]\\.weight$": b.tensor(("F32",))},
         {},
@@ -1088,7 +1100,7 @@ SPECS: dict[str, tuple[str, str, Any]] = {
 KINDS = tuple(SPECS)
 
 
-def schema(kind: str) -> dict:
+def schema(kind: str) -> dict[str, Any]:
     """The JSON Schema of ``kind`` (one of ``KINDS``)."""
     if kind not in SPECS:
         raise KeyError(f"unknown format {kind!r}; known: {', '.join(KINDS)}")
@@ -1103,12 +1115,12 @@ EMBEDDED = {
 }
 
 
-def validate(kind: str, obj) -> None:
+def validate(kind: str, obj: Any) -> None:
     """Check ``obj`` (a parsed JSON document, or a safetensors header) against ``kind``'s schema, and
     the JSON documents embedded in its strings; raises ``jsonschema.ValidationError``. Needs the
     ``jsonschema`` package (tests only)."""
     try:
-        import jsonschema
+        import jsonschema  # type: ignore[import-untyped]
     except ImportError as e:  # pragma: no cover
         raise ImportError("validating a format needs the jsonschema package: pip install jsonschema") from e
     s = schema(kind)
@@ -1124,11 +1136,12 @@ def validate(kind: str, obj) -> None:
         jsonschema.Draft202012Validator({"$ref": f"#/$defs/{name}", "$defs": s["$defs"]}).validate(inner)
 
 
-def safetensors_header(path: str | Path) -> dict:
+def safetensors_header(path: str | Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (tensor records and ``__metadata__``)."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
+        header: dict[str, Any] = json.loads(f.read(n))
+        return header
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1218,8 +1231,8 @@ def main(argv: list[str] | None = None) -> int:
     files = outputs(a.write or a.check, a.header or None)
     if a.check:
         stale = [str(p) for p, text in files.items() if not p.is_file() or p.read_text() != text]
-        for p in stale:
-            print(f"out of date: {p}", file=sys.stderr)
+        for name in stale:
+            print(f"out of date: {name}", file=sys.stderr)
         return 1 if stale else 0
     for p, text in files.items():
         p.parent.mkdir(parents=True, exist_ok=True)

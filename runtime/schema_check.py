@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, NoReturn
@@ -40,7 +41,7 @@ _A = {
 
 Schema = dict[str, Any]  # a JSON Schema node (``true`` and ``false`` are nodes too)
 Parts = tuple[str | int, ...]  # the keys and indices leading to a value
-JsonPath = list[str | int]  # a rule's path: keys, indices and "*"
+JsonPath = Sequence[str | int]  # a rule's path: keys, indices and "*"
 
 
 class DocumentError(Exception):
