@@ -380,9 +380,27 @@ def streamed_dry_run(
     work: dict[tuple[str, str], int] = {}  # a delegate's own workspace (XNNPACK), beside the arena
     traced_of: dict[tuple[str, str], se.Traced] = {}
     lora_bytes = 0
+    # a search evaluates plans that share programs (the same shapes and storage, e.g. a plan checked
+    # again with its planned arenas): trace each once (``precompute_memo`` is the search's memo)
+    memo = precompute_memo if precompute_memo is not None else {}
+    io_key = (repr(sorted(state.items())), repr(sorted(consts.items())), storage, id(fam))
+    lora_key = (lora["rank"], lora.get("alpha"), tuple(lora["targets"]))
     for sid, shape in layout.shapes.items():
         with_vjp = any(s == sid for _, s in layout.train)
-        traced = se.trace_shape(fam, skeleton, shape, storage, lora, state, consts, fake=True, vjp=with_vjp)
+        key = (
+            "stream-shape",
+            shape.kind,
+            tuple(shape.targets),
+            shape.example_block,
+            with_vjp,
+            io_key,
+            lora_key,
+        )
+        if key not in memo:
+            memo[key] = se.trace_shape(
+                fam, skeleton, shape, storage, lora, state, consts, fake=True, vjp=with_vjp
+            )
+        traced = memo[key]
         for role, t in traced.items():
             traced_of[sid, role] = t
             prog[sid, role] = peaks.get(t, how, rt)
@@ -391,7 +409,10 @@ def streamed_dry_run(
             n_blocks = sum(1 for _, s in layout.train if s == sid)
             lo = {n: (s, d) for n, s, d in traced["forward"].inputs if n.startswith(se.LORA)}
             lora_bytes += n_blocks * _nbytes(lo, rt)
-    head = se.trace_head(fam, skeleton, storage, state["hidden"], consts, target, fake=True)
+    key = ("stream-head", repr(target), io_key)
+    if key not in memo:
+        memo[key] = se.trace_head(fam, skeleton, storage, state["hidden"], consts, target, fake=True)
+    head = memo[key]
     traced_of["head", "head"] = head
     prog["head", "head"] = peaks.get(head, how, rt)
     work["head", "head"] = peaks.workspace(head, how, rt)
