@@ -2,7 +2,7 @@
 #   make demo   export the built-in tiny model and train a LoRA on device (offline)
 #   make check  the fast tier (about 1 minute 10 s on 2 cores): units, formats and schemas, schedule, CLI errors, one
 #               equivalence test per Python backend on the smallest model; run it before each commit
-#   make test   run the test suite (builds the native runner first)
+#   make test   run the test suite (builds the native runner and its C++ unit tests first, runs those with ctest)
 #   make lint   ruff check, ruff format --check and mypy (what .ci/run runs before make test)
 #   make native build the native ExecuTorch training runner into build/native
 #   make native-aarch64   cross-build it for Linux aarch64 into build/native-aarch64 (needs Debian's
@@ -82,7 +82,9 @@ $(ET_ARM)/executorch/lib:
 	$(BIN)/python -m zipfile -e $(ET_ARM)/wheel/executorch-$(ET_VERSION)-*.whl $(ET_ARM)
 	rm -rf $(ET_ARM)/wheel
 
+# the native unit tests (ctest: JSON, SHA-256, safetensors, AdamW) first, then the Python suite
 test: venv native
+	$(BIN)/ctest --test-dir $(NATIVE) --output-on-failure
 	$(BIN)/python -m pytest -q
 
 # the fast tier: the slow tests (marked `slow`) and the end-to-end files are left to make test

@@ -130,13 +130,34 @@ SafetensorsFile SafetensorsFile::read(const std::string& path) {
         throw bad("tensor \"" + kv.first + "\" data_offsets lie outside the data");
       t.begin = size_t(b0);
       t.end = size_t(b1);
-      if (t.end - t.begin != t.numel() * es)
+      // the shape's size in bytes, refused when it passes the data (a product that overflows size_t
+      // would wrap around to a small size and pass for a huge shape)
+      size_t want = es;
+      bool too_big = false;
+      for (int64_t s : t.shape) {
+        if (s == 0) {
+          want = 0;
+          too_big = false;
+          break;
+        }
+        if (!too_big && want > data_size / size_t(s)) too_big = true;
+        if (!too_big) want *= size_t(s);
+      }
+      if (too_big || t.end - t.begin != want)
         throw bad("tensor \"" + kv.first + "\" has " + std::to_string(t.end - t.begin) + " bytes for its shape");
       st.tensors_[kv.first] = std::move(t);
     } catch (const json::Error& e) {
       throw bad("tensor \"" + kv.first + "\": " + e.what());
     }
   }
+  // no two tensors share bytes (empty tensors take none)
+  std::vector<std::pair<const TensorInfo*, const std::string*>> spans;
+  for (const auto& kv : st.tensors_)
+    if (kv.second.end > kv.second.begin) spans.emplace_back(&kv.second, &kv.first);
+  std::sort(spans.begin(), spans.end(), [](const auto& a, const auto& b) { return a.first->begin < b.first->begin; });
+  for (size_t i = 1; i < spans.size(); ++i)
+    if (spans[i].first->begin < spans[i - 1].first->end)
+      throw bad("tensors \"" + *spans[i - 1].second + "\" and \"" + *spans[i].second + "\" overlap in the data");
   return st;
 }
 
