@@ -90,7 +90,7 @@ test: venv native
 # the fast tier: the slow tests (marked `slow`) and the end-to-end files are left to make test
 CHECK_TESTS ?= tests/test_schedule.py tests/test_profiles.py tests/test_cli_errors.py \
 	tests/test_lean_runtime.py tests/test_tiny_latent_data.py tests/test_rng.py tests/test_tiles.py::test_tile_grid \
-	tests/test_positions.py tests/test_formats.py tests/test_lint.py \
+	tests/test_positions.py tests/test_formats.py tests/test_lint.py tests/test_tensorfile_headers.py \
 	$(foreach b,torch ort executorch,"tests/test_contract.py::test_one_step_equals_the_torch_resident_step[$(b)-flux-resident]")
 check: venv
 	$(BIN)/python -m pytest -q -m "not slow" $(CHECK_TESTS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -82,11 +83,16 @@ class TensorFile:
                 a, b = (int(x) for x in rec["data_offsets"])
             except (KeyError, TypeError, ValueError) as e:
                 raise BundleError(f"{self.path}: tensor {name!r} has a malformed header entry ({e})") from e
-            count = int(np.prod(shape)) if shape else 1
-            if not 0 <= a <= b <= len(data) or b - a != count * np.dtype(np_dtype).itemsize:
+            count = math.prod(shape)  # Python integers: a huge shape cannot wrap to a small size
+            if (
+                min(shape, default=0) < 0
+                or not 0 <= a <= b <= len(data)
+                or b - a != count * np.dtype(np_dtype).itemsize
+            ):
                 raise BundleError(f"{self.path}: tensor {name!r} lies outside the file or has the wrong size")
             self.arrays[name] = np.frombuffer(data[a:b], dtype=np_dtype).reshape(shape)
             self.dtypes[name] = dname
+        _refuse_overlaps(self.path, header)
 
     @property
     def nbytes(self) -> int:
@@ -134,9 +140,10 @@ def read_header(
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{path}: tensor {name!r} has a malformed header entry ({e})") from e
-        count = int(np.prod([int(d) for d in rec["shape"]])) if rec["shape"] else 1
+        count = math.prod(int(d) for d in rec["shape"])  # Python integers: no wrap-around
         if not ok or b - a != count * np.dtype(DTYPES[rec["dtype"]][0]).itemsize:
             raise BundleError(f"{path}: tensor {name!r} lies outside the file or has the wrong size")
+    _refuse_overlaps(path, header)
     if metadata and meta is not None:
         header["__metadata__"] = meta
     return header, 8 + hlen
@@ -275,3 +282,16 @@ def write_tensors(
         for _, a in arrays.values():
             if a.nbytes:
                 f.write(a.reshape(-1).view(np.uint8).data)
+
+
+def _refuse_overlaps(path: object, header: dict[str, dict[str, Any]]) -> None:
+    """Safetensors tensors own disjoint byte ranges (empty ones aside): refuse a header where two share
+    bytes, as the native reader does."""
+    ranges = sorted(
+        (int(r["data_offsets"][0]), int(r["data_offsets"][1]), n)
+        for n, r in header.items()
+        if n != "__metadata__" and int(r["data_offsets"][1]) > int(r["data_offsets"][0])
+    )
+    for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
+        if start < end:
+            raise BundleError(f"{path}: tensors {first!r} and {second!r} overlap in the data")
