@@ -455,3 +455,26 @@ def test_plan_and_export_take_the_same_plan_options(tmp_path):
     ):
         assert planned[key] == written[key], key
     assert planned["lora_targets"] == ["attn.to_q", "attn.to_v"] and planned["steps"] == 7
+
+
+@pytest.mark.parametrize("model", ["flux-dev", "sd35-medium", "sana-1.6b"])
+def test_vae_spec_from_the_constructor_defaults_is_the_built_modules(model):
+    """A shipped VAE config is read with the constructor's defaults filled in, without building the
+    module: the same encoder spec as diffusers' own config of the module built from the file."""
+    import json
+    from importlib import resources
+
+    import diffusers
+    import torch
+
+    from blockskip.export.families.base import vae_spec
+    from blockskip.export.memory import specs
+
+    spec, _ = specs.load_spec(model)
+    vae = json.loads((resources.files("blockskip.export") / "configs" / f"{model}.json").read_text())["vae"]
+    cls = vae.get("_class_name", "AutoencoderKL")
+    with torch.device("meta"):
+        built = dict(
+            getattr(diffusers, cls).from_config({k: v for k, v in vae.items() if k[0] != "_"}).config
+        )
+    assert (spec.encoder_spec, spec.vae_factor) == vae_spec(cls, built)

@@ -6,8 +6,6 @@ import json
 from importlib import resources
 from pathlib import Path
 
-import torch
-
 from blockskip.export.memory.dryrun import ModelSpec
 from blockskip.runtime.backends.torch_families import family_of_class, get_family
 from blockskip.runtime.errors import ModelError
@@ -21,8 +19,10 @@ DEFAULT_PROMPTS = {
 
 
 def _vae_spec(vae: dict) -> tuple[dict, int]:
-    """A VAE config file -> (encoder spec, downsampling), with diffusers' defaults filled in on the meta
-    device, read as the export reads a loaded VAE (``families.base.vae_spec``)."""
+    """A VAE config file -> (encoder spec, downsampling), with the VAE class's constructor defaults filled
+    in, read as the export reads a loaded VAE (``families.base.vae_spec``)."""
+    import inspect
+
     import diffusers
 
     from blockskip.export.families.base import vae_key, vae_spec
@@ -30,8 +30,11 @@ def _vae_spec(vae: dict) -> tuple[dict, int]:
     cls = vae.get("_class_name", "AutoencoderKL")
     vae_key(cls)
     cfg = {k: v for k, v in vae.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        full = dict(getattr(diffusers, cls).from_config(cfg).config)
+    # the class's config is its constructor's arguments: the defaults, then the file's values (building
+    # the module, even on the meta device, takes seconds)
+    params = inspect.signature(getattr(diffusers, cls).__init__).parameters.values()
+    full = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    full.update(cfg)
     return vae_spec(cls, full)
 
 
