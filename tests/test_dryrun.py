@@ -330,14 +330,17 @@ def test_composed_training_trace_is_the_whole_trace(name, kw):
     "kw",
     [
         dict(num_samples=6),
-        dict(num_samples=7, precompute_chunk=5, front_skip=3, back_skip=2, positions="full"),
-        dict(num_samples=5, front_skip=0, back_skip=0, dtype="bfloat16"),
+        dict(num_samples=7, precompute_chunk=5, front_skip=6, back_skip=2, positions="full"),
+        dict(num_samples=5, front_skip=7, back_skip=0, dtype="bfloat16"),
+        dict(num_samples=4, front_skip=1, back_skip=6),
+        dict(num_samples=4, front_skip=0, back_skip=0),
         dict(num_samples=4, front_skip=2, back_skip=3, back_residual=False),
     ],
 )
 def test_composed_precompute_trace_is_the_whole_trace(name, kw):
-    """Precompute traced over a few samples and extrapolated to the chunk equals the chunk's whole trace:
-    the peaks (encoder, blocks, phase) with their bytes per category, the cache entry and the ops."""
+    """Precompute traced over a few samples (and without the repeated blocks of a run of equal ones)
+    and extrapolated to the chunk equals the chunk's whole trace: the peaks (encoder, blocks, phase) with
+    their bytes per category, the cache entry and the ops."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from blockskip.export.memory import dryrun as dr
@@ -352,6 +355,8 @@ def test_composed_precompute_trace_is_the_whole_trace(name, kw):
         whole = dr.trace_precompute(spec, plan, trained, num_images=3, compose=False)
         composed = dr.trace_precompute(spec, plan, trained, num_images=3)
     assert whole.chunk > dr.COMPOSE_SAMPLES + 1  # the composition really extrapolates
+    if kw.get("front_skip", 0) >= 6 or kw.get("back_skip", 0) >= 6:  # and really elides blocks
+        assert dr._elided_blocks(spec.family.skeleton(), spec.family, trained, plan)
     assert composed == whole
     assert whole.blocks_peak > whole.encoder_peak or name != "flux"  # the blocks' peak is what is composed
     assert sum(whole.blocks_cost.values()) > 100

@@ -259,7 +259,7 @@ def trace_precompute(
     k = len(entries)
 
     def run(samples, blocks: bool = True) -> dict:
-        return _precompute_run(spec, plan, trained, profile, num_images, samples, blocks)
+        return _precompute_run(spec, plan, trained, profile, num_images, samples, blocks, compose)
 
     if not compose or k <= COMPOSE_SAMPLES + 1:
         whole = run(entries)
@@ -300,7 +300,7 @@ def trace_precompute(
 
 
 def _precompute_run(
-    spec: ModelSpec, plan: Plan, trained, profile, num_images: int, entries, blocks: bool
+    spec: ModelSpec, plan: Plan, trained, profile, num_images: int, entries, blocks: bool, compose: bool
 ) -> dict:
     """One traced precompute of ``entries`` (``trace_precompute``): the encoder's peak and ops, the
     prompt's and embedding's ("head"), then (``blocks``) the peak of each segment of streaming the blocks
@@ -324,28 +324,75 @@ def _precompute_run(
         states, consts, targets = embed_entries(store, latents, text, entries, plan, spec.vae_factor)
         out["head"] = (int(tr.peak), dict(tr.peak_by_cat))
         out["head_cost"], tr.cost = tr.cost, Counter()
+        seg_cost: dict = {}
         if blocks:
-            load_block = store.load_block
+            load_block, run_block = store.load_block, store.run_block
+            elide = _elided_blocks(store.model, fam, trained, plan) if compose else {}
+
+            def segment(key) -> None:
+                tr.set_segment(key)
+                tr.cost = seg_cost.setdefault(key, Counter())
 
             def seg_load(i):
-                tr.set_segment(("block", i))
-                return load_block(i)
+                segment(("block", i))
+                return [] if i in elide else load_block(i)
+
+            def seg_run(i, state, consts):
+                return state if i in elide else run_block(i, state, consts)
 
             class AfterBlock:  # run_entries' progress bar: the rest of the run after block i
                 def update(self, n, block):
-                    tr.set_segment(("after", block))
+                    segment(("after", block))
 
-            store.load_block = seg_load
-            tr.set_segment("entries")  # no block at all when the span starts at block 0
+            store.load_block, store.run_block = seg_load, seg_run
+            segment("entries")  # no block at all when the span starts at block 0
             cached = run_entries(store, states, consts, targets, plan, trained, AfterBlock())
             out["entry_shapes"] = {k: (tuple(v.shape), v.dtype) for k, v in cached[0].items()}
             out["entry_bytes"] = sum(v.numel() * v.element_size() for v in cached[0].values())
             del cached
+            # an elided block's segments are its representative's: the same shapes live, the same ops
+            for i, rep in elide.items():
+                for kind in ("block", "after"):
+                    tr.segment_peaks[kind, i] = tr.segment_peaks[kind, rep]
+                    seg_cost[kind, i] = seg_cost[kind, rep]
         del states, consts, targets, latents, text, images
     out["blocks"] = (int(tr.peak), dict(tr.peak_by_cat))
     out["segments"] = dict(tr.segment_peaks)
-    out["loop_cost"] = tr.cost
+    out["loop_cost"] = sum(seg_cost.values(), tr.cost if not blocks else Counter())
     return out
+
+
+def _elided_blocks(model: nn.Module, fam, trained: list[int], plan: Plan) -> dict[int, int]:
+    """Blocks a composed precompute trace need not run, each with the block whose segments it repeats:
+    inside a run of consecutive blocks of one structure (class, stored tensors' shapes) that saves
+    nothing (no cache boundary is recorded at it: ``record_boundary``), every block after the second
+    sees the same shapes live and runs the same ops. The first two and the last of each run are run."""
+    from blockskip.runtime.precompute import blocks_to_run, residual_gaps
+
+    L = fam.num_blocks
+    stop = blocks_to_run(trained, L, plan.back_residual)
+    boundary = {trained[0]}
+    for a, b in residual_gaps(trained, L, plan.back_residual):
+        boundary |= {a, b - 1}
+    paths = fam.block_paths()
+
+    def signature(i: int) -> tuple:
+        mod = model.get_submodule(paths[i])
+        return (
+            type(mod).__name__,
+            tuple((n, tuple(t.shape)) for n, t in mod.state_dict(keep_vars=True).items()),
+        )
+
+    elide: dict[int, int] = {}
+    run: list[int] = []
+    for i in [*range(stop), None]:
+        if i is not None and i not in boundary and run and signature(i) == signature(run[0]):
+            run.append(i)
+            continue
+        for j in run[2:-1]:
+            elide[j] = run[1]
+        run = [i] if i is not None and i not in boundary else []
+    return elide
 
 
 class TrainTrace(NamedTuple):
