@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from blockskip.runtime.backends import get_backend
 from blockskip.runtime.bundle import Bundle
@@ -22,8 +23,13 @@ from blockskip.runtime.images import list_images, load_images
 from blockskip.runtime.memory import check_budget
 from blockskip.runtime.progress import Progress
 
+if TYPE_CHECKING:
+    from blockskip.runtime.cache import ResidualCache
+    from blockskip.runtime.events import EventLog
+    from blockskip.runtime.files import StrPath
 
-def image_source(bundle: Bundle, images_dir) -> dict:
+
+def image_source(bundle: Bundle, images_dir: str | Path) -> dict[str, Any]:
     files = list_images(images_dir)
     return {"bundle": bundle.manifest_sha256, "images": {p.name: sha256_file(p) for p in files}}
 
@@ -34,11 +40,13 @@ def checkpoint_file(bundle: Bundle, backend: str) -> str:
     return "ort_checkpoint" if backend == "ort" and bundle.plan.span == "resident" else CHECKPOINT
 
 
-def check_checkpoint_matches(out_dir, source: dict, bundle: Bundle, backend: str = "torch") -> None:
+def check_checkpoint_matches(
+    out_dir: StrPath, source: dict[str, Any], bundle: Bundle, backend: str = "torch"
+) -> None:
     """Refuse before any work when OUT holds a checkpoint of a run on other photos or another bundle,
     or one written by another backend."""
-    from blockskip.runtime.cache import source_digest
     from blockskip.runtime.driver import refuse_foreign_checkpoint, refuse_other_run
+    from blockskip.runtime.formats import source_digest
 
     own = checkpoint_file(bundle, backend)
     refuse_foreign_checkpoint(Path(out_dir), own)
@@ -58,8 +66,14 @@ def check_checkpoint_matches(out_dir, source: dict, bundle: Bundle, backend: str
 
 
 def run_precompute(
-    bundle_dir, images_dir, cache_dir, backend="torch", quiet=False, out_dir=None, events=None
-):
+    bundle_dir: str | Path,
+    images_dir: str | Path,
+    cache_dir: StrPath,
+    backend: str = "torch",
+    quiet: bool = False,
+    out_dir: StrPath | None = None,
+    events: EventLog | None = None,
+) -> ResidualCache:
     """Encode the photos and precompute the cache; ``events``: a ``runtime.events.EventLog``."""
     progress = Progress(quiet, events)
     t0 = time.perf_counter()
@@ -69,7 +83,14 @@ def run_precompute(
     return out
 
 
-def _precompute(bundle_dir, images_dir, cache_dir, backend, progress: Progress, out_dir):
+def _precompute(
+    bundle_dir: str | Path,
+    images_dir: str | Path,
+    cache_dir: StrPath,
+    backend: str,
+    progress: Progress,
+    out_dir: StrPath | None,
+) -> ResidualCache:
     bundle = Bundle(bundle_dir)
     source = image_source(bundle, images_dir)
     _, images = load_images(images_dir, bundle.plan.s_max)
@@ -81,19 +102,20 @@ def _precompute(bundle_dir, images_dir, cache_dir, backend, progress: Progress, 
         held.enter_context(cache_lock(ensure_writable_dir(cache_dir, "cache folder")))
         if out_dir is not None:
             held.enter_context(output_lock(ensure_writable_dir(out_dir)))
-        return be.precompute(bundle, images, cache_dir, source=source, progress=progress)
+        cache: ResidualCache = be.precompute(bundle, images, cache_dir, source=source, progress=progress)
+        return cache
 
 
 def run_train(
-    bundle_dir,
-    cache_dir,
-    out_dir,
-    backend="torch",
-    quiet=False,
-    stop_after=None,
+    bundle_dir: str | Path,
+    cache_dir: StrPath,
+    out_dir: StrPath,
+    backend: str = "torch",
+    quiet: bool = False,
+    stop_after: int | None = None,
     lora_format: str = "diffusers",
-    events=None,
-):
+    events: EventLog | None = None,
+) -> dict[str, Any]:
     """Train; then write the LoRA layouts ``lora_format`` asks for beside ``OUT/lora.safetensors``
     (``runtime.lora_layouts``; their paths in the log's ``lora_files``)."""
     from blockskip.runtime.lora_layouts import formats_of, write_layouts
@@ -104,7 +126,7 @@ def run_train(
     progress = Progress(quiet, events)
     t0 = time.perf_counter()
     progress.event("phase_start", phase="train")
-    log = be.train(bundle, cache_dir, out_dir, progress=progress, stop_after=stop_after)
+    log: dict[str, Any] = be.train(bundle, cache_dir, out_dir, progress=progress, stop_after=stop_after)
     if log.get("lora"):
         log["lora_files"] = write_layouts(log["lora"], bundle.family, lora_format)
         atomic_write_json(Path(out_dir) / TRAIN_LOG, log)
@@ -112,5 +134,5 @@ def run_train(
     return log
 
 
-def default_cache(out_dir) -> Path:
+def default_cache(out_dir: StrPath) -> Path:
     return Path(out_dir) / "cache"

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blockskip.runtime.cli_util import run_cli
 from blockskip.runtime.formats import PHOTO_MIN_SIDE, TRAIN_LOG
 from blockskip.runtime.lora_layouts import FAMILIES, FORMATS
+
+if TYPE_CHECKING:
+    from blockskip.runtime.events import EventLog
 
 EPILOG = """examples:
   device-train run bundle --images photos/ -o out          # precompute + train, resumable
@@ -22,7 +26,7 @@ Your photos never leave the device: only the bundle comes from the desktop."""
 TRAINING_MMAP_THRESHOLD = 64 << 10
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="device-train",
         description="Precompute the frozen segments for your photos, then train the LoRA on the device.",
@@ -31,7 +35,9 @@ def main(argv=None) -> int:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def common(sp, images=False, out=False, cache=False):
+    def common(
+        sp: argparse.ArgumentParser, images: bool = False, out: bool = False, cache: bool = False
+    ) -> argparse.ArgumentParser:
         sp.add_argument("bundle", help="bundle folder written by blockskip-export")
         if images:
             sp.add_argument(
@@ -66,7 +72,7 @@ def main(argv=None) -> int:
         sp.add_argument("--debug", action="store_true", help="show tracebacks")
         return sp
 
-    def lora_format(sp):
+    def lora_format(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument(
             "--lora-format",
             default="diffusers",
@@ -107,9 +113,9 @@ def main(argv=None) -> int:
     if a.cmd == "convert-lora":
         return run_cli(lambda: _convert(a), a.debug, "device-train")
 
-    events = None
+    events: EventLog | None = None
 
-    def go_with_events():
+    def go_with_events() -> None:
         from blockskip.runtime.errors import BlockSkipError
         from blockskip.runtime.events import EventLog
 
@@ -134,7 +140,7 @@ def main(argv=None) -> int:
     def say(msg: str) -> None:
         print(msg, file=sys.stderr if a.events == "-" else sys.stdout)
 
-    def go():
+    def go() -> None:
         from blockskip.device_train.app import default_cache, run_precompute, run_train
         from blockskip.runtime.errors import BlockSkipError
         from blockskip.runtime.memory import map_large_allocations
@@ -181,7 +187,7 @@ def main(argv=None) -> int:
     return run_cli(go_with_events, a.debug, "device-train")
 
 
-def _convert(a) -> None:
+def _convert(a: argparse.Namespace) -> None:
     from blockskip.runtime.errors import BlockSkipError
     from blockskip.runtime.lora_layouts import convert_file
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import ModuleType
 
 from blockskip.runtime.errors import BlockSkipError
 
@@ -26,7 +27,7 @@ _NEEDS = {
 }
 
 
-def get_backend(name: str):
+def get_backend(name: str) -> ModuleType:
     if name in _NEEDS:
         import importlib
 

@@ -7,19 +7,28 @@ materialised by name from safetensors only where a phase needs them.
 
 from __future__ import annotations
 
+from typing import Any
+
 from blockskip.runtime.backends.torch_families.base import TorchFamily
 from blockskip.runtime.errors import ModelError
 
 FAMILY_NAMES = ("flux", "sd3", "sana")
 
 
-def get_family(name: str, config: dict) -> TorchFamily:
+def get_family(name: str, config: dict[str, Any]) -> TorchFamily:
+    cls: type[TorchFamily]
     if name == "flux":
-        from blockskip.runtime.backends.torch_families.flux import FluxFamily as cls
+        from blockskip.runtime.backends.torch_families.flux import FluxFamily
+
+        cls = FluxFamily
     elif name == "sd3":
-        from blockskip.runtime.backends.torch_families.sd3 import SD3Family as cls
+        from blockskip.runtime.backends.torch_families.sd3 import SD3Family
+
+        cls = SD3Family
     elif name == "sana":
-        from blockskip.runtime.backends.torch_families.sana import SanaFamily as cls
+        from blockskip.runtime.backends.torch_families.sana import SanaFamily
+
+        cls = SanaFamily
     else:
         raise ModelError(f"unknown model family {name!r}; supported: {', '.join(FAMILY_NAMES)}")
     return cls(config)

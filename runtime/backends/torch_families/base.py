@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 State = dict[str, torch.Tensor]
+# A diffusers model (transformer or VAE): diffusers carries no type information, so the submodules and
+# methods a family reaches by attribute (``model.x_embedder``, ``vae.encode``) are untyped.
+DiffusersModel = Any
 
 
 @dataclass(frozen=True)
@@ -38,15 +43,18 @@ def materialize(root: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             raise KeyError(f"{name} is neither a parameter nor a buffer of the model")
 
 
-def release(root: nn.Module, names) -> None:
+def release(root: nn.Module, names: Iterable[str]) -> None:
     """Swap the named tensors back to meta so their memory is freed."""
     for name in names:
         mod, leaf = _owner(root, name)
         if leaf in mod._parameters:
             p = mod._parameters[leaf]
+            assert p is not None
             mod._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
         else:
-            mod._buffers[leaf] = torch.empty_like(mod._buffers[leaf], device="meta")
+            b = mod._buffers[leaf]
+            assert b is not None
+            mod._buffers[leaf] = torch.empty_like(b, device="meta")
 
 
 def tensor_names(root: nn.Module, prefixes: list[str]) -> list[str]:
@@ -67,11 +75,11 @@ class TorchFamily:
     embed_prefixes: list[str] = []
     head_prefixes: list[str] = []
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict[str, Any]):
         self.config = {k: v for k, v in config.items() if not k.startswith("_")}
 
     # --- structure -------------------------------------------------------------------------
-    def model_class(self):
+    def model_class(self) -> DiffusersModel:
         import diffusers
 
         return getattr(diffusers, self.class_name)
@@ -79,7 +87,7 @@ class TorchFamily:
     def skeleton(self) -> nn.Module:
         """The full model on the meta device: structure and names, no memory."""
         with torch.device("meta"):
-            model = self.model_class().from_config(self.config)
+            model: nn.Module = self.model_class().from_config(self.config)
         return model.eval().requires_grad_(False)
 
     def block_paths(self) -> list[str]:
@@ -109,18 +117,27 @@ class TorchFamily:
         return {t for i in range(self.num_blocks) for t in self.lora_targets(i)}
 
     # --- running ---------------------------------------------------------------------------
-    def embed(self, model, latent, sigma, text: dict, geom: CropGeometry, positions: str, guidance: float):
+    def embed(
+        self,
+        model: DiffusersModel,
+        latent: torch.Tensor,
+        sigma: torch.Tensor,
+        text: State,
+        geom: CropGeometry,
+        positions: str,
+        guidance: float,
+    ) -> tuple[State, State]:
         """Noisy low-res latent [1,C,h,w] -> (state, consts) entering block 0."""
         raise NotImplementedError
 
-    def run_block(self, model, i: int, state: State, consts: State) -> State:
+    def run_block(self, model: nn.Module, i: int, state: State, consts: State) -> State:
         return self.call_block(model.get_submodule(self.block_paths()[i]), state, consts)
 
     def call_block(self, block: nn.Module, state: State, consts: State) -> State:
         """Run one block module (the model's own, or a streamed stand-in with the same structure)."""
         raise NotImplementedError
 
-    def head(self, model, state: State, consts: State) -> torch.Tensor:
+    def head(self, model: DiffusersModel, state: State, consts: State) -> torch.Tensor:
         raise NotImplementedError
 
     def to_tokens(self, latent: torch.Tensor) -> torch.Tensor:
@@ -130,7 +147,7 @@ class TorchFamily:
     def from_tokens(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def prepare_text(self, model, text: dict) -> dict:
+    def prepare_text(self, model: DiffusersModel, text: State) -> State:
         """Prompt embeddings -> what embed() needs (done once per run)."""
         return text
 
@@ -167,7 +184,9 @@ def crop_coords(geom: CropGeometry, p: int, positions: str) -> tuple[torch.Tenso
     return geom.top / p + (i + 0.5) * scale - 0.5, geom.left / p + (i + 0.5) * scale - 0.5
 
 
-def run_span(family: TorchFamily, model, start: int, stop: int, state: State, consts: State) -> State:
+def run_span(
+    family: TorchFamily, model: nn.Module, start: int, stop: int, state: State, consts: State
+) -> State:
     """Run blocks [start, stop) of a family on a (materialised) model."""
     for i in range(start, stop):
         state = family.run_block(model, i, state, consts)

@@ -10,6 +10,8 @@ import torch
 
 from blockskip.runtime.backends.torch_families.base import (
     CropGeometry,
+    DiffusersModel,
+    State,
     TorchFamily,
     crop_coords,
     pixel_shuffle_tokens,
@@ -65,17 +67,26 @@ class FluxFamily(TorchFamily):
     def text_output_only(self, i: int) -> list[str]:
         return list(DOUBLE_TEXT_ONLY) if self.block_kind(i) == "double" else []
 
-    def prepare_text(self, model, text: dict) -> dict:
+    def prepare_text(self, model: DiffusersModel, text: State) -> State:
         return {"encoder": model.context_embedder(text["prompt_embeds"]), "pooled": text["pooled"]}
 
-    def embed(self, model, latent, sigma, text, geom: CropGeometry, positions="crop", guidance=3.5):
+    def embed(
+        self,
+        model: DiffusersModel,
+        latent: torch.Tensor,
+        sigma: torch.Tensor,
+        text: State,
+        geom: CropGeometry,
+        positions: str = "crop",
+        guidance: float = 3.5,
+    ) -> tuple[State, State]:
         dtype = latent.dtype
         tokens = self.to_tokens(latent)
         hidden = model.x_embedder(tokens)
         timestep = sigma.to(dtype) * 1000
         if self.config.get("guidance_embeds", False):
-            g = torch.full_like(timestep, guidance) * 1000
-            temb = model.time_text_embed(timestep, g, text["pooled"])
+            gscale = torch.full_like(timestep, guidance) * 1000
+            temb = model.time_text_embed(timestep, gscale, text["pooled"])
         else:
             temb = model.time_text_embed(timestep, text["pooled"])
         rows, cols = crop_coords(geom, 2, positions)
@@ -89,7 +100,7 @@ class FluxFamily(TorchFamily):
         state = {"hidden": hidden, "encoder": text["encoder"]}
         return state, {"temb": temb, "rope_cos": cos, "rope_sin": sin}
 
-    def call_block(self, block, state, consts):
+    def call_block(self, block: DiffusersModel, state: State, consts: State) -> State:
         enc, hid = block(
             hidden_states=state["hidden"],
             encoder_hidden_states=state["encoder"],
@@ -98,11 +109,12 @@ class FluxFamily(TorchFamily):
         )
         return {"hidden": hid, "encoder": enc}
 
-    def head(self, model, state, consts):
-        return model.proj_out(model.norm_out(state["hidden"], consts["temb"]))
+    def head(self, model: DiffusersModel, state: State, consts: State) -> torch.Tensor:
+        out: torch.Tensor = model.proj_out(model.norm_out(state["hidden"], consts["temb"]))
+        return out
 
-    def to_tokens(self, latent):
+    def to_tokens(self, latent: torch.Tensor) -> torch.Tensor:
         return pixel_unshuffle_tokens(latent, 2, channels_last=False)
 
-    def from_tokens(self, tokens, h, w):
+    def from_tokens(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return pixel_shuffle_tokens(tokens, h, w, 2, channels_last=False)

@@ -9,9 +9,12 @@ Real models use their diffusers VAE encoder (AutoencoderKL for FLUX/SD3, Autoenc
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from blockskip.runtime.backends.torch_families.base import DiffusersModel
 from blockskip.runtime.errors import ModelError
 
 
@@ -29,11 +32,12 @@ class TinyAutoencoder(nn.Module):
         self.enc.weight.data.copy_(w.float())
 
     @property
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         return {"factor": self.factor, "latent_channels": self.latent_channels}
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.enc(images)
+        out: torch.Tensor = self.enc(images)
+        return out
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return nn.functional.conv_transpose2d(latents, self.enc.weight, stride=self.factor)
@@ -103,6 +107,8 @@ class PatchDCTAutoencoder(nn.Module):
     """
 
     factor = 4
+    latent_shift: torch.Tensor  # buffers
+    latent_scale: torch.Tensor
 
     def __init__(self, luma: int = 10, chroma: int = 3):
         super().__init__()
@@ -128,12 +134,13 @@ class PatchDCTAutoencoder(nn.Module):
         self.register_buffer("latent_scale", torch.tensor(scale, dtype=torch.float32))
 
     @property
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         return {"luma": self.luma, "chroma": self.chroma}
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] in [-1,1] (H, W multiples of 4) -> [B,C,H/4,W/4] normalised latents."""
-        return (self.enc(images) - self.latent_shift[:, None, None]) / self.latent_scale[:, None, None]
+        coef: torch.Tensor = self.enc(images)
+        return (coef - self.latent_shift[:, None, None]) / self.latent_scale[:, None, None]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> [B,3,H,W] (not clamped)."""
@@ -148,10 +155,13 @@ ENCODER_PREFIXES = {
     "AutoencoderKL": ["encoder", "quant_conv"],
     "AutoencoderDC": ["encoder"],
 }
-FIXED_ENCODERS = {"TinyAutoencoder": TinyAutoencoder, "PatchDCTAutoencoder": PatchDCTAutoencoder}
+FIXED_ENCODERS: dict[str, type[nn.Module]] = {
+    "TinyAutoencoder": TinyAutoencoder,
+    "PatchDCTAutoencoder": PatchDCTAutoencoder,
+}
 
 
-def build_encoder_skeleton(spec: dict) -> nn.Module:
+def build_encoder_skeleton(spec: dict[str, Any]) -> nn.Module:
     cls = spec["class"]
     if cls not in ENCODER_CLASSES:
         raise ModelError(f"unsupported encoder class {cls!r}; supported: {', '.join(ENCODER_CLASSES)}")
@@ -160,13 +170,14 @@ def build_encoder_skeleton(spec: dict) -> nn.Module:
             return FIXED_ENCODERS[cls](**spec["config"])
         import diffusers
 
-        return getattr(diffusers, cls).from_config(spec["config"]).eval()
+        vae: nn.Module = getattr(diffusers, cls).from_config(spec["config"]).eval()
+        return vae
 
 
 from blockskip.runtime.tiles import STRIDES, TILE  # noqa: E402  (px: one tile's activations, not the photo's)
 
 
-def enable_tiling(encoder: nn.Module, spec: dict) -> None:
+def enable_tiling(encoder: DiffusersModel, spec: dict[str, Any]) -> None:
     """Encode in overlapping tiles (diffusers' own tiled encode); the fixed patch mappings need none."""
     cls = spec["class"]
     if cls == "AutoencoderKL":
@@ -183,14 +194,16 @@ def enable_tiling(encoder: nn.Module, spec: dict) -> None:
         )
 
 
-def encode_images(encoder: nn.Module, spec: dict, images: torch.Tensor) -> torch.Tensor:
+def encode_images(encoder: DiffusersModel, spec: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
     """[B,3,H,W] in [-1,1] -> scaled latents [B,C,H/f,W/f]."""
     cls = spec["class"]
     if cls in FIXED_ENCODERS:  # patch-local and already scaled
-        return encoder.encode(images)
+        latent: torch.Tensor = encoder.encode(images)
+        return latent
     if cls == "AutoencoderKL":
         z = encoder.encode(images).latent_dist.mode()
     else:
         z = encoder.encode(images).latent
     shift = spec.get("shift_factor") or 0.0
-    return (z - shift) * spec.get("scaling_factor", 1.0)
+    scaled: torch.Tensor = (z - shift) * spec.get("scaling_factor", 1.0)
+    return scaled

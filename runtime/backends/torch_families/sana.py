@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from blockskip.runtime.backends.torch_families.base import (
     CropGeometry,
+    DiffusersModel,
+    State,
     TorchFamily,
     pixel_shuffle_tokens,
     pixel_unshuffle_tokens,
@@ -44,12 +48,21 @@ class SanaFamily(TorchFamily):
     def lora_targets(self, i: int) -> list[str]:
         return list(TARGETS)
 
-    def prepare_text(self, model, text: dict) -> dict:
+    def prepare_text(self, model: DiffusersModel, text: State) -> State:
         e = model.caption_projection(text["prompt_embeds"])
         e = e.view(e.shape[0], -1, model.config.num_attention_heads * model.config.attention_head_dim)
         return {"encoder": model.caption_norm(e)}
 
-    def embed(self, model, latent, sigma, text, geom: CropGeometry, positions="crop", guidance=0.0):
+    def embed(
+        self,
+        model: DiffusersModel,
+        latent: torch.Tensor,
+        sigma: torch.Tensor,
+        text: State,
+        geom: CropGeometry,
+        positions: str = "crop",
+        guidance: float = 0.0,
+    ) -> tuple[State, State]:
         hidden = model.patch_embed(latent)
         timestep = sigma.to(latent.dtype) * 1000
         if self.config.get("guidance_embeds", False):
@@ -60,17 +73,18 @@ class SanaFamily(TorchFamily):
             t6, emb_t = model.time_embed(timestep, batch_size=latent.shape[0], hidden_dtype=hidden.dtype)
         return {"hidden": hidden}, {"timestep": t6, "embedded_timestep": emb_t, "encoder": text["encoder"]}
 
-    def call_block(self, block, state, consts):
+    def call_block(self, block: DiffusersModel, state: State, consts: State) -> State:
         g = math.isqrt(state["hidden"].shape[1])
         hid = block(state["hidden"], None, consts["encoder"], None, consts["timestep"], g, g)
         return {"hidden": hid}
 
-    def head(self, model, state, consts):
+    def head(self, model: DiffusersModel, state: State, consts: State) -> torch.Tensor:
         h = model.norm_out(state["hidden"], consts["embedded_timestep"], model.scale_shift_table)
-        return model.proj_out(h)
+        out: torch.Tensor = model.proj_out(h)
+        return out
 
-    def to_tokens(self, latent):
+    def to_tokens(self, latent: torch.Tensor) -> torch.Tensor:
         return pixel_unshuffle_tokens(latent, self.patch_size, channels_last=True)
 
-    def from_tokens(self, tokens, h, w):
+    def from_tokens(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return pixel_shuffle_tokens(tokens, h, w, self.patch_size, channels_last=True)

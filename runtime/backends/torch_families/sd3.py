@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from blockskip.runtime.backends.torch_families.base import (
     CropGeometry,
+    DiffusersModel,
+    State,
     TorchFamily,
     crop_coords,
     pixel_shuffle_tokens,
@@ -61,10 +63,10 @@ class SD3Family(TorchFamily):
     def text_output_only(self, i: int) -> list[str]:
         return list(TEXT_ONLY)
 
-    def prepare_text(self, model, text: dict) -> dict:
+    def prepare_text(self, model: DiffusersModel, text: State) -> State:
         return {"encoder": model.context_embedder(text["prompt_embeds"]), "pooled": text["pooled"]}
 
-    def _positions(self, model, geom: CropGeometry, dtype) -> torch.Tensor:
+    def _positions(self, model: DiffusersModel, geom: CropGeometry, dtype: torch.dtype) -> torch.Tensor:
         pe = model.pos_embed
         p = self.patch_size
         M = pe.pos_embed_max_size
@@ -79,7 +81,16 @@ class SD3Family(TorchFamily):
         out = F.grid_sample(table, grid, mode="bilinear", align_corners=True)  # [1,D,g,g]
         return out.flatten(2).transpose(1, 2).to(dtype)
 
-    def embed(self, model, latent, sigma, text, geom: CropGeometry, positions="crop", guidance=0.0):
+    def embed(
+        self,
+        model: DiffusersModel,
+        latent: torch.Tensor,
+        sigma: torch.Tensor,
+        text: State,
+        geom: CropGeometry,
+        positions: str = "crop",
+        guidance: float = 0.0,
+    ) -> tuple[State, State]:
         if positions == "native":
             hidden = model.pos_embed(latent)
         else:
@@ -92,17 +103,18 @@ class SD3Family(TorchFamily):
         temb = model.time_text_embed(sigma.to(latent.dtype) * 1000, text["pooled"])
         return {"hidden": hidden, "encoder": text["encoder"]}, {"temb": temb}
 
-    def call_block(self, block, state, consts):
+    def call_block(self, block: DiffusersModel, state: State, consts: State) -> State:
         enc, hid = block(
             hidden_states=state["hidden"], encoder_hidden_states=state["encoder"], temb=consts["temb"]
         )
         return {"hidden": hid, "encoder": enc}
 
-    def head(self, model, state, consts):
-        return model.proj_out(model.norm_out(state["hidden"], consts["temb"]))
+    def head(self, model: DiffusersModel, state: State, consts: State) -> torch.Tensor:
+        out: torch.Tensor = model.proj_out(model.norm_out(state["hidden"], consts["temb"]))
+        return out
 
-    def to_tokens(self, latent):
+    def to_tokens(self, latent: torch.Tensor) -> torch.Tensor:
         return pixel_unshuffle_tokens(latent, self.patch_size, channels_last=True)
 
-    def from_tokens(self, tokens, h, w):
+    def from_tokens(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return pixel_shuffle_tokens(tokens, h, w, self.patch_size, channels_last=True)
