@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from blockskip.runtime.backends.torch_families import get_family
-from blockskip.runtime.backends.torch_families.base import TorchFamily, materialize, release
+from blockskip.runtime.backends.torch_families.base import State, TorchFamily, materialize, release
 from blockskip.runtime.backends.torch_families.latent import build_encoder_skeleton
 from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.errors import BundleError
+
+if TYPE_CHECKING:
+    from blockskip.runtime.contract import Arrays, BlockBackend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -21,7 +25,8 @@ def tensor_at(root: torch.nn.Module, name: str) -> torch.Tensor:
     """The parameter or buffer of ``root`` with this full name."""
     mod_path, _, leaf = name.rpartition(".")
     mod = root.get_submodule(mod_path) if mod_path else root
-    return mod._parameters[leaf] if leaf in mod._parameters else mod._buffers[leaf]
+    # a bundle's names are never a slot set to None (the skeleton holds a tensor, meta or real, at each)
+    return cast(torch.Tensor, mod._parameters[leaf] if leaf in mod._parameters else mod._buffers[leaf])
 
 
 class BlockStore:
@@ -38,7 +43,7 @@ class BlockStore:
         self.model = self.family.skeleton()
         self.store_dtype = DTYPES[bundle.plan.dtype]  # what the stored layout becomes in the model
         self.loaded: list[str] = []  # artifact names in load order
-        self._alive: dict[str, list[weakref.ref]] = {}
+        self._alive: dict[str, list[weakref.ref[torch.Tensor]]] = {}
         self.max_resident = 0
 
     def _read(self, rel: str) -> dict[str, torch.Tensor]:
@@ -67,7 +72,8 @@ class BlockStore:
         )
 
     def block_file(self, i: int) -> str:
-        return self.bundle.manifest["model"]["blocks"][i]
+        rel: str = self.bundle.manifest["model"]["blocks"][i]
+        return rel
 
     def load_block(self, i: int) -> list[str]:
         names = self._load(self.block_file(i))
@@ -80,26 +86,26 @@ class BlockStore:
     def free(self, names: list[str]) -> None:
         release(self.model, names)
 
-    def run_block(self, i: int, state: dict, consts: dict) -> dict:
+    def run_block(self, i: int, state: State, consts: State) -> State:
         """Run block i (loaded with :meth:`load_block`) on one sample's state."""
         return self.family.run_block(self.model, i, state, consts)
 
-    def load_encoder(self):
+    def load_encoder(self) -> tuple[torch.nn.Module, dict[str, Any]]:
         """The photo encoder, materialised (caller drops it when done)."""
-        spec = self.bundle.manifest["encoder"]
+        spec: dict[str, Any] = self.bundle.manifest["encoder"]
         enc = build_encoder_skeleton(spec)
         materialize(enc, self._read(spec["file"]))
         return enc.eval(), spec
 
-    def load_prompt(self, dtype) -> dict:
+    def load_prompt(self, dtype: torch.dtype) -> State:
         return {k: v.to(dtype) for k, v in self._read(self.bundle.manifest["prompt"]).items()}
 
 
-def load_encoder(bundle: Bundle):
+def load_encoder(bundle: Bundle) -> tuple[torch.nn.Module, dict[str, Any]]:
     return BlockStore(bundle).load_encoder()
 
 
-def load_prompt(bundle: Bundle, dtype) -> dict:
+def load_prompt(bundle: Bundle, dtype: torch.dtype) -> State:
     return BlockStore(bundle).load_prompt(dtype)
 
 
@@ -107,7 +113,7 @@ class StreamBlockStore(BlockStore):
     """Precompute's blocks through a block backend (ONNX Runtime, ExecuTorch): each block's stored weights
     (the next block's read ahead) fed to its shape's forward program with a zero LoRA."""
 
-    def __init__(self, bundle: Bundle, backend):
+    def __init__(self, bundle: Bundle, backend: BlockBackend):
         from blockskip.runtime.stream import StreamSpec, WeightSource
 
         super().__init__(bundle)
@@ -116,7 +122,7 @@ class StreamBlockStore(BlockStore):
         self.shape_of = dict(self.spec.precompute)
         self.weights = WeightSource(self.spec, resident=False, prefetch=bundle.plan.prefetch)
         self.weights.plan([i for i, _ in self.spec.precompute])
-        self.current: dict | None = None
+        self.current: Arrays | None = None
 
     def load_block(self, i: int) -> list[str]:
         if i not in self.shape_of:
@@ -133,13 +139,15 @@ class StreamBlockStore(BlockStore):
         if rest:
             super().free(rest)
 
-    def run_block(self, i: int, state: dict, consts: dict) -> dict:
+    def run_block(self, i: int, state: State, consts: State) -> State:
         st = {n: v.detach().float().numpy() for n, v in state.items() if v is not None}
         cs = {n: v.detach().float().numpy() for n, v in consts.items()}
+        assert self.current is not None, "run_block before load_block"
         out = self.backend.precompute_block(self.shape_of[i], st, cs, self.current)
-        new = {n: None for n in state}
+        new: dict[str, torch.Tensor | None] = {n: None for n in state}
         new.update({n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in out.items()})
-        return new
+        # an output the block does not have (SD3's last text state) is None, as the torch families return it
+        return cast(State, new)
 
     def close(self) -> None:
         self.weights.close()

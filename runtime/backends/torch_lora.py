@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -14,7 +15,7 @@ from blockskip.runtime.errors import BlockSkipError
 ADAPTER = "default"
 
 
-def lora_config(lora: dict):
+def lora_config(lora: dict[str, Any]) -> Any:  # a peft LoraConfig
     from peft import LoraConfig
 
     return LoraConfig(
@@ -22,7 +23,7 @@ def lora_config(lora: dict):
     )
 
 
-def inject_lora(model: torch.nn.Module, lora: dict) -> None:
+def inject_lora(model: torch.nn.Module, lora: dict[str, Any]) -> None:
     """Add LoRA (A: kaiming, B: zero, from the current torch seed) to the full module names listed."""
     from peft import inject_adapter_in_model
 
@@ -31,11 +32,11 @@ def inject_lora(model: torch.nn.Module, lora: dict) -> None:
         p.requires_grad_(".lora_" in n)
 
 
-def lora_parameters(model) -> list[torch.nn.Parameter]:
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if ".lora_" in n]
 
 
-def lora_state_dict(model) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """peft names -> diffusers names: ``transformer.<module>.lora_A.weight``."""
     return diffusers_names({n: p for n, p in model.named_parameters() if ".lora_" in n})
 
@@ -47,7 +48,7 @@ def diffusers_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     }
 
 
-def lora_metadata(lora: dict) -> dict[str, str]:
+def lora_metadata(lora: dict[str, Any]) -> dict[str, str]:
     """The safetensors metadata of a saved LoRA (peft's config with alpha = rank: the scale is folded)."""
     cfg = lora_config({**lora, "alpha": lora["rank"]}).to_dict()
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
@@ -59,7 +60,7 @@ def lora_metadata(lora: dict) -> dict[str, str]:
     }
 
 
-def checkpoint_tensors(model, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """Copies of the LoRA weights and optimizer state (what a checkpoint holds)."""
     tensors = {}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -74,12 +75,16 @@ def checkpoint_tensors(model, opt: torch.optim.Optimizer) -> dict[str, torch.Ten
     return tensors
 
 
-def save_checkpoint(path: Path, model, opt: torch.optim.Optimizer, step: int, log: dict) -> None:
+def save_checkpoint(
+    path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, log: dict[str, Any]
+) -> None:
     """The shared checkpoint (``runtime.checkpoint``), from a peft model and its torch optimizer."""
     write_checkpoint(path, checkpoint_tensors(model, opt), step, log)
 
 
-def restore_checkpoint(path: Path, model, opt: torch.optim.Optimizer) -> tuple[int, dict]:
+def restore_checkpoint(
+    path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer
+) -> tuple[int, dict[str, Any]]:
     """Restore LoRA weights and optimizer state; return (step, saved log)."""
     _, step, saved = read_checkpoint(path)  # the declared format, the integrity record, finite values
     tensors = load_file(path)

@@ -26,6 +26,9 @@ memory dry run runs the quanto path on fake tensors (it works unchanged there).
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any, cast
+
 import torch
 from torch import nn
 
@@ -49,7 +52,7 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def _no_modes():
+def _no_modes() -> contextlib.AbstractContextManager[object]:
     """Imports must create their module-level tensors outside any fake / tracing mode (the dry run
     calls us under FakeTensorMode; a fake constant table cached in a module would outlive it)."""
     from torch.utils._python_dispatch import _disable_current_modes
@@ -57,7 +60,7 @@ def _no_modes():
     return _disable_current_modes()
 
 
-def _import_quanto():
+def _import_quanto() -> tuple[Any, Any]:  # (optimum.quanto, its quantize_module)
     try:
         with _no_modes():
             import optimum.quanto as quanto
@@ -70,7 +73,7 @@ def _import_quanto():
     return quanto, quantize_module
 
 
-def _import_bnb():
+def _import_bnb() -> Any:  # the bitsandbytes module
     try:
         with _no_modes():
             import bitsandbytes as bnb
@@ -110,7 +113,7 @@ def quantize_frozen(
     ]
     if not names:
         return {}
-    backend = backend or default_backend(model.get_submodule(names[0]).weight)
+    backend = backend or default_backend(cast(nn.Linear, model.get_submodule(names[0])).weight)
     if backend == "quanto":
         _quanto(model, names, mode)
     elif backend == "bnb":
@@ -145,7 +148,7 @@ def _quanto(model: nn.Module, names: list[str], mode: str) -> None:
         del lin, q
 
 
-def _freeze(q: nn.Module) -> None:
+def _freeze(q: Any) -> None:  # a quanto QLinear
     """``q.freeze()``, also on fake tensors (the memory dry run).
 
     quanto decides two things by ``type(data) is torch.Tensor``, which a FakeTensor is not: whether to
@@ -205,6 +208,6 @@ def _bnb(model: nn.Module, names: list[str], mode: str) -> None:
         del lin, w, q
     # peft picks its bitsandbytes LoRA wrappers only when the model carries these flags
     if mode == "int8":
-        model.is_loaded_in_8bit = True
+        model.is_loaded_in_8bit = True  # type: ignore[assignment]
     else:
-        model.is_loaded_in_4bit = True
+        model.is_loaded_in_4bit = True  # type: ignore[assignment]

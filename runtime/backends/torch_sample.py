@@ -11,7 +11,9 @@ from blockskip.runtime.rng import normals
 from blockskip.runtime.schedule import ScheduleEntry
 
 
-def make_sample(latent: torch.Tensor, e: ScheduleEntry, s_min: int, s_max: int, vae_factor: int):
+def make_sample(
+    latent: torch.Tensor, e: ScheduleEntry, s_min: int, s_max: int, vae_factor: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, CropGeometry]:
     """latent [C, L, L] of the s_max photo -> (x_t [1,C,l,l], target [1,C,l,l], sigma [1], geometry)."""
     f = vae_factor
     full, side, top, left, low = s_max // f, e.side // f, e.top // f, e.left // f, s_min // f
