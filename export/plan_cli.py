@@ -268,7 +268,8 @@ def _run(a) -> int:
         )
     if a.plot:
         print(f"chart: {a.plot}")
-    print(f"({out['traced_plans']} plans traced in {out['seconds']} s, no memory allocated)")
+    n = out["traced_plans"]
+    print(f"({n} plan{'' if n == 1 else 's'} traced in {out['seconds']} s, no memory allocated)")
     return 0 if best.fits else 3
 
 

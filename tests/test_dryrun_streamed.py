@@ -74,6 +74,36 @@ def test_search_proposes_only_what_the_format_runs():
     assert r.best.plan.span == "resident" and all(c.plan.span == "resident" for c in r.traced)
 
 
+def test_streamed_search_traces_the_most_capable_variant_first():
+    """A streamed span's search picks the first variant in capacity order (storage precision, then rank)
+    that fits, as a walk from the cheapest would; where the most capable fits it is the only plan traced,
+    and where it does not, it is the next bigger plan reported."""
+    spec, _ = load_spec("tiny-random")
+    split = dict(front_skip=1, back_skip=1, s_min=64, s_max=128, num_samples=2)
+    kw = dict(streamed_ratios=[2 / 9], split_table={str(2 / 9): (1, 1)}, s_mins=[64], spans=("streamed",))
+    order = [(rk, st) for st in ("bfloat16", "int8", "int4") for rk in (16, 4)]
+    peaks = {
+        v: evaluate(
+            spec, Plan(**split, lora_rank=v[0], span="streamed", storage=v[1]), _profile(1.0), fmt="torch"
+        ).peak
+        for v in order
+    }
+    assert peaks[order[0]] > peaks[order[-1]]
+    r = search(spec, Plan(**split), _profile(peaks[order[0]] * 1.01 / GIB), fmt="torch", **kw)
+    assert len(r.traced) == 1 and (r.best.plan.lora_rank, r.best.plan.storage) == order[0]
+    # a budget between the most capable variant and the cheapest: the first in order that fits
+    budget = (peaks[order[0]] + peaks[order[-1]]) / 2
+    want = next(v for v in order if peaks[v] <= budget)
+    r = search(spec, Plan(**split), _profile(budget / GIB), fmt="torch", **kw)
+    assert r.best is not None and (r.best.plan.lora_rank, r.best.plan.storage) == want
+    bigger = order[order.index(want) - 1]
+    assert (r.next_bigger.plan.lora_rank, r.next_bigger.plan.storage) == bigger
+    assert r.next_bigger.peak == peaks[bigger] > budget
+    # nothing fits: the cheapest is what the minimum is
+    r = search(spec, Plan(**split), _profile(peaks[order[-1]] * 0.99 / GIB), fmt="torch", **kw)
+    assert r.best is None and r.smallest.peak == peaks[order[-1]]
+
+
 @pytest.fixture(scope="module")
 def pte_bundle(tmp_path_factory):
     pytest.importorskip("executorch.exir")

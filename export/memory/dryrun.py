@@ -258,8 +258,8 @@ def trace_precompute(
     entries = schedule.entries[:chunk]
     k = len(entries)
 
-    def run(samples, blocks: bool = True) -> dict:
-        return _precompute_run(spec, plan, trained, profile, num_images, samples, blocks, compose)
+    def run(samples, blocks: bool = True, latents=None) -> dict:
+        return _precompute_run(spec, plan, trained, profile, num_images, samples, blocks, compose, latents)
 
     if not compose or k <= COMPOSE_SAMPLES + 1:
         whole = run(entries)
@@ -268,7 +268,9 @@ def trace_precompute(
         from blockskip.export.memory.cost import combine
 
         whole = run(entries, blocks=False)  # the encoder, the prompt and every sample embedded
-        few, more = run(entries[:COMPOSE_SAMPLES]), run(entries[: COMPOSE_SAMPLES + 1])
+        # the block runs start from what the encoder left (its latents): it is traced once, above
+        few = run(entries[:COMPOSE_SAMPLES], latents=whole["latents"])
+        more = run(entries[: COMPOSE_SAMPLES + 1], latents=whole["latents"])
         steps = k - COMPOSE_SAMPLES
         blocks = whole["head"]
         for seg, (p0, cats0) in few["segments"].items():
@@ -300,13 +302,23 @@ def trace_precompute(
 
 
 def _precompute_run(
-    spec: ModelSpec, plan: Plan, trained, profile, num_images: int, entries, blocks: bool, compose: bool
+    spec: ModelSpec,
+    plan: Plan,
+    trained,
+    profile,
+    num_images: int,
+    entries,
+    blocks: bool,
+    compose: bool,
+    latents_like: tuple | None = None,
 ) -> dict:
     """One traced precompute of ``entries`` (``trace_precompute``): the encoder's peak and ops, the
     prompt's and embedding's ("head"), then (``blocks``) the peak of each segment of streaming the blocks
     over them (``("block", i)``: block i loaded and run; ``("after", i)``: from its release to the next
     load, or to the cache tensors at the end), the blocks' ops, and the whole phase's peak after the
-    encoder."""
+    encoder. ``latents_like``: (shape, dtype) of an earlier run's latents: the encoder is not traced again,
+    its one output tensor is allocated instead (all the encoder leaves live; its peak and ops are then
+    not reported)."""
     fam = spec.family
     dtype = DTYPES[plan.dtype]
     tr = MemoryTracer(_round_to(profile))
@@ -316,9 +328,13 @@ def _precompute_run(
         store = FakeStore(fam, spec.encoder_spec, spec.prompt_shapes, dtype, tr)
         with tr.category("cache"):
             images = torch.empty(num_images, 3, plan.s_max, plan.s_max)
-        latents = encode_latents(store, images, dtype, plan.vae_tiling)
-        out["encoder"] = (int(tr.peak), dict(tr.peak_by_cat))
-        out["encoder_cost"], tr.cost = tr.cost, Counter()
+        if latents_like is None:
+            latents = encode_latents(store, images, dtype, plan.vae_tiling)
+            out["encoder"] = (int(tr.peak), dict(tr.peak_by_cat))
+            out["encoder_cost"], tr.cost = tr.cost, Counter()
+        else:
+            latents = torch.empty(latents_like[0], dtype=latents_like[1])
+        out["latents"] = (tuple(latents.shape), latents.dtype)
         tr.reset_peak()
         text = prompt_text(store, dtype)
         states, consts, targets = embed_entries(store, latents, text, entries, plan, spec.vae_factor)

@@ -8,7 +8,9 @@ dropped if even that does not fit; otherwise variants are traced in preference o
 Only plans the format's backend runs are proposed: the program formats (pte, onnx) hold a resident span
 in float32 without a quantised base or checkpointing. When no resident plan fits at a split that skips
 at most the streamed span's first split (50%), the span is block-streamed: one block's weights at a
-time in a storage dtype (bfloat16 > int8 > int4), which every backend runs.
+time in a storage dtype (bfloat16 > int8 > int4), which every backend runs. A streamed span's memory
+hardly depends on rank and storage, so there the most capable variant is traced first: where it fits it
+is the only plan traced at its split; else the cheapest decides whether the split can fit at all.
 """
 
 from __future__ import annotations
@@ -369,19 +371,40 @@ def search(
         # within a (split, s_min): storage precision, then rank; the cheapest variant first
         combos = [(rk, st) for st in storages for rk in sorted(ranks, reverse=True)]
         result.next_bigger = None  # a resident plan is not a bigger one
+        cheapest_combo = (min(ranks), storages[-1])
         for (n, m), _ratio in split_pairs(streamed_ratios):
             for s_min in s_mins:
-                cheapest = trace_streamed(
-                    front_skip=n, back_skip=m, s_min=s_min, lora_rank=min(ranks), storage=storages[-1]
+                # the most capable variant first: a streamed span's memory hardly depends on rank and
+                # storage, so where it fits (the common case) it is the only plan traced at this split
+                top = trace_streamed(
+                    front_skip=n, back_skip=m, s_min=s_min, lora_rank=combos[0][0], storage=combos[0][1]
+                )
+                if top.fits and fmt == "pte":
+                    top = exact(top.plan)
+                if top.fits:
+                    result.best = top
+                    return result
+                note(top)
+                cheapest = (
+                    top
+                    if combos[0] == cheapest_combo
+                    else trace_streamed(
+                        front_skip=n,
+                        back_skip=m,
+                        s_min=s_min,
+                        lora_rank=cheapest_combo[0],
+                        storage=cheapest_combo[1],
+                    )
                 )
                 note(cheapest)
                 if not cheapest.fits:
                     result.next_bigger = cheapest
                     continue
-                for rk, st in combos:
+                result.next_bigger = top
+                for rk, st in combos[1:]:
                     c = (
                         cheapest
-                        if (rk, st) == (min(ranks), storages[-1])
+                        if (rk, st) == cheapest_combo
                         else trace_streamed(front_skip=n, back_skip=m, s_min=s_min, lora_rank=rk, storage=st)
                     )
                     if (
