@@ -35,12 +35,18 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockskip.runtime.backends.torch_families.base import TorchFamily
+from blockskip.runtime.backends.torch_families.base import State, TorchFamily
+
+# the layout of one stored tensor: (shape, dtype); ``layout`` maps relative names to these
+Spec = tuple[tuple[int, ...], torch.dtype]
+# a block's forward with autograd recording: (state leaves, LoRA leaves, outputs)
+Graph = tuple[State, State, State]
 
 STORAGE = ("float32", "float16", "bfloat16", "int8", "int4")
 FLOAT_STORAGE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -133,23 +139,28 @@ class _FrozenLinear(torch.autograd.Function):
     """y = x W^T + b for a stored frozen W; no gradient for W or b; W re-dequantised in backward."""
 
     @staticmethod
-    def forward(ctx, x, bias, *stored):
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, *stored: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(*stored)
         parts = [x @ dequantise(stored, r).T for r in _row_chunks(stored[0].shape[0], x.shape[-1])]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
         return y if bias is None else y + bias.float()
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         stored = ctx.saved_tensors
-        gx = None
+        gx: torch.Tensor | None = None
         for r in _row_chunks(stored[0].shape[0], _row_len(stored)):
             part = g[..., r] @ dequantise(stored, r)
             gx = part if gx is None else gx + part
         return (gx, None) + (None,) * len(stored)
 
 
-def _row_len(stored) -> int:
+def _apply(fn: type[torch.autograd.Function], *args: Any) -> torch.Tensor:
+    """``fn.apply(*args)``: the output of one of the functions here (``Function.apply`` is untyped in torch)."""
+    return cast(torch.Tensor, fn.apply(*args))  # type: ignore[no-untyped-call]
+
+
+def _row_len(stored: tuple[torch.Tensor, ...]) -> int:
     q = stored[0]
     if q.dtype == torch.uint8:
         return q.shape[1] * 2
@@ -160,14 +171,24 @@ class _FrozenConv(torch.autograd.Function):
     """conv2d with a stored frozen weight; only the input gets a gradient."""
 
     @staticmethod
-    def forward(ctx, x, bias, shape, stride, padding, dilation, groups, *stored):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        shape: tuple[int, ...],
+        stride: tuple[int, ...],
+        padding: str | tuple[int, ...],
+        dilation: tuple[int, ...],
+        groups: int,
+        *stored: torch.Tensor,
+    ) -> torch.Tensor:
         ctx.save_for_backward(*stored)
         ctx.conf = (tuple(x.shape), shape, stride, padding, dilation, groups)
         w = dequantise(stored).reshape(shape)
         return F.conv2d(x, w, None if bias is None else bias.float(), stride, padding, dilation, groups)
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_shape, shape, stride, padding, dilation, groups = ctx.conf
         w = dequantise(ctx.saved_tensors).reshape(shape)
         # the input gradient as a transposed convolution (ONNX has ConvTranspose, not convolution_backward)
@@ -180,7 +201,7 @@ class _FrozenConv(torch.autograd.Function):
         return (gx,) + (None,) * (6 + len(ctx.saved_tensors))
 
 
-def _buffers(mod: nn.Module, specs: dict[str, tuple], prefix: str) -> None:
+def _buffers(mod: nn.Module, specs: dict[str, Spec], prefix: str) -> None:
     for k, (shape, dtype) in specs.items():
         if k.startswith(prefix) and "." not in k[len(prefix) :]:
             mod.register_buffer(k[len(prefix) :], torch.empty(shape, dtype=dtype, device="meta"))
@@ -189,7 +210,18 @@ def _buffers(mod: nn.Module, specs: dict[str, tuple], prefix: str) -> None:
 class StreamLinear(nn.Module):
     """A frozen Linear in storage layout, with LoRA (``lora_A`` [r, in], ``lora_B`` [out, r]) if a target."""
 
-    def __init__(self, specs: dict, prefix: str, rank: int = 0, scale: float = 1.0, shape=(0, 0)):
+    bias: torch.Tensor | None
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+
+    def __init__(
+        self,
+        specs: dict[str, Spec],
+        prefix: str,
+        rank: int = 0,
+        scale: float = 1.0,
+        shape: tuple[int, ...] = (0, 0),
+    ) -> None:
         super().__init__()
         _buffers(self, specs, prefix)
         if "bias" not in self._buffers:
@@ -201,13 +233,16 @@ class StreamLinear(nn.Module):
             self.register_buffer("lora_B", torch.empty(out_f, rank, device="meta"))
 
     def stored(self) -> tuple[torch.Tensor, ...]:
-        b = self._buffers
+        # every buffer ``_buffers`` registers is a tensor (torch types module buffers as optional)
+        b = cast(dict[str, torch.Tensor], self._buffers)
         return (
-            (b["weight"],) if "weight" in b else (b.get("weight_q8", b.get("weight_q4")), b["weight_scale"])
+            (b["weight"],)
+            if "weight" in b
+            else (cast(torch.Tensor, b.get("weight_q8", b.get("weight_q4"))), b["weight_scale"])
         )
 
-    def forward(self, x):
-        y = _FrozenLinear.apply(x, self.bias, *self.stored())
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _apply(_FrozenLinear, x, self.bias, *self.stored())
         if self.rank:  # peft's order: result + lora_B(lora_A(x)) * scaling
             y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
         return y
@@ -218,29 +253,39 @@ class _FrozenDepthwise(torch.autograd.Function):
     (``_depthwise``); the input gradient is the same with the kernel flipped."""
 
     @staticmethod
-    def forward(ctx, x, bias, kernel, padding, *stored):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        kernel: tuple[int, int],
+        padding: tuple[int, int],
+        *stored: torch.Tensor,
+    ) -> torch.Tensor:
         ctx.save_for_backward(*stored)
         ctx.conf = (kernel, padding)
         y = _depthwise(x, dequantise(stored), kernel, padding)
         return y if bias is None else y + bias.float()[None, :, None, None]
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (kh, kw), (ph, pw) = ctx.conf
         gx = _depthwise(g, dequantise(ctx.saved_tensors).flip(-1), (kh, kw), (kh - 1 - ph, kw - 1 - pw))
         return (gx,) + (None,) * (3 + len(ctx.saved_tensors))
 
 
-def _depthwise(x: torch.Tensor, w: torch.Tensor, kernel: tuple, padding: tuple) -> torch.Tensor:
+def _depthwise(
+    x: torch.Tensor, w: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
+) -> torch.Tensor:
     """Depthwise correlation of ``x`` [B,C,H,W] with ``w`` [C, kh*kw] (row-major taps), stride 1."""
     (kh, kw), (ph, pw) = kernel, padding
     xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
     ho, wo = xp.shape[2] - kh + 1, xp.shape[3] - kw + 1
-    out = None
+    out: torch.Tensor | None = None
     for i in range(kh):
         for j in range(kw):
             term = xp[:, :, i : i + ho, j : j + wo] * w[:, i * kw + j].reshape(1, -1, 1, 1)
             out = term if out is None else out + term
+    assert out is not None  # kh, kw >= 1
     return out
 
 
@@ -254,17 +299,17 @@ class StreamConv2d(StreamLinear):
     * depthwise, stride 1 (SANA's 3x3 in GLUMBConv): ``kh * kw`` shifted multiply-adds;
     * anything else: ``F.conv2d``, its input gradient by ``F.conv_transpose2d``."""
 
-    def __init__(self, conv: nn.Conv2d, specs: dict, prefix: str):
+    def __init__(self, conv: nn.Conv2d, specs: dict[str, Spec], prefix: str) -> None:
         super().__init__(specs, prefix)
         self.conf = (tuple(conv.weight.shape), conv.stride, conv.padding, conv.dilation, conv.groups)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         (o, c, kh, kw), stride, padding, dilation, groups = self.conf
-        plain = not isinstance(padding, str) and tuple(dilation) == (1, 1)
         b, _, h, w = x.shape
+        if isinstance(padding, str) or tuple(dilation) != (1, 1):
+            return _apply(_FrozenConv, x, self.bias, *self.conf, *self.stored())
         if (
-            plain
-            and groups == 1
+            groups == 1
             and tuple(padding) == (0, 0)
             and tuple(stride) == (kh, kw)
             and h % kh == 0
@@ -275,21 +320,20 @@ class StreamConv2d(StreamLinear):
                 .permute(0, 2, 4, 1, 3, 5)
                 .reshape(b, h // kh, w // kw, -1)
             )
-            return _FrozenLinear.apply(p, self.bias, *self.stored()).permute(0, 3, 1, 2)
+            return _apply(_FrozenLinear, p, self.bias, *self.stored()).permute(0, 3, 1, 2)
         if (
-            plain
-            and groups == o == x.shape[1]
+            groups == o == x.shape[1]
             and c == 1
             and tuple(stride) == (1, 1)
             and padding[0] < kh
             and padding[1] < kw
         ):
-            return _FrozenDepthwise.apply(x, self.bias, (kh, kw), tuple(padding), *self.stored())
-        return _FrozenConv.apply(x, self.bias, *self.conf, *self.stored())
+            return _apply(_FrozenDepthwise, x, self.bias, (kh, kw), tuple(padding), *self.stored())
+        return _apply(_FrozenConv, x, self.bias, *self.conf, *self.stored())
 
 
 def stream_module(
-    module: nn.Module, specs: dict[str, tuple], targets: list[str], rank: int, scale: float
+    module: nn.Module, specs: dict[str, Spec], targets: list[str], rank: int, scale: float
 ) -> nn.Module:
     """A meta copy of ``module`` (a block, or the head parts) with Linear/Conv2d replaced by stand-ins.
 
@@ -301,7 +345,7 @@ def stream_module(
             continue
         pre = f"{path}." if path else ""
         if isinstance(mod, nn.Conv2d):
-            new = StreamConv2d(mod, specs, pre)
+            new: StreamLinear = StreamConv2d(mod, specs, pre)
         else:
             r = rank if path in targets else 0
             new = StreamLinear(specs, pre, r, scale, tuple(mod.weight.shape))
@@ -344,22 +388,32 @@ class _Runner(nn.Module):
         super().__init__()
         self.fam, self.m, self.is_head = fam, module, head
 
-    def forward(self, state, consts):
-        return (self.fam.head if self.is_head else self.fam.call_block)(self.m, state, consts)
+    def forward(self, state: State, consts: State) -> State | torch.Tensor:
+        if self.is_head:
+            return self.fam.head(self.m, state, consts)
+        return self.fam.call_block(self.m, state, consts)
 
 
-def _functional(fam: TorchFamily, module, tensors: dict, state: dict, consts: dict, head: bool = False):
+def _functional(
+    fam: TorchFamily, module: nn.Module, tensors: State, state: State, consts: State, head: bool = False
+) -> Any:
+    """The runner's output on ``tensors``: the next state, or the head's prediction if ``head``
+    (``torch.func.functional_call`` returns Any)."""
     runner = _Runner(fam, module, head)
     return torch.func.functional_call(runner, {f"m.{k}": v for k, v in tensors.items()}, (state, consts))
 
 
-def block_forward(fam: TorchFamily, module, state: dict, consts: dict, weights: dict, lora: dict) -> dict:
+def block_forward(
+    fam: TorchFamily, module: nn.Module, state: State, consts: State, weights: State, lora: State
+) -> State:
     """The next state (outputs that are None are dropped)."""
-    out = _functional(fam, module, {**weights, **lora}, state, consts)
+    out: State = _functional(fam, module, {**weights, **lora}, state, consts)
     return {k: v for k, v in out.items() if v is not None}
 
 
-def block_graph(fam: TorchFamily, module, state: dict, consts: dict, weights: dict, lora: dict):
+def block_graph(
+    fam: TorchFamily, module: nn.Module, state: State, consts: State, weights: State, lora: State
+) -> Graph:
     """The block's forward with autograd recording: (state leaves, LoRA leaves, outputs)."""
     with torch.enable_grad():
         xs = {k: v.detach().requires_grad_() for k, v in state.items()}
@@ -367,18 +421,29 @@ def block_graph(fam: TorchFamily, module, state: dict, consts: dict, weights: di
         return xs, ls, block_forward(fam, module, xs, consts, weights, ls)
 
 
-def graph_vjp(graph, grads: dict):
+def graph_vjp(graph: Graph, grads: State) -> tuple[State, State]:
     """(gradient at each state input, gradient of each LoRA tensor) of a ``block_graph`` for output
     gradients ``grads``; frees the graph."""
     xs, ls, out = graph
     keys = [k for k in out if k in grads]
     wrt = list(xs.values()) + list(ls.values())
-    g = torch.autograd.grad([out[k] for k in keys], wrt, [grads[k] for k in keys], allow_unused=True)
-    g = [torch.zeros_like(w) if gi is None else gi for gi, w in zip(g, wrt)]
+    # None for an input the outputs do not use (allow_unused)
+    used: tuple[torch.Tensor | None, ...] = torch.autograd.grad(
+        [out[k] for k in keys], wrt, [grads[k] for k in keys], allow_unused=True
+    )
+    g = [torch.zeros_like(w) if gi is None else gi for gi, w in zip(used, wrt)]
     return dict(zip(xs, g[: len(xs)])), dict(zip(ls, g[len(xs) :]))
 
 
-def block_vjp(fam: TorchFamily, module, state: dict, consts: dict, grads: dict, weights: dict, lora: dict):
+def block_vjp(
+    fam: TorchFamily,
+    module: nn.Module,
+    state: State,
+    consts: State,
+    grads: State,
+    weights: State,
+    lora: State,
+) -> tuple[State, State]:
     """(gradient at each state input, gradient of each LoRA tensor) for output gradients ``grads``.
 
     The block's forward is recomputed here (activation checkpointing at block granularity)."""
@@ -387,17 +452,17 @@ def block_vjp(fam: TorchFamily, module, state: dict, consts: dict, grads: dict, 
 
 def head_loss_grad(
     fam: TorchFamily,
-    module,
+    module: nn.Module,
     hidden: torch.Tensor,
-    consts: dict,
+    consts: State,
     target: torch.Tensor,
     scale: torch.Tensor,
-    weights: dict,
-):
+    weights: State,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss * scale, its gradient at the head's input) for the flow-matching MSE."""
     with torch.enable_grad():
         h = hidden.detach().requires_grad_()
-        pred = _functional(fam, module, weights, {"hidden": h}, consts, head=True)
+        pred: torch.Tensor = _functional(fam, module, weights, {"hidden": h}, consts, head=True)
         loss = F.mse_loss(pred.float(), target.float()) * scale.reshape(())
         (g,) = torch.autograd.grad(loss, [h])
     return loss.detach().reshape(1), g
@@ -421,7 +486,7 @@ def head_parts(fam: TorchFamily, model: nn.Module) -> nn.Module:
     return m
 
 
-def weight_layout(shape: tuple, storage: str) -> dict[str, tuple]:
+def weight_layout(shape: tuple[int, ...], storage: str) -> dict[str, Spec]:
     """What ``quantise`` (or the float cast) stores for a Linear/Conv weight of ``shape``: suffix
     (``weight``, ``weight_q8``, ...) -> (shape, dtype), computed from the shape alone."""
     shape = tuple(int(d) for d in shape)
@@ -437,12 +502,12 @@ def weight_layout(shape: tuple, storage: str) -> dict[str, tuple]:
     }
 
 
-def layout(module: nn.Module, storage: str) -> dict[str, tuple]:
+def layout(module: nn.Module, storage: str) -> dict[str, Spec]:
     """``store_tensors``' layout of ``module`` (relative name -> (shape, dtype)), in its order, from the
     module's shapes alone: no tensor is made, so a 57-block skeleton takes milliseconds, not seconds."""
     if storage not in STORAGE:
         raise ValueError(f"unknown storage {storage!r}; choose from {', '.join(STORAGE)}")
-    out: dict[str, tuple] = {}
+    out: dict[str, Spec] = {}
     weights: set[str] = set()
     for path, mod in module.named_modules():
         if isinstance(mod, nn.Linear | nn.Conv2d):
@@ -455,17 +520,17 @@ def layout(module: nn.Module, storage: str) -> dict[str, tuple]:
     return out
 
 
-def block_specs(fam: TorchFamily, skeleton: nn.Module, i: int, storage: str) -> dict[str, tuple]:
+def block_specs(fam: TorchFamily, skeleton: nn.Module, i: int, storage: str) -> dict[str, Spec]:
     """Stored-tensor layout (relative name -> (shape, dtype)) of block i."""
     return layout(skeleton.get_submodule(fam.block_paths()[i]), storage)
 
 
-def head_specs(fam: TorchFamily, skeleton: nn.Module, storage: str) -> dict[str, tuple]:
+def head_specs(fam: TorchFamily, skeleton: nn.Module, storage: str) -> dict[str, Spec]:
     return layout(head_parts(fam, skeleton), storage)
 
 
 def shape_module(
-    fam: TorchFamily, skeleton: nn.Module, block: int, targets: list[str], storage: str, lora: dict
+    fam: TorchFamily, skeleton: nn.Module, block: int, targets: list[str], storage: str, lora: dict[str, Any]
 ) -> nn.Module:
     """The stream module of a block shape: block ``block``'s structure, LoRA on ``targets``."""
     specs = block_specs(fam, skeleton, block, storage)
