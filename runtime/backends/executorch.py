@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,13 +32,19 @@ from blockskip.runtime.adamw import AdamW, AdamWConfig
 from blockskip.runtime.backends.programs import ProgramBackend
 from blockskip.runtime.bundle import Bundle
 from blockskip.runtime.checkpoint import CHECKPOINT, read_checkpoint, write_checkpoint
+from blockskip.runtime.contract import Arrays, Trainer
 from blockskip.runtime.errors import BlockSkipError, BundleError
 from blockskip.runtime.native_log import fd2_filtered
 from blockskip.runtime.progress import Progress
 
+if TYPE_CHECKING:
+    import torch
+
+    from blockskip.runtime.cache import ResidualCache
+
 
 @contextlib.contextmanager
-def quiet():
+def quiet() -> Iterator[None]:
     """executorch/torchao (and torch.export, when exporting) log optional-kernel failures and API
     deprecations on import, load and export."""
     names = ("torchao", "executorch", "torch._export", "torch.export", "torch.utils._pytree", "root")
@@ -56,15 +64,15 @@ def quiet():
 _NATIVE_NOISE = ("[cpuinfo_utils.cpp:",)
 
 
-def _native_log():
+def _native_log() -> contextlib.AbstractContextManager[None]:
     """Run a program with the native runtime's stderr (fd 2) captured, then pass its lines on, less the
     ones ExecuTorch logs once when its thread pool starts (how it read the CPU description): they are
     no fault and would break into the progress bars. Other lines are kept (printed after the call)."""
     return fd2_filtered(lambda line, failed: not line.startswith(_NATIVE_NOISE))
 
 
-def _et():
-    """ExecuTorch's program loader and training module."""
+def _et() -> tuple[Any, Any]:
+    """ExecuTorch's program loader and training module (both untyped)."""
     try:
         with quiet(), _native_log():
             from executorch.extension.pybindings.portable_lib import _load_for_executorch
@@ -76,7 +84,7 @@ def _et():
     return _load_for_executorch, TrainingModule
 
 
-def _load_program(path: Path, data: Path | None = None):
+def _load_program(path: Path, data: Path | None = None) -> Any:  # an ExecuTorch program module
     load, _ = _et()
     with quiet(), _native_log():
         return load(str(path), str(data)) if data is not None else load(str(path))
@@ -86,8 +94,8 @@ def formats_of(bundle: Bundle) -> list[str]:
     return list(bundle.manifest.get("formats", ["torch"]))
 
 
-def _section(bundle: Bundle) -> dict:
-    sec = bundle.manifest.get("pte")
+def _section(bundle: Bundle) -> dict[str, Any]:
+    sec: dict[str, Any] | None = bundle.manifest.get("pte")
     if not sec:
         raise BundleError(
             f"bundle {bundle.root} has no ExecuTorch programs (formats: {', '.join(formats_of(bundle))}); "
@@ -107,9 +115,10 @@ def encode_latents(bundle: Bundle, images: np.ndarray) -> np.ndarray:
 
     from blockskip.runtime.tiles import encode_photos
 
-    def run(prog, x):
+    def run(prog: Any, x: np.ndarray) -> np.ndarray:
         with _native_log():
-            return prog.forward([torch.from_numpy(x)])[0].numpy()
+            out: np.ndarray = prog.forward([torch.from_numpy(x)])[0].numpy()
+            return out
 
     return encode_photos(
         _section(bundle)["encoder"], images, lambda rel: _load_program(bundle.path(rel)), run
@@ -123,13 +132,13 @@ class EtPrograms(ProgramBackend):
     format = "pte"
     keep_loaded = False  # a loaded program holds its planned arena: one at a time
 
-    def load(self, path):
+    def load(self, path: Path) -> Any:
         return _load_program(path)
 
-    def execute(self, handle, inputs, io):
+    def execute(self, handle: Any, inputs: list[np.ndarray], io: dict[str, Any]) -> list[np.ndarray]:
         import torch
 
-        feed = []
+        feed: list[torch.Tensor] = []
         for a, rec in zip(inputs, io["inputs"]):
             t = torch.from_numpy(np.ascontiguousarray(a))
             feed.append(t.view(torch.bfloat16) if rec["dtype"] == "bfloat16" else t)
@@ -139,8 +148,13 @@ class EtPrograms(ProgramBackend):
 
 
 def precompute(
-    bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None
-):
+    bundle: Bundle,
+    images: np.ndarray,
+    cache_dir: str | Path,
+    *,
+    source: dict[str, Any],
+    progress: Progress | None = None,
+) -> ResidualCache:
     from blockskip.runtime.precompute import precompute as run
 
     _section(bundle)
@@ -167,12 +181,14 @@ class EtTrainer:
     checkpoint_file = CHECKPOINT
 
     def __init__(self, bundle: Bundle):
-        self.bundle, self.sec = bundle, _section(bundle).get("train")
-        if not self.sec:
+        self.bundle = bundle
+        sec: dict[str, Any] | None = _section(bundle).get("train")
+        if not sec:
             raise BundleError(
                 f"bundle {bundle.root} has no ExecuTorch training program (its span is "
                 f"{bundle.plan.span}); export it again with --format pte"
             )
+        self.sec = sec
         _, training_module = _et()
         if "data" not in self.sec:
             raise BundleError(
@@ -180,9 +196,9 @@ class EtTrainer:
             )
         program = _load_program(bundle.path(self.sec["file"]), bundle.path(self.sec["data"]))
         with quiet():
-            self.module = training_module(program)
-        self.inputs = list(self.sec["inputs"])
-        self.shapes = {n: list(s) for n, s in self.sec["shapes"].items()}
+            self.module: Any = training_module(program)
+        self.inputs: list[str] = list(self.sec["inputs"])
+        self.shapes: dict[str, list[int]] = {n: list(s) for n, s in self.sec["shapes"].items()}
         opt = self.sec["optimizer"]
         if opt.get("type", "adamw") != "adamw":
             raise BundleError(
@@ -199,12 +215,12 @@ class EtTrainer:
         )
         self.grad_sum: dict[str, np.ndarray] | None = None
 
-    def load_entry(self, path) -> dict:
+    def load_entry(self, path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
 
-    def feed(self, entry: dict, scale: float) -> list:
+    def feed(self, entry: dict[str, Any], scale: float) -> list[torch.Tensor]:
         import torch
 
         missing = [n for n in self.inputs[:-1] if n not in entry]
@@ -221,12 +237,12 @@ class EtTrainer:
             out.append(t)
         return out + [torch.tensor([scale], dtype=torch.float32)]
 
-    def _run(self, entry: dict, scale: float):
+    def _run(self, entry: dict[str, Any], scale: float) -> Any:  # the program's outputs (loss first)
         feed = self.feed(entry, scale)
         with quiet(), _native_log():
             return self.module.forward_backward("forward", feed)
 
-    def parameters(self) -> dict:
+    def parameters(self) -> dict[str, torch.Tensor]:
         """LoRA name -> the program's weight tensor (writes change what the program computes)."""
         if self.module.named_params is None:
             # the training module hands out its parameters only after a first run: a zero input with
@@ -242,7 +258,7 @@ class EtTrainer:
             )
         return {n: params[n] for n in names}
 
-    def loss_and_grad(self, entry: dict, scale: float = 1.0) -> float:
+    def loss_and_grad(self, entry: dict[str, Any], scale: float = 1.0) -> float:
         """Forward + backward of one entry (loss times ``scale``); gradients add up until :meth:`update`.
         Returns the unscaled loss."""
         out = self._run(entry, scale)
@@ -254,11 +270,11 @@ class EtTrainer:
                 self.grad_sum[n] += grads[n].numpy()
         return float(out[0].reshape(-1)[0]) / scale
 
-    def eval_loss(self, entry: dict) -> float:
+    def eval_loss(self, entry: dict[str, Any]) -> float:
         out = self._run(entry, 1.0)  # gradients of this run are not kept
         return float(out[0].reshape(-1)[0])
 
-    def grads(self) -> dict:
+    def grads(self) -> Arrays:
         if self.grad_sum is None:
             raise RuntimeError("no gradients yet: call loss_and_grad first")
         return self.grad_sum
@@ -267,18 +283,18 @@ class EtTrainer:
         self.optimizer.step({n: p.numpy() for n, p in self.parameters().items()}, self.grads())
         self.grad_sum = None
 
-    def lora(self) -> dict:
+    def lora(self) -> Arrays:
         """Copies of the LoRA tensors (peft names) as they are now."""
         return {n: p.detach().numpy().copy() for n, p in self.parameters().items()}
 
-    def save_checkpoint(self, path: Path, step: int, log: dict) -> None:
+    def save_checkpoint(self, path: Path, step: int, log: dict[str, Any]) -> None:
         tensors = {f"param.{n}": a for n, a in self.lora().items()}
         for n, st in self.optimizer.state.items():
             for k, v in st.items():
                 tensors[f"opt.{k}.{n}"] = v.copy()
         write_checkpoint(path, tensors, step, log)
 
-    def load_checkpoint(self, path: Path) -> tuple[int, dict]:
+    def load_checkpoint(self, path: Path) -> tuple[int, dict[str, Any]]:
         tensors, step, log = read_checkpoint(path)
         params = self.parameters()
         saved = {k[6:] for k in tensors if k.startswith("param.")}
@@ -301,11 +317,11 @@ class EtTrainer:
                 }
         return step, log
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         return {"delegate": _section(self.bundle).get("delegate", "none")}
 
 
-def make_trainer(bundle: Bundle, out: Path):
+def make_trainer(bundle: Bundle, out: Path) -> Trainer:
     if bundle.plan.span == "streamed":
         from blockskip.runtime.stream import StreamedSpan
 
@@ -314,8 +330,13 @@ def make_trainer(bundle: Bundle, out: Path):
 
 
 def train(
-    bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = None, stop_after: int | None = None
-):
+    bundle: Bundle,
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    progress: Progress | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
     """Train the LoRA with ExecuTorch; resume from ``out_dir/checkpoint`` if present. Returns the log dict."""
     from blockskip.runtime.driver import train as drive
 

@@ -17,21 +17,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from blockskip.runtime.backends.programs import ProgramBackend
 from blockskip.runtime.bundle import Bundle
+from blockskip.runtime.contract import Arrays, Trainer
 from blockskip.runtime.errors import BlockSkipError, BundleError
 from blockskip.runtime.files import atomic_write
 from blockskip.runtime.formats import META_SHA256, canonical_json
 from blockskip.runtime.progress import Progress
 
+if TYPE_CHECKING:
+    from blockskip.runtime.cache import ResidualCache
+
 CHECKPOINT = "ort_checkpoint"  # inside OUT/checkpoint/
 
 
-def _ort():
+def _ort() -> tuple[Any, Any]:
+    """The ``onnxruntime`` module and its training API (``onnxruntime.training.api``); both untyped."""
     try:
         import onnxruntime
         from onnxruntime.training import api
@@ -45,8 +52,8 @@ def _ort():
     return onnxruntime, api
 
 
-def _section(bundle: Bundle) -> dict:
-    sec = bundle.manifest.get("onnx")
+def _section(bundle: Bundle) -> dict[str, Any]:
+    sec: dict[str, Any] | None = bundle.manifest.get("onnx")
     if not sec:
         raise BundleError(
             f"bundle {bundle.root} has no ONNX artifacts (formats: {', '.join(formats_of(bundle))}); "
@@ -59,7 +66,7 @@ def formats_of(bundle: Bundle) -> list[str]:
     return list(bundle.manifest.get("formats", ["torch"]))
 
 
-def _session(path: Path):
+def _session(path: Path) -> Any:  # an onnxruntime.InferenceSession
     ort, _ = _ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -84,12 +91,12 @@ class OrtPrograms(ProgramBackend):
     format = "onnx"
     keep_loaded = True
 
-    def load(self, path):
+    def load(self, path: Path) -> Any:
         return _session(path)
 
-    def execute(self, handle, inputs, io):
+    def execute(self, handle: Any, inputs: list[np.ndarray], io: dict[str, Any]) -> list[np.ndarray]:
         ort, _ = _ort()
-        feed = {}
+        feed: dict[str, object] = {}
         for a, rec in zip(inputs, io["inputs"]):
             if rec["dtype"] == "bfloat16":  # numpy has no bfloat16: hand ORT the raw bits with the type
                 feed[rec["name"]] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
@@ -97,7 +104,8 @@ class OrtPrograms(ProgramBackend):
                 )
             else:
                 feed[rec["name"]] = np.ascontiguousarray(a)
-        return handle.run([r["name"] for r in io["outputs"]], feed)
+        outs: list[np.ndarray] = handle.run([r["name"] for r in io["outputs"]], feed)
+        return outs
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,17 +117,26 @@ def encode_latents(bundle: Bundle, images: np.ndarray) -> np.ndarray:
     here)."""
     from blockskip.runtime.tiles import encode_photos
 
+    def run(sess: Any, x: np.ndarray) -> np.ndarray:
+        out: np.ndarray = sess.run(None, {"images": x})[0]
+        return out
+
     return encode_photos(
         _section(bundle)["encoder"],
         images,
         lambda rel: _session(bundle.path(rel)),
-        lambda sess, x: sess.run(None, {"images": x})[0],
+        run,
     )
 
 
 def precompute(
-    bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None
-):
+    bundle: Bundle,
+    images: np.ndarray,
+    cache_dir: str | Path,
+    *,
+    source: dict[str, Any],
+    progress: Progress | None = None,
+) -> ResidualCache:
     from blockskip.runtime.precompute import precompute as run
 
     _section(bundle)
@@ -148,42 +165,42 @@ class OrtTrainer:
     def __init__(self, bundle: Bundle, checkpoint: Path | None = None, threads: int | None = None):
         """``threads``: ORT intra-op threads (default: ORT's, one per core)."""
         self.bundle, self.threads = bundle, threads
-        sec = _section(bundle).get("train")
+        sec: dict[str, Any] | None = _section(bundle).get("train")
         if not sec:
             raise BundleError(
                 f"bundle {bundle.root} has no ONNX Runtime training artifacts (its span is "
                 f"{bundle.plan.span}); export it again with --format onnx"
             )
         self.sec = sec
-        self.inputs = list(self.sec["inputs"])
+        self.inputs: list[str] = list(self.sec["inputs"])
         self._open(checkpoint)
 
     def _open(self, checkpoint: Path | None) -> None:
         ort, api = _ort()
         files = self.sec["files"]
         ckpt = checkpoint if checkpoint is not None else self.bundle.path(files["checkpoint"])
-        self.state = api.CheckpointState.load_checkpoint(str(ckpt))
+        self.state: Any = api.CheckpointState.load_checkpoint(str(ckpt))
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if self.threads:
             opts.intra_op_num_threads, opts.inter_op_num_threads = self.threads, 1
-        self.module = api.Module(
+        self.module: Any = api.Module(
             str(self.bundle.path(files["training"])),
             self.state,
             str(self.bundle.path(files["eval"])),
             device="cpu",
             session_options=opts,
         )
-        self.optimizer = api.Optimizer(str(self.bundle.path(files["optimizer"])), self.module)
+        self.optimizer: Any = api.Optimizer(str(self.bundle.path(files["optimizer"])), self.module)
         self.optimizer.set_learning_rate(self.bundle.plan.lr)
         self.module.train()
 
-    def load_entry(self, path) -> dict:
+    def load_entry(self, path: Path) -> Arrays:
         from safetensors.numpy import load_file
 
         return load_file(path)
 
-    def feed(self, entry: dict, scale: float) -> list[np.ndarray]:
+    def feed(self, entry: Arrays, scale: float) -> list[np.ndarray]:
         missing = [n for n in self.inputs[:-1] if n not in entry]
         if missing:
             raise BlockSkipError(f"cache entry lacks {missing}; the cache was made for another bundle")
@@ -191,7 +208,7 @@ class OrtTrainer:
             np.array([scale], np.float32)
         ]
 
-    def loss_and_grad(self, entry: dict, scale: float = 1.0) -> float:
+    def loss_and_grad(self, entry: Arrays, scale: float = 1.0) -> float:
         """Forward + backward of one entry; gradients accumulate until :meth:`update`. Returns the loss."""
         out = self.module(*self.feed(entry, scale))
         return float(np.asarray(out).reshape(-1)[0]) / scale
@@ -207,7 +224,7 @@ class OrtTrainer:
     def grads(self) -> dict[str, np.ndarray]:
         return {n: self.state.parameters[n].grad for n in self.sec["lora"]}
 
-    def save_checkpoint(self, path: Path, step: int, log: dict) -> None:
+    def save_checkpoint(self, path: Path, step: int, log: dict[str, Any]) -> None:
         _, api = _ort()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.state.properties["step"] = int(step)
@@ -218,13 +235,13 @@ class OrtTrainer:
             lambda tmp: api.CheckpointState.save_checkpoint(self.state, tmp, include_optimizer_state=True),
         )
 
-    def load_checkpoint(self, path: Path) -> tuple[int, dict]:
+    def load_checkpoint(self, path: Path) -> tuple[int, dict[str, Any]]:
         log = _read_checkpoint_log(path, self.sec["lora"])
         self._open(path)
         return int(self.state.properties["step"]), log
 
 
-def _record(state, names) -> str:
+def _record(state: Any, names: Sequence[str]) -> str:
     """An ORT checkpoint's integrity record: sha256 over the canonical JSON of its step and log, then each
     LoRA tensor's name and float32 bytes in name order (what ORT's Python API exposes of the file)."""
     h = hashlib.sha256(
@@ -241,7 +258,7 @@ def checkpoint_source(path: Path) -> str | None:
     return _read_checkpoint_log(path).get("cache_source")
 
 
-def _read_checkpoint_log(path: Path, names=None) -> dict:
+def _read_checkpoint_log(path: Path, names: Sequence[str] | None = None) -> dict[str, Any]:
     """The log of an ORT checkpoint; with the LoRA's ``names``, after checking its integrity record and that
     every LoRA value is finite."""
     _, api = _ort()
@@ -271,7 +288,7 @@ def _read_checkpoint_log(path: Path, names=None) -> dict:
     return log
 
 
-def make_trainer(bundle: Bundle, out: Path):
+def make_trainer(bundle: Bundle, out: Path) -> Trainer:
     if bundle.plan.span == "streamed":
         from blockskip.runtime.stream import StreamedSpan
 
@@ -280,8 +297,13 @@ def make_trainer(bundle: Bundle, out: Path):
 
 
 def train(
-    bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = None, stop_after: int | None = None
-):
+    bundle: Bundle,
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    progress: Progress | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
     """Train the LoRA with ORT; resume from ``out_dir/checkpoint`` if present. Returns the log dict."""
     from blockskip.runtime.driver import train as drive
 
