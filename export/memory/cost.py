@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -44,7 +45,7 @@ def _sdpa_cpu_backward_flops(grad_out, q, k, v, *args, **kwargs) -> int:
     return int(_sdpa_cpu_flops(q, k, v) * 2.5)
 
 
-_EXTRA = {
+_EXTRA: dict[object, Callable[..., int]] = {
     _aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
     _aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
 }
@@ -101,7 +102,7 @@ def combine(base: Cost, steps: list[tuple[Cost, int]]) -> Cost:
     return out
 
 
-def scaled(cost: Cost, factor: float) -> dict:
+def scaled(cost: Mapping, factor: float) -> dict:
     """``cost`` with every count multiplied (a fraction: per sample of a chunk)."""
     return {k: v * factor for k, v in cost.items()}
 
@@ -158,7 +159,8 @@ def _fastest(fn, seconds_each: float = 1.0) -> float:
     fn()
     best = float("inf")
     for _ in range(8):
-        times, t0 = [], time.perf_counter()
+        times: list[float] = []
+        t0 = time.perf_counter()
         while time.perf_counter() - t0 < seconds_each or len(times) < 3:
             t = time.perf_counter()
             fn()
@@ -263,10 +265,11 @@ def _training_step(heads: int, head_dim: int, tokens: int, text: int, rank: int)
     peft): forward, loss, backward and AdamW (``make_optimizer``'s), LoRA on every block linear."""
     from diffusers import FluxTransformer2DModel
 
+    from blockskip.runtime.backends.torch_families.base import DiffusersModel
     from blockskip.runtime.backends.torch_lora import inject_lora, lora_parameters
 
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(
+    model: DiffusersModel = FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,
         num_layers=1,

@@ -27,6 +27,7 @@ from blockskip.runtime.backends.torch import (
     prompt_text,
     run_entries,
 )
+from blockskip.runtime.backends.torch_families.base import TorchFamily
 from blockskip.runtime.backends.torch_io import DTYPES
 from blockskip.runtime.backends.torch_lora import checkpoint_tensors, lora_state_dict
 from blockskip.runtime.plan import Plan
@@ -121,7 +122,7 @@ def total_seconds(times: dict[str, float], plan: Plan, photos: int) -> float:
 class ModelSpec:
     """What the dry run needs to know of a model: no weights."""
 
-    family: object  # TorchFamily
+    family: TorchFamily
     encoder_spec: dict
     prompt_shapes: dict  # name -> shape (batch 1)
     vae_factor: int
@@ -150,11 +151,11 @@ def _rebinding_apply():
                 self._buffers[k] = fn(b)
         return self
 
-    nn.Module._apply = _apply
+    nn.Module._apply = _apply  # type: ignore[method-assign]  # (torch's method, patched while tracing)
     try:
         yield
     finally:
-        nn.Module._apply = orig
+        nn.Module._apply = orig  # type: ignore[method-assign]
 
 
 def _overheads(profile, tensor_peak: int) -> int:
@@ -261,6 +262,7 @@ def trace_precompute(
     def run(samples, blocks: bool = True, latents=None) -> dict:
         return _precompute_run(spec, plan, trained, profile, num_images, samples, blocks, compose, latents)
 
+    blocks: tuple[int, dict]  # (peak, bytes per category)
     if not compose or k <= COMPOSE_SAMPLES + 1:
         whole = run(entries)
         blocks, loop_cost = whole["blocks"], whole["loop_cost"]
@@ -284,13 +286,14 @@ def trace_precompute(
                 )
         loop_cost = combine(few["loop_cost"], [(more["loop_cost"], steps)])
         whole = {**whole, "entry_shapes": few["entry_shapes"], "entry_bytes": few["entry_bytes"]}
-    top = max(whole["encoder"], blocks, key=lambda x: x[0])
+    encoder: tuple[int, dict] = whole["encoder"]
+    top = max(encoder, blocks, key=lambda x: x[0])
     out = PrecomputeTrace(
         top[0],
         top[1],
         whole["entry_shapes"],
         whole["entry_bytes"],
-        *whole["encoder"],
+        *encoder,
         *blocks,
         whole["encoder_cost"],
         whole["head_cost"] + loop_cost,
@@ -360,7 +363,8 @@ def _precompute_run(
                 def update(self, n, block):
                     segment(("after", block))
 
-            store.load_block, store.run_block = seg_load, seg_run
+            # instance attributes shadowing the methods while tracing
+            store.load_block, store.run_block = seg_load, seg_run  # type: ignore[method-assign]
             segment("entries")  # no block at all when the span starts at block 0
             cached = run_entries(store, states, consts, targets, plan, trained, AfterBlock())
             out["entry_shapes"] = {k: (tuple(v.shape), v.dtype) for k, v in cached[0].items()}
@@ -456,7 +460,8 @@ def _trace_train(
         tr.set_segment((step, "head"))
         return head(model, state, consts)
 
-    fam.run_block, fam.head = seg_block, seg_head
+    # instance attributes shadowing the methods while tracing (deleted below)
+    fam.run_block, fam.head = seg_block, seg_head  # type: ignore[method-assign]
     try:
         with tr:
             tr.set_segment((step, "setup"))
@@ -472,7 +477,7 @@ def _trace_train(
                 tr.set_segment((step, "setup", part))
                 return load_part(part)
 
-            store.load_block, store.load_part = seg_load, seg_part
+            store.load_block, store.load_part = seg_load, seg_part  # type: ignore[method-assign]
             # quantised base weights (base_quant) are made by ops, not loads: count them as trained_base
             with _rebinding_apply(), tr.category("trained_base"):
                 span = TrainedSpan(
@@ -520,6 +525,7 @@ def _trace_train(
             train = (int(tr.peak), dict(tr.peak_by_cat))
             segments = dict(tr.segment_peaks)
             step_cost, tr.cost = tr.cost, None
+            assert step_cost is not None  # the last step's ops (``train_steps`` >= 1)
             # saving: LoRA copy + checkpoint copies while the model and optimizer stay resident
             tr.segment = None
             tr.reset_peak()
@@ -763,7 +769,7 @@ def precompute_cost(
     from blockskip.export.memory.cost import scaled
     from blockskip.export.memory.streamed import _nbytes
     from blockskip.runtime.backends import torch_stream as ts
-    from blockskip.runtime.backends.torch import blocks_to_run
+    from blockskip.runtime.precompute import blocks_to_run
 
     fam = spec.family
     skeleton = fam.skeleton()

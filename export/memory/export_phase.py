@@ -28,6 +28,7 @@ span's training program (pte), traced on the trained span loaded whole.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -35,9 +36,9 @@ from torch import nn
 from blockskip.export.memory.dryrun import ModelSpec
 from blockskip.export.memory.streamed import _nbytes
 from blockskip.runtime.backends import torch_stream as ts
-from blockskip.runtime.backends.torch import blocks_to_run
 from blockskip.runtime.backends.torch_families.base import tensor_names
 from blockskip.runtime.plan import Plan
+from blockskip.runtime.precompute import blocks_to_run
 
 MIB = 2**20
 #: the process before the export starts, where the export cannot measure it (``blockskip-plan``):
@@ -73,7 +74,7 @@ class ExportReport:
 
     @property
     def stage(self) -> str:
-        return max(self.stages, key=self.stages.get)
+        return max(self.stages, key=lambda s: self.stages[s])
 
     def to_dict(self) -> dict:
         return {"peak": self.peak, "stage": self.stage, "stages": self.stages, "parts": self.parts}
@@ -81,7 +82,7 @@ class ExportReport:
 
 def _tensor_bytes(module: nn.Module, names, dtype: torch.dtype | None) -> int:
     """Bytes of the named tensors of a meta module, floating ones in ``dtype`` (None: as they are)."""
-    shapes = dict(list(module.named_parameters()) + list(module.named_buffers()))
+    shapes: dict[str, torch.Tensor] = dict(list(module.named_parameters()) + list(module.named_buffers()))
     total = 0
     for n in names:
         t = shapes[n]
@@ -93,7 +94,8 @@ def _tensor_bytes(module: nn.Module, names, dtype: torch.dtype | None) -> int:
 def _lora_bytes(skeleton: nn.Module, targets: list[str], rank: int) -> int:
     total = 0
     for name in targets:
-        mod = skeleton.get_submodule(name)
+        # a LoRA target is a linear layer (get_submodule is typed as any Module)
+        mod = cast(nn.Linear, skeleton.get_submodule(name))
         total += rank * (mod.in_features + mod.out_features) * 4
     return total
 

@@ -14,7 +14,7 @@ class PartsStore(BlockStore):
     (subclasses define ``_read``)."""
 
     def __init__(self, family: TorchFamily):
-        self.bundle = None
+        self.bundle = None  # type: ignore[assignment]  # (no bundle: BlockStore's reads check for None)
         self.family = family
         self.model = family.skeleton()
         self.loaded, self._alive, self.max_resident = [], {}, 0

@@ -74,7 +74,7 @@ def measure_train_step(bundle_dir, cache_dir, rss: bool = False) -> dict:
         + state
         + [t for e in entries for t in e.values()]
     )
-    out = {"live0": live0}
+    out: dict[str, float] = {"live0": live0}
     if rss:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -205,7 +205,7 @@ def search(
         base = dataclasses.replace(base, dtype="float32", base_quant="none", checkpointing=False)
 
     def split_pairs(rs):
-        out = []
+        out: list[tuple[tuple[int, int], float]] = []
         for r in sorted(set(rs)):
             n, m = split_for(L, r, split_table)
             if n + m < L and (n, m) not in [p[0] for p in out]:
@@ -469,12 +469,15 @@ def require_fit(result: SearchResult, profile) -> Candidate:
     s = result.smallest
     if s is None:
         raise PlanError("no candidate plan is valid for this model; give the split explicitly with -n/-m")
-    timed = [c for c in result.traced if c.seconds is not None and all(r.fits for r in c.reports)]
+    timed = [
+        (c.seconds, c) for c in result.traced if c.seconds is not None and all(r.fits for r in c.reports)
+    ]
     if timed:  # plans fit in memory, none in time
-        fast = min(timed, key=lambda c: c.seconds)
+        seconds, fast = min(timed, key=lambda t: t[0])
+        assert fast.max_seconds is not None  # set with ``seconds``
         raise PlanError(
             f"no plan fits {fast.max_seconds / 60:.1f} minutes on {profile.name}: the fastest traced plan that fits "
-            f"in memory ({fast.describe()}) is predicted at {fast.seconds / 60:.1f} min for {fast.plan.steps} steps "
+            f"in memory ({fast.describe()}) is predicted at {seconds / 60:.1f} min for {fast.plan.steps} steps "
             f"and K={fast.plan.num_samples}; allow more time or ask for fewer --steps / --samples"
         )
     hint = (

@@ -41,6 +41,7 @@ def _vae_spec(vae: dict) -> tuple[dict, int]:
 def load_spec(model: str) -> tuple[ModelSpec, dict]:
     """``tiny``, ``tiny-random``, a known name, or a local diffusers folder -> (ModelSpec, default plan
     settings)."""
+    prompt: dict | None  # input name -> shape; None: the family's default
     if model == "tiny":
         from blockskip.export.tiny import LATENT, TEXT, pretrained_config
         from blockskip.runtime.backends.torch_families.latent import PatchDCTAutoencoder

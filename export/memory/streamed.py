@@ -38,8 +38,8 @@ from blockskip.export import stream_export as se
 from blockskip.export.memory.dryrun import ModelSpec, PhaseReport, _report_from, _round_to, trace_precompute
 from blockskip.export.memory.tracer import CATEGORIES, MemoryTracer
 from blockskip.runtime.backends import torch_stream as ts
-from blockskip.runtime.backends.torch import blocks_to_run
 from blockskip.runtime.plan import Plan
+from blockskip.runtime.precompute import blocks_to_run
 
 #: plan formats -> the profile backends (``[backends] available``) that run them
 FORMAT_BACKENDS = {
@@ -119,6 +119,7 @@ class ProgramPeaks:
     def _save(self) -> None:
         if self.path is None:
             return
+        assert self.grow_path is not None  # set with ``path``
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             for path, data in ((self.path, self.mem), (self.grow_path, self.grow)):
@@ -387,7 +388,7 @@ def streamed_dry_run(
     lora_key = (lora["rank"], lora.get("alpha"), tuple(lora["targets"]))
     for sid, shape in layout.shapes.items():
         with_vjp = any(s == sid for _, s in layout.train)
-        key = (
+        key: tuple = (
             "stream-shape",
             shape.kind,
             tuple(shape.targets),

@@ -9,7 +9,7 @@ allocated, yet the live-bytes curve is the one the allocator would see.
 from __future__ import annotations
 
 import weakref
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 
 import torch
@@ -35,7 +35,7 @@ class MemoryTracer(TorchDispatchMode):
         self.segment = None
         self.segment_peaks: dict = {}
         # the cost of each op run while it is a Counter (``cost.op_cost``: the time prediction); off if None
-        self.cost = None
+        self.cost: Counter | None = None
 
     def set_segment(self, key) -> None:
         """From now on the live bytes count towards segment ``key`` (its peak starts at the current bytes)."""
