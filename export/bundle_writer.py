@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -29,7 +30,6 @@ from blockskip.export.stream_export import (
     trace_shape,
 )
 from blockskip.runtime.backends import torch_stream as ts
-from blockskip.runtime.backends.torch import blocks_to_run
 from blockskip.runtime.backends.torch_families.base import tensor_names
 from blockskip.runtime.backends.torch_families.latent import ENCODER_PREFIXES
 from blockskip.runtime.backends.torch_io import tensor_at
@@ -40,6 +40,7 @@ from blockskip.runtime.files import ensure_writable_dir
 from blockskip.runtime.formats import seal_manifest
 from blockskip.runtime.memory import return_freed_memory
 from blockskip.runtime.plan import Plan
+from blockskip.runtime.precompute import blocks_to_run
 from blockskip.runtime.profiles import Profile
 from blockskip.runtime.schedule import RNG as SCHEDULE_RNG
 from blockskip.runtime.schema_check import problem
@@ -83,7 +84,7 @@ def check_formats(formats) -> list[str]:
 
 def plugins(formats, delegate: str = "none") -> list:
     """The program-format plug-ins (``onnx``, ``pte``) of a format list; ``torch`` needs none."""
-    out = []
+    out: list = []
     for f in formats:
         if f == "onnx":
             from blockskip.export.onnx_export import OnnxFormat
@@ -136,7 +137,7 @@ def export_bundle(
     log = log or (lambda msg: None)
     fam = lm.family
     trained = plan.validate(fam.num_blocks, lm.granularity, fam.valid_targets())
-    lora = {
+    lora: dict[str, Any] = {
         "rank": plan.lora_rank,
         "alpha": plan.alpha,
         "targets": lora_target_names(fam, trained, plan.lora_targets),
@@ -305,7 +306,7 @@ def stream_section(
             ).items():
                 rec["programs"][role] = _lower_all(traced, root, f"stream/{sid}.{role}", fmts, files, log)
         shapes[sid] = rec
-    head = {"kind": "head", "targets": [], "programs": {}}
+    head: dict[str, Any] = {"kind": "head", "targets": [], "programs": {}}
     if streamed:
         state, consts, target = entry_io(entry_shapes)
         traced = trace_head(fam, skeleton, storage, state["hidden"], consts, target, fake=True)

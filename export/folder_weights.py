@@ -113,7 +113,8 @@ class FolderWeights:
                         a, b = (int(x) for x in rec["data_offsets"])
                         raw = torch.empty(b - a, dtype=torch.uint8)
                         f.seek(start + a)
-                        if f.readinto(memoryview(raw.numpy())) != b - a:
+                        # (numpy declares ndarray's buffer protocol for Python 3.12+ only)
+                        if f.readinto(memoryview(raw.numpy())) != b - a:  # type: ignore[arg-type]
                             raise BundleError(f"{path} is truncated")
                         t = raw.view(TORCH_DTYPES[rec["dtype"]]).reshape([int(d) for d in rec["shape"]])
                         out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t

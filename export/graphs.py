@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from blockskip.export.memory.fake_store import PartsStore
-from blockskip.runtime.backends.torch import gaps, span_forward, span_loss
+from blockskip.runtime.backends.torch import span_forward, span_loss
 from blockskip.runtime.backends.torch_families.base import TorchFamily, tensor_names
+from blockskip.runtime.precompute import gaps
 
 LOSS_SCALE = "loss_scale"  # graph input: the loss is multiplied by it (1 / grad_accum)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,7 +39,9 @@ def graft(root: nn.Module, source: nn.Module, path: str) -> None:
         src = getattr(src, k)
         if k not in node._modules:
             node.add_module(k, nn.Module())
-        node = node._modules[k]
+        child = node._modules[k]
+        assert child is not None  # added above if missing
+        node = child
     obj = getattr(src, leaf)
     if isinstance(obj, nn.Module):
         node.add_module(leaf, obj)

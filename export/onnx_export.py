@@ -55,6 +55,7 @@ def to_onnx(module: nn.Module, args: tuple, input_names: list[str], output_names
             verbose=False,
             report=False,
         )
+    assert prog is not None  # the dynamo export returns its program (torch types it Optional)
     model = prog.model
     params = set(model.graph.initializers)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -104,7 +105,7 @@ def _xnnpack_partitioner(weights: frozenset = frozenset()):
     memo: dict = {}  # one graph is partitioned per partitioner
 
     def not_on_weights(config):
-        class Config(config):
+        class Config(config):  # type: ignore[valid-type,misc]  # (a dynamic base: each partitioner config)
             def check_constraints(self, node, ep) -> bool:
                 return not _from_weights(node, weights, memo) and super().check_constraints(node, ep)
 
@@ -290,7 +291,8 @@ def workspace_grow_points(et_program, align: int = 64) -> list[tuple[int, list[t
         if node.op != "call_function":
             continue
         if node.args and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "get_attr":
-            mod = getattr(gm, node.args[0].target, None)
+            # a get_attr node's target is the attribute's name (torch types it as a name or a callable)
+            mod = getattr(gm, cast(str, node.args[0].target), None)
             if isinstance(mod, LoweredBackendModule):
                 need = _call_workspace(mod)
                 if need > best:

@@ -59,7 +59,9 @@ def sample_latents(
         raise ValueError("classifier-free guidance needs the empty prompt's embeddings (uncond)")
     prepared = family.prepare_text(model, {k: v.to(dtype) for k, v in text.items()})
     prepared_u = (
-        family.prepare_text(model, {k: v.to(dtype) for k, v in uncond.items()}) if cfg != 1.0 else None
+        family.prepare_text(model, {k: v.to(dtype) for k, v in uncond.items()})
+        if cfg != 1.0 and uncond is not None  # (cfg != 1 without uncond is refused above)
+        else None
     )
     geom = CropGeometry(full=latent_side * frame, side=latent_side * frame, top=0, left=0, low=latent_side)
     out = []
@@ -128,7 +130,7 @@ def save_grid(rows: list, path, labels: list[str] | None = None, scale: int = 2)
         d = ImageDraw.Draw(img)
         for r, s in enumerate(labels):
             d.text((3, pad + r * (h + pad) + h // 2 - 5), s, fill=(0, 0, 0))
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     img.save(path)
 
 

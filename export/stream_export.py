@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -154,11 +155,12 @@ def trace(fn, example: dict[str, torch.Tensor]) -> Traced:
         return tuple(out.values())
 
     args = tuple(example.values())
-    mode = "fake" if any(isinstance(a, FakeTensor) for a in args) else "real"
+    mode: Literal["real", "fake"] = "fake" if any(isinstance(a, FakeTensor) for a in args) else "real"
     table = core_aten_decompositions()
     table[torch.ops.aten._safe_softmax.default] = _safe_softmax
     with sdpa_kernel([SDPBackend.MATH]):
-        gm = make_fx(flat, decomposition_table=table, tracing_mode=mode)(*args)
+        # (torch's CustomDecompTable is keyed by OperatorBase, make_fx's table by OpOverload)
+        gm = make_fx(flat, decomposition_table=table, tracing_mode=mode)(*args)  # type: ignore[arg-type]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     kept = []
     for name, node in zip(names, placeholders):

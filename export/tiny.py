@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ TINY_SIZE = 64  # px, the image side it was pretrained at (RoPE positions also o
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "tiny-flux.safetensors"
 
 # tiny-random
-TINY_FLUX = dict(
+TINY_FLUX: dict[str, Any] = dict(
     patch_size=1,
     in_channels=32,
     num_layers=2,
@@ -81,8 +82,10 @@ def load_pretrained_transformer(dtype=torch.float32, path: Path = WEIGHTS):
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file
 
+    from blockskip.runtime.backends.torch_families.base import DiffusersModel
+
     cfg = pretrained_config(path)
-    model = FluxTransformer2DModel(**cfg)
+    model: DiffusersModel = FluxTransformer2DModel(**cfg)
     state = load_file(str(path))
     missing = set(model.state_dict()) ^ set(state)
     if missing:
@@ -120,8 +123,11 @@ def build_text_encoder():
 def build_tiny_transformer(seed: int = 0, dtype=torch.float32):
     from diffusers import FluxTransformer2DModel
 
+    from blockskip.runtime.backends.torch_families.base import DiffusersModel
+
     torch.manual_seed(seed)
-    model = FluxTransformer2DModel(**TINY_FLUX).eval()
+    model: DiffusersModel = FluxTransformer2DModel(**TINY_FLUX)
+    model.eval()
     with torch.no_grad():  # diffusers zero-initialises some output layers; give every path signal
         for p in model.parameters():
             if p.abs().sum() == 0:

@@ -105,7 +105,7 @@ def encoder_program(encoder: nn.Module, spec: dict, shape: tuple, delegate: str,
     from blockskip.export.graphs import EncoderGraph
     from blockskip.export.pte_export import inference_program
 
-    graph = EncoderGraph(encoder, spec)
+    graph: nn.Module = EncoderGraph(encoder, spec)
     if delegate == "xnnpack":
         graph = DelegableEncoder(graph)
     return inference_program(graph, (torch.zeros(*shape) if example is None else example,), delegate)

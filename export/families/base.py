@@ -6,12 +6,17 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from blockskip.runtime.backends.torch_families import family_of_class, get_family
-from blockskip.runtime.backends.torch_families.base import TorchFamily
+from blockskip.runtime.backends.torch_families.base import DiffusersModel, TorchFamily
 from blockskip.runtime.errors import ModelError, PlanError
+
+if TYPE_CHECKING:
+    from blockskip.export.folder_weights import FolderWeights
+    from blockskip.runtime.backends.torch_families.latent import PatchDCTAutoencoder, TinyAutoencoder
 
 
 @dataclass
@@ -25,7 +30,7 @@ class LoadedModel:
     encode_prompt: Callable[[str], dict]
     #: a folder loaded for a streaming export: the transformer is a meta skeleton and its tensors are read
     #: from the shards part by part (``store()``), in ``dtype``
-    weights: object | None = None
+    weights: FolderWeights | None = None
     dtype: torch.dtype = torch.float32
 
     def store(self, as_stored: bool = False):
@@ -98,6 +103,7 @@ def load_model(
     """``tiny`` (the pretrained built-in model), ``tiny-random`` (seeded random, for tests) or a local
     diffusers folder. ``stream``: a folder's transformer stays on disk (a meta skeleton; the export reads
     its tensors part by part, ``LoadedModel.store``); block selection and evaluation need it loaded."""
+    enc: PatchDCTAutoencoder | TinyAutoencoder
     if spec == "tiny":
         from blockskip.export import tiny
 
@@ -130,7 +136,7 @@ def load_model(
 
 
 def wrap_model(
-    transformer: torch.nn.Module,
+    transformer: DiffusersModel,
     name: str = "in-memory",
     seed: int = 0,
     vae_factor: int | None = None,
@@ -147,7 +153,7 @@ def wrap_model(
     factor = vae_factor or (4 if channels <= 48 else 8)
     enc = TinyAutoencoder(factor=factor, latent_channels=channels, seed=seed).eval()
     text_dim = cfg.get("joint_attention_dim") or cfg.get("caption_channels")
-    text = TinyTextEncoder(
+    text: Callable[[str], dict] = TinyTextEncoder(
         dim=text_dim,
         pooled_dim=cfg.get("pooled_projection_dim") or 1,
         **({"tokens": text_tokens} if text_tokens else {}),
