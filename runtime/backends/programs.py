@@ -9,6 +9,9 @@ phase holds.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from blockskip.runtime.bundle import Bundle
@@ -29,14 +32,14 @@ class ProgramBackend:
         self.loads = 0  # program loads (tests)
 
     # --- subclasses ----------------------------------------------------------------------------
-    def load(self, path) -> object:
+    def load(self, path: Path) -> object:
         raise NotImplementedError
 
-    def execute(self, handle, inputs: list[np.ndarray], io: dict) -> list[np.ndarray]:
+    def execute(self, handle: object, inputs: list[np.ndarray], io: dict[str, Any]) -> list[np.ndarray]:
         raise NotImplementedError
 
     # --- running -------------------------------------------------------------------------------
-    def _program(self, shape: str, role: str):
+    def _program(self, shape: str, role: str) -> tuple[dict[str, Any], object]:
         io = self.spec.program(shape, role)
         key = (shape, role)
         if key not in self.loaded:
@@ -54,7 +57,7 @@ class ProgramBackend:
 
     def run(self, shape: str, role: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         io, handle = self._program(shape, role)
-        args = []
+        args: list[np.ndarray] = []
         for rec in io["inputs"]:
             a = feed.get(rec["name"])
             if a is None:
@@ -76,8 +79,14 @@ class ProgramBackend:
 
     # --- BlockBackend ----------------------------------------------------------------------------
     @staticmethod
-    def _feed(state=None, consts=None, grads=None, weights=None, lora=None) -> dict:
-        feed = {}
+    def _feed(
+        state: Arrays | None = None,
+        consts: Arrays | None = None,
+        grads: Arrays | None = None,
+        weights: Arrays | None = None,
+        lora: Arrays | None = None,
+    ) -> Arrays:
+        feed: Arrays = {}
         for prefix, d in ((STATE, state), (CONST, consts), (GRAD, grads), (WEIGHT, weights), (LORA, lora)):
             feed.update({prefix + k: v for k, v in (d or {}).items()})
         return feed
@@ -89,19 +98,23 @@ class ProgramBackend:
         out = self.run(shape, "forward", self._feed(state, consts, None, weights, lora))
         return {k[len(OUT) :]: v for k, v in out.items()}
 
-    def vjp(self, shape, state, consts, grads, weights, lora):
+    def vjp(
+        self, shape: str, state: Arrays, consts: Arrays, grads: Arrays, weights: Arrays, lora: Arrays
+    ) -> tuple[Arrays, Arrays]:
         out = self.run(shape, "vjp", self._feed(state, consts, grads, weights, lora))
         g_in = {k[len(GRAD_IN) :]: v for k, v in out.items() if k.startswith(GRAD_IN)}
         g_lora = {k[len(LORA_GRAD) :]: v for k, v in out.items() if k.startswith(LORA_GRAD)}
         return g_in, g_lora
 
-    def head(self, hidden, consts, target, scale, weights):
+    def head(
+        self, hidden: np.ndarray, consts: Arrays, target: np.ndarray, scale: float, weights: Arrays
+    ) -> tuple[float, np.ndarray]:
         feed = self._feed({"hidden": hidden}, consts, None, weights)
         feed["target"] = target
         feed["loss_scale"] = np.array([scale], dtype=np.float32)
         out = self.run("head", "head", feed)
         return float(np.asarray(out["loss"]).reshape(-1)[0]), out[GRAD_IN + "hidden"]
 
-    def precompute_block(self, shape, state, consts, weights):
+    def precompute_block(self, shape: str, state: Arrays, consts: Arrays, weights: Arrays) -> Arrays:
         lora = {k: np.zeros(s, np.float32) for k, s in self.spec.lora_shapes(shape).items()}
         return self.forward(shape, state, consts, weights, lora)

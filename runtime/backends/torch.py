@@ -7,7 +7,10 @@ meta device and their files are never opened.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -34,7 +37,23 @@ from blockskip.runtime.precompute import blocks_to_run, gaps, record_boundary, r
 from blockskip.runtime.progress import Progress
 from blockskip.runtime.tensorfile import write_tensors
 
+if TYPE_CHECKING:
+    from blockskip.runtime.backends.torch_families.base import State, TorchFamily
+    from blockskip.runtime.contract import Arrays, Trainer
+    from blockskip.runtime.plan import Plan
+    from blockskip.runtime.schedule import ScheduleEntry
+
+    # a block's forward with autograd recording (``torch_stream.block_graph``): (state leaves, LoRA
+    # leaves, outputs)
+    _Graph = tuple[State, State, State]
+
 torch_dtype = DTYPES.__getitem__
+
+
+class _BlockBar(Protocol):
+    """What ``run_entries`` reports to: a ``progress.Bar``, or the dry run's per-block hook."""
+
+    def update(self, n: int, *, block: int) -> None: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,8 +70,13 @@ def require_torch_format(bundle: Bundle) -> None:
 
 
 def precompute(
-    bundle: Bundle, images: np.ndarray, cache_dir, *, source: dict, progress: Progress | None = None
-):
+    bundle: Bundle,
+    images: np.ndarray,
+    cache_dir: str | Path,
+    *,
+    source: dict[str, Any],
+    progress: Progress | None = None,
+) -> ResidualCache:
     require_torch_format(bundle)
     plan = bundle.plan
     return precompute_with(
@@ -70,14 +94,14 @@ def precompute(
 def precompute_with(
     bundle: Bundle,
     images: np.ndarray,
-    cache_dir,
+    cache_dir: str | Path,
     *,
-    source: dict,
+    source: dict[str, Any],
     progress: Progress | None,
-    make_store,
-    encode,
-    dtype,
-):
+    make_store: Callable[[], BlockStore],
+    encode: Callable[[BlockStore], torch.Tensor],
+    dtype: torch.dtype,
+) -> ResidualCache:
     """The precompute loop every backend shares: ``make_store()`` gives the BlockStore whose blocks it
     streams (safetensors, ORT sessions, ExecuTorch programs), ``encode(store)`` the photos' latents."""
     plan = bundle.plan
@@ -109,7 +133,7 @@ def precompute_with(
             bar,
         )
         for k, tensors in zip(ks, entries):
-            atomic_write(cache.root / cache.shard_name(k), lambda tmp, t=tensors: write_tensors(tmp, t))
+            atomic_write(cache.root / cache.shard_name(k), functools.partial(write_tensors, tensors=tensors))
             cache.record(k)
             cache.flush()
             bar.update(1, entry=k)
@@ -124,7 +148,9 @@ def precompute_with(
     return cache
 
 
-def encode_latents(store: BlockStore, images, dtype, tiling: bool = False) -> torch.Tensor:
+def encode_latents(
+    store: BlockStore, images: np.ndarray | torch.Tensor, dtype: torch.dtype, tiling: bool = False
+) -> torch.Tensor:
     """Photos [N,3,S,S] in [-1,1] -> latents; the encoder is resident only here."""
     enc, spec = store.load_encoder()
     if tiling:
@@ -135,7 +161,7 @@ def encode_latents(store: BlockStore, images, dtype, tiling: bool = False) -> to
     return latents.to(dtype)
 
 
-def prompt_text(store: BlockStore, dtype) -> dict:
+def prompt_text(store: BlockStore, dtype: torch.dtype) -> State:
     """Prompt embeddings -> the family's per-run text inputs (e.g. context_embedder output)."""
     prompt = store.load_prompt(dtype)
     names = store.load_part("embed")
@@ -146,40 +172,62 @@ def prompt_text(store: BlockStore, dtype) -> dict:
 
 
 def compute_entries(
-    store: BlockStore, latents, text, entries, plan, vae_factor: int, trained: list[int], bar=None
-) -> list[dict]:
+    store: BlockStore,
+    latents: torch.Tensor,
+    text: State,
+    entries: list[ScheduleEntry],
+    plan: Plan,
+    vae_factor: int,
+    trained: list[int],
+    bar: _BlockBar | None = None,
+) -> list[State]:
     """Cache tensors for a chunk of schedule entries, streaming every block once (block-major)."""
     states, consts, targets = embed_entries(store, latents, text, entries, plan, vae_factor)
     return run_entries(store, states, consts, targets, plan, trained, bar)
 
 
 def embed_entries(
-    store: BlockStore, latents, text, entries, plan, vae_factor: int
-) -> tuple[list, list, list]:
+    store: BlockStore,
+    latents: torch.Tensor,
+    text: State,
+    entries: list[ScheduleEntry],
+    plan: Plan,
+    vae_factor: int,
+) -> tuple[list[State], list[State], list[torch.Tensor]]:
     """The first half of ``compute_entries``: each entry's noised crop embedded (its state, constants and
     target tokens)."""
     fam, model = store.family, store.model
-    states, consts, targets = [], [], []
+    states: list[State] = []
+    consts: list[State] = []
+    targets: list[torch.Tensor] = []
     with torch.no_grad():
         names = store.load_part("embed")
         for e in entries:
             x_t, target, sigma, geom = make_sample(latents[e.image], e, plan.s_min, plan.s_max, vae_factor)
             st, cs = fam.embed(model, x_t, sigma, text, geom, plan.positions, plan.guidance)
-            states.append(st), consts.append(cs), targets.append(fam.to_tokens(target))
+            states.append(st)
+            consts.append(cs)
+            targets.append(fam.to_tokens(target))
         store.free(names)
     return states, consts, targets
 
 
 def run_entries(
-    store: BlockStore, states: list, consts: list, targets: list, plan, trained, bar=None
-) -> list[dict]:
+    store: BlockStore,
+    states: list[State],
+    consts: list[State],
+    targets: list[torch.Tensor],
+    plan: Plan,
+    trained: list[int],
+    bar: _BlockBar | None = None,
+) -> list[State]:
     """The second half of ``compute_entries``: every block streamed once over the embedded entries
     (``states`` is advanced in place), and each entry's cache tensors."""
     L = store.family.num_blocks
     gap_list = residual_gaps(trained, L, plan.back_residual)
     count = len(states)
     with torch.no_grad():
-        saved: list[dict] = [{} for _ in range(count)]
+        saved: list[State] = [{} for _ in range(count)]
         stop = blocks_to_run(trained, L, plan.back_residual)
         for i in range(stop):
             names = store.load_block(i)
@@ -194,7 +242,7 @@ def run_entries(
         if stop == trained[0]:  # nothing is skipped after the span: its exact input is all we need
             for j in range(count):
                 _record_boundary(saved[j], states[j], stop, trained, gap_list, L, before=True)
-    out = []
+    out: list[State] = []
     for j in range(count):
         tensors = dict(saved[j])
         tensors.update({f"c.{n}": v for n, v in consts[j].items()})
@@ -203,7 +251,15 @@ def run_entries(
     return out
 
 
-def _record_boundary(saved, state, i, trained, gap_list, L, before):
+def _record_boundary(
+    saved: State,
+    state: State,
+    i: int,
+    trained: list[int],
+    gap_list: list[tuple[int, int]],
+    L: int,
+    before: bool,
+) -> None:
     record_boundary(saved, state, i, trained, gap_list, L, before, copy=lambda v: v.clone())
 
 
@@ -211,7 +267,7 @@ def _record_boundary(saved, state, i, trained, gap_list, L, before):
 # train
 
 
-def make_optimizer(params, plan) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], plan: Plan) -> torch.optim.Optimizer:
     """AdamW (the paper's optimizer), or bitsandbytes' 8-bit AdamW (block-quantised moments)."""
     if plan.optimizer == "adamw8bit":
         try:
@@ -220,7 +276,9 @@ def make_optimizer(params, plan) -> torch.optim.Optimizer:
             raise BlockSkipError(
                 "optimizer adamw8bit needs bitsandbytes: pip install 'dit-blockskip[quant]'"
             ) from e
-        return bnb.optim.AdamW8bit(params, lr=plan.lr, weight_decay=plan.weight_decay)
+        adamw8bit: Any = bnb.optim.AdamW8bit  # bitsandbytes is unannotated
+        opt: torch.optim.Optimizer = adamw8bit(params, lr=plan.lr, weight_decay=plan.weight_decay)
+        return opt
     return torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay, foreach=False)
 
 
@@ -231,11 +289,11 @@ class TrainedSpan:
         self,
         store: BlockStore,
         trained: list[int],
-        lora: dict,
+        lora: dict[str, Any],
         seed: int,
         base_quant: str | None = None,
         checkpointing: bool | None = None,
-    ):
+    ) -> None:
         """``base_quant`` ("none", "int8", "nf4") and ``checkpointing`` (recompute each trained block's
         activations in backward): None means the bundle plan's (off without a bundle)."""
         self.store, self.fam, self.model = store, store.family, store.model
@@ -256,15 +314,20 @@ class TrainedSpan:
         inject_lora(self.model, lora)
         self.params = lora_parameters(self.model)
 
-    def forward(self, entry: dict) -> torch.Tensor:
+    def forward(self, entry: State) -> torch.Tensor:
         return span_forward(self.fam, self.model, self.trained, self.gaps, entry, self.checkpointing)
 
-    def loss(self, entry: dict) -> torch.Tensor:
+    def loss(self, entry: State) -> torch.Tensor:
         return span_loss(self.forward(entry), entry)
 
 
 def span_forward(
-    fam, model, trained: list[int], gap_list, entry: dict, checkpointing: bool = False
+    fam: TorchFamily,
+    model: torch.nn.Module,
+    trained: list[int],
+    gap_list: list[tuple[int, int]],
+    entry: State,
+    checkpointing: bool = False,
 ) -> torch.Tensor:
     """Cache entry -> head output: the trained blocks, each skipped span's residual added after it."""
     state = {n[3:]: v for n, v in entry.items() if n.startswith("in.")}
@@ -284,7 +347,7 @@ def span_forward(
     return fam.head(model, state, consts)
 
 
-def span_loss(pred: torch.Tensor, entry: dict) -> torch.Tensor:
+def span_loss(pred: torch.Tensor, entry: State) -> torch.Tensor:
     """The flow-matching loss: MSE against ``eps - x0`` (computed in float32)."""
     return torch.nn.functional.mse_loss(pred.float(), entry["target"].float())
 
@@ -295,7 +358,7 @@ class TorchTrainer:
     backend = "torch"
     checkpoint_file = CHECKPOINT
 
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle) -> None:
         plan = bundle.plan
         self.store = BlockStore(bundle)
         self.span = TrainedSpan(
@@ -303,15 +366,15 @@ class TorchTrainer:
         )
         self.opt = make_optimizer(self.span.params, plan)
 
-    def load_entry(self, path) -> dict:
+    def load_entry(self, path: Path) -> State:
         return load_file(path)
 
-    def loss_and_grad(self, entry: dict, scale: float) -> float:
+    def loss_and_grad(self, entry: State, scale: float) -> float:
         loss = self.span.loss(entry)
-        (loss * scale).backward()
+        (loss * scale).backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward is unannotated
         return loss.item()
 
-    def eval_loss(self, entry: dict) -> float:
+    def eval_loss(self, entry: State) -> float:
         with torch.no_grad():
             return self.span.loss(entry).item()
 
@@ -319,20 +382,20 @@ class TorchTrainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def lora(self) -> dict:
+    def lora(self) -> Arrays:
         return {
             n: p.detach().float().numpy().copy()
             for n, p in self.span.model.named_parameters()
             if ".lora_" in n
         }
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         return {"blocks_loaded": [r for r in self.store.loaded if r.startswith("model/blocks/")]}
 
-    def save_checkpoint(self, path, step: int, log: dict) -> None:
+    def save_checkpoint(self, path: Path, step: int, log: dict[str, Any]) -> None:
         save_checkpoint(path, self.span.model, self.opt, step, log)
 
-    def load_checkpoint(self, path) -> tuple[int, dict]:
+    def load_checkpoint(self, path: Path) -> tuple[int, dict[str, Any]]:
         return restore_checkpoint(path, self.span.model, self.opt)
 
 
@@ -342,7 +405,7 @@ class TorchBlocks:
 
     name = "torch"
 
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle) -> None:
         from blockskip.runtime.backends.torch_families import get_family
         from blockskip.runtime.stream import StreamSpec
 
@@ -351,9 +414,10 @@ class TorchBlocks:
         self.skeleton = self.fam.skeleton()
         self.lora_cfg = bundle.manifest["lora"]
         self.modules: dict[str, torch.nn.Module] = {}
-        self.kept = None  # (shape, state, lora, graph) of a forward run with keep=True
+        # (shape, state, lora, graph) of a forward run with keep=True
+        self.kept: tuple[str, Arrays, Arrays, _Graph] | None = None
 
-    def _module(self, shape: str):
+    def _module(self, shape: str) -> torch.nn.Module:
         from blockskip.runtime.backends import torch_stream as ts
 
         if shape not in self.modules:
@@ -372,18 +436,20 @@ class TorchBlocks:
         return self.modules[shape]
 
     @staticmethod
-    def _t(arrays: dict) -> dict:
-        out = {}
+    def _t(arrays: Arrays) -> State:
+        out: State = {}
         for k, a in arrays.items():
             t = torch.from_numpy(np.ascontiguousarray(a))
             out[k] = t.view(torch.bfloat16) if a.dtype == np.uint16 else t
         return out
 
     @staticmethod
-    def _np(tensors: dict) -> dict:
+    def _np(tensors: State) -> Arrays:
         return {k: v.detach().numpy() for k, v in tensors.items()}
 
-    def forward(self, shape, state, consts, weights, lora, *, keep=False):
+    def forward(
+        self, shape: str, state: Arrays, consts: Arrays, weights: Arrays, lora: Arrays, *, keep: bool = False
+    ) -> Arrays:
         from blockskip.runtime.backends import torch_stream as ts
 
         self.kept = None
@@ -410,14 +476,19 @@ class TorchBlocks:
                 )
             )
 
-    def _kept_for(self, shape, state, lora):
+    def _kept_for(self, shape: str, state: Arrays, lora: Arrays) -> _Graph | None:
         kept, self.kept = self.kept, None
         if kept is None or kept[0] != shape:
             return None
-        same = lambda a, b: a.keys() == b.keys() and all(a[k] is b[k] for k in a)  # noqa: E731
+
+        def same(a: Arrays, b: Arrays) -> bool:
+            return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+
         return kept[3] if same(kept[1], state) and same(kept[2], lora) else None
 
-    def vjp(self, shape, state, consts, grads, weights, lora):
+    def vjp(
+        self, shape: str, state: Arrays, consts: Arrays, grads: Arrays, weights: Arrays, lora: Arrays
+    ) -> tuple[Arrays, Arrays]:
         from blockskip.runtime.backends import torch_stream as ts
 
         graph = self._kept_for(shape, state, lora)
@@ -433,7 +504,9 @@ class TorchBlocks:
         g_in, g_lora = ts.graph_vjp(graph, self._t(grads))
         return self._np(g_in), self._np(g_lora)
 
-    def head(self, hidden, consts, target, scale, weights):
+    def head(
+        self, hidden: np.ndarray, consts: Arrays, target: np.ndarray, scale: float, weights: Arrays
+    ) -> tuple[float, np.ndarray]:
         from blockskip.runtime.backends import torch_stream as ts
 
         loss, g = ts.head_loss_grad(
@@ -447,7 +520,7 @@ class TorchBlocks:
         )
         return float(loss.reshape(-1)[0]), g.numpy()
 
-    def precompute_block(self, shape, state, consts, weights):
+    def precompute_block(self, shape: str, state: Arrays, consts: Arrays, weights: Arrays) -> Arrays:
         lora = {k: np.zeros(s, np.float32) for k, s in self.spec.lora_shapes(shape).items()}
         return self.forward(shape, state, consts, weights, lora)
 
@@ -455,7 +528,7 @@ class TorchBlocks:
         self.kept = None
 
 
-def make_trainer(bundle: Bundle, out: Path):
+def make_trainer(bundle: Bundle, out: Path) -> Trainer:
     """The Trainer a bundle's plan asks for on this backend."""
     if bundle.plan.span == "streamed":
         from blockskip.runtime.stream import StreamedSpan
@@ -465,8 +538,13 @@ def make_trainer(bundle: Bundle, out: Path):
 
 
 def train(
-    bundle: Bundle, cache_dir, out_dir, *, progress: Progress | None = None, stop_after: int | None = None
-):
+    bundle: Bundle,
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    progress: Progress | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
     """Train the LoRA; resume from ``out_dir/checkpoint`` if present. Returns the log dict."""
     from blockskip.runtime.driver import train as drive
 
